@@ -1,0 +1,1 @@
+//! shrinkage (being written)

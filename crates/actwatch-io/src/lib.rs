@@ -1,0 +1,1 @@
+//! actwatch-io
