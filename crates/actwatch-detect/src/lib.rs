@@ -15,10 +15,4 @@ pub mod knn;
 pub mod shrinkage;
 pub mod stats;
 
-pub use calibration::Calibration;
 pub use error::{Error, Result};
-pub use fusion::Fusion;
-pub use gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
-pub use knn::{KnnDetector, KnnFitter, KnnOptions, Metric};
-pub use shrinkage::Shrinkage;
-pub use stats::SufficientStats;
