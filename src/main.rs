@@ -1,1 +1,538 @@
-fn main() {}
+//! `actwatch`: the command line. Parses arguments, then calls the library crates; no logic of its own
+//! beyond formatting reports.
+
+mod plot;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use actwatch_detect::metrics;
+use actwatch_detect::monitor::{
+    Monitor, MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR, DEFAULT_SEED,
+};
+use actwatch_detect::spec::{DetectorSpec, DEFAULT_DETECTORS};
+use actwatch_detect::Fusion;
+use actwatch_io::artifact::{load_monitor, save_monitor, Manifest};
+use actwatch_io::pipeline::{self, Level, Progress};
+use actwatch_io::reader::{ReadOptions, TraceColumns};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "actwatch",
+    version,
+    about = "Flag neural-network computations whose activations look unlike trusted data",
+    long_about = "actwatch fits detectors (Gaussian/Mahalanobis, k-nearest-neighbour) on activation \
+traces of trusted data, calibrates them so that a flag means a p-value at or below a target \
+false-positive rate, and scores new traces per computation.\n\nInput is Parquet in long format: one \
+row per trace with a computation id column, a site column and a vector column (FixedSizeList or List \
+of float32/float16)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fit a monitor on trusted reference traces and write it to a directory.
+    Fit(FitArgs),
+    /// Score Parquet archives with a fitted monitor; write scores as Parquet.
+    Score(ScoreArgs),
+    /// Evaluate a monitor: normal files against anomalous files (AUROC, FPR, recall).
+    Eval(EvalArgs),
+    /// A first run: fit and evaluate on a small sample of real transformer activations shipped with actwatch.
+    Demo,
+}
+
+#[derive(Args, Clone)]
+struct ColumnArgs {
+    /// Column holding the computation id (all traces of one forward pass or request share it).
+    /// Default for `fit`: trace_id; for `score`/`eval`: what the monitor was fitted with.
+    #[arg(long)]
+    trace_column: Option<String>,
+    /// Column naming the site (layer, hook point) a trace was read at; strings or integers.
+    /// Default for `fit`: site; for `score`/`eval`: what the monitor was fitted with.
+    #[arg(long)]
+    site_column: Option<String>,
+    /// Column holding the activation vector (FixedSizeList or List of float32/float16).
+    /// Default for `fit`: activation; for `score`/`eval`: what the monitor was fitted with.
+    #[arg(long)]
+    vector_column: Option<String>,
+    /// Rows decoded per batch; bounds memory while streaming.
+    #[arg(long, default_value_t = actwatch_io::reader::DEFAULT_BATCH_ROWS)]
+    batch_rows: usize,
+}
+
+impl ColumnArgs {
+    fn read_options(&self, defaults: &TraceColumns, sites: Option<Vec<String>>) -> ReadOptions {
+        ReadOptions {
+            columns: TraceColumns {
+                trace: self
+                    .trace_column
+                    .clone()
+                    .unwrap_or_else(|| defaults.trace.clone()),
+                site: self
+                    .site_column
+                    .clone()
+                    .unwrap_or_else(|| defaults.site.clone()),
+                vector: self
+                    .vector_column
+                    .clone()
+                    .unwrap_or_else(|| defaults.vector.clone()),
+            },
+            batch_rows: self.batch_rows.max(1),
+            sites,
+            keep_other_columns: false,
+        }
+    }
+}
+
+#[derive(Args)]
+struct FitArgs {
+    /// Reference Parquet files or directories (searched recursively for *.parquet).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Directory to write the monitor to (replaced atomically if it already holds a monitor).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    columns: ColumnArgs,
+    /// Only these sites (comma-separated); default: every site in the input.
+    #[arg(long, value_delimiter = ',')]
+    sites: Option<Vec<String>>,
+    /// Detectors fitted at every site, comma-separated, each `name[:key=value,...]`:
+    /// `gaussian` (Mahalanobis; shrinkage=lw|oas|<0..1>, normalize=true|false, rank=<r>|full) and
+    /// `knn` (k=<k>, metric=cosine|l2, exact_max=<n> references before switching to HNSW,
+    /// m, ef_construction, ef_search).
+    #[arg(long, default_value = DEFAULT_DETECTORS)]
+    detectors: String,
+    /// How per-detector, per-site p-values combine into one statistic per computation:
+    /// fisher (sum of evidence), cauchy (Cauchy combination), minp (strongest single signal).
+    #[arg(long, default_value_t = actwatch_detect::fusion::DEFAULT_FUSION.name().to_string())]
+    fusion: String,
+    /// Target false-positive rate: a computation is flagged when its p-value is at or below it.
+    #[arg(long, default_value_t = DEFAULT_FPR)]
+    fpr: f64,
+    /// Share of reference computations held out (by seeded hash of the id) to calibrate p-values.
+    #[arg(long, default_value_t = DEFAULT_CALIBRATION_FRACTION)]
+    calibration_fraction: f64,
+    /// Seed of the fit/calibration split.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LevelArg {
+    /// One row per computation (trace id): fused score, p-value, flag, per-site/detector p-values.
+    Computation,
+    /// One row per input trace: the input columns (except the vector) plus trace-level scores.
+    Trace,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Monitor directory written by `actwatch fit`.
+    #[arg(long)]
+    monitor: PathBuf,
+    /// Parquet files or directories to score.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output Parquet file; it appears only once complete.
+    #[arg(long)]
+    output: PathBuf,
+    /// Granularity of the output.
+    #[arg(long, value_enum, default_value = "computation")]
+    level: LevelArg,
+    #[command(flatten)]
+    columns: ColumnArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Monitor directory written by `actwatch fit`.
+    #[arg(long)]
+    monitor: PathBuf,
+    /// Parquet files of in-distribution computations (false positives are measured on them).
+    #[arg(long, required = true, num_args = 1..)]
+    normal: Vec<PathBuf>,
+    /// Parquet files of anomalous computations; each file is one category unless --label-column is given.
+    #[arg(long, required = true, num_args = 1..)]
+    anomalous: Vec<PathBuf>,
+    /// Group anomalous computations by this column's value instead of by file.
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Write score histograms and ROC curves to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[command(flatten)]
+    columns: ColumnArgs,
+}
+
+/// Draws an indicatif bar per phase (hidden when stderr is not a terminal).
+struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn new() -> Self {
+        Self {
+            bar: Mutex::new(None),
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn start(&self, phase: &str, total_rows: u64) {
+        let bar = ProgressBar::new(total_rows).with_message(phase.to_string());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        *self.bar.lock().expect("progress lock") = Some(bar);
+    }
+
+    fn advance(&self, rows: u64) {
+        if let Some(b) = self.bar.lock().expect("progress lock").as_ref() {
+            b.inc(rows);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = self.bar.lock().expect("progress lock").take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fit(a) => fit(a),
+        Command::Score(a) => score(a),
+        Command::Eval(a) => eval(a),
+        Command::Demo => demo(),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn fit(a: FitArgs) -> Result<()> {
+    let options = MonitorOptions {
+        detectors: DetectorSpec::parse_list(&a.detectors).context("--detectors")?,
+        fusion: Fusion::parse(&a.fusion).context("--fusion")?,
+        fpr: a.fpr,
+        calibration_fraction: a.calibration_fraction,
+        seed: a.seed,
+    };
+    options.validate()?;
+    let read = a
+        .columns
+        .read_options(&TraceColumns::default(), a.sites.clone());
+    let started = Instant::now();
+    let (monitor, reference) =
+        pipeline::fit_monitor(&a.input, &read, options, &Bars::new()).context("fitting failed")?;
+    let manifest = save_monitor(&monitor, &reference, &a.out)
+        .with_context(|| format!("writing the monitor to {}", a.out.display()))?;
+    print_fit_report(&monitor, &manifest, started.elapsed().as_secs_f64(), &a.out);
+    Ok(())
+}
+
+fn print_fit_report(monitor: &Monitor, manifest: &Manifest, seconds: f64, out: &Path) {
+    let s = &monitor.summary;
+    println!("monitor written to {}", out.display());
+    println!(
+        "reference: {} rows, {} computations ({} calibration), sha256 {}",
+        manifest.reference.rows,
+        manifest.reference.computations,
+        s.calibration_computations,
+        &manifest.reference.sha256[..16]
+    );
+    println!(
+        "{:<12} {:>6} {:>10} {:>12}  detectors",
+        "site", "width", "fit", "calibration"
+    );
+    for site in &monitor.sites {
+        let dets: Vec<String> = site.detectors.iter().map(describe_detector).collect();
+        println!(
+            "{:<12} {:>6} {:>10} {:>12}  {}",
+            site.name,
+            site.dim,
+            site.fit_traces,
+            site.calibration_traces,
+            dets.join(", ")
+        );
+    }
+    for r in &s.knn_recall {
+        println!(
+            "knn recall@{} at site {} (HNSW vs exact, {} calibration queries): {:.4}",
+            r.k, r.site, r.queries, r.recall
+        );
+    }
+    if s.knn_recall.is_empty() {
+        println!("knn: exact search at every site (recall 1)");
+    }
+    println!(
+        "fusion {}, target FPR {}, calibration FPR {:.4} (each calibration computation judged against the others)",
+        monitor.options.fusion.name(),
+        monitor.options.fpr,
+        s.calibration_fpr
+    );
+    println!(
+        "timings: fit {:.2}s, calibration {:.2}s, total {:.2}s",
+        s.fit_seconds, s.calibration_seconds, seconds
+    );
+}
+
+fn describe_detector(d: &actwatch_detect::spec::FittedDetector) -> String {
+    use actwatch_detect::spec::FittedDetector;
+    match d {
+        FittedDetector::Gaussian(g) => format!(
+            "gaussian(shrinkage {:.3}, rank {}{})",
+            g.shrinkage(),
+            g.rank(),
+            if g.options().normalize { ", l2" } else { "" }
+        ),
+        FittedDetector::Knn(k) => format!(
+            "knn(k {}, {:?}, {} refs, {})",
+            k.options().k,
+            k.options().metric,
+            k.len(),
+            if k.is_exact() { "exact" } else { "hnsw" }
+        ),
+    }
+}
+
+fn load(dir: &Path) -> Result<(Monitor, Manifest)> {
+    load_monitor(dir).with_context(|| format!("loading the monitor at {}", dir.display()))
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let (monitor, manifest) = load(&a.monitor)?;
+    let read = a.columns.read_options(&manifest.reference.columns, None);
+    let level = match a.level {
+        LevelArg::Computation => Level::Computation,
+        LevelArg::Trace => Level::Trace,
+    };
+    let started = Instant::now();
+    let summary =
+        pipeline::score_to_parquet(&monitor, &a.input, &read, level, &a.output, &Bars::new())
+            .context("scoring failed")?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "scored {} traces into {} rows ({} flagged at p <= {}) in {:.2}s ({:.0} traces/s); wrote {}",
+        summary.input_rows,
+        summary.output_rows,
+        summary.flagged,
+        monitor.options.fpr,
+        secs,
+        summary.input_rows as f64 / secs.max(1e-9),
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// One row of the evaluation table.
+struct EvalRow {
+    name: String,
+    scores: Vec<f64>,
+    flags: Vec<bool>,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let (monitor, manifest) = load(&a.monitor)?;
+    let read = a.columns.read_options(&manifest.reference.columns, None);
+    run_eval(
+        &monitor,
+        &read,
+        &a.normal,
+        &a.anomalous,
+        a.label_column.as_deref(),
+        a.plot.as_deref(),
+    )
+}
+
+fn run_eval(
+    monitor: &Monitor,
+    read: &ReadOptions,
+    normal: &[PathBuf],
+    anomalous: &[PathBuf],
+    label_column: Option<&str>,
+    plot_path: Option<&Path>,
+) -> Result<()> {
+    let bars = Bars::new();
+    let n = pipeline::score_computations(monitor, normal, read, &bars)
+        .context("scoring the normal files")?;
+    let normal_row = EvalRow {
+        name: "normal".into(),
+        scores: n.results.iter().map(|r| r.score).collect(),
+        flags: n.results.iter().map(|r| r.flagged).collect(),
+    };
+    let mut rows: Vec<EvalRow> = Vec::new();
+    for path in anomalous {
+        let t = pipeline::score_computations(monitor, std::slice::from_ref(path), read, &bars)
+            .with_context(|| format!("scoring {}", path.display()))?;
+        match label_column {
+            None => rows.push(EvalRow {
+                name: path.file_stem().map_or_else(
+                    || path.display().to_string(),
+                    |s| s.to_string_lossy().into_owned(),
+                ),
+                scores: t.results.iter().map(|r| r.score).collect(),
+                flags: t.results.iter().map(|r| r.flagged).collect(),
+            }),
+            Some(col) => {
+                let labels = t.column_strings(col).with_context(|| {
+                    format!(
+                        "{}: no column {col} constant within each computation",
+                        path.display()
+                    )
+                })?;
+                for (label, r) in labels.iter().zip(&t.results) {
+                    let name = label.clone().unwrap_or_else(|| "(null)".into());
+                    let row = match rows.iter_mut().position(|x| x.name == name) {
+                        Some(i) => &mut rows[i],
+                        None => {
+                            rows.push(EvalRow {
+                                name,
+                                scores: vec![],
+                                flags: vec![],
+                            });
+                            rows.last_mut().expect("pushed")
+                        }
+                    };
+                    row.scores.push(r.score);
+                    row.flags.push(r.flagged);
+                }
+            }
+        }
+    }
+    if normal_row.scores.is_empty() {
+        bail!("the normal files hold no computations of the monitor's sites");
+    }
+    let fpr = metrics::rate(&normal_row.flags).unwrap_or(0.0);
+    println!(
+        "normal: {} computations, achieved FPR {:.4} at target {} ({} flagged)",
+        normal_row.scores.len(),
+        fpr,
+        monitor.options.fpr,
+        normal_row.flags.iter().filter(|&&f| f).count()
+    );
+    println!(
+        "{:<24} {:>7} {:>8} {:>11} {:>16}",
+        "anomalous", "n", "AUROC", "FPR@95TPR", "recall@target"
+    );
+    for r in &rows {
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "{:<24} {:>7} {:>8} {:>11} {:>16}",
+            r.name,
+            r.scores.len(),
+            fmt(metrics::auroc(&normal_row.scores, &r.scores)),
+            fmt(metrics::fpr_at_tpr(&normal_row.scores, &r.scores, 0.95)),
+            fmt(metrics::rate(&r.flags)),
+        );
+    }
+    if let Some(path) = plot_path {
+        let series: Vec<(&str, &[f64])> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.scores.as_slice()))
+            .collect();
+        std::fs::write(
+            path,
+            plot::svg(&normal_row.scores, &series, monitor.summary.threshold),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        println!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The demo sample: real all-MiniLM-L6-v2 activations (layers 2, 4, 6; float16), no text.
+const DEMO_FILES: [(&str, &[u8]); 5] = [
+    (
+        "reference.parquet",
+        include_bytes!("../data/demo/reference.parquet"),
+    ),
+    (
+        "normal.parquet",
+        include_bytes!("../data/demo/normal.parquet"),
+    ),
+    (
+        "ood_code.parquet",
+        include_bytes!("../data/demo/ood_code.parquet"),
+    ),
+    (
+        "ood_non_english.parquet",
+        include_bytes!("../data/demo/ood_non_english.parquet"),
+    ),
+    (
+        "ood_base64.parquet",
+        include_bytes!("../data/demo/ood_base64.parquet"),
+    ),
+];
+
+fn demo() -> Result<()> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    for (name, bytes) in DEMO_FILES {
+        std::fs::write(dir.path().join(name), bytes)?;
+    }
+    println!(
+        "actwatch demo: real activations of all-MiniLM-L6-v2 (layers 2, 4, 6) on trusted English prose,\n\
+         and on out-of-distribution text (source code, other languages, base64). Files in {}\n",
+        dir.path().display()
+    );
+    let columns = TraceColumns {
+        trace: "id".into(),
+        site: "layer".into(),
+        vector: "activation".into(),
+    };
+    let read = ReadOptions {
+        columns,
+        ..ReadOptions::default()
+    };
+    let monitor_dir = dir.path().join("monitor");
+    println!("$ actwatch fit --input reference.parquet --out monitor --trace-column id --site-column layer");
+    let started = Instant::now();
+    let (monitor, reference) = pipeline::fit_monitor(
+        &[dir.path().join("reference.parquet")],
+        &read,
+        MonitorOptions::default(),
+        &Bars::new(),
+    )?;
+    let manifest = save_monitor(&monitor, &reference, &monitor_dir)?;
+    print_fit_report(
+        &monitor,
+        &manifest,
+        started.elapsed().as_secs_f64(),
+        &monitor_dir,
+    );
+    println!(
+        "\n$ actwatch eval --monitor monitor --normal normal.parquet --anomalous ood_*.parquet"
+    );
+    let (monitor, _) = load(&monitor_dir)?;
+    let anomalous: Vec<PathBuf> = ["ood_code", "ood_non_english", "ood_base64"]
+        .iter()
+        .map(|n| dir.path().join(format!("{n}.parquet")))
+        .collect();
+    run_eval(
+        &monitor,
+        &read,
+        &[dir.path().join("normal.parquet")],
+        &anomalous,
+        None,
+        None,
+    )?;
+    println!(
+        "\nNext: `actwatch fit --help`, `actwatch score --help`, and the README's walk-through."
+    );
+    Ok(())
+}

@@ -21,7 +21,7 @@ impl Dtype {
 
 /// Decodes little-endian `bytes` of `dtype` into `f32`, appending to `out`.
 pub fn decode_le(bytes: &[u8], dtype: Dtype, out: &mut Vec<f32>) -> Result<()> {
-    if bytes.len() % dtype.size() != 0 {
+    if !bytes.len().is_multiple_of(dtype.size()) {
         return Err(Error::Malformed(format!(
             "{} bytes is not a whole number of {:?} elements",
             bytes.len(),

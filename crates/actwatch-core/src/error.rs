@@ -8,7 +8,11 @@ pub enum Error {
     WidthMismatch { expected: usize, got: usize },
     /// A value is NaN or infinite.
     #[error("non-finite value ({value}) in row {row}, component {component}")]
-    NonFinite { row: usize, component: usize, value: FloatDisplay },
+    NonFinite {
+        row: usize,
+        component: usize,
+        value: FloatDisplay,
+    },
     /// A buffer's length does not match its declared shape or dtype.
     #[error("malformed buffer: {0}")]
     Malformed(String),

@@ -13,7 +13,7 @@ impl Vectors {
         if dim == 0 {
             return Err(Error::Malformed("vector width is zero".into()));
         }
-        if data.len() % dim != 0 {
+        if !data.len().is_multiple_of(dim) {
             return Err(Error::Malformed(format!(
                 "{} values is not a whole number of rows of width {dim}",
                 data.len()
@@ -126,7 +126,14 @@ mod tests {
         assert!(Vectors::new(3, vec![0.0; 7]).is_err());
         assert!(Vectors::new(0, vec![]).is_err());
         let err = Vectors::new_finite(2, vec![0.0, 1.0, f32::NAN, 2.0]).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { row: 1, component: 0, .. }));
+        assert!(matches!(
+            err,
+            Error::NonFinite {
+                row: 1,
+                component: 0,
+                ..
+            }
+        ));
         let v = Vectors::new_finite(2, vec![3.0, 4.0, 0.0, 0.0]).unwrap();
         assert_eq!(v.rows(), 2);
         let mut d = v.into_inner();

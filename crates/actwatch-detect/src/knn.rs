@@ -1,1 +1,1041 @@
-//! knn (being written)
+//! kNN-distance detector: the score of a vector is its distance to the k-th nearest reference
+//! vector (deep k-NN OOD), by default on L2-normalised vectors with cosine distance `1 - cos`.
+//!
+//! Key decision: search is *exact* while the reference set is small (up to
+//! [`KnnOptions::exact_max`] references) and done as a blocked f32 GEMM (faer): a block of queries
+//! times a block of references gives a similarity tile, scanned into a per-query top-k, so memory
+//! is bounded by the tile sizes and the arithmetic runs at matrix-product speed. Beyond that size
+//! an HNSW index (hnsw_rs, `DistL2` on normalised vectors for cosine) answers instead, with its
+//! recall against exact search measurable through [`KnnDetector::measure_recall`]. Either way the
+//! k candidate neighbours' distances are recomputed in f64 before the k-th is taken, so scores do
+//! not carry the cancellation error of `||q||² + ||r||² - 2 q·r` in f32.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use actwatch_core::{l2_normalize_rows, Error as CoreError, Vectors};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use hnsw_rs::anndists::dist::distances::DistL2;
+use hnsw_rs::hnsw::Hnsw;
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Default number of neighbours: the score is the distance to the 10th nearest reference.
+pub const DEFAULT_K: usize = 10;
+/// Default metric: cosine distance on L2-normalised vectors.
+pub const DEFAULT_METRIC: Metric = Metric::Cosine;
+/// Exact search up to this many references, HNSW beyond.
+pub const DEFAULT_EXACT_MAX: usize = 200_000;
+/// HNSW: links per node and layer (hnsw_rs `max_nb_connection`, at most 256).
+pub const DEFAULT_HNSW_M: usize = 16;
+/// HNSW: candidate list size while building.
+pub const DEFAULT_HNSW_EF_CONSTRUCTION: usize = 200;
+/// HNSW: candidate list size while searching (raised to k when smaller).
+pub const DEFAULT_HNSW_EF_SEARCH: usize = 64;
+
+/// Largest `hnsw_m` hnsw_rs accepts (it exits the process beyond that, so we refuse first).
+const HNSW_M_MAX: usize = 256;
+/// hnsw_rs layer count (its own cap).
+const HNSW_MAX_LAYER: usize = 16;
+/// Queries per GEMM tile (fewer when a batch is small, so that every core gets a block).
+const QUERY_BLOCK: usize = 256;
+/// References per GEMM tile; a tile is `REF_BLOCK x QUERY_BLOCK` f32 = 2 MiB per thread.
+const REF_BLOCK: usize = 2048;
+/// Width of the chunks the top-k scan skips at once when none beats the current k-th best.
+const SCAN_CHUNK: usize = 16;
+
+/// Distance between vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Metric {
+    /// `1 - cos(q, r)`, computed on L2-normalised copies (in `[0, 2]`). A zero vector stays zero
+    /// and is at distance 1 from everything.
+    Cosine,
+    /// Euclidean distance on the raw vectors.
+    L2,
+}
+
+/// Options of the kNN detector. Defaults: the `DEFAULT_*` constants of this module.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnnOptions {
+    /// The score is the distance to the k-th nearest reference (k >= 1).
+    pub k: usize,
+    pub metric: Metric,
+    /// Exact (GEMM) search while the reference count is at most this; HNSW beyond.
+    pub exact_max: usize,
+    /// HNSW links per node and layer, 2..=256.
+    pub hnsw_m: usize,
+    /// HNSW candidate list size while building (>= 1).
+    pub hnsw_ef_construction: usize,
+    /// HNSW candidate list size while searching (>= 1; raised to k when smaller). Raise it when
+    /// [`KnnDetector::measure_recall`] reports poor recall.
+    pub hnsw_ef_search: usize,
+}
+
+impl Default for KnnOptions {
+    fn default() -> Self {
+        Self {
+            k: DEFAULT_K,
+            metric: DEFAULT_METRIC,
+            exact_max: DEFAULT_EXACT_MAX,
+            hnsw_m: DEFAULT_HNSW_M,
+            hnsw_ef_construction: DEFAULT_HNSW_EF_CONSTRUCTION,
+            hnsw_ef_search: DEFAULT_HNSW_EF_SEARCH,
+        }
+    }
+}
+
+impl KnnOptions {
+    /// Checks every option is in range ([`Error::InvalidOption`] otherwise).
+    pub fn validate(&self) -> Result<()> {
+        if self.k == 0 {
+            return Err(Error::InvalidOption("knn: k must be at least 1".into()));
+        }
+        if !(2..=HNSW_M_MAX).contains(&self.hnsw_m) {
+            return Err(Error::InvalidOption(format!(
+                "knn: hnsw_m must be in 2..={HNSW_M_MAX}, got {}",
+                self.hnsw_m
+            )));
+        }
+        if self.hnsw_ef_construction == 0 || self.hnsw_ef_search == 0 {
+            return Err(Error::InvalidOption(
+                "knn: hnsw_ef_construction and hnsw_ef_search must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a flat row-major batch against the width `dim` and for NaN/Inf; returns the row count.
+pub(crate) fn check_rows(dim: usize, rows: &[f32]) -> Result<usize> {
+    if dim == 0 {
+        return Err(CoreError::Malformed("vector width is zero".into()).into());
+    }
+    // (not `is_multiple_of`: that needs Rust 1.87, the workspace declares 1.85)
+    let rem = rows.len() % dim;
+    if rem != 0 {
+        return Err(CoreError::Malformed(format!(
+            "{} values is not a whole number of rows of width {dim}",
+            rows.len()
+        ))
+        .into());
+    }
+    if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
+        let (row, component) = (i / dim, i % dim);
+        // actwatch-core does not re-export the float wrapper its NonFinite error carries, so let
+        // core build the error on the offending row and put the batch row number back in.
+        let err = match Vectors::new_finite(dim, rows[row * dim..(row + 1) * dim].to_vec()) {
+            Err(CoreError::NonFinite { value, .. }) => CoreError::NonFinite {
+                row,
+                component,
+                value,
+            },
+            Err(e) => e,
+            Ok(_) => CoreError::Malformed(format!("non-finite value in row {row}")),
+        };
+        return Err(err.into());
+    }
+    Ok(rows.len() / dim)
+}
+
+/// Collects reference vectors (copied; L2-normalised when the metric is cosine).
+#[derive(Debug, Clone)]
+pub struct KnnFitter {
+    dim: usize,
+    options: KnnOptions,
+    refs: Vec<f32>,
+}
+
+impl KnnFitter {
+    /// A fitter for vectors of width `dim`. Options are checked by [`KnnFitter::finish`], the
+    /// width by every [`KnnFitter::push_batch`].
+    pub fn new(dim: usize, options: KnnOptions) -> Self {
+        Self {
+            dim,
+            options,
+            refs: Vec::new(),
+        }
+    }
+
+    /// Appends a row-major batch of references. Rejects a batch whose length is not a whole
+    /// number of rows, and NaN/Inf (nothing is appended then).
+    pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
+        check_rows(self.dim, rows)?;
+        let start = self.refs.len();
+        self.refs.extend_from_slice(rows);
+        if self.options.metric == Metric::Cosine {
+            l2_normalize_rows(&mut self.refs[start..], self.dim);
+        }
+        Ok(())
+    }
+
+    /// References collected so far.
+    pub fn count(&self) -> usize {
+        self.refs.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    /// The detector; builds the HNSW index when there are more than `exact_max` references.
+    /// [`Error::NotEnoughData`] with fewer than k references.
+    pub fn finish(self) -> Result<KnnDetector> {
+        self.options.validate()?;
+        if self.dim == 0 {
+            return Err(CoreError::Malformed("vector width is zero".into()).into());
+        }
+        if self.count() < self.options.k {
+            return Err(Error::NotEnoughData(format!(
+                "knn: {} reference vectors, need at least k = {}",
+                self.count(),
+                self.options.k
+            )));
+        }
+        let mut det = KnnDetector {
+            dim: self.dim,
+            options: self.options,
+            refs: self.refs,
+            half_sq_norms: OnceLock::new(),
+            index: None,
+        };
+        det.prepare()?;
+        Ok(det)
+    }
+}
+
+/// The hnsw_rs index (owns copies of the references). Not serialised: rebuilt by
+/// [`KnnDetector::prepare`].
+struct HnswIndex(Hnsw<'static, f32, DistL2>);
+
+impl fmt::Debug for HnswIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HnswIndex")
+            .field("points", &self.0.get_nb_point())
+            .finish()
+    }
+}
+
+/// A fitted kNN detector: the reference vectors (normalised for cosine) and, beyond
+/// `exact_max` references, an HNSW index over them.
+///
+/// Determinism: exact search is deterministic (ties between equally distant references go to the
+/// lower index). HNSW search over a given index is deterministic, but building the index is only
+/// deterministic when it runs on a single thread: hnsw_rs draws node levels from a fixed-seed RNG
+/// (seed 397) in insertion order and links nodes to whatever is already inserted, so with
+/// parallel insertion (the default, on the current rayon pool) both depend on thread timing and
+/// the index, hence recall and scores, can differ slightly between builds. Build inside a
+/// one-thread rayon pool (`ThreadPoolBuilder::new().num_threads(1)`, then `install`) to make
+/// insertion sequential in reference order and the index reproducible.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct KnnDetector {
+    dim: usize,
+    options: KnnOptions,
+    /// Row-major references, normalised when the metric is cosine.
+    refs: Vec<f32>,
+    /// `||r||² / 2` per reference (L2 ranking key); computed on first use.
+    #[serde(skip)]
+    half_sq_norms: OnceLock<Vec<f32>>,
+    /// HNSW index when `len() > exact_max`; built by `prepare()` (never lazily: a lazy build
+    /// inside a rayon task could re-enter itself through work stealing).
+    #[serde(skip)]
+    index: Option<HnswIndex>,
+}
+
+/// Candidate neighbours of one query: ranking key (higher = nearer) and reference index.
+struct TopK {
+    k: usize,
+    keys: Vec<f32>,
+    idx: Vec<usize>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            keys: Vec::with_capacity(k + 1),
+            idx: Vec::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    fn threshold(&self) -> f32 {
+        if self.keys.len() < self.k {
+            f32::NEG_INFINITY
+        } else {
+            self.keys[self.k - 1]
+        }
+    }
+
+    /// Inserts when `key` beats the current k-th best; equal keys keep the earlier index.
+    #[inline]
+    fn insert(&mut self, key: f32, i: usize) {
+        let thr = self.threshold();
+        if key.is_nan() || key <= thr {
+            return;
+        }
+        let pos = self.keys.partition_point(|&x| x >= key);
+        self.keys.insert(pos, key);
+        self.idx.insert(pos, i);
+        if self.keys.len() > self.k {
+            self.keys.pop();
+            self.idx.pop();
+        }
+    }
+
+    /// Offers `keys[j]` for reference `base + j`, skipping whole chunks none of which can enter.
+    fn scan(&mut self, keys: &[f32], base: usize) {
+        let mut thr = self.threshold();
+        for (c, chunk) in keys.chunks(SCAN_CHUNK).enumerate() {
+            let mx = chunk
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            if mx > thr {
+                for (j, &v) in chunk.iter().enumerate() {
+                    if v > thr {
+                        self.insert(v, base + c * SCAN_CHUNK + j);
+                        thr = self.threshold();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl KnnDetector {
+    /// Vector width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn options(&self) -> &KnnOptions {
+        &self.options
+    }
+
+    /// Number of reference vectors.
+    pub fn len(&self) -> usize {
+        self.refs.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    /// Never true for a detector built by [`KnnFitter::finish`] (it needs at least k >= 1 references).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether scoring uses exact search (`len() <= exact_max`) rather than the HNSW index.
+    pub fn is_exact(&self) -> bool {
+        self.len() <= self.options.exact_max
+    }
+
+    /// After deserialisation: checks the stored detector (shape, finiteness, options), and
+    /// (re)builds the HNSW index when `len() > exact_max`; for exact search it only precomputes
+    /// reference norms. A deserialised detector that needs an index and was not prepared refuses
+    /// to score ([`Error::InvalidOption`]) rather than silently switching to exact search (whose
+    /// scores differ slightly from the ones it was calibrated with).
+    pub fn prepare(&mut self) -> Result<()> {
+        self.check_structure()?;
+        check_rows(self.dim, &self.refs)?;
+        self.half_sq_norms = OnceLock::new();
+        self.half_sq_norms();
+        self.index = None;
+        if !self.is_exact() {
+            self.index = Some(self.build_index());
+        }
+        Ok(())
+    }
+
+    /// Distance to the k-th nearest reference, one per row (row-major `rows`); higher = more
+    /// anomalous. Cosine: `1 - cos` on normalised vectors; L2: Euclidean distance. An empty batch
+    /// gives an empty vector.
+    pub fn score_batch(&self, rows: &[f32]) -> Result<Vec<f64>> {
+        self.check_structure()?;
+        let nq = check_rows(self.dim, rows)?;
+        if nq == 0 {
+            return Ok(Vec::new());
+        }
+        let k = self.options.k;
+        if self.is_exact() {
+            Ok(self.exact_search(rows, k, &|q: &[f32], cands: Vec<usize>| {
+                cands
+                    .iter()
+                    .map(|&i| self.exact_distance(q, i))
+                    .fold(0.0, f64::max)
+            }))
+        } else {
+            let index = self.index()?;
+            let ef = self.options.hnsw_ef_search.max(k);
+            let dim = self.dim;
+            Ok(rows
+                .par_chunks(dim)
+                .map_init(
+                    || vec![0f32; dim],
+                    |buf, row| {
+                        let q = self.prepared_query(row, buf);
+                        let found = index.0.search(q, k, ef);
+                        if found.len() < k {
+                            // hnsw_rs found too few (possible on tiny or degenerate sets):
+                            // answer this query exactly.
+                            let mut d = self.brute_force_distances(q);
+                            d.sort_by(f64::total_cmp);
+                            d[k - 1]
+                        } else {
+                            found[..k]
+                                .iter()
+                                .map(|n| self.exact_distance(q, n.d_id))
+                                .fold(0.0, f64::max)
+                        }
+                    },
+                )
+                .collect())
+        }
+    }
+
+    /// The k nearest reference indices per query, nearest first, by exact search (blocked GEMM,
+    /// then f64 distances; ties go to the lower index). k is capped at `len()`.
+    pub fn exact_neighbours(&self, rows: &[f32], k: usize) -> Result<Vec<Vec<usize>>> {
+        self.check_structure()?;
+        let nq = check_rows(self.dim, rows)?;
+        let k = k.min(self.len());
+        if nq == 0 {
+            return Ok(Vec::new());
+        }
+        if k == 0 {
+            return Ok(vec![Vec::new(); nq]);
+        }
+        Ok(self.exact_search(rows, k, &|q: &[f32], cands: Vec<usize>| {
+            self.sorted_by_distance(q, cands)
+        }))
+    }
+
+    /// recall@k of the HNSW index against exact search on these queries (share of the exact k
+    /// nearest that HNSW returns, over all queries); `None` when search is exact.
+    pub fn measure_recall(&self, rows: &[f32], k: usize) -> Result<Option<f64>> {
+        self.check_structure()?;
+        let nq = check_rows(self.dim, rows)?;
+        if self.is_exact() {
+            return Ok(None);
+        }
+        if k == 0 {
+            return Err(Error::InvalidOption("knn: recall@k needs k >= 1".into()));
+        }
+        if nq == 0 {
+            return Err(CoreError::Empty("no queries to measure recall on".into()).into());
+        }
+        let k = k.min(self.len());
+        let index = self.index()?;
+        let exact = self.exact_neighbours(rows, k)?;
+        let ef = self.options.hnsw_ef_search.max(k);
+        let dim = self.dim;
+        let hits: usize = rows
+            .par_chunks(dim)
+            .zip(exact.par_iter())
+            .map_init(
+                || vec![0f32; dim],
+                |buf, (row, truth)| {
+                    let q = self.prepared_query(row, buf);
+                    let found = index.0.search(q, k, ef);
+                    found
+                        .iter()
+                        .take(k)
+                        .filter(|n| truth.contains(&n.d_id))
+                        .count()
+                },
+            )
+            .sum();
+        Ok(Some(hits as f64 / (nq * k) as f64))
+    }
+
+    /// Guards against a deserialised detector whose fields do not fit together.
+    fn check_structure(&self) -> Result<()> {
+        self.options.validate()?;
+        if self
+            .refs
+            .len()
+            .checked_rem(self.dim)
+            .is_none_or(|rem| rem != 0)
+        {
+            return Err(CoreError::Malformed(format!(
+                "knn detector: {} reference values do not form rows of width {}",
+                self.refs.len(),
+                self.dim
+            ))
+            .into());
+        }
+        if self.len() < self.options.k {
+            return Err(Error::NotEnoughData(format!(
+                "knn: {} reference vectors, need at least k = {}",
+                self.len(),
+                self.options.k
+            )));
+        }
+        Ok(())
+    }
+
+    fn reference(&self, i: usize) -> &[f32] {
+        &self.refs[i * self.dim..(i + 1) * self.dim]
+    }
+
+    fn half_sq_norms(&self) -> &[f32] {
+        self.half_sq_norms.get_or_init(|| {
+            self.refs
+                .chunks_exact(self.dim)
+                .map(|r| (0.5 * r.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()) as f32)
+                .collect()
+        })
+    }
+
+    fn index(&self) -> Result<&HnswIndex> {
+        self.index.as_ref().ok_or_else(|| {
+            Error::InvalidOption(
+                "knn: the HNSW index is not built; call prepare() after deserialisation".into(),
+            )
+        })
+    }
+
+    /// Inserts every reference (id = its index), in parallel on the current rayon pool.
+    fn build_index(&self) -> HnswIndex {
+        let n = self.len();
+        let hnsw = Hnsw::<f32, DistL2>::new(
+            self.options.hnsw_m,
+            n,
+            HNSW_MAX_LAYER,
+            self.options.hnsw_ef_construction,
+            DistL2 {},
+        );
+        let data: Vec<(&[f32], usize)> = self
+            .refs
+            .chunks_exact(self.dim)
+            .enumerate()
+            .map(|(i, r)| (r, i))
+            .collect();
+        hnsw.parallel_insert_slice(&data);
+        let mut hnsw = hnsw;
+        hnsw.set_searching_mode(true);
+        HnswIndex(hnsw)
+    }
+
+    /// The query as the references are stored: normalised (into `buf`) for cosine.
+    fn prepared_query<'a>(&self, row: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
+        match self.options.metric {
+            Metric::L2 => row,
+            Metric::Cosine => {
+                buf.copy_from_slice(row);
+                l2_normalize_rows(buf, self.dim);
+                buf
+            }
+        }
+    }
+
+    /// Exact distance in f64 between a prepared query and reference `i`.
+    fn exact_distance(&self, q: &[f32], i: usize) -> f64 {
+        let r = self.reference(i);
+        match self.options.metric {
+            Metric::Cosine => {
+                let dot: f64 = q
+                    .iter()
+                    .zip(r)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                (1.0 - dot).clamp(0.0, 2.0)
+            }
+            Metric::L2 => q
+                .iter()
+                .zip(r)
+                .map(|(&a, &b)| {
+                    let d = f64::from(a) - f64::from(b);
+                    d * d
+                })
+                .sum::<f64>()
+                .sqrt(),
+        }
+    }
+
+    fn brute_force_distances(&self, q: &[f32]) -> Vec<f64> {
+        (0..self.len()).map(|i| self.exact_distance(q, i)).collect()
+    }
+
+    /// Candidates sorted by exact f64 distance, ties to the lower index.
+    fn sorted_by_distance(&self, q: &[f32], cands: Vec<usize>) -> Vec<usize> {
+        let mut with_d: Vec<(f64, usize)> = cands
+            .into_iter()
+            .map(|i| (self.exact_distance(q, i), i))
+            .collect();
+        with_d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        with_d.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// For every query, `finish(prepared query, indices of its k nearest references by the f32
+    /// GEMM ranking)` (`k <= len()`). Query blocks run in parallel, each GEMM on one thread; memory
+    /// is one tile and one prepared query block per thread.
+    fn exact_search<T: Send>(
+        &self,
+        rows: &[f32],
+        k: usize,
+        finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
+    ) -> Vec<T> {
+        let dim = self.dim;
+        let nq = rows.len() / dim;
+        let threads = rayon::current_num_threads().max(1);
+        let qb = nq.div_ceil(threads).clamp(1, QUERY_BLOCK);
+        let half = match self.options.metric {
+            Metric::L2 => Some(self.half_sq_norms()),
+            Metric::Cosine => None,
+        };
+        rows.par_chunks(qb * dim)
+            .flat_map_iter(|block| self.search_block(block, k, half, finish))
+            .collect()
+    }
+
+    fn search_block<T>(
+        &self,
+        block: &[f32],
+        k: usize,
+        half: Option<&[f32]>,
+        finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
+    ) -> Vec<T> {
+        let dim = self.dim;
+        let bq = block.len() / dim;
+        let mut queries = block.to_vec();
+        if self.options.metric == Metric::Cosine {
+            l2_normalize_rows(&mut queries, dim);
+        }
+        let mut tops: Vec<TopK> = (0..bq).map(|_| TopK::new(k)).collect();
+        let mut tile = vec![0f32; REF_BLOCK.min(self.len()) * bq];
+        let qmat = MatRef::from_row_major_slice(&queries, bq, dim);
+        for (b, rblock) in self.refs.chunks(REF_BLOCK * dim).enumerate() {
+            let br = rblock.len() / dim;
+            let base = b * REF_BLOCK;
+            let tile = &mut tile[..br * bq];
+            // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's similarities.
+            matmul(
+                MatMut::from_column_major_slice_mut(tile, br, bq),
+                Accum::Replace,
+                MatRef::from_row_major_slice(rblock, br, dim),
+                qmat.transpose(),
+                1.0f32,
+                Par::Seq,
+            );
+            for (col, top) in tile.chunks_exact_mut(br).zip(tops.iter_mut()) {
+                if let Some(h) = half {
+                    // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2).
+                    for (s, &hr) in col.iter_mut().zip(&h[base..base + br]) {
+                        *s -= hr;
+                    }
+                }
+                top.scan(col, base);
+            }
+        }
+        queries
+            .chunks_exact(dim)
+            .zip(tops)
+            .map(|(q, top)| {
+                let mut idx = top.idx;
+                if idx.len() < k {
+                    // Only when f32 keys overflowed to NaN (values beyond ~1e18): rank exactly.
+                    let d = self.brute_force_distances(q);
+                    let mut order: Vec<usize> = (0..d.len()).collect();
+                    order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then(a.cmp(&b)));
+                    order.truncate(k);
+                    idx = order;
+                }
+                finish(q, idx)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SplitMix64: a tiny seeded generator for test data.
+    struct SplitMix64(u64);
+
+    impl SplitMix64 {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f64 {
+            let u1 = self.uniform().max(1e-300);
+            let u2 = self.uniform();
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        }
+        fn gaussian_rows(&mut self, n: usize, dim: usize, shift: f64) -> Vec<f32> {
+            (0..n * dim)
+                .map(|_| (self.normal() + shift) as f32)
+                .collect()
+        }
+    }
+
+    /// Clustered data: `clusters` random centres, points = centre + `spread` * noise.
+    fn clustered(
+        rng: &mut SplitMix64,
+        n: usize,
+        dim: usize,
+        clusters: usize,
+        spread: f64,
+    ) -> Vec<f32> {
+        let centres = rng.gaussian_rows(clusters, dim, 0.0);
+        let mut out = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            let c = (rng.next_u64() % clusters as u64) as usize;
+            for j in 0..dim {
+                out.push(centres[c * dim + j] + (spread * rng.normal()) as f32);
+            }
+        }
+        out
+    }
+
+    fn opts(k: usize, metric: Metric) -> KnnOptions {
+        KnnOptions {
+            k,
+            metric,
+            ..KnnOptions::default()
+        }
+    }
+
+    fn fit(dim: usize, o: KnnOptions, refs: &[f32]) -> KnnDetector {
+        let mut f = KnnFitter::new(dim, o);
+        // two batches, to exercise appending
+        let half = (refs.len() / dim / 2) * dim;
+        f.push_batch(&refs[..half]).unwrap();
+        f.push_batch(&refs[half..]).unwrap();
+        f.finish().unwrap()
+    }
+
+    /// Naive f64 distances from the raw (unnormalised) vectors: the oracle.
+    fn naive_distances(metric: Metric, dim: usize, refs: &[f32], q: &[f32]) -> Vec<f64> {
+        let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+        refs.chunks_exact(dim)
+            .map(|r| match metric {
+                Metric::L2 => q
+                    .iter()
+                    .zip(r)
+                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                    .sum::<f64>()
+                    .sqrt(),
+                Metric::Cosine => {
+                    let dot: f64 = q
+                        .iter()
+                        .zip(r)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum();
+                    1.0 - dot / (norm(q) * norm(r))
+                }
+            })
+            .collect()
+    }
+
+    fn naive_order(d: &[f64]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..d.len()).collect();
+        order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then(a.cmp(&b)));
+        order
+    }
+
+    #[test]
+    fn exact_scores_and_neighbours_match_brute_force() {
+        let mut rng = SplitMix64(7);
+        let dim = 24;
+        // 5000 references: more than one reference tile; 300 queries: several query blocks.
+        let refs = rng.gaussian_rows(5000, dim, 0.3);
+        let queries = rng.gaussian_rows(300, dim, 0.3);
+        for metric in [Metric::Cosine, Metric::L2] {
+            for k in [1, 5, 10] {
+                let det = fit(dim, opts(k, metric), &refs);
+                assert!(det.is_exact());
+                assert_eq!(det.len(), 5000);
+                let scores = det.score_batch(&queries).unwrap();
+                let nbrs = det.exact_neighbours(&queries, k).unwrap();
+                assert_eq!(scores.len(), 300);
+                for (qi, q) in queries.chunks_exact(dim).enumerate() {
+                    let d = naive_distances(metric, dim, &refs, q);
+                    let order = naive_order(&d);
+                    let kth = d[order[k - 1]];
+                    assert!(
+                        (scores[qi] - kth).abs() <= 1e-5 * (1.0 + kth),
+                        "{metric:?} k={k} query {qi}: {} vs {kth}",
+                        scores[qi]
+                    );
+                    assert_eq!(nbrs[qi], order[..k].to_vec(), "{metric:?} k={k} query {qi}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_search_handles_small_batches_and_large_k() {
+        let mut rng = SplitMix64(11);
+        let dim = 8;
+        let refs = rng.gaussian_rows(37, dim, 0.0);
+        let det = fit(dim, opts(37, Metric::L2), &refs);
+        let q = rng.gaussian_rows(1, dim, 0.0);
+        let d = naive_distances(Metric::L2, dim, &refs, &q);
+        let max = d.iter().cloned().fold(0.0, f64::max);
+        let s = det.score_batch(&q).unwrap();
+        assert!((s[0] - max).abs() < 1e-9 * (1.0 + max));
+        // k beyond len() is capped
+        let n = det.exact_neighbours(&q, 100).unwrap();
+        assert_eq!(n[0], naive_order(&d));
+        assert_eq!(det.score_batch(&[]).unwrap(), Vec::<f64>::new());
+    }
+
+    #[test]
+    fn cosine_distance_is_scale_invariant_and_self_distance_is_zero() {
+        let mut rng = SplitMix64(3);
+        let dim = 16;
+        let refs = rng.gaussian_rows(50, dim, 0.0);
+        let det = fit(dim, opts(1, Metric::Cosine), &refs);
+        let scaled: Vec<f32> = refs[..dim].iter().map(|x| x * 1000.0).collect();
+        let s = det.score_batch(&scaled).unwrap();
+        assert!(s[0].abs() < 1e-6, "{}", s[0]);
+        assert!(det.measure_recall(&scaled, 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let dim = 4;
+        let mut f = KnnFitter::new(dim, opts(3, Metric::L2));
+        assert!(matches!(f.push_batch(&[1.0; 7]), Err(Error::Input(_))));
+        let err = f
+            .push_batch(&[1.0, 2.0, 3.0, 4.0, 5.0, f32::NAN, 0.0, 0.0])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Input(CoreError::NonFinite {
+                    row: 1,
+                    component: 1,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(f.push_batch(&[f32::INFINITY, 0.0, 0.0, 0.0]).is_err());
+        assert_eq!(f.count(), 0, "rejected batches are not appended");
+        f.push_batch(&[1.0; 8]).unwrap();
+        assert!(matches!(f.clone().finish(), Err(Error::NotEnoughData(_))));
+        f.push_batch(&[2.0; 4]).unwrap();
+        let det = f.finish().unwrap();
+        assert!(matches!(det.score_batch(&[1.0; 5]), Err(Error::Input(_))));
+        assert!(det.score_batch(&[1.0, f32::NAN, 0.0, 0.0]).is_err());
+        assert!(det.exact_neighbours(&[1.0; 3], 1).is_err());
+        assert!(KnnFitter::new(0, opts(1, Metric::L2))
+            .push_batch(&[1.0])
+            .is_err());
+        assert!(KnnFitter::new(0, opts(1, Metric::L2)).finish().is_err());
+        let mut bad = KnnFitter::new(
+            2,
+            KnnOptions {
+                k: 0,
+                ..KnnOptions::default()
+            },
+        );
+        bad.push_batch(&[1.0, 2.0]).unwrap();
+        assert!(matches!(bad.finish(), Err(Error::InvalidOption(_))));
+        let mut bad = KnnFitter::new(
+            2,
+            KnnOptions {
+                hnsw_m: 300,
+                ..KnnOptions::default()
+            },
+        );
+        bad.push_batch(&[1.0; 40]).unwrap();
+        assert!(matches!(bad.finish(), Err(Error::InvalidOption(_))));
+    }
+
+    #[test]
+    fn hnsw_recall_at_10_is_at_least_0_95_on_clustered_data() {
+        let mut rng = SplitMix64(2024);
+        let dim = 64;
+        let data = clustered(&mut rng, 5200, dim, 50, 1.0);
+        let (refs, queries) = data.split_at(5000 * dim);
+        for metric in [Metric::Cosine, Metric::L2] {
+            let o = KnnOptions {
+                exact_max: 0,
+                ..opts(10, metric)
+            };
+            let det = fit(dim, o.clone(), refs);
+            assert!(!det.is_exact());
+            let recall = det.measure_recall(queries, 10).unwrap().unwrap();
+            println!("{metric:?}: HNSW recall@10 = {recall:.4} (5000 refs, d = 64)");
+            assert!(recall >= 0.95, "{metric:?}: recall@10 = {recall}");
+            // scores: HNSW k-th distance is never below the exact one and close to it
+            let approx = det.score_batch(queries).unwrap();
+            let exact = fit(dim, opts(10, metric), refs)
+                .score_batch(queries)
+                .unwrap();
+            let mut mean_rel = 0.0;
+            for (a, e) in approx.iter().zip(&exact) {
+                assert!(*a >= e - 1e-9, "{metric:?}: {a} < exact {e}");
+                mean_rel += (a - e) / e.max(1e-12);
+            }
+            mean_rel /= exact.len() as f64;
+            assert!(
+                mean_rel < 0.01,
+                "{metric:?}: mean relative excess {mean_rel}"
+            );
+
+            // a detector rebuilt from the stored references (as after deserialisation) works
+            let mut again = KnnFitter::new(dim, o);
+            again.push_batch(&det.refs).unwrap();
+            let mut again = again.finish().unwrap();
+            again.prepare().unwrap();
+            let r2 = again.measure_recall(queries, 10).unwrap().unwrap();
+            assert!(r2 >= 0.95, "{metric:?}: recall@10 after rebuild = {r2}");
+        }
+    }
+
+    #[test]
+    fn recall_of_a_deliberately_weak_index_is_measured_below_1() {
+        // unstructured d = 64 data, few links, short candidate lists: HNSW must miss some
+        let mut rng = SplitMix64(99);
+        let dim = 64;
+        let refs = rng.gaussian_rows(5000, dim, 0.0);
+        let queries = rng.gaussian_rows(200, dim, 0.0);
+        let o = KnnOptions {
+            exact_max: 0,
+            hnsw_m: 4,
+            hnsw_ef_construction: 16,
+            hnsw_ef_search: 10,
+            ..opts(10, Metric::L2)
+        };
+        let det = fit(dim, o, &refs);
+        let recall = det.measure_recall(&queries, 10).unwrap().unwrap();
+        println!("weak index: recall@10 = {recall:.4}");
+        assert!(recall > 0.0 && recall < 0.95, "recall@10 = {recall}");
+        // the k-th distance found is never below the exact one (it is a real distance)
+        let approx = det.score_batch(&queries).unwrap();
+        let exact = fit(dim, opts(10, Metric::L2), &refs)
+            .score_batch(&queries)
+            .unwrap();
+        assert!(approx.iter().zip(&exact).all(|(a, e)| *a >= e - 1e-9));
+        assert!(approx.iter().zip(&exact).any(|(a, e)| *a > e + 1e-9));
+    }
+
+    #[test]
+    fn deserialised_detector_needs_prepare_and_then_matches() {
+        let mut rng = SplitMix64(5);
+        let dim = 16;
+        let refs = rng.gaussian_rows(400, dim, 0.0);
+        let o = KnnOptions {
+            exact_max: 100,
+            ..opts(5, Metric::Cosine)
+        };
+        let det = fit(dim, o.clone(), &refs);
+        // what deserialisation produces: the serialised fields, empty caches
+        let mut fresh = KnnDetector {
+            dim: det.dim,
+            options: o,
+            refs: det.refs.clone(),
+            half_sq_norms: OnceLock::new(),
+            index: None,
+        };
+        let q = rng.gaussian_rows(20, dim, 0.0);
+        assert!(matches!(
+            fresh.score_batch(&q),
+            Err(Error::InvalidOption(_))
+        ));
+        assert!(fresh.measure_recall(&q, 5).is_err());
+        // exact neighbours need no index
+        assert_eq!(
+            fresh.exact_neighbours(&q, 5).unwrap(),
+            det.exact_neighbours(&q, 5).unwrap()
+        );
+        fresh.prepare().unwrap();
+        let a = fresh.score_batch(&q).unwrap();
+        let b = det.score_batch(&q).unwrap();
+        // 400 points, ef 64: both indexes find the exact neighbours
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        }
+        assert_eq!(fresh.measure_recall(&q, 5).unwrap(), Some(1.0));
+        // a malformed stored detector is an error, not a panic
+        let mut broken = KnnDetector {
+            dim: 16,
+            options: opts(5, Metric::L2),
+            refs: vec![0.0; 17],
+            half_sq_norms: OnceLock::new(),
+            index: None,
+        };
+        assert!(broken.prepare().is_err());
+        assert!(broken.score_batch(&q).is_err());
+    }
+
+    #[test]
+    fn single_threaded_hnsw_build_is_reproducible() {
+        let mut rng = SplitMix64(17);
+        let dim = 32;
+        let refs = rng.gaussian_rows(1500, dim, 0.0);
+        let queries = rng.gaussian_rows(100, dim, 0.0);
+        let o = KnnOptions {
+            exact_max: 0,
+            hnsw_m: 4,
+            hnsw_ef_construction: 16,
+            hnsw_ef_search: 10,
+            ..opts(10, Metric::Cosine)
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let run = || pool.install(|| fit(dim, o.clone(), &refs).score_batch(&queries).unwrap());
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn detector_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<KnnDetector>();
+    }
+
+    /// Throughput of exact search: `cargo test --release -p actwatch-detect -- --ignored --nocapture knn_throughput`.
+    #[test]
+    #[ignore]
+    fn knn_throughput() {
+        let mut rng = SplitMix64(1);
+        let dim = 384;
+        let refs = rng.gaussian_rows(10_000, dim, 0.1);
+        let queries = rng.gaussian_rows(20_000, dim, 0.1);
+        for metric in [Metric::Cosine, Metric::L2] {
+            let det = fit(dim, opts(10, metric), &refs);
+            det.score_batch(&queries[..1000 * dim]).unwrap();
+            let t = std::time::Instant::now();
+            let s = det.score_batch(&queries).unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{metric:?}: {} queries x 10k refs, d = {dim}, {} threads: {:.0} queries/s",
+                s.len(),
+                rayon::current_num_threads(),
+                s.len() as f64 / secs
+            );
+        }
+        // HNSW on clustered data, for the exact/HNSW switch-over
+        let data = clustered(&mut rng, 51_000, dim, 200, 0.5);
+        let (refs, queries) = data.split_at(50_000 * dim);
+        let o = KnnOptions {
+            exact_max: 0,
+            ..opts(10, Metric::Cosine)
+        };
+        let t = std::time::Instant::now();
+        let det = fit(dim, o, refs);
+        let build = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let s = det.score_batch(queries).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let recall = det.measure_recall(queries, 10).unwrap().unwrap();
+        let exact = fit(dim, opts(10, Metric::Cosine), refs);
+        let t = std::time::Instant::now();
+        exact.score_batch(queries).unwrap();
+        let exact_secs = t.elapsed().as_secs_f64();
+        println!(
+            "HNSW 50k x {dim} cosine: build {build:.1} s ({:.0} inserts/s), {:.0} queries/s at ef 64, recall@10 {recall:.4}; exact: {:.0} queries/s",
+            50_000.0 / build,
+            s.len() as f64 / secs,
+            s.len() as f64 / exact_secs
+        );
+    }
+}

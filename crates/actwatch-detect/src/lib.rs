@@ -12,7 +12,18 @@ pub mod calibration;
 pub mod fusion;
 pub mod gaussian;
 pub mod knn;
+pub mod metrics;
+pub mod monitor;
 pub mod shrinkage;
+pub mod spec;
 pub mod stats;
 
+pub use calibration::Calibration;
 pub use error::{Error, Result};
+pub use fusion::Fusion;
+pub use gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
+pub use knn::{KnnDetector, KnnFitter, KnnOptions, Metric};
+pub use monitor::{Monitor, MonitorOptions};
+pub use shrinkage::Shrinkage;
+pub use spec::DetectorSpec;
+pub use stats::SufficientStats;

@@ -1,1 +1,670 @@
-//! stats (being written)
+//! Mergeable sufficient statistics of a set of vectors: count, mean, scatter and the two
+//! higher moments that Ledoit-Wolf shrinkage needs.
+//!
+//! Every Gaussian fit in actwatch goes through [`SufficientStats`]: a stream is folded in batch by
+//! batch ([`SufficientStats::push_batch`]), shards fitted on different workers are combined exactly
+//! ([`SufficientStats::merge`], Chan et al.'s parallel update), and the detector is fitted from the
+//! result. Accumulation is in `f64` even though vectors arrive as `f32`.
+//!
+//! With `y_k = x_k - mean` the statistics are
+//! - `scatter = Σ y_k y_kᵀ` (d×d, row-major; covariance = scatter / n),
+//! - `third = Σ ||y_k||² y_k` (d),
+//! - `fourth = Σ ||y_k||⁴` (the Ledoit-Wolf estimator needs `Σ_k ||y_k y_kᵀ - C||_F² =
+//!   fourth - n ||C||_F²`).
+//!
+//! `third` exists only so that `fourth` stays mergeable: moving the centre by `δ` (`y' = y - δ`,
+//! `c = ||δ||²`, `S` = scatter, `T` = third, `Q` = fourth, `Σ y = 0`) gives
+//! `Q' = Q + 4 δᵀSδ + n c² - 4 T·δ + 2c tr(S)` and `T' = T - tr(S) δ - 2 S δ - n c δ`, and
+//! `S' = S + n δδᵀ`, which summed over two shards is exactly Chan's
+//! `S = S_A + S_B + n_A n_B / n (m_B - m_A)(m_B - m_A)ᵀ`.
+
+use actwatch_core::{Error as CoreError, Vectors};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::{Error, Result};
+
+/// Rows centred per GEMM in [`SufficientStats::push_batch`]: bounds the `f64` scratch to
+/// `STATS_CHUNK_ROWS * dim` values whatever the batch size.
+pub const STATS_CHUNK_ROWS: usize = 2048;
+
+/// Below this many multiply-adds a matrix product runs on the calling thread: waking the rayon pool
+/// costs more than it saves for tiny batches.
+pub(crate) const PAR_MIN_FLOPS: usize = 1 << 20;
+
+/// Parallelism for a product of `flops` multiply-adds: faer over the whole rayon pool when it pays.
+pub(crate) fn par_for(flops: usize) -> Par {
+    if flops >= PAR_MIN_FLOPS && rayon::current_num_threads() > 1 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// Checks that `rows` is a whole number of finite rows of width `dim`; returns the row count.
+///
+/// Errors: width zero or a length that is not a multiple of `dim` give `Malformed`; the first NaN or
+/// infinity gives `NonFinite` naming its row and component.
+pub(crate) fn check_rows(rows: &[f32], dim: usize) -> Result<usize> {
+    if dim == 0 {
+        return Err(CoreError::Malformed("vector width is zero".into()).into());
+    }
+    if !rows.chunks_exact(dim).remainder().is_empty() {
+        return Err(CoreError::Malformed(format!(
+            "{} values is not a whole number of rows of width {dim}",
+            rows.len()
+        ))
+        .into());
+    }
+    // Branch-free scan per block (vectorises); locate the culprit only when there is one.
+    let all_finite = rows
+        .chunks(1024)
+        .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()));
+    if !all_finite {
+        let i = rows.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        let row = i / dim;
+        // The core error carries the value in a type the core crate does not re-export: let the core
+        // check build it on the offending row, then put the batch's row index back.
+        let err = match Vectors::new_finite(dim, rows[row * dim..(row + 1) * dim].to_vec()) {
+            Err(CoreError::NonFinite {
+                component, value, ..
+            }) => CoreError::NonFinite {
+                row,
+                component,
+                value,
+            },
+            Err(e) => e,
+            Ok(_) => CoreError::Malformed(format!("non-finite value in row {row}")),
+        };
+        return Err(err.into());
+    }
+    Ok(rows.len() / dim)
+}
+
+/// Count, mean, scatter and third/fourth central moments of a set of vectors; see the module docs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SufficientStats {
+    n: u64,
+    mean: Vec<f64>,
+    /// `Σ y yᵀ`, d×d row-major.
+    scatter: Vec<f64>,
+    /// `Σ ||y||² y`.
+    third: Vec<f64>,
+    /// `Σ ||y||⁴`.
+    fourth: f64,
+}
+
+impl SufficientStats {
+    /// Empty statistics of vectors of width `dim`.
+    pub fn new(dim: usize) -> Self {
+        Self {
+            n: 0,
+            mean: vec![0.0; dim],
+            scatter: vec![0.0; dim * dim],
+            third: vec![0.0; dim],
+            fourth: 0.0,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Number of vectors folded in.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+
+    /// `Σ (x - mean)(x - mean)ᵀ`, d×d row-major.
+    pub fn scatter(&self) -> &[f64] {
+        &self.scatter
+    }
+
+    /// `Σ ||x - mean||² (x - mean)`.
+    pub fn third(&self) -> &[f64] {
+        &self.third
+    }
+
+    /// `Σ ||x - mean||⁴`.
+    pub fn fourth(&self) -> f64 {
+        self.fourth
+    }
+
+    /// Folds in a batch of rows (row-major, `len = k * dim`).
+    ///
+    /// The batch's own statistics are computed first (two passes: mean, then centred moments, the
+    /// scatter as one `f64` GEMM per [`STATS_CHUNK_ROWS`] rows) and merged with Chan's update. An empty
+    /// batch is a no-op; a malformed or non-finite batch is rejected and leaves `self` unchanged.
+    pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
+        let d = self.dim();
+        let k = check_rows(rows, d)?;
+        if k == 0 {
+            return Ok(());
+        }
+        let batch = Self::from_rows(rows, d, k);
+        self.merge(&batch)
+    }
+
+    /// Statistics of `k` finite rows of width `d > 0`.
+    fn from_rows(rows: &[f32], d: usize, k: usize) -> Self {
+        let mut mean = vec![0.0f64; d];
+        for row in rows.chunks_exact(d) {
+            for (m, &x) in mean.iter_mut().zip(row) {
+                *m += f64::from(x);
+            }
+        }
+        let inv_k = 1.0 / k as f64;
+        mean.iter_mut().for_each(|m| *m *= inv_k);
+
+        let mut scatter = vec![0.0f64; d * d];
+        let mut third = vec![0.0f64; d];
+        let mut fourth = 0.0f64;
+        let chunk = k.min(STATS_CHUNK_ROWS);
+        let mut y: Vec<f64> = Vec::with_capacity(chunk * d);
+        for block in rows.chunks(chunk * d) {
+            let m = block.len() / d;
+            y.clear();
+            for row in block.chunks_exact(d) {
+                y.extend(row.iter().zip(&mean).map(|(&x, &mu)| f64::from(x) - mu));
+            }
+            for yr in y.chunks_exact(d) {
+                let s: f64 = yr.iter().map(|v| v * v).sum();
+                fourth += s * s;
+                for (t, v) in third.iter_mut().zip(yr) {
+                    *t += s * v;
+                }
+            }
+            let ym = MatRef::from_row_major_slice(&y, m, d);
+            let sm = MatMut::from_row_major_slice_mut(&mut scatter, d, d);
+            matmul(sm, Accum::Add, ym.transpose(), ym, 1.0, par_for(m * d * d));
+        }
+        symmetrize(&mut scatter, d);
+        Self {
+            n: k as u64,
+            mean,
+            scatter,
+            third,
+            fourth,
+        }
+    }
+
+    /// Adds `other`'s vectors to `self` exactly (Chan et al.'s parallel update, extended to `third`
+    /// and `fourth` by the shift formulas in the module docs). Merging empty statistics is the
+    /// identity. Fails on a width mismatch or on statistics whose buffers do not fit their width
+    /// (e.g. a corrupt deserialised value), leaving `self` unchanged.
+    pub fn merge(&mut self, other: &SufficientStats) -> Result<()> {
+        self.validate()?;
+        other.validate()?;
+        let d = self.dim();
+        if other.dim() != d {
+            return Err(CoreError::WidthMismatch {
+                expected: d,
+                got: other.dim(),
+            }
+            .into());
+        }
+        if other.n == 0 {
+            return Ok(());
+        }
+        if self.n == 0 {
+            self.clone_from(other);
+            return Ok(());
+        }
+        let n = self
+            .n
+            .checked_add(other.n)
+            .ok_or_else(|| Error::Numerical("vector count overflows u64".into()))?;
+        let (na, nb, nf) = (self.n as f64, other.n as f64, n as f64);
+        let diff: Vec<f64> = other
+            .mean
+            .iter()
+            .zip(&self.mean)
+            .map(|(b, a)| b - a)
+            .collect();
+        // Centres move to the combined mean: A by n_B/n · diff, B by -n_A/n · diff.
+        let delta_a: Vec<f64> = diff.iter().map(|v| v * (nb / nf)).collect();
+        let delta_b: Vec<f64> = diff.iter().map(|v| -v * (na / nf)).collect();
+        let (ta, qa) = self.shifted_higher(&delta_a);
+        let (tb, qb) = other.shifted_higher(&delta_b);
+
+        let w = na * nb / nf;
+        for i in 0..d {
+            let row = &mut self.scatter[i * d..(i + 1) * d];
+            let orow = &other.scatter[i * d..(i + 1) * d];
+            let wi = w * diff[i];
+            for ((s, o), dj) in row.iter_mut().zip(orow).zip(&diff) {
+                *s += o + wi * dj;
+            }
+        }
+        for (m, da) in self.mean.iter_mut().zip(&delta_a) {
+            *m += da;
+        }
+        for ((t, a), b) in self.third.iter_mut().zip(&ta).zip(&tb) {
+            *t = a + b;
+        }
+        self.fourth = qa + qb;
+        self.n = n;
+        Ok(())
+    }
+
+    /// `third` and `fourth` re-centred at `mean + delta`.
+    fn shifted_higher(&self, delta: &[f64]) -> (Vec<f64>, f64) {
+        let d = self.dim();
+        let n = self.n as f64;
+        let sd: Vec<f64> = self
+            .scatter
+            .chunks_exact(d)
+            .map(|row| row.iter().zip(delta).map(|(s, v)| s * v).sum())
+            .collect();
+        let c: f64 = delta.iter().map(|v| v * v).sum();
+        let tr = self.trace_scatter();
+        let dsd: f64 = delta.iter().zip(&sd).map(|(a, b)| a * b).sum();
+        let td: f64 = self.third.iter().zip(delta).map(|(a, b)| a * b).sum();
+        let q = self.fourth + 4.0 * dsd + n * c * c - 4.0 * td + 2.0 * c * tr;
+        let t = self
+            .third
+            .iter()
+            .zip(delta)
+            .zip(&sd)
+            .map(|((t, v), s)| t - tr * v - 2.0 * s - n * c * v)
+            .collect();
+        (t, q)
+    }
+
+    fn trace_scatter(&self) -> f64 {
+        let d = self.dim();
+        (0..d).map(|i| self.scatter[i * d + i]).sum()
+    }
+
+    /// Maximum-likelihood covariance `scatter / n` (d×d row-major); all zeros while empty.
+    pub fn covariance(&self) -> Vec<f64> {
+        if self.n == 0 {
+            return vec![0.0; self.scatter.len()];
+        }
+        let inv = 1.0 / self.n as f64;
+        self.scatter.iter().map(|s| s * inv).collect()
+    }
+
+    /// Checks that the buffers fit the width (a deserialised value may not).
+    pub(crate) fn validate(&self) -> Result<()> {
+        let d = self.dim();
+        if self.scatter.len() != d * d || self.third.len() != d {
+            return Err(CoreError::Malformed(format!(
+                "sufficient statistics of width {d} hold a scatter of {} values and a third moment of {}",
+                self.scatter.len(),
+                self.third.len()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// Makes a row-major d×d matrix exactly symmetric (a GEMM of `YᵀY` need not be bitwise).
+fn symmetrize(m: &mut [f64], d: usize) {
+    for i in 0..d {
+        for j in (i + 1)..d {
+            let v = 0.5 * (m[i * d + j] + m[j * d + i]);
+            m[i * d + j] = v;
+            m[j * d + i] = v;
+        }
+    }
+}
+
+/// Deterministic test data shared by this crate's test modules (no `rand`).
+#[cfg(test)]
+pub(crate) mod test_rng {
+    /// SplitMix64 with Box-Muller normals.
+    pub(crate) struct Rng {
+        state: u64,
+        spare: Option<f64>,
+    }
+
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Self {
+            Self {
+                state: seed,
+                spare: None,
+            }
+        }
+
+        pub(crate) fn next_u64(&mut self) -> u64 {
+            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in (0, 1).
+        pub(crate) fn uniform(&mut self) -> f64 {
+            ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+
+        pub(crate) fn normal(&mut self) -> f64 {
+            if let Some(z) = self.spare.take() {
+                return z;
+            }
+            let r = (-2.0 * self.uniform().ln()).sqrt();
+            let t = 2.0 * std::f64::consts::PI * self.uniform();
+            self.spare = Some(r * t.sin());
+            r * t.cos()
+        }
+
+        /// `k` rows of width `d`: `offset + z · diag(scales) · M` with `M` a fixed random mixing
+        /// matrix, so the covariance is full, anisotropic and has distinct eigenvalues.
+        pub(crate) fn correlated_rows(
+            &mut self,
+            k: usize,
+            d: usize,
+            offset: f64,
+            mixing_seed: u64,
+        ) -> Vec<f32> {
+            let mut mix = Rng::new(mixing_seed);
+            let m: Vec<f64> = (0..d * d)
+                .map(|i| {
+                    let (a, b) = (i / d, i % d);
+                    mix.normal() * 0.3 + if a == b { 1.0 } else { 0.0 }
+                })
+                .collect();
+            let scales: Vec<f64> = (0..d).map(|j| 2.0 * 0.8f64.powi(j as i32) + 0.05).collect();
+            let mut out = Vec::with_capacity(k * d);
+            let mut z = vec![0.0f64; d];
+            for _ in 0..k {
+                for (j, zj) in z.iter_mut().enumerate() {
+                    *zj = self.normal() * scales[j];
+                }
+                for c in 0..d {
+                    let v: f64 = (0..d).map(|a| z[a] * m[a * d + c]).sum();
+                    out.push((offset + v) as f32);
+                }
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_rng::Rng;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Naive two-pass statistics: (mean, scatter, third, fourth).
+    fn naive(rows: &[f32], d: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
+        naive_about(rows, d, None)
+    }
+
+    /// Naive moments about `centre` (the sample mean when `None`).
+    fn naive_about(
+        rows: &[f32],
+        d: usize,
+        centre: Option<&[f64]>,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
+        let k = rows.len() / d;
+        let mut mean = vec![0.0; d];
+        for r in rows.chunks_exact(d) {
+            for j in 0..d {
+                mean[j] += r[j] as f64 / k as f64;
+            }
+        }
+        let c: Vec<f64> = centre.map(|c| c.to_vec()).unwrap_or_else(|| mean.clone());
+        let mut s = vec![0.0; d * d];
+        let mut t = vec![0.0; d];
+        let mut q = 0.0;
+        for r in rows.chunks_exact(d) {
+            let y: Vec<f64> = (0..d).map(|j| r[j] as f64 - c[j]).collect();
+            let n2: f64 = y.iter().map(|v| v * v).sum();
+            q += n2 * n2;
+            for a in 0..d {
+                t[a] += n2 * y[a];
+                for b in 0..d {
+                    s[a * d + b] += y[a] * y[b];
+                }
+            }
+        }
+        (mean, s, t, q)
+    }
+
+    fn close_vec(got: &[f64], want: &[f64], rel: f64) -> bool {
+        let scale = want.iter().fold(1e-300f64, |m, v| m.max(v.abs()));
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| (g - w).abs() <= rel * scale)
+    }
+
+    fn close(got: f64, want: f64, rel: f64) -> bool {
+        (got - want).abs() <= rel * want.abs().max(1e-300)
+    }
+
+    fn assert_matches_naive(st: &SufficientStats, rows: &[f32], d: usize, rel: f64) {
+        let (m, s, t, q) = naive(rows, d);
+        assert_eq!(st.count() as usize, rows.len() / d);
+        assert!(
+            close_vec(st.mean(), &m, rel),
+            "mean {:?} vs {:?}",
+            st.mean(),
+            m
+        );
+        assert!(close_vec(st.scatter(), &s, rel), "scatter");
+        assert!(
+            close_vec(st.third(), &t, rel),
+            "third {:?} vs {:?}",
+            st.third(),
+            t
+        );
+        assert!(
+            close(st.fourth(), q, rel),
+            "fourth {} vs {}",
+            st.fourth(),
+            q
+        );
+    }
+
+    fn assert_stats_close(a: &SufficientStats, b: &SufficientStats, rel: f64) {
+        assert_eq!(a.count(), b.count());
+        assert!(close_vec(a.mean(), b.mean(), rel));
+        assert!(close_vec(a.scatter(), b.scatter(), rel));
+        assert!(close_vec(a.third(), b.third(), rel));
+        assert!(close(a.fourth(), b.fourth(), rel));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn push_batches_equal_two_pass(
+            seed in any::<u64>(),
+            d in 1usize..9,
+            sizes in prop::collection::vec(0usize..40, 1..6),
+            offset in -5.0f64..5.0,
+        ) {
+            let mut rng = Rng::new(seed);
+            let total: usize = sizes.iter().sum();
+            let rows = rng.correlated_rows(total, d, offset, seed ^ 1);
+            let mut st = SufficientStats::new(d);
+            let mut at = 0;
+            for &s in &sizes {
+                st.push_batch(&rows[at * d..(at + s) * d]).unwrap();
+                at += s;
+            }
+            if total == 0 {
+                prop_assert_eq!(st, SufficientStats::new(d));
+            } else {
+                assert_matches_naive(&st, &rows, d, 1e-9);
+            }
+        }
+
+        #[test]
+        fn merged_shards_equal_one_pass(
+            seed in any::<u64>(),
+            d in 1usize..9,
+            k in 1usize..120,
+            cuts in prop::collection::vec(0usize..120, 0..5),
+        ) {
+            let mut rng = Rng::new(seed);
+            let rows = rng.correlated_rows(k, d, 2.0, seed.wrapping_add(7));
+            let mut one = SufficientStats::new(d);
+            one.push_batch(&rows).unwrap();
+
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (k + 1)).collect();
+            points.push(0);
+            points.push(k);
+            points.sort_unstable();
+            let shards: Vec<SufficientStats> = points
+                .windows(2)
+                .map(|w| {
+                    let mut s = SufficientStats::new(d);
+                    s.push_batch(&rows[w[0] * d..w[1] * d]).unwrap();
+                    s
+                })
+                .collect();
+            // Left fold.
+            let mut left = SufficientStats::new(d);
+            for s in &shards {
+                left.merge(s).unwrap();
+            }
+            assert_stats_close(&left, &one, 1e-9);
+            // Right fold (different association order).
+            let mut right = SufficientStats::new(d);
+            for s in shards.iter().rev() {
+                let mut t = s.clone();
+                t.merge(&right).unwrap();
+                right = t;
+            }
+            assert_stats_close(&right, &one, 1e-9);
+            assert_matches_naive(&one, &rows, d, 1e-9);
+        }
+
+        #[test]
+        fn shift_formulas_match_naive_moments_about_any_point(
+            seed in any::<u64>(),
+            d in 1usize..7,
+            k in 1usize..50,
+        ) {
+            let mut rng = Rng::new(seed);
+            let rows = rng.correlated_rows(k, d, -1.0, seed ^ 99);
+            let mut st = SufficientStats::new(d);
+            st.push_batch(&rows).unwrap();
+            let delta: Vec<f64> = (0..d).map(|_| rng.normal() * 2.0).collect();
+            let centre: Vec<f64> = st.mean().iter().zip(&delta).map(|(m, v)| m + v).collect();
+            let (t, q) = st.shifted_higher(&delta);
+            let (_, s_want, t_want, q_want) = naive_about(&rows, d, Some(&centre));
+            prop_assert!(close_vec(&t, &t_want, 1e-9));
+            prop_assert!(close(q, q_want, 1e-9));
+            // S' = S + n δδᵀ, the scatter about the shifted centre.
+            let n = k as f64;
+            let s_shift: Vec<f64> = (0..d * d)
+                .map(|i| st.scatter()[i] + n * delta[i / d] * delta[i % d])
+                .collect();
+            prop_assert!(close_vec(&s_shift, &s_want, 1e-9));
+        }
+    }
+
+    #[test]
+    fn shifted_scatters_sum_to_chans_update() {
+        let d = 5;
+        let mut rng = Rng::new(42);
+        let a_rows = rng.correlated_rows(17, d, 1.0, 3);
+        let b_rows = rng.correlated_rows(29, d, -2.0, 4);
+        let (mut a, mut b) = (SufficientStats::new(d), SufficientStats::new(d));
+        a.push_batch(&a_rows).unwrap();
+        b.push_batch(&b_rows).unwrap();
+        let (na, nb) = (17.0, 29.0);
+        let n = na + nb;
+        let diff: Vec<f64> = (0..d).map(|j| b.mean()[j] - a.mean()[j]).collect();
+        let da: Vec<f64> = diff.iter().map(|v| v * nb / n).collect();
+        let db: Vec<f64> = diff.iter().map(|v| -v * na / n).collect();
+        let via_shift: Vec<f64> = (0..d * d)
+            .map(|i| {
+                let (r, c) = (i / d, i % d);
+                a.scatter()[i] + na * da[r] * da[c] + b.scatter()[i] + nb * db[r] * db[c]
+            })
+            .collect();
+        let chan: Vec<f64> = (0..d * d)
+            .map(|i| a.scatter()[i] + b.scatter()[i] + na * nb / n * diff[i / d] * diff[i % d])
+            .collect();
+        assert!(close_vec(&via_shift, &chan, 1e-12));
+        let mut merged = a.clone();
+        merged.merge(&b).unwrap();
+        assert!(close_vec(merged.scatter(), &chan, 1e-12));
+    }
+
+    #[test]
+    fn merge_with_empty_is_identity() {
+        let d = 4;
+        let rows = Rng::new(5).correlated_rows(33, d, 0.5, 6);
+        let mut st = SufficientStats::new(d);
+        st.push_batch(&rows).unwrap();
+        let before = st.clone();
+        st.merge(&SufficientStats::new(d)).unwrap();
+        assert_eq!(st, before);
+        let mut empty = SufficientStats::new(d);
+        empty.merge(&before).unwrap();
+        assert_eq!(empty, before);
+    }
+
+    #[test]
+    fn large_batch_spans_several_gemm_chunks() {
+        let d = 3;
+        let k = 2 * STATS_CHUNK_ROWS + 17;
+        let rows = Rng::new(8).correlated_rows(k, d, 10.0, 9);
+        let mut st = SufficientStats::new(d);
+        st.push_batch(&rows).unwrap();
+        assert_matches_naive(&st, &rows, d, 1e-9);
+    }
+
+    #[test]
+    fn hand_checked_small_case() {
+        // Points (0,0), (2,0), (0,2), (2,2): mean (1,1), y = (±1, ±1).
+        let mut st = SufficientStats::new(2);
+        st.push_batch(&[0.0, 0.0, 2.0, 0.0]).unwrap();
+        st.push_batch(&[0.0, 2.0, 2.0, 2.0]).unwrap();
+        assert_eq!(st.count(), 4);
+        assert_eq!(st.mean(), &[1.0, 1.0]);
+        assert_eq!(st.scatter(), &[4.0, 0.0, 0.0, 4.0]);
+        assert_eq!(st.covariance(), vec![1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(st.third(), &[0.0, 0.0]);
+        assert_eq!(st.fourth(), 16.0); // four points with ||y||² = 2
+    }
+
+    #[test]
+    fn bad_input_is_rejected_and_leaves_stats_unchanged() {
+        let mut st = SufficientStats::new(3);
+        st.push_batch(&[1.0, 2.0, 3.0]).unwrap();
+        let before = st.clone();
+        assert!(matches!(
+            st.push_batch(&[1.0, 2.0]),
+            Err(Error::Input(CoreError::Malformed(_)))
+        ));
+        match st.push_batch(&[1.0, 2.0, 3.0, 4.0, f32::NAN, 6.0]) {
+            Err(Error::Input(CoreError::NonFinite { row, component, .. })) => {
+                assert_eq!((row, component), (1, 1));
+            }
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+        assert!(st.push_batch(&[f32::INFINITY, 0.0, 0.0]).is_err());
+        assert_eq!(st, before);
+        assert!(matches!(
+            st.merge(&SufficientStats::new(2)),
+            Err(Error::Input(CoreError::WidthMismatch {
+                expected: 3,
+                got: 2
+            }))
+        ));
+        assert!(SufficientStats::new(0).push_batch(&[1.0]).is_err());
+        assert!(SufficientStats::new(0).push_batch(&[]).is_err());
+        // A corrupt (e.g. deserialised) value is an error, not a panic.
+        let mut corrupt = before.clone();
+        corrupt.scatter.pop();
+        assert!(st.merge(&corrupt).is_err());
+        assert_eq!(st, before);
+        assert_eq!(SufficientStats::new(3).covariance(), vec![0.0; 9]);
+    }
+}

@@ -1,0 +1,589 @@
+//! Monitors: sites × detectors, calibrated per detector, aggregated over tokens, fused over
+//! detectors and sites, and calibrated again at the level of whole computations.
+//!
+//! The decision a reader must know: the reference set is split by computation id (seeded hash,
+//! [`actwatch_core::split_unit`]) into a *fit* part and a *calibration* part, and the
+//! calibration part is used for two things without ever being fitted on:
+//! 1. per (site, detector), the raw scores of calibration traces form a [`Calibration`]; a score's
+//!    smoothed `-ln p` against it puts every detector on one scale (leave-one-out for calibration
+//!    members, so they are treated exactly like fresh traces);
+//! 2. per computation, the most anomalous trace of each (site, detector) slot gives one `-ln p`;
+//!    the slots fuse into one statistic ([`Fusion`]), and the fused statistics of the calibration
+//!    computations form the computation-level calibration. The monitor's p-value is conformal on
+//!    that, so its false-positive rate holds on fresh in-distribution computations whatever the
+//!    detectors, their scales or their correlations. A weak detector adds noise to the fused
+//!    statistic but cannot break the guarantee, and a strong one dominates where it sees something.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use actwatch_core::SplitHasher;
+
+use crate::calibration::Calibration;
+use crate::fusion::{Fusion, DEFAULT_FUSION};
+use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS};
+use crate::{Error, Result};
+
+/// Target false-positive rate at computation level.
+pub const DEFAULT_FPR: f64 = 0.01;
+/// Share of reference computations held out for calibration.
+pub const DEFAULT_CALIBRATION_FRACTION: f64 = 0.25;
+/// Seed of the fit/calibration split.
+pub const DEFAULT_SEED: u64 = 0;
+/// Calibration queries used to measure an HNSW index's recall against exact search.
+pub const RECALL_SAMPLE: usize = 500;
+/// k of the reported recall@k.
+pub const RECALL_K: usize = 10;
+
+/// What a monitor is: detectors, fusion, calibration split and target false-positive rate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MonitorOptions {
+    pub detectors: Vec<DetectorSpec>,
+    pub fusion: Fusion,
+    pub fpr: f64,
+    pub calibration_fraction: f64,
+    pub seed: u64,
+}
+
+impl Default for MonitorOptions {
+    fn default() -> Self {
+        Self {
+            detectors: DetectorSpec::parse_list(DEFAULT_DETECTORS)
+                .expect("the default detector list parses"),
+            fusion: DEFAULT_FUSION,
+            fpr: DEFAULT_FPR,
+            calibration_fraction: DEFAULT_CALIBRATION_FRACTION,
+            seed: DEFAULT_SEED,
+        }
+    }
+}
+
+impl MonitorOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.detectors.is_empty() {
+            return Err(Error::InvalidOption(
+                "a monitor needs at least one detector".into(),
+            ));
+        }
+        if !(self.fpr > 0.0 && self.fpr < 1.0) {
+            return Err(Error::InvalidOption(format!(
+                "target false-positive rate {} is outside (0, 1)",
+                self.fpr
+            )));
+        }
+        if !(self.calibration_fraction > 0.0 && self.calibration_fraction < 1.0) {
+            return Err(Error::InvalidOption(format!(
+                "calibration fraction {} is outside (0, 1)",
+                self.calibration_fraction
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct SiteFitter {
+    dim: usize,
+    fitters: Vec<DetectorFitter>,
+    traces: u64,
+}
+
+/// First phase of fitting: route reference traces with [`MonitorFitter::is_calibration`], push
+/// the fit part here, then [`MonitorFitter::finish_fit`].
+pub struct MonitorFitter {
+    options: MonitorOptions,
+    split: SplitHasher,
+    sites: BTreeMap<String, SiteFitter>,
+    started: Instant,
+}
+
+impl MonitorFitter {
+    pub fn new(options: MonitorOptions) -> Result<Self> {
+        options.validate()?;
+        Ok(Self {
+            split: SplitHasher::new(options.seed),
+            options,
+            sites: BTreeMap::new(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn options(&self) -> &MonitorOptions {
+        &self.options
+    }
+
+    /// Whether this computation belongs to the calibration part (a pure function of seed and id).
+    pub fn is_calibration(&self, trace_id: &str) -> bool {
+        self.split.unit(trace_id) < self.options.calibration_fraction
+    }
+
+    /// Adds fit-part traces of one site (`rows`: row-major, `dim` wide).
+    pub fn push_fit(&mut self, site: &str, rows: &[f32], dim: usize) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if !self.sites.contains_key(site) {
+            let fitters = self
+                .options
+                .detectors
+                .iter()
+                .map(|d| d.fitter(dim))
+                .collect::<Result<Vec<_>>>()?;
+            self.sites.insert(
+                site.to_string(),
+                SiteFitter {
+                    dim,
+                    fitters,
+                    traces: 0,
+                },
+            );
+        }
+        let s = self.sites.get_mut(site).expect("inserted above");
+        if dim != s.dim {
+            return Err(actwatch_core::Error::WidthMismatch {
+                expected: s.dim,
+                got: dim,
+            }
+            .into());
+        }
+        for f in &mut s.fitters {
+            f.push_batch(rows)?;
+        }
+        s.traces += (rows.len() / dim) as u64;
+        Ok(())
+    }
+
+    /// Fits every detector and moves on to calibration.
+    pub fn finish_fit(self) -> Result<MonitorCalibrator> {
+        if self.sites.is_empty() {
+            return Err(Error::NotEnoughData(
+                "no reference traces in the fit part (is the input empty?)".into(),
+            ));
+        }
+        let mut sites = Vec::with_capacity(self.sites.len());
+        for (name, s) in self.sites {
+            let detectors = s
+                .fitters
+                .into_iter()
+                .map(DetectorFitter::finish)
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| match e {
+                    Error::NotEnoughData(m) => Error::NotEnoughData(format!("site {name}: {m}")),
+                    e => e,
+                })?;
+            sites.push(PendingSite {
+                recall: vec![(0, 0.0); detectors.len()],
+                cal_scores: vec![Vec::new(); detectors.len()],
+                name,
+                dim: s.dim,
+                detectors,
+                fit_traces: s.traces,
+            });
+        }
+        let fit_seconds = self.started.elapsed().as_secs_f64();
+        Ok(MonitorCalibrator {
+            site_index: sites
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.clone(), i))
+                .collect(),
+            sites,
+            options: self.options,
+            computations: HashMap::new(),
+            fit_seconds,
+            started: Instant::now(),
+        })
+    }
+}
+
+struct PendingSite {
+    name: String,
+    dim: usize,
+    detectors: Vec<FittedDetector>,
+    fit_traces: u64,
+    /// Per detector: (calibration computation index, raw score) of every calibration trace.
+    cal_scores: Vec<Vec<(u32, f64)>>,
+    /// Per detector: (queries measured, sum of recall × queries) for HNSW detectors.
+    recall: Vec<(usize, f64)>,
+}
+
+/// Second phase of fitting: push the calibration part, then [`MonitorCalibrator::finish`].
+pub struct MonitorCalibrator {
+    options: MonitorOptions,
+    sites: Vec<PendingSite>,
+    site_index: HashMap<String, usize>,
+    computations: HashMap<String, u32>,
+    fit_seconds: f64,
+    started: Instant,
+}
+
+impl MonitorCalibrator {
+    pub fn options(&self) -> &MonitorOptions {
+        &self.options
+    }
+
+    /// Scores calibration traces of one site. `trace_ids[i]` is the computation of row `i`.
+    pub fn push_calibration<S: AsRef<str>>(
+        &mut self,
+        trace_ids: &[S],
+        site: &str,
+        rows: &[f32],
+    ) -> Result<()> {
+        if trace_ids.is_empty() {
+            return Ok(());
+        }
+        let Some(&si) = self.site_index.get(site) else {
+            return Err(Error::NotEnoughData(format!(
+                "site {site} has calibration traces but no fit traces"
+            )));
+        };
+        let s = &mut self.sites[si];
+        if rows.len() != trace_ids.len() * s.dim {
+            return Err(actwatch_core::Error::WidthMismatch {
+                expected: s.dim,
+                got: rows.len() / trace_ids.len().max(1),
+            }
+            .into());
+        }
+        let comps: Vec<u32> = trace_ids
+            .iter()
+            .map(|id| {
+                let next = self.computations.len() as u32;
+                *self
+                    .computations
+                    .entry(id.as_ref().to_string())
+                    .or_insert(next)
+            })
+            .collect();
+        for (j, det) in s.detectors.iter().enumerate() {
+            let raw = det.score_batch(rows)?;
+            s.cal_scores[j].extend(comps.iter().copied().zip(raw));
+            if let FittedDetector::Knn(knn) = det {
+                let (done, _) = s.recall[j];
+                if !knn.is_exact() && done < RECALL_SAMPLE {
+                    let take = (RECALL_SAMPLE - done).min(trace_ids.len());
+                    if let Some(r) = knn.measure_recall(&rows[..take * s.dim], RECALL_K)? {
+                        s.recall[j].0 += take;
+                        s.recall[j].1 += r * take as f64;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds every calibration and the fused computation-level calibration.
+    pub fn finish(self) -> Result<Monitor> {
+        let n_comp = self.computations.len();
+        let min_needed = (1.0 / self.options.fpr).ceil() as usize;
+        if n_comp < min_needed {
+            return Err(Error::NotEnoughData(format!(
+                "{n_comp} calibration computations cannot calibrate a false-positive rate of {}: \
+                 at least {min_needed} are needed (add reference data or raise --calibration-fraction)",
+                self.options.fpr
+            )));
+        }
+        let fusion = self.options.fusion;
+        let n_slots: usize = self.sites.iter().map(|s| s.detectors.len()).sum();
+        // Per computation and slot: the largest -ln p of its traces (NaN = no trace at that slot).
+        let mut comp_nlp = vec![f64::NAN; n_comp * n_slots];
+        let mut sites = Vec::with_capacity(self.sites.len());
+        let mut recall = Vec::new();
+        let mut slot0 = 0;
+        for s in self.sites {
+            let cal_traces = s.cal_scores.first().map_or(0, Vec::len);
+            if cal_traces == 0 {
+                return Err(Error::NotEnoughData(format!(
+                    "site {} has no calibration traces",
+                    s.name
+                )));
+            }
+            let calibrations = s
+                .cal_scores
+                .iter()
+                .map(|v| Calibration::new(v.iter().map(|(_, x)| *x).collect()))
+                .collect::<Result<Vec<_>>>()?;
+            let mut trace_stats = Vec::with_capacity(cal_traces);
+            let mut nlps = vec![0.0; s.detectors.len()];
+            for t in 0..cal_traces {
+                let comp = s.cal_scores[0][t].0 as usize;
+                for (j, cal) in calibrations.iter().enumerate() {
+                    let (c, raw) = s.cal_scores[j][t];
+                    debug_assert_eq!(c as usize, comp);
+                    nlps[j] = cal.smooth_neg_log_p(raw, true);
+                    let cell = &mut comp_nlp[comp * n_slots + slot0 + j];
+                    if cell.is_nan() || nlps[j] > *cell {
+                        *cell = nlps[j];
+                    }
+                }
+                trace_stats.push(fusion.statistic(&nlps));
+            }
+            for (j, (n, sum)) in s.recall.iter().enumerate() {
+                if *n > 0 {
+                    recall.push(KnnRecall {
+                        site: s.name.clone(),
+                        detector: j,
+                        queries: *n,
+                        k: RECALL_K,
+                        recall: sum / *n as f64,
+                    });
+                }
+            }
+            slot0 += s.detectors.len();
+            sites.push(SiteModel {
+                name: s.name,
+                dim: s.dim,
+                detectors: s.detectors,
+                calibrations,
+                trace_fused: Calibration::new(trace_stats)?,
+                fit_traces: s.fit_traces,
+                calibration_traces: cal_traces as u64,
+            });
+        }
+        let mut present = Vec::with_capacity(n_slots);
+        let fused_scores: Vec<f64> = comp_nlp
+            .chunks_exact(n_slots)
+            .map(|row| {
+                present.clear();
+                present.extend(row.iter().copied().filter(|x| !x.is_nan()));
+                fusion.statistic(&present)
+            })
+            .collect();
+        let fused = Calibration::new(fused_scores.clone())?;
+        // In-sample flag rate of the calibration computations, each judged leave-one-out.
+        let n = fused.len() as f64;
+        let flagged = fused_scores
+            .iter()
+            .filter(|&&s| (fused.p_value(s) * (n + 1.0) - 1.0) / n <= self.options.fpr)
+            .count();
+        let summary = FitSummary {
+            fit_seconds: self.fit_seconds,
+            calibration_seconds: self.started.elapsed().as_secs_f64(),
+            calibration_computations: n_comp as u64,
+            calibration_fpr: flagged as f64 / n,
+            threshold: Some(fused.threshold(self.options.fpr)).filter(|t| t.is_finite()),
+            knn_recall: recall,
+        };
+        Ok(Monitor {
+            options: self.options,
+            sites,
+            fused,
+            summary,
+        })
+    }
+}
+
+/// Fitted detectors and calibrations of one site.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SiteModel {
+    pub name: String,
+    pub dim: usize,
+    /// In the order of [`MonitorOptions::detectors`].
+    pub detectors: Vec<FittedDetector>,
+    /// Per detector: calibration of its raw trace scores.
+    pub calibrations: Vec<Calibration>,
+    /// Calibration of the trace-level statistic fused over this site's detectors.
+    pub trace_fused: Calibration,
+    pub fit_traces: u64,
+    pub calibration_traces: u64,
+}
+
+/// Recall of an HNSW index against exact search, measured on calibration traces at fit time.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnnRecall {
+    pub site: String,
+    /// Index into the site's detectors.
+    pub detector: usize,
+    pub queries: usize,
+    pub k: usize,
+    pub recall: f64,
+}
+
+/// What fitting measured.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FitSummary {
+    pub fit_seconds: f64,
+    pub calibration_seconds: f64,
+    pub calibration_computations: u64,
+    /// Share of calibration computations flagged, each judged against the others.
+    pub calibration_fpr: f64,
+    /// Fused statistic at or above which a computation is flagged (None: too few calibration
+    /// computations to flag anything at the target rate).
+    pub threshold: Option<f64>,
+    pub knn_recall: Vec<KnnRecall>,
+}
+
+/// A fitted, calibrated monitor. Immutable: a refit builds a new one.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Monitor {
+    pub options: MonitorOptions,
+    pub sites: Vec<SiteModel>,
+    /// Calibration of the fused computation-level statistic.
+    pub fused: Calibration,
+    pub summary: FitSummary,
+}
+
+/// Per-trace results of one site's batch; `[detector][row]` where two indices are given.
+#[derive(Debug, Clone, Default)]
+pub struct SiteScores {
+    pub raw: Vec<Vec<f64>>,
+    /// Conformal p-value of each detector's raw score.
+    pub p: Vec<Vec<f64>>,
+    /// Smoothed `-ln p`, the fusion ingredient.
+    pub neg_log_p: Vec<Vec<f64>>,
+    /// Trace statistic fused over this site's detectors (higher = more anomalous).
+    pub trace_score: Vec<f64>,
+    /// Conformal p-value of `trace_score` among calibration traces of this site.
+    pub trace_p: Vec<f64>,
+}
+
+/// Running evidence of one computation: per slot (site × detector) the most anomalous trace.
+#[derive(Debug, Clone)]
+pub struct ComputationAccumulator {
+    max_neg_log_p: Vec<f64>,
+    max_raw: Vec<f64>,
+    traces: u64,
+}
+
+impl ComputationAccumulator {
+    pub fn traces(&self) -> u64 {
+        self.traces
+    }
+}
+
+/// A scored computation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComputationResult {
+    /// Fused statistic, higher = more anomalous.
+    pub score: f64,
+    /// Conformal p-value among calibration computations.
+    pub p_value: f64,
+    pub flagged: bool,
+    /// Per slot: conformal p-value of the computation's most anomalous trace there (None: no trace).
+    pub slot_p: Vec<Option<f64>>,
+    pub traces: u64,
+}
+
+impl Monitor {
+    pub fn site_index(&self, name: &str) -> Option<usize> {
+        self.sites.iter().position(|s| s.name == name)
+    }
+
+    pub fn site_names(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// `(site, detector name)` of every slot, in slot order.
+    pub fn slots(&self) -> Vec<(String, &'static str)> {
+        self.sites
+            .iter()
+            .flat_map(|s| s.detectors.iter().map(|d| (s.name.clone(), d.name())))
+            .collect()
+    }
+
+    fn slot_offset(&self, site: usize) -> usize {
+        self.sites[..site].iter().map(|s| s.detectors.len()).sum()
+    }
+
+    /// Rebuilds derived state after loading (HNSW graphs).
+    pub fn prepare(&mut self) -> Result<()> {
+        for s in &mut self.sites {
+            for d in &mut s.detectors {
+                d.prepare()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores a batch of traces of site `site` (an index from [`Monitor::site_index`]).
+    pub fn score_site(&self, site: usize, rows: &[f32]) -> Result<SiteScores> {
+        let s = &self.sites[site];
+        if !rows.len().is_multiple_of(s.dim) {
+            return Err(actwatch_core::Error::WidthMismatch {
+                expected: s.dim,
+                got: rows.len(),
+            }
+            .into());
+        }
+        let n = rows.len() / s.dim;
+        let mut out = SiteScores::default();
+        for (det, cal) in s.detectors.iter().zip(&s.calibrations) {
+            let raw = det.score_batch(rows)?;
+            out.p.push(raw.iter().map(|&x| cal.p_value(x)).collect());
+            out.neg_log_p.push(
+                raw.iter()
+                    .map(|&x| cal.smooth_neg_log_p(x, false))
+                    .collect(),
+            );
+            out.raw.push(raw);
+        }
+        let mut nlps = vec![0.0; s.detectors.len()];
+        for r in 0..n {
+            for (j, v) in out.neg_log_p.iter().enumerate() {
+                nlps[j] = v[r];
+            }
+            let t = self.options.fusion.statistic(&nlps);
+            out.trace_p.push(s.trace_fused.p_value(t));
+            out.trace_score.push(t);
+        }
+        Ok(out)
+    }
+
+    pub fn new_accumulator(&self) -> ComputationAccumulator {
+        let n: usize = self.sites.iter().map(|s| s.detectors.len()).sum();
+        ComputationAccumulator {
+            max_neg_log_p: vec![f64::NAN; n],
+            max_raw: vec![f64::NAN; n],
+            traces: 0,
+        }
+    }
+
+    /// Adds row `row` of a [`SiteScores`] of site `site` to a computation's evidence.
+    pub fn accumulate(
+        &self,
+        acc: &mut ComputationAccumulator,
+        site: usize,
+        scores: &SiteScores,
+        row: usize,
+    ) {
+        let off = self.slot_offset(site);
+        for j in 0..scores.raw.len() {
+            let nlp = scores.neg_log_p[j][row];
+            let raw = scores.raw[j][row];
+            let cell = &mut acc.max_neg_log_p[off + j];
+            if cell.is_nan() || nlp > *cell {
+                *cell = nlp;
+            }
+            let cell = &mut acc.max_raw[off + j];
+            if cell.is_nan() || raw > *cell {
+                *cell = raw;
+            }
+        }
+        acc.traces += 1;
+    }
+
+    /// Fuses a computation's evidence and calibrates it.
+    pub fn finish_computation(&self, acc: &ComputationAccumulator) -> ComputationResult {
+        let present: Vec<f64> = acc
+            .max_neg_log_p
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .collect();
+        let score = self.options.fusion.statistic(&present);
+        let p_value = self.fused.p_value(score);
+        let cals = self.sites.iter().flat_map(|s| s.calibrations.iter());
+        let slot_p = acc
+            .max_raw
+            .iter()
+            .zip(cals)
+            .map(|(&raw, cal)| (!raw.is_nan()).then(|| cal.p_value(raw)))
+            .collect();
+        ComputationResult {
+            score,
+            p_value,
+            flagged: p_value <= self.options.fpr,
+            slot_p,
+            traces: acc.traces,
+        }
+    }
+}

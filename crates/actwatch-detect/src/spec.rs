@@ -1,0 +1,281 @@
+//! Detector specifications: what a user asks for (`gaussian`, `knn:k=5,metric=l2`), parsed once.
+//!
+//! A spec is `name[:key=value,...]`. Unknown names, unknown keys and out-of-range values are
+//! errors that say what is accepted; nothing is silently ignored.
+
+use crate::gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
+use crate::knn::{KnnDetector, KnnFitter, KnnOptions, Metric};
+use crate::shrinkage::Shrinkage;
+use crate::{Error, Result};
+
+/// One detector to fit at every site of a monitor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DetectorSpec {
+    /// Mahalanobis distance under a shrunk Gaussian.
+    Gaussian(GaussianOptions),
+    /// Distance to the k-th nearest reference vector.
+    Knn(KnnOptions),
+}
+
+/// The default detectors: both families, because they fail differently. The Gaussian sees the
+/// global shape of the reference cloud; kNN sees local holes in it and keeps working where a single
+/// Gaussian is a poor fit (on MiniLM's last layer the raw Gaussian is worse than chance).
+pub const DEFAULT_DETECTORS: &str = "gaussian,knn";
+
+impl DetectorSpec {
+    /// Parses one spec, e.g. `gaussian`, `gaussian:shrinkage=oas,normalize=false,rank=64`,
+    /// `knn:k=10,metric=cosine,exact_max=200000,ef_search=64`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let (name, params) = match text.split_once(':') {
+            Some((n, p)) => (n.trim(), p),
+            None => (text.trim(), ""),
+        };
+        let pairs = params
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.trim(), v.trim()))
+                    .ok_or_else(|| {
+                        Error::InvalidOption(format!("`{p}` in `{text}` is not key=value"))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match name.to_ascii_lowercase().as_str() {
+            "gaussian" | "mahalanobis" => {
+                let mut o = GaussianOptions::default();
+                for (k, v) in pairs {
+                    match k {
+                        "shrinkage" => {
+                            o.shrinkage = match v.to_ascii_lowercase().as_str() {
+                                "ledoit-wolf" | "ledoitwolf" | "lw" => Shrinkage::LedoitWolf,
+                                "oas" => Shrinkage::Oas,
+                                x => {
+                                    let a: f64 = x.parse().map_err(|_| {
+                                        Error::InvalidOption(format!(
+                                            "shrinkage `{v}`: expected lw, oas or a number in [0, 1]"
+                                        ))
+                                    })?;
+                                    if !(0.0..=1.0).contains(&a) {
+                                        return Err(Error::InvalidOption(format!(
+                                            "shrinkage {a} is outside [0, 1]"
+                                        )));
+                                    }
+                                    Shrinkage::Fixed(a)
+                                }
+                            }
+                        }
+                        "normalize" | "normalise" => o.normalize = parse_bool(k, v)?,
+                        "rank" => {
+                            o.rank = match v {
+                                "full" => None,
+                                _ => Some(parse_positive(k, v)?),
+                            }
+                        }
+                        _ => return Err(unknown_key("gaussian", k, "shrinkage, normalize, rank")),
+                    }
+                }
+                Ok(DetectorSpec::Gaussian(o))
+            }
+            "knn" => {
+                let mut o = KnnOptions::default();
+                for (k, v) in pairs {
+                    match k {
+                        "k" => o.k = parse_positive(k, v)?,
+                        "metric" => {
+                            o.metric = match v.to_ascii_lowercase().as_str() {
+                                "cosine" => Metric::Cosine,
+                                "l2" | "euclidean" => Metric::L2,
+                                _ => {
+                                    return Err(Error::InvalidOption(format!(
+                                        "metric `{v}`: expected cosine or l2"
+                                    )))
+                                }
+                            }
+                        }
+                        "exact_max" => o.exact_max = parse_usize(k, v)?,
+                        "m" => o.hnsw_m = parse_positive(k, v)?,
+                        "ef_construction" => o.hnsw_ef_construction = parse_positive(k, v)?,
+                        "ef_search" => o.hnsw_ef_search = parse_positive(k, v)?,
+                        _ => {
+                            return Err(unknown_key(
+                                "knn",
+                                k,
+                                "k, metric, exact_max, m, ef_construction, ef_search",
+                            ))
+                        }
+                    }
+                }
+                Ok(DetectorSpec::Knn(o))
+            }
+            other => Err(Error::InvalidOption(format!(
+                "unknown detector `{other}`: expected gaussian or knn"
+            ))),
+        }
+    }
+
+    /// Parses a comma-or-semicolon separated list such as `gaussian,knn:k=5`. A `,` followed by
+    /// `key=value` continues the previous spec's parameters.
+    pub fn parse_list(text: &str) -> Result<Vec<Self>> {
+        let mut specs: Vec<String> = Vec::new();
+        for part in text
+            .split([',', ';'])
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            match specs.last_mut() {
+                Some(last) if part.contains('=') && !part.contains(':') => {
+                    last.push(if last.contains(':') { ',' } else { ':' });
+                    last.push_str(part);
+                }
+                _ => specs.push(part.to_string()),
+            }
+        }
+        if specs.is_empty() {
+            return Err(Error::InvalidOption("no detectors given".into()));
+        }
+        specs.iter().map(|s| Self::parse(s)).collect()
+    }
+
+    /// Short name used in column names and reports: `gaussian` or `knn`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DetectorSpec::Gaussian(_) => "gaussian",
+            DetectorSpec::Knn(_) => "knn",
+        }
+    }
+
+    /// A fitter for vectors of width `dim`.
+    pub fn fitter(&self, dim: usize) -> Result<DetectorFitter> {
+        Ok(match self {
+            DetectorSpec::Gaussian(o) => {
+                DetectorFitter::Gaussian(GaussianFitter::new(dim, o.clone()))
+            }
+            DetectorSpec::Knn(o) => DetectorFitter::Knn(KnnFitter::new(dim, o.clone())),
+        })
+    }
+}
+
+fn unknown_key(det: &str, key: &str, known: &str) -> Error {
+    Error::InvalidOption(format!("{det}: unknown parameter `{key}` (known: {known})"))
+}
+
+fn parse_bool(k: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err(Error::InvalidOption(format!(
+            "{k} `{v}`: expected true or false"
+        ))),
+    }
+}
+
+fn parse_usize(k: &str, v: &str) -> Result<usize> {
+    v.parse()
+        .map_err(|_| Error::InvalidOption(format!("{k} `{v}`: expected a whole number")))
+}
+
+fn parse_positive(k: &str, v: &str) -> Result<usize> {
+    match parse_usize(k, v)? {
+        0 => Err(Error::InvalidOption(format!("{k} must be at least 1"))),
+        n => Ok(n),
+    }
+}
+
+/// A detector being fitted.
+pub enum DetectorFitter {
+    Gaussian(GaussianFitter),
+    Knn(KnnFitter),
+}
+
+impl DetectorFitter {
+    pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
+        match self {
+            DetectorFitter::Gaussian(f) => f.push_batch(rows),
+            DetectorFitter::Knn(f) => f.push_batch(rows),
+        }
+    }
+
+    pub fn finish(self) -> Result<FittedDetector> {
+        Ok(match self {
+            DetectorFitter::Gaussian(f) => FittedDetector::Gaussian(f.finish()?),
+            DetectorFitter::Knn(f) => FittedDetector::Knn(f.finish()?),
+        })
+    }
+}
+
+/// A fitted detector: raw scores, higher = more anomalous. (Externally tagged: blobs are bincode.)
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum FittedDetector {
+    Gaussian(GaussianDetector),
+    Knn(KnnDetector),
+}
+
+impl FittedDetector {
+    pub fn dim(&self) -> usize {
+        match self {
+            FittedDetector::Gaussian(d) => d.dim(),
+            FittedDetector::Knn(d) => d.dim(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            FittedDetector::Gaussian(_) => "gaussian",
+            FittedDetector::Knn(_) => "knn",
+        }
+    }
+
+    /// Raw scores for a row-major batch of `dim()`-wide rows.
+    pub fn score_batch(&self, rows: &[f32]) -> Result<Vec<f64>> {
+        match self {
+            FittedDetector::Gaussian(d) => d.score_batch(rows),
+            FittedDetector::Knn(d) => d.score_batch(rows),
+        }
+    }
+
+    /// Rebuilds derived state after loading (the HNSW graph); cheap no-op otherwise.
+    pub fn prepare(&mut self) -> Result<()> {
+        match self {
+            FittedDetector::Gaussian(_) => Ok(()),
+            FittedDetector::Knn(d) => d.prepare(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs_and_rejects_nonsense() {
+        let v = DetectorSpec::parse_list("gaussian,knn:k=5,metric=l2").unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0], DetectorSpec::Gaussian(GaussianOptions::default()));
+        match &v[1] {
+            DetectorSpec::Knn(o) => {
+                assert_eq!(o.k, 5);
+                assert_eq!(o.metric, Metric::L2);
+            }
+            _ => panic!("expected knn"),
+        }
+        let g = DetectorSpec::parse("gaussian:shrinkage=oas,normalize=false,rank=8").unwrap();
+        match g {
+            DetectorSpec::Gaussian(o) => {
+                assert_eq!(o.shrinkage, Shrinkage::Oas);
+                assert!(!o.normalize);
+                assert_eq!(o.rank, Some(8));
+            }
+            _ => panic!("expected gaussian"),
+        }
+        for bad in ["lof", "knn:k=0", "knn:q=1", "gaussian:shrinkage=2", "knn:k"] {
+            assert!(DetectorSpec::parse_list(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            DetectorSpec::parse_list(DEFAULT_DETECTORS).unwrap().len(),
+            2
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! Monitor artifacts: one directory per fitted monitor, written atomically, verified on load.
+//!
+//! Layout: `manifest.json` (format version, options, sites and widths, detectors, calibration
+//! summary, reference hash, and for every blob its size and SHA-256) plus binary blobs: one per
+//! site (its fitted detectors and calibrations) and `calibration.bin` (the computation-level
+//! calibration). The directory is built under a temporary name next to the destination, every file
+//! fsynced, then renamed into place, so a reader sees the old monitor or the new one, never half
+//! of either. Loading checks the format version, every blob's size and checksum, and that blobs
+//! agree with the manifest; any mismatch is [`Error::Artifact`] and nothing is served.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use actwatch_detect::monitor::{FitSummary, Monitor, MonitorOptions, SiteModel};
+use actwatch_detect::Calibration;
+use sha2::{Digest, Sha256};
+
+use crate::reader::TraceColumns;
+use crate::{Error, Result};
+
+/// Name of the manifest inside a monitor directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Bumped whenever the blob encoding or the manifest changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_NAME: &str = "actwatch-monitor";
+const FUSED_BLOB: &str = "calibration.bin";
+
+/// Where the reference data came from, recorded for provenance.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReferenceSummary {
+    /// Column names the monitor was fitted with; scoring uses them unless told otherwise.
+    pub columns: TraceColumns,
+    pub files: Vec<String>,
+    pub rows: u64,
+    pub computations: u64,
+    /// SHA-256 over (site, trace id, vector bytes) of every row used, in read order.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlobEntry {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SiteEntry {
+    pub name: String,
+    pub dim: usize,
+    pub detectors: Vec<String>,
+    pub fit_traces: u64,
+    pub calibration_traces: u64,
+    pub blob: BlobEntry,
+}
+
+/// The manifest, as stored in `manifest.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub created_by: String,
+    pub options: MonitorOptions,
+    pub sites: Vec<SiteEntry>,
+    pub calibration: BlobEntry,
+    pub summary: FitSummary,
+    pub reference: ReferenceSummary,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path))
+}
+
+fn blob(dir: &Path, file: String, bytes: &[u8]) -> Result<BlobEntry> {
+    write_synced(&dir.join(&file), bytes)?;
+    Ok(BlobEntry {
+        file,
+        bytes: bytes.len() as u64,
+        sha256: sha256_hex(bytes),
+    })
+}
+
+/// Writes `monitor` to the directory `out`, atomically replacing any monitor already there.
+pub fn save_monitor(
+    monitor: &Monitor,
+    reference: &ReferenceSummary,
+    out: &Path,
+) -> Result<Manifest> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Artifact(format!("{} is not a directory name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    if out.exists() && !out.join(MANIFEST).exists() {
+        return Err(Error::Artifact(format!(
+            "{} exists and is not a monitor directory; refusing to replace it",
+            out.display()
+        )));
+    }
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let result = (|| {
+        let mut sites = Vec::with_capacity(monitor.sites.len());
+        for (i, s) in monitor.sites.iter().enumerate() {
+            let bytes = bincode::serialize(s)?;
+            sites.push(SiteEntry {
+                name: s.name.clone(),
+                dim: s.dim,
+                detectors: s.detectors.iter().map(|d| d.name().to_string()).collect(),
+                fit_traces: s.fit_traces,
+                calibration_traces: s.calibration_traces,
+                blob: blob(&tmp, format!("site-{i}.bin"), &bytes)?,
+            });
+        }
+        let calibration = blob(
+            &tmp,
+            FUSED_BLOB.into(),
+            &bincode::serialize(&monitor.fused)?,
+        )?;
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            created_by: format!("actwatch {}", env!("CARGO_PKG_VERSION")),
+            options: monitor.options.clone(),
+            sites,
+            calibration,
+            summary: monitor.summary.clone(),
+            reference: reference.clone(),
+        };
+        // The manifest goes last: a directory without one is never a monitor.
+        write_synced(&tmp.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
+        sync_dir(&tmp)?;
+        Ok(manifest)
+    })();
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if out.exists() {
+        fs::rename(out, &old).map_err(io_err(out))?;
+    }
+    fs::rename(&tmp, out).map_err(io_err(out))?;
+    sync_dir(&parent)?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    }
+    Ok(manifest)
+}
+
+fn read_blob(dir: &Path, entry: &BlobEntry) -> Result<Vec<u8>> {
+    if entry.file.contains(['/', '\\']) || entry.file.starts_with('.') {
+        return Err(Error::Artifact(format!(
+            "blob name {:?} is not allowed",
+            entry.file
+        )));
+    }
+    let path = dir.join(&entry.file);
+    let mut bytes = Vec::with_capacity(entry.bytes as usize);
+    File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| Error::Artifact(format!("{}: cannot read blob: {e}", path.display())))?;
+    if bytes.len() as u64 != entry.bytes || sha256_hex(&bytes) != entry.sha256 {
+        return Err(Error::Artifact(format!(
+            "{}: checksum mismatch ({} bytes, expected {}): the monitor is corrupt or half-written; refit it",
+            path.display(),
+            bytes.len(),
+            entry.bytes
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Reads only the manifest of the monitor in `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let bytes = fs::read(&path).map_err(|e| {
+        Error::Artifact(format!(
+            "{}: not a monitor directory (cannot read {MANIFEST}: {e})",
+            dir.display()
+        ))
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Artifact(format!("{}: corrupt manifest: {e}", path.display())))?;
+    if manifest.format != FORMAT_NAME || manifest.format_version != FORMAT_VERSION {
+        return Err(Error::Artifact(format!(
+            "{}: format {} version {} is not supported (this build reads {FORMAT_NAME} version {FORMAT_VERSION})",
+            path.display(),
+            manifest.format,
+            manifest.format_version
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Loads and verifies the monitor in `dir`, ready to score.
+pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
+    let manifest = read_manifest(dir)?;
+    let mut sites = Vec::with_capacity(manifest.sites.len());
+    for entry in &manifest.sites {
+        let bytes = read_blob(dir, &entry.blob)?;
+        let site: SiteModel = bincode::deserialize(&bytes).map_err(|e| {
+            Error::Artifact(format!(
+                "{}: cannot decode site {}: {e}",
+                dir.display(),
+                entry.name
+            ))
+        })?;
+        if site.name != entry.name
+            || site.dim != entry.dim
+            || site.detectors.len() != manifest.options.detectors.len()
+            || site.calibrations.len() != site.detectors.len()
+            || site.detectors.iter().any(|d| d.dim() != site.dim)
+        {
+            return Err(Error::Artifact(format!(
+                "{}: site {} does not match the manifest",
+                dir.display(),
+                entry.name
+            )));
+        }
+        sites.push(site);
+    }
+    let fused: Calibration = bincode::deserialize(&read_blob(dir, &manifest.calibration)?)
+        .map_err(|e| {
+            Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display()))
+        })?;
+    let mut monitor = Monitor {
+        options: manifest.options.clone(),
+        sites,
+        fused,
+        summary: manifest.summary.clone(),
+    };
+    monitor.prepare()?;
+    Ok((monitor, manifest))
+}

@@ -1,0 +1,182 @@
+//! Benchmark of actwatch's detectors on the exact bytes `scripts/bench_peers.py` times the peers on.
+//!
+//! `cargo run --release --example bench -- target/bench-data` prints one JSON object per line, with
+//! the same task names as the peer script, so `scripts/bench_table.py` can join them. Wall clock,
+//! median of repeats after a warm-up. Not a test: nothing here asserts a timing.
+
+use std::path::Path;
+use std::time::Instant;
+
+use actwatch_detect::gaussian::{GaussianFitter, GaussianOptions};
+use actwatch_detect::knn::{KnnFitter, KnnOptions};
+
+fn load(dir: &Path, name: &str) -> (Vec<f32>, usize, usize) {
+    let shape: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("{name}.shape"))).expect("shape sidecar"),
+    )
+    .expect("shape json");
+    let rows = shape["rows"].as_u64().expect("rows") as usize;
+    let cols = shape["cols"].as_u64().expect("cols") as usize;
+    let bytes = std::fs::read(dir.join(format!("{name}.f32"))).expect("matrix file");
+    assert_eq!(
+        bytes.len(),
+        rows * cols * 4,
+        "{name}: size does not match its shape"
+    );
+    let v = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (v, rows, cols)
+}
+
+fn median_seconds(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let mut t: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn emit(task: &str, tool: &str, n: usize, d: usize, threads: usize, seconds: f64, extra: &str) {
+    println!(
+        "{{\"task\":\"{task}\",\"tool\":\"{tool}\",\"n\":{n},\"d\":{d},\"threads\":{threads},\"seconds\":{seconds:.6},\"per_s\":{:.1}{extra}}}",
+        n as f64 / seconds
+    );
+}
+
+fn emit_seconds(
+    task: &str,
+    tool: &str,
+    n: usize,
+    d: usize,
+    threads: usize,
+    seconds: f64,
+    extra: &str,
+) {
+    println!(
+        "{{\"task\":\"{task}\",\"tool\":\"{tool}\",\"n\":{n},\"d\":{d},\"threads\":{threads},\"seconds\":{seconds:.6}{extra}}}"
+    );
+}
+
+fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+        .install(f)
+}
+
+fn main() {
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "target/bench-data".into());
+    let dir = Path::new(&dir);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (fit, n_fit, d) = load(dir, "fit");
+    let (query, n_query, _) = load(dir, "query");
+
+    // Gaussian: fit (statistics + Ledoit-Wolf + eigendecomposition) and scoring.
+    let opts = GaussianOptions {
+        normalize: false,
+        ..GaussianOptions::default()
+    };
+    let mut det = None;
+    let secs = median_seconds(3, || {
+        let mut f = GaussianFitter::new(d, opts.clone());
+        f.push_batch(&fit).expect("fit batch");
+        det = Some(f.finish().expect("fit"));
+    });
+    emit_seconds("gaussian_fit", "actwatch", n_fit, d, cores, secs, "");
+    let det = det.expect("fitted");
+    let secs = median_seconds(5, || {
+        std::hint::black_box(det.score_batch(&query).expect("score"));
+    });
+    emit("gaussian_score", "actwatch", n_query, d, cores, secs, "");
+    let secs = with_threads(1, || {
+        median_seconds(3, || {
+            std::hint::black_box(det.score_batch(&query).expect("score"));
+        })
+    });
+    emit("gaussian_score", "actwatch", n_query, d, 1, secs, "");
+
+    // Exact kNN against the 6,000 real references.
+    let mut f = KnnFitter::new(d, KnnOptions::default());
+    f.push_batch(&fit).expect("refs");
+    let knn = f.finish().expect("knn");
+    let q = &query[..20_000.min(n_query) * d];
+    for threads in [cores, 1] {
+        let secs = with_threads(threads, || {
+            median_seconds(3, || {
+                std::hint::black_box(knn.score_batch(q).expect("knn"));
+            })
+        });
+        emit(
+            "knn_exact_6k",
+            "actwatch",
+            q.len() / d,
+            d,
+            threads,
+            secs,
+            "",
+        );
+    }
+
+    // 100k synthetic references: exact, and HNSW with recall against exact.
+    let (big_ref, n_ref, _) = load(dir, "big_ref");
+    let (big_query, n_bq, _) = load(dir, "big_query");
+    let mut f = KnnFitter::new(d, KnnOptions::default());
+    f.push_batch(&big_ref).expect("refs");
+    let exact = f.finish().expect("knn");
+    for threads in [cores, 1] {
+        let secs = with_threads(threads, || {
+            median_seconds(2, || {
+                std::hint::black_box(exact.score_batch(&big_query).expect("knn"));
+            })
+        });
+        emit("knn_exact_100k", "actwatch", n_bq, d, threads, secs, "");
+    }
+    drop(exact);
+    let hnsw_opts = KnnOptions {
+        exact_max: 0,
+        ..KnnOptions::default()
+    };
+    let started = Instant::now();
+    let mut f = KnnFitter::new(d, hnsw_opts);
+    f.push_batch(&big_ref).expect("refs");
+    let hnsw = f.finish().expect("hnsw");
+    emit_seconds(
+        "hnsw_build",
+        "actwatch-hnsw_rs",
+        n_ref,
+        d,
+        cores,
+        started.elapsed().as_secs_f64(),
+        "",
+    );
+    let recall = hnsw
+        .measure_recall(&big_query, 10)
+        .expect("recall")
+        .expect("an HNSW index");
+    for threads in [cores, 1] {
+        let secs = with_threads(threads, || {
+            median_seconds(3, || {
+                std::hint::black_box(hnsw.score_batch(&big_query).expect("hnsw"));
+            })
+        });
+        emit(
+            "hnsw_query",
+            "actwatch-hnsw_rs",
+            n_bq,
+            d,
+            threads,
+            secs,
+            &format!(",\"recall_at_10\":{recall:.4}"),
+        );
+    }
+}

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Time the peer tools on the data the Rust benchmark (`--example bench`) uses.
+
+    python scripts/bench_peers.py OUT_DIR [--quick] [--threads N] [--src DIR] [--no-export]
+
+1. Writes the inputs into OUT_DIR as raw little-endian float32, row-major, each with a
+   `NAME.shape` JSON sidecar {"rows": R, "cols": C}, so Rust reads the exact same bytes:
+     fit.f32        layer-2 rows of train.parquet, sorted by id            (6000 x 384)
+     query.f32      layer-2 rows of dev_id + dev_ood_* (2500 unique, in that
+                    file order, each sorted by id), repeated to 100,000 rows (10,000 with --quick)
+     big_ref.f32    synthetic Gaussian mixture, L2-normalised             (100,000 x 384; 10,000 --quick)
+     big_query.f32  fresh draws from the same mixture, L2-normalised        (2,000 x 384; 500 --quick)
+   plus manifest.json (how each was made, sha256 of each file).
+2. Times the peers and prints one JSON object per line on stdout, e.g.
+     {"task": "gaussian_score", "tool": "numpy-blas-whitening", "n": 100000, "d": 384,
+      "threads": 2, "seconds": 0.41, "per_s": 243000.0, ...}
+   and a human table on stderr. Timings are wall clock, median of 3 (slow jobs) or 5 (fast
+   jobs) repeats after one warm-up run (HNSW build: median of 3, no warm-up).
+
+Tasks (the Rust bench should use the same task names):
+  gaussian_fit     seconds   Ledoit-Wolf fit on fit.f32 + eigendecomposition -> whitening matrix
+  gaussian_score   per_s     squared Mahalanobis distance of each query.f32 row (vectors/s)
+  knn_exact_6k     per_s     exact cosine k=10, refs = fit.f32 (6000), queries = first 20,000 of query.f32
+  knn_exact_100k   per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
+  hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32
+  hnsw_query       per_s     HNSW search ef=64, k=10, queries = big_query.f32; "recall_at_10" vs exact
+Rows carry "threads"; the kNN and HNSW query tasks are also run with threads=1.
+"per_thread" = per_s / threads.
+
+Thread count: --threads (default: all cores, os.cpu_count()); OMP/MKL/OPENBLAS_NUM_THREADS are
+set before numpy is imported. Run it inside the .venv-bench venv (scripts/bench.sh makes it).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# ---- threads must be fixed before numpy / faiss load their BLAS ------------------------------
+def _early_threads(argv: list[str]) -> int:
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return os.cpu_count() or 1
+
+
+THREADS = _early_threads(sys.argv[1:])
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+           "NUMEXPR_NUM_THREADS"):
+    os.environ[_v] = str(THREADS)
+
+import numpy as np  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+DEFAULT_SRC = "/work/shared/data/minilm"
+D = 384
+SEED = 20240611
+LAYER = 2
+
+
+# ---- data export ----------------------------------------------------------------------------
+def read_layer(path: str, layer: int = LAYER) -> np.ndarray:
+    t = pq.read_table(path, columns=["id", "layer", "activation"])
+    t = t.filter(pc.equal(t.column("layer"), layer)).sort_by([("id", "ascending")])
+    vals = t.column("activation").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(vals.astype(np.float32, copy=False).reshape(t.num_rows, D))
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    n[n == 0] = 1.0
+    return (x / n).astype(np.float32)
+
+
+def gaussian_mixture(n: int, rng_draws: np.random.Generator, params: dict) -> np.ndarray:
+    """Mixture of anisotropic Gaussians with low intrinsic dimension (like real embeddings):
+    x = c_k + A_k z + s e,  z ~ N(0, I_r), e ~ N(0, I_d); then L2-normalised."""
+    centers, bases, comp_w, iso = params["centers"], params["bases"], params["weights"], params["iso"]
+    k, r = bases.shape[0], bases.shape[2]
+    comp = rng_draws.choice(k, size=n, p=comp_w)
+    z = rng_draws.standard_normal((n, r)).astype(np.float32)
+    out = (iso * rng_draws.standard_normal((n, D))).astype(np.float32)
+    for j in range(k):
+        rows = np.flatnonzero(comp == j)
+        out[rows] += centers[j] + z[rows] @ bases[j].T
+    return l2_normalise(out)
+
+
+def mixture_params(seed: int, k: int = 64, r: int = 24, iso: float = 0.15) -> dict:
+    rng = np.random.default_rng([seed, 1])
+    centers = rng.standard_normal((k, D)).astype(np.float32)
+    # component spread comparable to the distance between centres, so clusters overlap
+    bases = (rng.standard_normal((k, D, r)) * (1.0 / np.sqrt(r)) * 1.2).astype(np.float32)
+    w = rng.dirichlet(np.full(k, 2.0))
+    return {"centers": centers, "bases": bases, "weights": w, "iso": np.float32(iso),
+            "desc": f"{k} components, centres N(0, I_{D}), per-component rank-{r} spread "
+                    f"(basis entries N(0, 1.44/{r})) + isotropic N(0, {iso}^2), Dirichlet(2) weights, "
+                    f"L2-normalised; seed {seed}"}
+
+
+def write_matrix(out_dir: str, name: str, x: np.ndarray, manifest: dict, how: str) -> None:
+    x = np.ascontiguousarray(x, dtype="<f4")
+    path = os.path.join(out_dir, f"{name}.f32")
+    tmp = path + ".tmp"
+    x.tofile(tmp)
+    os.replace(tmp, path)
+    with open(os.path.join(out_dir, f"{name}.shape"), "w") as f:
+        json.dump({"rows": int(x.shape[0]), "cols": int(x.shape[1])}, f)
+        f.write("\n")
+    manifest[name] = {"file": f"{name}.f32", "rows": int(x.shape[0]), "cols": int(x.shape[1]),
+                      "dtype": "float32 little-endian, row-major", "how": how,
+                      "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
+
+
+def read_matrix(out_dir: str, name: str) -> np.ndarray:
+    with open(os.path.join(out_dir, f"{name}.shape")) as f:
+        s = json.load(f)
+    x = np.fromfile(os.path.join(out_dir, f"{name}.f32"), dtype="<f4")
+    return x.reshape(s["rows"], s["cols"]).astype(np.float32, copy=False)
+
+
+def export(out_dir: str, src: str, quick: bool) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    n_query = 10_000 if quick else 100_000
+    n_big = 10_000 if quick else 100_000
+    n_big_q = 500 if quick else 2_000
+    manifest: dict = {"quick": quick, "seed": SEED, "layer": LAYER, "source": src}
+
+    fit = read_layer(os.path.join(src, "train.parquet"))
+    write_matrix(out_dir, "fit", fit, manifest, f"train.parquet layer {LAYER}, sorted by id")
+
+    parts = ["dev_id", "dev_ood_code", "dev_ood_non_english", "dev_ood_base64"]
+    uniq = np.concatenate([read_layer(os.path.join(src, f"{p}.parquet")) for p in parts])
+    query = np.resize(uniq, (n_query, D))  # repeats the 2500 unique rows in order
+    write_matrix(out_dir, "query", query, manifest,
+                 f"layer {LAYER} of {' + '.join(parts)} (each sorted by id; {len(uniq)} unique rows), "
+                 f"repeated to {n_query} rows")
+
+    params = mixture_params(SEED)
+    big_ref = gaussian_mixture(n_big, np.random.default_rng([SEED, 2]), params)
+    write_matrix(out_dir, "big_ref", big_ref, manifest, "synthetic: " + params["desc"])
+    big_query = gaussian_mixture(n_big_q, np.random.default_rng([SEED, 3]), params)
+    write_matrix(out_dir, "big_query", big_query, manifest,
+                 "synthetic, fresh draws from the same mixture as big_ref")
+
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def timed(fn, repeats: int | None = None, warmup: bool = True):
+    """Median wall-clock seconds of fn(); returns (median, last_result, all_times)."""
+    res = None
+    first = None
+    if warmup:
+        t0 = time.perf_counter()
+        res = fn()
+        first = time.perf_counter() - t0
+    if repeats is None:
+        repeats = 5 if (first is not None and first < 1.0) else 3
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), res, times
+
+
+ROWS: list[dict] = []
+
+
+def emit(task: str, tool: str, *, n: int, seconds: float, times: list[float], threads: int,
+         per_s: bool = True, **extra) -> dict:
+    row = {"task": task, "tool": tool, "n": n, "d": D, "threads": threads, "seconds": seconds}
+    if per_s:
+        row["per_s"] = n / seconds
+        row["per_thread"] = n / seconds / threads
+    row["repeats"] = len(times)
+    row.update(extra)
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def human_table() -> None:
+    lines = [f"{'task':<16} {'tool':<34} {'thr':>3} {'n':>8} {'seconds':>9} {'per_s':>11} "
+             f"{'per_thread':>11}  extra"]
+    for r in ROWS:
+        per_s = f"{r['per_s']:>11,.0f}" if "per_s" in r else f"{'-':>11}"
+        per_t = f"{r['per_thread']:>11,.0f}" if "per_thread" in r else f"{'-':>11}"
+        extra = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("refs", "k", "recall_at_10", "ef"))
+        lines.append(f"{r['task']:<16} {r['tool']:<34} {r['threads']:>3} {r['n']:>8} "
+                     f"{r['seconds']:>9.4f} {per_s} {per_t}  {extra}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def bench(out_dir: str, quick: bool, threads: int) -> None:
+    import faiss
+    import hnswlib
+    import sklearn
+    from sklearn.covariance import LedoitWolf
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threadpool_limits(threads)
+    faiss.omp_set_num_threads(threads)
+    blas = ", ".join(sorted({f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} thr)"
+                             for i in threadpool_info()}))
+    meta = {"task": "_meta", "tool": "env", "threads": threads, "quick": quick,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "sklearn": sklearn.__version__, "faiss": faiss.__version__,
+            "hnswlib": importlib.metadata.version("hnswlib"), "blas": blas,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+    print(json.dumps(meta), flush=True)
+    print(f"# peers: {meta}", file=sys.stderr)
+    if meta["loadavg_1m_at_start"] > 0.5:
+        print(f"warning: 1-minute load average is {meta['loadavg_1m_at_start']} before the run: "
+              "other work on this machine will distort the timings", file=sys.stderr)
+
+    fit = read_matrix(out_dir, "fit")
+    query = read_matrix(out_dir, "query")
+    big_ref = read_matrix(out_dir, "big_ref")
+    big_query = read_matrix(out_dir, "big_query")
+
+    # -- Gaussian fit: Ledoit-Wolf + eigendecomposition -> whitening matrix W, |(x-mu) W|^2 = d_M^2
+    def gaussian_fit():
+        lw = LedoitWolf().fit(fit)
+        evals, evecs = np.linalg.eigh(lw.covariance_)
+        w = evecs / np.sqrt(evals)[None, :]
+        return lw, w
+
+    sec, (lw, w64), times = timed(gaussian_fit)
+    emit("gaussian_fit", "sklearn-ledoitwolf+numpy-eigh", n=fit.shape[0], seconds=sec, times=times,
+         threads=threads, per_s=False, shrinkage=float(lw.shrinkage_))
+
+    # -- Gaussian score
+    mu32 = lw.location_.astype(np.float32)
+    w32 = w64.astype(np.float32)
+    mu64 = lw.location_
+
+    def score_f32():
+        z = (query - mu32) @ w32
+        return np.einsum("ij,ij->i", z, z)
+
+    q64 = query.astype(np.float64)
+
+    def score_f64():
+        z = (q64 - mu64) @ w64
+        return np.einsum("ij,ij->i", z, z)
+
+    sec, s32, times = timed(score_f32)
+    emit("gaussian_score", "numpy-blas-whitening", n=query.shape[0], seconds=sec, times=times,
+         threads=threads, dtype="f32")
+    sec, s64, times = timed(score_f64)
+    emit("gaussian_score", "numpy-blas-whitening-f64", n=query.shape[0], seconds=sec, times=times,
+         threads=threads, dtype="f64")
+
+    ref_maha = lw.mahalanobis(query[:2000])
+    sec, s_sk, times = timed(lambda: lw.mahalanobis(query))
+    emit("gaussian_score", "sklearn-ledoitwolf-mahalanobis", n=query.shape[0], seconds=sec, times=times,
+         threads=threads, dtype="f64")
+    rel = float(np.max(np.abs(s32[:2000] - ref_maha) / np.maximum(ref_maha, 1e-9)))
+    if rel > 1e-2:
+        print(f"warning: f32 whitening differs from sklearn by {rel:.3g} (relative)", file=sys.stderr)
+
+    # -- exact kNN, faiss IndexFlatIP on L2-normalised vectors (queries normalised beforehand)
+    k = 10
+    ref6k = l2_normalise(fit)
+    q20k = l2_normalise(query[: (5_000 if quick else 20_000)])
+
+    def knn_runs(task, refs, qs, note):
+        exact = None
+        for thr in sorted({threads, 1}, reverse=True):
+            faiss.omp_set_num_threads(thr)
+            with threadpool_limits(thr):
+                index = faiss.IndexFlatIP(D)
+                index.add(refs)
+                sec, (_, labels), times = timed(lambda: index.search(qs, k))
+            if exact is None:
+                exact = labels
+            emit(task, "faiss-flatip", n=qs.shape[0], seconds=sec, times=times, threads=thr,
+                 refs=refs.shape[0], k=k, note=note)
+        faiss.omp_set_num_threads(threads)
+        return exact
+
+    knn_runs("knn_exact_6k", ref6k, q20k, "fit.f32 refs, first rows of query.f32, both L2-normalised")
+    exact_big = knn_runs("knn_exact_100k", big_ref, big_query, "big_ref refs, big_query queries")
+
+    # -- HNSW (hnswlib), inner product on L2-normalised vectors (= cosine)
+    M, efc, ef = 16, 200, 64
+
+    def build():
+        idx = hnswlib.Index(space="ip", dim=D)
+        idx.init_index(max_elements=big_ref.shape[0], ef_construction=efc, M=M, random_seed=100)
+        idx.add_items(big_ref, np.arange(big_ref.shape[0]), num_threads=threads)
+        return idx
+
+    sec, index, times = timed(build, repeats=3, warmup=False)
+    emit("hnsw_build", "hnswlib", n=big_ref.shape[0], seconds=sec, times=times, threads=threads,
+         per_s=False, inserts_per_s=big_ref.shape[0] / sec, M=M, ef_construction=efc)
+    index.set_ef(ef)
+    for thr in sorted({threads, 1}, reverse=True):
+        sec, (labels, _), times = timed(lambda: index.knn_query(big_query, k=k, num_threads=thr))
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(labels, exact_big)]))
+        emit("hnsw_query", "hnswlib", n=big_query.shape[0], seconds=sec, times=times, threads=thr,
+             refs=big_ref.shape[0], k=k, ef=ef, M=M, recall_at_10=round(recall, 4))
+
+    human_table()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", help="where the .f32 matrices are written (e.g. target/bench-data)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads for BLAS/faiss/hnswlib")
+    ap.add_argument("--src", default=DEFAULT_SRC, help="directory with the MiniLM parquet files")
+    ap.add_argument("--no-export", action="store_true", help="reuse matrices already in out_dir")
+    ap.add_argument("--export-only", action="store_true", help="write the matrices, time nothing")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    if not args.no_export:
+        export(args.out_dir, args.src, args.quick)
+        print(f"# wrote matrices to {args.out_dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if not args.export_only:
+        bench(args.out_dir, args.quick, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
