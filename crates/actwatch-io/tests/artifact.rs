@@ -1,0 +1,118 @@
+//! Monitor artifacts: a saved and reloaded monitor scores exactly like the fitted one; a damaged
+//! one is refused.
+
+use std::path::{Path, PathBuf};
+
+use actwatch_detect::monitor::MonitorOptions;
+use actwatch_detect::spec::DetectorSpec;
+use actwatch_io::artifact::{load_monitor, read_manifest, save_monitor, FORMAT_VERSION, MANIFEST};
+use actwatch_io::pipeline::{fit_monitor, score_computations, NoProgress};
+use actwatch_io::reader::{ReadOptions, TraceColumns};
+use actwatch_io::Error;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/minilm")
+        .join(name)
+}
+
+fn read(sites: Option<Vec<String>>) -> ReadOptions {
+    ReadOptions {
+        columns: TraceColumns::new("id", "layer", "activation"),
+        sites,
+        ..ReadOptions::default()
+    }
+}
+
+fn round_trip(options: MonitorOptions, sites: Option<Vec<String>>) {
+    let r = read(sites);
+    let (fitted, reference) =
+        fit_monitor(&[data("train.parquet")], &r, options, &NoProgress).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("monitor");
+    save_monitor(&fitted, &reference, &out).unwrap();
+    let (loaded, manifest) = load_monitor(&out).unwrap();
+    assert_eq!(manifest.reference, reference);
+    assert_eq!(manifest.options, fitted.options);
+    let input = [data("dev_ood_code.parquet"), data("dev_id.parquet")];
+    let a = score_computations(&fitted, &input, &r, &NoProgress).unwrap();
+    let b = score_computations(&loaded, &input, &r, &NoProgress).unwrap();
+    assert_eq!(a.ids, b.ids);
+    assert_eq!(a.results, b.results, "reloaded monitor scores differently");
+    assert!(!a.results.is_empty());
+}
+
+#[test]
+fn default_monitor_round_trips_to_identical_scores() {
+    round_trip(MonitorOptions::default(), None);
+}
+
+#[test]
+fn hnsw_monitor_round_trips_to_identical_scores() {
+    let options = MonitorOptions {
+        detectors: DetectorSpec::parse_list("knn:exact_max=0,ef_construction=64,ef_search=32")
+            .unwrap(),
+        ..MonitorOptions::default()
+    };
+    let r = read(Some(vec!["2".into()]));
+    let (fitted, _) =
+        fit_monitor(&[data("train.parquet")], &r, options.clone(), &NoProgress).unwrap();
+    let recall = &fitted.summary.knn_recall;
+    assert_eq!(recall.len(), 1, "HNSW recall is measured at fit time");
+    assert!(
+        recall[0].recall >= 0.9,
+        "recall@10 {} below 0.9",
+        recall[0].recall
+    );
+    round_trip(options, Some(vec!["2".into()]));
+}
+
+#[test]
+fn damaged_monitors_are_refused() {
+    let r = read(Some(vec!["4".into()]));
+    let (fitted, reference) = fit_monitor(
+        &[data("train.parquet")],
+        &r,
+        MonitorOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    save_monitor(&fitted, &reference, &out).unwrap();
+    // Saving again replaces the monitor atomically and leaves no temporary directory behind.
+    save_monitor(&fitted, &reference, &out).unwrap();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["m".to_string()]);
+
+    let blob = out.join("site-0.bin");
+    let good = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &good[..good.len() - 10]).unwrap();
+    assert!(matches!(load_monitor(&out), Err(Error::Artifact(m)) if m.contains("checksum")));
+    std::fs::write(&blob, &good).unwrap();
+    load_monitor(&out).unwrap();
+
+    let manifest_path = out.join(MANIFEST);
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let newer = text.replace(
+        &format!("\"format_version\": {FORMAT_VERSION}"),
+        &format!("\"format_version\": {}", FORMAT_VERSION + 1),
+    );
+    assert_ne!(newer, text);
+    std::fs::write(&manifest_path, newer).unwrap();
+    assert!(matches!(read_manifest(&out), Err(Error::Artifact(m)) if m.contains("not supported")));
+    std::fs::write(&manifest_path, &text[..text.len() / 2]).unwrap();
+    assert!(
+        matches!(load_monitor(&out), Err(Error::Artifact(m)) if m.contains("corrupt manifest"))
+    );
+
+    // A directory that is not a monitor is never replaced.
+    let other = dir.path().join("not-a-monitor");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("precious.txt"), "keep me").unwrap();
+    assert!(save_monitor(&fitted, &reference, &other).is_err());
+    assert!(other.join("precious.txt").exists());
+}
