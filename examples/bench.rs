@@ -155,28 +155,32 @@ fn main() {
         "actwatch-hnsw_rs",
         n_ref,
         d,
-        cores,
+        1,
         started.elapsed().as_secs_f64(),
-        "",
+        ",\"note\":\"sequential insertion: reproducible graph\"",
     );
-    let recall = hnsw
-        .measure_recall(&big_query, 10)
-        .expect("recall")
-        .expect("an HNSW index");
-    for threads in [cores, 1] {
-        let secs = with_threads(threads, || {
-            median_seconds(3, || {
-                std::hint::black_box(hnsw.score_batch(&big_query).expect("hnsw"));
-            })
-        });
-        emit(
-            "hnsw_query",
-            "actwatch-hnsw_rs",
-            n_bq,
-            d,
-            threads,
-            secs,
-            &format!(",\"recall_at_10\":{recall:.4}"),
-        );
+    let mut hnsw = hnsw;
+    for ef in [64, 128, 256] {
+        hnsw.set_ef_search(ef).expect("ef");
+        let recall = hnsw
+            .measure_recall(&big_query, 10)
+            .expect("recall")
+            .expect("an HNSW index");
+        for threads in [cores, 1] {
+            let secs = with_threads(threads, || {
+                median_seconds(3, || {
+                    std::hint::black_box(hnsw.score_batch(&big_query).expect("hnsw"));
+                })
+            });
+            emit(
+                "hnsw_query",
+                &format!("actwatch-hnsw_rs-ef{ef}"),
+                n_bq,
+                d,
+                threads,
+                secs,
+                &format!(",\"recall_at_10\":{recall:.4}"),
+            );
+        }
     }
 }

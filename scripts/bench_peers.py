@@ -15,7 +15,9 @@
      {"task": "gaussian_score", "tool": "numpy-blas-whitening", "n": 100000, "d": 384,
       "threads": 2, "seconds": 0.41, "per_s": 243000.0, ...}
    and a human table on stderr. Timings are wall clock, median of 3 (slow jobs) or 5 (fast
-   jobs) repeats after one warm-up run (HNSW build: median of 3, no warm-up).
+   jobs) repeats after one warm-up run (HNSW build: median of 3, no warm-up); "min_seconds"
+   is the fastest repeat. Other work on the machine distorts everything (2-thread BLAS worst):
+   CPU idle share just before and after the run is reported in the "_meta" rows.
 
 Tasks (the Rust bench should use the same task names):
   gaussian_fit     seconds   Ledoit-Wolf fit on fit.f32 + eigendecomposition -> whitening matrix
@@ -24,7 +26,7 @@ Tasks (the Rust bench should use the same task names):
   knn_exact_100k   per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
   hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32
   hnsw_query       per_s     HNSW search ef=64, k=10, queries = big_query.f32; "recall_at_10" vs exact
-Rows carry "threads"; the kNN and HNSW query tasks are also run with threads=1.
+Rows carry "threads"; the kNN tasks and the HNSW build and query are also run with threads=1.
 "per_thread" = per_s / threads.
 
 Thread count: --threads (default: all cores, os.cpu_count()); OMP/MKL/OPENBLAS_NUM_THREADS are
@@ -176,12 +178,28 @@ def timed(fn, repeats: int | None = None, warmup: bool = True):
     return statistics.median(times), res, times
 
 
+def cpu_idle_pct(window: float = 2.0) -> float | None:
+    """Share of all CPUs idle over `window` seconds (Linux /proc/stat); None elsewhere."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])
+    try:
+        i0, t0 = sample()
+        time.sleep(window)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(100.0 * (i1 - i0) / max(t1 - t0, 1), 1)
+
+
 ROWS: list[dict] = []
 
 
 def emit(task: str, tool: str, *, n: int, seconds: float, times: list[float], threads: int,
          per_s: bool = True, **extra) -> dict:
-    row = {"task": task, "tool": tool, "n": n, "d": D, "threads": threads, "seconds": seconds}
+    row = {"task": task, "tool": tool, "n": n, "d": D, "threads": threads, "seconds": seconds,
+           "min_seconds": min(times)}
     if per_s:
         row["per_s"] = n / seconds
         row["per_thread"] = n / seconds / threads
@@ -220,12 +238,13 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
             "sklearn": sklearn.__version__, "faiss": faiss.__version__,
             "hnswlib": importlib.metadata.version("hnswlib"), "blas": blas,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+            "cpu_idle_pct_before": cpu_idle_pct(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
     print(json.dumps(meta), flush=True)
     print(f"# peers: {meta}", file=sys.stderr)
-    if meta["loadavg_1m_at_start"] > 0.5:
-        print(f"warning: 1-minute load average is {meta['loadavg_1m_at_start']} before the run: "
-              "other work on this machine will distort the timings", file=sys.stderr)
+    idle = meta["cpu_idle_pct_before"]
+    if idle is not None and idle < 85:
+        print(f"warning: CPUs only {idle}% idle before the run: other work on this machine will "
+              "distort the timings", file=sys.stderr)
 
     fit = read_matrix(out_dir, "fit")
     query = read_matrix(out_dir, "query")
@@ -276,7 +295,7 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
     # -- exact kNN, faiss IndexFlatIP on L2-normalised vectors (queries normalised beforehand)
     k = 10
     ref6k = l2_normalise(fit)
-    q20k = l2_normalise(query[: (5_000 if quick else 20_000)])
+    q20k = l2_normalise(query[:20_000])  # as the Rust bench: the first min(20000, rows) rows
 
     def knn_runs(task, refs, qs, note):
         exact = None
@@ -299,15 +318,17 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
     # -- HNSW (hnswlib), inner product on L2-normalised vectors (= cosine)
     M, efc, ef = 16, 200, 64
 
-    def build():
+    def build(thr):
         idx = hnswlib.Index(space="ip", dim=D)
         idx.init_index(max_elements=big_ref.shape[0], ef_construction=efc, M=M, random_seed=100)
-        idx.add_items(big_ref, np.arange(big_ref.shape[0]), num_threads=threads)
+        idx.add_items(big_ref, np.arange(big_ref.shape[0]), num_threads=thr)
         return idx
 
-    sec, index, times = timed(build, repeats=3, warmup=False)
-    emit("hnsw_build", "hnswlib", n=big_ref.shape[0], seconds=sec, times=times, threads=threads,
-         per_s=False, inserts_per_s=big_ref.shape[0] / sec, M=M, ef_construction=efc)
+    # the single-thread build first (comparable with a sequential build), then the one kept
+    for thr in sorted({threads, 1}):
+        sec, index, times = timed(lambda: build(thr), repeats=3, warmup=False)
+        emit("hnsw_build", "hnswlib", n=big_ref.shape[0], seconds=sec, times=times, threads=thr,
+             per_s=False, inserts_per_s=big_ref.shape[0] / sec, M=M, ef_construction=efc)
     index.set_ef(ef)
     for thr in sorted({threads, 1}, reverse=True):
         sec, (labels, _), times = timed(lambda: index.knn_query(big_query, k=k, num_threads=thr))
@@ -316,6 +337,12 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
              refs=big_ref.shape[0], k=k, ef=ef, M=M, recall_at_10=round(recall, 4))
 
     human_table()
+    end = {"task": "_meta_end", "tool": "env", "cpu_idle_pct_after": cpu_idle_pct(),
+           "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
+    print(json.dumps(end), flush=True)
+    print(f"# CPUs idle before/after the run: {meta['cpu_idle_pct_before']}% / {end['cpu_idle_pct_after']}% "
+          f"(1-min load {meta['loadavg_1m_at_start']} / {end['loadavg_1m_at_end']}; this run itself "
+          f"adds up to {threads})", file=sys.stderr)
 
 
 def main() -> int:
