@@ -58,7 +58,7 @@ struct ColumnArgs {
     /// Default for `fit`: site; for `score`/`eval`: what the monitor was fitted with.
     #[arg(long)]
     site_column: Option<String>,
-    /// Column holding the activation vector (FixedSizeList or List of float32/float16).
+    /// Column holding the activation vector (FixedSizeList, List or LargeList of float32/float16/float64).
     /// Default for `fit`: activation; for `score`/`eval`: what the monitor was fitted with.
     #[arg(long)]
     vector_column: Option<String>,

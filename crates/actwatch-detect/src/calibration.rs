@@ -283,23 +283,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn exponential(&mut self) -> f64 {
-            -(1.0 - self.uniform()).ln()
-        }
-    }
+    use crate::stats::test_rng::Rng;
 
     fn p_by_scan(scores: &[f64], s: f64) -> f64 {
         let count = scores.iter().filter(|&&c| c >= s).count();
@@ -361,7 +345,7 @@ mod tests {
 
     #[test]
     fn smooth_matches_conformal_in_the_bulk_and_grows_in_the_tail() {
-        let mut rng = SplitMix64(42);
+        let mut rng = Rng::new(42);
         let scores: Vec<f64> = (0..20_000).map(|_| rng.exponential()).collect();
         let cal = Calibration::new(scores.clone()).unwrap();
         let n = scores.len() as f64;

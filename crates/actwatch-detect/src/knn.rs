@@ -651,40 +651,10 @@ impl KnnDetector {
 mod tests {
     use super::*;
 
-    /// SplitMix64: a tiny seeded generator for test data.
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-        }
-        fn normal(&mut self) -> f64 {
-            let u1 = self.uniform().max(1e-300);
-            let u2 = self.uniform();
-            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-        }
-        fn gaussian_rows(&mut self, n: usize, dim: usize, shift: f64) -> Vec<f32> {
-            (0..n * dim)
-                .map(|_| (self.normal() + shift) as f32)
-                .collect()
-        }
-    }
+    use crate::stats::test_rng::Rng;
 
     /// Clustered data: `clusters` random centres, points = centre + `spread` * noise.
-    fn clustered(
-        rng: &mut SplitMix64,
-        n: usize,
-        dim: usize,
-        clusters: usize,
-        spread: f64,
-    ) -> Vec<f32> {
+    fn clustered(rng: &mut Rng, n: usize, dim: usize, clusters: usize, spread: f64) -> Vec<f32> {
         let centres = rng.gaussian_rows(clusters, dim, 0.0);
         let mut out = Vec::with_capacity(n * dim);
         for _ in 0..n {
@@ -744,7 +714,7 @@ mod tests {
 
     #[test]
     fn exact_scores_and_neighbours_match_brute_force() {
-        let mut rng = SplitMix64(7);
+        let mut rng = Rng::new(7);
         let dim = 24;
         // 5000 references: more than one reference tile; 300 queries: several query blocks.
         let refs = rng.gaussian_rows(5000, dim, 0.3);
@@ -774,7 +744,7 @@ mod tests {
 
     #[test]
     fn exact_search_handles_small_batches_and_large_k() {
-        let mut rng = SplitMix64(11);
+        let mut rng = Rng::new(11);
         let dim = 8;
         let refs = rng.gaussian_rows(37, dim, 0.0);
         let det = fit(dim, opts(37, Metric::L2), &refs);
@@ -791,7 +761,7 @@ mod tests {
 
     #[test]
     fn cosine_distance_is_scale_invariant_and_self_distance_is_zero() {
-        let mut rng = SplitMix64(3);
+        let mut rng = Rng::new(3);
         let dim = 16;
         let refs = rng.gaussian_rows(50, dim, 0.0);
         let det = fit(dim, opts(1, Metric::Cosine), &refs);
@@ -855,7 +825,7 @@ mod tests {
 
     #[test]
     fn hnsw_recall_at_10_is_at_least_0_95_on_clustered_data() {
-        let mut rng = SplitMix64(2024);
+        let mut rng = Rng::new(2024);
         let dim = 64;
         let data = clustered(&mut rng, 5200, dim, 50, 1.0);
         let (refs, queries) = data.split_at(5000 * dim);
@@ -898,7 +868,7 @@ mod tests {
     #[test]
     fn recall_of_a_deliberately_weak_index_is_measured_below_1() {
         // unstructured d = 64 data, few links, short candidate lists: HNSW must miss some
-        let mut rng = SplitMix64(99);
+        let mut rng = Rng::new(99);
         let dim = 64;
         let refs = rng.gaussian_rows(5000, dim, 0.0);
         let queries = rng.gaussian_rows(200, dim, 0.0);
@@ -924,7 +894,7 @@ mod tests {
 
     #[test]
     fn deserialised_detector_needs_prepare_and_then_matches() {
-        let mut rng = SplitMix64(5);
+        let mut rng = Rng::new(5);
         let dim = 16;
         let refs = rng.gaussian_rows(400, dim, 0.0);
         let o = KnnOptions {
@@ -973,7 +943,7 @@ mod tests {
 
     #[test]
     fn hnsw_build_is_reproducible() {
-        let mut rng = SplitMix64(17);
+        let mut rng = Rng::new(17);
         let dim = 32;
         let refs = rng.gaussian_rows(1500, dim, 0.0);
         let queries = rng.gaussian_rows(100, dim, 0.0);
@@ -999,7 +969,7 @@ mod tests {
     #[test]
     #[ignore]
     fn knn_throughput() {
-        let mut rng = SplitMix64(1);
+        let mut rng = Rng::new(1);
         let dim = 384;
         let refs = rng.gaussian_rows(10_000, dim, 0.1);
         let queries = rng.gaussian_rows(20_000, dim, 0.1);

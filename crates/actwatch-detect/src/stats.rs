@@ -345,6 +345,17 @@ pub(crate) mod test_rng {
             ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
         }
 
+        pub(crate) fn exponential(&mut self) -> f64 {
+            -self.uniform().ln()
+        }
+
+        /// `n` rows of width `dim` of independent standard normals plus `shift`.
+        pub(crate) fn gaussian_rows(&mut self, n: usize, dim: usize, shift: f64) -> Vec<f32> {
+            (0..n * dim)
+                .map(|_| (self.normal() + shift) as f32)
+                .collect()
+        }
+
         pub(crate) fn normal(&mut self) -> f64 {
             if let Some(z) = self.spare.take() {
                 return z;
