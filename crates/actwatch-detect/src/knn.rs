@@ -30,6 +30,10 @@ pub const DEFAULT_METRIC: Metric = Metric::Cosine;
 /// d = 384): against 100k references exact search answers 4.7k queries/s, hnsw_rs at ef 64 only
 /// 2.1k/s at recall@10 0.84, so the index pays off only well beyond that.
 pub const DEFAULT_EXACT_MAX: usize = 500_000;
+/// References kept per site (1.5 GB of f32 at d = 384); a uniform reservoir sample beyond.
+pub const DEFAULT_MAX_REFERENCES: usize = 1_000_000;
+/// Seed of the reservoir sample: fixed, so a fit is reproducible for a given input order.
+const RESERVOIR_SEED: u64 = 0x6163_7477_6174_6368;
 /// HNSW: links per node and layer (hnsw_rs `max_nb_connection`, at most 256).
 pub const DEFAULT_HNSW_M: usize = 16;
 /// HNSW: candidate list size while building.
@@ -73,6 +77,14 @@ pub struct KnnOptions {
     /// HNSW candidate list size while searching (>= 1; raised to k when smaller). Raise it when
     /// [`KnnDetector::measure_recall`] reports poor recall.
     pub hnsw_ef_search: usize,
+    /// At most this many references are kept: beyond it, a seeded reservoir sample (uniform over
+    /// everything pushed), so fitting memory stays bounded however large the reference set.
+    #[serde(default = "default_max_references")]
+    pub max_references: usize,
+}
+
+fn default_max_references() -> usize {
+    DEFAULT_MAX_REFERENCES
 }
 
 impl Default for KnnOptions {
@@ -84,6 +96,7 @@ impl Default for KnnOptions {
             hnsw_m: DEFAULT_HNSW_M,
             hnsw_ef_construction: DEFAULT_HNSW_EF_CONSTRUCTION,
             hnsw_ef_search: DEFAULT_HNSW_EF_SEARCH,
+            max_references: DEFAULT_MAX_REFERENCES,
         }
     }
 }
@@ -98,6 +111,12 @@ impl KnnOptions {
             return Err(Error::InvalidOption(format!(
                 "knn: hnsw_m must be in 2..={HNSW_M_MAX}, got {}",
                 self.hnsw_m
+            )));
+        }
+        if self.max_references < self.k {
+            return Err(Error::InvalidOption(format!(
+                "knn: max_references ({}) must be at least k ({})",
+                self.max_references, self.k
             )));
         }
         if self.hnsw_ef_construction == 0 || self.hnsw_ef_search == 0 {
@@ -141,12 +160,17 @@ pub(crate) fn check_rows(dim: usize, rows: &[f32]) -> Result<usize> {
     Ok(rows.len() / dim)
 }
 
-/// Collects reference vectors (copied; L2-normalised when the metric is cosine).
+/// Collects reference vectors (copied; L2-normalised when the metric is cosine), keeping a
+/// uniform reservoir sample of `max_references` of them when more are pushed.
 #[derive(Debug, Clone)]
 pub struct KnnFitter {
     dim: usize,
     options: KnnOptions,
     refs: Vec<f32>,
+    /// Rows pushed so far (kept or not).
+    seen: u64,
+    /// SplitMix64 state of the reservoir sampler.
+    rng: u64,
 }
 
 impl KnnFitter {
@@ -157,22 +181,53 @@ impl KnnFitter {
             dim,
             options,
             refs: Vec::new(),
+            seen: 0,
+            rng: RESERVOIR_SEED,
         }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 
     /// Appends a row-major batch of references. Rejects a batch whose length is not a whole
     /// number of rows, and NaN/Inf (nothing is appended then).
     pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
         check_rows(self.dim, rows)?;
-        let start = self.refs.len();
-        self.refs.extend_from_slice(rows);
-        if self.options.metric == Metric::Cosine {
-            l2_normalize_rows(&mut self.refs[start..], self.dim);
+        let d = self.dim;
+        let cap = self.options.max_references.max(1);
+        for row in rows.chunks_exact(d) {
+            self.seen += 1;
+            // Algorithm R: the i-th row replaces a random kept one with probability cap / i.
+            let slot = if self.count() < cap {
+                self.refs.extend_from_slice(row);
+                self.count() - 1
+            } else {
+                let j = self.next_random() % self.seen;
+                if j >= cap as u64 {
+                    continue;
+                }
+                let j = j as usize;
+                self.refs[j * d..(j + 1) * d].copy_from_slice(row);
+                j
+            };
+            if self.options.metric == Metric::Cosine {
+                l2_normalize_rows(&mut self.refs[slot * d..(slot + 1) * d], d);
+            }
         }
         Ok(())
     }
 
-    /// References collected so far.
+    /// Rows pushed so far, including those the reservoir did not keep.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// References kept so far.
     pub fn count(&self) -> usize {
         self.refs.len().checked_div(self.dim).unwrap_or(0)
     }
@@ -672,6 +727,39 @@ mod tests {
             metric,
             ..KnnOptions::default()
         }
+    }
+
+    #[test]
+    fn reservoir_keeps_a_bounded_uniform_reproducible_sample() {
+        let dim = 2;
+        let rows: Vec<f32> = (0..10_000).flat_map(|i| [i as f32, 1.0]).collect();
+        let o = KnnOptions {
+            max_references: 1000,
+            ..opts(5, Metric::L2)
+        };
+        let run = || {
+            let mut f = KnnFitter::new(dim, o.clone());
+            for chunk in rows.chunks(2 * 777) {
+                f.push_batch(chunk).unwrap();
+            }
+            assert_eq!((f.count(), f.seen()), (1000, 10_000));
+            f.refs.clone()
+        };
+        let kept = run();
+        assert_eq!(kept, run(), "the reservoir is seeded");
+        let ids: Vec<f64> = kept.chunks_exact(dim).map(|r| f64::from(r[0])).collect();
+        let mean = ids.iter().sum::<f64>() / ids.len() as f64;
+        // Uniform over 0..10000: mean 5000, standard error 2887 / sqrt(1000) = 91.
+        assert!((mean - 4999.5).abs() < 400.0, "mean kept index {mean}");
+        let late = ids.iter().filter(|&&i| i >= 5000.0).count();
+        assert!(
+            (400..=600).contains(&late),
+            "{late} of 1000 from the second half"
+        );
+        // Below the cap nothing is dropped.
+        let mut f = KnnFitter::new(dim, o.clone());
+        f.push_batch(&rows[..2 * 500]).unwrap();
+        assert_eq!(f.count(), 500);
     }
 
     fn fit(dim: usize, o: KnnOptions, refs: &[f32]) -> KnnDetector {

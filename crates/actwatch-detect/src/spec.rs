@@ -96,16 +96,15 @@ impl DetectorSpec {
                             }
                         }
                         "exact_max" => o.exact_max = parse_usize(k, v)?,
+                        "max_references" => o.max_references = parse_positive(k, v)?,
                         "m" => o.hnsw_m = parse_positive(k, v)?,
                         "ef_construction" => o.hnsw_ef_construction = parse_positive(k, v)?,
                         "ef_search" => o.hnsw_ef_search = parse_positive(k, v)?,
-                        _ => {
-                            return Err(unknown_key(
-                                "knn",
-                                k,
-                                "k, metric, exact_max, m, ef_construction, ef_search",
-                            ))
-                        }
+                        _ => return Err(unknown_key(
+                            "knn",
+                            k,
+                            "k, metric, exact_max, max_references, m, ef_construction, ef_search",
+                        )),
                     }
                 }
                 Ok(DetectorSpec::Knn(o))
