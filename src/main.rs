@@ -46,6 +46,18 @@ enum Command {
     Eval(EvalArgs),
     /// A first run: fit and evaluate on a small sample of real transformer activations shipped with actwatch.
     Demo,
+    /// Serve the gRPC API (actwatch.v1, with health and reflection) over one data directory.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Directory holding every monitor: reference segments, fitted artifacts, score logs.
+    #[arg(long, default_value = "./actwatch-data")]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
 }
 
 #[derive(Args, Clone)]
@@ -107,7 +119,7 @@ struct FitArgs {
     /// Detectors fitted at every site, comma-separated, each `name[:key=value,...]`:
     /// `gaussian` (Mahalanobis; shrinkage=lw|oas|<0..1>, normalize=true|false, rank=<r>|full) and
     /// `knn` (k=<k>, metric=cosine|l2, exact_max=<n> references before switching to HNSW,
-    /// m, ef_construction, ef_search).
+    /// max_references=<n> kept as a seeded uniform sample, m, ef_construction, ef_search).
     #[arg(long, default_value = DEFAULT_DETECTORS)]
     detectors: String,
     /// How per-detector, per-site p-values combine into one statistic per computation:
@@ -218,11 +230,64 @@ fn main() {
         Command::Score(a) => score(a),
         Command::Eval(a) => eval(a),
         Command::Demo => demo(),
+        Command::Serve(a) => serve(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish.
+fn serve(a: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "actwatch: serving actwatch.v1 on {addr}, data in {}",
+            a.data_dir.display()
+        );
+        actwatch_server::serve(
+            listener,
+            a.data_dir.clone(),
+            actwatch_server::Limits::default(),
+            shutdown_signal(),
+        )
+        .await
+        .with_context(|| format!("serving {}", a.data_dir.display()))?;
+        eprintln!("actwatch: stopped");
+        Ok(())
+    })
+}
+
+/// Completes on the first SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("actwatch: shutting down, finishing in-flight calls");
 }
 
 fn fit(a: FitArgs) -> Result<()> {

@@ -1,0 +1,337 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_F32: _ClassVar[DType]
+    DTYPE_F16: _ClassVar[DType]
+    DTYPE_BF16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_F32: DType
+DTYPE_F16: DType
+DTYPE_BF16: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class TraceBatch(_message.Message):
+    __slots__ = ("site", "activations", "trace_ids", "positions")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    activations: Tensor
+    trace_ids: _containers.RepeatedScalarFieldContainer[str]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, site: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., trace_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MonitorSpec(_message.Message):
+    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed")
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    FPR_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    detectors: _containers.RepeatedScalarFieldContainer[str]
+    fusion: str
+    fpr: float
+    calibration_fraction: float
+    seed: int
+    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class CreateMonitorRequest(_message.Message):
+    __slots__ = ("name", "spec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: MonitorSpec
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ...) -> None: ...
+
+class GetMonitorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListMonitorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListMonitorsResponse(_message.Message):
+    __slots__ = ("monitors",)
+    MONITORS_FIELD_NUMBER: _ClassVar[int]
+    monitors: _containers.RepeatedCompositeFieldContainer[MonitorInfo]
+    def __init__(self, monitors: _Optional[_Iterable[_Union[MonitorInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteMonitorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteMonitorResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SiteInfo(_message.Message):
+    __slots__ = ("name", "width", "reference_rows")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    width: int
+    reference_rows: int
+    def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., reference_rows: _Optional[int] = ...) -> None: ...
+
+class MonitorInfo(_message.Message):
+    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FITTED_FIELD_NUMBER: _ClassVar[int]
+    FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: MonitorSpec
+    sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
+    reference_rows: int
+    fitted: bool
+    fit_version: int
+    report: FitReport
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ...) -> None: ...
+
+class IngestReferenceRequest(_message.Message):
+    __slots__ = ("monitor", "batch")
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    monitor: str
+    batch: TraceBatch
+    def __init__(self, monitor: _Optional[str] = ..., batch: _Optional[_Union[TraceBatch, _Mapping]] = ...) -> None: ...
+
+class IngestReferenceSummary(_message.Message):
+    __slots__ = ("rows", "bytes", "batches", "total_rows")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    bytes: int
+    batches: int
+    total_rows: int
+    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., batches: _Optional[int] = ..., total_rows: _Optional[int] = ...) -> None: ...
+
+class FitRequest(_message.Message):
+    __slots__ = ("monitor",)
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    monitor: str
+    def __init__(self, monitor: _Optional[str] = ...) -> None: ...
+
+class FitProgress(_message.Message):
+    __slots__ = ("phase", "report")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    phase: Phase
+    report: FitReport
+    def __init__(self, phase: _Optional[_Union[Phase, _Mapping]] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ...) -> None: ...
+
+class Phase(_message.Message):
+    __slots__ = ("name", "rows_done", "rows_total")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROWS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rows_done: int
+    rows_total: int
+    def __init__(self, name: _Optional[str] = ..., rows_done: _Optional[int] = ..., rows_total: _Optional[int] = ...) -> None: ...
+
+class KnnRecall(_message.Message):
+    __slots__ = ("site", "detector", "queries", "k", "recall")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    detector: str
+    queries: int
+    k: int
+    recall: float
+    def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., queries: _Optional[int] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
+
+class FitReport(_message.Message):
+    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall")
+    FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FPR_FIELD_NUMBER: _ClassVar[int]
+    FIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KNN_RECALL_FIELD_NUMBER: _ClassVar[int]
+    fit_version: int
+    reference_rows: int
+    calibration_computations: int
+    calibration_fpr: float
+    fit_seconds: float
+    calibration_seconds: float
+    knn_recall: _containers.RepeatedCompositeFieldContainer[KnnRecall]
+    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ...) -> None: ...
+
+class DetectorScore(_message.Message):
+    __slots__ = ("detector", "raw", "p_value")
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    detector: str
+    raw: float
+    p_value: float
+    def __init__(self, detector: _Optional[str] = ..., raw: _Optional[float] = ..., p_value: _Optional[float] = ...) -> None: ...
+
+class TraceScore(_message.Message):
+    __slots__ = ("trace_id", "site", "position", "score", "p_value", "flagged", "detectors")
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    trace_id: str
+    site: str
+    position: int
+    score: float
+    p_value: float
+    flagged: bool
+    detectors: _containers.RepeatedCompositeFieldContainer[DetectorScore]
+    def __init__(self, trace_id: _Optional[str] = ..., site: _Optional[str] = ..., position: _Optional[int] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., detectors: _Optional[_Iterable[_Union[DetectorScore, _Mapping]]] = ...) -> None: ...
+
+class SlotPValue(_message.Message):
+    __slots__ = ("site", "detector", "p_value")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    detector: str
+    p_value: float
+    def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., p_value: _Optional[float] = ...) -> None: ...
+
+class ComputationScore(_message.Message):
+    __slots__ = ("monitor", "trace_id", "score", "p_value", "flagged", "traces", "slots", "scored_at_unix_ms", "fit_version")
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    monitor: str
+    trace_id: str
+    score: float
+    p_value: float
+    flagged: bool
+    traces: int
+    slots: _containers.RepeatedCompositeFieldContainer[SlotPValue]
+    scored_at_unix_ms: int
+    fit_version: int
+    def __init__(self, monitor: _Optional[str] = ..., trace_id: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., traces: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotPValue, _Mapping]]] = ..., scored_at_unix_ms: _Optional[int] = ..., fit_version: _Optional[int] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("monitor", "batches", "complete")
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    monitor: str
+    batches: _containers.RepeatedCompositeFieldContainer[TraceBatch]
+    complete: bool
+    def __init__(self, monitor: _Optional[str] = ..., batches: _Optional[_Iterable[_Union[TraceBatch, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("traces", "computations")
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    traces: _containers.RepeatedCompositeFieldContainer[TraceScore]
+    computations: _containers.RepeatedCompositeFieldContainer[ComputationScore]
+    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ..., computations: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ...) -> None: ...
+
+class StreamScoresRequest(_message.Message):
+    __slots__ = ("monitor", "batch", "complete")
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    monitor: str
+    batch: TraceBatch
+    complete: CompleteComputations
+    def __init__(self, monitor: _Optional[str] = ..., batch: _Optional[_Union[TraceBatch, _Mapping]] = ..., complete: _Optional[_Union[CompleteComputations, _Mapping]] = ...) -> None: ...
+
+class CompleteComputations(_message.Message):
+    __slots__ = ("trace_ids",)
+    TRACE_IDS_FIELD_NUMBER: _ClassVar[int]
+    trace_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trace_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TraceScores(_message.Message):
+    __slots__ = ("traces",)
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    traces: _containers.RepeatedCompositeFieldContainer[TraceScore]
+    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ...) -> None: ...
+
+class StreamScoresResponse(_message.Message):
+    __slots__ = ("traces", "computation")
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATION_FIELD_NUMBER: _ClassVar[int]
+    traces: TraceScores
+    computation: ComputationScore
+    def __init__(self, traces: _Optional[_Union[TraceScores, _Mapping]] = ..., computation: _Optional[_Union[ComputationScore, _Mapping]] = ...) -> None: ...
+
+class WatchFlagsRequest(_message.Message):
+    __slots__ = ("monitors", "max_p_value")
+    MONITORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    monitors: _containers.RepeatedScalarFieldContainer[str]
+    max_p_value: float
+    def __init__(self, monitors: _Optional[_Iterable[str]] = ..., max_p_value: _Optional[float] = ...) -> None: ...
+
+class FlagEvent(_message.Message):
+    __slots__ = ("computation",)
+    COMPUTATION_FIELD_NUMBER: _ClassVar[int]
+    computation: ComputationScore
+    def __init__(self, computation: _Optional[_Union[ComputationScore, _Mapping]] = ...) -> None: ...
+
+class QueryScoresRequest(_message.Message):
+    __slots__ = ("monitor", "trace_ids", "since_unix_ms", "until_unix_ms", "flagged_only", "limit")
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    TRACE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    monitor: str
+    trace_ids: _containers.RepeatedScalarFieldContainer[str]
+    since_unix_ms: int
+    until_unix_ms: int
+    flagged_only: bool
+    limit: int
+    def __init__(self, monitor: _Optional[str] = ..., trace_ids: _Optional[_Iterable[str]] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., flagged_only: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class QueryScoresResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ComputationScore]
+    def __init__(self, results: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,241 @@
+"""PyTorch forward hooks that stream a model's hidden states to an actwatch monitor.
+
+torch is imported lazily (only when a hook is built), so the package works without it.
+
+    hook = ActivationMonitorHook(model, {"2": "encoder.layer.2", "4": "encoder.layer.4"},
+                                 client, "minilm", pool="mean", mode="score")
+    with hook.batch(trace_ids, attention_mask):
+        model(**inputs)
+    for result in hook.results.computations(n=len(trace_ids), timeout=30): ...
+
+Each forward pass sends one TraceBatch per hooked site, as soon as that module has run. A module's
+output may be a tensor, or a tuple/list/ModelOutput whose first tensor is the hidden states. Tensors
+are sent in their own dtype (bf16 stays bf16). In ``mode="score"``, leaving ``batch()`` (or the next
+``set_batch``, or ``close``) marks the batch's computations complete, so one ComputationScore per
+trace id arrives on ``hook.results``. In ``mode="ingest"``, batches go to one reference-ingest stream;
+``close()`` ends it and returns the server's IngestSummary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+from .client import Client, IngestSession, IngestSummary, MonitorInfo, ScoreStream
+from .tensors import to_trace_batch
+
+__all__ = ["ActivationMonitorHook", "pool_hidden"]
+
+POOLS = ("mean", "none")
+MODES = ("ingest", "score")
+
+
+def _first_tensor(output: Any):
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        values = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"module output has no tensor to monitor (got {type(output).__name__})")
+
+
+def pool_hidden(hidden, attention_mask=None, pool: str = "mean"):
+    """Turns a module output into rows to send.
+
+    ``hidden`` is [batch, d] (already one vector per computation) or [batch, tokens, d].
+    pool="mean": the attention-mask-weighted mean over tokens -> ([batch, d], None), accumulated in
+    float32 and returned in the hidden states' dtype. pool="none": one row per unmasked token ->
+    ([rows, d], (batch_index, position)) as int64 tensors.
+    """
+    import torch
+
+    hidden = hidden.detach()
+    if hidden.dim() == 2:
+        return hidden, None
+    if hidden.dim() != 3:
+        raise ValueError(f"expected hidden states [batch, d] or [batch, tokens, d], got {tuple(hidden.shape)}")
+    b, t, _ = hidden.shape
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask, device=hidden.device)
+        if tuple(mask.shape) != (b, t):
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match hidden states [batch={b}, tokens={t}]")
+        mask = mask != 0
+    else:
+        mask = torch.ones((b, t), dtype=torch.bool, device=hidden.device)
+    if pool == "mean":
+        w = mask.to(torch.float32).unsqueeze(-1)
+        summed = (hidden.to(torch.float32) * w).sum(dim=1)
+        counts = w.sum(dim=1).clamp_min(1.0)
+        return (summed / counts).to(hidden.dtype), None
+    if pool == "none":
+        idx = mask.nonzero(as_tuple=False)  # [rows, 2]: (batch index, token position), row-major
+        rows = hidden[idx[:, 0], idx[:, 1]]
+        return rows, (idx[:, 0], idx[:, 1])
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+class ActivationMonitorHook:
+    """Registers forward hooks on named submodules and sends their outputs to a monitor.
+
+    ``modules``: {site: module name} (module names as in ``model.get_submodule``), or a list of module
+    names used as site names. Set the computations of the next forward pass with
+    ``with hook.batch(trace_ids, attention_mask): model(...)`` or ``hook.set_batch(...)``; one trace id
+    per batch element. A forward pass without a batch set raises RuntimeError from the hook.
+    """
+
+    def __init__(
+        self,
+        model,
+        modules: Union[Mapping[str, str], Sequence[str]],
+        client: Client,
+        monitor: Union[str, MonitorInfo],
+        pool: str = "mean",
+        mode: str = "ingest",
+        stream_timeout: Optional[float] = None,
+    ):
+        import torch  # noqa: F401 - fail early and clearly without torch
+
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(modules, Mapping):
+            modules = {name: name for name in modules}
+        self.model = model
+        self.client = client
+        self.monitor = monitor.name if isinstance(monitor, MonitorInfo) else str(monitor)
+        self.pool = pool
+        self.mode = mode
+        self.sites = dict(modules)
+        self._stream_timeout = stream_timeout
+        self._trace_ids: Optional[list[str]] = None
+        self._mask = None
+        self._pending_complete: Optional[list[str]] = None
+        self._ingest: Optional[IngestSession] = None
+        self._scores: Optional[ScoreStream] = None
+        self._handles = []
+        for site, name in self.sites.items():
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._make_hook(str(site))))
+
+    # -- sessions
+
+    @property
+    def results(self) -> ScoreStream:
+        """The scoring stream (mode="score"): iterate it, or ``results.computations(n, timeout)``."""
+        if self.mode != "score":
+            raise RuntimeError('results exist only in mode="score"')
+        if self._scores is None:
+            self._scores = self.client.stream_scores(self.monitor, timeout=self._stream_timeout)
+        return self._scores
+
+    def _session(self):
+        if self.mode == "score":
+            return self.results
+        if self._ingest is None:
+            self._ingest = self.client.ingest_session(self.monitor, timeout=self._stream_timeout)
+        return self._ingest
+
+    # -- batches
+
+    def set_batch(self, trace_ids: Sequence[Any], attention_mask=None) -> None:
+        """Sets the computations (one id per batch element) and the optional [batch, tokens] mask for
+        the following forward passes. In score mode, completes the previous batch's computations."""
+        self.flush()
+        self._trace_ids = [t if isinstance(t, str) else str(t) for t in trace_ids]
+        self._mask = attention_mask
+        self._pending_complete = None
+
+    @contextlib.contextmanager
+    def batch(self, trace_ids: Sequence[Any], attention_mask=None) -> Iterator["ActivationMonitorHook"]:
+        """``with hook.batch(ids, mask): model(...)``: in score mode, the computations are completed on
+        leaving the block."""
+        self.set_batch(trace_ids, attention_mask)
+        try:
+            yield self
+        finally:
+            self.flush()
+            self._trace_ids = None
+            self._mask = None
+
+    def flush(self) -> None:
+        """In score mode, marks the current batch's computations complete (once)."""
+        if self.mode == "score" and self._pending_complete:
+            ids, self._pending_complete = self._pending_complete, None
+            self.results.complete(ids)
+
+    # -- the hook
+
+    def _make_hook(self, site: str):
+        def hook(module, inputs, output):
+            self._on_output(site, output)
+
+        return hook
+
+    def _on_output(self, site: str, output: Any) -> None:
+        import torch
+
+        if self._trace_ids is None:
+            raise RuntimeError(
+                f"actwatch hook on site {site!r}: no batch set; wrap the forward pass in "
+                "`with hook.batch(trace_ids, attention_mask):` or call hook.set_batch(...)"
+            )
+        with torch.no_grad():
+            hidden = _first_tensor(output)
+            if hidden.shape[0] != len(self._trace_ids):
+                raise ValueError(
+                    f"site {site!r}: output batch size {hidden.shape[0]} != {len(self._trace_ids)} trace ids"
+                )
+            rows, index = pool_hidden(hidden, self._mask, self.pool)
+            if index is None:
+                ids, positions = self._trace_ids, None
+            else:
+                b_idx, positions = index
+                ids = [self._trace_ids[i] for i in b_idx.tolist()]
+            batch = to_trace_batch(site, rows, ids, positions)
+        self._session().send_batch(batch)
+        if self.mode == "score":
+            self._pending_complete = self._trace_ids
+
+    # -- teardown
+
+    def remove(self) -> None:
+        """Removes the forward hooks (sessions stay open; see close())."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def close(self) -> Optional[IngestSummary]:
+        """Removes the hooks and ends the session: in ingest mode returns the IngestSummary (all
+        batches durable); in score mode completes the last batch and half-closes the stream (its
+        results can still be read from ``results``)."""
+        self.remove()
+        if self.mode == "score":
+            self.flush()
+            if self._scores is not None:
+                self._scores.close()
+            return None
+        if self._ingest is not None:
+            return self._ingest.close()
+        return None
+
+    def __enter__(self) -> "ActivationMonitorHook":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.remove()
+            if self._ingest is not None:
+                self._ingest.cancel()
+            if self._scores is not None:
+                self._scores.cancel()

@@ -1,0 +1,459 @@
+"""End-to-end tests of the client against the real server (`actwatch serve`) on loopback.
+
+The server binary is $ACTWATCH_BIN, default ../../target/debug/actwatch relative to clients/python
+(i.e. `cargo build` in the repository root). The tests skip, saying why, when that binary does not
+exist or has no `serve` subcommand yet; set ACTWATCH_REQUIRE_SERVER=1 to make that a failure. A
+binary that has `serve` but does not report SERVING on the gRPC health service is a failure.
+
+Data: the MiniLM activations in ../../../shared/data/minilm (override: $ACTWATCH_MINILM_DIR).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from actwatch_client import ActwatchError, Client, ComputationScore, TraceResults
+
+HERE = Path(__file__).resolve().parent.parent  # clients/python
+BIN = Path(os.environ.get("ACTWATCH_BIN", HERE / "../../target/debug/actwatch")).resolve()
+DATA = Path(os.environ.get("ACTWATCH_MINILM_DIR", HERE / "../../../shared/data/minilm")).resolve()
+SERVICE = "actwatch.v1.ActivationMonitor"
+DEFAULT_FPR = 0.01  # MonitorSpec.fpr: 0 means 0.01
+STARTUP_TIMEOUT_S = 60
+FIT_TIMEOUT_S = 900
+
+
+# ------------------------------------------------------------------------------------ the server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_or_fail(reason: str):
+    if os.environ.get("ACTWATCH_REQUIRE_SERVER"):
+        pytest.fail(reason + " (ACTWATCH_REQUIRE_SERVER is set)")
+    pytest.skip(reason)
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"actwatch serve exited with {proc.returncode} before serving:\n{_tail(log_path)}"
+                )
+            try:
+                resp = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(0.2)
+    raise RuntimeError(
+        f"actwatch serve at {address} did not report {SERVICE!r} SERVING on grpc.health.v1.Health "
+        f"within {STARTUP_TIMEOUT_S} s (last: {last}):\n{_tail(log_path)}"
+    )
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """Starts `actwatch serve` on a free loopback port with an empty data directory; yields its address."""
+    if not BIN.exists():
+        _skip_or_fail(f"actwatch binary not found at {BIN}: run `cargo build` or set ACTWATCH_BIN")
+    try:
+        help_ = subprocess.run([str(BIN), "serve", "--help"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _skip_or_fail(f"cannot run {BIN}: {e}")
+    if help_.returncode != 0:
+        _skip_or_fail(f"{BIN} has no `serve` subcommand yet (the gRPC server is not built): "
+                      f"{(help_.stderr.decode(errors='replace').strip().splitlines() or [''])[0][:200]}")
+
+    root = tmp_path_factory.mktemp("actwatch")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    log_path = root / "server.log"
+    address = f"127.0.0.1:{_free_port()}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN), "serve", "--data-dir", str(data_dir), "--listen", address],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_serving(address, proc, log_path)
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with Client(server) as c:
+        c.wait_ready(10)
+        yield c
+
+
+# -------------------------------------------------------------------------------------- the data
+
+
+def _load(name: str):
+    """(ids, layers, activations float32 [rows, 384]) of one MiniLM file."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"MiniLM data not found at {path} (set ACTWATCH_MINILM_DIR)")
+    table = pq.read_table(path, columns=["id", "layer", "activation"])
+    col = table.column("activation").combine_chunks()
+    width = col.type.list_size if hasattr(col.type, "list_size") else None
+    flat = np.asarray(col.flatten(), dtype=np.float32)
+    acts = flat.reshape(len(table), width or flat.size // len(table))
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    layers = np.asarray(table.column("layer").to_numpy())
+    return ids, layers, acts
+
+
+def _by_site(ids, layers, acts, keep=None):
+    """[(site, activations, trace_ids)] per layer, rows restricted to ids in `keep`."""
+    out = []
+    for layer in sorted(set(layers.tolist())):
+        m = layers == layer
+        if keep is not None:
+            m &= np.isin(ids, list(keep))
+        out.append((str(layer), acts[m], ids[m].tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm(client):
+    """A monitor fitted on train.parquet (sites "2", "4", "6"); one reference batch sent as float16."""
+    name = "minilm-test"
+    ids, layers, acts = _load("train.parquet")
+    info = client.create_monitor(name, seed=7)
+    assert info.name == name and not info.fitted and info.reference_rows == 0
+
+    batches = []
+    for site, a, t in _by_site(ids, layers, acts):
+        for start in range(0, len(t), 1500):
+            batches.append((site, a[start : start + 1500], t[start : start + 1500]))
+    # One batch as float16, sent as such (DTYPE_F16), no up-cast.
+    site, a, t = batches[0]
+    batches[0] = (site, a.astype(np.float16), t)
+    assert batches[0][1].dtype == np.float16
+
+    summary = client.ingest_reference(name, batches)
+    assert summary.rows == len(ids) == 18000
+    assert summary.total_rows == 18000
+    assert summary.batches >= len(batches)
+    assert summary.bytes > 0
+
+    phases = []
+    report = client.fit(name, on_progress=phases.append, timeout=FIT_TIMEOUT_S)
+    return {"name": name, "report": report, "phases": phases}
+
+
+@pytest.fixture(scope="module")
+def code_scores(client, minilm):
+    ids, layers, acts = _load("dev_ood_code.parquet")
+    result = client.score(minilm["name"], _by_site(ids, layers, acts), complete=True)
+    return ids, layers, acts, result
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+
+def test_fit_report_and_monitor_info(client, minilm):
+    report = minilm["report"]
+    assert report.fit_version >= 1
+    assert report.reference_rows == 18000
+    assert report.calibration_computations > 0
+    assert 0.0 <= report.calibration_fpr <= 0.1
+    assert all(p.name in ("fit", "calibrate") and p.rows_done <= max(p.rows_total, p.rows_done) for p in minilm["phases"])
+
+    info = client.get_monitor(minilm["name"])
+    assert info.fitted and info.fit_version == report.fit_version
+    assert info.reference_rows == 18000
+    assert {s.name: (s.width, s.reference_rows) for s in info.sites} == {
+        "2": (384, 6000),
+        "4": (384, 6000),
+        "6": (384, 6000),
+    }
+    assert info.report is not None and info.report.fit_version == report.fit_version
+    assert minilm["name"] in [m.name for m in client.list_monitors()]
+
+
+def test_score_flags_code(client, minilm, code_scores):
+    ids, _, _, result = code_scores
+    n = len(set(ids.tolist()))
+    assert len(result.traces) == len(ids) == 1500
+    assert len(result.computations) == n == 500
+    fpr = client.get_monitor(minilm["name"]).spec.fpr or DEFAULT_FPR
+
+    for t in result.traces:
+        assert 0.0 < t.p_value <= 1.0
+        assert t.site in ("2", "4", "6") and t.position is None
+        assert t.detectors and all(0.0 < d.p_value <= 1.0 for d in t.detectors)
+    for c in result.computations:
+        assert c.monitor == minilm["name"]
+        assert 0.0 < c.p_value <= 1.0
+        assert c.flagged == (c.p_value <= fpr)
+        assert c.traces == 3
+        assert c.fit_version == minilm["report"].fit_version
+        assert c.scored_at_unix_ms > 0
+        assert {s.site for s in c.slots} == {"2", "4", "6"}
+        assert all(s.p_value is not None and 0.0 < s.p_value <= 1.0 for s in c.slots)
+
+    table = result.computations_table()
+    assert table["p_value"].dtype == np.float64 and table["flagged"].dtype == bool
+    flagged = int(table["flagged"].sum())
+    # Code is far from prose (AUROC ~0.99 for the peers): far more flags than the 1% FPR would give.
+    assert flagged > 0.1 * n, f"only {flagged} of {n} code computations flagged"
+
+
+def test_score_in_distribution_rarely_flags(client, minilm):
+    ids, layers, acts = _load("dev_id.parquet")
+    keep = sorted(set(ids.tolist()))[:300]
+    result = client.score(minilm["name"], _by_site(ids, layers, acts, keep), complete=True)
+    assert len(result.computations) == 300
+    flagged = sum(c.flagged for c in result.computations)
+    assert flagged <= 15, f"{flagged} of 300 held-out prose computations flagged at a 1% target FPR"
+
+
+def test_score_without_complete_returns_traces_only(client, minilm, code_scores):
+    ids, layers, acts, _ = code_scores
+    keep = ids[:4].tolist()
+    result = client.score(minilm["name"], _by_site(ids, layers, acts, keep), complete=False)
+    assert len(result.traces) == 3 * len(set(keep)) and result.computations == []
+
+
+def test_stream_scores(client, minilm, code_scores):
+    ids, layers, acts, unary = code_scores
+    keep = sorted(set(ids.tolist()))[:5]
+    batches = _by_site(ids, layers, acts, keep)
+    results = []
+    with client.stream_scores(minilm["name"], timeout=120) as stream:
+        for site, a, t in batches[:-1]:
+            stream.send(site, a, t)
+        # The last site token-by-token style: with positions, and as float16.
+        site, a, t = batches[-1]
+        stream.send(site, a.astype(np.float16), t, positions=list(range(len(t))))
+        stream.complete(keep)
+        while sum(isinstance(r, ComputationScore) for r in results) < len(keep):
+            results.append(stream.get(timeout=60))
+
+    traces = [t for r in results if isinstance(r, TraceResults) for t in r.traces]
+    comps = {r.trace_id: r for r in results if isinstance(r, ComputationScore)}
+    assert len(traces) == 3 * len(keep)
+    assert set(comps) == set(keep)
+    for t in traces:
+        assert 0.0 < t.p_value <= 1.0
+        assert (t.position is not None) == (t.site == batches[-1][0])
+    for tid, c in comps.items():
+        assert c.traces == 3 and 0.0 < c.p_value <= 1.0
+        ref = unary.computation(tid)
+        # Same fit, same vectors (one site rounded to f16): nearly the same p-value.
+        assert c.p_value == pytest.approx(ref.p_value, abs=0.05)
+
+
+def test_stream_scores_error_is_raised(client, minilm):
+    with pytest.raises(ActwatchError) as e:
+        with client.stream_scores(minilm["name"], timeout=60) as stream:
+            stream.send("2", np.zeros((2, 17), dtype=np.float32), ["bad-0", "bad-1"])
+            for _ in stream:
+                pass
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_watch_flags_and_query_scores(client, minilm, code_scores):
+    ids, layers, acts, unary = code_scores
+    flagged = [c for c in unary.computations if c.flagged]
+    assert flagged
+    src = min(flagged, key=lambda c: c.p_value).trace_id
+    rows = [(s, a, ["watched-" + src] * len(t)) for s, a, t in _by_site(ids, layers, acts, [src])]
+
+    events: list = []
+    with client.watch_flags([minilm["name"]]) as watch:
+        reader = threading.Thread(target=lambda: events.extend(watch), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 30
+        got = None
+        while got is None and time.monotonic() < deadline:
+            result = client.score(minilm["name"], rows, complete=True)
+            assert result.computations[0].flagged
+            for _ in range(20):
+                got = next((e for e in list(events) if e.trace_id == "watched-" + src), None)
+                if got is not None:
+                    break
+                time.sleep(0.1)
+    reader.join(timeout=10)
+    assert got is not None, "no FlagEvent for a flagged computation within 30 s"
+    assert got.flagged and got.monitor == minilm["name"] and 0.0 < got.p_value <= 1.0
+
+    logged = client.query_scores(minilm["name"], trace_ids=["watched-" + src])
+    assert logged and all(c.trace_id == "watched-" + src for c in logged)
+    assert client.query_scores(minilm["name"], trace_ids=[src])[0].p_value == pytest.approx(
+        unary.computation(src).p_value
+    )
+    only_flagged = client.query_scores(minilm["name"], flagged_only=True, limit=5)
+    assert 0 < len(only_flagged) <= 5 and all(c.flagged for c in only_flagged)
+    stamps = [c.scored_at_unix_ms for c in only_flagged]
+    assert stamps == sorted(stamps, reverse=True)
+    future = int(time.time() * 1000) + 3_600_000
+    assert client.query_scores(minilm["name"], since=future) == []
+
+
+def test_wrong_width_is_invalid_argument(client, minilm):
+    with pytest.raises(ActwatchError) as e:
+        client.score(minilm["name"], [("2", np.zeros((2, 100), dtype=np.float32), ["w0", "w1"])])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message
+
+
+def test_nan_is_invalid_argument(client, minilm):
+    a = np.zeros((1, 384), dtype=np.float32)
+    a[0, 3] = np.nan
+    with pytest.raises(ActwatchError) as e:
+        client.score(minilm["name"], [("2", a, ["nan-0"])])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_ingest_wrong_width_is_invalid_argument(client):
+    name = "width-test"
+    client.create_monitor(name)
+    try:
+        client.ingest_reference(name, [("a", np.ones((3, 8), dtype=np.float32), ["x", "y", "z"])])
+        with pytest.raises(ActwatchError) as e:
+            client.ingest_reference(name, [("a", np.ones((2, 9), dtype=np.float32), ["u", "v"])])
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        info = client.get_monitor(name)
+        assert info.reference_rows == 3 and info.site("a").width == 8
+    finally:
+        client.delete_monitor(name)
+
+
+def test_monitor_lifecycle_errors(client):
+    name = "lifecycle-test"
+    client.create_monitor(name, detectors=["gaussian"], fusion="fisher", fpr=0.05, calibration_fraction=0.3, seed=3)
+    try:
+        spec = client.get_monitor(name).spec
+        assert spec.detectors == ["gaussian"] and spec.fusion == "fisher"
+        assert spec.fpr == pytest.approx(0.05) and spec.calibration_fraction == pytest.approx(0.3) and spec.seed == 3
+        with pytest.raises(ActwatchError) as e:
+            client.create_monitor(name)
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+        client.ingest_reference(name, [("s", np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), list("abcd"))])
+        with pytest.raises(ActwatchError) as e:
+            client.score(name, [("s", np.zeros((1, 4), dtype=np.float32), ["q"])])
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        client.delete_monitor(name)
+    with pytest.raises(ActwatchError) as e:
+        client.get_monitor(name)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(ActwatchError) as e:
+        client.score("no-such-monitor", [("s", np.zeros((1, 4), dtype=np.float32), ["q"])])
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------------------------- torch hooks
+
+
+def test_torch_hook_ingest_fit_score(client):
+    torch = pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+    from actwatch_client.hooks import ActivationMonitorHook
+
+    torch.manual_seed(0)
+    d = 8
+    model = torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, d)).eval()
+    sites = {"hidden": "1", "out": "2"}  # widths 16 and d
+    name = "torch-hook-test"
+    client.create_monitor(name, fpr=0.05, seed=1)
+
+    def inputs(batch, tokens, shift=0.0, scale=1.0):
+        x = torch.randn(batch, tokens, d) * scale + shift
+        lengths = torch.randint(1, tokens + 1, (batch,))
+        mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
+        return x, mask
+
+    try:
+        # Reference: 800 computations of random inputs, mean-pooled over their unmasked tokens.
+        with ActivationMonitorHook(model, sites, client, name, pool="mean", mode="ingest") as hook:
+            for b in range(25):
+                x, mask = inputs(32, 6)
+                with hook.batch([f"ref-{b}-{i}" for i in range(32)], mask), torch.no_grad():
+                    model(x)
+        summary = hook.close()
+        assert summary.rows == 2 * 25 * 32
+        info = client.get_monitor(name)
+        assert {s.name: s.width for s in info.sites} == {"hidden": 16, "out": d}
+        client.fit(name, timeout=FIT_TIMEOUT_S)
+
+        hook = ActivationMonitorHook(model, sites, client, name, pool="mean", mode="score")
+        x, mask = inputs(16, 6)
+        with hook.batch([f"ok-{i}" for i in range(16)], mask), torch.no_grad():
+            model(x)
+        # The anomalous pass in bfloat16: sent as DTYPE_BF16.
+        model.to(torch.bfloat16)
+        x, mask = inputs(16, 6, shift=3.0, scale=4.0)
+        with hook.batch([f"odd-{i}" for i in range(16)], mask), torch.no_grad():
+            model(x.to(torch.bfloat16))
+        hook.close()
+        comps = {c.trace_id: c for c in hook.results.computations(n=32, timeout=60)}
+        assert len(comps) == 32 and all(c.traces == 2 for c in comps.values())
+        ok = [c for k, c in comps.items() if k.startswith("ok-")]
+        odd = [c for k, c in comps.items() if k.startswith("odd-")]
+        assert sum(c.flagged for c in odd) >= 12, [c.p_value for c in odd]
+        assert sum(c.flagged for c in ok) <= 4, [c.p_value for c in ok]
+        assert np.mean([c.p_value for c in odd]) < np.mean([c.p_value for c in ok])
+    finally:
+        model.to(torch.float32)
+        client.delete_monitor(name)
+
+
+def test_torch_hook_token_level_ingest(client):
+    torch = pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+    from actwatch_client.hooks import ActivationMonitorHook
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    name = "torch-tokens-test"
+    client.create_monitor(name)
+    try:
+        x = torch.randn(3, 5, 4)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+        with ActivationMonitorHook(model, ["0"], client, name, pool="none", mode="ingest") as hook:
+            with hook.batch(["a", "b", "c"], mask), torch.no_grad():
+                model(x)
+        assert hook.close().rows == int(mask.sum()) == 9
+        assert client.get_monitor(name).site("0").reference_rows == 9
+    finally:
+        client.delete_monitor(name)

@@ -1,0 +1,121 @@
+"""Offline tests: activations to wire tensors, batch splitting, pooling. No server needed."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from actwatch_client._proto.actwatch.v1 import actwatch_pb2 as pb
+from actwatch_client.tensors import as_batches, split_batch, to_tensor, to_trace_batch
+
+
+def test_float32_bytes_are_little_endian_row_major():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    t = to_tensor(a)
+    assert t.dtype == pb.DTYPE_F32 and list(t.shape) == [2, 3]
+    assert t.data == a.astype("<f4").tobytes(order="C")
+
+
+def test_float16_sent_as_is():
+    a = np.linspace(-1, 1, 8, dtype=np.float16).reshape(2, 4)
+    t = to_tensor(a)
+    assert t.dtype == pb.DTYPE_F16 and len(t.data) == 16
+    assert np.array_equal(np.frombuffer(t.data, dtype="<f2").reshape(2, 4), a)
+
+
+def test_big_endian_and_non_contiguous_are_normalised():
+    a = np.arange(12, dtype=">f4").reshape(3, 4)
+    t = to_tensor(a)
+    assert np.array_equal(np.frombuffer(t.data, dtype="<f4").reshape(3, 4), a)
+    b = np.arange(12, dtype=np.float32).reshape(4, 3).T  # Fortran order
+    t = to_tensor(b)
+    assert np.array_equal(np.frombuffer(t.data, dtype="<f4").reshape(3, 4), b)
+
+
+def test_float64_is_cast_to_float32_and_bad_input_rejected():
+    t = to_tensor(np.ones((1, 2)))
+    assert t.dtype == pb.DTYPE_F32 and len(t.data) == 8
+    with pytest.raises(ValueError, match="2-D"):
+        to_tensor(np.ones(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="one per row"):
+        to_trace_batch("s", np.ones((2, 3), dtype=np.float32), ["a"])
+    with pytest.raises(ValueError, match="positions"):
+        to_trace_batch("s", np.ones((2, 3), dtype=np.float32), ["a", "b"], [0])
+
+
+def test_trace_ids_and_positions():
+    b = to_trace_batch(6, np.ones((2, 3), dtype=np.float32), np.array([10, 11]), np.array([0, 5]))
+    assert b.site == "6" and list(b.trace_ids) == ["10", "11"] and list(b.positions) == [0, 5]
+
+
+def test_split_batch_keeps_rows_ids_and_positions():
+    a = np.arange(40, dtype=np.float32).reshape(10, 4)
+    b = to_trace_batch("x", a, [f"id{i}" for i in range(10)], list(range(10)))
+    parts = split_batch(b, max_bytes=3 * 16)
+    assert [p.activations.shape[0] for p in parts] == [3, 3, 3, 1]
+    joined = b"".join(p.activations.data for p in parts)
+    assert joined == b.activations.data
+    assert sum((list(p.trace_ids) for p in parts), []) == list(b.trace_ids)
+    assert sum((list(p.positions) for p in parts), []) == list(b.positions)
+    assert split_batch(b, 0) == [b]
+
+
+def test_single_tuple_is_one_batch():
+    one = ("s", np.ones((1, 2), dtype=np.float32), ["a"])
+    assert as_batches(one) == [one]
+    assert as_batches([one, one]) == [one, one]
+
+
+def test_package_imports_without_torch():
+    import subprocess
+
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'): raise ImportError('no torch')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import actwatch_client, actwatch_client.hooks\n"
+        "import numpy as np\n"
+        "actwatch_client.to_tensor(np.ones((1, 2), dtype=np.float32))\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+torch = pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+
+
+def test_torch_bf16_sent_as_bf16_bits():
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    w = to_tensor(t)
+    assert w.dtype == pb.DTYPE_BF16 and list(w.shape) == [3, 5] and len(w.data) == 30
+    assert w.data == t.contiguous().view(torch.int16).numpy().tobytes()
+    # The bits are the top half of the f32 bits of the same (bf16-representable) values.
+    f32_bits = np.frombuffer(t.to(torch.float32).numpy().tobytes(), dtype="<u4")
+    assert np.array_equal(np.frombuffer(w.data, dtype="<u2"), (f32_bits >> 16).astype(np.uint16))
+
+
+def test_torch_f16_f32_and_transposed():
+    t = torch.randn(4, 3)
+    assert to_tensor(t.half()).dtype == pb.DTYPE_F16
+    w = to_tensor(t.T)
+    assert list(w.shape) == [3, 4]
+    assert np.array_equal(np.frombuffer(w.data, dtype="<f4").reshape(3, 4), t.T.numpy())
+
+
+def test_mean_pool_respects_mask_and_dtype():
+    from actwatch_client.hooks import pool_hidden
+
+    h = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rows, idx = pool_hidden(h, mask, "mean")
+    assert idx is None
+    assert torch.equal(rows, torch.stack([h[0, :2].mean(0), h[1, 0]]))
+    rows, _ = pool_hidden(h.to(torch.bfloat16), mask, "mean")
+    assert rows.dtype == torch.bfloat16
+
+    rows, (b, pos) = pool_hidden(h, mask, "none")
+    assert b.tolist() == [0, 0, 1] and pos.tolist() == [0, 1, 0]
+    assert torch.equal(rows, torch.stack([h[0, 0], h[0, 1], h[1, 0]]))

@@ -1,0 +1,240 @@
+use std::path::PathBuf;
+
+use actwatch_proto::ConversionError;
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the service. [`From<Error> for Status`] is the one place where
+/// errors become gRPC statuses: bad input is INVALID_ARGUMENT, never INTERNAL.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A message failed validation (shape, dtype, byte count, NaN/Inf, missing field).
+    #[error(transparent)]
+    BadMessage(#[from] ConversionError),
+    /// A monitor name that is not `[A-Za-z0-9_.-]{1,64}` (or starts with a dot).
+    #[error(
+        "invalid monitor name {0:?}: use 1 to 64 of A-Z a-z 0-9 _ . - , not starting with '.'"
+    )]
+    BadName(String),
+    /// A monitor spec that does not parse or is out of range.
+    #[error("invalid monitor spec: {0}")]
+    BadSpec(String),
+    /// A batch's width differs from its site's width (fixed by the site's first reference batch).
+    #[error("site {site:?} has width {expected}, but the batch has width {got}")]
+    WidthMismatch {
+        site: String,
+        expected: usize,
+        got: usize,
+    },
+    /// A batch for a site the fitted monitor does not know.
+    #[error("the fitted monitor has no site {site:?} (its sites: {known}); ingest it and refit")]
+    UnknownSite { site: String, known: String },
+    /// A stream that breaks the protocol (no monitor in the first message, another monitor named
+    /// later, a message without an event, completing a computation the stream never saw).
+    #[error("bad stream: {0}")]
+    BadStream(String),
+    /// No monitor of this name.
+    #[error("no monitor named {0:?}")]
+    MonitorNotFound(String),
+    /// A monitor of this name exists already.
+    #[error("monitor {0:?} already exists")]
+    MonitorExists(String),
+    /// The monitor cannot score yet.
+    #[error("monitor {0:?} is not fitted: ingest reference data and call Fit first")]
+    NotFitted(String),
+    /// Fit was asked of a monitor without reference data.
+    #[error("monitor {0:?} has no reference data: call IngestReference first")]
+    NoReferenceData(String),
+    /// Another Fit of the same monitor is running.
+    #[error("a fit of monitor {0:?} is already running")]
+    FitInProgress(String),
+    /// A configured limit was hit; `limit` is the field of [`crate::Limits`] that says how much.
+    #[error("limit {limit} ({max}) exceeded: {detail}")]
+    LimitExceeded {
+        limit: &'static str,
+        max: u64,
+        detail: String,
+    },
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// Fitting or scoring failed inside the offline core.
+    #[error(transparent)]
+    Detect(#[from] actwatch_detect::Error),
+    /// Reading or writing Parquet segments or monitor artifacts failed.
+    #[error(transparent)]
+    Pipeline(#[from] actwatch_io::Error),
+    /// A file or directory of the data directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Storage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A stored file (spec, state) is corrupt.
+    #[error("{}: corrupt: {message}", path.display())]
+    Corrupt { path: PathBuf, message: String },
+    /// A blocking task panicked or was cancelled (a bug, never input).
+    #[error("internal task failed: {0}")]
+    Task(String),
+    /// The transport failed to start or serve.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn storage(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Storage {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Maps a status that tonic raised while decoding a request stream: an over-long message
+    /// becomes the `max_message_bytes` limit; anything else (client cancelled, broken stream)
+    /// is passed on.
+    pub(crate) fn from_inbound(status: Status, max_message_bytes: usize) -> Status {
+        if status.code() == Code::OutOfRange && status.message().contains("too large") {
+            return Error::LimitExceeded {
+                limit: "max_message_bytes",
+                max: max_message_bytes as u64,
+                detail: status.message().to_string(),
+            }
+            .into();
+        }
+        status
+    }
+}
+
+fn io_code(e: &std::io::Error) -> Code {
+    match e.kind() {
+        // A full disk or too many open files passes; the client may retry later.
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+fn core_code(e: &actwatch_core::Error) -> Code {
+    match e {
+        actwatch_core::Error::WidthMismatch { .. }
+        | actwatch_core::Error::NonFinite { .. }
+        | actwatch_core::Error::Malformed(_)
+        | actwatch_core::Error::Empty(_) => Code::InvalidArgument,
+    }
+}
+
+fn detect_code(e: &actwatch_detect::Error) -> Code {
+    match e {
+        actwatch_detect::Error::Input(e) => core_code(e),
+        actwatch_detect::Error::InvalidOption(_) => Code::InvalidArgument,
+        // The reference data cannot support the fit that was asked: more data is the remedy.
+        actwatch_detect::Error::NotEnoughData(_) => Code::FailedPrecondition,
+        actwatch_detect::Error::Numerical(_) => Code::Internal,
+    }
+}
+
+fn pipeline_code(e: &actwatch_io::Error) -> Code {
+    use actwatch_io::Error as E;
+    match e {
+        E::Io { source, .. } => io_code(source),
+        // Segments and artifacts are the server's own files: failing to read them is ours.
+        E::Parquet { .. }
+        | E::Arrow(_)
+        | E::MissingColumn { .. }
+        | E::BadColumnType { .. }
+        | E::WidthMismatch { .. }
+        | E::EmptyVector { .. }
+        | E::NonFinite { .. }
+        | E::NullValue { .. }
+        | E::Json(_)
+        | E::Bincode(_) => Code::Internal,
+        E::Artifact(_) => Code::DataLoss,
+        E::NoInput(_) => Code::FailedPrecondition,
+        E::Detect(e) => detect_code(e),
+        E::Core(e) => core_code(e),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::BadMessage(_)
+            | Error::BadName(_)
+            | Error::BadSpec(_)
+            | Error::WidthMismatch { .. }
+            | Error::UnknownSite { .. }
+            | Error::BadStream(_) => Code::InvalidArgument,
+            Error::MonitorNotFound(_) => Code::NotFound,
+            Error::MonitorExists(_) => Code::AlreadyExists,
+            Error::NotFitted(_) | Error::NoReferenceData(_) => Code::FailedPrecondition,
+            Error::FitInProgress(_) => Code::Aborted,
+            Error::LimitExceeded { .. } => Code::ResourceExhausted,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Detect(d) => detect_code(d),
+            Error::Pipeline(p) => pipeline_code(p),
+            Error::Storage { source, .. } => io_code(source),
+            Error::Corrupt { .. } => Code::DataLoss,
+            Error::Task(_) | Error::Transport(_) | Error::Reflection(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_invalid_argument_never_internal() {
+        let cases: Vec<(Error, Code)> = vec![
+            (
+                ConversionError::Missing("site").into(),
+                Code::InvalidArgument,
+            ),
+            (
+                Error::WidthMismatch {
+                    site: "6".into(),
+                    expected: 384,
+                    got: 383,
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                actwatch_detect::Error::Input(actwatch_core::Error::Empty("x".into())).into(),
+                Code::InvalidArgument,
+            ),
+            (Error::MonitorNotFound("m".into()), Code::NotFound),
+            (Error::NotFitted("m".into()), Code::FailedPrecondition),
+            (Error::MonitorExists("m".into()), Code::AlreadyExists),
+            (
+                Error::LimitExceeded {
+                    limit: "max_batch_rows",
+                    max: 10,
+                    detail: "11 rows".into(),
+                },
+                Code::ResourceExhausted,
+            ),
+        ];
+        for (e, code) in cases {
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn over_long_messages_name_the_limit() {
+        let s = Error::from_inbound(
+            Status::out_of_range(
+                "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+            ),
+            8,
+        );
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("max_message_bytes"), "{}", s.message());
+        let s = Error::from_inbound(Status::cancelled("gone"), 8);
+        assert_eq!(s.code(), Code::Cancelled);
+    }
+}

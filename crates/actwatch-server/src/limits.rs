@@ -1,0 +1,53 @@
+/// Largest request message accepted, in bytes (a batch of 65,536 × 256 f32 values).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Most rows (traces) in one `TraceBatch`.
+pub const DEFAULT_MAX_BATCH_ROWS: usize = 65_536;
+/// Most streaming calls (IngestReference, Fit, StreamScores, WatchFlags) open at once.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: usize = 64;
+/// Most computations a StreamScores stream may hold open (seen, not yet completed).
+pub const DEFAULT_MAX_OPEN_COMPUTATIONS: usize = 100_000;
+/// Score log kept per monitor, in bytes; the oldest entries are dropped beyond it.
+pub const DEFAULT_MAX_SCORE_LOG_BYTES: u64 = 64 << 20;
+/// Flag events buffered for watchers; a watcher further behind than this is disconnected.
+pub const DEFAULT_FLAG_BUFFER: usize = 1024;
+/// Results returned by QueryScores when the request sets no limit.
+pub const DEFAULT_QUERY_LIMIT: usize = 1000;
+/// Most results one QueryScores returns, whatever the request asks.
+pub const DEFAULT_MAX_QUERY_LIMIT: usize = 100_000;
+
+/// What one server accepts. Every limit hit is answered RESOURCE_EXHAUSTED with a message naming
+/// the field. Each default is the `DEFAULT_*` constant of the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`].
+    pub max_message_bytes: usize,
+    /// [`DEFAULT_MAX_BATCH_ROWS`].
+    pub max_batch_rows: usize,
+    /// [`DEFAULT_MAX_CONCURRENT_STREAMS`].
+    pub max_concurrent_streams: usize,
+    /// [`DEFAULT_MAX_OPEN_COMPUTATIONS`].
+    pub max_open_computations: usize,
+    /// [`DEFAULT_MAX_SCORE_LOG_BYTES`].
+    pub max_score_log_bytes: u64,
+    /// [`DEFAULT_FLAG_BUFFER`].
+    pub flag_buffer: usize,
+    /// [`DEFAULT_QUERY_LIMIT`].
+    pub query_limit: usize,
+    /// [`DEFAULT_MAX_QUERY_LIMIT`].
+    pub max_query_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
+            max_score_log_bytes: DEFAULT_MAX_SCORE_LOG_BYTES,
+            flag_buffer: DEFAULT_FLAG_BUFFER,
+            query_limit: DEFAULT_QUERY_LIMIT,
+            max_query_limit: DEFAULT_MAX_QUERY_LIMIT,
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! The `ActivationMonitor` service: every handler validates, converts, delegates (CPU and disk
+//! work in `spawn_blocking`), and maps the error through the one `From<Error> for Status`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use actwatch_io::artifact::{load_monitor, save_monitor};
+use actwatch_io::pipeline::{fit_monitor, Progress};
+use actwatch_io::reader::ReadOptions;
+use actwatch_proto::v1;
+use actwatch_proto::v1::activation_monitor_server::ActivationMonitor;
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{check_name, StoredSpec};
+use crate::score::{complete, score_batch, OpenComputations};
+use crate::storage::{DataDir, FittedMonitor, IngestSession, MonitorEntry, ScoreFilter};
+use crate::{Error, Limits, Result};
+
+/// Responses buffered per streaming call before the handler's task waits for the client.
+const STREAM_BUFFER: usize = 16;
+/// Fit progress messages buffered; when the client reads slower, progress messages are skipped
+/// (never the final report).
+const FIT_PROGRESS_BUFFER: usize = 64;
+
+type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+
+/// The service. Cheap to clone: every field is shared.
+#[derive(Debug, Clone)]
+pub struct ActivationMonitorService {
+    /// Monitors and their files.
+    data: Arc<DataDir>,
+    limits: Arc<Limits>,
+    /// One permit per open streaming call; a call that finds none is refused, never queued.
+    streams: Arc<Semaphore>,
+    /// Flagged computations, fanned out to watchers.
+    flags: broadcast::Sender<Arc<v1::ComputationScore>>,
+    /// Becomes true when the server starts shutting down, so that watchers (which never end by
+    /// themselves) let the graceful shutdown finish.
+    shutdown: watch::Receiver<bool>,
+}
+
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+}
+
+impl ActivationMonitorService {
+    pub fn new(data: Arc<DataDir>, limits: Limits, shutdown: watch::Receiver<bool>) -> Self {
+        let (flags, _) = broadcast::channel(limits.flag_buffer.max(1));
+        Self {
+            data,
+            streams: Arc::new(Semaphore::new(limits.max_concurrent_streams)),
+            limits: Arc::new(limits),
+            flags,
+            shutdown,
+        }
+    }
+
+    fn stream_permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::LimitExceeded {
+                limit: "max_concurrent_streams",
+                max: self.limits.max_concurrent_streams as u64,
+                detail: "too many streaming calls are open; retry later".into(),
+            })
+    }
+
+    fn check_rows(&self, batch: &v1::TraceBatch) -> Result<()> {
+        let rows = actwatch_proto::declared_rows(batch);
+        if rows > self.limits.max_batch_rows {
+            return Err(Error::LimitExceeded {
+                limit: "max_batch_rows",
+                max: self.limits.max_batch_rows as u64,
+                detail: format!("a batch of site {:?} has {rows} rows", batch.site),
+            });
+        }
+        Ok(())
+    }
+
+    fn fitted(entry: &MonitorEntry) -> Result<Arc<FittedMonitor>> {
+        entry
+            .fitted()
+            .ok_or_else(|| Error::NotFitted(entry.name.clone()))
+    }
+
+    /// Sends flagged computations to watchers. Nobody watching is not an error.
+    fn publish_flags(&self, computations: &[v1::ComputationScore]) {
+        for c in computations.iter().filter(|c| c.flagged) {
+            let _ = self.flags.send(Arc::new(c.clone()));
+        }
+    }
+
+    fn inbound_error(&self, status: Status) -> Status {
+        Error::from_inbound(status, self.limits.max_message_bytes)
+    }
+}
+
+/// Fit progress into a bounded channel; lossy, so a slow client never stalls the fit.
+struct ChannelProgress {
+    tx: mpsc::Sender<Result<v1::FitProgress, Status>>,
+    /// (phase, rows done, rows total)
+    phase: Mutex<(String, u64, u64)>,
+}
+
+impl ChannelProgress {
+    fn update(&self, f: impl FnOnce(&mut (String, u64, u64))) {
+        let mut p = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut p);
+        let _ = self.tx.try_send(Ok(v1::FitProgress {
+            event: Some(v1::fit_progress::Event::Phase(v1::Phase {
+                name: p.0.clone(),
+                rows_done: p.1,
+                rows_total: p.2,
+            })),
+        }));
+    }
+}
+
+impl Progress for ChannelProgress {
+    fn start(&self, phase: &str, total_rows: u64) {
+        self.update(|p| *p = (phase.to_string(), 0, total_rows));
+    }
+
+    fn advance(&self, rows: u64) {
+        self.update(|p| p.1 += rows);
+    }
+
+    fn finish(&self) {
+        self.update(|p| p.1 = p.2);
+    }
+}
+
+/// Fits on the committed segments, saves the artifact (atomically replacing the old one), loads
+/// it back (so the served fit is exactly what a restart loads) and swaps it in.
+fn fit_and_install(
+    entry: &MonitorEntry,
+    segments: &[PathBuf],
+    progress: &dyn Progress,
+) -> Result<Arc<FittedMonitor>> {
+    let (monitor, reference) = fit_monitor(
+        segments,
+        &ReadOptions::default(),
+        entry.options.clone(),
+        progress,
+    )?;
+    let dir = entry.fitted_dir();
+    save_monitor(&monitor, &reference, &dir)?;
+    drop(monitor);
+    let (monitor, manifest) = load_monitor(&dir)?;
+    entry.install_fit(monitor, &manifest)
+}
+
+#[tonic::async_trait]
+impl ActivationMonitor for ActivationMonitorService {
+    async fn create_monitor(
+        &self,
+        request: Request<v1::CreateMonitorRequest>,
+    ) -> Result<Response<v1::MonitorInfo>, Status> {
+        let v1::CreateMonitorRequest { name, spec } = request.into_inner();
+        check_name(&name)?;
+        let spec = StoredSpec::from_proto(spec)?;
+        let data = self.data.clone();
+        let entry = blocking(move || data.create(&name, spec)).await?;
+        Ok(Response::new(entry.info()))
+    }
+
+    async fn get_monitor(
+        &self,
+        request: Request<v1::GetMonitorRequest>,
+    ) -> Result<Response<v1::MonitorInfo>, Status> {
+        let v1::GetMonitorRequest { name } = request.into_inner();
+        Ok(Response::new(self.data.get(&name)?.info()))
+    }
+
+    async fn list_monitors(
+        &self,
+        request: Request<v1::ListMonitorsRequest>,
+    ) -> Result<Response<v1::ListMonitorsResponse>, Status> {
+        let v1::ListMonitorsRequest {} = request.into_inner();
+        let monitors = self.data.list().iter().map(|m| m.info()).collect();
+        Ok(Response::new(v1::ListMonitorsResponse { monitors }))
+    }
+
+    async fn delete_monitor(
+        &self,
+        request: Request<v1::DeleteMonitorRequest>,
+    ) -> Result<Response<v1::DeleteMonitorResponse>, Status> {
+        let v1::DeleteMonitorRequest { name } = request.into_inner();
+        let entry = self.data.get(&name)?;
+        // Wait for a running fit, so it never writes into a deleted monitor's folder.
+        let _fit = entry.fit_lock.clone().lock_owned().await;
+        let data = self.data.clone();
+        blocking(move || data.delete(&name)).await?;
+        Ok(Response::new(v1::DeleteMonitorResponse {}))
+    }
+
+    async fn ingest_reference(
+        &self,
+        request: Request<Streaming<v1::IngestReferenceRequest>>,
+    ) -> Result<Response<v1::IngestReferenceSummary>, Status> {
+        let _permit = self.stream_permit()?;
+        let mut inbound = request.into_inner();
+        let mut session: Option<IngestSession> = None;
+        // Any error returns early: the session is dropped, its temporary files removed, and
+        // nothing of this stream is stored.
+        while let Some(msg) = inbound.message().await.map_err(|s| self.inbound_error(s))? {
+            let v1::IngestReferenceRequest { monitor, batch } = msg;
+            let sess = match session.take() {
+                None if monitor.is_empty() => {
+                    return Err(Error::BadStream(
+                        "the first IngestReference message must name the monitor".into(),
+                    )
+                    .into())
+                }
+                None => IngestSession::new(self.data.get(&monitor)?),
+                Some(s) if !monitor.is_empty() && monitor != s.entry().name => {
+                    return Err(Error::BadStream(format!(
+                        "stream started for monitor {:?}, a later message names {monitor:?}",
+                        s.entry().name
+                    ))
+                    .into())
+                }
+                Some(s) => s,
+            };
+            let Some(batch) = batch else {
+                session = Some(sess);
+                continue;
+            };
+            self.check_rows(&batch)?;
+            let payload = batch
+                .activations
+                .as_ref()
+                .map_or(0, |t| t.data.len() as u64);
+            session = Some(
+                blocking(move || {
+                    let mut sess = sess;
+                    let decoded = actwatch_proto::decode_trace_batch(batch)?;
+                    sess.add(decoded, payload)?;
+                    Ok(sess)
+                })
+                .await?,
+            );
+        }
+        let Some(sess) = session else {
+            return Err(Error::BadStream(
+                "empty IngestReference stream: the first message must name the monitor".into(),
+            )
+            .into());
+        };
+        let summary = blocking(move || {
+            let (rows, bytes, batches) = (sess.rows, sess.bytes, sess.batches);
+            let total_rows = sess.commit()?;
+            Ok(v1::IngestReferenceSummary {
+                rows,
+                bytes,
+                batches,
+                total_rows,
+            })
+        })
+        .await?;
+        Ok(Response::new(summary))
+    }
+
+    type FitStream = ResponseStream<v1::FitProgress>;
+
+    async fn fit(
+        &self,
+        request: Request<v1::FitRequest>,
+    ) -> Result<Response<Self::FitStream>, Status> {
+        let v1::FitRequest { monitor } = request.into_inner();
+        let entry = self.data.get(&monitor)?;
+        let permit = self.stream_permit()?;
+        let guard = entry
+            .fit_lock
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| Error::FitInProgress(monitor.clone()))?;
+        let segments = entry.segment_paths();
+        if segments.is_empty() {
+            return Err(Error::NoReferenceData(monitor).into());
+        }
+        let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _guard = guard;
+            let progress = ChannelProgress {
+                tx: tx.clone(),
+                phase: Mutex::new((String::new(), 0, 0)),
+            };
+            // A fit that started runs to the end and is installed even if the client leaves.
+            let result = blocking(move || fit_and_install(&entry, &segments, &progress)).await;
+            let last = result.map_or_else(
+                |e| Err(Status::from(e)),
+                |fitted| {
+                    Ok(v1::FitProgress {
+                        event: Some(v1::fit_progress::Event::Report(fitted.report.clone())),
+                    })
+                },
+            );
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn score(
+        &self,
+        request: Request<v1::ScoreRequest>,
+    ) -> Result<Response<v1::ScoreResponse>, Status> {
+        let v1::ScoreRequest {
+            monitor,
+            batches,
+            complete: complete_all,
+        } = request.into_inner();
+        let entry = self.data.get(&monitor)?;
+        let fitted = Self::fitted(&entry)?;
+        for b in &batches {
+            self.check_rows(b)?;
+        }
+        let max_open = self.limits.max_open_computations;
+        let (traces, logged) = blocking(move || {
+            let mut open = OpenComputations::default();
+            let mut traces = Vec::new();
+            for b in batches {
+                let decoded = actwatch_proto::decode_trace_batch(b)?;
+                traces.extend(score_batch(&fitted, decoded, &mut open, max_open)?);
+            }
+            let logged = if complete_all {
+                let ids = open.ids();
+                let logged = complete(&fitted, &mut open, &ids)?;
+                entry.log_scores(&logged)?;
+                logged
+            } else {
+                Vec::new()
+            };
+            Ok((traces, logged))
+        })
+        .await?;
+        let computations: Vec<_> = logged.iter().map(|l| l.to_proto(&monitor)).collect();
+        self.publish_flags(&computations);
+        Ok(Response::new(v1::ScoreResponse {
+            traces,
+            computations,
+        }))
+    }
+
+    type StreamScoresStream = ResponseStream<v1::StreamScoresResponse>;
+
+    async fn stream_scores(
+        &self,
+        request: Request<Streaming<v1::StreamScoresRequest>>,
+    ) -> Result<Response<Self::StreamScoresStream>, Status> {
+        use v1::stream_scores_request::Event as In;
+        use v1::stream_scores_response::Event as Out;
+        let permit = self.stream_permit()?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| self.inbound_error(s))?
+            .ok_or_else(|| Error::BadStream("empty StreamScores stream".into()))?;
+        let v1::StreamScoresRequest { event } = first;
+        let Some(In::Monitor(name)) = event else {
+            return Err(Error::BadStream(
+                "the first StreamScores message must be `monitor`".into(),
+            )
+            .into());
+        };
+        let entry = self.data.get(&name)?;
+        // The stream keeps the fit it started with: a refit serves new streams, and this
+        // stream's open computations stay consistent.
+        let fitted = Self::fitted(&entry)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut open = OpenComputations::default();
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(this.inbound_error(s))).await;
+                        break;
+                    }
+                };
+                let v1::StreamScoresRequest { event } = msg;
+                let step: Result<(OpenComputations, Vec<v1::StreamScoresResponse>)> = match event {
+                    None => Err(Error::BadStream("a message without an event".into())),
+                    Some(In::Monitor(_)) => Err(Error::BadStream(
+                        "`monitor` may only be sent in the first message".into(),
+                    )),
+                    Some(In::Batch(batch)) => match this.check_rows(&batch) {
+                        Err(e) => Err(e),
+                        Ok(()) => {
+                            let fitted = fitted.clone();
+                            let max_open = this.limits.max_open_computations;
+                            let mut o = std::mem::take(&mut open);
+                            blocking(move || {
+                                let decoded = actwatch_proto::decode_trace_batch(batch)?;
+                                let traces = score_batch(&fitted, decoded, &mut o, max_open)?;
+                                let out = v1::StreamScoresResponse {
+                                    event: Some(Out::Traces(v1::TraceScores { traces })),
+                                };
+                                Ok((o, vec![out]))
+                            })
+                            .await
+                        }
+                    },
+                    Some(In::Complete(v1::CompleteComputations { trace_ids })) => {
+                        let fitted = fitted.clone();
+                        let entry = entry.clone();
+                        let mut o = std::mem::take(&mut open);
+                        let name = name.clone();
+                        match blocking(move || {
+                            let logged = complete(&fitted, &mut o, &trace_ids)?;
+                            entry.log_scores(&logged)?;
+                            Ok((o, logged))
+                        })
+                        .await
+                        {
+                            Err(e) => Err(e),
+                            Ok((o, logged)) => {
+                                let computations: Vec<_> =
+                                    logged.iter().map(|l| l.to_proto(&name)).collect();
+                                this.publish_flags(&computations);
+                                let out = computations
+                                    .into_iter()
+                                    .map(|c| v1::StreamScoresResponse {
+                                        event: Some(Out::Computation(c)),
+                                    })
+                                    .collect();
+                                Ok((o, out))
+                            }
+                        }
+                    }
+                };
+                match step {
+                    Ok((o, responses)) => {
+                        open = o;
+                        for r in responses {
+                            if tx.send(Ok(r)).await.is_err() {
+                                return; // the client is gone
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type WatchFlagsStream = ResponseStream<v1::FlagEvent>;
+
+    /// A watcher that reads slower than flags are raised falls behind; once it is more than
+    /// `Limits::flag_buffer` events behind, its stream ends with RESOURCE_EXHAUSTED naming
+    /// `flag_buffer` and how many events it missed (QueryScores with `flagged_only` recovers them
+    /// from the log). At shutdown watchers end with UNAVAILABLE.
+    async fn watch_flags(
+        &self,
+        request: Request<v1::WatchFlagsRequest>,
+    ) -> Result<Response<Self::WatchFlagsStream>, Status> {
+        let v1::WatchFlagsRequest {
+            monitors,
+            max_p_value,
+        } = request.into_inner();
+        let permit = self.stream_permit()?;
+        let monitors: HashSet<String> = monitors.into_iter().collect();
+        let mut events = self.flags.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        let flag_buffer = self.limits.flag_buffer as u64;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                if *shutdown.borrow_and_update() {
+                    let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                    return;
+                }
+                let event = tokio::select! {
+                    _ = shutdown.changed() => continue,
+                    () = tx.closed() => return,
+                    e = events.recv() => e,
+                };
+                match event {
+                    Ok(c) => {
+                        let wanted = (monitors.is_empty() || monitors.contains(&c.monitor))
+                            && (max_p_value <= 0.0 || c.p_value <= max_p_value);
+                        if wanted {
+                            let ev = v1::FlagEvent {
+                                computation: Some((*c).clone()),
+                            };
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let e = Error::LimitExceeded {
+                            limit: "flag_buffer",
+                            max: flag_buffer,
+                            detail: format!(
+                                "this watcher fell {missed} flag events behind and was disconnected; \
+                                 QueryScores with flagged_only recovers them"
+                            ),
+                        };
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn query_scores(
+        &self,
+        request: Request<v1::QueryScoresRequest>,
+    ) -> Result<Response<v1::QueryScoresResponse>, Status> {
+        let v1::QueryScoresRequest {
+            monitor,
+            trace_ids,
+            since_unix_ms,
+            until_unix_ms,
+            flagged_only,
+            limit,
+        } = request.into_inner();
+        let entry = self.data.get(&monitor)?;
+        let limit = match limit {
+            0 => self.limits.query_limit,
+            n => (n as usize).min(self.limits.max_query_limit),
+        };
+        let filter = ScoreFilter {
+            trace_ids: trace_ids.into_iter().collect(),
+            since_unix_ms,
+            until_unix_ms,
+            flagged_only,
+        };
+        let logged = blocking(move || entry.query_scores(&filter, limit)).await?;
+        let results = logged.iter().map(|l| l.to_proto(&monitor)).collect();
+        Ok(Response::new(v1::QueryScoresResponse { results }))
+    }
+}

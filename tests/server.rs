@@ -1,0 +1,724 @@
+//! End to end over real gRPC on 127.0.0.1 (ephemeral ports): an in-process `actwatch_server::serve`
+//! task and the generated tonic client. Ingest the MiniLM reference set through the API, fit,
+//! stream-score the dev files and get the same p-values as the batch pipeline on the same
+//! artifact; restart and get the same answers; bad input answered with precise statuses while
+//! another stream keeps working.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use actwatch_core::Dtype;
+use actwatch_io::artifact::load_monitor;
+use actwatch_io::pipeline::{score_computations, NoProgress};
+use actwatch_io::reader::{ReadOptions, TraceColumns, TraceReader};
+use actwatch_proto::encode_trace_batch;
+use actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient;
+use actwatch_proto::v1::{self, fit_progress, stream_scores_request, stream_scores_response};
+use actwatch_server::Limits;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = ActivationMonitorClient<Channel>;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/minilm")
+        .join(name)
+}
+
+fn minilm_read_options() -> ReadOptions {
+    ReadOptions {
+        columns: TraceColumns::new("id", "layer", "activation"),
+        ..ReadOptions::default()
+    }
+}
+
+/// A server on an ephemeral loopback port that owns its shutdown.
+struct TestServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<actwatch_server::Result<()>>,
+}
+
+impl TestServer {
+    async fn start(dir: &Path, limits: Limits) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(actwatch_server::serve(
+            listener,
+            dir.to_path_buf(),
+            limits,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Self { addr, stop, task }
+    }
+
+    async fn client(&self) -> Client {
+        ActivationMonitorClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("graceful shutdown finishes")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// One proto batch per (reader batch, site group): exactly the blocks the batch pipeline scores.
+fn file_batches(path: &Path, dtype: Dtype) -> (Vec<v1::TraceBatch>, Vec<String>) {
+    let reader = TraceReader::open(&[path.to_path_buf()], minilm_read_options()).unwrap();
+    let mut out = Vec::new();
+    let mut ids = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        for id in &batch.trace_ids {
+            if seen.insert(id.clone()) {
+                ids.push(id.clone());
+            }
+        }
+        for (site, rows) in batch.site_groups() {
+            let v = batch.gather(&rows).unwrap();
+            let trace_ids = rows.iter().map(|&r| batch.trace_ids[r].clone()).collect();
+            out.push(encode_trace_batch(
+                &site,
+                trace_ids,
+                vec![],
+                v.dim(),
+                v.as_slice(),
+                dtype,
+            ));
+        }
+    }
+    (out, ids)
+}
+
+async fn create(client: &mut Client, name: &str) -> v1::MonitorInfo {
+    client
+        .create_monitor(v1::CreateMonitorRequest {
+            name: name.into(),
+            spec: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn ingest(
+    client: &mut Client,
+    monitor: &str,
+    batches: Vec<v1::TraceBatch>,
+) -> Result<v1::IngestReferenceSummary, tonic::Status> {
+    let msgs: Vec<_> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| v1::IngestReferenceRequest {
+            monitor: if i == 0 {
+                monitor.into()
+            } else {
+                String::new()
+            },
+            batch: Some(b),
+        })
+        .collect();
+    client
+        .ingest_reference(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Fits and returns (progress messages seen, the report).
+async fn fit(client: &mut Client, monitor: &str) -> (usize, v1::FitReport) {
+    let mut stream = client
+        .fit(v1::FitRequest {
+            monitor: monitor.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut phases = 0;
+    let mut report = None;
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg.event.unwrap() {
+            fit_progress::Event::Phase(p) => {
+                assert!(report.is_none(), "progress after the report");
+                assert!(p.name == "fit" || p.name == "calibrate", "{p:?}");
+                phases += 1;
+            }
+            fit_progress::Event::Report(r) => report = Some(r),
+        }
+    }
+    (phases, report.expect("the fit ends with a report"))
+}
+
+/// An open StreamScores call: send requests, read responses.
+#[derive(Debug)]
+struct ScoreStream {
+    tx: mpsc::Sender<v1::StreamScoresRequest>,
+    rx: tonic::Streaming<v1::StreamScoresResponse>,
+}
+
+impl ScoreStream {
+    async fn open(client: &mut Client, monitor: &str) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(v1::StreamScoresRequest {
+            event: Some(stream_scores_request::Event::Monitor(monitor.into())),
+        })
+        .await
+        .unwrap();
+        let rx = client
+            .stream_scores(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self { tx, rx })
+    }
+
+    async fn send(&self, event: stream_scores_request::Event) {
+        self.tx
+            .send(v1::StreamScoresRequest { event: Some(event) })
+            .await
+            .unwrap();
+    }
+
+    async fn batch(&mut self, b: v1::TraceBatch) -> Result<Vec<v1::TraceScore>, tonic::Status> {
+        let rows = b.trace_ids.len();
+        self.send(stream_scores_request::Event::Batch(b)).await;
+        match self.rx.message().await?.and_then(|m| m.event) {
+            Some(stream_scores_response::Event::Traces(t)) => {
+                assert_eq!(t.traces.len(), rows);
+                Ok(t.traces)
+            }
+            other => panic!("expected trace scores, got {other:?}"),
+        }
+    }
+
+    async fn complete(&mut self, ids: Vec<String>) -> Vec<v1::ComputationScore> {
+        let n = ids.len();
+        self.send(stream_scores_request::Event::Complete(
+            v1::CompleteComputations { trace_ids: ids },
+        ))
+        .await;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.rx.message().await.unwrap().and_then(|m| m.event) {
+                Some(stream_scores_response::Event::Computation(c)) => out.push(c),
+                other => panic!("expected a computation, got {other:?}"),
+            }
+        }
+        out
+    }
+}
+
+fn status_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Status {
+    r.expect_err("expected an error status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_fit_stream_score_match_the_batch_pipeline_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+
+    // Health and the service are up.
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "actwatch.v1.ActivationMonitor".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let info = create(&mut client, "minilm").await;
+    assert!(!info.fitted);
+    assert_eq!(info.spec.unwrap().detectors, ["gaussian", "knn"]);
+    let again = client
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "minilm".into(),
+            spec: None,
+        })
+        .await;
+    assert_eq!(status_of(again).code(), Code::AlreadyExists);
+
+    // Ingest the reference set through the API, f32 on the wire.
+    let (train, _) = file_batches(&data("train.parquet"), Dtype::F32);
+    let n_batches = train.len() as u64;
+    let summary = ingest(&mut client, "minilm", train).await.unwrap();
+    assert_eq!(summary.rows, 18_000);
+    assert_eq!(summary.total_rows, 18_000);
+    assert_eq!(summary.batches, n_batches);
+    assert_eq!(summary.bytes, 18_000 * 384 * 4);
+
+    let (phases, report) = fit(&mut client, "minilm").await;
+    assert!(phases >= 2, "{phases} progress messages");
+    assert_eq!(report.fit_version, 1);
+    assert_eq!(report.reference_rows, 18_000);
+    assert!(report.calibration_computations > 1000);
+    let info = client
+        .get_monitor(v1::GetMonitorRequest {
+            name: "minilm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.fitted);
+    assert_eq!(info.sites.len(), 3);
+    assert!(info
+        .sites
+        .iter()
+        .all(|s| s.width == 384 && s.reference_rows == 6000));
+
+    // A watcher, listening before anything is scored.
+    let mut watcher = client
+        .watch_flags(v1::WatchFlagsRequest {
+            monitors: vec!["minilm".into()],
+            max_p_value: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The batch pipeline on the server's own fitted artifact: the oracle.
+    let (artifact, _) = load_monitor(&dir.path().join("monitors/minilm/fitted")).unwrap();
+    let mut served: HashMap<String, v1::ComputationScore> = HashMap::new();
+    let mut total_flagged = 0;
+    for file in ["dev_id.parquet", "dev_ood_code.parquet"] {
+        let (batches, ids) = file_batches(&data(file), Dtype::F32);
+        let mut stream = ScoreStream::open(&mut client, "minilm").await.unwrap();
+        for b in batches {
+            stream.batch(b).await.unwrap();
+        }
+        let results = stream.complete(ids.clone()).await;
+        let oracle = score_computations(
+            &artifact,
+            &[data(file)],
+            &minilm_read_options(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(oracle.ids, ids);
+        for (c, (id, want)) in results.iter().zip(oracle.ids.iter().zip(&oracle.results)) {
+            assert_eq!(&c.trace_id, id);
+            assert_eq!(
+                c.p_value, want.p_value,
+                "{id}: p-value differs from the batch pipeline"
+            );
+            assert_eq!(c.score, want.score, "{id}");
+            assert_eq!(c.flagged, want.flagged, "{id}");
+            assert_eq!(c.traces, want.traces);
+            assert_eq!(c.fit_version, 1);
+            let slot_p: Vec<Option<f64>> = c.slots.iter().map(|s| s.p_value).collect();
+            assert_eq!(slot_p, want.slot_p);
+            served.insert(id.clone(), c.clone());
+        }
+        total_flagged += results.iter().filter(|c| c.flagged).count();
+        if file == "dev_ood_code.parquet" {
+            let flagged = results.iter().filter(|c| c.flagged).count();
+            assert!(flagged > 0, "no code line flagged");
+        }
+    }
+
+    // The watcher saw a flagged computation of this monitor.
+    let event = tokio::time::timeout(Duration::from_secs(30), watcher.message())
+        .await
+        .expect("a flag event arrives")
+        .unwrap()
+        .expect("the watch stream is open");
+    let flagged = event.computation.unwrap();
+    assert_eq!(flagged.monitor, "minilm");
+    assert!(flagged.flagged);
+    assert_eq!(served[&flagged.trace_id].p_value, flagged.p_value);
+    drop(watcher);
+
+    // QueryScores: by id, and flagged only, from the durable log.
+    let some_id = served.keys().find(|k| k.contains("code")).unwrap().clone();
+    let q = client
+        .query_scores(v1::QueryScoresRequest {
+            monitor: "minilm".into(),
+            trace_ids: vec![some_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.results.len(), 1);
+    assert_eq!(q.results[0].p_value, served[&some_id].p_value);
+    let q = client
+        .query_scores(v1::QueryScoresRequest {
+            monitor: "minilm".into(),
+            flagged_only: true,
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.results.len(), total_flagged.min(50));
+    assert!(q.results.iter().all(|c| c.flagged));
+    // Newest first: the last flagged code line comes first.
+    assert!(q
+        .results
+        .windows(2)
+        .all(|w| w[0].scored_at_unix_ms >= w[1].scored_at_unix_ms));
+
+    // Restart on the same data directory: the same answers, now from the unary Score.
+    drop(client);
+    drop(health);
+    server.stop().await;
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    let info = client
+        .get_monitor(v1::GetMonitorRequest {
+            name: "minilm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.fitted);
+    assert_eq!(info.fit_version, 1);
+    assert_eq!(info.reference_rows, 18_000);
+    let (batches, _) = file_batches(&data("dev_ood_code.parquet"), Dtype::F32);
+    let r = client
+        .score(v1::ScoreRequest {
+            monitor: "minilm".into(),
+            batches,
+            complete: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.traces.len(), 1500);
+    assert_eq!(r.computations.len(), 500);
+    for c in &r.computations {
+        assert_eq!(c.p_value, served[&c.trace_id].p_value, "{}", c.trace_id);
+        assert_eq!(c.score, served[&c.trace_id].score);
+    }
+    // The log kept the results from before the restart too.
+    let q = client
+        .query_scores(v1::QueryScoresRequest {
+            monitor: "minilm".into(),
+            trace_ids: vec![some_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.results.len(), 2);
+    drop(client);
+    server.stop().await;
+}
+
+/// Seeded synthetic traces: `n` computations, sites "a" (width 8) and "b" (width 4).
+fn synthetic(n: usize, seed: u64) -> Vec<(String, Vec<String>, usize, Vec<f32>)> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // Sum of uniforms: roughly normal.
+        (0..4)
+            .map(|k| ((state.rotate_left(16 * k) >> 40) as f32) / (1u64 << 24) as f32)
+            .sum::<f32>()
+            - 2.0
+    };
+    let ids: Vec<String> = (0..n).map(|i| format!("c{seed}-{i}")).collect();
+    [("a", 8usize), ("b", 4usize)]
+        .into_iter()
+        .map(|(site, d)| {
+            let v: Vec<f32> = (0..n * d).map(|_| next()).collect();
+            (site.to_string(), ids.clone(), d, v)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_batch_rows: 1000,
+        max_message_bytes: 1 << 20,
+        max_concurrent_streams: 3,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    create(&mut client, "synth").await;
+    create(&mut client, "empty").await;
+
+    // Reference data, site "b" sent as f16 and bf16 to prove decoding.
+    let reference: Vec<v1::TraceBatch> = synthetic(600, 1)
+        .into_iter()
+        .flat_map(|(site, ids, d, v)| {
+            let half = ids.len() / 2;
+            let (dt1, dt2) = if site == "b" {
+                (Dtype::F16, Dtype::Bf16)
+            } else {
+                (Dtype::F32, Dtype::F32)
+            };
+            [
+                encode_trace_batch(&site, ids[..half].to_vec(), vec![], d, &v[..half * d], dt1),
+                encode_trace_batch(&site, ids[half..].to_vec(), vec![], d, &v[half * d..], dt2),
+            ]
+        })
+        .collect();
+    let summary = ingest(&mut client, "synth", reference).await.unwrap();
+    assert_eq!(summary.rows, 1200);
+    assert_eq!(summary.bytes, 600 * 8 * 4 + 600 * 4 * 2);
+    let (_, report) = fit(&mut client, "synth").await;
+    assert_eq!(report.reference_rows, 1200);
+
+    let score_set = synthetic(20, 2);
+    let batch_of = |site: usize, lo: usize, hi: usize| {
+        let (s, ids, d, v) = &score_set[site];
+        encode_trace_batch(
+            s,
+            ids[lo..hi].to_vec(),
+            (lo as i32..hi as i32).collect(),
+            *d,
+            &v[lo * d..hi * d],
+            Dtype::F32,
+        )
+    };
+
+    // A well-behaved stream, open throughout.
+    let mut good = ScoreStream::open(&mut client, "synth").await.unwrap();
+    let t = good.batch(batch_of(0, 0, 10)).await.unwrap();
+    assert_eq!(t[3].position, Some(3));
+    assert_eq!(t[3].detectors.len(), 2);
+
+    let score = |batch: v1::TraceBatch, monitor: &str| v1::ScoreRequest {
+        monitor: monitor.into(),
+        batches: vec![batch],
+        complete: true,
+    };
+    let expect =
+        |r: Result<tonic::Response<v1::ScoreResponse>, tonic::Status>, code: Code, needle: &str| {
+            let s = status_of(r);
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(
+                s.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                s.message()
+            );
+        };
+
+    // Wrong width for the site.
+    let (_, ids, _, v) = &score_set[0];
+    let wrong_width = encode_trace_batch("a", ids[..2].to_vec(), vec![], 4, &v[..8], Dtype::F32);
+    expect(
+        client.score(score(wrong_width.clone(), "synth")).await,
+        Code::InvalidArgument,
+        "width 8",
+    );
+    // ... and at ingest, where nothing of the stream is acknowledged or left behind.
+    let mut batches = vec![batch_of(0, 10, 12)];
+    batches.push(wrong_width);
+    let s = status_of(ingest(&mut client, "synth", batches).await);
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let info = client
+        .get_monitor(v1::GetMonitorRequest {
+            name: "synth".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.reference_rows, 1200);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("monitors/synth/reference"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Byte count that does not match the dtype: f16 bytes declared as f32.
+    let mut wrong_dtype = batch_of(0, 0, 2);
+    wrong_dtype.activations.as_mut().unwrap().dtype = v1::DType::DtypeF16 as i32;
+    expect(
+        client.score(score(wrong_dtype, "synth")).await,
+        Code::InvalidArgument,
+        "needs 32 bytes",
+    );
+    // NaN.
+    let mut vals = score_set[0].3[..16].to_vec();
+    vals[9] = f32::NAN;
+    let nan = encode_trace_batch(
+        "a",
+        score_set[0].1[..2].to_vec(),
+        vec![],
+        8,
+        &vals,
+        Dtype::F32,
+    );
+    expect(
+        client.score(score(nan, "synth")).await,
+        Code::InvalidArgument,
+        "non-finite",
+    );
+    // Ragged: shape [rows, cols] that does not match the trace ids.
+    let mut ragged = batch_of(0, 0, 4);
+    ragged.trace_ids.pop();
+    expect(
+        client.score(score(ragged, "synth")).await,
+        Code::InvalidArgument,
+        "3 trace ids for 4 rows",
+    );
+    let mut three_d = batch_of(0, 0, 4);
+    three_d.activations.as_mut().unwrap().shape = vec![4, 2, 4];
+    expect(
+        client.score(score(three_d, "synth")).await,
+        Code::InvalidArgument,
+        "[rows, cols]",
+    );
+    // Unknown monitor; a monitor that is not fitted.
+    expect(
+        client.score(score(batch_of(0, 0, 2), "nope")).await,
+        Code::NotFound,
+        "nope",
+    );
+    expect(
+        client.score(score(batch_of(0, 0, 2), "empty")).await,
+        Code::FailedPrecondition,
+        "not fitted",
+    );
+    assert_eq!(
+        status_of(ScoreStream::open(&mut client, "empty").await).code(),
+        Code::FailedPrecondition
+    );
+    // Too many rows in a batch.
+    let big: Vec<f32> = vec![0.5; 1001 * 4];
+    let ids: Vec<String> = (0..1001).map(|i| format!("big{i}")).collect();
+    let too_many = encode_trace_batch("b", ids, vec![], 4, &big, Dtype::F32);
+    expect(
+        client.score(score(too_many, "synth")).await,
+        Code::ResourceExhausted,
+        "max_batch_rows",
+    );
+    // A message over the size limit, in a stream.
+    let huge: Vec<f32> = vec![0.5; 900 * 400];
+    let ids: Vec<String> = (0..900).map(|i| format!("huge{i}")).collect();
+    let s = status_of(
+        ingest(
+            &mut client,
+            "synth",
+            vec![encode_trace_batch(
+                "wide",
+                ids,
+                vec![],
+                400,
+                &huge,
+                Dtype::F32,
+            )],
+        )
+        .await,
+    );
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("max_message_bytes"), "{s:?}");
+    // Too many concurrent streams: `good` holds one permit, two watchers the others.
+    let mut watchers = Vec::new();
+    for _ in 0..2 {
+        watchers.push(
+            client
+                .watch_flags(v1::WatchFlagsRequest::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let s = status_of(client.watch_flags(v1::WatchFlagsRequest::default()).await);
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("max_concurrent_streams"), "{s:?}");
+    drop(watchers);
+
+    // The good stream kept working through all of that.
+    good.batch(batch_of(1, 0, 10)).await.unwrap();
+    let ids: Vec<String> = score_set[0].1[..10].to_vec();
+    let results = good.complete(ids.clone()).await;
+    assert_eq!(
+        results
+            .iter()
+            .map(|c| c.trace_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert!(results.iter().all(|c| c.traces == 2 && c.slots.len() == 4));
+    // Completing a computation twice ends that stream with INVALID_ARGUMENT.
+    good.send(stream_scores_request::Event::Complete(
+        v1::CompleteComputations {
+            trace_ids: vec![ids[0].clone()],
+        },
+    ))
+    .await;
+    let s = good.rx.message().await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+
+    // Bad names and specs; delete.
+    let s = status_of(
+        client
+            .create_monitor(v1::CreateMonitorRequest {
+                name: "../etc".into(),
+                spec: None,
+            })
+            .await,
+    );
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let s = status_of(
+        client
+            .create_monitor(v1::CreateMonitorRequest {
+                name: "x".into(),
+                spec: Some(v1::MonitorSpec {
+                    fusion: "median".into(),
+                    ..Default::default()
+                }),
+            })
+            .await,
+    );
+    assert_eq!(s.code(), Code::InvalidArgument);
+    client
+        .delete_monitor(v1::DeleteMonitorRequest {
+            name: "empty".into(),
+        })
+        .await
+        .unwrap();
+    let list = client
+        .list_monitors(v1::ListMonitorsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.monitors
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["synth"]
+    );
+    assert!(!dir.path().join("monitors/empty").exists());
+
+    drop(good);
+    drop(client);
+    server.stop().await;
+}
