@@ -50,14 +50,129 @@ enum Command {
     Serve(ServeArgs),
 }
 
-#[derive(Args)]
+/// `actwatch serve` defaults, below the config file, the environment and the flags.
+const DEFAULT_DATA_DIR: &str = "./actwatch-data";
+const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// The `--metrics-listen` value that disables the metrics endpoint.
+const METRICS_OFF: &str = "off";
+
+/// Each setting is taken from, highest precedence first: its flag, its environment variable, the
+/// `--config` file, the default.
+#[derive(Args, Debug)]
+#[command(
+    after_long_help = "Logs go to stderr, filtered by RUST_LOG (default: info), e.g. RUST_LOG=actwatch_server=debug.\n\nMetrics (Prometheus text format 0.0.4, GET /metrics): actwatch_ingest_rows_total, actwatch_ingest_bytes_total, actwatch_scored_traces_total, actwatch_scored_computations_total, actwatch_flags_total, actwatch_observed_flag_rate, actwatch_target_fpr (label monitor); actwatch_score_latency_seconds (histogram, label rpc); actwatch_rejected_calls_total (label code)."
+)]
 struct ServeArgs {
-    /// Directory holding every monitor: reference segments, fitted artifacts, score logs.
-    #[arg(long, default_value = "./actwatch-data")]
+    /// TOML config file. Keys: data_dir, listen, metrics_listen, and a [limits] table with any of
+    /// max_message_bytes, max_batch_rows, max_concurrent_streams, max_open_computations,
+    /// max_score_log_bytes, flag_buffer, query_limit, max_query_limit. An unknown key is an error.
+    /// Environment variables and flags override the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory holding every monitor: reference segments, fitted artifacts, score logs
+    /// [default: ./actwatch-data].
+    #[arg(long, env = "ACTWATCH_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address the gRPC API listens on [default: 127.0.0.1:50051].
+    #[arg(long, env = "ACTWATCH_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// Address of the Prometheus endpoint (GET /metrics), or `off` [default: 127.0.0.1:9464].
+    #[arg(long, env = "ACTWATCH_METRICS_LISTEN", value_name = "ADDR|off")]
+    metrics_listen: Option<String>,
+}
+
+/// The `--config` file. Every key is optional; unknown keys are refused, naming the key.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+/// The `[limits]` table: the fields of `actwatch_server::Limits`, each optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_message_bytes: Option<usize>,
+    max_batch_rows: Option<usize>,
+    max_concurrent_streams: Option<usize>,
+    max_open_computations: Option<usize>,
+    max_score_log_bytes: Option<u64>,
+    flag_buffer: Option<usize>,
+    query_limit: Option<usize>,
+    max_query_limit: Option<usize>,
+}
+
+impl LimitsFile {
+    fn apply(self, mut l: actwatch_server::Limits) -> actwatch_server::Limits {
+        let LimitsFile {
+            max_message_bytes,
+            max_batch_rows,
+            max_concurrent_streams,
+            max_open_computations,
+            max_score_log_bytes,
+            flag_buffer,
+            query_limit,
+            max_query_limit,
+        } = self;
+        l.max_message_bytes = max_message_bytes.unwrap_or(l.max_message_bytes);
+        l.max_batch_rows = max_batch_rows.unwrap_or(l.max_batch_rows);
+        l.max_concurrent_streams = max_concurrent_streams.unwrap_or(l.max_concurrent_streams);
+        l.max_open_computations = max_open_computations.unwrap_or(l.max_open_computations);
+        l.max_score_log_bytes = max_score_log_bytes.unwrap_or(l.max_score_log_bytes);
+        l.flag_buffer = flag_buffer.unwrap_or(l.flag_buffer);
+        l.query_limit = query_limit.unwrap_or(l.query_limit);
+        l.max_query_limit = max_query_limit.unwrap_or(l.max_query_limit);
+        l
+    }
+}
+
+/// What `actwatch serve` runs with, every layer applied.
+#[derive(Debug, PartialEq)]
+struct ServeConfig {
     data_dir: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
+    /// `None`: no metrics endpoint.
+    metrics_listen: Option<String>,
+    limits: actwatch_server::Limits,
+}
+
+impl ServeConfig {
+    /// Reads the `--config` file (if any) and layers it under `a` (flags, then environment).
+    fn resolve(a: ServeArgs) -> Result<Self> {
+        let file = match &a.config {
+            None => ConfigFile::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?
+            }
+        };
+        Ok(Self::layer(a, file))
+    }
+
+    fn layer(a: ServeArgs, file: ConfigFile) -> Self {
+        let metrics = a
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+        Self {
+            data_dir: a
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            listen: a
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            metrics_listen: (!metrics.eq_ignore_ascii_case(METRICS_OFF)).then_some(metrics),
+            limits: file.limits.apply(actwatch_server::Limits::default()),
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -225,6 +340,13 @@ impl Progress for Bars {
 
 fn main() {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Fit(a) => fit(a),
         Command::Score(a) => score(a),
@@ -240,28 +362,32 @@ fn main() {
 
 /// Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish.
 fn serve(a: ServeArgs) -> Result<()> {
+    let config = ServeConfig::resolve(a)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&a.listen)
+        let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", a.listen))?;
-        let addr = listener.local_addr()?;
-        eprintln!(
-            "actwatch: serving actwatch.v1 on {addr}, data in {}",
-            a.data_dir.display()
-        );
-        actwatch_server::serve(
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let metrics_listener = match &config.metrics_listen {
+            None => None,
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+            ),
+        };
+        actwatch_server::serve_with_metrics(
             listener,
-            a.data_dir.clone(),
-            actwatch_server::Limits::default(),
+            metrics_listener,
+            config.data_dir.clone(),
+            config.limits.clone(),
             shutdown_signal(),
         )
         .await
-        .with_context(|| format!("serving {}", a.data_dir.display()))?;
-        eprintln!("actwatch: stopped");
+        .with_context(|| format!("serving {}", config.data_dir.display()))?;
         Ok(())
     })
 }
@@ -287,7 +413,6 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-    eprintln!("actwatch: shutting down, finishing in-flight calls");
 }
 
 fn fit(a: FitArgs) -> Result<()> {
@@ -600,4 +725,107 @@ fn demo() -> Result<()> {
         "\nNext: `actwatch fit --help`, `actwatch score --help`, and the README's walk-through."
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENV: [&str; 3] = [
+        "ACTWATCH_DATA_DIR",
+        "ACTWATCH_LISTEN",
+        "ACTWATCH_METRICS_LISTEN",
+    ];
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let argv = ["actwatch", "serve"].iter().chain(argv);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => a,
+            _ => unreachable!("parsed `serve`"),
+        }
+    }
+
+    /// The only test that touches the `ACTWATCH_*` variables, so tests running in parallel never
+    /// see each other's environment.
+    #[test]
+    fn serve_settings_layer_defaults_then_file_then_env_then_flags() {
+        for v in ENV {
+            std::env::remove_var(v);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("actwatch.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n\
+             [limits]\nmax_batch_rows = 7\nmax_score_log_bytes = 1024\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+
+        let defaults = ServeConfig::resolve(serve_args(&[])).unwrap();
+        assert_eq!(
+            defaults,
+            ServeConfig {
+                data_dir: DEFAULT_DATA_DIR.into(),
+                listen: DEFAULT_LISTEN.into(),
+                metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
+                limits: actwatch_server::Limits::default(),
+            }
+        );
+
+        let from_file = ServeConfig::resolve(serve_args(&["--config", file])).unwrap();
+        assert_eq!(from_file.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(from_file.listen, "127.0.0.1:1");
+        assert_eq!(from_file.metrics_listen.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(
+            from_file.limits,
+            actwatch_server::Limits {
+                max_batch_rows: 7,
+                max_score_log_bytes: 1024,
+                ..actwatch_server::Limits::default()
+            }
+        );
+
+        std::env::set_var("ACTWATCH_LISTEN", "127.0.0.1:3");
+        std::env::set_var("ACTWATCH_METRICS_LISTEN", "off");
+        let env_over_file = ServeConfig::resolve(serve_args(&["--config", file])).unwrap();
+        assert_eq!(env_over_file.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(env_over_file.listen, "127.0.0.1:3");
+        assert_eq!(env_over_file.metrics_listen, None);
+        assert_eq!(env_over_file.limits.max_batch_rows, 7);
+
+        std::env::set_var("ACTWATCH_DATA_DIR", "/from/env");
+        let flags_over_env = ServeConfig::resolve(serve_args(&[
+            "--config",
+            file,
+            "--listen",
+            "127.0.0.1:4",
+            "--metrics-listen",
+            "127.0.0.1:5",
+        ]))
+        .unwrap();
+        assert_eq!(flags_over_env.data_dir, PathBuf::from("/from/env"));
+        assert_eq!(flags_over_env.listen, "127.0.0.1:4");
+        assert_eq!(
+            flags_over_env.metrics_listen.as_deref(),
+            Some("127.0.0.1:5")
+        );
+
+        let flag_off = ServeConfig::resolve(serve_args(&["--metrics-listen", "off"])).unwrap();
+        assert_eq!(flag_off.metrics_listen, None);
+        for v in ENV {
+            std::env::remove_var(v);
+        }
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors_naming_the_key() {
+        let top = toml::from_str::<ConfigFile>("listen = \"x\"\nlisen = \"y\"\n").unwrap_err();
+        assert!(top.to_string().contains("lisen"), "{top}");
+        let nested = toml::from_str::<ConfigFile>("[limits]\nmax_batch_rows = 1\nmax_rows = 3\n")
+            .unwrap_err();
+        assert!(nested.to_string().contains("max_rows"), "{nested}");
+        let missing = ServeConfig::resolve(serve_args(&["--config", "/nonexistent/actwatch.toml"]));
+        assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/actwatch.toml"));
+    }
 }

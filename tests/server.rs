@@ -47,11 +47,20 @@ struct TestServer {
 
 impl TestServer {
     async fn start(dir: &Path, limits: Limits) -> Self {
+        Self::start_with_metrics(dir, limits, None).await
+    }
+
+    async fn start_with_metrics(
+        dir: &Path,
+        limits: Limits,
+        metrics_listener: Option<TcpListener>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(actwatch_server::serve(
+        let task = tokio::spawn(actwatch_server::serve_with_metrics(
             listener,
+            metrics_listener,
             dir.to_path_buf(),
             limits,
             async move {
@@ -719,6 +728,138 @@ async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
     assert!(!dir.path().join("monitors/empty").exists());
 
     drop(good);
+    drop(client);
+    server.stop().await;
+}
+
+/// One HTTP/1.1 GET over a plain TCP connection: (status line, headers and body).
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample `series` (name and labels exactly as rendered).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    let server =
+        TestServer::start_with_metrics(dir.path(), Limits::default(), Some(metrics_listener)).await;
+    let mut client = server.client().await;
+    create(&mut client, "synth").await;
+
+    let reference: Vec<v1::TraceBatch> = synthetic(600, 1)
+        .into_iter()
+        .map(|(site, ids, d, v)| encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+        .collect();
+    let summary = ingest(&mut client, "synth", reference).await.unwrap();
+    assert_eq!(summary.rows, 1200);
+    let (_, report) = fit(&mut client, "synth").await;
+    assert_eq!(report.reference_rows, 1200);
+
+    // 20 computations of 2 traces each through Score; one more batch of 5 through StreamScores.
+    let batches: Vec<v1::TraceBatch> = synthetic(20, 2)
+        .into_iter()
+        .map(|(site, ids, d, v)| encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+        .collect();
+    let scored = client
+        .score(v1::ScoreRequest {
+            monitor: "synth".into(),
+            batches,
+            complete: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scored.computations.len(), 20);
+    let flagged = scored.computations.iter().filter(|c| c.flagged).count();
+    let mut stream = ScoreStream::open(&mut client, "synth").await.unwrap();
+    let (site, ids, d, v) = synthetic(5, 3).swap_remove(0);
+    stream
+        .batch(encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+        .await
+        .unwrap();
+    drop(stream);
+
+    // Two rejected calls: NOT_FOUND and INVALID_ARGUMENT.
+    let missing = client
+        .get_monitor(v1::GetMonitorRequest {
+            name: "nope".into(),
+        })
+        .await;
+    assert_eq!(status_of(missing).code(), Code::NotFound);
+    let bad = client
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "bad name".into(),
+            spec: None,
+        })
+        .await;
+    assert_eq!(status_of(bad).code(), Code::InvalidArgument);
+
+    let (head, text) = http_get(metrics_addr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let m = |name: &str| sample(&text, &format!("{name}{{monitor=\"synth\"}}"));
+    assert_eq!(m("actwatch_ingest_rows_total"), 1200.0);
+    assert_eq!(
+        m("actwatch_ingest_bytes_total"),
+        (600 * 8 * 4 + 600 * 4 * 4) as f64
+    );
+    assert_eq!(m("actwatch_scored_traces_total"), 45.0);
+    assert_eq!(m("actwatch_scored_computations_total"), 20.0);
+    assert_eq!(m("actwatch_flags_total"), flagged as f64);
+    assert_eq!(m("actwatch_observed_flag_rate"), flagged as f64 / 20.0);
+    assert_eq!(
+        m("actwatch_target_fpr"),
+        actwatch_detect::monitor::DEFAULT_FPR
+    );
+    let latency = "actwatch_score_latency_seconds";
+    assert_eq!(
+        sample(&text, &format!("{latency}_count{{rpc=\"Score\"}}")),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, &format!("{latency}_count{{rpc=\"StreamScores\"}}")),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("{latency}_bucket{{rpc=\"Score\",le=\"+Inf\"}}")
+        ),
+        1.0
+    );
+    let rejected = |code: &str| {
+        sample(
+            &text,
+            &format!("actwatch_rejected_calls_total{{code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(rejected("NOT_FOUND"), 1.0);
+    assert_eq!(rejected("INVALID_ARGUMENT"), 1.0);
+
+    let (head, _) = http_get(metrics_addr, "/elsewhere").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     drop(client);
     server.stop().await;
 }

@@ -100,7 +100,7 @@ def server(tmp_path_factory):
     address = f"127.0.0.1:{_free_port()}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [str(BIN), "serve", "--data-dir", str(data_dir), "--listen", address],
+            [str(BIN), "serve", "--data-dir", str(data_dir), "--listen", address, "--metrics-listen", "off"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

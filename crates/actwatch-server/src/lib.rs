@@ -8,11 +8,14 @@
 //! (see [`storage`]); a refit swaps the served `Arc<FittedMonitor>` in one assignment; CPU and
 //! disk work runs in `spawn_blocking`; every channel is bounded; every error becomes a gRPC
 //! status in one exhaustive `match` ([`Error`]); limits ([`Limits`]) answer RESOURCE_EXHAUSTED
-//! naming the limit.
+//! naming the limit. Observability is structured `tracing` events (one per monitor lifecycle
+//! event and per rejected call, never per trace) and Prometheus counters in [`metrics`], served on
+//! a separate listener by [`serve_with_metrics`].
 
 mod convert;
 mod error;
 mod limits;
+pub mod metrics;
 mod score;
 mod service;
 pub mod storage;
@@ -24,18 +27,32 @@ use std::sync::Arc;
 use actwatch_proto::v1::activation_monitor_server::ActivationMonitorServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 pub use convert::{check_name, options_from_spec, StoredSpec, MAX_NAME_LEN};
 pub use error::{Error, Result};
 pub use limits::*;
+pub use metrics::Metrics;
 pub use service::ActivationMonitorService;
 pub use storage::DataDir;
 
-/// Serves the API, gRPC health (`grpc.health.v1`, SERVING) and reflection (v1) on `listener`
+/// Serves the API, gRPC health (`grpc.health.v1`, SERVING) and reflection (v1 and v1alpha) on `listener`
 /// until `shutdown` completes; then stops accepting, ends watchers with UNAVAILABLE and waits for
 /// in-flight calls to finish. Loads every monitor of `data_dir` (created if absent) first.
 pub async fn serve(
     listener: TcpListener,
+    data_dir: impl Into<PathBuf>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve_with_metrics(listener, None, data_dir, limits, shutdown).await
+}
+
+/// [`serve`], plus Prometheus metrics (`GET /metrics`, text format 0.0.4) on `metrics_listener`
+/// when there is one, until the same shutdown.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     data_dir: impl Into<PathBuf>,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
@@ -45,35 +62,80 @@ pub async fn serve(
     let data = tokio::task::spawn_blocking(move || DataDir::open(root, max_log))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
+    let metrics = Arc::new(Metrics::default());
+    for m in data.list() {
+        metrics.register_monitor(&m.name, m.options.fpr);
+    }
+    tracing::info!(
+        data_dir = %data.root().display(),
+        monitors = data.list().len(),
+        "data directory loaded"
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let max_message_bytes = limits.max_message_bytes;
-    let service = ActivationMonitorService::new(Arc::new(data), limits, stop_rx);
+    let service =
+        ActivationMonitorService::new(Arc::new(data), limits, metrics.clone(), stop_rx.clone());
+
+    let metrics_task = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        }
+        tokio::spawn(metrics::serve_metrics(l, metrics, stop_rx))
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ActivationMonitorServer<ActivationMonitorService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(actwatch_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl speaks v1, grpcio-reflection's client still v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(actwatch_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| Error::Reflection(e.to_string()))?;
     let api = ActivationMonitorServer::new(service)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving actwatch.v1 (with health and reflection)");
+    }
 
     let signal = async move {
         shutdown.await;
+        tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
         health
             .set_not_serving::<ActivationMonitorServer<ActivationMonitorService>>()
             .await;
         let _ = stop_tx.send(true);
     };
-    tonic::transport::Server::builder()
+    // Small responses must not wait for the peer's delayed ACK (Nagle): score latency is the product.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        }
+        conn
+    });
+    let served = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await;
+    if let Some(task) = metrics_task {
+        // It stops on the same signal; if serving failed before the signal, stop it here.
+        task.abort();
+        let _ = task.await;
+    }
+    served?;
+    tracing::info!("server stopped");
     Ok(())
 }

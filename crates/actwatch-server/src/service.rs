@@ -1,9 +1,14 @@
 //! The `ActivationMonitor` service: every handler validates, converts, delegates (CPU and disk
 //! work in `spawn_blocking`), and maps the error through the one `From<Error> for Status`.
+//! Every handler runs inside [`ActivationMonitorService::observed`], which logs and counts the
+//! call when it is rejected; errors that end a stream later go through
+//! [`ActivationMonitorService::reject`].
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use actwatch_io::artifact::{load_monitor, save_monitor};
 use actwatch_io::pipeline::{fit_monitor, Progress};
@@ -12,12 +17,13 @@ use actwatch_proto::v1;
 use actwatch_proto::v1::activation_monitor_server::ActivationMonitor;
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::convert::{check_name, StoredSpec};
+use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
 use crate::score::{complete, score_batch, OpenComputations};
 use crate::storage::{DataDir, FittedMonitor, IngestSession, MonitorEntry, ScoreFilter};
-use crate::{Error, Limits, Result};
+use crate::{Error, Limits, Metrics, Result};
 
 /// Responses buffered per streaming call before the handler's task waits for the client.
 const STREAM_BUFFER: usize = 16;
@@ -40,6 +46,8 @@ pub struct ActivationMonitorService {
     /// Becomes true when the server starts shutting down, so that watchers (which never end by
     /// themselves) let the graceful shutdown finish.
     shutdown: watch::Receiver<bool>,
+    /// Counters scraped on `/metrics`.
+    metrics: Arc<Metrics>,
 }
 
 async fn blocking<T, F>(f: F) -> Result<T>
@@ -53,7 +61,12 @@ where
 }
 
 impl ActivationMonitorService {
-    pub fn new(data: Arc<DataDir>, limits: Limits, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        data: Arc<DataDir>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         let (flags, _) = broadcast::channel(limits.flag_buffer.max(1));
         Self {
             data,
@@ -61,7 +74,45 @@ impl ActivationMonitorService {
             limits: Arc::new(limits),
             flags,
             shutdown,
+            metrics,
         }
+    }
+
+    /// Runs one handler; a call it rejects is counted and logged (one line, with its code).
+    async fn observed<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        call.await.map_err(|s| self.reject(rpc, s))
+    }
+
+    /// Counts and logs a status that ends a call: server faults at WARN, the rest at INFO.
+    fn reject(&self, rpc: &'static str, status: Status) -> Status {
+        let code = status.code();
+        self.metrics.reject(code);
+        let name = code_name(code);
+        match code {
+            Code::Internal | Code::DataLoss | Code::Unknown => {
+                tracing::warn!(rpc, code = name, message = status.message(), "call failed");
+            }
+            _ => tracing::info!(
+                rpc,
+                code = name,
+                message = status.message(),
+                "call rejected"
+            ),
+        }
+        status
+    }
+
+    /// Counts scored traces, computations and flags of one monitor.
+    fn count_scores(&self, monitor: &str, traces: usize, computations: &[v1::ComputationScore]) {
+        let c = self.metrics.monitor(monitor);
+        MonitorCounters::add(&c.scored_traces, traces as u64);
+        MonitorCounters::add(&c.scored_computations, computations.len() as u64);
+        let flags = computations.iter().filter(|c| c.flagged).count();
+        MonitorCounters::add(&c.flags, flags as u64);
     }
 
     fn stream_permit(&self) -> Result<OwnedSemaphorePermit> {
@@ -166,109 +217,146 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<v1::CreateMonitorRequest>,
     ) -> Result<Response<v1::MonitorInfo>, Status> {
-        let v1::CreateMonitorRequest { name, spec } = request.into_inner();
-        check_name(&name)?;
-        let spec = StoredSpec::from_proto(spec)?;
-        let data = self.data.clone();
-        let entry = blocking(move || data.create(&name, spec)).await?;
-        Ok(Response::new(entry.info()))
+        self.observed("CreateMonitor", async move {
+            let v1::CreateMonitorRequest { name, spec } = request.into_inner();
+            check_name(&name)?;
+            let spec = StoredSpec::from_proto(spec)?;
+            let data = self.data.clone();
+            let entry = blocking(move || data.create(&name, spec)).await?;
+            self.metrics
+                .register_monitor(&entry.name, entry.options.fpr);
+            tracing::info!(
+                monitor = %entry.name,
+                target_fpr = entry.options.fpr,
+                "monitor created"
+            );
+            Ok(Response::new(entry.info()))
+        })
+        .await
     }
 
     async fn get_monitor(
         &self,
         request: Request<v1::GetMonitorRequest>,
     ) -> Result<Response<v1::MonitorInfo>, Status> {
-        let v1::GetMonitorRequest { name } = request.into_inner();
-        Ok(Response::new(self.data.get(&name)?.info()))
+        self.observed("GetMonitor", async move {
+            let v1::GetMonitorRequest { name } = request.into_inner();
+            Ok(Response::new(self.data.get(&name)?.info()))
+        })
+        .await
     }
 
     async fn list_monitors(
         &self,
         request: Request<v1::ListMonitorsRequest>,
     ) -> Result<Response<v1::ListMonitorsResponse>, Status> {
-        let v1::ListMonitorsRequest {} = request.into_inner();
-        let monitors = self.data.list().iter().map(|m| m.info()).collect();
-        Ok(Response::new(v1::ListMonitorsResponse { monitors }))
+        self.observed("ListMonitors", async move {
+            let v1::ListMonitorsRequest {} = request.into_inner();
+            let monitors = self.data.list().iter().map(|m| m.info()).collect();
+            Ok(Response::new(v1::ListMonitorsResponse { monitors }))
+        })
+        .await
     }
 
     async fn delete_monitor(
         &self,
         request: Request<v1::DeleteMonitorRequest>,
     ) -> Result<Response<v1::DeleteMonitorResponse>, Status> {
-        let v1::DeleteMonitorRequest { name } = request.into_inner();
-        let entry = self.data.get(&name)?;
-        // Wait for a running fit, so it never writes into a deleted monitor's folder.
-        let _fit = entry.fit_lock.clone().lock_owned().await;
-        let data = self.data.clone();
-        blocking(move || data.delete(&name)).await?;
-        Ok(Response::new(v1::DeleteMonitorResponse {}))
+        self.observed("DeleteMonitor", async move {
+            let v1::DeleteMonitorRequest { name } = request.into_inner();
+            let entry = self.data.get(&name)?;
+            // Wait for a running fit, so it never writes into a deleted monitor's folder.
+            let _fit = entry.fit_lock.clone().lock_owned().await;
+            let data = self.data.clone();
+            let deleted = name.clone();
+            blocking(move || data.delete(&name)).await?;
+            self.metrics.remove_monitor(&deleted);
+            tracing::info!(monitor = %deleted, "monitor deleted");
+            Ok(Response::new(v1::DeleteMonitorResponse {}))
+        })
+        .await
     }
 
     async fn ingest_reference(
         &self,
         request: Request<Streaming<v1::IngestReferenceRequest>>,
     ) -> Result<Response<v1::IngestReferenceSummary>, Status> {
-        let _permit = self.stream_permit()?;
-        let mut inbound = request.into_inner();
-        let mut session: Option<IngestSession> = None;
-        // Any error returns early: the session is dropped, its temporary files removed, and
-        // nothing of this stream is stored.
-        while let Some(msg) = inbound.message().await.map_err(|s| self.inbound_error(s))? {
-            let v1::IngestReferenceRequest { monitor, batch } = msg;
-            let sess = match session.take() {
-                None if monitor.is_empty() => {
-                    return Err(Error::BadStream(
-                        "the first IngestReference message must name the monitor".into(),
-                    )
-                    .into())
-                }
-                None => IngestSession::new(self.data.get(&monitor)?),
-                Some(s) if !monitor.is_empty() && monitor != s.entry().name => {
-                    return Err(Error::BadStream(format!(
-                        "stream started for monitor {:?}, a later message names {monitor:?}",
-                        s.entry().name
-                    ))
-                    .into())
-                }
-                Some(s) => s,
+        self.observed("IngestReference", async move {
+            let _permit = self.stream_permit()?;
+            let mut inbound = request.into_inner();
+            let mut session: Option<IngestSession> = None;
+            // Any error returns early: the session is dropped, its temporary files removed, and
+            // nothing of this stream is stored.
+            while let Some(msg) = inbound.message().await.map_err(|s| self.inbound_error(s))? {
+                let v1::IngestReferenceRequest { monitor, batch } = msg;
+                let sess = match session.take() {
+                    None if monitor.is_empty() => {
+                        return Err(Error::BadStream(
+                            "the first IngestReference message must name the monitor".into(),
+                        )
+                        .into())
+                    }
+                    None => IngestSession::new(self.data.get(&monitor)?),
+                    Some(s) if !monitor.is_empty() && monitor != s.entry().name => {
+                        return Err(Error::BadStream(format!(
+                            "stream started for monitor {:?}, a later message names {monitor:?}",
+                            s.entry().name
+                        ))
+                        .into())
+                    }
+                    Some(s) => s,
+                };
+                let Some(batch) = batch else {
+                    session = Some(sess);
+                    continue;
+                };
+                self.check_rows(&batch)?;
+                let payload = batch
+                    .activations
+                    .as_ref()
+                    .map_or(0, |t| t.data.len() as u64);
+                session = Some(
+                    blocking(move || {
+                        let mut sess = sess;
+                        let decoded = actwatch_proto::decode_trace_batch(batch)?;
+                        sess.add(decoded, payload)?;
+                        Ok(sess)
+                    })
+                    .await?,
+                );
+            }
+            let Some(sess) = session else {
+                return Err(Error::BadStream(
+                    "empty IngestReference stream: the first message must name the monitor".into(),
+                )
+                .into());
             };
-            let Some(batch) = batch else {
-                session = Some(sess);
-                continue;
-            };
-            self.check_rows(&batch)?;
-            let payload = batch
-                .activations
-                .as_ref()
-                .map_or(0, |t| t.data.len() as u64);
-            session = Some(
-                blocking(move || {
-                    let mut sess = sess;
-                    let decoded = actwatch_proto::decode_trace_batch(batch)?;
-                    sess.add(decoded, payload)?;
-                    Ok(sess)
+            let monitor = sess.entry().name.clone();
+            let summary = blocking(move || {
+                let (rows, bytes, batches) = (sess.rows, sess.bytes, sess.batches);
+                let total_rows = sess.commit()?;
+                Ok(v1::IngestReferenceSummary {
+                    rows,
+                    bytes,
+                    batches,
+                    total_rows,
                 })
-                .await?,
-            );
-        }
-        let Some(sess) = session else {
-            return Err(Error::BadStream(
-                "empty IngestReference stream: the first message must name the monitor".into(),
-            )
-            .into());
-        };
-        let summary = blocking(move || {
-            let (rows, bytes, batches) = (sess.rows, sess.bytes, sess.batches);
-            let total_rows = sess.commit()?;
-            Ok(v1::IngestReferenceSummary {
-                rows,
-                bytes,
-                batches,
-                total_rows,
             })
+            .await?;
+            let c = self.metrics.monitor(&monitor);
+            MonitorCounters::add(&c.ingest_rows, summary.rows);
+            MonitorCounters::add(&c.ingest_bytes, summary.bytes);
+            tracing::info!(
+                monitor = %monitor,
+                rows = summary.rows,
+                bytes = summary.bytes,
+                batches = summary.batches,
+                total_rows = summary.total_rows,
+                "reference ingest committed"
+            );
+            Ok(Response::new(summary))
         })
-        .await?;
-        Ok(Response::new(summary))
+        .await
     }
 
     type FitStream = ResponseStream<v1::FitProgress>;
@@ -277,80 +365,106 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<v1::FitRequest>,
     ) -> Result<Response<Self::FitStream>, Status> {
-        let v1::FitRequest { monitor } = request.into_inner();
-        let entry = self.data.get(&monitor)?;
-        let permit = self.stream_permit()?;
-        let guard = entry
-            .fit_lock
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| Error::FitInProgress(monitor.clone()))?;
-        let segments = entry.segment_paths();
-        if segments.is_empty() {
-            return Err(Error::NoReferenceData(monitor).into());
-        }
-        let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _guard = guard;
-            let progress = ChannelProgress {
-                tx: tx.clone(),
-                phase: Mutex::new((String::new(), 0, 0)),
-            };
-            // A fit that started runs to the end and is installed even if the client leaves.
-            let result = blocking(move || fit_and_install(&entry, &segments, &progress)).await;
-            let last = result.map_or_else(
-                |e| Err(Status::from(e)),
-                |fitted| {
-                    Ok(v1::FitProgress {
-                        event: Some(v1::fit_progress::Event::Report(fitted.report.clone())),
-                    })
-                },
-            );
-            let _ = tx.send(last).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        self.observed("Fit", async move {
+            let v1::FitRequest { monitor } = request.into_inner();
+            let entry = self.data.get(&monitor)?;
+            let permit = self.stream_permit()?;
+            let guard = entry
+                .fit_lock
+                .clone()
+                .try_lock_owned()
+                .map_err(|_| Error::FitInProgress(monitor.clone()))?;
+            let segments = entry.segment_paths();
+            if segments.is_empty() {
+                return Err(Error::NoReferenceData(monitor).into());
+            }
+            let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
+            tracing::info!(monitor = %monitor, segments = segments.len(), "fit started");
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _guard = guard;
+                let started = Instant::now();
+                let progress = ChannelProgress {
+                    tx: tx.clone(),
+                    phase: Mutex::new((String::new(), 0, 0)),
+                };
+                // A fit that started runs to the end and is installed even if the client leaves.
+                let result = blocking(move || fit_and_install(&entry, &segments, &progress)).await;
+                let elapsed_s = started.elapsed().as_secs_f64();
+                let last = result.map_or_else(
+                    |e| Err(this.reject("Fit", e.into())),
+                    |fitted| {
+                        let r = &fitted.report;
+                        tracing::info!(
+                            monitor = %monitor,
+                            fit_version = r.fit_version,
+                            reference_rows = r.reference_rows,
+                            calibration_computations = r.calibration_computations,
+                            calibration_fpr = r.calibration_fpr,
+                            fit_seconds = r.fit_seconds,
+                            calibration_seconds = r.calibration_seconds,
+                            elapsed_seconds = elapsed_s,
+                            "fit finished"
+                        );
+                        Ok(v1::FitProgress {
+                            event: Some(v1::fit_progress::Event::Report(fitted.report.clone())),
+                        })
+                    },
+                );
+                let _ = tx.send(last).await;
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     async fn score(
         &self,
         request: Request<v1::ScoreRequest>,
     ) -> Result<Response<v1::ScoreResponse>, Status> {
-        let v1::ScoreRequest {
-            monitor,
-            batches,
-            complete: complete_all,
-        } = request.into_inner();
-        let entry = self.data.get(&monitor)?;
-        let fitted = Self::fitted(&entry)?;
-        for b in &batches {
-            self.check_rows(b)?;
-        }
-        let max_open = self.limits.max_open_computations;
-        let (traces, logged) = blocking(move || {
-            let mut open = OpenComputations::default();
-            let mut traces = Vec::new();
-            for b in batches {
-                let decoded = actwatch_proto::decode_trace_batch(b)?;
-                traces.extend(score_batch(&fitted, decoded, &mut open, max_open)?);
+        self.observed("Score", async move {
+            let v1::ScoreRequest {
+                monitor,
+                batches,
+                complete: complete_all,
+            } = request.into_inner();
+            let entry = self.data.get(&monitor)?;
+            let fitted = Self::fitted(&entry)?;
+            for b in &batches {
+                self.check_rows(b)?;
             }
-            let logged = if complete_all {
-                let ids = open.ids();
-                let logged = complete(&fitted, &mut open, &ids)?;
-                entry.log_scores(&logged)?;
-                logged
-            } else {
-                Vec::new()
-            };
-            Ok((traces, logged))
+            let max_open = self.limits.max_open_computations;
+            let started = Instant::now();
+            let (traces, logged) = blocking(move || {
+                let mut open = OpenComputations::default();
+                let mut traces = Vec::new();
+                for b in batches {
+                    let decoded = actwatch_proto::decode_trace_batch(b)?;
+                    traces.extend(score_batch(&fitted, decoded, &mut open, max_open)?);
+                }
+                let logged = if complete_all {
+                    let ids = open.ids();
+                    let logged = complete(&fitted, &mut open, &ids)?;
+                    entry.log_scores(&logged)?;
+                    logged
+                } else {
+                    Vec::new()
+                };
+                Ok((traces, logged))
+            })
+            .await?;
+            self.metrics
+                .observe_score_latency(ScoreRpc::Score, started.elapsed());
+            let computations: Vec<_> = logged.iter().map(|l| l.to_proto(&monitor)).collect();
+            self.count_scores(&monitor, traces.len(), &computations);
+            self.publish_flags(&computations);
+            Ok(Response::new(v1::ScoreResponse {
+                traces,
+                computations,
+            }))
         })
-        .await?;
-        let computations: Vec<_> = logged.iter().map(|l| l.to_proto(&monitor)).collect();
-        self.publish_flags(&computations);
-        Ok(Response::new(v1::ScoreResponse {
-            traces,
-            computations,
-        }))
+        .await
     }
 
     type StreamScoresStream = ResponseStream<v1::StreamScoresResponse>;
@@ -359,108 +473,123 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<Streaming<v1::StreamScoresRequest>>,
     ) -> Result<Response<Self::StreamScoresStream>, Status> {
-        use v1::stream_scores_request::Event as In;
-        use v1::stream_scores_response::Event as Out;
-        let permit = self.stream_permit()?;
-        let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await
-            .map_err(|s| self.inbound_error(s))?
-            .ok_or_else(|| Error::BadStream("empty StreamScores stream".into()))?;
-        let v1::StreamScoresRequest { event } = first;
-        let Some(In::Monitor(name)) = event else {
-            return Err(Error::BadStream(
-                "the first StreamScores message must be `monitor`".into(),
-            )
-            .into());
-        };
-        let entry = self.data.get(&name)?;
-        // The stream keeps the fit it started with: a refit serves new streams, and this
-        // stream's open computations stay consistent.
-        let fitted = Self::fitted(&entry)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut open = OpenComputations::default();
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(s) => {
-                        let _ = tx.send(Err(this.inbound_error(s))).await;
-                        break;
-                    }
-                };
-                let v1::StreamScoresRequest { event } = msg;
-                let step: Result<(OpenComputations, Vec<v1::StreamScoresResponse>)> = match event {
-                    None => Err(Error::BadStream("a message without an event".into())),
-                    Some(In::Monitor(_)) => Err(Error::BadStream(
-                        "`monitor` may only be sent in the first message".into(),
-                    )),
-                    Some(In::Batch(batch)) => match this.check_rows(&batch) {
-                        Err(e) => Err(e),
-                        Ok(()) => {
-                            let fitted = fitted.clone();
-                            let max_open = this.limits.max_open_computations;
-                            let mut o = std::mem::take(&mut open);
-                            blocking(move || {
-                                let decoded = actwatch_proto::decode_trace_batch(batch)?;
-                                let traces = score_batch(&fitted, decoded, &mut o, max_open)?;
-                                let out = v1::StreamScoresResponse {
-                                    event: Some(Out::Traces(v1::TraceScores { traces })),
-                                };
-                                Ok((o, vec![out]))
-                            })
-                            .await
+        self.observed("StreamScores", async move {
+            use v1::stream_scores_request::Event as In;
+            use v1::stream_scores_response::Event as Out;
+            let permit = self.stream_permit()?;
+            let mut inbound = request.into_inner();
+            let first = inbound
+                .message()
+                .await
+                .map_err(|s| self.inbound_error(s))?
+                .ok_or_else(|| Error::BadStream("empty StreamScores stream".into()))?;
+            let v1::StreamScoresRequest { event } = first;
+            let Some(In::Monitor(name)) = event else {
+                return Err(Error::BadStream(
+                    "the first StreamScores message must be `monitor`".into(),
+                )
+                .into());
+            };
+            let entry = self.data.get(&name)?;
+            // The stream keeps the fit it started with: a refit serves new streams, and this
+            // stream's open computations stay consistent.
+            let fitted = Self::fitted(&entry)?;
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut open = OpenComputations::default();
+                loop {
+                    let msg = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(s) => {
+                            let s = this.reject("StreamScores", this.inbound_error(s));
+                            let _ = tx.send(Err(s)).await;
+                            break;
                         }
-                    },
-                    Some(In::Complete(v1::CompleteComputations { trace_ids })) => {
-                        let fitted = fitted.clone();
-                        let entry = entry.clone();
-                        let mut o = std::mem::take(&mut open);
-                        let name = name.clone();
-                        match blocking(move || {
-                            let logged = complete(&fitted, &mut o, &trace_ids)?;
-                            entry.log_scores(&logged)?;
-                            Ok((o, logged))
-                        })
-                        .await
-                        {
-                            Err(e) => Err(e),
-                            Ok((o, logged)) => {
-                                let computations: Vec<_> =
-                                    logged.iter().map(|l| l.to_proto(&name)).collect();
-                                this.publish_flags(&computations);
-                                let out = computations
-                                    .into_iter()
-                                    .map(|c| v1::StreamScoresResponse {
-                                        event: Some(Out::Computation(c)),
+                    };
+                    let v1::StreamScoresRequest { event } = msg;
+                    let step: Result<(OpenComputations, Vec<v1::StreamScoresResponse>)> =
+                        match event {
+                            None => Err(Error::BadStream("a message without an event".into())),
+                            Some(In::Monitor(_)) => Err(Error::BadStream(
+                                "`monitor` may only be sent in the first message".into(),
+                            )),
+                            Some(In::Batch(batch)) => match this.check_rows(&batch) {
+                                Err(e) => Err(e),
+                                Ok(()) => {
+                                    let fitted = fitted.clone();
+                                    let max_open = this.limits.max_open_computations;
+                                    let mut o = std::mem::take(&mut open);
+                                    let started = Instant::now();
+                                    let this = this.clone();
+                                    let name = name.clone();
+                                    blocking(move || {
+                                        let decoded = actwatch_proto::decode_trace_batch(batch)?;
+                                        let traces =
+                                            score_batch(&fitted, decoded, &mut o, max_open)?;
+                                        this.metrics.observe_score_latency(
+                                            ScoreRpc::StreamScores,
+                                            started.elapsed(),
+                                        );
+                                        this.count_scores(&name, traces.len(), &[]);
+                                        let out = v1::StreamScoresResponse {
+                                            event: Some(Out::Traces(v1::TraceScores { traces })),
+                                        };
+                                        Ok((o, vec![out]))
                                     })
-                                    .collect();
-                                Ok((o, out))
+                                    .await
+                                }
+                            },
+                            Some(In::Complete(v1::CompleteComputations { trace_ids })) => {
+                                let fitted = fitted.clone();
+                                let entry = entry.clone();
+                                let mut o = std::mem::take(&mut open);
+                                let name = name.clone();
+                                match blocking(move || {
+                                    let logged = complete(&fitted, &mut o, &trace_ids)?;
+                                    entry.log_scores(&logged)?;
+                                    Ok((o, logged))
+                                })
+                                .await
+                                {
+                                    Err(e) => Err(e),
+                                    Ok((o, logged)) => {
+                                        let computations: Vec<_> =
+                                            logged.iter().map(|l| l.to_proto(&name)).collect();
+                                        this.count_scores(&name, 0, &computations);
+                                        this.publish_flags(&computations);
+                                        let out = computations
+                                            .into_iter()
+                                            .map(|c| v1::StreamScoresResponse {
+                                                event: Some(Out::Computation(c)),
+                                            })
+                                            .collect();
+                                        Ok((o, out))
+                                    }
+                                }
+                            }
+                        };
+                    match step {
+                        Ok((o, responses)) => {
+                            open = o;
+                            for r in responses {
+                                if tx.send(Ok(r)).await.is_err() {
+                                    return; // the client is gone
+                                }
                             }
                         }
-                    }
-                };
-                match step {
-                    Ok((o, responses)) => {
-                        open = o;
-                        for r in responses {
-                            if tx.send(Ok(r)).await.is_err() {
-                                return; // the client is gone
-                            }
+                        Err(e) => {
+                            let _ = tx.send(Err(this.reject("StreamScores", e.into()))).await;
+                            return;
                         }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
                     }
                 }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     type WatchFlagsStream = ResponseStream<v1::FlagEvent>;
@@ -473,85 +602,93 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<v1::WatchFlagsRequest>,
     ) -> Result<Response<Self::WatchFlagsStream>, Status> {
-        let v1::WatchFlagsRequest {
-            monitors,
-            max_p_value,
-        } = request.into_inner();
-        let permit = self.stream_permit()?;
-        let monitors: HashSet<String> = monitors.into_iter().collect();
-        let mut events = self.flags.subscribe();
-        let mut shutdown = self.shutdown.clone();
-        let flag_buffer = self.limits.flag_buffer as u64;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(async move {
-            let _permit = permit;
-            loop {
-                if *shutdown.borrow_and_update() {
-                    let _ = tx.send(Err(Error::ShuttingDown.into())).await;
-                    return;
-                }
-                let event = tokio::select! {
-                    _ = shutdown.changed() => continue,
-                    () = tx.closed() => return,
-                    e = events.recv() => e,
-                };
-                match event {
-                    Ok(c) => {
-                        let wanted = (monitors.is_empty() || monitors.contains(&c.monitor))
-                            && (max_p_value <= 0.0 || c.p_value <= max_p_value);
-                        if wanted {
-                            let ev = v1::FlagEvent {
-                                computation: Some((*c).clone()),
-                            };
-                            if tx.send(Ok(ev)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        let e = Error::LimitExceeded {
-                            limit: "flag_buffer",
-                            max: flag_buffer,
-                            detail: format!(
-                                "this watcher fell {missed} flag events behind and was disconnected; \
-                                 QueryScores with flagged_only recovers them"
-                            ),
-                        };
-                        let _ = tx.send(Err(e.into())).await;
+        self.observed("WatchFlags", async move {
+            let v1::WatchFlagsRequest {
+                monitors,
+                max_p_value,
+            } = request.into_inner();
+            let permit = self.stream_permit()?;
+            let monitors: HashSet<String> = monitors.into_iter().collect();
+            let mut events = self.flags.subscribe();
+            let mut shutdown = self.shutdown.clone();
+            let flag_buffer = self.limits.flag_buffer as u64;
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                loop {
+                    if *shutdown.borrow_and_update() {
+                        let s = this.reject("WatchFlags", Error::ShuttingDown.into());
+                        let _ = tx.send(Err(s)).await;
                         return;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    let event = tokio::select! {
+                        _ = shutdown.changed() => continue,
+                        () = tx.closed() => return,
+                        e = events.recv() => e,
+                    };
+                    match event {
+                        Ok(c) => {
+                            let wanted = (monitors.is_empty() || monitors.contains(&c.monitor))
+                                && (max_p_value <= 0.0 || c.p_value <= max_p_value);
+                            if wanted {
+                                let ev = v1::FlagEvent {
+                                    computation: Some((*c).clone()),
+                                };
+                                if tx.send(Ok(ev)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            let e = Error::LimitExceeded {
+                                limit: "flag_buffer",
+                                max: flag_buffer,
+                                detail: format!(
+                                    "this watcher fell {missed} flag events behind and was disconnected; \
+                                     QueryScores with flagged_only recovers them"
+                                ),
+                            };
+                            let _ = tx.send(Err(this.reject("WatchFlags", e.into()))).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
                 }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
     }
 
     async fn query_scores(
         &self,
         request: Request<v1::QueryScoresRequest>,
     ) -> Result<Response<v1::QueryScoresResponse>, Status> {
-        let v1::QueryScoresRequest {
-            monitor,
-            trace_ids,
-            since_unix_ms,
-            until_unix_ms,
-            flagged_only,
-            limit,
-        } = request.into_inner();
-        let entry = self.data.get(&monitor)?;
-        let limit = match limit {
-            0 => self.limits.query_limit,
-            n => (n as usize).min(self.limits.max_query_limit),
-        };
-        let filter = ScoreFilter {
-            trace_ids: trace_ids.into_iter().collect(),
-            since_unix_ms,
-            until_unix_ms,
-            flagged_only,
-        };
-        let logged = blocking(move || entry.query_scores(&filter, limit)).await?;
-        let results = logged.iter().map(|l| l.to_proto(&monitor)).collect();
-        Ok(Response::new(v1::QueryScoresResponse { results }))
+        self.observed("QueryScores", async move {
+            let v1::QueryScoresRequest {
+                monitor,
+                trace_ids,
+                since_unix_ms,
+                until_unix_ms,
+                flagged_only,
+                limit,
+            } = request.into_inner();
+            let entry = self.data.get(&monitor)?;
+            let limit = match limit {
+                0 => self.limits.query_limit,
+                n => (n as usize).min(self.limits.max_query_limit),
+            };
+            let filter = ScoreFilter {
+                trace_ids: trace_ids.into_iter().collect(),
+                since_unix_ms,
+                until_unix_ms,
+                flagged_only,
+            };
+            let logged = blocking(move || entry.query_scores(&filter, limit)).await?;
+            let results = logged.iter().map(|l| l.to_proto(&monitor)).collect();
+            Ok(Response::new(v1::QueryScoresResponse { results }))
+        })
+        .await
     }
 }

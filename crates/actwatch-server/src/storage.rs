@@ -541,9 +541,10 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
             ))),
             Err(e) => {
                 // Never serve a damaged fit; the monitor stays usable and a refit repairs it.
-                eprintln!(
-                    "actwatch: monitor {}: not serving its fit: {e}",
-                    spec_file.name
+                tracing::warn!(
+                    monitor = %spec_file.name,
+                    error = %e,
+                    "not serving the stored fit; a refit repairs it"
                 );
                 None
             }

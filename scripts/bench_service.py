@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""Benchmark of the actwatch gRPC service against Arrow Flight (Arrow over gRPC) on loopback.
+
+Not a test: prints one table. Run it through scripts/bench_service.sh (builds the release binary,
+prepares the venv). What it measures, in one run:
+
+* ingest throughput of ``IngestReference`` (MB/s of activation bytes, vectors/s), f32 and bf16,
+  d = 384 and d = 4096, batches of 256 rows, timed from the first send to the summary (which the
+  server sends once every batch is fsynced), against the same payloads sent with Flight ``DoPut`` to
+  a minimal ``FlightServerBase`` (in a subprocess) that just reads the stream and drops it (no disk);
+* ``StreamScores`` latency (p50/p99 per batch of 1, 16, 256 vectors, one batch in flight at a time)
+  on a monitor fitted on random d=384 vectors with the default detectors, against a Flight
+  ``DoPut`` round trip with a per-batch ack (small answer, like the scores) and a ``DoExchange``
+  echo (the batch comes back).
+
+Both sides are driven from Python (grpcio raw stubs with prebuilt protobuf messages; pyarrow.flight
+with prebuilt record batches), so every number includes the Python client's overhead on both sides.
+Flight carries bf16 as uint16 words (Arrow has no bf16): same bytes on the wire.
+
+    python scripts/bench_service.py [--bin target/release/actwatch] [--reps 3] [--quick]
+    python scripts/bench_service.py --flight-server   # internal: the Flight sink/echo server
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+ROWS_PER_BATCH = 256
+MAX_MSG = 64 << 20  # the server's default max_message_bytes
+
+
+# ------------------------------------------------------------------------------ the Flight server
+
+
+def flight_server_main() -> None:
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    class Server(flight.FlightServerBase):
+        def do_put(self, context, descriptor, reader, writer):
+            ack = descriptor.command == b"ack"
+            token = pa.py_buffer(b"k")
+            while True:
+                try:
+                    reader.read_chunk()
+                except StopIteration:
+                    break
+                if ack:
+                    writer.write(token)
+
+        def do_exchange(self, context, descriptor, reader, writer):
+            started = False
+            for chunk in reader:
+                if chunk.data is None:
+                    continue
+                if not started:
+                    writer.begin(chunk.data.schema)
+                    started = True
+                writer.write_batch(chunk.data)
+
+    server = Server("grpc://127.0.0.1:0")
+    print(server.port, flush=True)
+    server.serve()
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wire(n: int, d: int, dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """[n, d] activations as they go on the wire: float32, or bf16 bits as uint16."""
+    a = rng.standard_normal((n, d), dtype=np.float32)
+    if dtype == "f32":
+        return a
+    return (a.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+class Actwatch:
+    def __init__(self, binary: Path):
+        import grpc
+
+        from actwatch_client._proto.actwatch.v1 import actwatch_pb2 as pb
+        from actwatch_client._proto.actwatch.v1 import actwatch_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.tmp = Path(tempfile.mkdtemp(prefix="actwatch-bench-"))
+        (self.tmp / "data").mkdir()
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = open(self.tmp / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(binary), "serve", "--data-dir", str(self.tmp / "data"), "--listen", self.address],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        opts = [("grpc.max_send_message_length", MAX_MSG), ("grpc.max_receive_message_length", MAX_MSG)]
+        self.channel = grpc.insecure_channel(self.address, options=opts)
+        self.stub = pb_grpc.ActivationMonitorStub(self.channel)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                self.stub.ListMonitors(pb.ListMonitorsRequest(), timeout=1)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def batch(self, site, arr, ids):
+        pb = self.pb
+        dt = pb.DTYPE_F32 if arr.dtype == np.float32 else pb.DTYPE_BF16
+        return pb.TraceBatch(site=site, trace_ids=ids,
+                             activations=pb.Tensor(data=arr.tobytes(), shape=list(arr.shape), dtype=dt))
+
+    def create(self, name):
+        self.stub.CreateMonitor(self.pb.CreateMonitorRequest(name=name))
+
+    def ingest(self, name, arr, prefix):
+        reqs = [self.pb.IngestReferenceRequest(
+                    monitor=name,
+                    batch=self.batch("s", arr[i:i + ROWS_PER_BATCH],
+                                     [f"{prefix}{j}" for j in range(i, min(i + ROWS_PER_BATCH, len(arr)))]))
+                for i in range(0, len(arr), ROWS_PER_BATCH)]
+        t0 = time.perf_counter()
+        summary = self.stub.IngestReference(iter(reqs))
+        dt = time.perf_counter() - t0
+        assert summary.rows == len(arr), summary
+        return dt
+
+    def fit(self, name):
+        for ev in self.stub.Fit(self.pb.FitRequest(monitor=name)):
+            if ev.WhichOneof("event") == "report":
+                return ev.report
+
+    def stream_latency(self, name, batches, warmup):
+        pb = self.pb
+        q: queue.Queue = queue.Queue()
+        q.put(pb.StreamScoresRequest(monitor=name))
+        reqs = [pb.StreamScoresRequest(batch=b) for b in batches]
+        call = self.stub.StreamScores(iter(q.get, None))
+        lat = []
+        for i, r in enumerate(reqs):
+            t0 = time.perf_counter()
+            q.put(r)
+            resp = next(call)
+            t = time.perf_counter() - t0
+            assert resp.WhichOneof("event") == "traces" and len(resp.traces.traces) == len(r.batch.trace_ids)
+            if i >= warmup:
+                lat.append(t)
+        q.put(None)
+        for _ in call:
+            pass
+        return lat
+
+    def close(self):
+        self.channel.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Flight:
+    def __init__(self):
+        import pyarrow as pa
+        import pyarrow.flight as flight
+
+        self.pa, self.flight = pa, flight
+        self.proc = subprocess.Popen([sys.executable, __file__, "--flight-server"], stdout=subprocess.PIPE)
+        port = int(self.proc.stdout.readline())
+        self.client = flight.FlightClient(f"grpc://127.0.0.1:{port}")
+        self.client.wait_for_available(timeout=30)
+
+    def record_batch(self, arr, ids):
+        pa = self.pa
+        n, d = arr.shape
+        values = pa.array(arr.reshape(-1))  # zero-copy from numpy
+        act = pa.FixedSizeListArray.from_arrays(values, d)
+        return pa.record_batch([pa.array(ids, pa.string()), act], names=["trace_id", "activation"])
+
+    def batches(self, arr, prefix):
+        return [self.record_batch(arr[i:i + ROWS_PER_BATCH],
+                                  [f"{prefix}{j}" for j in range(i, min(i + ROWS_PER_BATCH, len(arr)))])
+                for i in range(0, len(arr), ROWS_PER_BATCH)]
+
+    def put(self, rbs):
+        desc = self.flight.FlightDescriptor.for_command(b"sink")
+        t0 = time.perf_counter()
+        writer, _ = self.client.do_put(desc, rbs[0].schema)
+        for rb in rbs:
+            writer.write_batch(rb)
+        writer.close()  # half-closes and waits for the server to finish reading
+        return time.perf_counter() - t0
+
+    def put_ack_latency(self, rbs, warmup):
+        desc = self.flight.FlightDescriptor.for_command(b"ack")
+        writer, acks = self.client.do_put(desc, rbs[0].schema)
+        lat = []
+        for i, rb in enumerate(rbs):
+            t0 = time.perf_counter()
+            writer.write_batch(rb)
+            acks.read()
+            t = time.perf_counter() - t0
+            if i >= warmup:
+                lat.append(t)
+        writer.close()
+        return lat
+
+    def exchange_latency(self, rbs, warmup):
+        desc = self.flight.FlightDescriptor.for_command(b"echo")
+        writer, reader = self.client.do_exchange(desc)
+        writer.begin(rbs[0].schema)
+        lat = []
+        for i, rb in enumerate(rbs):
+            t0 = time.perf_counter()
+            writer.write_batch(rb)
+            chunk = reader.read_chunk()
+            t = time.perf_counter() - t0
+            assert chunk.data.num_rows == rb.num_rows
+            if i >= warmup:
+                lat.append(t)
+        writer.done_writing()
+        try:
+            while True:
+                reader.read_chunk()
+        except StopIteration:
+            pass
+        writer.close()
+        return lat
+
+    def close(self):
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default=str(ROOT / "target/release/actwatch"))
+    ap.add_argument("--reps", type=int, default=3, help="ingest repetitions per case (median reported)")
+    ap.add_argument("--lat-batches", type=int, default=300, help="timed batches per latency case")
+    ap.add_argument("--ref-rows", type=int, default=6000, help="reference vectors of the latency monitor")
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
+    ap.add_argument("--flight-server", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.flight_server:
+        flight_server_main()
+        return 0
+
+    cases = [("f32", 384, 50_000), ("bf16", 384, 50_000), ("f32", 4096, 5_000), ("bf16", 4096, 5_000)]
+    if args.quick:
+        cases = [(t, d, n // 10) for t, d, n in cases]
+        args.reps, args.lat_batches, args.ref_rows = 1, 40, 1500
+    warmup = 20 if not args.quick else 5
+    rng = np.random.default_rng(0)
+
+    aw = Actwatch(Path(args.bin))
+    fl = Flight()
+    rows = []  # (metric, case, actwatch, flight, flight2)
+    try:
+        # ---- ingest throughput
+        for dtype, d, n in cases:
+            arr = wire(n, d, dtype, rng)
+            mb = arr.nbytes / 1e6
+            fl_rbs = fl.batches(arr, "r")
+            fl.put(fl_rbs[:4])  # warm the connection
+            t_aw, t_fl = [], []
+            for rep in range(args.reps):
+                name = f"ingest-{dtype}-{d}-{rep}"
+                aw.create(name)
+                t_aw.append(aw.ingest(name, arr, "r"))
+                t_fl.append(fl.put(fl_rbs))
+            ta, tf = statistics.median(t_aw), statistics.median(t_fl)
+            case = f"ingest {dtype:>4} d={d:<4} {n} vec, {mb:.0f} MB"
+            rows.append(("ingest MB/s", case, mb / ta, mb / tf, None))
+            rows.append(("ingest vectors/s", case, n / ta, n / tf, None))
+            del fl_rbs, arr
+
+        # ---- StreamScores latency
+        d = 384
+        aw.create("lat")
+        ref = wire(args.ref_rows, d, "f32", rng)
+        aw.ingest("lat", ref, "ref")
+        t0 = time.perf_counter()
+        report = aw.fit("lat")
+        fit_s = time.perf_counter() - t0
+        for b in (1, 16, 256):
+            n = args.lat_batches + warmup
+            arr = wire(n * b, d, "f32", rng)
+            ids = [f"q{b}-{i}" for i in range(n * b)]
+            aw_batches = [aw.batch("s", arr[i * b:(i + 1) * b], ids[i * b:(i + 1) * b]) for i in range(n)]
+            fl_rbs = [fl.record_batch(arr[i * b:(i + 1) * b], ids[i * b:(i + 1) * b]) for i in range(n)]
+            la = aw.stream_latency("lat", aw_batches, warmup)
+            lp = fl.put_ack_latency(fl_rbs, warmup)
+            lx = fl.exchange_latency(fl_rbs, warmup)
+            for q in (50, 99):
+                rows.append((f"latency p{q} ms", f"StreamScores batch={b:<3} f32 d=384",
+                             pct(la, q) * 1e3, pct(lp, q) * 1e3, pct(lx, q) * 1e3))
+    finally:
+        fl.close()
+        aw.close()
+
+    def fmt(x):
+        if x is None:
+            return "-"
+        return f"{x:,.0f}" if x >= 1000 else (f"{x:,.1f}" if x >= 10 else f"{x:.3f}")
+
+    hdr = ("metric", "case", "actwatch gRPC", "Flight DoPut", "Flight DoExchange echo", "actwatch / DoPut")
+    body = []
+    for metric, case, a, f, x in rows:
+        ratio = a / f if f else float("nan")
+        body.append((metric, case, fmt(a), fmt(f), fmt(x), f"{ratio:.2f}x"))
+    widths = [max(len(r[i]) for r in [hdr] + body) for i in range(len(hdr))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    print()
+    print(line(hdr))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in body:
+        print(line(r))
+    print()
+    print(f"Loopback, one client, {os.cpu_count()} CPUs; server: {args.bin} . Both sides driven from Python "
+          f"(grpcio raw stubs / pyarrow.flight, payloads prebuilt), so the numbers include Python client overhead on both.")
+    print(f"Ingest: {ROWS_PER_BATCH}-row batches, one stream per run, median of {args.reps}; MB = 1e6 bytes of "
+          f"activations; actwatch time ends at the summary, sent after the rows are fsynced to Parquet segments; the "
+          f"Flight server only reads and drops the batches (no disk). Flight carries bf16 as uint16.")
+    print(f"Latency: one batch in flight at a time, {args.lat_batches} timed batches after {warmup} warm-up; monitor "
+          f"fitted on {args.ref_rows} random f32 d=384 vectors, default detectors (fit {fit_s:.1f} s, "
+          f"fit_version {report.fit_version}). actwatch: send batch -> TraceScores received; DoPut: write_batch -> "
+          f"1-byte ack; DoExchange: write_batch -> same batch echoed back. Ratio column: actwatch / Flight DoPut "
+          f"(throughput: <1 is slower; latency: >1 is slower).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
