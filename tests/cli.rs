@@ -384,28 +384,23 @@ fn corrupt_monitor_is_rejected() {
     bytes[mid] ^= 0xff;
     std::fs::write(&blob, &bytes).unwrap();
     let out = tmp.path().join("s.parquet");
-    let err = fails(&[
-        "score",
-        "--monitor",
-        copy.to_str().unwrap(),
-        "--input",
-        data("dev_ood_code.parquet").to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let score_with_copy = || {
+        fails(&[
+            "score",
+            "--monitor",
+            copy.to_str().unwrap(),
+            "--input",
+            data("dev_ood_code.parquet").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+    };
+    let err = score_with_copy();
     assert!(err.contains("checksum"), "{err}");
     assert!(!out.exists());
     // A half-written monitor (no manifest) is not a monitor.
     std::fs::remove_file(copy.join("manifest.json")).unwrap();
-    let err = fails(&[
-        "score",
-        "--monitor",
-        copy.to_str().unwrap(),
-        "--input",
-        data("dev_ood_code.parquet").to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let err = score_with_copy();
     assert!(err.contains("not a monitor"), "{err}");
 }
 

@@ -181,6 +181,7 @@ impl MonitorFitter {
         }
         let fit_seconds = self.started.elapsed().as_secs_f64();
         Ok(MonitorCalibrator {
+            split: self.split,
             site_index: sites
                 .iter()
                 .enumerate()
@@ -209,6 +210,7 @@ struct PendingSite {
 /// Second phase of fitting: push the calibration part, then [`MonitorCalibrator::finish`].
 pub struct MonitorCalibrator {
     options: MonitorOptions,
+    split: SplitHasher,
     sites: Vec<PendingSite>,
     site_index: HashMap<String, usize>,
     computations: HashMap<String, u32>,
@@ -219,6 +221,11 @@ pub struct MonitorCalibrator {
 impl MonitorCalibrator {
     pub fn options(&self) -> &MonitorOptions {
         &self.options
+    }
+
+    /// Whether this computation belongs to the calibration part (the same split as the fit phase).
+    pub fn is_calibration(&self, trace_id: &str) -> bool {
+        self.split.unit(trace_id) < self.options.calibration_fraction
     }
 
     /// Scores calibration traces of one site. `trace_ids[i]` is the computation of row `i`.

@@ -8,7 +8,7 @@
 //! first pass fits, the second scores the calibration part with the fitted detectors, so the
 //! calibration vectors are never held in memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,7 +60,7 @@ pub fn fit_monitor(
     let mut fitter = MonitorFitter::new(options)?;
     let mut hasher = Sha256::new();
     let mut rows = 0u64;
-    let mut computations: HashMap<String, ()> = HashMap::new();
+    let mut computations: HashSet<String> = HashSet::new();
 
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("fit", reader.total_rows());
@@ -74,8 +74,8 @@ pub fn fit_monitor(
             for x in batch.row_vector(i) {
                 hasher.update(x.to_le_bytes());
             }
-            if !computations.contains_key(id.as_str()) {
-                computations.insert(id.clone(), ());
+            if !computations.contains(id.as_str()) {
+                computations.insert(id.clone());
             }
         }
         for (site, idx) in batch.site_groups() {
@@ -100,13 +100,12 @@ pub fn fit_monitor(
     let mut calibrator = fitter.finish_fit()?;
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("calibrate", reader.total_rows());
-    let split = MonitorFitter::new(calibrator.options().clone())?;
     for batch in reader {
         let batch = batch?;
         for (site, idx) in batch.site_groups() {
             let cal_rows: Vec<usize> = idx
                 .into_iter()
-                .filter(|&i| split.is_calibration(&batch.trace_ids[i]))
+                .filter(|&i| calibrator.is_calibration(&batch.trace_ids[i]))
                 .collect();
             if cal_rows.is_empty() {
                 continue;
