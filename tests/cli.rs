@@ -46,23 +46,28 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `actwatch fit` on train.parquet (sentence id in `id`, layer in `layer`) into `out`; its report.
+fn fit_train(out: &Path) -> String {
+    ok(&[
+        "fit",
+        "--input",
+        data("train.parquet").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--trace-column",
+        "id",
+        "--site-column",
+        "layer",
+    ])
+}
+
 /// One monitor fitted on train.parquet with the default detectors, shared by the tests.
 fn monitor() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("monitor");
-        let report = ok(&[
-            "fit",
-            "--input",
-            data("train.parquet").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--trace-column",
-            "id",
-            "--site-column",
-            "layer",
-        ]);
+        let report = fit_train(&out);
         assert!(report.contains("calibration FPR"), "{report}");
         dir
     })
@@ -240,17 +245,7 @@ fn trace_level_scores_every_row_and_scoring_is_deterministic() {
 fn refitting_with_the_same_seed_gives_the_same_monitor() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("again");
-    ok(&[
-        "fit",
-        "--input",
-        data("train.parquet").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--trace-column",
-        "id",
-        "--site-column",
-        "layer",
-    ]);
+    fit_train(&out);
     let m1: serde_json::Value =
         serde_json::from_slice(&std::fs::read(monitor().join("manifest.json")).unwrap()).unwrap();
     let m2: serde_json::Value =

@@ -762,6 +762,18 @@ mod tests {
         assert_eq!(f.count(), 500);
     }
 
+    /// HNSW from the first reference on, with few links and short candidate lists: cheap to build,
+    /// and imperfect on unstructured data.
+    fn small_hnsw(metric: Metric) -> KnnOptions {
+        KnnOptions {
+            exact_max: 0,
+            hnsw_m: 4,
+            hnsw_ef_construction: 16,
+            hnsw_ef_search: 10,
+            ..opts(10, metric)
+        }
+    }
+
     fn fit(dim: usize, o: KnnOptions, refs: &[f32]) -> KnnDetector {
         let mut f = KnnFitter::new(dim, o);
         // two batches, to exercise appending
@@ -960,13 +972,7 @@ mod tests {
         let dim = 64;
         let refs = rng.gaussian_rows(5000, dim, 0.0);
         let queries = rng.gaussian_rows(200, dim, 0.0);
-        let o = KnnOptions {
-            exact_max: 0,
-            hnsw_m: 4,
-            hnsw_ef_construction: 16,
-            hnsw_ef_search: 10,
-            ..opts(10, Metric::L2)
-        };
+        let o = small_hnsw(Metric::L2);
         let det = fit(dim, o, &refs);
         let recall = det.measure_recall(&queries, 10).unwrap().unwrap();
         println!("weak index: recall@10 = {recall:.4}");
@@ -1035,13 +1041,7 @@ mod tests {
         let dim = 32;
         let refs = rng.gaussian_rows(1500, dim, 0.0);
         let queries = rng.gaussian_rows(100, dim, 0.0);
-        let o = KnnOptions {
-            exact_max: 0,
-            hnsw_m: 4,
-            hnsw_ef_construction: 16,
-            hnsw_ef_search: 10,
-            ..opts(10, Metric::Cosine)
-        };
+        let o = small_hnsw(Metric::Cosine);
         // On the default (multi-threaded) pool: the build is sequential by design.
         let run = || fit(dim, o.clone(), &refs).score_batch(&queries).unwrap();
         assert_eq!(run(), run());

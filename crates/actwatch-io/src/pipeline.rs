@@ -64,16 +64,21 @@ pub fn fit_monitor(
 
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("fit", reader.total_rows());
+    // One reusable buffer per row: the hash sees the same bytes as value-by-value updates, in far
+    // fewer calls.
+    let mut row_bytes: Vec<u8> = Vec::new();
     for batch in reader {
         let batch = batch?;
         for (i, id) in batch.trace_ids.iter().enumerate() {
-            hasher.update(batch.sites[i].as_bytes());
-            hasher.update([0]);
-            hasher.update(id.as_bytes());
-            hasher.update([0]);
+            row_bytes.clear();
+            row_bytes.extend_from_slice(batch.sites[i].as_bytes());
+            row_bytes.push(0);
+            row_bytes.extend_from_slice(id.as_bytes());
+            row_bytes.push(0);
             for x in batch.row_vector(i) {
-                hasher.update(x.to_le_bytes());
+                row_bytes.extend_from_slice(&x.to_le_bytes());
             }
+            hasher.update(&row_bytes);
             if !computations.contains(id.as_str()) {
                 computations.insert(id.clone());
             }
