@@ -162,7 +162,7 @@ pub(crate) fn check_rows(dim: usize, rows: &[f32]) -> Result<usize> {
 
 /// Collects reference vectors (copied; L2-normalised when the metric is cosine), keeping a
 /// uniform reservoir sample of `max_references` of them when more are pushed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KnnFitter {
     dim: usize,
     options: KnnOptions,

@@ -81,6 +81,7 @@ impl MonitorOptions {
     }
 }
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct SiteFitter {
     dim: usize,
     fitters: Vec<DetectorFitter>,
@@ -89,6 +90,12 @@ struct SiteFitter {
 
 /// First phase of fitting: route reference traces with [`MonitorFitter::is_calibration`], push
 /// the fit part here, then [`MonitorFitter::finish_fit`].
+///
+/// A fitter serialises (options and per-site detector fitters: sufficient statistics, the kNN
+/// reservoir), so a fit can be checkpointed and resumed later with newly arrived traces: pushing
+/// the old traces, then the new ones, into one fitter gives exactly the state that resuming the
+/// checkpoint of the old ones and pushing the new ones gives (same batches, same order, same
+/// floating-point sums).
 pub struct MonitorFitter {
     options: MonitorOptions,
     split: SplitHasher,
@@ -152,6 +159,11 @@ impl MonitorFitter {
         Ok(())
     }
 
+    /// Fit-part traces pushed so far, over all sites.
+    pub fn fit_traces(&self) -> u64 {
+        self.sites.values().map(|s| s.traces).sum()
+    }
+
     /// Fits every detector and moves on to calibration.
     pub fn finish_fit(self) -> Result<MonitorCalibrator> {
         if self.sites.is_empty() {
@@ -193,6 +205,48 @@ impl MonitorFitter {
             fit_seconds,
             started: Instant::now(),
         })
+    }
+}
+
+/// What a serialised [`MonitorFitter`] holds (written through a borrow, read back owned). The
+/// options travel as JSON text: their detector list is an internally tagged enum, which compact
+/// binary formats such as bincode cannot decode.
+#[derive(serde::Serialize)]
+struct FitterStateRef<'a> {
+    options_json: String,
+    sites: &'a BTreeMap<String, SiteFitter>,
+}
+
+#[derive(serde::Deserialize)]
+struct FitterState {
+    options_json: String,
+    sites: BTreeMap<String, SiteFitter>,
+}
+
+impl serde::Serialize for MonitorFitter {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        FitterStateRef {
+            options_json: serde_json::to_string(&self.options)
+                .map_err(serde::ser::Error::custom)?,
+            sites: &self.sites,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MonitorFitter {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let state = FitterState::deserialize(deserializer)?;
+        let options = serde_json::from_str(&state.options_json).map_err(D::Error::custom)?;
+        let mut fitter = MonitorFitter::new(options).map_err(D::Error::custom)?;
+        fitter.sites = state.sites;
+        Ok(fitter)
     }
 }
 

@@ -183,7 +183,8 @@ fn parse_positive(k: &str, v: &str) -> Result<usize> {
     }
 }
 
-/// A detector being fitted.
+/// A detector being fitted. Serialisable, so a fit can be checkpointed and resumed with more data.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum DetectorFitter {
     Gaussian(GaussianFitter),
     Knn(KnnFitter),

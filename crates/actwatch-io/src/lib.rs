@@ -6,6 +6,7 @@
 //! atomically (temporary file, fsync, rename). Every failure names the file it came from.
 
 pub mod artifact;
+pub mod checkpoint;
 mod error;
 pub mod pipeline;
 pub mod reader;

@@ -1,0 +1,189 @@
+//! Fit checkpoints: a [`MonitorFitter`] (sufficient statistics, kNN reservoirs) saved with the
+//! list of reference files folded into it, so a later fit folds only the files that arrived since
+//! and recalibrates: an incremental update that gives exactly what a full refit gives.
+//!
+//! One file: a 16-byte magic, a little-endian u32 format version, the bincode payload, and a
+//! SHA-256 of everything before it as a 32-byte trailer. It is written and hashed as a stream (a
+//! fitter can hold up to a million reference vectors per site, so it is never built in memory
+//! twice), fsynced under a temporary name and renamed into place. Loading checks the trailer
+//! before decoding anything, then the magic and the version; decoding is bounded by the file size.
+
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use actwatch_detect::monitor::MonitorFitter;
+use bincode::Options;
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 16] = b"actwatch-fitter\0";
+/// Bumped whenever the payload encoding changes incompatibly.
+pub const CHECKPOINT_VERSION: u32 = 1;
+const TRAILER: u64 = 32;
+
+/// A fitter and, in order, the reference files (as the caller names them) folded into it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct FitCheckpoint {
+    pub folded: Vec<String>,
+    pub fitter: MonitorFitter,
+}
+
+/// Hashes everything written through it.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+}
+
+fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Artifact(format!("{}: fit checkpoint {what}", path.display()))
+}
+
+/// Writes `checkpoint` to `path`, atomically replacing any checkpoint there.
+pub fn save_checkpoint(checkpoint: &FitCheckpoint, path: &Path) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp: PathBuf = {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        path.with_file_name(name)
+    };
+    let file = File::create(&tmp).map_err(io)?;
+    let mut w = HashingWriter {
+        inner: BufWriter::new(file),
+        hasher: Sha256::new(),
+    };
+    let write = |w: &mut HashingWriter<BufWriter<File>>| -> Result<()> {
+        w.write_all(MAGIC).map_err(io)?;
+        w.write_all(&CHECKPOINT_VERSION.to_le_bytes()).map_err(io)?;
+        codec()
+            .serialize_into(&mut *w, checkpoint)
+            .map_err(|e| Error::Artifact(format!("cannot encode the fit checkpoint: {e}")))?;
+        Ok(())
+    };
+    let result = write(&mut w).and_then(|()| {
+        let digest = w.hasher.finalize_reset();
+        let mut inner = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
+        inner.write_all(&digest).map_err(io)?;
+        inner.sync_all().map_err(io)?;
+        fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads and verifies the checkpoint at `path`.
+pub fn load_checkpoint(path: &Path) -> Result<FitCheckpoint> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = fs::metadata(path).map_err(io)?.len();
+    let header = MAGIC.len() as u64 + 4;
+    if len < header + TRAILER {
+        return Err(corrupt(path, format!("is truncated ({len} bytes)")));
+    }
+    // Verify the whole file before decoding a byte of it.
+    let mut f = BufReader::new(File::open(path).map_err(io)?);
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut (&mut f).take(len - TRAILER), &mut hasher).map_err(io)?;
+    let mut trailer = [0u8; TRAILER as usize];
+    f.read_exact(&mut trailer).map_err(io)?;
+    if hasher.finalize().as_slice() != trailer {
+        return Err(corrupt(path, "checksum mismatch: corrupt or half-written"));
+    }
+
+    let mut f = BufReader::new(File::open(path).map_err(io)?);
+    let mut head = [0u8; 20];
+    f.read_exact(&mut head).map_err(io)?;
+    if &head[..16] != MAGIC {
+        return Err(corrupt(path, "has the wrong magic: not a fit checkpoint"));
+    }
+    let version = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+    if version != CHECKPOINT_VERSION {
+        return Err(corrupt(
+            path,
+            format!("version {version} is not supported (this build reads {CHECKPOINT_VERSION})"),
+        ));
+    }
+    codec()
+        .with_limit(len)
+        .deserialize_from(f.take(len - header - TRAILER))
+        .map_err(|e| corrupt(path, format!("cannot be decoded: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actwatch_detect::monitor::MonitorOptions;
+
+    fn fitter() -> MonitorFitter {
+        let mut f = MonitorFitter::new(MonitorOptions::default()).unwrap();
+        let rows: Vec<f32> = (0..64 * 8).map(|i| ((i * 37) % 101) as f32 / 7.0).collect();
+        f.push_fit("layer", &rows, 8).unwrap();
+        f
+    }
+
+    #[test]
+    fn round_trips_and_refuses_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fitter.bin");
+        let ck = FitCheckpoint {
+            folded: vec!["a.parquet".into(), "b.parquet".into()],
+            fitter: fitter(),
+        };
+        save_checkpoint(&ck, &path).unwrap();
+        assert!(!dir.path().join("fitter.bin.tmp").exists());
+        let back = load_checkpoint(&path).unwrap();
+        assert_eq!(back.folded, ck.folded);
+        assert_eq!(back.fitter.fit_traces(), 64);
+        assert_eq!(
+            bincode::serialize(&back.fitter).unwrap(),
+            bincode::serialize(&ck.fitter).unwrap()
+        );
+
+        let bytes = fs::read(&path).unwrap();
+        // A flipped byte anywhere, a truncation, or a foreign file: refused, never decoded.
+        for damaged in [
+            {
+                let mut b = bytes.clone();
+                b[bytes.len() / 2] ^= 1;
+                b
+            },
+            bytes[..bytes.len() - 1].to_vec(),
+            bytes[..10].to_vec(),
+            b"not a checkpoint at all, just some text of some length......".to_vec(),
+        ] {
+            fs::write(&path, &damaged).unwrap();
+            let err = load_checkpoint(&path).err().expect("damage is detected");
+            assert!(err.to_string().contains("fit checkpoint"), "{err}");
+        }
+    }
+}
