@@ -153,9 +153,14 @@ async fn ingest(
 
 /// Fits and returns (progress messages seen, the report).
 async fn fit(client: &mut Client, monitor: &str) -> (usize, v1::FitReport) {
+    fit_with(client, monitor, false).await
+}
+
+async fn fit_with(client: &mut Client, monitor: &str, incremental: bool) -> (usize, v1::FitReport) {
     let mut stream = client
         .fit(v1::FitRequest {
             monitor: monitor.into(),
+            incremental,
         })
         .await
         .unwrap()
@@ -437,6 +442,114 @@ async fn ingest_fit_stream_score_match_the_batch_pipeline_and_survive_restart() 
         .unwrap()
         .into_inner();
     assert_eq!(q.results.len(), 2);
+    drop(client);
+    server.stop().await;
+}
+
+/// Scores a file through the unary Score call: (trace id, score, p-value) per computation.
+async fn unary_scores(client: &mut Client, monitor: &str, file: &str) -> Vec<(String, f64, f64)> {
+    let (batches, _) = file_batches(&data(file), Dtype::F32);
+    let r = client
+        .score(v1::ScoreRequest {
+            monitor: monitor.into(),
+            batches,
+            complete: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.computations
+        .into_iter()
+        .map(|c| (c.trace_id, c.score, c.p_value))
+        .collect()
+}
+
+/// An incremental Fit folds only the segments ingested since the last fit, and the monitor it
+/// installs scores exactly like a full refit on the same data; with nothing new it folds nothing;
+/// a damaged checkpoint falls back to a full fit, and all of it survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_fit_equals_a_full_refit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    create(&mut client, "inc").await;
+    create(&mut client, "full").await;
+    let (train, _) = file_batches(&data("train.parquet"), Dtype::F32);
+    let half = train.len() / 2;
+    let first_rows: u64 = train[..half].iter().map(|b| b.trace_ids.len() as u64).sum();
+    for m in ["inc", "full"] {
+        ingest(&mut client, m, train[..half].to_vec())
+            .await
+            .unwrap();
+    }
+    // Nothing to resume yet: an incremental request runs a full fit and says so.
+    let (_, r) = fit_with(&mut client, "inc", true).await;
+    assert!(!r.incremental);
+    assert_eq!(r.rows_folded, first_rows);
+    assert!(dir.path().join("monitors/inc/fitter.bin").exists());
+
+    for m in ["inc", "full"] {
+        ingest(&mut client, m, train[half..].to_vec())
+            .await
+            .unwrap();
+    }
+    let (_, inc) = fit_with(&mut client, "inc", true).await;
+    assert!(inc.incremental);
+    assert_eq!(
+        inc.rows_folded,
+        18_000 - first_rows,
+        "only the new segment is folded"
+    );
+    assert_eq!(inc.reference_rows, 18_000);
+    assert_eq!(inc.fit_version, 2);
+    let (_, full) = fit_with(&mut client, "full", false).await;
+    assert!(!full.incremental);
+    assert_eq!(full.rows_folded, 18_000);
+    assert_eq!(inc.calibration_computations, full.calibration_computations);
+    assert_eq!(inc.calibration_fpr, full.calibration_fpr);
+
+    let want = unary_scores(&mut client, "full", "dev_ood_code.parquet").await;
+    assert_eq!(want.len(), 500);
+    assert_eq!(
+        unary_scores(&mut client, "inc", "dev_ood_code.parquet").await,
+        want,
+        "the incremental fit scores differently from a full refit"
+    );
+
+    // After a restart: the report is remembered, and an update with nothing new folds nothing.
+    drop(client);
+    server.stop().await;
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    let info = client
+        .get_monitor(v1::GetMonitorRequest { name: "inc".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let report = info.report.unwrap();
+    assert!(report.incremental);
+    assert_eq!(report.rows_folded, 18_000 - first_rows);
+    let (_, again) = fit_with(&mut client, "inc", true).await;
+    assert!(again.incremental);
+    assert_eq!(again.rows_folded, 0);
+    assert_eq!(
+        unary_scores(&mut client, "inc", "dev_ood_code.parquet").await,
+        want
+    );
+
+    // A damaged checkpoint is never resumed: the fit starts over, with the same result.
+    let ck = dir.path().join("monitors/inc/fitter.bin");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&ck, bytes).unwrap();
+    let (_, repaired) = fit_with(&mut client, "inc", true).await;
+    assert!(!repaired.incremental);
+    assert_eq!(repaired.rows_folded, 18_000);
+    assert_eq!(
+        unary_scores(&mut client, "inc", "dev_ood_code.parquet").await,
+        want
+    );
     drop(client);
     server.stop().await;
 }

@@ -116,6 +116,10 @@ class FitReport:
     fit_seconds: float
     calibration_seconds: float
     knn_recall: list[KnnRecall] = field(default_factory=list)
+    #: Whether this fit was an incremental update (only new reference data folded in).
+    incremental: bool = False
+    #: Reference rows read by the fit pass (all of them for a full fit).
+    rows_folded: int = 0
 
     @classmethod
     def _from_pb(cls, r: pb.FitReport) -> "FitReport":
@@ -127,6 +131,8 @@ class FitReport:
             r.fit_seconds,
             r.calibration_seconds,
             [KnnRecall(k.site, k.detector, k.queries, k.k, k.recall) for k in r.knn_recall],
+            r.incremental,
+            r.rows_folded,
         )
 
 
@@ -728,12 +734,17 @@ class Client:
         monitor: MonitorRef,
         on_progress: Optional[Callable[[FitPhase], None]] = None,
         timeout: Optional[float] = None,
+        incremental: bool = False,
     ) -> FitReport:
         """Fits and calibrates the monitor; calls ``on_progress(FitPhase)`` as phases advance and
-        returns the final report."""
+        returns the final report. With ``incremental=True`` only the reference data ingested since
+        the last fit is folded into the saved fit state before recalibrating (the same monitor as a
+        full fit, faster); without saved state it fits in full, and ``report.incremental`` says
+        which one ran."""
         report = None
+        req = pb.FitRequest(monitor=_name(monitor), incremental=incremental)
         try:
-            for ev in self.stub.Fit(pb.FitRequest(monitor=_name(monitor)), timeout=timeout):
+            for ev in self.stub.Fit(req, timeout=timeout):
                 kind = ev.WhichOneof("event")
                 if kind == "phase" and on_progress is not None:
                     on_progress(FitPhase(ev.phase.name, ev.phase.rows_done, ev.phase.rows_total))

@@ -211,6 +211,31 @@ def test_fit_report_and_monitor_info(client, minilm):
     assert minilm["name"] in [m.name for m in client.list_monitors()]
 
 
+def test_incremental_fit_folds_only_new_data_and_matches_a_full_refit(client):
+    name = "incremental-test"
+    ids, layers, acts = _load("train.parquet")
+    client.create_monitor(name)
+    batches = [(site, a, t) for site, a, t in _by_site(ids, layers, acts)]
+    first = [(s, a[:3000], t[:3000]) for s, a, t in batches]
+    second = [(s, a[3000:], t[3000:]) for s, a, t in batches]
+    client.ingest_reference(name, first)
+    r1 = client.fit(name, incremental=True, timeout=FIT_TIMEOUT_S)
+    assert not r1.incremental and r1.rows_folded == 9000  # nothing saved yet: a full fit
+    client.ingest_reference(name, second)
+    r2 = client.fit(name, incremental=True, timeout=FIT_TIMEOUT_S)
+    assert r2.incremental and r2.rows_folded == 9000 and r2.reference_rows == 18000
+
+    cids, clayers, cacts = _load("dev_ood_code.parquet")
+    inc = client.score(name, _by_site(cids, clayers, cacts), complete=True)
+    r3 = client.fit(name, timeout=FIT_TIMEOUT_S)
+    assert not r3.incremental and r3.rows_folded == 18000
+    full = client.score(name, _by_site(cids, clayers, cacts), complete=True)
+    assert [(c.trace_id, c.p_value, c.score) for c in inc.computations] == [
+        (c.trace_id, c.p_value, c.score) for c in full.computations
+    ]
+    client.delete_monitor(name)
+
+
 def test_score_flags_code(client, minilm, code_scores):
     ids, _, _, result = code_scores
     n = len(set(ids.tolist()))

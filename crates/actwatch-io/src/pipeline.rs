@@ -69,6 +69,10 @@ pub fn fold_reference(
     read: &ReadOptions,
     progress: &dyn Progress,
 ) -> Result<u64> {
+    if files.is_empty() {
+        // Nothing new since the checkpoint.
+        return Ok(0);
+    }
     let read = ReadOptions {
         keep_other_columns: false,
         ..read.clone()

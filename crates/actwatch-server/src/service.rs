@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use actwatch_detect::monitor::MonitorFitter;
 use actwatch_io::artifact::{load_monitor, save_monitor};
-use actwatch_io::pipeline::{fit_monitor, Progress};
+use actwatch_io::checkpoint::{load_checkpoint, save_checkpoint, FitCheckpoint};
+use actwatch_io::pipeline::{calibrate_reference, fold_reference, Progress};
 use actwatch_io::reader::ReadOptions;
 use actwatch_proto::v1;
 use actwatch_proto::v1::activation_monitor_server::ActivationMonitor;
@@ -22,7 +24,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::convert::{check_name, StoredSpec};
 use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
 use crate::score::{complete, score_batch, OpenComputations};
-use crate::storage::{DataDir, FittedMonitor, IngestSession, MonitorEntry, ScoreFilter};
+use crate::storage::{DataDir, FitRun, FittedMonitor, IngestSession, MonitorEntry, ScoreFilter};
 use crate::{Error, Limits, Metrics, Result};
 
 /// Responses buffered per streaming call before the handler's task waits for the client.
@@ -191,24 +193,71 @@ impl Progress for ChannelProgress {
     }
 }
 
-/// Fits on the committed segments, saves the artifact (atomically replacing the old one), loads
-/// it back (so the served fit is exactly what a restart loads) and swaps it in.
+/// The saved fit state, if it can be resumed with `segments`: it must be intact, made with the
+/// monitor's options, and have folded a prefix of the committed segments (they are append-only,
+/// so anything else means it belongs to other data). `None` means: fit from scratch.
+fn resumable(entry: &MonitorEntry, segments: &[String]) -> Option<(MonitorFitter, usize)> {
+    let path = entry.checkpoint_path();
+    if !path.exists() {
+        return None;
+    }
+    let why = match load_checkpoint(&path) {
+        Ok(ck) if ck.fitter.options() != &entry.options => "it was made with other options".into(),
+        Ok(ck) if !segments.starts_with(&ck.folded) => {
+            "its segments are not a prefix of the committed ones".into()
+        }
+        Ok(ck) => return Some((ck.fitter, ck.folded.len())),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(monitor = %entry.name, reason = %why, "fit checkpoint unusable; fitting from scratch");
+    None
+}
+
+/// Fits on the committed segments (from scratch, or, when `incremental`, by folding only the
+/// segments the checkpoint has not seen), checkpoints the fitter, calibrates on all segments,
+/// saves the artifact (atomically replacing the old one), loads it back (so the served fit is
+/// exactly what a restart loads) and swaps it in.
+///
+/// The checkpoint is written before calibration and names the segments it holds, so it is
+/// consistent on its own whatever happens next: a later incremental fit resumes from it.
 fn fit_and_install(
     entry: &MonitorEntry,
-    segments: &[PathBuf],
+    segments: &[(String, PathBuf)],
+    incremental: bool,
     progress: &dyn Progress,
 ) -> Result<Arc<FittedMonitor>> {
-    let (monitor, reference) = fit_monitor(
-        segments,
-        &ReadOptions::default(),
-        entry.options.clone(),
-        progress,
-    )?;
+    let read = ReadOptions::default();
+    let names: Vec<String> = segments.iter().map(|(n, _)| n.clone()).collect();
+    let paths: Vec<PathBuf> = segments.iter().map(|(_, p)| p.clone()).collect();
+    let resumed = if incremental {
+        resumable(entry, &names)
+    } else {
+        None
+    };
+    let run_incremental = resumed.is_some();
+    let (mut fitter, done) = match resumed {
+        Some(r) => r,
+        None => (MonitorFitter::new(entry.options.clone())?, 0),
+    };
+    let rows_folded = fold_reference(&mut fitter, &paths[done..], &read, progress)?;
+    let checkpoint = FitCheckpoint {
+        folded: names,
+        fitter,
+    };
+    save_checkpoint(&checkpoint, &entry.checkpoint_path())?;
+    let (monitor, reference) = calibrate_reference(checkpoint.fitter, &paths, &read, progress)?;
     let dir = entry.fitted_dir();
     save_monitor(&monitor, &reference, &dir)?;
     drop(monitor);
     let (monitor, manifest) = load_monitor(&dir)?;
-    entry.install_fit(monitor, &manifest)
+    entry.install_fit(
+        monitor,
+        &manifest,
+        FitRun {
+            incremental: run_incremental,
+            rows_folded,
+        },
+    )
 }
 
 #[tonic::async_trait]
@@ -366,7 +415,10 @@ impl ActivationMonitor for ActivationMonitorService {
         request: Request<v1::FitRequest>,
     ) -> Result<Response<Self::FitStream>, Status> {
         self.observed("Fit", async move {
-            let v1::FitRequest { monitor } = request.into_inner();
+            let v1::FitRequest {
+                monitor,
+                incremental,
+            } = request.into_inner();
             let entry = self.data.get(&monitor)?;
             let permit = self.stream_permit()?;
             let guard = entry
@@ -374,12 +426,17 @@ impl ActivationMonitor for ActivationMonitorService {
                 .clone()
                 .try_lock_owned()
                 .map_err(|_| Error::FitInProgress(monitor.clone()))?;
-            let segments = entry.segment_paths();
+            let segments = entry.segments();
             if segments.is_empty() {
                 return Err(Error::NoReferenceData(monitor).into());
             }
             let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
-            tracing::info!(monitor = %monitor, segments = segments.len(), "fit started");
+            tracing::info!(
+                monitor = %monitor,
+                segments = segments.len(),
+                incremental,
+                "fit started"
+            );
             let this = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
@@ -390,7 +447,9 @@ impl ActivationMonitor for ActivationMonitorService {
                     phase: Mutex::new((String::new(), 0, 0)),
                 };
                 // A fit that started runs to the end and is installed even if the client leaves.
-                let result = blocking(move || fit_and_install(&entry, &segments, &progress)).await;
+                let result =
+                    blocking(move || fit_and_install(&entry, &segments, incremental, &progress))
+                        .await;
                 let elapsed_s = started.elapsed().as_secs_f64();
                 let last = result.map_or_else(
                     |e| Err(this.reject("Fit", e.into())),
@@ -402,6 +461,8 @@ impl ActivationMonitor for ActivationMonitorService {
                             reference_rows = r.reference_rows,
                             calibration_computations = r.calibration_computations,
                             calibration_fpr = r.calibration_fpr,
+                            incremental = r.incremental,
+                            rows_folded = r.rows_folded,
                             fit_seconds = r.fit_seconds,
                             calibration_seconds = r.calibration_seconds,
                             elapsed_seconds = elapsed_s,

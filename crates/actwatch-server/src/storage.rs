@@ -5,6 +5,7 @@
 //! <data-dir>/monitors/<name>/state.json         sites and widths, committed segments, fit version
 //! <data-dir>/monitors/<name>/reference/seg-<seq>-d<width>.parquet
 //! <data-dir>/monitors/<name>/fitted/            the offline core's monitor artifact (`save_monitor`)
+//! <data-dir>/monitors/<name>/fitter.bin         fit checkpoint: fitter state + segments folded in
 //! <data-dir>/monitors/<name>/scores/log-<seq>.jsonl   the bounded score log
 //! ```
 //!
@@ -39,6 +40,7 @@ const SPEC_FILE: &str = "spec.json";
 const STATE_FILE: &str = "state.json";
 const REFERENCE_DIR: &str = "reference";
 const FITTED_DIR: &str = "fitted";
+const CHECKPOINT_FILE: &str = "fitter.bin";
 const SCORES_DIR: &str = "scores";
 /// Version of `spec.json` and `state.json`.
 const STORAGE_FORMAT_VERSION: u32 = 1;
@@ -123,6 +125,17 @@ pub struct MonitorState {
     pub next_segment: u64,
     /// Increases with every fit; 0 when never fitted.
     pub fit_version: u64,
+    /// How the served fit was made.
+    #[serde(default)]
+    pub last_fit: FitRun,
+}
+
+/// How a fit ran: fully, or as an incremental update from a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FitRun {
+    pub incremental: bool,
+    /// Reference rows the fit pass read.
+    pub rows_folded: u64,
 }
 
 impl Default for MonitorState {
@@ -133,6 +146,7 @@ impl Default for MonitorState {
             segments: Vec::new(),
             next_segment: 1,
             fit_version: 0,
+            last_fit: FitRun::default(),
         }
     }
 }
@@ -156,7 +170,7 @@ pub struct FittedMonitor {
 }
 
 impl FittedMonitor {
-    pub fn new(monitor: Monitor, manifest: &Manifest, fit_version: u64) -> Self {
+    pub fn new(monitor: Monitor, manifest: &Manifest, fit_version: u64, run: FitRun) -> Self {
         let s = &monitor.summary;
         let report = v1::FitReport {
             fit_version,
@@ -181,6 +195,8 @@ impl FittedMonitor {
                     recall: r.recall,
                 })
                 .collect(),
+            incremental: run.incremental,
+            rows_folded: run.rows_folded,
         };
         Self {
             monitor,
@@ -229,14 +245,19 @@ impl MonitorEntry {
         self.dir.join(FITTED_DIR)
     }
 
-    /// The committed reference segments, in commit order.
-    pub fn segment_paths(&self) -> Vec<PathBuf> {
+    /// The committed reference segments, in commit order: (file name, path).
+    pub fn segments(&self) -> Vec<(String, PathBuf)> {
         let dir = self.dir.join(REFERENCE_DIR);
         lock(&self.state)
             .segments
             .iter()
-            .map(|s| dir.join(&s.file))
+            .map(|s| (s.file.clone(), dir.join(&s.file)))
             .collect()
+    }
+
+    /// Where the fit checkpoint lives (see [`actwatch_io::checkpoint`]).
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.dir.join(CHECKPOINT_FILE)
     }
 
     fn check_not_deleted(&self) -> Result<()> {
@@ -289,13 +310,19 @@ impl MonitorEntry {
     }
 
     /// Records a new fit (already saved in `fitted/`) and serves it.
-    pub fn install_fit(&self, monitor: Monitor, manifest: &Manifest) -> Result<Arc<FittedMonitor>> {
+    pub fn install_fit(
+        &self,
+        monitor: Monitor,
+        manifest: &Manifest,
+        run: FitRun,
+    ) -> Result<Arc<FittedMonitor>> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
         let mut next = st.clone();
         next.fit_version += 1;
+        next.last_fit = run;
         write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
-        let fitted = Arc::new(FittedMonitor::new(monitor, manifest, next.fit_version));
+        let fitted = Arc::new(FittedMonitor::new(monitor, manifest, next.fit_version, run));
         *st = next;
         *self.fitted.write().unwrap_or_else(PoisonError::into_inner) = Some(fitted.clone());
         Ok(fitted)
@@ -522,12 +549,14 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
         }
     }
 
-    // Leftovers of a save_monitor that did not finish.
+    // Leftovers of a save_monitor or a checkpoint that did not finish.
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(&format!(".{FITTED_DIR}.")) {
                 let _ = fs::remove_dir_all(e.path());
+            } else if n == format!("{CHECKPOINT_FILE}.tmp") {
+                let _ = fs::remove_file(e.path());
             }
         }
     }
@@ -538,6 +567,7 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
                 monitor,
                 &manifest,
                 state.fit_version.max(1),
+                state.last_fit,
             ))),
             Err(e) => {
                 // Never serve a damaged fit; the monitor stays usable and a refit repairs it.

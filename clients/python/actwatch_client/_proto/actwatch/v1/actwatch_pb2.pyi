@@ -137,10 +137,12 @@ class IngestReferenceSummary(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., batches: _Optional[int] = ..., total_rows: _Optional[int] = ...) -> None: ...
 
 class FitRequest(_message.Message):
-    __slots__ = ("monitor",)
+    __slots__ = ("monitor", "incremental")
     MONITOR_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_FIELD_NUMBER: _ClassVar[int]
     monitor: str
-    def __init__(self, monitor: _Optional[str] = ...) -> None: ...
+    incremental: bool
+    def __init__(self, monitor: _Optional[str] = ..., incremental: _Optional[bool] = ...) -> None: ...
 
 class FitProgress(_message.Message):
     __slots__ = ("phase", "report")
@@ -175,7 +177,7 @@ class KnnRecall(_message.Message):
     def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., queries: _Optional[int] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
 
 class FitReport(_message.Message):
-    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall")
+    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded")
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +185,8 @@ class FitReport(_message.Message):
     FIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KNN_RECALL_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FOLDED_FIELD_NUMBER: _ClassVar[int]
     fit_version: int
     reference_rows: int
     calibration_computations: int
@@ -190,7 +194,9 @@ class FitReport(_message.Message):
     fit_seconds: float
     calibration_seconds: float
     knn_recall: _containers.RepeatedCompositeFieldContainer[KnnRecall]
-    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ...) -> None: ...
+    incremental: bool
+    rows_folded: int
+    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ...) -> None: ...
 
 class DetectorScore(_message.Message):
     __slots__ = ("detector", "raw", "p_value")
