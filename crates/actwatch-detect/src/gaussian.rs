@@ -256,6 +256,14 @@ impl GaussianDetector {
         self.residual_variance
     }
 
+    /// The d×r row-major projection `W` scoring multiplies the centred rows by: column j is
+    /// `v_j / sqrt(λ_j)` at full rank (score = `||(y - mean) W||²`), the unit eigenvector `v_j` at
+    /// low rank (score = `Σ_j (1/λ_j - 1/σ²) p_j² + ||y - mean||² / σ²`, `σ²` =
+    /// [`Self::residual_variance`]). For other compute backends; see [`Self::score_batch`].
+    pub fn projection(&self) -> &[f32] {
+        &self.proj
+    }
+
     /// Squared Mahalanobis distance under the shrunk covariance, one per row of `rows`
     /// (row-major, `len = k * dim`); higher = more anomalous. Rows are L2-normalised first if the
     /// detector was fitted that way.

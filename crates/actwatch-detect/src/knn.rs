@@ -384,6 +384,12 @@ impl KnnDetector {
         self.len() == 0
     }
 
+    /// The reference vectors, row-major (`len()` rows of `dim()`), L2-normalised when the metric
+    /// is cosine. For other compute backends; see [`Self::score_batch`].
+    pub fn references(&self) -> &[f32] {
+        &self.refs
+    }
+
     /// Whether scoring uses exact search (`len() <= exact_max`) rather than the HNSW index.
     pub fn is_exact(&self) -> bool {
         self.len() <= self.options.exact_max

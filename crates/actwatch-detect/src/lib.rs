@@ -8,6 +8,7 @@
 
 mod error;
 
+pub mod backend;
 pub mod calibration;
 pub mod fusion;
 pub mod gaussian;

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use actwatch_core::SplitHasher;
 
+use crate::backend::Backend;
 use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
 use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS};
@@ -429,6 +430,7 @@ impl MonitorCalibrator {
             sites,
             fused,
             summary,
+            backend: Backend::default(),
         })
     }
 }
@@ -481,6 +483,9 @@ pub struct Monitor {
     /// Calibration of the fused computation-level statistic.
     pub fused: Calibration,
     pub summary: FitSummary,
+    /// Where raw scores are computed (not stored: the default backend after loading).
+    #[serde(skip)]
+    pub backend: Backend,
 }
 
 /// Per-trace results of one site's batch; `[detector][row]` where two indices are given.
@@ -555,6 +560,11 @@ impl Monitor {
         Ok(())
     }
 
+    /// Computes raw scores with `backend` from now on (see [`crate::backend`]).
+    pub fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
     /// Scores a batch of traces of site `site` (an index from [`Monitor::site_index`]).
     pub fn score_site(&self, site: usize, rows: &[f32]) -> Result<SiteScores> {
         let s = &self.sites[site];
@@ -567,8 +577,8 @@ impl Monitor {
         }
         let n = rows.len() / s.dim;
         let mut out = SiteScores::default();
-        for (det, cal) in s.detectors.iter().zip(&s.calibrations) {
-            let raw = det.score_batch(rows)?;
+        for (j, (det, cal)) in s.detectors.iter().zip(&s.calibrations).enumerate() {
+            let raw = self.backend.raw_scores(site, j, det, rows)?;
             out.p.push(raw.iter().map(|&x| cal.p_value(x)).collect());
             out.neg_log_p.push(
                 raw.iter()

@@ -262,6 +262,7 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
         sites,
         fused,
         summary: manifest.summary.clone(),
+        backend: Default::default(),
     };
     monitor.prepare()?;
     Ok((monitor, manifest))
