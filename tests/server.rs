@@ -482,6 +482,32 @@ async fn incremental_fit_equals_a_full_refit() {
             .await
             .unwrap();
     }
+    // Segments: the vectors stored plain (they barely compress), ids compressed.
+    let seg = std::fs::read_dir(dir.path().join("monitors/inc/reference"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .expect("a committed segment");
+    let meta = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(&seg).unwrap())
+        .map(|r| parquet::file::reader::FileReader::metadata(&r).clone())
+        .unwrap();
+    let rg = meta.row_group(0);
+    let codec = |path: &str| {
+        rg.columns()
+            .iter()
+            .find(|c| c.column_path().string() == path)
+            .unwrap_or_else(|| panic!("no column {path}"))
+            .compression()
+    };
+    assert_eq!(
+        codec("activation.list.item"),
+        parquet::basic::Compression::UNCOMPRESSED
+    );
+    assert!(matches!(
+        codec("trace_id"),
+        parquet::basic::Compression::ZSTD(_)
+    ));
+
     // Nothing to resume yet: an incremental request runs a full fit and says so.
     let (_, r) = fit_with(&mut client, "inc", true).await;
     assert!(!r.incremental);

@@ -62,6 +62,10 @@ where
         .map_err(|e| Error::Task(e.to_string()))?
 }
 
+async fn join_write(w: tokio::task::JoinHandle<Result<IngestSession>>) -> Result<IngestSession> {
+    w.await.map_err(|e| Error::Task(e.to_string()))?
+}
+
 impl ActivationMonitorService {
     pub fn new(
         data: Arc<DataDir>,
@@ -333,30 +337,36 @@ impl ActivationMonitor for ActivationMonitorService {
         self.observed("IngestReference", async move {
             let _permit = self.stream_permit()?;
             let mut inbound = request.into_inner();
+            // The session is either idle here or inside the one write in flight: batch N is
+            // written while batch N + 1 is received and decoded, and writes stay in order. At
+            // most two batches are held, whatever the client sends.
             let mut session: Option<IngestSession> = None;
-            // Any error returns early: the session is dropped, its temporary files removed, and
-            // nothing of this stream is stored.
+            let mut writing: Option<tokio::task::JoinHandle<Result<IngestSession>>> = None;
+            let mut name: Option<String> = None;
+            // Any error returns early: the session is dropped (after its write, if one is in
+            // flight), its temporary files removed, and nothing of this stream is stored.
             while let Some(msg) = inbound.message().await.map_err(|s| self.inbound_error(s))? {
                 let v1::IngestReferenceRequest { monitor, batch } = msg;
-                let sess = match session.take() {
+                match &name {
                     None if monitor.is_empty() => {
                         return Err(Error::BadStream(
                             "the first IngestReference message must name the monitor".into(),
                         )
                         .into())
                     }
-                    None => IngestSession::new(self.data.get(&monitor)?),
-                    Some(s) if !monitor.is_empty() && monitor != s.entry().name => {
+                    None => {
+                        session = Some(IngestSession::new(self.data.get(&monitor)?));
+                        name = Some(monitor);
+                    }
+                    Some(n) if !monitor.is_empty() && &monitor != n => {
                         return Err(Error::BadStream(format!(
-                            "stream started for monitor {:?}, a later message names {monitor:?}",
-                            s.entry().name
+                            "stream started for monitor {n:?}, a later message names {monitor:?}"
                         ))
                         .into())
                     }
-                    Some(s) => s,
-                };
+                    Some(_) => {}
+                }
                 let Some(batch) = batch else {
-                    session = Some(sess);
                     continue;
                 };
                 self.check_rows(&batch)?;
@@ -364,22 +374,31 @@ impl ActivationMonitor for ActivationMonitorService {
                     .activations
                     .as_ref()
                     .map_or(0, |t| t.data.len() as u64);
-                session = Some(
-                    blocking(move || {
-                        let mut sess = sess;
-                        let decoded = actwatch_proto::decode_trace_batch(batch)?;
-                        sess.add(decoded, payload)?;
-                        Ok(sess)
-                    })
-                    .await?,
-                );
+                let decoded =
+                    blocking(move || Ok(actwatch_proto::decode_trace_batch(batch)?)).await?;
+                let mut sess = match writing.take() {
+                    Some(w) => join_write(w).await?,
+                    None => session
+                        .take()
+                        .expect("an idle session when no write is in flight"),
+                };
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    sess.add(decoded, payload)?;
+                    Ok(sess)
+                }));
             }
-            let Some(sess) = session else {
-                return Err(Error::BadStream(
-                    "empty IngestReference stream: the first message must name the monitor".into(),
-                )
-                .into());
-            };
+            let sess =
+                match writing.take() {
+                    Some(w) => join_write(w).await?,
+                    None => match session.take() {
+                        Some(s) => s,
+                        None => return Err(Error::BadStream(
+                            "empty IngestReference stream: the first message must name the monitor"
+                                .into(),
+                        )
+                        .into()),
+                    },
+                };
             let monitor = sess.entry().name.clone();
             let summary = blocking(move || {
                 let (rows, bytes, batches) = (sess.rows, sess.bytes, sess.batches);
