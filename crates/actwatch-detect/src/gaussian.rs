@@ -264,6 +264,26 @@ impl GaussianDetector {
         &self.proj
     }
 
+    /// The rows as scoring multiplies them by [`Self::projection`] (L2-normalised if fitted so,
+    /// minus the mean; row-major f32, bit for bit what [`Self::score_batch`] uses), and per row the
+    /// low-rank residual term `||y||² / σ²` (0 at full rank). For other compute backends, which
+    /// then only compute the product and the weighted sum of squares. Errors as `score_batch`.
+    pub fn centred_rows(&self, rows: &[f32]) -> Result<(Vec<f32>, Vec<f64>)> {
+        self.validate()?;
+        let d = self.dim;
+        let k = check_rows(rows, d)?;
+        let resid_inv = self.residual_variance.map_or(0.0, |s2| 1.0 / s2);
+        let mut y = vec![0.0f32; k * d];
+        let mut resid = vec![0.0f64; k];
+        rows.par_chunks_exact(d)
+            .zip(y.par_chunks_exact_mut(d).zip(resid.par_iter_mut()))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(src, (dst, r))| {
+                *r = prepare_row(src, dst, &self.mean, self.opts.normalize, resid_inv);
+            });
+        Ok((y, resid))
+    }
+
     /// Squared Mahalanobis distance under the shrunk covariance, one per row of `rows`
     /// (row-major, `len = k * dim`); higher = more anomalous. Rows are L2-normalised first if the
     /// detector was fitted that way.
