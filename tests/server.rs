@@ -787,6 +787,26 @@ async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
     );
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("max_message_bytes"), "{s:?}");
+    // The same message in a unary call: tonic refuses it before any handler runs, and the answer
+    // is the same status.
+    let s = status_of(
+        client
+            .score(v1::ScoreRequest {
+                monitor: "synth".into(),
+                batches: vec![encode_trace_batch(
+                    "wide",
+                    (0..900).map(|i| format!("huge{i}")).collect(),
+                    vec![],
+                    400,
+                    &huge,
+                    Dtype::F32,
+                )],
+                complete: true,
+            })
+            .await,
+    );
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("max_message_bytes"), "{s:?}");
     // Too many concurrent streams: `good` holds one permit, two watchers the others.
     let mut watchers = Vec::new();
     for _ in 0..2 {
@@ -999,6 +1019,246 @@ async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
 
     let (head, _) = http_get(metrics_addr, "/elsewhere").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    drop(client);
+    server.stop().await;
+}
+
+/// `actwatch serve`, the real binary, on a free loopback port.
+struct ServeProcess {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ServeProcess {
+    async fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_actwatch"))
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &addr, "--metrics-listen", "off"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                return Self { child, addr };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("actwatch serve did not listen on {addr}");
+    }
+
+    async fn client(&self) -> Client {
+        ActivationMonitorClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    fn sigterm(&self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit and returns whether it exited cleanly.
+    async fn exit_ok(mut self) -> bool {
+        for _ in 0..1200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("actwatch serve did not exit within 60 s of SIGTERM");
+    }
+}
+
+impl Drop for ServeProcess {
+    /// A failing test never leaves a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM to the real binary: a fit in progress runs to the end and is installed (its client gets
+/// the report), while streams that wait on their clients end with UNAVAILABLE: an ingest stream
+/// still sending stores nothing (it was never acknowledged), an open StreamScores stream and a
+/// watcher end. The process then exits cleanly, and a restart serves exactly the committed state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_acknowledged_work_and_ends_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProcess::start(dir.path()).await;
+    let mut client = server.client().await;
+    create(&mut client, "m").await;
+    let (train, _) = file_batches(&data("train.parquet"), Dtype::F32);
+    ingest(&mut client, "m", train.clone()).await.unwrap();
+    let (_, first) = fit(&mut client, "m").await;
+    assert_eq!(first.fit_version, 1);
+
+    // A watcher, a scoring stream with one batch scored, and an ingest stream still sending.
+    let mut watcher = client
+        .watch_flags(v1::WatchFlagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut scores = ScoreStream::open(&mut client, "m").await.unwrap();
+    let (code, _) = file_batches(&data("dev_ood_code.parquet"), Dtype::F32);
+    scores.batch(code[0].clone()).await.unwrap();
+    let (ingest_tx, ingest_rx) = mpsc::channel(4);
+    let mut ingest_client = client.clone();
+    let open_ingest = tokio::spawn(async move {
+        ingest_client
+            .ingest_reference(ReceiverStream::new(ingest_rx))
+            .await
+    });
+    for (i, b) in train.iter().take(3).enumerate() {
+        ingest_tx
+            .send(v1::IngestReferenceRequest {
+                monitor: if i == 0 { "m".into() } else { String::new() },
+                batch: Some(b.clone()),
+            })
+            .await
+            .unwrap();
+    }
+
+    // A refit, under way when the signal arrives.
+    let mut refit = client
+        .fit(v1::FitRequest {
+            monitor: "m".into(),
+            incremental: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let progress = refit.message().await.unwrap().unwrap();
+    assert!(matches!(
+        progress.event,
+        Some(fit_progress::Event::Phase(_))
+    ));
+    server.sigterm();
+
+    let mut report = None;
+    while let Some(msg) = refit
+        .message()
+        .await
+        .expect("the fit finishes despite SIGTERM")
+    {
+        if let Some(fit_progress::Event::Report(r)) = msg.event {
+            report = Some(r);
+        }
+    }
+    assert_eq!(report.expect("the fit reports").fit_version, 2);
+
+    let s = status_of(open_ingest.await.unwrap());
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    let s = loop {
+        match watcher.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watcher ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    let s = scores
+        .rx
+        .message()
+        .await
+        .expect_err("the scoring stream ends");
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    drop((client, scores, ingest_tx));
+    assert!(server.exit_ok().await, "actwatch serve exits with status 0");
+
+    // The restart serves the refit and only the committed reference rows; no temporary files.
+    let server = ServeProcess::start(dir.path()).await;
+    let mut client = server.client().await;
+    let info = client
+        .get_monitor(v1::GetMonitorRequest { name: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.fitted);
+    assert_eq!(info.fit_version, 2);
+    assert_eq!(info.reference_rows, 18_000);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("monitors/m/reference"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    drop(client);
+    server.sigterm();
+    assert!(server.exit_ok().await);
+}
+
+/// A watcher that does not read falls behind; once it is more than `flag_buffer` events behind it
+/// is cut off with RESOURCE_EXHAUSTED naming the limit, while scoring never waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_watcher_is_cut_off_and_scoring_never_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        flag_buffer: 4,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    create(&mut client, "m").await;
+    let (train, _) = file_batches(&data("train.parquet"), Dtype::F32);
+    ingest(&mut client, "m", train).await.unwrap();
+    fit(&mut client, "m").await;
+    let mut slow = client
+        .watch_flags(v1::WatchFlagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut flagged = 0;
+    for file in [
+        "dev_ood_code.parquet",
+        "dev_ood_base64.parquet",
+        "dev_ood_non_english.parquet",
+    ] {
+        let (batches, _) = file_batches(&data(file), Dtype::F32);
+        let r = tokio::time::timeout(
+            Duration::from_secs(120),
+            client.score(v1::ScoreRequest {
+                monitor: "m".into(),
+                batches,
+                complete: true,
+            }),
+        )
+        .await
+        .expect("scoring does not wait for a slow watcher")
+        .unwrap()
+        .into_inner();
+        flagged += r.computations.iter().filter(|c| c.flagged).count();
+    }
+    assert!(flagged > 1000, "{flagged} flagged");
+
+    let mut received = 0;
+    let s = loop {
+        match slow.message().await {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => panic!("the lagging watcher ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("flag_buffer"), "{s:?}");
+    assert!(received < flagged, "{received} of {flagged} delivered");
     drop(client);
     server.stop().await;
 }

@@ -124,6 +124,9 @@ pub async fn serve_with_metrics(
         conn
     });
     let served = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted(max_message_bytes),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -138,4 +141,32 @@ pub async fn serve_with_metrics(
     served?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// tonic rejects an over-long *unary* request before any handler runs, with OUT_OF_RANGE in a
+/// trailers-only response. This rewrites that one status into the RESOURCE_EXHAUSTED naming the
+/// `max_message_bytes` limit that streaming calls answer ([`Error::from_inbound`]), so every call
+/// answers an oversized message the same way. Other responses pass untouched (a successful unary
+/// response carries its status in trailers, not headers, so it is never even parsed).
+fn oversized_is_resource_exhausted<B>(
+    max_message_bytes: usize,
+) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
+    move |mut response| {
+        let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+            return response;
+        };
+        if status.code() != tonic::Code::OutOfRange {
+            return response;
+        }
+        let mapped = Error::from_inbound(status, max_message_bytes);
+        if mapped.code() != tonic::Code::OutOfRange {
+            let headers = response.headers_mut();
+            headers.remove("grpc-message");
+            headers.remove("grpc-status-details-bin");
+            if let Err(e) = mapped.add_header(headers) {
+                tracing::warn!(error = %e, "cannot rewrite an oversized-request status");
+            }
+        }
+        response
+    }
 }

@@ -62,6 +62,13 @@ where
         .map_err(|e| Error::Task(e.to_string()))?
 }
 
+/// Resolves once the server is shutting down (never, if the signal's sender is gone).
+async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn join_write(w: tokio::task::JoinHandle<Result<IngestSession>>) -> Result<IngestSession> {
     w.await.map_err(|e| Error::Task(e.to_string()))?
 }
@@ -345,7 +352,19 @@ impl ActivationMonitor for ActivationMonitorService {
             let mut name: Option<String> = None;
             // Any error returns early: the session is dropped (after its write, if one is in
             // flight), its temporary files removed, and nothing of this stream is stored.
-            while let Some(msg) = inbound.message().await.map_err(|s| self.inbound_error(s))? {
+            // At shutdown a stream still sending is cut off (UNAVAILABLE) and stores nothing: it
+            // was never acknowledged, so the client resends it in full and nothing is doubled. A
+            // stream the client has finished is committed and acknowledged before the server stops.
+            let mut shutdown = self.shutdown.clone();
+            loop {
+                let received = tokio::select! {
+                    biased;
+                    () = shutting_down(&mut shutdown) => return Err(Error::ShuttingDown.into()),
+                    r = inbound.message() => r,
+                };
+                let Some(msg) = received.map_err(|s| self.inbound_error(s))? else {
+                    break;
+                };
                 let v1::IngestReferenceRequest { monitor, batch } = msg;
                 match &name {
                     None if monitor.is_empty() => {
@@ -576,11 +595,24 @@ impl ActivationMonitor for ActivationMonitorService {
             let fitted = Self::fitted(&entry)?;
             let (tx, rx) = mpsc::channel(STREAM_BUFFER);
             let this = self.clone();
+            let mut shutdown = self.shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let mut open = OpenComputations::default();
                 loop {
-                    let msg = match inbound.message().await {
+                    // At shutdown the stream ends (UNAVAILABLE) instead of waiting for a client
+                    // that may never close it; every result already sent stands, and open
+                    // computations were never reported, so a client resends them elsewhere.
+                    let received = tokio::select! {
+                        biased;
+                        () = shutting_down(&mut shutdown) => {
+                            let s = this.reject("StreamScores", Error::ShuttingDown.into());
+                            let _ = tx.send(Err(s)).await;
+                            break;
+                        }
+                        r = inbound.message() => r,
+                    };
+                    let msg = match received {
                         Ok(Some(m)) => m,
                         Ok(None) => break,
                         Err(s) => {
