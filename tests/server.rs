@@ -919,8 +919,11 @@ async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
     let dir = tempfile::tempdir().unwrap();
     let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics_listener.local_addr().unwrap();
-    let server =
-        TestServer::start_with_metrics(dir.path(), Limits::default(), Some(metrics_listener)).await;
+    let limits = Limits {
+        max_message_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with_metrics(dir.path(), limits, Some(metrics_listener)).await;
     let mut client = server.client().await;
     create(&mut client, "synth").await;
 
@@ -971,6 +974,22 @@ async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
         })
         .await;
     assert_eq!(status_of(bad).code(), Code::InvalidArgument);
+    // And one refused before any handler runs: an oversized unary request.
+    let huge = client
+        .score(v1::ScoreRequest {
+            monitor: "synth".into(),
+            batches: vec![encode_trace_batch(
+                "a",
+                (0..40_000).map(|i| format!("h{i}")).collect(),
+                vec![],
+                8,
+                &vec![0.5; 40_000 * 8],
+                Dtype::F32,
+            )],
+            complete: true,
+        })
+        .await;
+    assert_eq!(status_of(huge).code(), Code::ResourceExhausted);
 
     let (head, text) = http_get(metrics_addr, "/metrics").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -1016,6 +1035,7 @@ async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
     };
     assert_eq!(rejected("NOT_FOUND"), 1.0);
     assert_eq!(rejected("INVALID_ARGUMENT"), 1.0);
+    assert_eq!(rejected("RESOURCE_EXHAUSTED"), 1.0);
 
     let (head, _) = http_get(metrics_addr, "/elsewhere").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");

@@ -76,6 +76,7 @@ pub async fn serve_with_metrics(
     let service =
         ActivationMonitorService::new(Arc::new(data), limits, metrics.clone(), stop_rx.clone());
 
+    let rejections = metrics.clone();
     let metrics_task = metrics_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
@@ -125,7 +126,7 @@ pub async fn serve_with_metrics(
     });
     let served = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
-            oversized_is_resource_exhausted(max_message_bytes),
+            oversized_is_resource_exhausted(max_message_bytes, rejections),
         ))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -150,6 +151,7 @@ pub async fn serve_with_metrics(
 /// response carries its status in trailers, not headers, so it is never even parsed).
 fn oversized_is_resource_exhausted<B>(
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
 ) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
     move |mut response| {
         let Some(status) = tonic::Status::from_header_map(response.headers()) else {
@@ -160,6 +162,13 @@ fn oversized_is_resource_exhausted<B>(
         }
         let mapped = Error::from_inbound(status, max_message_bytes);
         if mapped.code() != tonic::Code::OutOfRange {
+            // Counted and logged like every other rejection (no handler ran to do it).
+            metrics.reject(mapped.code());
+            tracing::info!(
+                code = metrics::code_name(mapped.code()),
+                message = mapped.message(),
+                "call rejected"
+            );
             let headers = response.headers_mut();
             headers.remove("grpc-message");
             headers.remove("grpc-status-details-bin");
