@@ -2,6 +2,8 @@
 //! beyond formatting reports.
 
 mod plot;
+#[cfg(feature = "torch")]
+mod torch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -48,6 +50,11 @@ enum Command {
     Demo,
     /// Serve the gRPC API (actwatch.v1, with health and reflection) over one data directory.
     Serve(ServeArgs),
+    /// Run a TorchScript model over token ids from Parquet and write its hidden states as traces
+    /// (needs the `torch` feature).
+    #[cfg(feature = "torch")]
+    #[command(long_about = torch::CAPTURE_HELP)]
+    Capture(torch::CaptureArgs),
 }
 
 /// `actwatch serve` defaults, below the config file, the environment and the flags.
@@ -276,6 +283,11 @@ struct ScoreArgs {
     level: LevelArg,
     #[command(flatten)]
     columns: ColumnArgs,
+    /// Compute raw Gaussian and exact kNN scores with libtorch on this device (cpu, cuda, cuda:N)
+    /// instead of the default pure-Rust backend; calibration and fusion are unchanged.
+    #[cfg(feature = "torch")]
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -353,6 +365,8 @@ fn main() {
         Command::Eval(a) => eval(a),
         Command::Demo => demo(),
         Command::Serve(a) => serve(a),
+        #[cfg(feature = "torch")]
+        Command::Capture(a) => torch::capture(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -507,6 +521,8 @@ fn load(dir: &Path) -> Result<(Monitor, Manifest)> {
 
 fn score(a: ScoreArgs) -> Result<()> {
     let (monitor, manifest) = load(&a.monitor)?;
+    #[cfg(feature = "torch")]
+    let monitor = torch::with_device(monitor, a.device.as_deref())?;
     let read = a.columns.read_options(&manifest.reference.columns, None);
     let level = match a.level {
         LevelArg::Computation => Level::Computation,

@@ -23,10 +23,11 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Detect(#[from] actwatch_detect::Error),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
 }
 
 impl Error {
-    #[allow(dead_code)]
     pub(crate) fn input(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Input {
             path: path.into(),
@@ -34,7 +35,6 @@ impl Error {
         }
     }
 
-    #[allow(dead_code)]
     pub(crate) fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Model {
             path: path.into(),

@@ -14,8 +14,10 @@
 #![cfg(feature = "tch")]
 
 pub mod backend;
+pub mod capture;
 mod device;
 mod error;
+pub mod ingest;
 
 pub use backend::TorchBackend;
 pub use device::parse_device;

@@ -1,0 +1,169 @@
+//! Streaming captured traces straight into a running server's monitor (IngestReference).
+
+use actwatch_core::Dtype;
+use actwatch_proto::encode_trace_batch;
+use actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient;
+use actwatch_proto::v1::{self, IngestReferenceSummary};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::capture::TraceSink;
+use crate::{Error, Result};
+
+/// Largest message sent (the server's default limit is 64 MiB).
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+type Call = JoinHandle<std::result::Result<IngestReferenceSummary, tonic::Status>>;
+
+/// One IngestReference stream into `monitor` on the server at `address`. The server acknowledges
+/// (stores) the traces only when [`ServerSink::finish`] ends the stream; dropped unfinished (a
+/// capture that failed), the call is cancelled and nothing is stored.
+pub struct ServerSink {
+    address: String,
+    monitor: String,
+    runtime: Runtime,
+    tx: Option<mpsc::Sender<v1::IngestReferenceRequest>>,
+    call: Option<Call>,
+    first: bool,
+}
+
+impl ServerSink {
+    /// Connects and checks that the monitor exists. `address`: `host:port` or a URL.
+    pub fn connect(address: &str, monitor: &str) -> Result<Self> {
+        let url = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let err = |message: String| Error::Server {
+            address: address.to_string(),
+            message,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| err(format!("cannot start the async runtime: {e}")))?;
+        let (tx, rx) = mpsc::channel::<v1::IngestReferenceRequest>(4);
+        let call = runtime.block_on(async {
+            let mut client = ActivationMonitorClient::connect(url)
+                .await
+                .map_err(|e| err(format!("cannot connect: {e}")))?
+                .max_encoding_message_size(64 << 20);
+            client
+                .get_monitor(v1::GetMonitorRequest {
+                    name: monitor.to_string(),
+                })
+                .await
+                .map_err(|s| err(format!("monitor {monitor:?}: {}", s.message())))?;
+            Ok::<_, Error>(tokio::spawn(async move {
+                client
+                    .ingest_reference(ReceiverStream::new(rx))
+                    .await
+                    .map(|r| r.into_inner())
+            }))
+        })?;
+        Ok(Self {
+            address: address.to_string(),
+            monitor: monitor.to_string(),
+            runtime,
+            tx: Some(tx),
+            call: Some(call),
+            first: true,
+        })
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Server {
+            address: self.address.clone(),
+            message,
+        }
+    }
+
+    /// Ends the stream and waits for the server's acknowledgement.
+    pub fn finish(mut self) -> Result<IngestReferenceSummary> {
+        drop(self.tx.take());
+        let call = self.call.take().expect("call is open until finish");
+        match self.runtime.block_on(call) {
+            Ok(Ok(summary)) => Ok(summary),
+            Ok(Err(status)) => Err(self.error(format!(
+                "ingest into {:?} refused: {}",
+                self.monitor,
+                status.message()
+            ))),
+            Err(e) => Err(self.error(format!("ingest task failed: {e}"))),
+        }
+    }
+
+    /// The server's answer when the stream broke early (it refused a batch).
+    fn broken(&mut self) -> Error {
+        let call = self.call.take().expect("call is open until finish");
+        let message = match self.runtime.block_on(call) {
+            Ok(Err(status)) => format!(
+                "ingest into {:?} refused: {}",
+                self.monitor,
+                status.message()
+            ),
+            Ok(Ok(_)) => "the server ended the ingest early".to_string(),
+            Err(e) => format!("ingest task failed: {e}"),
+        };
+        self.error(message)
+    }
+}
+
+impl Drop for ServerSink {
+    fn drop(&mut self) {
+        // Cancel before the sender is dropped: a closed stream would commit what was sent.
+        if let Some(call) = self.call.take() {
+            call.abort();
+            let _ = self.runtime.block_on(call);
+        }
+    }
+}
+
+impl TraceSink for ServerSink {
+    fn write(
+        &mut self,
+        site: usize,
+        trace_ids: &[String],
+        positions: Option<&[i32]>,
+        dim: usize,
+        values: &[f32],
+    ) -> Result<()> {
+        let rows_per_message = (MAX_MESSAGE_BYTES / (4 * dim.max(1))).max(1);
+        for (start, ids) in (0..trace_ids.len()).step_by(rows_per_message).map(|s| {
+            (
+                s,
+                &trace_ids[s..(s + rows_per_message).min(trace_ids.len())],
+            )
+        }) {
+            let end = start + ids.len();
+            let batch = encode_trace_batch(
+                &site.to_string(),
+                ids.to_vec(),
+                positions
+                    .map(|p| p[start..end].to_vec())
+                    .unwrap_or_default(),
+                dim,
+                &values[start * dim..end * dim],
+                Dtype::F32,
+            );
+            let msg = v1::IngestReferenceRequest {
+                monitor: if self.first {
+                    self.monitor.clone()
+                } else {
+                    String::new()
+                },
+                batch: Some(batch),
+            };
+            self.first = false;
+            let tx = self.tx.as_ref().expect("open until finish");
+            if self.runtime.block_on(tx.send(msg)).is_err() {
+                return Err(self.broken());
+            }
+        }
+        Ok(())
+    }
+}
