@@ -470,6 +470,16 @@ pub fn capture(
     if options.sites.is_empty() {
         return Err(Error::InvalidOption("no sites to capture".into()));
     }
+    if let Some(s) = options
+        .sites
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| options.sites[..i].contains(s).then_some(s))
+    {
+        return Err(Error::InvalidOption(format!(
+            "--sites names site {s} twice"
+        )));
+    }
     if options.batch_size == 0 {
         return Err(Error::InvalidOption(
             "the batch size must be at least 1".into(),

@@ -18,12 +18,16 @@ const MAX_MESSAGE_BYTES: usize = 16 << 20;
 type Call = JoinHandle<std::result::Result<IngestReferenceSummary, tonic::Status>>;
 
 /// One IngestReference stream into `monitor` on the server at `address`. The server acknowledges
-/// (stores) the traces only when [`ServerSink::finish`] ends the stream; dropped unfinished (a
-/// capture that failed), the call is cancelled and nothing is stored.
+/// (stores) the traces only when [`ServerSink::finish`] ends the stream cleanly. Dropped unfinished
+/// (a capture that failed), it shuts its runtime down with the stream still open, which cuts the
+/// connection: the server sees a broken stream and stores nothing. (Only cancelling the call
+/// would not do: the request body is sent by the connection's own task, which would then end it
+/// cleanly, and a cleanly ended stream is committed.)
 pub struct ServerSink {
     address: String,
     monitor: String,
-    runtime: Runtime,
+    /// `None` only while dropping.
+    runtime: Option<Runtime>,
     tx: Option<mpsc::Sender<v1::IngestReferenceRequest>>,
     call: Option<Call>,
     first: bool,
@@ -68,11 +72,15 @@ impl ServerSink {
         Ok(Self {
             address: address.to_string(),
             monitor: monitor.to_string(),
-            runtime,
+            runtime: Some(runtime),
             tx: Some(tx),
             call: Some(call),
             first: true,
         })
+    }
+
+    fn rt(&self) -> &Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
     }
 
     fn error(&self, message: String) -> Error {
@@ -86,7 +94,7 @@ impl ServerSink {
     pub fn finish(mut self) -> Result<IngestReferenceSummary> {
         drop(self.tx.take());
         let call = self.call.take().expect("call is open until finish");
-        match self.runtime.block_on(call) {
+        match self.rt().block_on(call) {
             Ok(Ok(summary)) => Ok(summary),
             Ok(Err(status)) => Err(self.error(format!(
                 "ingest into {:?} refused: {}",
@@ -100,7 +108,7 @@ impl ServerSink {
     /// The server's answer when the stream broke early (it refused a batch).
     fn broken(&mut self) -> Error {
         let call = self.call.take().expect("call is open until finish");
-        let message = match self.runtime.block_on(call) {
+        let message = match self.rt().block_on(call) {
             Ok(Err(status)) => format!(
                 "ingest into {:?} refused: {}",
                 self.monitor,
@@ -115,11 +123,15 @@ impl ServerSink {
 
 impl Drop for ServerSink {
     fn drop(&mut self) {
-        // Cancel before the sender is dropped: a closed stream would commit what was sent.
+        // Unfinished: cut the connection while the stream is still open (the sender alive).
+        let tx = self.tx.take();
         if let Some(call) = self.call.take() {
             call.abort();
-            let _ = self.runtime.block_on(call);
         }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        drop(tx);
     }
 }
 
@@ -160,7 +172,7 @@ impl TraceSink for ServerSink {
             };
             self.first = false;
             let tx = self.tx.as_ref().expect("open until finish");
-            if self.runtime.block_on(tx.send(msg)).is_err() {
+            if self.rt().block_on(tx.send(msg)).is_err() {
                 return Err(self.broken());
             }
         }
