@@ -1,5 +1,7 @@
 //! Streaming captured traces straight into a running server's monitor (IngestReference).
 
+use std::time::Duration;
+
 use actwatch_core::Dtype;
 use actwatch_proto::encode_trace_batch;
 use actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient;
@@ -19,10 +21,11 @@ type Call = JoinHandle<std::result::Result<IngestReferenceSummary, tonic::Status
 
 /// One IngestReference stream into `monitor` on the server at `address`. The server acknowledges
 /// (stores) the traces only when [`ServerSink::finish`] ends the stream cleanly. Dropped unfinished
-/// (a capture that failed), it shuts its runtime down with the stream still open, which cuts the
-/// connection: the server sees a broken stream and stores nothing. (Only cancelling the call
-/// would not do: the request body is sent by the connection's own task, which would then end it
-/// cleanly, and a cleanly ended stream is committed.)
+/// (a capture that failed), it makes the server refuse the stream, so nothing of it is stored: it
+/// sends one more message naming another monitor, which the server answers at once with an error
+/// (a stream must not change monitors), and closes the stream only after that answer. (Cancelling
+/// the call would not do: the request body is sent by the connection's own task, which would then
+/// end the stream cleanly, and a cleanly ended stream is committed.)
 pub struct ServerSink {
     address: String,
     monitor: String,
@@ -123,15 +126,28 @@ impl ServerSink {
 
 impl Drop for ServerSink {
     fn drop(&mut self) {
-        // Unfinished: cut the connection while the stream is still open (the sender alive).
-        let tx = self.tx.take();
-        if let Some(call) = self.call.take() {
-            call.abort();
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        if let (Some(tx), Some(call)) = (self.tx.take(), self.call.take()) {
+            if self.first {
+                // Nothing sent: an empty stream is refused too.
+                drop(tx);
+            } else {
+                let poison = v1::IngestReferenceRequest {
+                    monitor: format!("{} (capture failed: refuse this stream)", self.monitor),
+                    batch: None,
+                };
+                let _ = runtime.block_on(async move {
+                    let _ = tx.send(poison).await;
+                    // The server's refusal; the stream stays open (tx alive) until it has come.
+                    let answer = tokio::time::timeout(Duration::from_secs(30), call).await;
+                    drop(tx);
+                    answer
+                });
+            }
         }
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-        drop(tx);
+        runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
 
