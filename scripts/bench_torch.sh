@@ -30,6 +30,37 @@ for dev in $devices; do
       --sites 2,4,6 --output "$work/traces.parquet" --device "$dev" --batch-size "$bs" | tail -1)"
   done
 done
+# Peer: the same TorchScript file from Python (torch.jit.load), batches of 32 sorted by length like
+# actwatch's windows, mean pooling of layers 2, 4, 6 included.
+"$ACTWATCH_TORCH_PYTHON" - "$work/minilm.pt" "$work/inputs.parquet" <<'PY'
+import sys, time
+import pyarrow.parquet as pq
+import torch
+torch.set_grad_enabled(False)
+model = torch.jit.load(sys.argv[1]).eval()
+seqs = pq.read_table(sys.argv[2], columns=["input_ids"]).column("input_ids").to_pylist()
+def run():
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = []
+    for s in range(0, len(order), 32):
+        batch = [seqs[i] for i in order[s:s + 32]]
+        t = max(map(len, batch))
+        ids = torch.zeros(len(batch), t, dtype=torch.int64)
+        mask = torch.zeros(len(batch), t, dtype=torch.int64)
+        for r, x in enumerate(batch):
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        h = model(ids, mask)
+        m = mask.unsqueeze(-1).float()
+        out.append([((h[l] * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy() for l in (2, 4, 6)])
+    return out
+run()
+t0 = time.perf_counter()
+run()
+dt = time.perf_counter() - t0
+print(f"peer: the same TorchScript module from Python (torch {torch.__version__}), batch 32, cpu: "
+      f"{len(seqs)} sequences in {dt:.2f}s ({len(seqs) / dt:.1f} sequences/s)")
+PY
 "$bin" fit --input "$data/train.parquet" --out "$work/monitor" --trace-column id --site-column layer >/dev/null
 for dev in $devices; do
   echo "scoring backends, $dev:"

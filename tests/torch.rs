@@ -76,14 +76,24 @@ fn run_python(args: &[&str]) {
 }
 
 /// The exported model and tokenized inputs, made once: `None` (skip) without the venv.
+/// Lives in a fixed directory under Cargo's target/tmp, replaced by every run (a `TempDir` in a
+/// static would never be removed: statics are not dropped).
 struct Fixture {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
 }
 
 impl Fixture {
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dir.join(name)
     }
+}
+
+/// A fresh, empty directory `name` under Cargo's target/tmp.
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn fixture() -> Option<&'static Fixture> {
@@ -97,13 +107,13 @@ fn fixture() -> Option<&'static Fixture> {
             eprintln!("skipped: {msg}");
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = fresh_dir("torch-fixture");
         let script = root().join("scripts/export_minilm.py");
         let script = script.to_str().unwrap();
-        let model = dir.path().join("minilm.pt");
+        let model = dir.join("minilm.pt");
         run_python(&[script, "model", "--output", model.to_str().unwrap()]);
         for name in ["dev_id", "dev_ood_code"] {
-            let out = dir.path().join(format!("{name}_inputs.parquet"));
+            let out = dir.join(format!("{name}_inputs.parquet"));
             run_python(&[
                 script,
                 "tokenize",
@@ -256,10 +266,9 @@ fn capture_reproduces_the_shared_minilm_activations() {
 
 /// One monitor fitted on train.parquet by the binary, shared by the tests.
 fn monitor() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("monitor");
+        let out = fresh_dir("torch-monitor").join("monitor");
         ok(&[
             "fit",
             "--input",
@@ -271,11 +280,8 @@ fn monitor() -> &'static Path {
             "--site-column",
             "layer",
         ]);
-        dir
+        out
     })
-    .path()
-    .join("monitor")
-    .leak()
 }
 
 fn score(input: &Path, out: &Path, extra: &[&str]) -> RecordBatch {
