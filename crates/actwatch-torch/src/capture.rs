@@ -42,8 +42,10 @@ pub const DEFAULT_INPUT_IDS_COLUMN: &str = "input_ids";
 pub const DEFAULT_ATTENTION_MASK_COLUMN: &str = "attention_mask";
 /// Default sequences per forward pass.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
-/// Batches per window of input rows (sorted by length within a window).
-const WINDOW_BATCHES: usize = 8;
+/// Batches per window of input rows (sorted by length within a window, so that batches pad
+/// little): wide when pooling (a window holds one vector per row and site), narrower per token.
+const WINDOW_BATCHES_POOLED: usize = 32;
+const WINDOW_BATCHES_PER_TOKEN: usize = 8;
 
 /// How hidden states become traces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,7 +490,11 @@ pub fn capture(
     let started = Instant::now();
     let _guard = tch::no_grad_guard();
     let mut summary = CaptureSummary::default();
-    let window = options.batch_size * WINDOW_BATCHES;
+    let window = options.batch_size
+        * match options.pool {
+            Pool::Mean => WINDOW_BATCHES_POOLED,
+            Pool::None => WINDOW_BATCHES_PER_TOKEN,
+        };
     for path in inputs {
         let mut reader = InputReader::open(path, &options.columns, window)?;
         while let Some((first, w)) = reader.next_window()? {
