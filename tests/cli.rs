@@ -1,50 +1,16 @@
 //! End to end: the real `actwatch` binary on real Parquet files (../shared/data/minilm).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
-    Array, BooleanArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array, RecordBatch,
-    StringArray,
+    Array, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, RecordBatch, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Schema};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/minilm")
-        .join(name)
-}
-
-fn actwatch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_actwatch"))
-        .args(args)
-        .output()
-        .expect("run actwatch")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = actwatch(args);
-    assert!(
-        out.status.success(),
-        "actwatch {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = actwatch(args);
-    assert!(
-        !out.status.success(),
-        "actwatch {args:?} should have failed"
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod common;
+use common::{data, f64_col, fails, ok, read_all};
 
 /// `actwatch fit` on train.parquet (sentence id in `id`, layer in `layer`) into `out`; its report.
 fn fit_train(out: &Path) -> String {
@@ -74,26 +40,6 @@ fn monitor() -> &'static Path {
     .path()
     .join("monitor")
     .leak()
-}
-
-fn read_all(path: &Path) -> RecordBatch {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
-}
-
-fn f64_col(b: &RecordBatch, name: &str) -> Vec<f64> {
-    b.column_by_name(name)
-        .unwrap_or_else(|| panic!("no column {name}"))
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
-        .values()
-        .to_vec()
 }
 
 fn score(input: &Path, out: &Path, extra: &[&str]) -> RecordBatch {

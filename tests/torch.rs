@@ -10,50 +10,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{
-    Array, AsArray, BooleanArray, Float64Array, ListArray, RecordBatch, StringArray,
-};
+use arrow::array::{Array, AsArray, BooleanArray, ListArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
+
+mod common;
+use common::{actwatch, data, f64_col, fails, ok, read_all};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn data(name: &str) -> PathBuf {
-    root().join("../shared/data/minilm").join(name)
-}
-
-fn actwatch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_actwatch"))
-        .args(args)
-        .output()
-        .expect("run actwatch")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = actwatch(args);
-    assert!(
-        out.status.success(),
-        "actwatch {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = actwatch(args);
-    assert!(
-        !out.status.success(),
-        "actwatch {args:?} should have failed"
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `ACTWATCH_TORCH_PYTHON` (exported by scripts/setup_torch.sh), else the script's default venv.
@@ -134,16 +102,6 @@ fn fixture() -> Option<&'static Fixture> {
     .as_ref()
 }
 
-fn read_all(path: &Path) -> RecordBatch {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
-}
-
 fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
     let col = arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Utf8).unwrap();
     col.as_string::<i32>()
@@ -155,17 +113,6 @@ fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
 fn ints(b: &RecordBatch, name: &str) -> Vec<i32> {
     let col = arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Int32).unwrap();
     col.as_primitive::<arrow::datatypes::Int32Type>()
-        .values()
-        .to_vec()
-}
-
-fn f64s(b: &RecordBatch, name: &str) -> Vec<f64> {
-    let col = b
-        .column_by_name(name)
-        .unwrap_or_else(|| panic!("no column {name}"));
-    col.as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
         .values()
         .to_vec()
 }
@@ -334,7 +281,7 @@ fn compare_scores(a: &RecordBatch, b: &RecordBatch, what: &str) -> (usize, usize
     );
     let (mut differ, mut total) = (0, 0);
     for col in &cols {
-        let (x, y) = (f64s(a, col), f64s(b, col));
+        let (x, y) = (f64_col(a, col), f64_col(b, col));
         for (i, &k) in order.iter().enumerate() {
             total += 1;
             if x[i] != y[k] {
@@ -379,10 +326,10 @@ fn capture_then_score_gives_the_p_values_of_the_shared_file() {
         &tmp.path().join("captured.parquet"),
         &[],
     );
-    let a = f64s(&shared, "p_value");
+    let a = f64_col(&shared, "p_value");
     assert_eq!(a.len(), 1000);
     let (ids_a, ids_b) = (strings(&shared, "id"), strings(&captured, "id"));
-    let pb: HashMap<&String, f64> = ids_b.iter().zip(f64s(&captured, "p_value")).collect();
+    let pb: HashMap<&String, f64> = ids_b.iter().zip(f64_col(&captured, "p_value")).collect();
     // Measured: every computation-level p-value identical (3 of 6,000 per-slot p-values one rank apart).
     let same = ids_a.iter().zip(&a).filter(|(id, p)| pb[id] == **p).count();
     assert!(same >= 995, "{same} of 1000 computation p-values identical");
@@ -402,7 +349,7 @@ fn score_on_the_torch_device_matches_the_default_backend() {
             &tmp.path().join("torch.parquet"),
             &["--device", "cpu"],
         );
-        let (s1, s2) = (f64s(&native, "score"), f64s(&torch, "score"));
+        let (s1, s2) = (f64_col(&native, "score"), f64_col(&torch, "score"));
         for (a, b) in s1.iter().zip(&s2) {
             // The fused statistic: smoothed -ln p of raw scores that agree to ~1e-7.
             assert!(
