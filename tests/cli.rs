@@ -10,7 +10,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
 mod common;
-use common::{data, f64_col, fails, ok, read_all};
+use common::{data, f64_col, fails, ok, score_with};
 
 /// `actwatch fit` on train.parquet (sentence id in `id`, layer in `layer`) into `out`; its report.
 fn fit_train(out: &Path) -> String {
@@ -43,18 +43,7 @@ fn monitor() -> &'static Path {
 }
 
 fn score(input: &Path, out: &Path, extra: &[&str]) -> RecordBatch {
-    let mut args = vec![
-        "score",
-        "--monitor",
-        monitor().to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    ok(&args);
-    read_all(out)
+    score_with(monitor(), input, out, extra)
 }
 
 fn auroc(normal: &[f64], anomalous: &[f64]) -> f64 {

@@ -580,6 +580,17 @@ async fn incremental_fit_equals_a_full_refit() {
     server.stop().await;
 }
 
+/// No segment files of unacknowledged ingests are left in a monitor's reference folder.
+fn assert_no_temporary_segments(data_dir: &Path, monitor: &str) {
+    let leftovers: Vec<_> =
+        std::fs::read_dir(data_dir.join("monitors").join(monitor).join("reference"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("tmp"))
+            .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 /// Seeded synthetic traces: `n` computations, sites "a" (width 8) and "b" (width 4).
 fn synthetic(n: usize, seed: u64) -> Vec<(String, Vec<String>, usize, Vec<f32>)> {
     let mut state = seed
@@ -697,12 +708,7 @@ async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
         .unwrap()
         .into_inner();
     assert_eq!(info.reference_rows, 1200);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("monitors/synth/reference"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_no_temporary_segments(dir.path(), "synth");
 
     // Byte count that does not match the dtype: f16 bytes declared as f32.
     let mut wrong_dtype = batch_of(0, 0, 2);
@@ -1213,12 +1219,7 @@ async fn sigterm_finishes_acknowledged_work_and_ends_open_streams() {
     assert!(info.fitted);
     assert_eq!(info.fit_version, 2);
     assert_eq!(info.reference_rows, 18_000);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("monitors/m/reference"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_no_temporary_segments(dir.path(), "m");
     drop(client);
     server.sigterm();
     assert!(server.exit_ok().await);

@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
 use parquet::arrow::ArrowWriter;
 
 mod common;
-use common::{actwatch, data, f64_col, fails, ok, read_all};
+use common::{actwatch, data, f64_col, fails, ok, read_all, score_with};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -238,18 +238,7 @@ fn monitor() -> &'static Path {
 }
 
 fn score(input: &Path, out: &Path, extra: &[&str]) -> RecordBatch {
-    let mut args = vec![
-        "score",
-        "--monitor",
-        monitor().to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    ok(&args);
-    read_all(out)
+    score_with(monitor(), input, out, extra)
 }
 
 /// One calibration rank of the computation-level p-value: 1 / (calibration computations + 1).

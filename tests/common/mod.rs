@@ -67,3 +67,19 @@ pub fn f64_col(b: &RecordBatch, name: &str) -> Vec<f64> {
         .values()
         .to_vec()
 }
+
+/// `actwatch score --monitor M --input I --output O [extra...]`, then the output as one batch.
+pub fn score_with(monitor: &Path, input: &Path, out: &Path, extra: &[&str]) -> RecordBatch {
+    let mut args = vec![
+        "score",
+        "--monitor",
+        monitor.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+    read_all(out)
+}
