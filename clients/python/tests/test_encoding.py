@@ -84,10 +84,13 @@ def test_package_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-torch = pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+@pytest.fixture
+def torch():
+    """The torch module; the tests that need it skip without it (the numpy ones above always run)."""
+    return pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
 
 
-def test_torch_bf16_sent_as_bf16_bits():
+def test_torch_bf16_sent_as_bf16_bits(torch):
     t = torch.randn(3, 5).to(torch.bfloat16)
     w = to_tensor(t)
     assert w.dtype == pb.DTYPE_BF16 and list(w.shape) == [3, 5] and len(w.data) == 30
@@ -97,7 +100,7 @@ def test_torch_bf16_sent_as_bf16_bits():
     assert np.array_equal(np.frombuffer(w.data, dtype="<u2"), (f32_bits >> 16).astype(np.uint16))
 
 
-def test_torch_f16_f32_and_transposed():
+def test_torch_f16_f32_and_transposed(torch):
     t = torch.randn(4, 3)
     assert to_tensor(t.half()).dtype == pb.DTYPE_F16
     w = to_tensor(t.T)
@@ -105,7 +108,7 @@ def test_torch_f16_f32_and_transposed():
     assert np.array_equal(np.frombuffer(w.data, dtype="<f4").reshape(3, 4), t.T.numpy())
 
 
-def test_mean_pool_respects_mask_and_dtype():
+def test_mean_pool_respects_mask_and_dtype(torch):
     from actwatch_client.hooks import pool_hidden
 
     h = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
