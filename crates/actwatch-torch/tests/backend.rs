@@ -171,10 +171,9 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
     out
 }
 
-#[test]
-fn default_monitor_scores_like_the_native_backend() {
-    let o = compare_backends("gaussian,knn", Device::Cpu);
-    // Measured: 1 kNN near-tie in 15,000 scores (2.1e-6); 4 of 40,000 p-values one rank apart.
+/// At most 1 in 1,000 raw scores off by more than 1e-6, and at most 1 in 1,000 p-values off by
+/// one calibration rank: rounding at near-ties, nothing systematic.
+fn assert_rare_rounding_differences(o: &Outcome) {
     assert!(
         o.over_1e6 * 1000 <= o.scores,
         "{} of {}",
@@ -190,20 +189,16 @@ fn default_monitor_scores_like_the_native_backend() {
 }
 
 #[test]
+fn default_monitor_scores_like_the_native_backend() {
+    let o = compare_backends("gaussian,knn", Device::Cpu);
+    // Measured: 1 kNN near-tie in 15,000 scores (2.1e-6); 4 of 40,000 p-values one rank apart.
+    assert_rare_rounding_differences(&o);
+}
+
+#[test]
 fn unnormalised_gaussian_and_l2_knn_score_like_the_native_backend() {
     let o = compare_backends("gaussian:normalize=false,knn:k=3,metric=l2", Device::Cpu);
-    assert!(
-        o.over_1e6 * 1000 <= o.scores,
-        "{} of {}",
-        o.over_1e6,
-        o.scores
-    );
-    assert!(
-        o.p_diffs * 1000 <= o.p_values,
-        "{} of {}",
-        o.p_diffs,
-        o.p_values
-    );
+    assert_rare_rounding_differences(&o);
 }
 
 #[test]
@@ -213,16 +208,5 @@ fn cuda_scores_like_the_native_backend_where_a_gpu_is_present() {
         return;
     }
     let o = compare_backends("gaussian,knn", Device::Cuda(0));
-    assert!(
-        o.over_1e6 * 1000 <= o.scores,
-        "{} of {}",
-        o.over_1e6,
-        o.scores
-    );
-    assert!(
-        o.p_diffs * 1000 <= o.p_values,
-        "{} of {}",
-        o.p_diffs,
-        o.p_values
-    );
+    assert_rare_rounding_differences(&o);
 }
