@@ -283,7 +283,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::stats::test_rng::Rng;
+    use actwatch_testkit::Rng;
 
     fn p_by_scan(scores: &[f64], s: f64) -> f64 {
         let count = scores.iter().filter(|&&c| c >= s).count();

@@ -464,7 +464,7 @@ fn prepare_row(src: &[f32], dst: &mut [f32], mean: &[f32], normalize: bool, resi
 mod tests {
     use super::*;
     use crate::shrinkage::{ledoit_wolf_shrinkage, oas_shrinkage};
-    use crate::stats::test_rng::Rng;
+    use actwatch_testkit::Rng;
 
     /// Explicit inverse of a d×d row-major matrix by Gauss-Jordan with partial pivoting.
     fn invert(a: &[f64], d: usize) -> Vec<f64> {

@@ -712,7 +712,7 @@ impl KnnDetector {
 mod tests {
     use super::*;
 
-    use crate::stats::test_rng::Rng;
+    use actwatch_testkit::Rng;
 
     /// Clustered data: `clusters` random centres, points = centre + `spread` * noise.
     fn clustered(rng: &mut Rng, n: usize, dim: usize, clusters: usize, spread: f64) -> Vec<f32> {

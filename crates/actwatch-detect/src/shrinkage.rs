@@ -130,7 +130,7 @@ pub fn oas_shrinkage(stats: &SufficientStats) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::test_rng::Rng;
+    use actwatch_testkit::Rng;
     use proptest::prelude::*;
 
     /// The centred data matrix (n×d, row-major, f64), as sklearn's `X - X.mean(0)`.
