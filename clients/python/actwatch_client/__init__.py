@@ -4,33 +4,37 @@
 needs torch) streams a PyTorch model's hidden states to it.
 """
 
-from .client import (
-    ActwatchError,
-    Batch,
-    Client,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._streams import FlagWatch, IngestSession, ScoreStream
+from .client import Client
+from .errors import ActwatchError
+from .results import (
     ComputationScore,
     DetectorScore,
     FitPhase,
     FitReport,
-    FlagWatch,
-    IngestSession,
     IngestSummary,
     KnnRecall,
     MonitorInfo,
     MonitorSpec,
     ScoreResult,
-    ScoreStream,
     SiteInfo,
     SlotPValue,
     TraceResults,
     TraceScore,
 )
-from .tensors import to_tensor, to_trace_batch
+from .tensors import Batch, to_tensor, to_trace_batch
+
+if TYPE_CHECKING:
+    from .hooks import ActivationMonitorHook
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> type[ActivationMonitorHook]:
     # The hook pulls in torch only when used: `from actwatch_client import ActivationMonitorHook`.
     if name == "ActivationMonitorHook":
         from .hooks import ActivationMonitorHook

@@ -19,35 +19,54 @@ trace id arrives on ``hook.results``. In ``mode="ingest"``, batches go to one re
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Union
 
-from .client import Client, IngestSession, IngestSummary, MonitorInfo, ScoreStream
-from .tensors import to_trace_batch
+import numpy.typing as npt
 
-__all__ = ["ActivationMonitorHook", "pool_hidden"]
+from ._streams import IngestSession, ScoreStream
+from .client import Client
+from .results import IngestSummary, MonitorInfo, MonitorRef
+from .tensors import to_trace_batch, trace_id_strings
+from .types import TraceId
 
-POOLS = ("mean", "none")
-MODES = ("ingest", "score")
+if TYPE_CHECKING:  # torch is optional: imported only when a hook is built
+    import torch
+
+__all__ = ["ActivationMonitorHook", "MaskLike", "Mode", "Pool", "pool_hidden"]
+
+#: "mean": one row per computation (mask-weighted mean over tokens); "none": one row per token.
+Pool = Literal["mean", "none"]
+#: "ingest": reference data; "score": live scoring.
+Mode = Literal["ingest", "score"]
+POOLS: tuple[Pool, ...] = ("mean", "none")
+MODES: tuple[Mode, ...] = ("ingest", "score")
+
+#: An attention mask [batch, tokens] (non-zero: a real token): a torch tensor or anything
+#: ``torch.as_tensor`` takes (numpy array, nested lists).
+MaskLike = Union["torch.Tensor", npt.ArrayLike]
 
 
-def _first_tensor(output: Any):
+def _first_tensor(output: object) -> torch.Tensor:
     import torch
 
     if isinstance(output, torch.Tensor):
         return output
+    values: Iterable[object] = ()
     if isinstance(output, Mapping):
         values = output.values()
     elif isinstance(output, (tuple, list)):
         values = output
-    else:
-        values = []
     for v in values:
         if isinstance(v, torch.Tensor):
             return v
     raise TypeError(f"module output has no tensor to monitor (got {type(output).__name__})")
 
 
-def pool_hidden(hidden, attention_mask=None, pool: str = "mean"):
+def pool_hidden(
+    hidden: torch.Tensor, attention_mask: Optional[MaskLike] = None, *, pool: Pool = "mean"
+) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """Turns a module output into rows to send.
 
     ``hidden`` is [batch, d] (already one vector per computation) or [batch, tokens, d].
@@ -93,12 +112,13 @@ class ActivationMonitorHook:
 
     def __init__(
         self,
-        model,
+        model: torch.nn.Module,
         modules: Union[Mapping[str, str], Sequence[str]],
         client: Client,
-        monitor: Union[str, MonitorInfo],
-        pool: str = "mean",
-        mode: str = "ingest",
+        monitor: MonitorRef,
+        *,
+        pool: Pool = "mean",
+        mode: Mode = "ingest",
         stream_timeout: Optional[float] = None,
     ):
         import torch  # noqa: F401 - fail early and clearly without torch
@@ -117,11 +137,11 @@ class ActivationMonitorHook:
         self.sites = dict(modules)
         self._stream_timeout = stream_timeout
         self._trace_ids: Optional[list[str]] = None
-        self._mask = None
+        self._mask: Optional[MaskLike] = None
         self._pending_complete: Optional[list[str]] = None
         self._ingest: Optional[IngestSession] = None
         self._scores: Optional[ScoreStream] = None
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for site, name in self.sites.items():
             module = model.get_submodule(name)
             self._handles.append(module.register_forward_hook(self._make_hook(str(site))))
@@ -137,7 +157,7 @@ class ActivationMonitorHook:
             self._scores = self.client.stream_scores(self.monitor, timeout=self._stream_timeout)
         return self._scores
 
-    def _session(self):
+    def _session(self) -> Union[IngestSession, ScoreStream]:
         if self.mode == "score":
             return self.results
         if self._ingest is None:
@@ -146,16 +166,18 @@ class ActivationMonitorHook:
 
     # -- batches
 
-    def set_batch(self, trace_ids: Sequence[Any], attention_mask=None) -> None:
+    def set_batch(self, trace_ids: Sequence[TraceId], attention_mask: Optional[MaskLike] = None) -> None:
         """Sets the computations (one id per batch element) and the optional [batch, tokens] mask for
         the following forward passes. In score mode, completes the previous batch's computations."""
         self.flush()
-        self._trace_ids = [t if isinstance(t, str) else str(t) for t in trace_ids]
+        self._trace_ids = trace_id_strings(trace_ids)
         self._mask = attention_mask
         self._pending_complete = None
 
     @contextlib.contextmanager
-    def batch(self, trace_ids: Sequence[Any], attention_mask=None) -> Iterator["ActivationMonitorHook"]:
+    def batch(
+        self, trace_ids: Sequence[TraceId], attention_mask: Optional[MaskLike] = None
+    ) -> Iterator[ActivationMonitorHook]:
         """``with hook.batch(ids, mask): model(...)``: in score mode, the computations are completed on
         leaving the block."""
         self.set_batch(trace_ids, attention_mask)
@@ -174,13 +196,13 @@ class ActivationMonitorHook:
 
     # -- the hook
 
-    def _make_hook(self, site: str):
-        def hook(module, inputs, output):
+    def _make_hook(self, site: str) -> Callable[[torch.nn.Module, object, object], None]:
+        def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
             self._on_output(site, output)
 
         return hook
 
-    def _on_output(self, site: str, output: Any) -> None:
+    def _on_output(self, site: str, output: object) -> None:
         import torch
 
         if self._trace_ids is None:
@@ -194,7 +216,7 @@ class ActivationMonitorHook:
                 raise ValueError(
                     f"site {site!r}: output batch size {hidden.shape[0]} != {len(self._trace_ids)} trace ids"
                 )
-            rows, index = pool_hidden(hidden, self._mask, self.pool)
+            rows, index = pool_hidden(hidden, self._mask, pool=self.pool)
             if index is None:
                 ids, positions = self._trace_ids, None
             else:
@@ -227,10 +249,12 @@ class ActivationMonitorHook:
             return self._ingest.close()
         return None
 
-    def __enter__(self) -> "ActivationMonitorHook":
+    def __enter__(self) -> ActivationMonitorHook:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         if exc_type is None:
             self.close()
         else:

@@ -9,38 +9,43 @@ never imported here: a tensor is recognised only if torch is already loaded.
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Optional, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
+from .types import ArrayLike, BatchesLike, BatchLike, Positions, Site, TensorLike, TraceId, TraceIds
 
-__all__ = ["Batch", "to_tensor", "to_trace_batch", "split_batch"]
+__all__ = ["Batch", "split_batch", "to_tensor", "to_trace_batch"]
 
 
 class Batch(NamedTuple):
     """Traces of one site: ``activations`` is [rows, d], one trace id (and position) per row."""
 
-    site: str
-    activations: Any
-    trace_ids: Sequence[Any]
-    positions: Optional[Sequence[int]] = None
+    site: Site
+    activations: ArrayLike
+    trace_ids: TraceIds
+    positions: Optional[Positions] = None
 
 
-_NUMPY_DTYPES = {
+_NUMPY_DTYPES: dict[np.dtype[np.generic], pb.DType] = {
     np.dtype(np.float32): pb.DTYPE_F32,
     np.dtype(np.float16): pb.DTYPE_F16,
 }
 
 
-def _torch_tensor_type():
+def _torch_tensor_type() -> Optional[type]:
     torch = sys.modules.get("torch")
-    return getattr(torch, "Tensor", None) if torch is not None else None
+    tensor = getattr(torch, "Tensor", None) if torch is not None else None
+    return tensor if isinstance(tensor, type) else None
 
 
-def _torch_to_numpy(t) -> tuple[np.ndarray, int]:
+def _torch_to_numpy(tensor: TensorLike) -> tuple[npt.NDArray[np.generic], pb.DType]:
     torch = sys.modules["torch"]
-    t = t.detach()
+    # torch is not a dependency (and not imported by this module), so its tensors are untyped here.
+    t = cast(Any, tensor).detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
@@ -56,7 +61,7 @@ def _torch_to_numpy(t) -> tuple[np.ndarray, int]:
     raise ValueError(f"activations must be a floating-point tensor, got torch dtype {t.dtype}")
 
 
-def _numpy_to_wire(a: np.ndarray) -> tuple[np.ndarray, int]:
+def _numpy_to_wire(a: npt.NDArray[np.generic]) -> tuple[npt.NDArray[np.generic], pb.DType]:
     if a.dtype.name == "bfloat16":  # ml_dtypes / jax bfloat16
         return a.view(np.uint16), pb.DTYPE_BF16
     dt = a.dtype.newbyteorder("=") if a.dtype.byteorder not in ("=", "|") else a.dtype
@@ -64,21 +69,23 @@ def _numpy_to_wire(a: np.ndarray) -> tuple[np.ndarray, int]:
         return a, _NUMPY_DTYPES[dt]
     if dt == np.float64:
         return a.astype(np.float32), pb.DTYPE_F32
-    raise ValueError(
-        f"activations must be float32, float16 or bfloat16 (float64 is cast to float32), got {a.dtype}"
-    )
+    raise ValueError(f"activations must be float32, float16 or bfloat16 (float64 is cast to float32), got {a.dtype}")
 
 
-def to_tensor(activations: Any) -> pb.Tensor:
+def _is_torch_tensor(x: object) -> bool:
+    torch_tensor = _torch_tensor_type()
+    return torch_tensor is not None and isinstance(x, torch_tensor)
+
+
+def to_tensor(activations: ArrayLike) -> pb.Tensor:
     """Encodes a 2-D array-like ([rows, d]) as a wire tensor in its own dtype.
 
     Accepts numpy arrays (float32, float16, ml_dtypes bfloat16; float64 is cast to float32), torch
     tensors (float32, float16, bfloat16, on any device) and anything ``np.asarray`` takes (as float32
     unless it is already a float array).
     """
-    torch_tensor = _torch_tensor_type()
-    if torch_tensor is not None and isinstance(activations, torch_tensor):
-        arr, dtype = _torch_to_numpy(activations)
+    if _is_torch_tensor(activations):
+        arr, dtype = _torch_to_numpy(cast(TensorLike, activations))
     else:
         arr = np.asarray(activations)
         if arr.dtype.kind in "iub":
@@ -94,34 +101,35 @@ def to_tensor(activations: Any) -> pb.Tensor:
     return pb.Tensor(data=arr.tobytes(), shape=[rows, cols], dtype=dtype)
 
 
-def _ids(trace_ids: Iterable[Any]) -> list[str]:
+def _id(t: TraceId) -> str:
+    if isinstance(t, bytes):
+        return t.decode()
+    if isinstance(t, np.generic):
+        return str(t.item())
+    return t if isinstance(t, str) else str(t)
+
+
+def trace_id_strings(trace_ids: TraceIds) -> list[str]:
+    """Trace ids as sent: strings, one per element (a single string is rejected, not split)."""
     if isinstance(trace_ids, (str, bytes)):
         raise ValueError("trace_ids must be a sequence with one id per row, not a single string")
-    out = []
-    for t in trace_ids:
-        if isinstance(t, bytes):
-            t = t.decode()
-        elif isinstance(t, np.generic):
-            t = t.item()
-        out.append(t if isinstance(t, str) else str(t))
-    return out
+    return [_id(t) for t in trace_ids]
 
 
-def _positions(positions: Any) -> list[int]:
+def _positions(positions: Optional[Positions]) -> list[int]:
     if positions is None:
         return []
-    torch_tensor = _torch_tensor_type()
-    if torch_tensor is not None and isinstance(positions, torch_tensor):
-        positions = positions.detach().cpu().numpy()
+    if _is_torch_tensor(positions):
+        positions = cast(Any, positions).detach().cpu().numpy()
     return [int(p) for p in np.asarray(positions).reshape(-1)]
 
 
 def to_trace_batch(
-    site: Any, activations: Any, trace_ids: Iterable[Any], positions: Any = None
+    site: Site, activations: ArrayLike, trace_ids: TraceIds, positions: Optional[Positions] = None
 ) -> pb.TraceBatch:
     """Builds a ``TraceBatch``; checks locally that ids and positions match the rows."""
     tensor = to_tensor(activations)
-    ids = _ids(trace_ids)
+    ids = trace_id_strings(trace_ids)
     pos = _positions(positions)
     rows = tensor.shape[0]
     if len(ids) != rows:
@@ -157,14 +165,15 @@ def split_batch(batch: pb.TraceBatch, max_bytes: int) -> list[pb.TraceBatch]:
     return parts
 
 
-def as_batches(batches: Any) -> Iterable[Any]:
+def as_batches(batches: BatchesLike) -> Iterable[BatchLike]:
     """A single (site, activations, trace_ids[, positions]) tuple is one batch, not an iterable of them."""
     if isinstance(batches, tuple) and 3 <= len(batches) <= 4 and not isinstance(batches[0], (tuple, list, Batch)):
-        return [batches]
-    return batches
+        return [cast(BatchLike, batches)]
+    return cast(Iterable[BatchLike], batches)
 
 
-def coerce_batch(item: Any) -> pb.TraceBatch:
+def coerce_batch(item: BatchLike) -> pb.TraceBatch:
+    """One batch as a ``TraceBatch``: a tuple, a mapping or a ``TraceBatch`` (see :data:`BatchLike`)."""
     if isinstance(item, pb.TraceBatch):
         return item
     if isinstance(item, dict):

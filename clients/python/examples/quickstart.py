@@ -1,8 +1,9 @@
 """The README's walk-through: ingest MiniLM reference activations, fit, score, watch flags, query.
 
-    actwatch serve --data-dir ./actwatch-data &            # in another terminal
-    python clients/python/examples/quickstart.py [ADDRESS] [DATA_DIR]
+Start a server (`actwatch serve --data-dir ./actwatch-data`, in another terminal), then run
+`python clients/python/examples/quickstart.py [ADDRESS] [DATA_DIR]`.
 """
+
 import sys
 
 import numpy as np
@@ -20,7 +21,7 @@ def batches(path):
     """One batch per layer of a file: site = layer, one computation per sentence id."""
     t = pq.read_table(path, columns=["id", "layer", "activation"]).to_pydict()
     for layer in (2, 4, 6):
-        rows = [i for i, l in enumerate(t["layer"]) if l == layer]
+        rows = [i for i, x in enumerate(t["layer"]) if x == layer]
         vectors = np.array([t["activation"][i] for i in rows], dtype=np.float32)
         yield str(layer), vectors, [t["id"][i] for i in rows]
 

@@ -119,7 +119,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def client(server):
     with Client(server) as c:
-        c.wait_ready(10)
+        c.wait_ready(timeout=10)
         yield c
 
 

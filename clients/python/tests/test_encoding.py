@@ -55,8 +55,8 @@ def test_split_batch_keeps_rows_ids_and_positions():
     assert [p.activations.shape[0] for p in parts] == [3, 3, 3, 1]
     joined = b"".join(p.activations.data for p in parts)
     assert joined == b.activations.data
-    assert sum((list(p.trace_ids) for p in parts), []) == list(b.trace_ids)
-    assert sum((list(p.positions) for p in parts), []) == list(b.positions)
+    assert [t for p in parts for t in p.trace_ids] == list(b.trace_ids)
+    assert [q for p in parts for q in p.positions] == list(b.positions)
     assert split_batch(b, 0) == [b]
 
 
@@ -113,12 +113,12 @@ def test_mean_pool_respects_mask_and_dtype(torch):
 
     h = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    rows, idx = pool_hidden(h, mask, "mean")
+    rows, idx = pool_hidden(h, mask, pool="mean")
     assert idx is None
     assert torch.equal(rows, torch.stack([h[0, :2].mean(0), h[1, 0]]))
-    rows, _ = pool_hidden(h.to(torch.bfloat16), mask, "mean")
+    rows, _ = pool_hidden(h.to(torch.bfloat16), mask, pool="mean")
     assert rows.dtype == torch.bfloat16
 
-    rows, (b, pos) = pool_hidden(h, mask, "none")
+    rows, (b, pos) = pool_hidden(h, mask, pool="none")
     assert b.tolist() == [0, 0, 1] and pos.tolist() == [0, 1, 0]
     assert torch.equal(rows, torch.stack([h[0, 0], h[0, 1], h[1, 0]]))

@@ -1,0 +1,329 @@
+"""What the server returns, as frozen dataclasses built from the proto messages.
+
+Each result type mirrors one message of ``actwatch.v1`` field by field (same names) and is built by
+keyword in its ``_from_pb``, so a field added to or reordered in the proto cannot be silently swapped
+or dropped (tests/test_results.py checks every field of every message). Proto3 ``optional`` fields
+that are unset become ``None``; unset message fields (``MonitorInfo.report``) too.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ._proto.actwatch.v1 import actwatch_pb2 as pb
+
+__all__ = [
+    "ComputationScore",
+    "DetectorScore",
+    "FitPhase",
+    "FitReport",
+    "IngestSummary",
+    "KnnRecall",
+    "MonitorInfo",
+    "MonitorRef",
+    "MonitorSpec",
+    "ScoreResult",
+    "SiteInfo",
+    "SlotPValue",
+    "Table",
+    "TraceResults",
+    "TraceScore",
+]
+
+#: Named numpy columns, one entry per row (see ``ScoreResult.traces_table``).
+Table = dict[str, npt.NDArray[np.generic]]
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """A monitor's options as stored (0 / empty: the server's default was used)."""
+
+    detectors: list[str] = field(default_factory=list)
+    fusion: str = ""
+    fpr: float = 0.0
+    calibration_fraction: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def _from_pb(cls, m: pb.MonitorSpec) -> MonitorSpec:
+        return cls(
+            detectors=list(m.detectors),
+            fusion=m.fusion,
+            fpr=m.fpr,
+            calibration_fraction=m.calibration_fraction,
+            seed=m.seed,
+        )
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    width: int
+    reference_rows: int
+
+    @classmethod
+    def _from_pb(cls, s: pb.SiteInfo) -> SiteInfo:
+        return cls(name=s.name, width=s.width, reference_rows=s.reference_rows)
+
+
+@dataclass(frozen=True)
+class KnnRecall:
+    site: str
+    detector: str
+    queries: int
+    k: int
+    recall: float
+
+    @classmethod
+    def _from_pb(cls, k: pb.KnnRecall) -> KnnRecall:
+        return cls(site=k.site, detector=k.detector, queries=k.queries, k=k.k, recall=k.recall)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    fit_version: int
+    reference_rows: int
+    calibration_computations: int
+    calibration_fpr: float
+    fit_seconds: float
+    calibration_seconds: float
+    knn_recall: list[KnnRecall] = field(default_factory=list)
+    #: Whether this fit was an incremental update (only new reference data folded in).
+    incremental: bool = False
+    #: Reference rows read by the fit pass (all of them for a full fit).
+    rows_folded: int = 0
+
+    @classmethod
+    def _from_pb(cls, r: pb.FitReport) -> FitReport:
+        return cls(
+            fit_version=r.fit_version,
+            reference_rows=r.reference_rows,
+            calibration_computations=r.calibration_computations,
+            calibration_fpr=r.calibration_fpr,
+            fit_seconds=r.fit_seconds,
+            calibration_seconds=r.calibration_seconds,
+            knn_recall=[KnnRecall._from_pb(k) for k in r.knn_recall],
+            incremental=r.incremental,
+            rows_folded=r.rows_folded,
+        )
+
+
+@dataclass(frozen=True)
+class FitPhase:
+    """Progress of a fit: ``name`` is "fit" or "calibrate"."""
+
+    name: str
+    rows_done: int
+    rows_total: int
+
+    @classmethod
+    def _from_pb(cls, p: pb.Phase) -> FitPhase:
+        return cls(name=p.name, rows_done=p.rows_done, rows_total=p.rows_total)
+
+
+@dataclass(frozen=True)
+class MonitorInfo:
+    name: str
+    spec: MonitorSpec
+    sites: list[SiteInfo]
+    reference_rows: int
+    fitted: bool
+    fit_version: int
+    report: Optional[FitReport]
+
+    @classmethod
+    def _from_pb(cls, m: pb.MonitorInfo) -> MonitorInfo:
+        return cls(
+            name=m.name,
+            spec=MonitorSpec._from_pb(m.spec),
+            sites=[SiteInfo._from_pb(s) for s in m.sites],
+            reference_rows=m.reference_rows,
+            fitted=m.fitted,
+            fit_version=m.fit_version,
+            report=FitReport._from_pb(m.report) if m.HasField("report") else None,
+        )
+
+    def site(self, name: str) -> Optional[SiteInfo]:
+        return next((s for s in self.sites if s.name == name), None)
+
+
+#: A monitor, by name or as returned by the server.
+MonitorRef = Union[str, MonitorInfo]
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    rows: int
+    bytes: int
+    batches: int
+    total_rows: int
+
+    @classmethod
+    def _from_pb(cls, s: pb.IngestReferenceSummary) -> IngestSummary:
+        return cls(rows=s.rows, bytes=s.bytes, batches=s.batches, total_rows=s.total_rows)
+
+
+@dataclass(frozen=True)
+class DetectorScore:
+    detector: str
+    raw: float
+    p_value: float
+
+    @classmethod
+    def _from_pb(cls, d: pb.DetectorScore) -> DetectorScore:
+        return cls(detector=d.detector, raw=d.raw, p_value=d.p_value)
+
+
+@dataclass(frozen=True)
+class TraceScore:
+    """One trace (one row of one batch): fused over the site's detectors, calibrated per site."""
+
+    trace_id: str
+    site: str
+    position: Optional[int]
+    score: float
+    p_value: float
+    flagged: bool
+    detectors: list[DetectorScore]
+
+    @classmethod
+    def _from_pb(cls, t: pb.TraceScore) -> TraceScore:
+        return cls(
+            trace_id=t.trace_id,
+            site=t.site,
+            position=t.position if t.HasField("position") else None,
+            score=t.score,
+            p_value=t.p_value,
+            flagged=t.flagged,
+            detectors=[DetectorScore._from_pb(d) for d in t.detectors],
+        )
+
+
+@dataclass(frozen=True)
+class SlotPValue:
+    site: str
+    detector: str
+    p_value: Optional[float]
+
+    @classmethod
+    def _from_pb(cls, s: pb.SlotPValue) -> SlotPValue:
+        return cls(site=s.site, detector=s.detector, p_value=s.p_value if s.HasField("p_value") else None)
+
+
+@dataclass(frozen=True)
+class ComputationScore:
+    """One computation (all traces sharing a trace id), calibrated among calibration computations."""
+
+    monitor: str
+    trace_id: str
+    score: float
+    p_value: float
+    flagged: bool
+    traces: int
+    slots: list[SlotPValue]
+    scored_at_unix_ms: int
+    fit_version: int
+
+    @classmethod
+    def _from_pb(cls, c: pb.ComputationScore) -> ComputationScore:
+        return cls(
+            monitor=c.monitor,
+            trace_id=c.trace_id,
+            score=c.score,
+            p_value=c.p_value,
+            flagged=c.flagged,
+            traces=c.traces,
+            slots=[SlotPValue._from_pb(s) for s in c.slots],
+            scored_at_unix_ms=c.scored_at_unix_ms,
+            fit_version=c.fit_version,
+        )
+
+    @property
+    def p_values(self) -> dict[tuple[str, str], Optional[float]]:
+        """{(site, detector): p-value of the computation's most anomalous trace there}."""
+        return {(s.site, s.detector): s.p_value for s in self.slots}
+
+    @property
+    def scored_at(self) -> _dt.datetime:
+        return _dt.datetime.fromtimestamp(self.scored_at_unix_ms / 1000, tz=_dt.timezone.utc)
+
+
+def _traces_table(traces: Sequence[TraceScore]) -> Table:
+    detectors = sorted({d.detector for t in traces for d in t.detectors})
+    out: Table = {
+        "trace_id": np.array([t.trace_id for t in traces], dtype=object),
+        "site": np.array([t.site for t in traces], dtype=object),
+        "position": np.array([-1 if t.position is None else t.position for t in traces], dtype=np.int64),
+        "score": np.array([t.score for t in traces], dtype=np.float64),
+        "p_value": np.array([t.p_value for t in traces], dtype=np.float64),
+        "flagged": np.array([t.flagged for t in traces], dtype=bool),
+    }
+    for name in detectors:
+        by = [{d.detector: d for d in t.detectors}.get(name) for t in traces]
+        out[f"raw_{name}"] = np.array([np.nan if d is None else d.raw for d in by], dtype=np.float64)
+        out[f"p_{name}"] = np.array([np.nan if d is None else d.p_value for d in by], dtype=np.float64)
+    return out
+
+
+def _computations_table(comps: Sequence[ComputationScore]) -> Table:
+    slots: list[tuple[str, str]] = sorted({(s.site, s.detector) for c in comps for s in c.slots})
+    out: Table = {
+        "trace_id": np.array([c.trace_id for c in comps], dtype=object),
+        "score": np.array([c.score for c in comps], dtype=np.float64),
+        "p_value": np.array([c.p_value for c in comps], dtype=np.float64),
+        "flagged": np.array([c.flagged for c in comps], dtype=bool),
+        "traces": np.array([c.traces for c in comps], dtype=np.int64),
+        "scored_at_unix_ms": np.array([c.scored_at_unix_ms for c in comps], dtype=np.int64),
+    }
+    for site, det in slots:
+        vals = [c.p_values.get((site, det)) for c in comps]
+        out[f"p_{site}_{det}"] = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Per-trace results (in request order) and, with ``complete``, one result per computation."""
+
+    traces: list[TraceScore]
+    computations: list[ComputationScore]
+
+    @classmethod
+    def _from_pb(cls, r: pb.ScoreResponse) -> ScoreResult:
+        return cls(
+            traces=[TraceScore._from_pb(t) for t in r.traces],
+            computations=[ComputationScore._from_pb(c) for c in r.computations],
+        )
+
+    def traces_table(self) -> Table:
+        """Columns as numpy arrays: trace_id, site, position (-1: none), score, p_value, flagged,
+        raw_<detector>, p_<detector>."""
+        return _traces_table(self.traces)
+
+    def computations_table(self) -> Table:
+        """Columns as numpy arrays: trace_id, score, p_value, flagged, traces, scored_at_unix_ms,
+        p_<site>_<detector> (NaN where the computation had no trace at the site)."""
+        return _computations_table(self.computations)
+
+    def computation(self, trace_id: str) -> Optional[ComputationScore]:
+        return next((c for c in self.computations if c.trace_id == trace_id), None)
+
+
+@dataclass(frozen=True)
+class TraceResults:
+    """Per-trace results of one batch sent on a :class:`ScoreStream`."""
+
+    traces: list[TraceScore]
+
+    @classmethod
+    def _from_pb(cls, r: pb.TraceScores) -> TraceResults:
+        return cls(traces=[TraceScore._from_pb(t) for t in r.traces])
+
+    def table(self) -> Table:
+        return _traces_table(self.traces)
