@@ -56,9 +56,7 @@ def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"actwatch serve exited with {proc.returncode} before serving:\n{_tail(log_path)}"
-                )
+                raise RuntimeError(f"actwatch serve exited with {proc.returncode} before serving:\n{_tail(log_path)}")
             try:
                 resp = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -90,8 +88,10 @@ def server(tmp_path_factory):
     except (OSError, subprocess.TimeoutExpired) as e:
         _skip_or_fail(f"cannot run {BIN}: {e}")
     if help_.returncode != 0:
-        _skip_or_fail(f"{BIN} has no `serve` subcommand yet (the gRPC server is not built): "
-                      f"{(help_.stderr.decode(errors='replace').strip().splitlines() or [''])[0][:200]}")
+        _skip_or_fail(
+            f"{BIN} has no `serve` subcommand yet (the gRPC server is not built): "
+            f"{(help_.stderr.decode(errors='replace').strip().splitlines() or [''])[0][:200]}"
+        )
 
     root = tmp_path_factory.mktemp("actwatch")
     data_dir = root / "data"
@@ -414,7 +414,9 @@ def test_monitor_lifecycle_errors(client):
         with pytest.raises(ActwatchError) as e:
             client.create_monitor(name)
         assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
-        client.ingest_reference(name, [("s", np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), list("abcd"))])
+        client.ingest_reference(
+            name, [("s", np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), list("abcd"))]
+        )
         with pytest.raises(ActwatchError) as e:
             client.score(name, [("s", np.zeros((1, 4), dtype=np.float32), ["q"])])
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION

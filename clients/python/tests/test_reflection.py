@@ -16,12 +16,11 @@ import pytest
 
 pytest.importorskip("grpc_reflection", reason="grpcio-reflection is not installed (test extra)")
 
-from google.protobuf.descriptor_pool import DescriptorPool  # noqa: E402
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # noqa: E402
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-
-from test_client import server  # noqa: E402,F401  (the session fixture: the real server on loopback)
+from test_client import server  # noqa: F401  (the session fixture: the real server on loopback)
 
 API = "actwatch.v1.ActivationMonitor"
 HEALTH = "grpc.health.v1.Health"
@@ -44,18 +43,26 @@ class _ReflectionV1(grpc.StreamStreamClientInterceptor):
     def intercept_stream_stream(self, continuation, details, request_iterator):
         method = details.method
         if method.startswith(V1ALPHA):
-            method = V1 + method[len(V1ALPHA):]
+            method = V1 + method[len(V1ALPHA) :]
         return continuation(
-            _CallDetails(method, details.timeout, details.metadata, details.credentials,
-                         getattr(details, "wait_for_ready", None), getattr(details, "compression", None)),
+            _CallDetails(
+                method,
+                details.timeout,
+                details.metadata,
+                details.credentials,
+                getattr(details, "wait_for_ready", None),
+                getattr(details, "compression", None),
+            ),
             request_iterator,
         )
 
 
-@pytest.fixture(params=[
-    "v1",
-    "v1alpha",
-])
+@pytest.fixture(
+    params=[
+        "v1",
+        "v1alpha",
+    ]
+)
 def reflection_db(request, server):  # noqa: F811
     channel = grpc.insecure_channel(server)
     if request.param == "v1":
@@ -85,8 +92,10 @@ def test_resolves_score_input_type(reflection_db):
     assert fields["batches"].message_type.full_name == "actwatch.v1.TraceBatch"
     # The same method, looked up by its full name; nested types resolve through the same pool.
     assert pool.FindMethodByName(f"{API}.Score").input_type is score.input_type
-    assert pool.FindMessageTypeByName("actwatch.v1.Tensor").fields_by_name["dtype"].enum_type.full_name == \
-        "actwatch.v1.DType"
+    assert (
+        pool.FindMessageTypeByName("actwatch.v1.Tensor").fields_by_name["dtype"].enum_type.full_name
+        == "actwatch.v1.DType"
+    )
 
 
 def test_resolves_health_check(reflection_db):

@@ -1,0 +1,101 @@
+"""Type-checked usage of the public API (mypy --strict, from scripts/check.sh); never run by pytest.
+
+The package ships py.typed, so its annotations are a promise: the calls below are how the README and
+the tests use the client, and must type-check as written. The lines marked ``type: ignore[...]`` are
+misuse that must stay a type error (mypy reports an ignore that is no longer needed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from actwatch_client import (
+    ActwatchError,
+    Batch,
+    Client,
+    ComputationScore,
+    FitPhase,
+    FitReport,
+    IngestSummary,
+    MonitorInfo,
+    ScoreResult,
+    TraceResults,
+    to_tensor,
+    to_trace_batch,
+)
+from actwatch_client.types import BatchDict, BatchTuple
+
+
+def batches(acts: npt.NDArray[np.float32], ids: list[str]) -> Iterator[tuple[str, npt.NDArray[np.float32], list[str]]]:
+    for layer in (2, 4, 6):
+        yield str(layer), acts, ids
+
+
+def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_array: npt.NDArray[np.object_]) -> None:
+    info: MonitorInfo = client.create_monitor("m", fpr=0.01)
+    client.create_monitor("m2", detectors=["gaussian"], fusion="fisher", calibration_fraction=0.3, seed=3)
+    client.create_monitor("m3", detectors="knn")
+    client.get_monitor(info)
+    client.wait_ready(timeout=5)
+
+    summary: IngestSummary = client.ingest_reference("m", batches(acts, ids))
+    client.ingest_reference("m", ("2", acts.astype(np.float16), ids))  # one batch tuple
+    client.ingest_reference("m", [Batch("2", acts, id_array), ("4", [[0.0, 1.0]], [1], [0])], timeout=30)
+    as_dict: BatchDict = {"site": 6, "activations": acts, "trace_ids": np.arange(3)}
+    client.ingest_reference("m", [as_dict, to_trace_batch("2", acts, ids)])
+    print(summary.rows)
+
+    phases: list[FitPhase] = []
+    report: FitReport = client.fit("m", on_progress=phases.append, timeout=900)
+    client.fit("m", on_progress=print, incremental=True)
+    print(report.knn_recall[0].recall)
+
+    result: ScoreResult = client.score("m", batches(acts, ids), complete=False)
+    table = result.computations_table()
+    print(table["p_value"].mean(), result.traces[0].detectors[0].p_value)
+    one: BatchTuple = ("2", acts, ids, None)
+    client.score(info, [one])
+
+    with client.stream_scores("m", timeout=60) as stream:
+        stream.send("2", acts, ids, positions=np.arange(len(ids)))
+        stream.send(4, acts.tolist(), id_array)
+        stream.complete(ids)
+        item = stream.get(timeout=1)
+        if isinstance(item, TraceResults):
+            print(item.table()["score"])
+        comps: list[ComputationScore] = stream.computations(n=3, timeout=30)
+        print(comps[0].p_values, comps[0].scored_at)
+
+    with client.watch_flags(["m"], max_p_value=0.001, ready_timeout=None) as watch:
+        for flagged in watch:
+            print(flagged.trace_id)
+    client.watch_flags(info)
+    client.watch_flags()
+
+    since = dt.datetime.now() - dt.timedelta(hours=1)
+    logged = client.query_scores("m", trace_ids=["a", "b"], since=since, until=1_700_000_000_000, limit=5)
+    client.query_scores("m", trace_ids="a", flagged_only=True)
+    print(logged[0].slots[0].p_value)
+    print(to_tensor(acts).shape)
+
+    try:
+        client.delete_monitor("m")
+    except ActwatchError as e:
+        print(e.code.name, e.message)
+
+
+def misuse(client: Client, acts: npt.NDArray[np.float32]) -> None:
+    client.create_monitor("m", None, None, 0.01)  # type: ignore[call-arg]
+    client.fit("m", print)  # type: ignore[call-arg]
+    client.score("m", [("2", acts, ["a"])], False)  # type: ignore[call-arg]
+    client.wait_ready(5)  # type: ignore[call-arg]
+    client.query_scores("m", ["a"])  # type: ignore[call-arg]
+    client.score("m", [("2", acts)])  # type: ignore[list-item]
+    client.score("m", [("2", object(), ["a"])])  # type: ignore[list-item]
+    client.create_monitor("m", fpr="0.01")  # type: ignore[arg-type]
+    info = client.get_monitor("m")
+    info.fitted = True  # type: ignore[misc]
