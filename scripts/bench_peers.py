@@ -63,7 +63,8 @@ import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-DEFAULT_SRC = "/work/shared/data/minilm"
+# The shared MiniLM activations, next to the repository (../shared/data/minilm from its root).
+DEFAULT_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "minilm")
 D = 384
 SEED = 20240611
 LAYER = 2

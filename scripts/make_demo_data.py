@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DEFAULT_SRC = "/work/shared/data/minilm"
+# The shared MiniLM activations, next to the repository (../shared/data/minilm from its root).
+DEFAULT_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "minilm")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "demo")
 DIM = 384
 LAYERS = (2, 4, 6)

@@ -2,7 +2,7 @@
 """Exploratory experiment: default detectors and fusion rule for the activation-anomaly monitor.
 
 Prototype only (numpy / scikit-learn); nothing here is used by the product.
-Run:  /tmp/proto-venv/bin/python scripts/explore_defaults.py [--data DIR] [--quick]
+Run:  python docs/experiments/explore_defaults.py [--data DIR] [--quick]
 
 Pipeline (per seed, calibration fraction):
   1. split train sentences by a seeded hash into fit / calibration;
@@ -17,9 +17,13 @@ Pipeline (per seed, calibration fraction):
   6. report AUROC of fused statistic dev_id vs each OOD category, achieved FPR on dev_id, TPR per category.
 """
 import argparse
+import os
 import hashlib
 import math
 import sys
+
+# The shared MiniLM activations, next to the repository (../shared/data/minilm from its root).
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "minilm")
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -237,7 +241,7 @@ def fmt(o):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="/work/shared/data/minilm")
+    ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--extra", action="store_true", help="also sweep k and other variants")
     a = ap.parse_args()

@@ -3,7 +3,7 @@
 
 Prototype only; nothing here is used by the product. Reuses explore_defaults.py (loading, detectors,
 smoothed conformal p-values).
-Run:  /tmp/proto-venv/bin/python scripts/explore_fusion2.py [--data DIR] [--seeds 0,1,2] [--k 4]
+Run:  python docs/experiments/explore_fusion2.py [--data DIR] [--seeds 0,1,2] [--k 4]
 
 Detectors: gauss_l2 and knn (cosine, k=10) at layers 2, 4, 6 (6 slots), fixed a priori.
 
@@ -29,6 +29,9 @@ import argparse
 import os
 import sys
 import time
+
+# The shared MiniLM activations, next to the repository (../shared/data/minilm from its root).
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "minilm")
 
 import numpy as np
 from scipy.stats import norm
@@ -201,7 +204,7 @@ def fmt(o):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="/work/shared/data/minilm")
+    ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--check-loo", action="store_true", help="check nlp_loo_fast against ed.nlp_loo")
