@@ -26,7 +26,7 @@ sequence per row, e.g. [CLS] ... [SEP]) and optionally attention_mask (list<int6
 
 The output: one row per (sequence, site) with --pool mean (attention-mask weighted mean over \
 tokens, special tokens included), or per (token, site) with --pool none plus a position column; \
-columns trace_id (the input id), site (the hidden-state index, int32), activation \
+columns trace_id (the input id), site (the hidden-state index, as a string), activation \
 (FixedSizeList<float32>[d]), each renamable. The file appears only when complete; a capture that \
 fails stores nothing on the server either.";
 
@@ -155,7 +155,7 @@ pub fn with_device(mut monitor: Monitor, device: Option<&str>) -> Result<Monitor
         let (on, back) = TorchBackend::attach(&mut monitor, device)?;
         eprintln!(
             "scoring with {}: {on} detector(s) on the device{}",
-            monitor.backend.name(),
+            monitor.backend().name(),
             if back > 0 {
                 format!(", {back} (HNSW kNN) on the default backend")
             } else {

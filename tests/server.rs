@@ -12,80 +12,23 @@ use std::time::Duration;
 use actwatch_core::Dtype;
 use actwatch_io::artifact::load_monitor;
 use actwatch_io::pipeline::{score_computations, NoProgress};
-use actwatch_io::reader::{ReadOptions, TraceColumns, TraceReader};
+use actwatch_io::reader::{ReadOptions, TraceReader};
 use actwatch_proto::encode_trace_batch;
-use actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient;
 use actwatch_proto::v1::{self, fit_progress, stream_scores_request, stream_scores_response};
 use actwatch_server::Limits;
+use actwatch_testkit::server::{Client, TestServer};
+use actwatch_testkit::{minilm, Rng};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Code;
 
-type Client = ActivationMonitorClient<Channel>;
-
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/minilm")
-        .join(name)
+    minilm::file(name)
 }
 
 fn minilm_read_options() -> ReadOptions {
-    ReadOptions {
-        columns: TraceColumns::new("id", "layer", "activation"),
-        ..ReadOptions::default()
-    }
-}
-
-/// A server on an ephemeral loopback port that owns its shutdown.
-struct TestServer {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<actwatch_server::Result<()>>,
-}
-
-impl TestServer {
-    async fn start(dir: &Path, limits: Limits) -> Self {
-        Self::start_with_metrics(dir, limits, None).await
-    }
-
-    async fn start_with_metrics(
-        dir: &Path,
-        limits: Limits,
-        metrics_listener: Option<TcpListener>,
-    ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(actwatch_server::serve_with_metrics(
-            listener,
-            metrics_listener,
-            dir.to_path_buf(),
-            limits,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        Self { addr, stop, task }
-    }
-
-    async fn client(&self) -> Client {
-        ActivationMonitorClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("graceful shutdown finishes")
-            .unwrap()
-            .unwrap();
-    }
+    minilm::read_options()
 }
 
 /// One proto batch per (reader batch, site group): exactly the blocks the batch pipeline scores.
@@ -249,7 +192,7 @@ async fn ingest_fit_stream_score_match_the_batch_pipeline_and_survive_restart() 
     let mut client = server.client().await;
 
     // Health and the service are up.
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr()))
         .unwrap()
         .connect()
         .await
@@ -593,25 +536,17 @@ fn assert_no_temporary_segments(data_dir: &Path, monitor: &str) {
 
 /// Seeded synthetic traces: `n` computations, sites "a" (width 8) and "b" (width 4).
 fn synthetic(n: usize, seed: u64) -> Vec<(String, Vec<String>, usize, Vec<f32>)> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        // Sum of uniforms: roughly normal.
-        (0..4)
-            .map(|k| ((state.rotate_left(16 * k) >> 40) as f32) / (1u64 << 24) as f32)
-            .sum::<f32>()
-            - 2.0
-    };
+    let mut rng = Rng::new(seed);
     let ids: Vec<String> = (0..n).map(|i| format!("c{seed}-{i}")).collect();
     [("a", 8usize), ("b", 4usize)]
         .into_iter()
         .map(|(site, d)| {
-            let v: Vec<f32> = (0..n * d).map(|_| next()).collect();
-            (site.to_string(), ids.clone(), d, v)
+            (
+                site.to_string(),
+                ids.clone(),
+                d,
+                rng.gaussian_rows(n, d, 0.0),
+            )
         })
         .collect()
 }
@@ -1084,11 +1019,14 @@ impl ServeProcess {
     }
 
     async fn client(&self) -> Client {
-        ActivationMonitorClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20)
+        actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient::connect(format!(
+            "http://{}",
+            self.addr
+        ))
+        .await
+        .unwrap()
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20)
     }
 
     fn sigterm(&self) {

@@ -584,7 +584,7 @@ fn capture_streams_into_a_server_monitor_and_a_failed_capture_stores_nothing() {
         .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(actwatch_server::serve_with_metrics(
+    let server = rt.spawn(actwatch_server::serve(
         listener,
         None,
         tmp.path().join("data"),

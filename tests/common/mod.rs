@@ -11,9 +11,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// A file of the shared MiniLM data set.
 pub fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/minilm")
-        .join(name)
+    actwatch_testkit::minilm::file(name)
 }
 
 /// Runs the real `actwatch` binary.

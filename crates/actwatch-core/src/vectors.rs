@@ -22,31 +22,10 @@ impl Vectors {
         Ok(Self { dim, data })
     }
 
-    /// An empty batch of width `dim`.
-    pub fn empty(dim: usize) -> Self {
-        Self {
-            dim,
-            data: Vec::new(),
-        }
-    }
-
-    /// Like [`Vectors::new`], and also rejects NaN and infinities.
+    /// Like [`Vectors::new`], and also rejects NaN and infinities (see [`check_rows`]).
     pub fn new_finite(dim: usize, data: Vec<f32>) -> Result<Self> {
-        let v = Self::new(dim, data)?;
-        v.check_finite()?;
-        Ok(v)
-    }
-
-    /// Fails on the first NaN or infinite value, naming its row and component.
-    pub fn check_finite(&self) -> Result<()> {
-        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite {
-                row: i / self.dim,
-                component: i % self.dim,
-                value: FloatDisplay(self.data[i]),
-            });
-        }
-        Ok(())
+        check_rows(dim, &data)?;
+        Ok(Self { dim, data })
     }
 
     pub fn dim(&self) -> usize {
@@ -69,24 +48,8 @@ impl Vectors {
         &self.data
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        &mut self.data
-    }
-
     pub fn into_inner(self) -> Vec<f32> {
         self.data
-    }
-
-    /// Appends one row; fails if its width differs.
-    pub fn push_row(&mut self, row: &[f32]) -> Result<()> {
-        if row.len() != self.dim {
-            return Err(Error::WidthMismatch {
-                expected: self.dim,
-                got: row.len(),
-            });
-        }
-        self.data.extend_from_slice(row);
-        Ok(())
     }
 
     /// Appends all rows of `other`; fails if its width differs.
@@ -100,6 +63,34 @@ impl Vectors {
         self.data.extend_from_slice(&other.data);
         Ok(())
     }
+}
+
+/// The one check of a row-major block of vectors, shared by every detector and backend: `dim` is
+/// not zero, `rows` is a whole number of `dim`-wide rows, and every value is finite (the first
+/// offender is named by row and component). Returns the number of rows.
+pub fn check_rows(dim: usize, rows: &[f32]) -> Result<usize> {
+    if dim == 0 {
+        return Err(Error::Malformed("vector width is zero".into()));
+    }
+    if !rows.len().is_multiple_of(dim) {
+        return Err(Error::Malformed(format!(
+            "{} values is not a whole number of rows of width {dim}",
+            rows.len()
+        )));
+    }
+    // Branch-free scan per block (vectorises); locate the culprit only when there is one.
+    let all_finite = rows
+        .chunks(1024)
+        .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()));
+    if !all_finite {
+        let i = rows.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        return Err(Error::NonFinite {
+            row: i / dim,
+            component: i % dim,
+            value: FloatDisplay(rows[i]),
+        });
+    }
+    Ok(rows.len() / dim)
 }
 
 /// Scales every row of `data` (rows of `dim`) to unit Euclidean norm; zero rows stay zero.
@@ -134,6 +125,17 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(check_rows(2, &[0.0; 6]), Ok(3));
+        assert!(matches!(
+            check_rows(3, &[0.0, 0.0, 0.0, 0.0, f32::INFINITY, 0.0]),
+            Err(Error::NonFinite {
+                row: 1,
+                component: 1,
+                ..
+            })
+        ));
+        assert!(check_rows(0, &[]).is_err());
+        assert!(check_rows(2, &[0.0; 3]).is_err());
         let v = Vectors::new_finite(2, vec![3.0, 4.0, 0.0, 0.0]).unwrap();
         assert_eq!(v.rows(), 2);
         let mut d = v.into_inner();

@@ -75,9 +75,3 @@ impl fmt::Debug for Backend {
         write!(f, "Backend({})", self.name())
     }
 }
-
-/// Checks a row-major batch the way the detectors do (width `dim`, every value finite) and
-/// returns its row count, so that another backend rejects exactly what the default one rejects.
-pub fn check_rows(dim: usize, rows: &[f32]) -> Result<usize> {
-    crate::knn::check_rows(dim, rows)
-}

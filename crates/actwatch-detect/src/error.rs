@@ -10,6 +10,24 @@ pub enum Error {
     /// Too little data to fit or calibrate what was asked.
     #[error("not enough data: {0}")]
     NotEnoughData(String),
+    /// A batch of a site the monitor was not fitted on.
+    #[error("the fitted monitor has no site {site:?} (its sites: {known}); fit it on reference traces of that site")]
+    UnknownSite { site: String, known: String },
+    /// A batch whose width differs from its site's.
+    #[error("site {site:?} has width {expected}, but the batch has width {got}")]
+    SiteWidth {
+        site: String,
+        expected: usize,
+        got: usize,
+    },
+    /// A batch would open more computations than a scoring stream may hold.
+    #[error("{open} computations are open and {new} new in this batch, over the limit of {max}; complete some first")]
+    TooManyOpen { max: usize, open: usize, new: usize },
+    /// Completing a computation that is not open in this scoring stream.
+    #[error(
+        "computation {0:?} has no open traces in this stream (never sent, or completed already)"
+    )]
+    NotOpen(String),
     /// A numerical routine failed (e.g. an eigendecomposition did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),

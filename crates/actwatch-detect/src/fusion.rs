@@ -26,7 +26,7 @@ pub enum Fusion {
 
 /// The fusion used when none is asked for: min-p, the strongest single signal. On real transformer
 /// activations it kept the false-positive rate closest to target and was the least disturbed by a
-/// detector that is worse than chance at some site (scripts/explore_defaults.py); Fisher adds
+/// detector that is worse than chance at some site (docs/experiments/explore_defaults.py); Fisher adds
 /// diffuse evidence better but over-counts correlated detectors (the same layer seen twice).
 pub const DEFAULT_FUSION: Fusion = Fusion::MinP;
 

@@ -18,13 +18,13 @@
 //! relative at full rank; at low rank the residual `||y||² - ||p||²` is a difference of `f32`
 //! quantities, so its relative error grows like `f32` epsilon times `λ_1 / σ²`.
 
-use actwatch_core::{l2_normalize_rows, Error as CoreError};
+use actwatch_core::{check_rows, l2_normalize_rows, Error as CoreError};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Side};
 use rayon::prelude::*;
 
 use crate::shrinkage::{Shrinkage, DEFAULT_SHRINKAGE};
-use crate::stats::{check_rows, par_for, SufficientStats};
+use crate::stats::{par_for, SufficientStats};
 use crate::{Error, Result};
 
 /// Widest model whitened in full by default (`rank: None`): at d = 1024 the whitening matrix is
@@ -100,7 +100,7 @@ impl GaussianFitter {
     /// say so. Bad input is rejected (`Input` errors) and leaves the fitter unchanged.
     pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
         let d = self.stats.dim();
-        check_rows(rows, d)?;
+        check_rows(d, rows)?;
         if self.opts.normalize {
             let mut copy = rows.to_vec();
             l2_normalize_rows(&mut copy, d);
@@ -271,7 +271,7 @@ impl GaussianDetector {
     pub fn centred_rows(&self, rows: &[f32]) -> Result<(Vec<f32>, Vec<f64>)> {
         self.validate()?;
         let d = self.dim;
-        let k = check_rows(rows, d)?;
+        let k = check_rows(d, rows)?;
         let resid_inv = self.residual_variance.map_or(0.0, |s2| 1.0 / s2);
         let mut y = vec![0.0f32; k * d];
         let mut resid = vec![0.0f64; k];
@@ -293,7 +293,7 @@ impl GaussianDetector {
     pub fn score_batch(&self, rows: &[f32]) -> Result<Vec<f64>> {
         self.validate()?;
         let (d, r) = (self.dim, self.rank);
-        let k = check_rows(rows, d)?;
+        let k = check_rows(d, rows)?;
         let mut out = Vec::with_capacity(k);
         if k == 0 {
             return Ok(out);
@@ -960,72 +960,5 @@ mod tests {
         let det = fit_rows(&rows, d, &opts);
         let s = det.score_batch(&rows).unwrap();
         assert!(s.iter().all(|v| v.is_finite()));
-    }
-
-    /// Throughput at d = 384 (full whitening) and d = 4096 (rank 256). Run with
-    /// `cargo test --release -p actwatch-detect -- --ignored --nocapture scoring_throughput`.
-    #[test]
-    #[ignore]
-    fn scoring_throughput() {
-        for (d, n_fit, k, rank) in [
-            (384usize, 4000usize, 200_000usize, None),
-            (4096, 2000, 20_000, None),
-        ] {
-            let mut rng = Rng::new(81);
-            let mut fitter = GaussianFitter::new(
-                d,
-                GaussianOptions {
-                    rank,
-                    ..GaussianOptions::default()
-                },
-            );
-            let train: Vec<f32> = (0..n_fit * d).map(|_| rng.normal() as f32).collect();
-            let t = std::time::Instant::now();
-            fitter.push_batch(&train).unwrap();
-            let t_stats = t.elapsed();
-            let t = std::time::Instant::now();
-            let det = fitter.finish().unwrap();
-            let t_fit = t.elapsed();
-            let test: Vec<f32> = (0..k * d).map(|_| rng.normal() as f32).collect();
-            let _ = det.score_batch(&test[..SCORE_CHUNK_ROWS * d]).unwrap();
-            // Best of 5: the machine is shared.
-            let dt = (0..5)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    let s = det.score_batch(&test).unwrap();
-                    assert_eq!(s.len(), k);
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min);
-            // Diagnostic: the bare GEMM of one chunk, in the layout score_batch uses.
-            let m = SCORE_CHUNK_ROWS;
-            let mut pb = vec![0.0f32; m * det.rank()];
-            let w = MatRef::from_row_major_slice(&det.proj, d, det.rank());
-            let r = det.rank();
-            let t = std::time::Instant::now();
-            for _ in 0..5 {
-                // P^T (r x m, col-major) = W^T (r x d, col-major) * Y^T (d x m, col-major).
-                let p = MatMut::from_column_major_slice_mut(&mut pb, r, m);
-                let yt = MatRef::from_column_major_slice(&test[..m * d], d, m);
-                matmul(
-                    p,
-                    Accum::Replace,
-                    w.transpose(),
-                    yt,
-                    1.0f32,
-                    par_for(m * d * r),
-                );
-            }
-            let gemm = 5.0 * m as f64 / t.elapsed().as_secs_f64();
-            eprintln!("d={d} bare GEMM {gemm:.0} vectors/s");
-            eprintln!(
-                "d={d} rank={} stats {:.3}s ({} vecs) fit {:.3}s score {:.0} vectors/s",
-                det.rank(),
-                t_stats.as_secs_f64(),
-                n_fit,
-                t_fit.as_secs_f64(),
-                k as f64 / dt
-            );
-        }
     }
 }

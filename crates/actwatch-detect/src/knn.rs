@@ -13,7 +13,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use actwatch_core::{l2_normalize_rows, Error as CoreError, Vectors};
+use actwatch_core::{check_rows, l2_normalize_rows, Error as CoreError};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use hnsw_rs::anndists::dist::distances::DistL2;
@@ -126,38 +126,6 @@ impl KnnOptions {
         }
         Ok(())
     }
-}
-
-/// Checks a flat row-major batch against the width `dim` and for NaN/Inf; returns the row count.
-pub(crate) fn check_rows(dim: usize, rows: &[f32]) -> Result<usize> {
-    if dim == 0 {
-        return Err(CoreError::Malformed("vector width is zero".into()).into());
-    }
-    // (not `is_multiple_of`: that needs Rust 1.87, the workspace declares 1.85)
-    let rem = rows.len() % dim;
-    if rem != 0 {
-        return Err(CoreError::Malformed(format!(
-            "{} values is not a whole number of rows of width {dim}",
-            rows.len()
-        ))
-        .into());
-    }
-    if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
-        let (row, component) = (i / dim, i % dim);
-        // actwatch-core does not re-export the float wrapper its NonFinite error carries, so let
-        // core build the error on the offending row and put the batch row number back in.
-        let err = match Vectors::new_finite(dim, rows[row * dim..(row + 1) * dim].to_vec()) {
-            Err(CoreError::NonFinite { value, .. }) => CoreError::NonFinite {
-                row,
-                component,
-                value,
-            },
-            Err(e) => e,
-            Ok(_) => CoreError::Malformed(format!("non-finite value in row {row}")),
-        };
-        return Err(err.into());
-    }
-    Ok(rows.len() / dim)
 }
 
 /// Collects reference vectors (copied; L2-normalised when the metric is cosine), keeping a
@@ -1057,52 +1025,5 @@ mod tests {
     fn detector_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<KnnDetector>();
-    }
-
-    /// Throughput of exact search: `cargo test --release -p actwatch-detect -- --ignored --nocapture knn_throughput`.
-    #[test]
-    #[ignore]
-    fn knn_throughput() {
-        let mut rng = Rng::new(1);
-        let dim = 384;
-        let refs = rng.gaussian_rows(10_000, dim, 0.1);
-        let queries = rng.gaussian_rows(20_000, dim, 0.1);
-        for metric in [Metric::Cosine, Metric::L2] {
-            let det = fit(dim, opts(10, metric), &refs);
-            det.score_batch(&queries[..1000 * dim]).unwrap();
-            let t = std::time::Instant::now();
-            let s = det.score_batch(&queries).unwrap();
-            let secs = t.elapsed().as_secs_f64();
-            println!(
-                "{metric:?}: {} queries x 10k refs, d = {dim}, {} threads: {:.0} queries/s",
-                s.len(),
-                rayon::current_num_threads(),
-                s.len() as f64 / secs
-            );
-        }
-        // HNSW on clustered data, for the exact/HNSW switch-over
-        let data = clustered(&mut rng, 51_000, dim, 200, 0.5);
-        let (refs, queries) = data.split_at(50_000 * dim);
-        let o = KnnOptions {
-            exact_max: 0,
-            ..opts(10, Metric::Cosine)
-        };
-        let t = std::time::Instant::now();
-        let det = fit(dim, o, refs);
-        let build = t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
-        let s = det.score_batch(queries).unwrap();
-        let secs = t.elapsed().as_secs_f64();
-        let recall = det.measure_recall(queries, 10).unwrap().unwrap();
-        let exact = fit(dim, opts(10, Metric::Cosine), refs);
-        let t = std::time::Instant::now();
-        exact.score_batch(queries).unwrap();
-        let exact_secs = t.elapsed().as_secs_f64();
-        println!(
-            "HNSW 50k x {dim} cosine: build {build:.1} s ({:.0} inserts/s), {:.0} queries/s at ef 64, recall@10 {recall:.4}; exact: {:.0} queries/s",
-            50_000.0 / build,
-            s.len() as f64 / secs,
-            s.len() as f64 / exact_secs
-        );
     }
 }

@@ -425,13 +425,7 @@ impl MonitorCalibrator {
             threshold: Some(fused.threshold(self.options.fpr)).filter(|t| t.is_finite()),
             knn_recall: recall,
         };
-        Ok(Monitor {
-            options: self.options,
-            sites,
-            fused,
-            summary,
-            backend: Backend::default(),
-        })
+        Monitor::new(self.options, sites, fused, summary)
     }
 }
 
@@ -476,60 +470,106 @@ pub struct FitSummary {
 }
 
 /// A fitted, calibrated monitor. Immutable: a refit builds a new one.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+///
+/// Built only by [`Monitor::new`] (which [`MonitorCalibrator::finish`] and artifact loading both
+/// call), so its invariants hold for every caller: at least one site, site names unique, every
+/// site with one fitted detector and one calibration per [`MonitorOptions::detectors`] entry (same
+/// kinds, same order), every detector of the site's width, derived state (HNSW graphs) built.
+/// Scoring is [`Monitor::score`] (see [`crate::score`]).
+#[derive(Debug)]
 pub struct Monitor {
-    pub options: MonitorOptions,
-    pub sites: Vec<SiteModel>,
+    options: MonitorOptions,
+    sites: Vec<SiteModel>,
     /// Calibration of the fused computation-level statistic.
-    pub fused: Calibration,
-    pub summary: FitSummary,
+    fused: Calibration,
+    summary: FitSummary,
     /// Where raw scores are computed (not stored: the default backend after loading).
-    #[serde(skip)]
-    pub backend: Backend,
-}
-
-/// Per-trace results of one site's batch; `[detector][row]` where two indices are given.
-#[derive(Debug, Clone, Default)]
-pub struct SiteScores {
-    pub raw: Vec<Vec<f64>>,
-    /// Conformal p-value of each detector's raw score.
-    pub p: Vec<Vec<f64>>,
-    /// Smoothed `-ln p`, the fusion ingredient.
-    pub neg_log_p: Vec<Vec<f64>>,
-    /// Trace statistic fused over this site's detectors (higher = more anomalous).
-    pub trace_score: Vec<f64>,
-    /// Conformal p-value of `trace_score` among calibration traces of this site.
-    pub trace_p: Vec<f64>,
-}
-
-/// Running evidence of one computation: per slot (site × detector) the most anomalous trace.
-#[derive(Debug, Clone)]
-pub struct ComputationAccumulator {
-    max_neg_log_p: Vec<f64>,
-    max_raw: Vec<f64>,
-    traces: u64,
-}
-
-impl ComputationAccumulator {
-    pub fn traces(&self) -> u64 {
-        self.traces
-    }
-}
-
-/// A scored computation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ComputationResult {
-    /// Fused statistic, higher = more anomalous.
-    pub score: f64,
-    /// Conformal p-value among calibration computations.
-    pub p_value: f64,
-    pub flagged: bool,
-    /// Per slot: conformal p-value of the computation's most anomalous trace there (None: no trace).
-    pub slot_p: Vec<Option<f64>>,
-    pub traces: u64,
+    backend: Backend,
 }
 
 impl Monitor {
+    /// Checks the invariants above and builds derived state (see [`FittedDetector::prepare`]).
+    pub fn new(
+        options: MonitorOptions,
+        mut sites: Vec<SiteModel>,
+        fused: Calibration,
+        summary: FitSummary,
+    ) -> Result<Self> {
+        options.validate()?;
+        if sites.is_empty() {
+            return Err(Error::InvalidOption(
+                "a monitor needs at least one site".into(),
+            ));
+        }
+        let kinds: Vec<&str> = options.detectors.iter().map(DetectorSpec::name).collect();
+        for (i, s) in sites.iter().enumerate() {
+            let bad = |why: String| Err(Error::InvalidOption(format!("site {:?}: {why}", s.name)));
+            if s.name.is_empty() {
+                return bad("the site name is empty".into());
+            }
+            if sites[..i].iter().any(|o| o.name == s.name) {
+                return bad("the site appears twice".into());
+            }
+            if s.dim == 0 {
+                return bad("width zero".into());
+            }
+            let got: Vec<&str> = s.detectors.iter().map(FittedDetector::name).collect();
+            if got != kinds {
+                return bad(format!("detectors {got:?}, but the options say {kinds:?}"));
+            }
+            if s.calibrations.len() != s.detectors.len() {
+                return bad(format!(
+                    "{} calibrations for {} detectors",
+                    s.calibrations.len(),
+                    s.detectors.len()
+                ));
+            }
+            if let Some(d) = s.detectors.iter().find(|d| d.dim() != s.dim) {
+                return bad(format!("a {} detector of width {}", d.name(), d.dim()));
+            }
+        }
+        for s in &mut sites {
+            for d in &mut s.detectors {
+                d.prepare()?;
+            }
+        }
+        Ok(Self {
+            options,
+            sites,
+            fused,
+            summary,
+            backend: Backend::default(),
+        })
+    }
+
+    pub fn options(&self) -> &MonitorOptions {
+        &self.options
+    }
+
+    /// The sites, in slot order.
+    pub fn sites(&self) -> &[SiteModel] {
+        &self.sites
+    }
+
+    /// Calibration of the fused computation-level statistic.
+    pub fn fused(&self) -> &Calibration {
+        &self.fused
+    }
+
+    pub fn summary(&self) -> &FitSummary {
+        &self.summary
+    }
+
+    /// Where raw scores are computed.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Computes raw scores with `backend` from now on (see [`crate::backend`]).
+    pub fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
     pub fn site_index(&self, name: &str) -> Option<usize> {
         self.sites.iter().position(|s| s.name == name)
     }
@@ -546,115 +586,13 @@ impl Monitor {
             .collect()
     }
 
-    fn slot_offset(&self, site: usize) -> usize {
+    /// The index of the first slot of site `site`.
+    pub(crate) fn slot_offset(&self, site: usize) -> usize {
         self.sites[..site].iter().map(|s| s.detectors.len()).sum()
     }
 
-    /// Rebuilds derived state after loading (HNSW graphs).
-    pub fn prepare(&mut self) -> Result<()> {
-        for s in &mut self.sites {
-            for d in &mut s.detectors {
-                d.prepare()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Computes raw scores with `backend` from now on (see [`crate::backend`]).
-    pub fn set_backend(&mut self, backend: Backend) {
-        self.backend = backend;
-    }
-
-    /// Scores a batch of traces of site `site` (an index from [`Monitor::site_index`]).
-    pub fn score_site(&self, site: usize, rows: &[f32]) -> Result<SiteScores> {
-        let s = &self.sites[site];
-        if !rows.len().is_multiple_of(s.dim) {
-            return Err(actwatch_core::Error::WidthMismatch {
-                expected: s.dim,
-                got: rows.len(),
-            }
-            .into());
-        }
-        let n = rows.len() / s.dim;
-        let mut out = SiteScores::default();
-        for (j, (det, cal)) in s.detectors.iter().zip(&s.calibrations).enumerate() {
-            let raw = self.backend.raw_scores(site, j, det, rows)?;
-            out.p.push(raw.iter().map(|&x| cal.p_value(x)).collect());
-            out.neg_log_p.push(
-                raw.iter()
-                    .map(|&x| cal.smooth_neg_log_p(x, false))
-                    .collect(),
-            );
-            out.raw.push(raw);
-        }
-        let mut nlps = vec![0.0; s.detectors.len()];
-        for r in 0..n {
-            for (j, v) in out.neg_log_p.iter().enumerate() {
-                nlps[j] = v[r];
-            }
-            let t = self.options.fusion.statistic(&nlps);
-            out.trace_p.push(s.trace_fused.p_value(t));
-            out.trace_score.push(t);
-        }
-        Ok(out)
-    }
-
-    pub fn new_accumulator(&self) -> ComputationAccumulator {
-        let n: usize = self.sites.iter().map(|s| s.detectors.len()).sum();
-        ComputationAccumulator {
-            max_neg_log_p: vec![f64::NAN; n],
-            max_raw: vec![f64::NAN; n],
-            traces: 0,
-        }
-    }
-
-    /// Adds row `row` of a [`SiteScores`] of site `site` to a computation's evidence.
-    pub fn accumulate(
-        &self,
-        acc: &mut ComputationAccumulator,
-        site: usize,
-        scores: &SiteScores,
-        row: usize,
-    ) {
-        let off = self.slot_offset(site);
-        for j in 0..scores.raw.len() {
-            let nlp = scores.neg_log_p[j][row];
-            let raw = scores.raw[j][row];
-            let cell = &mut acc.max_neg_log_p[off + j];
-            if cell.is_nan() || nlp > *cell {
-                *cell = nlp;
-            }
-            let cell = &mut acc.max_raw[off + j];
-            if cell.is_nan() || raw > *cell {
-                *cell = raw;
-            }
-        }
-        acc.traces += 1;
-    }
-
-    /// Fuses a computation's evidence and calibrates it.
-    pub fn finish_computation(&self, acc: &ComputationAccumulator) -> ComputationResult {
-        let present: Vec<f64> = acc
-            .max_neg_log_p
-            .iter()
-            .copied()
-            .filter(|x| !x.is_nan())
-            .collect();
-        let score = self.options.fusion.statistic(&present);
-        let p_value = self.fused.p_value(score);
-        let cals = self.sites.iter().flat_map(|s| s.calibrations.iter());
-        let slot_p = acc
-            .max_raw
-            .iter()
-            .zip(cals)
-            .map(|(&raw, cal)| (!raw.is_nan()).then(|| cal.p_value(raw)))
-            .collect();
-        ComputationResult {
-            score,
-            p_value,
-            flagged: p_value <= self.options.fpr,
-            slot_p,
-            traces: acc.traces,
-        }
+    /// Number of (site, detector) slots.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.sites.iter().map(|s| s.detectors.len()).sum()
     }
 }

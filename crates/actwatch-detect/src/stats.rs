@@ -18,7 +18,7 @@
 //! `S' = S + n δδᵀ`, which summed over two shards is exactly Chan's
 //! `S = S_A + S_B + n_A n_B / n (m_B - m_A)(m_B - m_A)ᵀ`.
 
-use actwatch_core::{Error as CoreError, Vectors};
+use actwatch_core::{check_rows, Error as CoreError};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
@@ -39,46 +39,6 @@ pub(crate) fn par_for(flops: usize) -> Par {
     } else {
         Par::Seq
     }
-}
-
-/// Checks that `rows` is a whole number of finite rows of width `dim`; returns the row count.
-///
-/// Errors: width zero or a length that is not a multiple of `dim` give `Malformed`; the first NaN or
-/// infinity gives `NonFinite` naming its row and component.
-pub(crate) fn check_rows(rows: &[f32], dim: usize) -> Result<usize> {
-    if dim == 0 {
-        return Err(CoreError::Malformed("vector width is zero".into()).into());
-    }
-    if !rows.chunks_exact(dim).remainder().is_empty() {
-        return Err(CoreError::Malformed(format!(
-            "{} values is not a whole number of rows of width {dim}",
-            rows.len()
-        ))
-        .into());
-    }
-    // Branch-free scan per block (vectorises); locate the culprit only when there is one.
-    let all_finite = rows
-        .chunks(1024)
-        .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()));
-    if !all_finite {
-        let i = rows.iter().position(|x| !x.is_finite()).unwrap_or(0);
-        let row = i / dim;
-        // The core error carries the value in a type the core crate does not re-export: let the core
-        // check build it on the offending row, then put the batch's row index back.
-        let err = match Vectors::new_finite(dim, rows[row * dim..(row + 1) * dim].to_vec()) {
-            Err(CoreError::NonFinite {
-                component, value, ..
-            }) => CoreError::NonFinite {
-                row,
-                component,
-                value,
-            },
-            Err(e) => e,
-            Ok(_) => CoreError::Malformed(format!("non-finite value in row {row}")),
-        };
-        return Err(err.into());
-    }
-    Ok(rows.len() / dim)
 }
 
 /// Count, mean, scatter and third/fourth central moments of a set of vectors; see the module docs.
@@ -141,7 +101,7 @@ impl SufficientStats {
     /// batch is a no-op; a malformed or non-finite batch is rejected and leaves `self` unchanged.
     pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
         let d = self.dim();
-        let k = check_rows(rows, d)?;
+        let k = check_rows(d, rows)?;
         if k == 0 {
             return Ok(());
         }

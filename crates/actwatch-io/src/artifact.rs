@@ -9,13 +9,14 @@
 //! agree with the manifest; any mismatch is [`Error::Artifact`] and nothing is served.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 
 use actwatch_detect::monitor::{FitSummary, Monitor, MonitorOptions, SiteModel};
 use actwatch_detect::Calibration;
 use sha2::{Digest, Sha256};
 
+use crate::durable::{self, sync_dir, write_synced};
 use crate::reader::TraceColumns;
 use crate::{Error, Result};
 
@@ -80,19 +81,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))?;
-    Ok(())
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(path))
-}
-
 fn blob(dir: &Path, file: String, bytes: &[u8]) -> Result<BlobEntry> {
     write_synced(&dir.join(&file), bytes)?;
     Ok(BlobEntry {
@@ -108,30 +96,25 @@ pub fn save_monitor(
     reference: &ReferenceSummary,
     out: &Path,
 ) -> Result<Manifest> {
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::Artifact(format!("{} is not a directory name", out.display())))?
-        .to_string_lossy()
-        .into_owned();
+    let parent = durable::parent_dir(out);
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    if out.file_name().is_none() {
+        return Err(Error::Artifact(format!(
+            "{} is not a directory name",
+            out.display()
+        )));
+    }
     if out.exists() && !out.join(MANIFEST).exists() {
         return Err(Error::Artifact(format!(
             "{} exists and is not a monitor directory; refusing to replace it",
             out.display()
         )));
     }
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-    }
+    let tmp = durable::temporary_path(out)?;
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let result = (|| {
-        let mut sites = Vec::with_capacity(monitor.sites.len());
-        for (i, s) in monitor.sites.iter().enumerate() {
+        let mut sites = Vec::with_capacity(monitor.sites().len());
+        for (i, s) in monitor.sites().iter().enumerate() {
             let bytes = bincode::serialize(s)?;
             sites.push(SiteEntry {
                 name: s.name.clone(),
@@ -145,16 +128,16 @@ pub fn save_monitor(
         let calibration = blob(
             &tmp,
             FUSED_BLOB.into(),
-            &bincode::serialize(&monitor.fused)?,
+            &bincode::serialize(monitor.fused())?,
         )?;
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
             format_version: FORMAT_VERSION,
             created_by: format!("actwatch {}", env!("CARGO_PKG_VERSION")),
-            options: monitor.options.clone(),
+            options: monitor.options().clone(),
             sites,
             calibration,
-            summary: monitor.summary.clone(),
+            summary: monitor.summary().clone(),
             reference: reference.clone(),
         };
         // The manifest goes last: a directory without one is never a monitor.
@@ -169,12 +152,12 @@ pub fn save_monitor(
             return Err(e);
         }
     };
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let old = durable::temporary_path(out)?;
     if out.exists() {
         fs::rename(out, &old).map_err(io_err(out))?;
     }
     fs::rename(&tmp, out).map_err(io_err(out))?;
-    sync_dir(&parent)?;
+    sync_dir(parent)?;
     if old.exists() {
         fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
@@ -239,12 +222,8 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
                 entry.name
             ))
         })?;
-        if site.name != entry.name
-            || site.dim != entry.dim
-            || site.detectors.len() != manifest.options.detectors.len()
-            || site.calibrations.len() != site.detectors.len()
-            || site.detectors.iter().any(|d| d.dim() != site.dim)
-        {
+        // (The monitor's own invariants are checked by `Monitor::new` below.)
+        if site.name != entry.name || site.dim != entry.dim {
             return Err(Error::Artifact(format!(
                 "{}: site {} does not match the manifest",
                 dir.display(),
@@ -257,13 +236,12 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
         .map_err(|e| {
             Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display()))
         })?;
-    let mut monitor = Monitor {
-        options: manifest.options.clone(),
+    let monitor = Monitor::new(
+        manifest.options.clone(),
         sites,
         fused,
-        summary: manifest.summary.clone(),
-        backend: Default::default(),
-    };
-    monitor.prepare()?;
+        manifest.summary.clone(),
+    )
+    .map_err(|e| Error::Artifact(format!("{}: {e}", dir.display())))?;
     Ok((monitor, manifest))
 }

@@ -10,12 +10,13 @@
 
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use actwatch_detect::monitor::MonitorFitter;
 use bincode::Options;
 use sha2::{Digest, Sha256};
 
+use crate::durable::AtomicFile;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 16] = b"actwatch-fitter\0";
@@ -58,45 +59,26 @@ fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::Artifact(format!("{}: fit checkpoint {what}", path.display()))
 }
 
-/// Writes `checkpoint` to `path`, atomically replacing any checkpoint there.
+/// Writes `checkpoint` to `path`, atomically replacing any checkpoint there (through the one
+/// durable write, [`AtomicFile`]).
 pub fn save_checkpoint(checkpoint: &FitCheckpoint, path: &Path) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
-    let tmp: PathBuf = {
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(".tmp");
-        path.with_file_name(name)
-    };
-    let file = File::create(&tmp).map_err(io)?;
     let mut w = HashingWriter {
-        inner: BufWriter::new(file),
+        inner: BufWriter::new(AtomicFile::create(path)?),
         hasher: Sha256::new(),
     };
-    let write = |w: &mut HashingWriter<BufWriter<File>>| -> Result<()> {
-        w.write_all(MAGIC).map_err(io)?;
-        w.write_all(&CHECKPOINT_VERSION.to_le_bytes()).map_err(io)?;
-        codec()
-            .serialize_into(&mut *w, checkpoint)
-            .map_err(|e| Error::Artifact(format!("cannot encode the fit checkpoint: {e}")))?;
-        Ok(())
-    };
-    let result = write(&mut w).and_then(|()| {
-        let digest = w.hasher.finalize_reset();
-        let mut inner = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
-        inner.write_all(&digest).map_err(io)?;
-        inner.sync_all().map_err(io)?;
-        fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        Ok(())
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    w.write_all(MAGIC).map_err(io)?;
+    w.write_all(&CHECKPOINT_VERSION.to_le_bytes()).map_err(io)?;
+    codec()
+        .serialize_into(&mut w, checkpoint)
+        .map_err(|e| Error::Artifact(format!("cannot encode the fit checkpoint: {e}")))?;
+    let digest = w.hasher.finalize_reset();
+    let mut file = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
+    file.write_all(&digest).map_err(io)?;
+    file.commit()
 }
 
 /// Reads and verifies the checkpoint at `path`.
@@ -160,7 +142,11 @@ mod tests {
             fitter: fitter(),
         };
         save_checkpoint(&ck, &path).unwrap();
-        assert!(!dir.path().join("fitter.bin.tmp").exists());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["fitter.bin"], "no temporary file is left");
         let back = load_checkpoint(&path).unwrap();
         assert_eq!(back.folded, ck.folded);
         assert_eq!(back.fitter.fit_traces(), 64);

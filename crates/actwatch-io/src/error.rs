@@ -67,6 +67,9 @@ pub enum Error {
         column: String,
         row: u64,
     },
+    /// Data that cannot go into the file being written (e.g. a width it does not hold).
+    #[error("{}: cannot write: {message}", path.display())]
+    Write { path: PathBuf, message: String },
     /// No Parquet files were found under the given paths.
     #[error("no input: {0}")]
     NoInput(String),
@@ -94,7 +97,8 @@ impl Error {
             | Error::WidthMismatch { path, .. }
             | Error::EmptyVector { path, .. }
             | Error::NonFinite { path, .. }
-            | Error::NullValue { path, .. } => Some(path),
+            | Error::NullValue { path, .. }
+            | Error::Write { path, .. } => Some(path),
             _ => None,
         }
     }

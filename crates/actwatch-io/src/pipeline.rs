@@ -12,9 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_detect::monitor::{
-    ComputationAccumulator, ComputationResult, Monitor, MonitorFitter, MonitorOptions,
-};
+use actwatch_core::SiteBatch;
+use actwatch_detect::monitor::{Monitor, MonitorFitter, MonitorOptions};
+use actwatch_detect::{ComputationResult, OpenComputations, SiteScores};
 use arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array,
 };
@@ -23,7 +23,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 use sha2::{Digest, Sha256};
 
 use crate::artifact::ReferenceSummary;
-use crate::reader::{expand_inputs, AtomicParquetWriter, ReadOptions, TraceBatch, TraceReader};
+use crate::reader::{expand_inputs, ReadOptions, TraceBatch, TraceReader};
+use crate::writer::AtomicParquetWriter;
 use crate::{Error, Result};
 
 /// Receives progress of long work (the CLI draws bars with it).
@@ -322,33 +323,20 @@ pub fn score_computations(
     let skip = [read.columns.trace.clone(), read.columns.site.clone()];
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("score", reader.total_rows());
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut ids: Vec<String> = Vec::new();
-    let mut accs: Vec<ComputationAccumulator> = Vec::new();
+    // Unbounded: a batch run holds every computation until the end (small accumulators).
+    let mut open = OpenComputations::default();
     let mut pass: Vec<PassColumn> = Vec::new();
     let mut pass_index: HashMap<String, usize> = HashMap::new();
     let mut input_rows = 0u64;
     for batch in reader {
         let batch = batch?;
-        let comps: Vec<usize> = batch
+        // Computations are numbered in order of first appearance, row by row.
+        let comps = batch
             .trace_ids
             .iter()
-            .map(|id| match index.get(id.as_str()) {
-                Some(&c) => c,
-                None => {
-                    let c = ids.len();
-                    index.insert(id.clone(), c);
-                    ids.push(id.clone());
-                    accs.push(monitor.new_accumulator());
-                    c
-                }
-            })
-            .collect();
-        score_batch_sites(monitor, &batch, |site, scores, rows| {
-            for (k, &r) in rows.iter().enumerate() {
-                monitor.accumulate(&mut accs[comps[r]], site, scores, k);
-            }
-        })?;
+            .map(|id| Ok(open.open(monitor, id)? as usize))
+            .collect::<Result<Vec<usize>>>()?;
+        score_batch_sites(&batch, |site_batch| open.score(monitor, site_batch))?;
         if let Some(other) = &batch.other {
             track_passthrough(other, &skip, &comps, &mut pass, &mut pass_index)?;
         }
@@ -356,7 +344,7 @@ pub fn score_computations(
         progress.advance(batch.trace_ids.len() as u64);
     }
     progress.finish();
-    let results = accs.iter().map(|a| monitor.finish_computation(a)).collect();
+    let (ids, results) = open.complete_all(monitor).into_iter().unzip();
     Ok(ComputationTable {
         trace_column: read.columns.trace.clone(),
         ids,
@@ -428,30 +416,32 @@ fn values_len(v: &PassValues) -> usize {
     }
 }
 
-/// Scores each site group of `batch`, calling `sink(site_index, scores, row_indices)`.
+/// Scores each site of `batch` with `score` (the one scoring door, [`Monitor::score`], or
+/// [`OpenComputations::score`] around it) and returns per site the scores with the row indices
+/// they belong to. A width that differs from the monitor's is reported with its file and row.
 fn score_batch_sites(
-    monitor: &Monitor,
     batch: &TraceBatch,
-    mut sink: impl FnMut(usize, &actwatch_detect::monitor::SiteScores, &[usize]),
-) -> Result<()> {
-    for (site, rows) in batch.site_groups() {
-        let Some(si) = monitor.site_index(&site) else {
-            continue;
-        };
-        let v = batch.gather(&rows)?;
-        if v.dim() != monitor.sites[si].dim {
-            return Err(Error::WidthMismatch {
+    mut score: impl FnMut(&SiteBatch) -> actwatch_detect::Result<SiteScores>,
+) -> Result<Vec<(Vec<usize>, SiteScores)>> {
+    batch
+        .site_batches()?
+        .into_iter()
+        .map(|(rows, site_batch)| match score(&site_batch) {
+            Ok(scores) => Ok((rows, scores)),
+            Err(actwatch_detect::Error::SiteWidth {
+                site,
+                expected,
+                got,
+            }) => Err(Error::WidthMismatch {
                 path: batch.path.to_path_buf(),
-                site: site.to_string(),
-                expected: monitor.sites[si].dim,
-                got: v.dim(),
-                row: batch.first_row + rows[0] as u64,
-            });
-        }
-        let scores = monitor.score_site(si, v.as_slice())?;
-        sink(si, &scores, &rows);
-    }
-    Ok(())
+                site,
+                expected,
+                got,
+                row: batch.file_row(rows[0]),
+            }),
+            Err(e) => Err(e.into()),
+        })
+        .collect()
 }
 
 impl ComputationTable {
@@ -570,7 +560,12 @@ fn score_traces_to_parquet(
         keep_other_columns: true,
         ..read.clone()
     };
-    let det_names: Vec<&str> = monitor.options.detectors.iter().map(|d| d.name()).collect();
+    let det_names: Vec<&str> = monitor
+        .options()
+        .detectors
+        .iter()
+        .map(|d| d.name())
+        .collect();
     let reader = TraceReader::open(&files, read)?;
     progress.start("score", reader.total_rows());
     let mut writer: Option<AtomicParquetWriter> = None;
@@ -583,7 +578,7 @@ fn score_traces_to_parquet(
         let mut p = vec![0.0; n];
         let mut raw = vec![vec![0.0; n]; nd];
         let mut det_p = vec![vec![0.0; n]; nd];
-        score_batch_sites(monitor, &batch, |_, s, rows| {
+        for (rows, s) in score_batch_sites(&batch, |b| monitor.score(b))? {
             for (k, &r) in rows.iter().enumerate() {
                 score[r] = s.trace_score[k];
                 p[r] = s.trace_p[k];
@@ -592,7 +587,7 @@ fn score_traces_to_parquet(
                     det_p[j][r] = s.p[j][k];
                 }
             }
-        })?;
+        }
         let other = batch.other.as_ref().expect("keep_other_columns was set");
         let mut fields: Vec<Field> = other
             .schema()
@@ -601,7 +596,10 @@ fn score_traces_to_parquet(
             .map(|f| f.as_ref().clone())
             .collect();
         let mut cols: Vec<ArrayRef> = other.columns().to_vec();
-        let flagged: BooleanArray = p.iter().map(|&x| Some(x <= monitor.options.fpr)).collect();
+        let flagged: BooleanArray = p
+            .iter()
+            .map(|&x| Some(x <= monitor.options().fpr))
+            .collect();
         summary.flagged += flagged.true_count() as u64;
         fields.push(Field::new("score", DataType::Float64, false));
         cols.push(Arc::new(Float64Array::from(score)));

@@ -1,4 +1,5 @@
-//! Streaming trace reader over Parquet files in the long format, and an atomic Parquet writer.
+//! Streaming trace reader over Parquet files in the long format (the writers are in
+//! [`crate::writer`]).
 //!
 //! One row is one trace: a computation id, a site (a string or an integer layer) and a vector
 //! (`FixedSizeList` or `List` of `Float32`, `Float16` or `Float64`). Files are read batch by batch,
@@ -10,19 +11,17 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_core::Vectors;
+use actwatch_core::{SiteBatch, Vectors};
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, GenericListArray, OffsetSizeTrait};
 use arrow::compute::{cast, filter_record_batch};
-use arrow::datatypes::{DataType, Float16Type, Float32Type, Float64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Float16Type, Float32Type, Float64Type, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
     ParquetRecordBatchReaderBuilder,
 };
-use parquet::arrow::{ArrowWriter, ProjectionMask};
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::arrow::ProjectionMask;
 use parquet::errors::ParquetError;
-use parquet::file::properties::WriterProperties;
 
 use crate::{Error, Result};
 
@@ -164,7 +163,7 @@ fn has_parquet_extension(path: &Path) -> bool {
 ///
 /// Row `i` has id `trace_ids[i]`, site `sites[i]` and vector
 /// `vectors[offsets[i]..offsets[i + 1]]`; different sites may have different widths, one site
-/// always has the same width. Use [`TraceBatch::by_site`] to get one contiguous [`Vectors`] per site.
+/// always has the same width. Use [`TraceBatch::site_batches`] to get one [`SiteBatch`] per site.
 #[derive(Debug, Clone)]
 pub struct TraceBatch {
     /// The file the batch came from.
@@ -184,16 +183,6 @@ pub struct TraceBatch {
     /// With [`ReadOptions::keep_other_columns`]: the input's columns except the vector column,
     /// row-aligned with this batch.
     pub other: Option<RecordBatch>,
-}
-
-/// The rows of one site in a batch, with their vectors gathered into one block.
-#[derive(Debug, Clone)]
-pub struct SiteRows {
-    pub site: Arc<str>,
-    /// Row indices into the batch, ascending.
-    pub rows: Vec<usize>,
-    /// `rows.len()` vectors, in the order of `rows`.
-    pub vectors: Vectors,
 }
 
 impl TraceBatch {
@@ -273,17 +262,15 @@ impl TraceBatch {
         Ok(Vectors::new(dim, data)?)
     }
 
-    /// One [`SiteRows`] per distinct site, in order of first appearance.
-    pub fn by_site(&self) -> Result<Vec<SiteRows>> {
+    /// One [`SiteBatch`] per distinct site, in order of first appearance, each with the row
+    /// indices (into this batch, ascending) it was gathered from.
+    pub fn site_batches(&self) -> Result<Vec<(Vec<usize>, SiteBatch)>> {
         self.site_groups()
             .into_iter()
             .map(|(site, rows)| {
                 let vectors = self.gather(&rows)?;
-                Ok(SiteRows {
-                    site,
-                    rows,
-                    vectors,
-                })
+                let ids = rows.iter().map(|&r| self.trace_ids[r].clone()).collect();
+                Ok((rows, SiteBatch::new(&*site, ids, None, vectors)?))
             })
             .collect()
     }
@@ -820,141 +807,6 @@ fn decode_vectors(
     Ok((out, offsets))
 }
 
-/// Writer properties used by [`AtomicParquetWriter::create`]: zstd (level 3).
-pub fn default_writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid zstd level"),
-        ))
-        .build()
-}
-
-/// Writes a Parquet file atomically: into `<path>.tmp-<pid>` in the same directory, then fsync
-/// and rename onto `path` in [`AtomicParquetWriter::finish`]. Dropped without `finish`, it removes
-/// the temporary file and leaves `path` untouched. Schema-agnostic: writes whatever batches it is
-/// given (they must match the schema it was created with).
-pub struct AtomicParquetWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    writer: Option<ArrowWriter<File>>,
-    rows: u64,
-}
-
-impl std::fmt::Debug for AtomicParquetWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AtomicParquetWriter")
-            .field("path", &self.path)
-            .field("tmp", &self.tmp)
-            .field("rows", &self.rows)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AtomicParquetWriter {
-    /// Starts writing `path` with zstd compression ([`default_writer_properties`]).
-    pub fn create(path: impl Into<PathBuf>, schema: SchemaRef) -> Result<Self> {
-        Self::create_with_properties(path, schema, default_writer_properties())
-    }
-
-    /// Starts writing `path` with the given writer properties.
-    pub fn create_with_properties(
-        path: impl Into<PathBuf>,
-        schema: SchemaRef,
-        props: WriterProperties,
-    ) -> Result<Self> {
-        let path = path.into();
-        let Some(name) = path.file_name() else {
-            return Err(Error::io(
-                &path,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-            ));
-        };
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let writer = match ArrowWriter::try_new(file, schema, Some(props)) {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(Error::parquet(&path, e));
-            }
-        };
-        Ok(Self {
-            path,
-            tmp,
-            writer: Some(writer),
-            rows: 0,
-        })
-    }
-
-    /// The final path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Rows written so far.
-    pub fn rows(&self) -> u64 {
-        self.rows
-    }
-
-    /// Appends one batch.
-    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        let writer = self.writer.as_mut().expect("writer is open until finish");
-        writer
-            .write(batch)
-            .map_err(|e| Error::parquet(&self.path, e))?;
-        self.rows += batch.num_rows() as u64;
-        Ok(())
-    }
-
-    /// Writes the footer, fsyncs, renames the file into place (and fsyncs the directory).
-    /// Returns the number of rows written.
-    pub fn finish(mut self) -> Result<u64> {
-        let writer = self.writer.take().expect("writer is open until finish");
-        let result = (|| {
-            let file = writer
-                .into_inner()
-                .map_err(|e| Error::parquet(&self.path, e))?;
-            file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-            drop(file);
-            fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&self.tmp);
-            return Err(e);
-        }
-        sync_parent_dir(&self.path);
-        Ok(self.rows)
-    }
-}
-
-impl Drop for AtomicParquetWriter {
-    fn drop(&mut self) {
-        if let Some(writer) = self.writer.take() {
-            drop(writer);
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Best effort: makes the rename durable where directories can be fsynced.
-fn sync_parent_dir(path: &Path) {
-    #[cfg(unix)]
-    {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -985,14 +837,18 @@ mod tests {
     #[test]
     fn groups_and_gathers_by_site() {
         let b = batch(&["a", "b", "a", "a", "b"], &[2, 3, 2, 2, 3]);
-        let groups = b.by_site().unwrap();
+        let groups = b.site_batches().unwrap();
         assert_eq!(groups.len(), 2);
-        assert_eq!(&*groups[0].site, "a");
-        assert_eq!(groups[0].rows, vec![0, 2, 3]);
-        assert_eq!(groups[0].vectors.dim(), 2);
-        assert_eq!(groups[0].vectors.as_slice(), &[0., 1., 20., 21., 30., 31.]);
-        assert_eq!(groups[1].rows, vec![1, 4]);
-        assert_eq!(groups[1].vectors.row(1), &[40., 41., 42.]);
+        assert_eq!(groups[0].1.site(), "a");
+        assert_eq!(groups[0].0, vec![0, 2, 3]);
+        assert_eq!(groups[0].1.trace_ids(), ["0", "2", "3"]);
+        assert_eq!(groups[0].1.dim(), 2);
+        assert_eq!(
+            groups[0].1.vectors().as_slice(),
+            &[0., 1., 20., 21., 30., 31.]
+        );
+        assert_eq!(groups[1].0, vec![1, 4]);
+        assert_eq!(groups[1].1.vectors().row(1), &[40., 41., 42.]);
         assert_eq!(b.file_row(3), 103);
         // Contiguous gather, and mixed widths refused.
         assert_eq!(b.gather(&[2, 3]).unwrap().as_slice(), &[20., 21., 30., 31.]);

@@ -1,26 +1,24 @@
 //! Monitor artifacts: a saved and reloaded monitor scores exactly like the fitted one; a damaged
 //! one is refused.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use actwatch_detect::monitor::MonitorOptions;
 use actwatch_detect::spec::DetectorSpec;
 use actwatch_io::artifact::{load_monitor, read_manifest, save_monitor, FORMAT_VERSION, MANIFEST};
 use actwatch_io::pipeline::{fit_monitor, score_computations, NoProgress};
-use actwatch_io::reader::{ReadOptions, TraceColumns};
+use actwatch_io::reader::ReadOptions;
 use actwatch_io::Error;
+use actwatch_testkit::minilm;
 
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/minilm")
-        .join(name)
+    minilm::file(name)
 }
 
 fn read(sites: Option<Vec<String>>) -> ReadOptions {
     ReadOptions {
-        columns: TraceColumns::new("id", "layer", "activation"),
         sites,
-        ..ReadOptions::default()
+        ..minilm::read_options()
     }
 }
 
@@ -33,7 +31,7 @@ fn round_trip(options: MonitorOptions, sites: Option<Vec<String>>) {
     save_monitor(&fitted, &reference, &out).unwrap();
     let (loaded, manifest) = load_monitor(&out).unwrap();
     assert_eq!(manifest.reference, reference);
-    assert_eq!(manifest.options, fitted.options);
+    assert_eq!(&manifest.options, fitted.options());
     let input = [data("dev_ood_code.parquet"), data("dev_id.parquet")];
     let a = score_computations(&fitted, &input, &r, &NoProgress).unwrap();
     let b = score_computations(&loaded, &input, &r, &NoProgress).unwrap();
@@ -57,7 +55,7 @@ fn hnsw_monitor_round_trips_to_identical_scores() {
     let r = read(Some(vec!["2".into()]));
     let (fitted, _) =
         fit_monitor(&[data("train.parquet")], &r, options.clone(), &NoProgress).unwrap();
-    let recall = &fitted.summary.knn_recall;
+    let recall = &fitted.summary().knn_recall;
     assert_eq!(recall.len(), 1, "HNSW recall is measured at fit time");
     assert!(
         recall[0].recall >= 0.9,
@@ -153,8 +151,8 @@ fn resumed_checkpoint_fits_exactly_like_a_full_fit() {
 
         assert_eq!(resumed_ref, full_ref);
         assert_eq!(
-            resumed.summary.calibration_fpr,
-            full.summary.calibration_fpr
+            resumed.summary().calibration_fpr,
+            full.summary().calibration_fpr
         );
         let input = [data("dev_ood_code.parquet"), data("dev_id.parquet")];
         let a = score_computations(&full, &input, &r, &NoProgress).unwrap();

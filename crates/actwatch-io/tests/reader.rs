@@ -6,10 +6,10 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_io::reader::{
-    expand_inputs, AtomicParquetWriter, ReadOptions, TraceBatch, TraceColumns, TraceReader,
-};
+use actwatch_io::reader::{expand_inputs, ReadOptions, TraceBatch, TraceColumns, TraceReader};
+use actwatch_io::writer::AtomicParquetWriter;
 use actwatch_io::Error;
+use actwatch_testkit::minilm;
 use arrow::array::DictionaryArray;
 use arrow::array::{
     Array, ArrayRef, AsArray, FixedSizeListArray, Float16Array, Float32Array, Float64Array,
@@ -21,7 +21,7 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/minilm")
+    minilm::dir()
 }
 
 fn train() -> PathBuf {
@@ -30,9 +30,8 @@ fn train() -> PathBuf {
 
 fn minilm_options(batch_rows: usize) -> ReadOptions {
     ReadOptions {
-        columns: TraceColumns::new("id", "layer", "activation"),
         batch_rows,
-        ..ReadOptions::default()
+        ..minilm::read_options()
     }
 }
 
@@ -116,15 +115,16 @@ fn reads_real_minilm_train_file() {
                 found += 1;
             }
         }
-        let groups = batch.by_site().unwrap();
+        let groups = batch.site_batches().unwrap();
         assert_eq!(
-            groups.iter().map(|g| g.rows.len()).sum::<usize>(),
+            groups.iter().map(|(rows, _)| rows.len()).sum::<usize>(),
             batch.len()
         );
-        for g in &groups {
-            assert_eq!(g.vectors.dim(), 384);
-            assert_eq!(g.vectors.rows(), g.rows.len());
-            assert_eq!(g.vectors.row(0), batch.row_vector(g.rows[0]));
+        for (rows, g) in &groups {
+            assert_eq!(g.dim(), 384);
+            assert_eq!(g.rows(), rows.len());
+            assert_eq!(g.vectors().row(0), batch.row_vector(rows[0]));
+            assert_eq!(g.trace_ids()[0], batch.trace_ids[rows[0]]);
         }
     }
     assert_eq!(found, probe.len());
@@ -303,12 +303,12 @@ fn list_of_f32_with_widths_per_site() {
     assert_eq!(batch.trace_ids, ["t0", "t0", "t1", "t1"]);
     assert_eq!(batch.row_vector(1), &[4., 5.]);
     assert_eq!(batch.offsets, [0, 3, 5, 8, 10]);
-    let groups = batch.by_site().unwrap();
-    assert_eq!(&*groups[0].site, "a");
-    assert_eq!(groups[0].vectors.as_slice(), &[1., 2., 3., 6., 7., 8.]);
-    assert_eq!(&*groups[1].site, "b");
-    assert_eq!(groups[1].rows, [1, 3]);
-    assert_eq!(groups[1].vectors.dim(), 2);
+    let groups = batch.site_batches().unwrap();
+    assert_eq!(groups[0].1.site(), "a");
+    assert_eq!(groups[0].1.vectors().as_slice(), &[1., 2., 3., 6., 7., 8.]);
+    assert_eq!(groups[1].1.site(), "b");
+    assert_eq!(groups[1].0, [1, 3]);
+    assert_eq!(groups[1].1.dim(), 2);
     assert_eq!(
         reader.site_widths(),
         [(Arc::from("a"), 3), (Arc::from("b"), 2)]

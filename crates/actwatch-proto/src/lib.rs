@@ -5,10 +5,10 @@
 //! are `bytes::Bytes` (prost's `bytes` option), so a batch's activations are sliced out of the
 //! request buffer without a copy and converted to `f32` exactly once, in [`decode_trace_batch`],
 //! which also validates everything a batch promises (shape, row counts, byte length, finiteness)
-//! before any other code sees it. Conversions destructure proto messages completely, so a field
+//! before any other code sees it, and hands on the core's [`SiteBatch`]. Conversions destructure proto messages completely, so a field
 //! added to the proto breaks the build where it has to be handled.
 
-use actwatch_core::{decode_le, Dtype, Vectors};
+use actwatch_core::{decode_le, Dtype, SiteBatch, Vectors};
 
 /// Generated messages, client and server of `actwatch.v1` (prost-build marks every generated
 /// type `#[allow(clippy::all)]` itself).
@@ -43,22 +43,6 @@ impl ConversionError {
             field,
             message: message.into(),
         }
-    }
-}
-
-/// A validated batch of traces of one site: `vectors.rows() == trace_ids.len()`, every value finite.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecodedBatch {
-    pub site: String,
-    pub trace_ids: Vec<String>,
-    /// One per row, or `None` when the batch carried no positions.
-    pub positions: Option<Vec<i32>>,
-    pub vectors: Vectors,
-}
-
-impl DecodedBatch {
-    pub fn rows(&self) -> usize {
-        self.trace_ids.len()
     }
 }
 
@@ -102,12 +86,14 @@ pub fn declared_rows(batch: &v1::TraceBatch) -> usize {
         .max(usize::try_from(from_shape).unwrap_or(usize::MAX))
 }
 
-/// Validates a proto batch and decodes its activations to `f32`.
+/// Validates a proto batch and decodes its activations to `f32`, into the core's [`SiteBatch`].
 ///
 /// Checks, in order: a non-empty site; a tensor; a known dtype; a shape of exactly `[rows, cols]`
-/// with `cols > 0`; `rows == trace_ids.len()` (and at least one row); positions empty or one
-/// per row; `data.len() == rows * cols * size_of(dtype)`; every decoded value finite.
-pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<DecodedBatch, ConversionError> {
+/// with `cols > 0`; `rows == trace_ids.len()` (and at least one row);
+/// `data.len() == rows * cols * size_of(dtype)` (all before anything is allocated); every decoded
+/// value finite; then the batch's own invariants ([`SiteBatch::new`]: no empty trace id, positions
+/// empty or one per row).
+pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<SiteBatch, ConversionError> {
     let v1::TraceBatch {
         site,
         activations,
@@ -159,15 +145,6 @@ pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<DecodedBatch, Convers
             ),
         ));
     }
-    if !positions.is_empty() && positions.len() != rows {
-        return Err(ConversionError::invalid(
-            "positions",
-            format!(
-                "{} positions for {rows} rows: give none or one per row",
-                positions.len()
-            ),
-        ));
-    }
     let expected = rows
         .checked_mul(cols)
         .and_then(|n| n.checked_mul(dtype.size()));
@@ -181,21 +158,11 @@ pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<DecodedBatch, Convers
             ),
         ));
     }
-    if let Some(i) = trace_ids.iter().position(String::is_empty) {
-        return Err(ConversionError::invalid(
-            "trace_ids",
-            format!("trace id of row {i} is empty"),
-        ));
-    }
     let mut values = Vec::with_capacity(rows * cols);
     decode_le(&data, dtype, &mut values)?;
     let vectors = Vectors::new_finite(cols, values)?;
-    Ok(DecodedBatch {
-        site,
-        trace_ids,
-        positions: (!positions.is_empty()).then_some(positions),
-        vectors,
-    })
+    let positions = (!positions.is_empty()).then_some(positions);
+    Ok(SiteBatch::new(site, trace_ids, positions, vectors)?)
 }
 
 /// Encodes `f32` rows as a proto batch (little-endian bytes of `dtype`), for clients and tests.
@@ -251,10 +218,10 @@ mod tests {
     fn decodes_every_dtype() {
         for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
             let d = decode_trace_batch(batch(dtype)).unwrap();
-            assert_eq!(d.site, "layer.1");
-            assert_eq!(d.vectors.dim(), 3);
-            assert_eq!(d.vectors.as_slice(), &[1.0, -2.5, 0.0, 4.0, 0.5, -1.0]);
-            assert_eq!(d.positions, None);
+            assert_eq!(d.site(), "layer.1");
+            assert_eq!(d.dim(), 3);
+            assert_eq!(d.vectors().as_slice(), &[1.0, -2.5, 0.0, 4.0, 0.5, -1.0]);
+            assert_eq!(d.positions(), None);
         }
     }
 

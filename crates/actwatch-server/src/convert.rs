@@ -1,12 +1,17 @@
-//! Conversions between the API's monitor specs and the core's [`MonitorOptions`].
+//! Every conversion between the wire (`actwatch_proto::v1`) and the service's own types: monitor
+//! specs to the core's [`MonitorOptions`], and the stored monitors, fits and logged scores to the
+//! messages that report them. Storage knows nothing of the wire; this module is where the two
+//! meet, and each message is built by destructuring its source, so a new field is handled here.
 
+use actwatch_core::SiteBatch;
 use actwatch_detect::fusion::DEFAULT_FUSION;
 use actwatch_detect::monitor::{MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR};
 use actwatch_detect::spec::DEFAULT_DETECTORS;
-use actwatch_detect::{DetectorSpec, Fusion};
+use actwatch_detect::{DetectorSpec, Fusion, Monitor, SiteScores};
 use actwatch_proto::v1;
 use serde::{Deserialize, Serialize};
 
+use crate::storage::{FittedMonitor, LoggedScore, LoggedSlot, MonitorEntry};
 use crate::{Error, Result};
 
 /// Longest monitor name.
@@ -102,6 +107,140 @@ pub fn check_name(name: &str) -> Result<()> {
     } else {
         Err(Error::BadName(name.to_string()))
     }
+}
+
+/// What GetMonitor and ListMonitors say of a monitor.
+pub fn monitor_info(entry: &MonitorEntry) -> v1::MonitorInfo {
+    let st = entry.state();
+    let fitted = entry.fitted();
+    v1::MonitorInfo {
+        name: entry.name.clone(),
+        spec: Some(entry.spec.to_proto()),
+        sites: st
+            .sites
+            .iter()
+            .map(|s| v1::SiteInfo {
+                name: s.name.clone(),
+                width: s.width as u64,
+                reference_rows: s.reference_rows,
+            })
+            .collect(),
+        reference_rows: st.reference_rows(),
+        fitted: fitted.is_some(),
+        fit_version: fitted.as_ref().map_or(0, |f| f.fit_version),
+        report: fitted.as_deref().map(fit_report),
+    }
+}
+
+/// The report of a served fit (the last message of Fit, and part of GetMonitor).
+pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
+    let FittedMonitor {
+        monitor,
+        fit_version,
+        reference_rows,
+        run,
+    } = fitted;
+    let s = monitor.summary();
+    v1::FitReport {
+        fit_version: *fit_version,
+        reference_rows: *reference_rows,
+        calibration_computations: s.calibration_computations,
+        calibration_fpr: s.calibration_fpr,
+        fit_seconds: s.fit_seconds,
+        calibration_seconds: s.calibration_seconds,
+        knn_recall: s
+            .knn_recall
+            .iter()
+            .map(|r| v1::KnnRecall {
+                site: r.site.clone(),
+                detector: monitor
+                    .options()
+                    .detectors
+                    .get(r.detector)
+                    .map_or("?", |d| d.name())
+                    .to_string(),
+                queries: r.queries as u64,
+                k: r.k as u32,
+                recall: r.recall,
+            })
+            .collect(),
+        incremental: run.incremental,
+        rows_folded: run.rows_folded,
+    }
+}
+
+/// A logged computation result as the wire reports it.
+pub fn computation_score(logged: &LoggedScore, monitor: &str) -> v1::ComputationScore {
+    let LoggedScore {
+        trace_id,
+        score,
+        p_value,
+        flagged,
+        traces,
+        slots,
+        scored_at_unix_ms,
+        fit_version,
+    } = logged;
+    v1::ComputationScore {
+        monitor: monitor.to_string(),
+        trace_id: trace_id.clone(),
+        score: *score,
+        p_value: *p_value,
+        flagged: *flagged,
+        traces: *traces,
+        slots: slots
+            .iter()
+            .map(
+                |LoggedSlot {
+                     site,
+                     detector,
+                     p_value,
+                 }| v1::SlotPValue {
+                    site: site.clone(),
+                    detector: detector.clone(),
+                    p_value: *p_value,
+                },
+            )
+            .collect(),
+        scored_at_unix_ms: *scored_at_unix_ms,
+        fit_version: *fit_version,
+    }
+}
+
+/// Per-trace results of one scored batch as the wire reports them.
+pub fn trace_scores(
+    monitor: &Monitor,
+    batch: &SiteBatch,
+    scores: &SiteScores,
+) -> Vec<v1::TraceScore> {
+    let detectors: Vec<&'static str> = monitor.sites()[scores.site]
+        .detectors
+        .iter()
+        .map(|d| d.name())
+        .collect();
+    let fpr = monitor.options().fpr;
+    batch
+        .trace_ids()
+        .iter()
+        .enumerate()
+        .map(|(r, id)| v1::TraceScore {
+            trace_id: id.clone(),
+            site: batch.site().to_string(),
+            position: batch.positions().map(|p| p[r]),
+            score: scores.trace_score[r],
+            p_value: scores.trace_p[r],
+            flagged: scores.trace_p[r] <= fpr,
+            detectors: detectors
+                .iter()
+                .enumerate()
+                .map(|(j, name)| v1::DetectorScore {
+                    detector: (*name).to_string(),
+                    raw: scores.raw[j][r],
+                    p_value: scores.p[j][r],
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -25,9 +25,6 @@ pub enum Error {
         expected: usize,
         got: usize,
     },
-    /// A batch for a site the fitted monitor does not know.
-    #[error("the fitted monitor has no site {site:?} (its sites: {known}); ingest it and refit")]
-    UnknownSite { site: String, known: String },
     /// A stream that breaks the protocol (no monitor in the first message, another monitor named
     /// later, a message without an event, completing a computation the stream never saw).
     #[error("bad stream: {0}")]
@@ -93,11 +90,13 @@ impl Error {
         }
     }
 
-    /// Maps a status that tonic raised while decoding a request stream: an over-long message
-    /// becomes the `max_message_bytes` limit; anything else (client cancelled, broken stream)
-    /// is passed on.
+    /// Maps a status that tonic raised while decoding a request: an over-long message becomes the
+    /// `max_message_bytes` limit; anything else (client cancelled, broken stream) is passed on.
+    /// tonic's decoder raises OUT_OF_RANGE for an over-long message and for nothing else, and no
+    /// handler of this service answers OUT_OF_RANGE ([`From<Error> for Status`] never does), so
+    /// the code alone identifies it (its message text is tonic's to change).
     pub(crate) fn from_inbound(status: Status, max_message_bytes: usize) -> Status {
-        if status.code() == Code::OutOfRange && status.message().contains("too large") {
+        if status.code() == Code::OutOfRange {
             return Error::LimitExceeded {
                 limit: "max_message_bytes",
                 max: max_message_bytes as u64,
@@ -132,6 +131,10 @@ fn detect_code(e: &actwatch_detect::Error) -> Code {
         actwatch_detect::Error::InvalidOption(_) => Code::InvalidArgument,
         // The reference data cannot support the fit that was asked: more data is the remedy.
         actwatch_detect::Error::NotEnoughData(_) => Code::FailedPrecondition,
+        actwatch_detect::Error::UnknownSite { .. }
+        | actwatch_detect::Error::SiteWidth { .. }
+        | actwatch_detect::Error::NotOpen(_) => Code::InvalidArgument,
+        actwatch_detect::Error::TooManyOpen { .. } => Code::ResourceExhausted,
         actwatch_detect::Error::Numerical(_) => Code::Internal,
     }
 }
@@ -149,6 +152,7 @@ fn pipeline_code(e: &actwatch_io::Error) -> Code {
         | E::EmptyVector { .. }
         | E::NonFinite { .. }
         | E::NullValue { .. }
+        | E::Write { .. }
         | E::Json(_)
         | E::Bincode(_) => Code::Internal,
         E::Artifact(_) => Code::DataLoss,
@@ -165,7 +169,6 @@ impl From<Error> for Status {
             | Error::BadName(_)
             | Error::BadSpec(_)
             | Error::WidthMismatch { .. }
-            | Error::UnknownSite { .. }
             | Error::BadStream(_) => Code::InvalidArgument,
             Error::MonitorNotFound(_) => Code::NotFound,
             Error::MonitorExists(_) => Code::AlreadyExists,

@@ -10,15 +10,16 @@
 //! status in one exhaustive `match` ([`Error`]); limits ([`Limits`]) answer RESOURCE_EXHAUSTED
 //! naming the limit. Observability is structured `tracing` events (one per monitor lifecycle
 //! event and per rejected call, never per trace) and Prometheus counters in [`metrics`], served on
-//! a separate listener by [`serve_with_metrics`].
+//! a separate listener by [`serve`].
 
 mod convert;
 mod error;
+mod fit;
 mod limits;
-pub mod metrics;
+mod metrics;
 mod score;
 mod service;
-pub mod storage;
+mod storage;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,28 +30,19 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
-pub use convert::{check_name, options_from_spec, StoredSpec, MAX_NAME_LEN};
 pub use error::{Error, Result};
 pub use limits::*;
-pub use metrics::Metrics;
-pub use service::ActivationMonitorService;
-pub use storage::DataDir;
 
-/// Serves the API, gRPC health (`grpc.health.v1`, SERVING) and reflection (v1 and v1alpha) on `listener`
-/// until `shutdown` completes; then stops accepting, ends watchers with UNAVAILABLE and waits for
-/// in-flight calls to finish. Loads every monitor of `data_dir` (created if absent) first.
+use crate::metrics::Metrics;
+use crate::service::ActivationMonitorService;
+use crate::storage::DataDir;
+
+/// Serves the API, gRPC health (`grpc.health.v1`, SERVING) and reflection (v1 and v1alpha) on
+/// `listener`, and Prometheus metrics (`GET /metrics`, text format 0.0.4) on `metrics_listener`
+/// when there is one, until `shutdown` completes; then stops accepting, ends client-driven streams
+/// with UNAVAILABLE and waits for in-flight calls to finish. Loads every monitor of `data_dir`
+/// (created if absent) first.
 pub async fn serve(
-    listener: TcpListener,
-    data_dir: impl Into<PathBuf>,
-    limits: Limits,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<()> {
-    serve_with_metrics(listener, None, data_dir, limits, shutdown).await
-}
-
-/// [`serve`], plus Prometheus metrics (`GET /metrics`, text format 0.0.4) on `metrics_listener`
-/// when there is one, until the same shutdown.
-pub async fn serve_with_metrics(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     data_dir: impl Into<PathBuf>,

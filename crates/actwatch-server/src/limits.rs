@@ -16,8 +16,11 @@ pub const DEFAULT_QUERY_LIMIT: usize = 1000;
 pub const DEFAULT_MAX_QUERY_LIMIT: usize = 100_000;
 
 /// What one server accepts. Every limit hit is answered RESOURCE_EXHAUSTED with a message naming
-/// the field. Each default is the `DEFAULT_*` constant of the same name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the field. Each default is the `DEFAULT_*` constant of the same name. Deserialises itself (the
+/// `[limits]` table of `actwatch serve --config`): absent fields keep their defaults, unknown
+/// fields are refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// [`DEFAULT_MAX_MESSAGE_BYTES`].
     pub max_message_bytes: usize,

@@ -1,140 +1,60 @@
-//! Scoring decoded batches with a served fit: the same `Monitor::score_site` → `accumulate` →
-//! `finish_computation` calls as the batch pipeline, so both doors give the same p-values.
+//! Scoring with a served fit: [`OpenComputations::score`] and [`OpenComputations::complete`], the
+//! same door as the batch pipeline, so both give the same p-values; this module only maps their
+//! results to the wire and their errors to the service's.
 
-use std::collections::HashMap;
+use actwatch_core::SiteBatch;
+use actwatch_detect::OpenComputations;
+use actwatch_proto::v1;
 
-use actwatch_detect::monitor::ComputationAccumulator;
-use actwatch_proto::{v1, DecodedBatch};
-
+use crate::convert::trace_scores;
 use crate::storage::{now_unix_ms, FittedMonitor, LoggedScore, LoggedSlot};
 use crate::{Error, Result};
 
-/// Computations seen but not yet completed, in first-seen order.
-#[derive(Debug, Default)]
-pub struct OpenComputations {
-    accs: HashMap<String, ComputationAccumulator>,
-    order: Vec<String>,
-}
-
-impl OpenComputations {
-    /// Every open computation's id, in first-seen order.
-    pub fn ids(&self) -> Vec<String> {
-        self.order
-            .iter()
-            .filter(|id| self.accs.contains_key(*id))
-            .cloned()
-            .collect()
+/// The service's view of a scoring error: the open-computation bound is the
+/// `max_open_computations` limit, completing a computation that is not open breaks the stream
+/// protocol, and the rest passes through.
+fn scoring_error(e: actwatch_detect::Error) -> Error {
+    use actwatch_detect::Error as E;
+    match e {
+        E::TooManyOpen { max, open, new } => Error::LimitExceeded {
+            limit: "max_open_computations",
+            max: max as u64,
+            detail: format!(
+                "{open} computations open and {new} new in this batch; complete some first"
+            ),
+        },
+        e @ E::NotOpen(_) => Error::BadStream(e.to_string()),
+        e => Error::Detect(e),
     }
 }
 
-/// Scores one batch: per-trace results, and each row's evidence added to its computation.
-/// `max_open` bounds how many computations may be open at once.
+/// Scores one batch and adds each row's evidence to its computation; returns per-trace results.
 pub fn score_batch(
     fitted: &FittedMonitor,
-    batch: DecodedBatch,
+    batch: &SiteBatch,
     open: &mut OpenComputations,
-    max_open: usize,
 ) -> Result<Vec<v1::TraceScore>> {
-    let monitor = &fitted.monitor;
-    let DecodedBatch {
-        site,
-        trace_ids,
-        positions,
-        vectors,
-    } = batch;
-    let Some(s) = monitor.site_index(&site) else {
-        return Err(Error::UnknownSite {
-            site,
-            known: monitor.site_names().join(", "),
-        });
-    };
-    let expected = monitor.sites[s].dim;
-    if vectors.dim() != expected {
-        return Err(Error::WidthMismatch {
-            site,
-            expected,
-            got: vectors.dim(),
-        });
-    }
-    let new = trace_ids
-        .iter()
-        .filter(|id| !open.accs.contains_key(*id))
-        .collect::<std::collections::HashSet<_>>()
-        .len();
-    if open.accs.len() + new > max_open {
-        return Err(Error::LimitExceeded {
-            limit: "max_open_computations",
-            max: max_open as u64,
-            detail: format!(
-                "{} computations open and {new} new in this batch; complete some first",
-                open.accs.len()
-            ),
-        });
-    }
-    let scores = monitor.score_site(s, vectors.as_slice())?;
-    let detectors: Vec<&'static str> = monitor.sites[s]
-        .detectors
-        .iter()
-        .map(|d| d.name())
-        .collect();
-    let fpr = monitor.options.fpr;
-    let mut out = Vec::with_capacity(trace_ids.len());
-    for (r, id) in trace_ids.into_iter().enumerate() {
-        let acc = match open.accs.get_mut(&id) {
-            Some(a) => a,
-            None => {
-                open.order.push(id.clone());
-                open.accs
-                    .entry(id.clone())
-                    .or_insert_with(|| monitor.new_accumulator())
-            }
-        };
-        monitor.accumulate(acc, s, &scores, r);
-        out.push(v1::TraceScore {
-            trace_id: id,
-            site: site.clone(),
-            position: positions.as_ref().map(|p| p[r]),
-            score: scores.trace_score[r],
-            p_value: scores.trace_p[r],
-            flagged: scores.trace_p[r] <= fpr,
-            detectors: detectors
-                .iter()
-                .enumerate()
-                .map(|(j, name)| v1::DetectorScore {
-                    detector: (*name).to_string(),
-                    raw: scores.raw[j][r],
-                    p_value: scores.p[j][r],
-                })
-                .collect(),
-        });
-    }
-    Ok(out)
+    let scores = open.score(&fitted.monitor, batch).map_err(scoring_error)?;
+    Ok(trace_scores(&fitted.monitor, batch, &scores))
 }
 
-/// Completes computations: fuses and calibrates their evidence. An id the stream never saw is a
-/// protocol error (nothing is completed then).
+/// Completes computations (`None`: every open one): fuses and calibrates their evidence.
 pub fn complete(
     fitted: &FittedMonitor,
     open: &mut OpenComputations,
-    ids: &[String],
+    ids: Option<&[String]>,
 ) -> Result<Vec<LoggedScore>> {
-    if let Some(missing) = ids.iter().find(|id| !open.accs.contains_key(*id)) {
-        return Err(Error::BadStream(format!(
-            "computation {missing:?} has no open traces in this stream (never sent, or completed already)"
-        )));
-    }
     let monitor = &fitted.monitor;
+    let done = match ids {
+        Some(ids) => open.complete(monitor, ids).map_err(scoring_error)?,
+        None => open.complete_all(monitor),
+    };
     let slots = monitor.slots();
     let now = now_unix_ms();
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        let Some(acc) = open.accs.remove(id) else {
-            // Listed twice in one request: completed by its first mention.
-            continue;
-        };
-        let r = monitor.finish_computation(&acc);
-        out.push(LoggedScore {
-            trace_id: id.clone(),
+    Ok(done
+        .into_iter()
+        .map(|(trace_id, r)| LoggedScore {
+            trace_id,
             score: r.score,
             p_value: r.p_value,
             flagged: r.flagged,
@@ -150,12 +70,6 @@ pub fn complete(
                 .collect(),
             scored_at_unix_ms: now,
             fit_version: fitted.fit_version,
-        });
-    }
-    // Keep the order list from growing with completed ids on long streams.
-    if open.order.len() > 2 * open.accs.len() + 64 {
-        let accs = &open.accs;
-        open.order.retain(|id| accs.contains_key(id));
-    }
-    Ok(out)
+        })
+        .collect())
 }

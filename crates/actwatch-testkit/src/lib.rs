@@ -2,8 +2,18 @@
 //!
 //! The decision a reader must know: all randomness in tests comes from one seeded generator,
 //! [`Rng`] (SplitMix64 with Box-Muller normals, no `rand`), so every test is reproducible from its
-//! seed and no crate grows its own copy.
+//! seed and no crate grows its own copy. The heavier fixtures sit behind features so that the
+//! compute crates' tests stay free of I/O and transport: `io` ([`minilm`], [`fixture`]: the shared
+//! MiniLM activations and a fitted monitor) and `server` ([`server::TestServer`], a real gRPC
+//! server on a loopback port that stops when dropped).
 
 mod rng;
+
+#[cfg(feature = "io")]
+pub mod fixture;
+#[cfg(feature = "io")]
+pub mod minilm;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use rng::Rng;

@@ -48,20 +48,20 @@ fn main() {
     ] {
         let r = TraceReader::open(&[data.join(format!("{f}.parquet"))], read.clone()).unwrap();
         for b in r {
-            for s in b.unwrap().by_site().unwrap() {
-                if &*s.site == "2" {
-                    base.extend_from_slice(s.vectors.as_slice());
+            for (_, s) in b.unwrap().site_batches().unwrap() {
+                if s.site() == "2" {
+                    base.extend_from_slice(s.vectors().as_slice());
                 }
             }
         }
     }
     let site = monitor.site_index("2").unwrap();
-    let d = monitor.sites[site].dim;
+    let d = monitor.sites()[site].dim;
     let queries: Vec<f32> = base.iter().copied().cycle().take(rows * d).collect();
     let backend = TorchBackend::new(&monitor, device).unwrap();
     println!(
         "{rows} queries x {d} at site 2; {} kNN references; rayon threads {}, torch threads {}",
-        monitor.sites[site].fit_traces,
+        monitor.sites()[site].fit_traces,
         rayon::current_num_threads(),
         tch::get_num_threads()
     );
@@ -69,7 +69,7 @@ fn main() {
         "{:<10} {:>16} {:>16} {:>8}",
         "detector", "default (vec/s)", "torch (vec/s)", "ratio"
     );
-    for (j, det) in monitor.sites[site].detectors.iter().enumerate() {
+    for (j, det) in monitor.sites()[site].detectors.iter().enumerate() {
         // Warm-up (first libtorch call, lazy norms), then the median of 3 runs.
         let warm = &queries[..d * 1000];
         det.score_batch(warm).unwrap();

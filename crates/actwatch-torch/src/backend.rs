@@ -24,12 +24,13 @@
 //!
 //! Detectors it does not implement (kNN over an HNSW index) are handed back to the default
 //! backend ([`RawScorer::raw_scores`] returns `None`). Bad rows get the default's errors (checked
-//! with [`actwatch_detect::backend::check_rows`]).
+//! with [`actwatch_core::check_rows`]).
 
 use std::sync::{Arc, Mutex};
 
+use actwatch_core::check_rows;
 use actwatch_core::l2_normalize_rows;
-use actwatch_detect::backend::{check_rows, Backend, RawScorer};
+use actwatch_detect::backend::{Backend, RawScorer};
 use actwatch_detect::knn::Metric;
 use actwatch_detect::spec::FittedDetector;
 use actwatch_detect::{GaussianDetector, KnnDetector, Monitor};
@@ -78,8 +79,8 @@ impl TorchBackend {
     /// Copies the parameters of every Gaussian and exact-search kNN detector of `monitor` to `device`.
     pub fn new(monitor: &Monitor, device: Device) -> Result<Self> {
         let _guard = tch::no_grad_guard();
-        let mut kernels = Vec::with_capacity(monitor.sites.len());
-        for site in &monitor.sites {
+        let mut kernels = Vec::with_capacity(monitor.sites().len());
+        for site in monitor.sites() {
             let mut row = Vec::with_capacity(site.detectors.len());
             for det in &site.detectors {
                 row.push(match det {

@@ -23,13 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use actwatch_io::reader::AtomicParquetWriter;
-use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Int32Array, StringArray,
-};
+use actwatch_core::{SiteBatch, Vectors};
+use actwatch_io::reader::TraceColumns;
+use actwatch_io::writer::{TraceWriter, DEFAULT_POSITION_COLUMN};
+use arrow::array::{Array, AsArray};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow::datatypes::{DataType, Field, Int64Type, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use tch::{CModule, Device, IValue, Kind, Tensor};
@@ -91,7 +90,7 @@ impl Default for OutputColumns {
             trace: actwatch_io::reader::DEFAULT_TRACE_COLUMN.into(),
             site: actwatch_io::reader::DEFAULT_SITE_COLUMN.into(),
             vector: actwatch_io::reader::DEFAULT_VECTOR_COLUMN.into(),
-            position: "position".into(),
+            position: DEFAULT_POSITION_COLUMN.into(),
         }
     }
 }
@@ -119,17 +118,10 @@ pub struct CaptureSummary {
     pub seconds: f64,
 }
 
-/// Receives the traces of one site for a run of sequences, in input order.
+/// Receives the traces of one site for a run of sequences, in input order (positions with
+/// [`Pool::None`] only). The site is the hidden-state index, as a name (`"2"`).
 pub trait TraceSink {
-    /// `values`: `trace_ids.len()` rows of width `dim`; `positions`: one per row with [`Pool::None`].
-    fn write(
-        &mut self,
-        site: usize,
-        trace_ids: &[String],
-        positions: Option<&[i32]>,
-        dim: usize,
-        values: &[f32],
-    ) -> Result<()>;
+    fn write(&mut self, batch: SiteBatch) -> Result<()>;
 }
 
 /// A loaded TorchScript model.
@@ -502,14 +494,14 @@ pub fn capture(
             let per_site = run_window(model, &w, first, path, options)?;
             summary.model_seconds += t0.elapsed().as_secs_f64();
             for (site, traces) in options.sites.iter().zip(per_site) {
-                sink.write(
-                    *site,
-                    &traces.ids,
-                    traces.positions.as_deref(),
-                    traces.dim,
-                    &traces.values,
-                )?;
-                summary.traces += traces.ids.len() as u64;
+                let rows = traces.ids.len() as u64;
+                sink.write(SiteBatch::new(
+                    site.to_string(),
+                    traces.ids,
+                    traces.positions,
+                    Vectors::new(traces.dim, traces.values)?,
+                )?)?;
+                summary.traces += rows;
             }
             summary.sequences += w.ids.len() as u64;
             summary.tokens += w.masks.iter().flatten().filter(|&&m| m == 1).count() as u64;
@@ -644,14 +636,14 @@ fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Writes traces to a Parquet file in the long format; the file appears only when
+/// Writes traces to a Parquet file in the long format (through actwatch-io's [`TraceWriter`], the
+/// writer of the server's reference segments too); the file appears only when
 /// [`ParquetSink::finish`] succeeds (dropped unfinished, it leaves nothing behind).
 pub struct ParquetSink {
     path: PathBuf,
     columns: OutputColumns,
     per_token: bool,
-    writer: Option<AtomicParquetWriter>,
-    dim: Option<usize>,
+    writer: Option<TraceWriter>,
 }
 
 impl ParquetSink {
@@ -661,27 +653,7 @@ impl ParquetSink {
             columns,
             per_token: pool == Pool::None,
             writer: None,
-            dim: None,
         }
-    }
-
-    fn schema(&self, dim: usize) -> SchemaRef {
-        let mut fields = vec![
-            Field::new(&self.columns.trace, DataType::Utf8, false),
-            Field::new(&self.columns.site, DataType::Int32, false),
-        ];
-        if self.per_token {
-            fields.push(Field::new(&self.columns.position, DataType::Int32, false));
-        }
-        fields.push(Field::new(
-            &self.columns.vector,
-            DataType::FixedSizeList(
-                Arc::new(Field::new("item", DataType::Float32, false)),
-                dim as i32,
-            ),
-            false,
-        ));
-        Arc::new(Schema::new(fields))
     }
 
     /// Finishes the file (fsync, rename into place); returns the rows written. Nothing captured
@@ -698,48 +670,33 @@ impl ParquetSink {
 }
 
 impl TraceSink for ParquetSink {
-    fn write(
-        &mut self,
-        site: usize,
-        trace_ids: &[String],
-        positions: Option<&[i32]>,
-        dim: usize,
-        values: &[f32],
-    ) -> Result<()> {
-        match self.dim {
+    fn write(&mut self, batch: SiteBatch) -> Result<()> {
+        let writer = match &mut self.writer {
+            Some(w) => w,
             None => {
-                let schema = self.schema(dim);
-                self.writer = Some(AtomicParquetWriter::create(&self.path, schema)?);
-                self.dim = Some(dim);
+                let columns = TraceColumns::new(
+                    &self.columns.trace,
+                    &self.columns.site,
+                    &self.columns.vector,
+                );
+                let positions = self.per_token.then_some(self.columns.position.as_str());
+                self.writer.insert(TraceWriter::create(
+                    &self.path,
+                    batch.dim(),
+                    &columns,
+                    positions,
+                )?)
             }
-            Some(d) if d != dim => {
-                return Err(Error::InvalidOption(format!(
-                    "site {site} has width {dim}, an earlier site {d}: one Parquet vector column \
-                     holds one width (capture those sites into separate files)"
-                )))
-            }
-            Some(_) => {}
-        }
-        let schema = self.schema(dim);
-        let writer = self.writer.as_mut().expect("created above");
-        let n = trace_ids.len();
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(trace_ids)),
-            Arc::new(Int32Array::from(vec![site as i32; n])),
-        ];
-        if self.per_token {
-            cols.push(Arc::new(Int32Array::from(
-                positions.expect("positions per token").to_vec(),
+        };
+        if batch.dim() != writer.width() {
+            return Err(Error::InvalidOption(format!(
+                "site {} has width {}, an earlier site {}: one Parquet vector column holds one \
+                 width (capture those sites into separate files)",
+                batch.site(),
+                batch.dim(),
+                writer.width()
             )));
         }
-        cols.push(Arc::new(FixedSizeListArray::try_new(
-            Arc::new(Field::new("item", DataType::Float32, false)),
-            dim as i32,
-            Arc::new(Float32Array::from(values.to_vec())),
-            None,
-        )?));
-        let batch = RecordBatch::try_new(schema, cols)?;
-        writer.write(&batch)?;
-        Ok(())
+        Ok(writer.write(batch)?)
     }
 }

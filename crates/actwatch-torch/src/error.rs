@@ -23,6 +23,9 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Detect(#[from] actwatch_detect::Error),
+    /// Traces that break a batch's invariants (a bug of capture, never input).
+    #[error(transparent)]
+    Core(#[from] actwatch_core::Error),
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }

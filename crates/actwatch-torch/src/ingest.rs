@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use actwatch_core::Dtype;
+use actwatch_core::{Dtype, SiteBatch};
 use actwatch_proto::encode_trace_batch;
 use actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient;
 use actwatch_proto::v1::{self, IngestReferenceSummary};
@@ -152,26 +152,18 @@ impl Drop for ServerSink {
 }
 
 impl TraceSink for ServerSink {
-    fn write(
-        &mut self,
-        site: usize,
-        trace_ids: &[String],
-        positions: Option<&[i32]>,
-        dim: usize,
-        values: &[f32],
-    ) -> Result<()> {
-        let rows_per_message = (MAX_MESSAGE_BYTES / (4 * dim.max(1))).max(1);
-        for (start, ids) in (0..trace_ids.len()).step_by(rows_per_message).map(|s| {
-            (
-                s,
-                &trace_ids[s..(s + rows_per_message).min(trace_ids.len())],
-            )
-        }) {
-            let end = start + ids.len();
-            let batch = encode_trace_batch(
-                &site.to_string(),
-                ids.to_vec(),
-                positions
+    fn write(&mut self, batch: SiteBatch) -> Result<()> {
+        let dim = batch.dim();
+        let ids = batch.trace_ids();
+        let values = batch.vectors().as_slice();
+        let rows_per_message = (MAX_MESSAGE_BYTES / (4 * dim)).max(1);
+        for start in (0..ids.len()).step_by(rows_per_message) {
+            let end = (start + rows_per_message).min(ids.len());
+            let wire = encode_trace_batch(
+                batch.site(),
+                ids[start..end].to_vec(),
+                batch
+                    .positions()
                     .map(|p| p[start..end].to_vec())
                     .unwrap_or_default(),
                 dim,
@@ -184,7 +176,7 @@ impl TraceSink for ServerSink {
                 } else {
                     String::new()
                 },
-                batch: Some(batch),
+                batch: Some(wire),
             };
             self.first = false;
             let tx = self.tx.as_ref().expect("open until finish");

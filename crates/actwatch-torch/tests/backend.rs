@@ -10,12 +10,14 @@
 
 use std::path::{Path, PathBuf};
 
+use actwatch_core::SiteBatch;
 use actwatch_detect::backend::Backend;
 use actwatch_detect::monitor::MonitorOptions;
 use actwatch_detect::spec::DetectorSpec;
 use actwatch_detect::Monitor;
 use actwatch_io::pipeline::{fit_monitor, score_computations, NoProgress};
-use actwatch_io::reader::{ReadOptions, TraceColumns, TraceReader};
+use actwatch_io::reader::{ReadOptions, TraceReader};
+use actwatch_testkit::minilm;
 use actwatch_torch::{Device, TorchBackend};
 
 const DEV_FILES: [&str; 4] = [
@@ -28,16 +30,11 @@ const DEV_FILES: [&str; 4] = [
 const DEV_TRACES: usize = 7500;
 
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/minilm")
-        .join(name)
+    minilm::file(name)
 }
 
 fn read_options() -> ReadOptions {
-    ReadOptions {
-        columns: TraceColumns::new("id", "layer", "activation"),
-        ..ReadOptions::default()
-    }
+    minilm::read_options()
 }
 
 fn fit(detectors: &str) -> Monitor {
@@ -55,14 +52,18 @@ fn fit(detectors: &str) -> Monitor {
     .0
 }
 
-/// Every (site, vectors) batch of a file.
-fn site_batches(monitor: &Monitor, file: &Path) -> Vec<(usize, Vec<f32>)> {
+/// Every site batch of a file.
+fn site_batches(file: &Path) -> Vec<SiteBatch> {
     let mut out = Vec::new();
     for batch in TraceReader::open(&[file.to_path_buf()], read_options()).unwrap() {
-        for s in batch.unwrap().by_site().unwrap() {
-            let si = monitor.site_index(&s.site).unwrap();
-            out.push((si, s.vectors.as_slice().to_vec()));
-        }
+        out.extend(
+            batch
+                .unwrap()
+                .site_batches()
+                .unwrap()
+                .into_iter()
+                .map(|(_, b)| b),
+        );
     }
     out
 }
@@ -99,12 +100,9 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
     let mut monitor = fit(detectors);
     let mut batches = Vec::new();
     for file in DEV_FILES {
-        batches.extend(site_batches(&monitor, &data(file)));
+        batches.extend(site_batches(&data(file)));
     }
-    let native: Vec<_> = batches
-        .iter()
-        .map(|(si, rows)| monitor.score_site(*si, rows).unwrap())
-        .collect();
+    let native: Vec<_> = batches.iter().map(|b| monitor.score(b).unwrap()).collect();
     let native_tables: Vec<_> = DEV_FILES
         .iter()
         .map(|f| score_computations(&monitor, &[data(f)], &read_options(), &NoProgress).unwrap())
@@ -113,9 +111,9 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
     let (on_device, handed_back) = TorchBackend::attach(&mut monitor, device).unwrap();
     assert_eq!(
         (on_device, handed_back),
-        (3 * monitor.sites[0].detectors.len(), 0)
+        (3 * monitor.sites()[0].detectors.len(), 0)
     );
-    assert!(monitor.backend.name().starts_with("torch:"));
+    assert!(monitor.backend().name().starts_with("torch:"));
     let mut out = Outcome {
         scores: 0,
         over_1e6: 0,
@@ -123,9 +121,10 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
         p_values: 0,
         p_diffs: 0,
     };
-    for ((si, rows), want) in batches.iter().zip(&native) {
-        let got = monitor.score_site(*si, rows).unwrap();
-        let site = &monitor.sites[*si];
+    for (batch, want) in batches.iter().zip(&native) {
+        let got = monitor.score(batch).unwrap();
+        let si = got.site;
+        let site = &monitor.sites()[si];
         for (j, (g, w)) in got.raw.iter().zip(&want.raw).enumerate() {
             for (a, b) in g.iter().zip(w) {
                 let rel = (a - b).abs() / b.abs().max(1e-12);
@@ -152,7 +151,7 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
         let p = |t: &actwatch_io::pipeline::ComputationTable| -> Vec<f64> {
             t.results.iter().map(|r| r.p_value).collect()
         };
-        let step = 1.0 / (monitor.fused.len() as f64 + 1.0);
+        let step = 1.0 / (monitor.fused().len() as f64 + 1.0);
         out.p_diffs += count_p_diffs(&p(&got), &p(want), Some(step), detectors);
         out.p_values += got.ids.len();
         for (g, w) in got.results.iter().zip(&want.results) {
@@ -162,7 +161,7 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
             out.p_values += g.len();
         }
     }
-    assert_eq!(out.scores, monitor.sites[0].detectors.len() * DEV_TRACES);
+    assert_eq!(out.scores, monitor.sites()[0].detectors.len() * DEV_TRACES);
     eprintln!(
         "{detectors}: {} raw scores, {} more than 1e-6 apart (worst {:.2e}); {} of {} p-values differ (by one rank)",
         out.scores, out.over_1e6, out.worst, out.p_diffs, out.p_values

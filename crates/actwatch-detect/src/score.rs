@@ -1,0 +1,310 @@
+//! The one scoring door: [`Monitor::score`] turns a [`SiteBatch`] into per-trace results, and
+//! [`OpenComputations`] gathers those into computation-level results.
+//!
+//! The gRPC service and the batch pipeline both score through these two types and nothing else,
+//! so they give the same p-values by construction, not by convention. Site lookup, the width
+//! check, the bound on open computations and the "complete only what is open" rule live here once.
+
+use std::collections::HashMap;
+
+use actwatch_core::SiteBatch;
+
+use crate::monitor::Monitor;
+use crate::{Error, Result};
+
+/// Per-trace results of one site's batch; `[detector][row]` where two indices are given.
+#[derive(Debug, Clone, Default)]
+pub struct SiteScores {
+    /// The site's index in [`Monitor::sites`].
+    pub site: usize,
+    pub raw: Vec<Vec<f64>>,
+    /// Conformal p-value of each detector's raw score.
+    pub p: Vec<Vec<f64>>,
+    /// Smoothed `-ln p`, the fusion ingredient.
+    pub neg_log_p: Vec<Vec<f64>>,
+    /// Trace statistic fused over this site's detectors (higher = more anomalous).
+    pub trace_score: Vec<f64>,
+    /// Conformal p-value of `trace_score` among calibration traces of this site.
+    pub trace_p: Vec<f64>,
+}
+
+impl SiteScores {
+    pub fn rows(&self) -> usize {
+        self.trace_score.len()
+    }
+}
+
+/// A scored computation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComputationResult {
+    /// Fused statistic, higher = more anomalous.
+    pub score: f64,
+    /// Conformal p-value among calibration computations.
+    pub p_value: f64,
+    pub flagged: bool,
+    /// Per slot: conformal p-value of the computation's most anomalous trace there (None: no trace).
+    pub slot_p: Vec<Option<f64>>,
+    pub traces: u64,
+}
+
+/// Running evidence of one computation: per slot (site × detector) the most anomalous trace.
+#[derive(Debug, Clone)]
+struct Evidence {
+    max_neg_log_p: Vec<f64>,
+    max_raw: Vec<f64>,
+    traces: u64,
+}
+
+impl Monitor {
+    /// Scores a batch of traces: finds its site (unknown sites are refused), checks its width,
+    /// and computes per detector the raw score, p-value and `-ln p`, and the fused trace score.
+    pub fn score(&self, batch: &SiteBatch) -> Result<SiteScores> {
+        let Some(site) = self.site_index(batch.site()) else {
+            return Err(Error::UnknownSite {
+                site: batch.site().to_string(),
+                known: self.site_names().join(", "),
+            });
+        };
+        let expected = self.sites()[site].dim;
+        if batch.dim() != expected {
+            return Err(Error::SiteWidth {
+                site: batch.site().to_string(),
+                expected,
+                got: batch.dim(),
+            });
+        }
+        self.score_site(site, batch.vectors().as_slice())
+    }
+
+    /// [`Monitor::score`] for rows already known to belong to site `site` (an index from
+    /// [`Monitor::site_index`]): `rows` is row-major, a whole number of the site's width.
+    pub fn score_site(&self, site: usize, rows: &[f32]) -> Result<SiteScores> {
+        let s = &self.sites()[site];
+        if !rows.len().is_multiple_of(s.dim) {
+            return Err(actwatch_core::Error::WidthMismatch {
+                expected: s.dim,
+                got: rows.len(),
+            }
+            .into());
+        }
+        let n = rows.len() / s.dim;
+        let fusion = self.options().fusion;
+        let mut out = SiteScores {
+            site,
+            ..SiteScores::default()
+        };
+        for (j, (det, cal)) in s.detectors.iter().zip(&s.calibrations).enumerate() {
+            let raw = self.backend().raw_scores(site, j, det, rows)?;
+            out.p.push(raw.iter().map(|&x| cal.p_value(x)).collect());
+            out.neg_log_p.push(
+                raw.iter()
+                    .map(|&x| cal.smooth_neg_log_p(x, false))
+                    .collect(),
+            );
+            out.raw.push(raw);
+        }
+        let mut nlps = vec![0.0; s.detectors.len()];
+        for r in 0..n {
+            for (j, v) in out.neg_log_p.iter().enumerate() {
+                nlps[j] = v[r];
+            }
+            let t = fusion.statistic(&nlps);
+            out.trace_p.push(s.trace_fused.p_value(t));
+            out.trace_score.push(t);
+        }
+        Ok(out)
+    }
+
+    fn new_evidence(&self) -> Evidence {
+        let n = self.slot_count();
+        Evidence {
+            max_neg_log_p: vec![f64::NAN; n],
+            max_raw: vec![f64::NAN; n],
+            traces: 0,
+        }
+    }
+
+    /// Adds row `row` of `scores` to a computation's evidence.
+    fn accumulate(&self, ev: &mut Evidence, scores: &SiteScores, row: usize) {
+        let off = self.slot_offset(scores.site);
+        for j in 0..scores.raw.len() {
+            let nlp = scores.neg_log_p[j][row];
+            let raw = scores.raw[j][row];
+            let cell = &mut ev.max_neg_log_p[off + j];
+            if cell.is_nan() || nlp > *cell {
+                *cell = nlp;
+            }
+            let cell = &mut ev.max_raw[off + j];
+            if cell.is_nan() || raw > *cell {
+                *cell = raw;
+            }
+        }
+        ev.traces += 1;
+    }
+
+    /// Fuses a computation's evidence and calibrates it.
+    fn finish_computation(&self, ev: &Evidence) -> ComputationResult {
+        let present: Vec<f64> = ev
+            .max_neg_log_p
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .collect();
+        let score = self.options().fusion.statistic(&present);
+        let p_value = self.fused().p_value(score);
+        let cals = self.sites().iter().flat_map(|s| s.calibrations.iter());
+        let slot_p = ev
+            .max_raw
+            .iter()
+            .zip(cals)
+            .map(|(&raw, cal)| (!raw.is_nan()).then(|| cal.p_value(raw)))
+            .collect();
+        ComputationResult {
+            score,
+            p_value,
+            flagged: p_value <= self.options().fpr,
+            slot_p,
+            traces: ev.traces,
+        }
+    }
+}
+
+/// Computations seen but not yet completed, each with its running evidence and its first-seen
+/// number (0, 1, 2, ... in order of first appearance, never reused).
+///
+/// One per scoring stream (a StreamScores call, a Score request, a batch-scoring run), always
+/// used with the same [`Monitor`]. At most `max_open` computations are open at once: a batch that
+/// would open more is refused before it is scored ([`Error::TooManyOpen`]).
+#[derive(Debug, Clone)]
+pub struct OpenComputations {
+    open: HashMap<String, (u64, Evidence)>,
+    next: u64,
+    max_open: usize,
+}
+
+impl Default for OpenComputations {
+    /// Unbounded: memory grows with the computations that are open.
+    fn default() -> Self {
+        Self::with_limit(usize::MAX)
+    }
+}
+
+impl OpenComputations {
+    pub fn with_limit(max_open: usize) -> Self {
+        Self {
+            open: HashMap::new(),
+            next: 0,
+            max_open,
+        }
+    }
+
+    /// Computations open now.
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// The first-seen number of computation `id`, opening it (with no evidence yet) if it is new.
+    pub fn open(&mut self, monitor: &Monitor, id: &str) -> Result<u64> {
+        if let Some((seq, _)) = self.open.get(id) {
+            return Ok(*seq);
+        }
+        self.check_room(1)?;
+        let seq = self.next;
+        self.next += 1;
+        self.open
+            .insert(id.to_string(), (seq, monitor.new_evidence()));
+        Ok(seq)
+    }
+
+    fn check_room(&self, new: usize) -> Result<()> {
+        if self.open.len().saturating_add(new) > self.max_open {
+            return Err(Error::TooManyOpen {
+                max: self.max_open,
+                open: self.open.len(),
+                new,
+            });
+        }
+        Ok(())
+    }
+
+    /// Scores `batch` with `monitor` ([`Monitor::score`]) and adds each row to its computation's
+    /// evidence, opening new computations in row order.
+    pub fn score(&mut self, monitor: &Monitor, batch: &SiteBatch) -> Result<SiteScores> {
+        let new = {
+            let mut fresh: Vec<&str> = batch
+                .trace_ids()
+                .iter()
+                .map(String::as_str)
+                .filter(|id| !self.open.contains_key(*id))
+                .collect();
+            fresh.sort_unstable();
+            fresh.dedup();
+            fresh.len()
+        };
+        self.check_room(new)?;
+        let scores = monitor.score(batch)?;
+        for (r, id) in batch.trace_ids().iter().enumerate() {
+            let ev = match self.open.get_mut(id) {
+                Some((_, ev)) => ev,
+                None => {
+                    let seq = self.next;
+                    self.next += 1;
+                    &mut self
+                        .open
+                        .entry(id.clone())
+                        .or_insert((seq, monitor.new_evidence()))
+                        .1
+                }
+            };
+            monitor.accumulate(ev, &scores, r);
+        }
+        Ok(scores)
+    }
+
+    /// The open computations' ids, in first-seen order.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<(u64, &String)> = self.open.iter().map(|(id, (s, _))| (*s, id)).collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|(_, id)| id.clone()).collect()
+    }
+
+    /// Completes computations `ids`: fuses and calibrates their evidence, in the order given (an id
+    /// listed twice is completed once). An id that is not open is refused ([`Error::NotOpen`]),
+    /// and then nothing is completed.
+    pub fn complete(
+        &mut self,
+        monitor: &Monitor,
+        ids: &[String],
+    ) -> Result<Vec<(String, ComputationResult)>> {
+        if let Some(missing) = ids.iter().find(|id| !self.open.contains_key(*id)) {
+            return Err(Error::NotOpen(missing.clone()));
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                let (_, ev) = self.open.remove(id)?;
+                Some((id.clone(), monitor.finish_computation(&ev)))
+            })
+            .collect())
+    }
+
+    /// Completes every open computation, in first-seen order.
+    pub fn complete_all(&mut self, monitor: &Monitor) -> Vec<(String, ComputationResult)> {
+        let mut all: Vec<(u64, String, Evidence)> = self
+            .open
+            .drain()
+            .map(|(id, (seq, ev))| (seq, id, ev))
+            .collect();
+        all.sort_unstable_by_key(|(seq, _, _)| *seq);
+        all.into_iter()
+            .map(|(_, id, ev)| {
+                let r = monitor.finish_computation(&ev);
+                (id, r)
+            })
+            .collect()
+    }
+}

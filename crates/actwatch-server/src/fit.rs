@@ -1,0 +1,128 @@
+//! Fitting a served monitor: the batch pipeline over its committed segments, from scratch or
+//! incrementally from the fit checkpoint, then the artifact saved, loaded back and installed.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use actwatch_detect::monitor::MonitorFitter;
+use actwatch_io::artifact::{load_monitor, save_monitor};
+use actwatch_io::checkpoint::{load_checkpoint, save_checkpoint, FitCheckpoint};
+use actwatch_io::pipeline::{calibrate_reference, fold_reference, Progress};
+use actwatch_io::reader::ReadOptions;
+use actwatch_proto::v1;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::storage::{FitRun, FittedMonitor, MonitorEntry};
+use crate::Result;
+
+/// Fit progress into a bounded channel; lossy, so a slow client never stalls the fit.
+pub(crate) struct ChannelProgress {
+    tx: mpsc::Sender<Result<v1::FitProgress, Status>>,
+    /// (phase, rows done, rows total)
+    phase: Mutex<(String, u64, u64)>,
+}
+
+impl ChannelProgress {
+    pub(crate) fn new(tx: mpsc::Sender<Result<v1::FitProgress, Status>>) -> Self {
+        Self {
+            tx,
+            phase: Mutex::new((String::new(), 0, 0)),
+        }
+    }
+}
+
+impl ChannelProgress {
+    fn update(&self, f: impl FnOnce(&mut (String, u64, u64))) {
+        let mut p = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut p);
+        let _ = self.tx.try_send(Ok(v1::FitProgress {
+            event: Some(v1::fit_progress::Event::Phase(v1::Phase {
+                name: p.0.clone(),
+                rows_done: p.1,
+                rows_total: p.2,
+            })),
+        }));
+    }
+}
+
+impl Progress for ChannelProgress {
+    fn start(&self, phase: &str, total_rows: u64) {
+        self.update(|p| *p = (phase.to_string(), 0, total_rows));
+    }
+
+    fn advance(&self, rows: u64) {
+        self.update(|p| p.1 += rows);
+    }
+
+    fn finish(&self) {
+        self.update(|p| p.1 = p.2);
+    }
+}
+
+/// The saved fit state, if it can be resumed with `segments`: it must be intact, made with the
+/// monitor's options, and have folded a prefix of the committed segments (they are append-only,
+/// so anything else means it belongs to other data). `None` means: fit from scratch.
+fn resumable(entry: &MonitorEntry, segments: &[String]) -> Option<(MonitorFitter, usize)> {
+    let path = entry.checkpoint_path();
+    if !path.exists() {
+        return None;
+    }
+    let why = match load_checkpoint(&path) {
+        Ok(ck) if ck.fitter.options() != &entry.options => "it was made with other options".into(),
+        Ok(ck) if !segments.starts_with(&ck.folded) => {
+            "its segments are not a prefix of the committed ones".into()
+        }
+        Ok(ck) => return Some((ck.fitter, ck.folded.len())),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(monitor = %entry.name, reason = %why, "fit checkpoint unusable; fitting from scratch");
+    None
+}
+
+/// Fits on the committed segments (from scratch, or, when `incremental`, by folding only the
+/// segments the checkpoint has not seen), checkpoints the fitter, calibrates on all segments,
+/// saves the artifact (atomically replacing the old one), loads it back (so the served fit is
+/// exactly what a restart loads) and swaps it in.
+///
+/// The checkpoint is written before calibration and names the segments it holds, so it is
+/// consistent on its own whatever happens next: a later incremental fit resumes from it.
+pub(crate) fn fit_and_install(
+    entry: &MonitorEntry,
+    segments: &[(String, PathBuf)],
+    incremental: bool,
+    progress: &dyn Progress,
+) -> Result<Arc<FittedMonitor>> {
+    let read = ReadOptions::default();
+    let names: Vec<String> = segments.iter().map(|(n, _)| n.clone()).collect();
+    let paths: Vec<PathBuf> = segments.iter().map(|(_, p)| p.clone()).collect();
+    let resumed = if incremental {
+        resumable(entry, &names)
+    } else {
+        None
+    };
+    let run_incremental = resumed.is_some();
+    let (mut fitter, done) = match resumed {
+        Some(r) => r,
+        None => (MonitorFitter::new(entry.options.clone())?, 0),
+    };
+    let rows_folded = fold_reference(&mut fitter, &paths[done..], &read, progress)?;
+    let checkpoint = FitCheckpoint {
+        folded: names,
+        fitter,
+    };
+    save_checkpoint(&checkpoint, &entry.checkpoint_path())?;
+    let (monitor, reference) = calibrate_reference(checkpoint.fitter, &paths, &read, progress)?;
+    let dir = entry.fitted_dir();
+    save_monitor(&monitor, &reference, &dir)?;
+    drop(monitor);
+    let (monitor, manifest) = load_monitor(&dir)?;
+    entry.install_fit(
+        monitor,
+        manifest.reference.rows,
+        FitRun {
+            incremental: run_incremental,
+            rows_folded,
+        },
+    )
+}

@@ -1,0 +1,105 @@
+//! One IngestReference stream as a small state machine.
+
+use actwatch_proto::v1;
+use tokio::task::JoinHandle;
+
+use super::{blocking, ActivationMonitorService};
+use crate::storage::IngestSession;
+use crate::{Error, Result};
+
+/// Where a stream's segments are. Batch N is written (in a blocking task) while batch N + 1 is
+/// received and decoded, and writes stay in order, so at most two batches are held whatever the
+/// client sends. Dropped before [`IngestStream::commit`] (an error, a client gone, shutdown), the
+/// session removes its temporary files and nothing of the stream is stored.
+#[derive(Debug, Default)]
+enum State {
+    /// Waiting for the first message, which names the monitor.
+    #[default]
+    Unopened,
+    /// No write in flight.
+    Idle(IngestSession),
+    /// The session is inside the one write in flight.
+    Writing(JoinHandle<Result<IngestSession>>),
+}
+
+/// The reference traces one IngestReference stream has sent so far.
+#[derive(Debug, Default)]
+pub(super) struct IngestStream {
+    state: State,
+    /// The monitor the first message named.
+    monitor: Option<String>,
+}
+
+impl IngestStream {
+    /// Takes one message: checks the monitor it names, decodes its batch (blocking) and starts
+    /// writing it once the previous write is done.
+    pub(super) async fn accept(
+        &mut self,
+        service: &ActivationMonitorService,
+        msg: v1::IngestReferenceRequest,
+    ) -> Result<()> {
+        let v1::IngestReferenceRequest { monitor, batch } = msg;
+        match &self.monitor {
+            None if monitor.is_empty() => {
+                return Err(Error::BadStream(
+                    "the first IngestReference message must name the monitor".into(),
+                ))
+            }
+            None => {
+                self.state = State::Idle(IngestSession::new(service.data.get(&monitor)?));
+                self.monitor = Some(monitor);
+            }
+            Some(n) if !monitor.is_empty() && &monitor != n => {
+                return Err(Error::BadStream(format!(
+                    "stream started for monitor {n:?}, a later message names {monitor:?}"
+                )))
+            }
+            Some(_) => {}
+        }
+        let Some(batch) = batch else {
+            return Ok(());
+        };
+        service.check_row_limit(&batch)?;
+        let payload = batch
+            .activations
+            .as_ref()
+            .map_or(0, |t| t.data.len() as u64);
+        let decoded = blocking(move || Ok(actwatch_proto::decode_trace_batch(batch)?)).await?;
+        let mut session = self.take_session().await?;
+        self.state = State::Writing(tokio::task::spawn_blocking(move || {
+            session.add(decoded, payload)?;
+            Ok(session)
+        }));
+        Ok(())
+    }
+
+    /// The session, once no write is in flight.
+    async fn take_session(&mut self) -> Result<IngestSession> {
+        match std::mem::take(&mut self.state) {
+            State::Unopened => Err(Error::BadStream(
+                "empty IngestReference stream: the first message must name the monitor".into(),
+            )),
+            State::Idle(session) => Ok(session),
+            State::Writing(write) => write.await.map_err(|e| Error::Task(e.to_string()))?,
+        }
+    }
+
+    /// The client finished the stream: waits for the last write, then makes every segment
+    /// durable and commits them (the acknowledgement). Returns the summary to send.
+    pub(super) async fn commit(mut self) -> Result<(String, v1::IngestReferenceSummary)> {
+        let session = self.take_session().await?;
+        let monitor = session.entry().name.clone();
+        let summary = blocking(move || {
+            let (rows, bytes, batches) = (session.rows, session.bytes, session.batches);
+            let total_rows = session.commit()?;
+            Ok(v1::IngestReferenceSummary {
+                rows,
+                bytes,
+                batches,
+                total_rows,
+            })
+        })
+        .await?;
+        Ok((monitor, summary))
+    }
+}

@@ -1,0 +1,525 @@
+//! The `ActivationMonitor` service: every handler validates, converts, delegates (CPU and disk
+//! work in `spawn_blocking`), and maps the error through the one `From<Error> for Status`.
+//! Every handler runs inside [`ActivationMonitorService::observed`], which logs and counts the
+//! call when it is rejected; errors that end a stream later go through
+//! [`ActivationMonitorService::reject`]. The client-driven streams are small session types
+//! ([`ingest::IngestStream`], [`scores::ScoreStream`], [`watch::forward_flags`]) that receive
+//! through one shutdown-aware helper, [`ActivationMonitorService::next_message`]; fitting is
+//! [`crate::fit`].
+
+mod ingest;
+mod scores;
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actwatch_detect::OpenComputations;
+use actwatch_proto::v1;
+use actwatch_proto::v1::activation_monitor_server::ActivationMonitor;
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::convert::{check_name, computation_score, fit_report, monitor_info, StoredSpec};
+use crate::fit::{fit_and_install, ChannelProgress};
+use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
+use crate::score::{complete, score_batch};
+use crate::storage::{DataDir, FittedMonitor, MonitorEntry, ScoreFilter};
+use crate::{Error, Limits, Metrics, Result};
+use ingest::IngestStream;
+use scores::ScoreStream;
+
+/// Responses buffered per streaming call before the handler's task waits for the client.
+const STREAM_BUFFER: usize = 16;
+/// Fit progress messages buffered; when the client reads slower, progress messages are skipped
+/// (never the final report).
+const FIT_PROGRESS_BUFFER: usize = 64;
+
+type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+
+/// The service. Cheap to clone: every field is shared.
+#[derive(Debug, Clone)]
+pub struct ActivationMonitorService {
+    /// Monitors and their files.
+    data: Arc<DataDir>,
+    limits: Arc<Limits>,
+    /// One permit per open streaming call; a call that finds none is refused, never queued.
+    streams: Arc<Semaphore>,
+    /// Flagged computations, fanned out to watchers.
+    flags: broadcast::Sender<Arc<v1::ComputationScore>>,
+    /// Becomes true when the server starts shutting down, so that watchers (which never end by
+    /// themselves) let the graceful shutdown finish.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Counters scraped on `/metrics`.
+    metrics: Arc<Metrics>,
+}
+
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+}
+
+impl ActivationMonitorService {
+    pub fn new(
+        data: Arc<DataDir>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        let (flags, _) = broadcast::channel(limits.flag_buffer.max(1));
+        Self {
+            data,
+            streams: Arc::new(Semaphore::new(limits.max_concurrent_streams)),
+            limits: Arc::new(limits),
+            flags,
+            shutdown,
+            metrics,
+        }
+    }
+
+    /// Runs one handler; a call it rejects is counted and logged (one line, with its code).
+    async fn observed<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        call.await.map_err(|s| self.reject(rpc, s))
+    }
+
+    /// Counts and logs a status that ends a call: server faults at WARN, the rest at INFO.
+    pub(super) fn reject(&self, rpc: &'static str, status: Status) -> Status {
+        let code = status.code();
+        self.metrics.reject(code);
+        let name = code_name(code);
+        match code {
+            Code::Internal | Code::DataLoss | Code::Unknown => {
+                tracing::warn!(rpc, code = name, message = status.message(), "call failed");
+            }
+            _ => tracing::info!(
+                rpc,
+                code = name,
+                message = status.message(),
+                "call rejected"
+            ),
+        }
+        status
+    }
+
+    /// Counts scored traces, computations and flags of one monitor.
+    pub(super) fn count_scores(
+        &self,
+        monitor: &str,
+        traces: usize,
+        computations: &[v1::ComputationScore],
+    ) {
+        let c = self.metrics.monitor(monitor);
+        MonitorCounters::add(&c.scored_traces, traces as u64);
+        MonitorCounters::add(&c.scored_computations, computations.len() as u64);
+        let flags = computations.iter().filter(|c| c.flagged).count();
+        MonitorCounters::add(&c.flags, flags as u64);
+    }
+
+    fn stream_permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::LimitExceeded {
+                limit: "max_concurrent_streams",
+                max: self.limits.max_concurrent_streams as u64,
+                detail: "too many streaming calls are open; retry later".into(),
+            })
+    }
+
+    pub(super) fn check_row_limit(&self, batch: &v1::TraceBatch) -> Result<()> {
+        let rows = actwatch_proto::declared_rows(batch);
+        if rows > self.limits.max_batch_rows {
+            return Err(Error::LimitExceeded {
+                limit: "max_batch_rows",
+                max: self.limits.max_batch_rows as u64,
+                detail: format!("a batch of site {:?} has {rows} rows", batch.site),
+            });
+        }
+        Ok(())
+    }
+
+    fn fitted(entry: &MonitorEntry) -> Result<Arc<FittedMonitor>> {
+        entry
+            .fitted()
+            .ok_or_else(|| Error::NotFitted(entry.name.clone()))
+    }
+
+    /// Sends flagged computations to watchers. Nobody watching is not an error.
+    pub(super) fn publish_flags(&self, computations: &[v1::ComputationScore]) {
+        for c in computations.iter().filter(|c| c.flagged) {
+            let _ = self.flags.send(Arc::new(c.clone()));
+        }
+    }
+
+    /// The next message of a client stream: `Ok(None)` when the client has finished it, the
+    /// status to end the call with when the server is shutting down (UNAVAILABLE) or the stream
+    /// broke (an over-long message is the `max_message_bytes` limit). Every streaming handler
+    /// receives through here, so none can hold the server past its shutdown.
+    async fn next_message<T>(
+        &self,
+        inbound: &mut Streaming<T>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<T>, Status> {
+        let shutting_down = async {
+            if shutdown.wait_for(|stop| *stop).await.is_err() {
+                // The signal's sender is gone: the server never shuts down by it.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = shutting_down => Err(Error::ShuttingDown.into()),
+            r = inbound.message() => {
+                r.map_err(|s| Error::from_inbound(s, self.limits.max_message_bytes))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ActivationMonitor for ActivationMonitorService {
+    async fn create_monitor(
+        &self,
+        request: Request<v1::CreateMonitorRequest>,
+    ) -> Result<Response<v1::MonitorInfo>, Status> {
+        self.observed("CreateMonitor", async move {
+            let v1::CreateMonitorRequest { name, spec } = request.into_inner();
+            check_name(&name)?;
+            let spec = StoredSpec::from_proto(spec)?;
+            let data = self.data.clone();
+            let entry = blocking(move || data.create(&name, spec)).await?;
+            self.metrics
+                .register_monitor(&entry.name, entry.options.fpr);
+            tracing::info!(
+                monitor = %entry.name,
+                target_fpr = entry.options.fpr,
+                "monitor created"
+            );
+            Ok(Response::new(monitor_info(&entry)))
+        })
+        .await
+    }
+
+    async fn get_monitor(
+        &self,
+        request: Request<v1::GetMonitorRequest>,
+    ) -> Result<Response<v1::MonitorInfo>, Status> {
+        self.observed("GetMonitor", async move {
+            let v1::GetMonitorRequest { name } = request.into_inner();
+            let entry = self.data.get(&name)?;
+            Ok(Response::new(monitor_info(&entry)))
+        })
+        .await
+    }
+
+    async fn list_monitors(
+        &self,
+        request: Request<v1::ListMonitorsRequest>,
+    ) -> Result<Response<v1::ListMonitorsResponse>, Status> {
+        self.observed("ListMonitors", async move {
+            let v1::ListMonitorsRequest {} = request.into_inner();
+            let monitors = self.data.list().iter().map(|m| monitor_info(m)).collect();
+            Ok(Response::new(v1::ListMonitorsResponse { monitors }))
+        })
+        .await
+    }
+
+    async fn delete_monitor(
+        &self,
+        request: Request<v1::DeleteMonitorRequest>,
+    ) -> Result<Response<v1::DeleteMonitorResponse>, Status> {
+        self.observed("DeleteMonitor", async move {
+            let v1::DeleteMonitorRequest { name } = request.into_inner();
+            let entry = self.data.get(&name)?;
+            // Wait for a running fit, so it never writes into a deleted monitor's folder.
+            let _fit = entry.fit_lock.clone().lock_owned().await;
+            let data = self.data.clone();
+            let deleted = name.clone();
+            blocking(move || data.delete(&name)).await?;
+            self.metrics.remove_monitor(&deleted);
+            tracing::info!(monitor = %deleted, "monitor deleted");
+            Ok(Response::new(v1::DeleteMonitorResponse {}))
+        })
+        .await
+    }
+
+    /// At shutdown a stream still sending is cut off (UNAVAILABLE) and stores nothing: it was
+    /// never acknowledged, so the client resends it in full and nothing is doubled. A stream the
+    /// client has finished is committed and acknowledged before the server stops.
+    async fn ingest_reference(
+        &self,
+        request: Request<Streaming<v1::IngestReferenceRequest>>,
+    ) -> Result<Response<v1::IngestReferenceSummary>, Status> {
+        self.observed("IngestReference", async move {
+            let _permit = self.stream_permit()?;
+            let mut inbound = request.into_inner();
+            let mut shutdown = self.shutdown.clone();
+            let mut stream = IngestStream::default();
+            while let Some(msg) = self.next_message(&mut inbound, &mut shutdown).await? {
+                stream.accept(self, msg).await?;
+            }
+            let (monitor, summary) = stream.commit().await?;
+            let c = self.metrics.monitor(&monitor);
+            MonitorCounters::add(&c.ingest_rows, summary.rows);
+            MonitorCounters::add(&c.ingest_bytes, summary.bytes);
+            tracing::info!(
+                monitor = %monitor,
+                rows = summary.rows,
+                bytes = summary.bytes,
+                batches = summary.batches,
+                total_rows = summary.total_rows,
+                "reference ingest committed"
+            );
+            Ok(Response::new(summary))
+        })
+        .await
+    }
+
+    type FitStream = ResponseStream<v1::FitProgress>;
+
+    /// A fit that started runs to the end and is installed even if the client leaves.
+    async fn fit(
+        &self,
+        request: Request<v1::FitRequest>,
+    ) -> Result<Response<Self::FitStream>, Status> {
+        self.observed("Fit", async move {
+            let v1::FitRequest {
+                monitor,
+                incremental,
+            } = request.into_inner();
+            let entry = self.data.get(&monitor)?;
+            let permit = self.stream_permit()?;
+            let guard = entry
+                .fit_lock
+                .clone()
+                .try_lock_owned()
+                .map_err(|_| Error::FitInProgress(monitor.clone()))?;
+            let segments = entry.segments();
+            if segments.is_empty() {
+                return Err(Error::NoReferenceData(monitor).into());
+            }
+            let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
+            tracing::info!(
+                monitor = %monitor,
+                segments = segments.len(),
+                incremental,
+                "fit started"
+            );
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _guard = guard;
+                let started = Instant::now();
+                let progress = ChannelProgress::new(tx.clone());
+                let result =
+                    blocking(move || fit_and_install(&entry, &segments, incremental, &progress))
+                        .await;
+                let last = match result {
+                    Err(e) => Err(this.reject("Fit", e.into())),
+                    Ok(fitted) => {
+                        let r = fit_report(&fitted);
+                        tracing::info!(
+                            monitor = %monitor,
+                            fit_version = r.fit_version,
+                            reference_rows = r.reference_rows,
+                            calibration_computations = r.calibration_computations,
+                            calibration_fpr = r.calibration_fpr,
+                            incremental = r.incremental,
+                            rows_folded = r.rows_folded,
+                            fit_seconds = r.fit_seconds,
+                            calibration_seconds = r.calibration_seconds,
+                            elapsed_seconds = started.elapsed().as_secs_f64(),
+                            "fit finished"
+                        );
+                        Ok(v1::FitProgress {
+                            event: Some(v1::fit_progress::Event::Report(r)),
+                        })
+                    }
+                };
+                let _ = tx.send(last).await;
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
+    }
+
+    async fn score(
+        &self,
+        request: Request<v1::ScoreRequest>,
+    ) -> Result<Response<v1::ScoreResponse>, Status> {
+        self.observed("Score", async move {
+            let v1::ScoreRequest {
+                monitor,
+                batches,
+                complete: complete_all,
+            } = request.into_inner();
+            let entry = self.data.get(&monitor)?;
+            let fitted = Self::fitted(&entry)?;
+            for b in &batches {
+                self.check_row_limit(b)?;
+            }
+            let max_open = self.limits.max_open_computations;
+            let started = Instant::now();
+            let (traces, logged) = blocking(move || {
+                let mut open = OpenComputations::with_limit(max_open);
+                let mut traces = Vec::new();
+                for b in batches {
+                    let decoded = actwatch_proto::decode_trace_batch(b)?;
+                    traces.extend(score_batch(&fitted, &decoded, &mut open)?);
+                }
+                let mut logged = Vec::new();
+                if complete_all {
+                    logged = complete(&fitted, &mut open, None)?;
+                    entry.log_scores(&logged)?;
+                }
+                Ok((traces, logged))
+            })
+            .await?;
+            self.metrics
+                .observe_score_latency(ScoreRpc::Score, started.elapsed());
+            let computations: Vec<_> = logged
+                .iter()
+                .map(|l| computation_score(l, &monitor))
+                .collect();
+            self.count_scores(&monitor, traces.len(), &computations);
+            self.publish_flags(&computations);
+            Ok(Response::new(v1::ScoreResponse {
+                traces,
+                computations,
+            }))
+        })
+        .await
+    }
+
+    type StreamScoresStream = ResponseStream<v1::StreamScoresResponse>;
+
+    /// At shutdown the stream ends (UNAVAILABLE) instead of waiting for a client that may never
+    /// close it; every result already sent stands, and open computations were never reported, so
+    /// a client resends them elsewhere.
+    async fn stream_scores(
+        &self,
+        request: Request<Streaming<v1::StreamScoresRequest>>,
+    ) -> Result<Response<Self::StreamScoresStream>, Status> {
+        self.observed("StreamScores", async move {
+            use v1::stream_scores_request::Event as In;
+            let permit = self.stream_permit()?;
+            let mut inbound = request.into_inner();
+            let mut shutdown = self.shutdown.clone();
+            let first = self
+                .next_message(&mut inbound, &mut shutdown)
+                .await?
+                .ok_or_else(|| Error::BadStream("empty StreamScores stream".into()))?;
+            let v1::StreamScoresRequest { event } = first;
+            let Some(In::Monitor(name)) = event else {
+                return Err(Error::BadStream(
+                    "the first StreamScores message must be `monitor`".into(),
+                )
+                .into());
+            };
+            let entry = self.data.get(&name)?;
+            let fitted = Self::fitted(&entry)?;
+            let mut stream = ScoreStream::new(self.clone(), entry, fitted);
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                loop {
+                    let step = match this.next_message(&mut inbound, &mut shutdown).await {
+                        Ok(None) => return,
+                        Ok(Some(msg)) => stream.handle(msg).await.map_err(Status::from),
+                        Err(status) => Err(status),
+                    };
+                    match step {
+                        Ok(responses) => {
+                            for r in responses {
+                                if tx.send(Ok(r)).await.is_err() {
+                                    return; // the client is gone
+                                }
+                            }
+                        }
+                        Err(status) => {
+                            let _ = tx.send(Err(this.reject("StreamScores", status))).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
+    }
+
+    type WatchFlagsStream = ResponseStream<v1::FlagEvent>;
+
+    /// See [`watch::forward_flags`] for how a watcher ends.
+    async fn watch_flags(
+        &self,
+        request: Request<v1::WatchFlagsRequest>,
+    ) -> Result<Response<Self::WatchFlagsStream>, Status> {
+        self.observed("WatchFlags", async move {
+            let v1::WatchFlagsRequest {
+                monitors,
+                max_p_value,
+            } = request.into_inner();
+            let permit = self.stream_permit()?;
+            let filter = watch::FlagFilter {
+                monitors: monitors.into_iter().collect(),
+                max_p_value,
+            };
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let (events, shutdown) = (self.flags.subscribe(), self.shutdown.clone());
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                watch::forward_flags(this, filter, events, shutdown, tx).await;
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
+    }
+
+    async fn query_scores(
+        &self,
+        request: Request<v1::QueryScoresRequest>,
+    ) -> Result<Response<v1::QueryScoresResponse>, Status> {
+        self.observed("QueryScores", async move {
+            let v1::QueryScoresRequest {
+                monitor,
+                trace_ids,
+                since_unix_ms,
+                until_unix_ms,
+                flagged_only,
+                limit,
+            } = request.into_inner();
+            let entry = self.data.get(&monitor)?;
+            let limit = match limit {
+                0 => self.limits.query_limit,
+                n => (n as usize).min(self.limits.max_query_limit),
+            };
+            let filter = ScoreFilter {
+                trace_ids: trace_ids.into_iter().collect(),
+                since_unix_ms,
+                until_unix_ms,
+                flagged_only,
+            };
+            let logged = blocking(move || entry.query_scores(&filter, limit)).await?;
+            let results = logged
+                .iter()
+                .map(|l| computation_score(l, &monitor))
+                .collect();
+            Ok(Response::new(v1::QueryScoresResponse { results }))
+        })
+        .await
+    }
+}

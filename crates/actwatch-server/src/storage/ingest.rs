@@ -1,0 +1,126 @@
+//! Reference ingest: the segments one IngestReference stream writes, committed all at once.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actwatch_core::SiteBatch;
+use actwatch_io::reader::TraceColumns;
+use actwatch_io::writer::{TraceWriter, DEFAULT_POSITION_COLUMN};
+
+use super::monitor::{MonitorEntry, SegmentEntry};
+use super::REFERENCE_DIR;
+use crate::{Error, Result};
+
+/// The segments one IngestReference stream is writing: one Parquet file per vector width.
+/// Dropped without [`IngestSession::commit`], it removes its temporary files and stores nothing.
+#[derive(Debug)]
+pub struct IngestSession {
+    entry: Arc<MonitorEntry>,
+    seq: u64,
+    writers: BTreeMap<usize, TraceWriter>,
+    /// Per site of this stream: width and rows.
+    sites: BTreeMap<String, (usize, u64)>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub batches: u64,
+}
+
+impl IngestSession {
+    pub fn new(entry: Arc<MonitorEntry>) -> Self {
+        let seq = entry.reserve_segment();
+        Self {
+            entry,
+            seq,
+            writers: BTreeMap::new(),
+            sites: BTreeMap::new(),
+            rows: 0,
+            bytes: 0,
+            batches: 0,
+        }
+    }
+
+    pub fn entry(&self) -> &Arc<MonitorEntry> {
+        &self.entry
+    }
+
+    /// Checks a batch's width against its site and writes it (blocking).
+    pub fn add(&mut self, batch: SiteBatch, payload_bytes: u64) -> Result<()> {
+        let width = batch.dim();
+        let known = self
+            .entry
+            .site_width(batch.site())
+            .or_else(|| self.sites.get(batch.site()).map(|s| s.0));
+        if let Some(expected) = known.filter(|&w| w != width) {
+            return Err(Error::WidthMismatch {
+                site: batch.site().to_string(),
+                expected,
+                got: width,
+            });
+        }
+        let rows = batch.rows() as u64;
+        let site = self
+            .sites
+            .entry(batch.site().to_string())
+            .or_insert((width, 0));
+        site.1 += rows;
+        let writer = match self.writers.entry(width) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let path = self
+                    .entry
+                    .dir
+                    .join(REFERENCE_DIR)
+                    .join(format!("seg-{:08}-d{width}.parquet", self.seq));
+                v.insert(TraceWriter::create(
+                    path,
+                    width,
+                    &TraceColumns::default(),
+                    Some(DEFAULT_POSITION_COLUMN),
+                )?)
+            }
+        };
+        writer.write(batch)?;
+        self.rows += rows;
+        self.bytes += payload_bytes;
+        self.batches += 1;
+        Ok(())
+    }
+
+    /// Makes every segment durable (fsync, rename) and commits them in `state.json` (blocking).
+    /// Returns the monitor's reference rows after the commit.
+    pub fn commit(mut self) -> Result<u64> {
+        let writers = std::mem::take(&mut self.writers);
+        let mut done: Vec<(PathBuf, u64)> = Vec::new();
+        let remove = |done: &[(PathBuf, u64)]| {
+            for (p, _) in done {
+                let _ = fs::remove_file(p);
+            }
+        };
+        for (_, w) in writers {
+            let path = w.path().to_path_buf();
+            match w.finish() {
+                Ok(rows) => done.push((path, rows)),
+                Err(e) => {
+                    // The writers not yet finished remove their temporary files when dropped.
+                    remove(&done);
+                    return Err(e.into());
+                }
+            }
+        }
+        let entries = done
+            .iter()
+            .map(|(p, rows)| SegmentEntry {
+                file: p
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                rows: *rows,
+            })
+            .collect();
+        self.entry
+            .commit_segments(entries, &self.sites)
+            .inspect_err(|_| remove(&done))
+    }
+}

@@ -1,0 +1,316 @@
+//! The data directory: one folder per monitor, every acknowledged write durable.
+//!
+//! ```text
+//! <data-dir>/monitors/<name>/spec.json          what the monitor is (written once, atomically)
+//! <data-dir>/monitors/<name>/state.json         sites and widths, committed segments, fit version
+//! <data-dir>/monitors/<name>/reference/seg-<seq>-d<width>.parquet
+//! <data-dir>/monitors/<name>/fitted/            the offline core's monitor artifact (`save_monitor`)
+//! <data-dir>/monitors/<name>/fitter.bin         fit checkpoint: fitter state + segments folded in
+//! <data-dir>/monitors/<name>/scores/log-<seq>.jsonl   the bounded score log
+//! ```
+//!
+//! The decision a reader must know: `state.json` is the commit point. A reference segment is
+//! written by a `TraceWriter` (temporary name, fsync, rename, directory fsync: the one durable
+//! write of `actwatch_io::durable`), and only then listed in `state.json` (written the same way);
+//! the ingest summary is sent after that. At start, segment files that `state.json` does not list belong to ingests that were
+//! never acknowledged and are deleted, so a client's retry cannot double them.
+
+mod ingest;
+mod monitor;
+mod score_log;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use actwatch_io::artifact::load_monitor;
+use actwatch_io::durable;
+use serde::{Deserialize, Serialize};
+
+pub use ingest::IngestSession;
+use monitor::SpecFile;
+pub use monitor::{FitRun, FittedMonitor, MonitorEntry, MonitorState};
+pub use score_log::{LoggedScore, LoggedSlot, ScoreFilter, ScoreLog};
+
+use crate::convert::{options_from_spec, StoredSpec};
+use crate::{Error, Result};
+
+const MONITORS_DIR: &str = "monitors";
+const SPEC_FILE: &str = "spec.json";
+const STATE_FILE: &str = "state.json";
+const REFERENCE_DIR: &str = "reference";
+const FITTED_DIR: &str = "fitted";
+const CHECKPOINT_FILE: &str = "fitter.bin";
+const SCORES_DIR: &str = "scores";
+/// Version of `spec.json` and `state.json`.
+const STORAGE_FORMAT_VERSION: u32 = 1;
+
+pub(crate) fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes `value` as JSON to `path` through the one durable write ([`actwatch_io::durable`]).
+fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(durable::write_atomic(path, &bytes)?)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    Ok(durable::sync_dir(dir)?)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = fs::read(path).map_err(|e| Error::storage(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// All monitors of one data directory.
+#[derive(Debug)]
+pub struct DataDir {
+    root: PathBuf,
+    monitors: RwLock<BTreeMap<String, Arc<MonitorEntry>>>,
+    /// Serialises create and delete, which touch the folder layout.
+    layout: Mutex<()>,
+    max_score_log_bytes: u64,
+}
+
+impl DataDir {
+    /// Opens (creating if needed) a data directory and loads every monitor, with its fit where
+    /// one was saved. Blocking: call it from `spawn_blocking` or before the runtime serves.
+    pub fn open(root: impl Into<PathBuf>, max_score_log_bytes: u64) -> Result<Self> {
+        let root = root.into();
+        let monitors_dir = root.join(MONITORS_DIR);
+        fs::create_dir_all(&monitors_dir).map_err(|e| Error::storage(&monitors_dir, e))?;
+        let mut monitors = BTreeMap::new();
+        let entries = fs::read_dir(&monitors_dir).map_err(|e| Error::storage(&monitors_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::storage(&monitors_dir, e))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A create or delete that did not finish.
+                let _ = fs::remove_dir_all(&path);
+                continue;
+            }
+            if !path.is_dir() {
+                continue;
+            }
+            let m = load_entry(&path, max_score_log_bytes)?;
+            monitors.insert(m.name.clone(), Arc::new(m));
+        }
+        Ok(Self {
+            root,
+            monitors: RwLock::new(monitors),
+            layout: Mutex::new(()),
+            max_score_log_bytes,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<MonitorEntry>> {
+        self.monitors
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::MonitorNotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<MonitorEntry>> {
+        self.monitors
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates an empty monitor: its folder is built under a dot name and renamed into place.
+    pub fn create(&self, name: &str, spec: StoredSpec) -> Result<Arc<MonitorEntry>> {
+        let _layout = lock(&self.layout);
+        if self.get(name).is_ok() {
+            return Err(Error::MonitorExists(name.to_string()));
+        }
+        let options = options_from_spec(&spec)?;
+        let monitors_dir = self.root.join(MONITORS_DIR);
+        let dir = monitors_dir.join(name);
+        if dir.exists() {
+            return Err(Error::MonitorExists(name.to_string()));
+        }
+        let tmp = monitors_dir.join(format!(".{name}.creating"));
+        let _ = fs::remove_dir_all(&tmp);
+        let build = || -> Result<()> {
+            for sub in [REFERENCE_DIR, SCORES_DIR] {
+                let d = tmp.join(sub);
+                fs::create_dir_all(&d).map_err(|e| Error::storage(&d, e))?;
+            }
+            write_json_atomic(
+                &tmp.join(SPEC_FILE),
+                &SpecFile {
+                    format_version: STORAGE_FORMAT_VERSION,
+                    name: name.to_string(),
+                    spec: spec.clone(),
+                    created_unix_ms: now_unix_ms(),
+                },
+            )?;
+            write_json_atomic(&tmp.join(STATE_FILE), &MonitorState::default())?;
+            fs::rename(&tmp, &dir).map_err(|e| Error::storage(&dir, e))?;
+            sync_dir(&monitors_dir)
+        };
+        if let Err(e) = build() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let entry = Arc::new(MonitorEntry {
+            name: name.to_string(),
+            spec,
+            options,
+            log: Mutex::new(ScoreLog::open(
+                &dir.join(SCORES_DIR),
+                self.max_score_log_bytes,
+            )?),
+            dir,
+            state: Mutex::new(MonitorState::default()),
+            fitted: RwLock::new(None),
+            fit_lock: Arc::new(tokio::sync::Mutex::new(())),
+            deleted: AtomicBool::new(false),
+        });
+        self.monitors
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Deletes a monitor with everything it stored. Calls still holding it finish on their own
+    /// copies, and commit nothing.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let _layout = lock(&self.layout);
+        let entry = self.get(name)?;
+        {
+            let _state = lock(&entry.state);
+            entry.deleted.store(true, Ordering::SeqCst);
+        }
+        self.monitors
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        let monitors_dir = self.root.join(MONITORS_DIR);
+        let trash = monitors_dir.join(format!(".{name}.deleted-{}", now_unix_ms()));
+        fs::rename(&entry.dir, &trash).map_err(|e| Error::storage(&entry.dir, e))?;
+        sync_dir(&monitors_dir)?;
+        fs::remove_dir_all(&trash).map_err(|e| Error::storage(&trash, e))
+    }
+}
+
+fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
+    let spec_file: SpecFile = read_json(&dir.join(SPEC_FILE))?;
+    let mut state: MonitorState = read_json(&dir.join(STATE_FILE))?;
+    for (path, version) in [
+        (dir.join(SPEC_FILE), spec_file.format_version),
+        (dir.join(STATE_FILE), state.format_version),
+    ] {
+        if version != STORAGE_FORMAT_VERSION {
+            return Err(Error::Corrupt {
+                path,
+                message: format!(
+                    "format version {version}; this build reads {STORAGE_FORMAT_VERSION}"
+                ),
+            });
+        }
+    }
+    let options = options_from_spec(&spec_file.spec)?;
+
+    // Segments that state.json does not list were never acknowledged: remove them.
+    let reference = dir.join(REFERENCE_DIR);
+    fs::create_dir_all(&reference).map_err(|e| Error::storage(&reference, e))?;
+    let listed: HashSet<&str> = state.segments.iter().map(|s| s.file.as_str()).collect();
+    for e in fs::read_dir(&reference).map_err(|e| Error::storage(&reference, e))? {
+        let e = e.map_err(|e| Error::storage(&reference, e))?;
+        let file = e.file_name().to_string_lossy().into_owned();
+        if !listed.contains(file.as_str()) {
+            if let Some(seq) = segment_seq(&file) {
+                state.next_segment = state.next_segment.max(seq + 1);
+            }
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    for s in &state.segments {
+        let p = reference.join(&s.file);
+        if !p.is_file() {
+            return Err(Error::Corrupt {
+                path: dir.join(STATE_FILE),
+                message: format!("listed segment {} is missing", p.display()),
+            });
+        }
+    }
+
+    // Leftovers of durable writes that did not finish (state, checkpoint, a fit being saved).
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if durable::is_temporary(&e.file_name().to_string_lossy()) {
+                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+            }
+        }
+    }
+    let fitted_dir = dir.join(FITTED_DIR);
+    let fitted = if fitted_dir.exists() {
+        match load_monitor(&fitted_dir) {
+            Ok((monitor, manifest)) => Some(Arc::new(FittedMonitor {
+                monitor,
+                fit_version: state.fit_version.max(1),
+                reference_rows: manifest.reference.rows,
+                run: state.last_fit,
+            })),
+            Err(e) => {
+                // Never serve a damaged fit; the monitor stays usable and a refit repairs it.
+                tracing::warn!(
+                    monitor = %spec_file.name,
+                    error = %e,
+                    "not serving the stored fit; a refit repairs it"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let scores = dir.join(SCORES_DIR);
+    Ok(MonitorEntry {
+        name: spec_file.name,
+        spec: spec_file.spec,
+        options,
+        dir: dir.to_path_buf(),
+        state: Mutex::new(state),
+        fitted: RwLock::new(fitted),
+        fit_lock: Arc::new(tokio::sync::Mutex::new(())),
+        log: Mutex::new(ScoreLog::open(&scores, max_score_log_bytes)?),
+        deleted: AtomicBool::new(false),
+    })
+}
+
+fn segment_seq(file: &str) -> Option<u64> {
+    file.strip_prefix("seg-")?
+        .split(['-', '.'])
+        .next()?
+        .parse()
+        .ok()
+}

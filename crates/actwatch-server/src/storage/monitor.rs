@@ -1,0 +1,240 @@
+//! One monitor's files and served state: its spec, `state.json` (sites, committed segments, fit
+//! version), the fit being served and its score log.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use actwatch_detect::monitor::{Monitor, MonitorOptions};
+use serde::{Deserialize, Serialize};
+
+use super::score_log::{LoggedScore, ScoreFilter, ScoreLog};
+use super::{
+    lock, write_json_atomic, CHECKPOINT_FILE, FITTED_DIR, REFERENCE_DIR, STATE_FILE,
+    STORAGE_FORMAT_VERSION,
+};
+use crate::convert::StoredSpec;
+use crate::{Error, Result};
+
+/// What `spec.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SpecFile {
+    pub(super) format_version: u32,
+    pub(super) name: String,
+    pub(super) spec: StoredSpec,
+    pub(super) created_unix_ms: i64,
+}
+
+/// One site of a monitor: its width is fixed by its first reference batch, ever.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteState {
+    pub name: String,
+    pub width: usize,
+    pub reference_rows: u64,
+}
+
+/// A committed reference segment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    pub file: String,
+    pub rows: u64,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MonitorState {
+    pub(super) format_version: u32,
+    pub sites: Vec<SiteState>,
+    pub segments: Vec<SegmentEntry>,
+    /// Sequence number of the next segment (segments of failed ingests may leave gaps).
+    pub next_segment: u64,
+    /// Increases with every fit; 0 when never fitted.
+    pub fit_version: u64,
+    /// How the served fit was made.
+    #[serde(default)]
+    pub last_fit: FitRun,
+}
+
+/// How a fit ran: fully, or as an incremental update from a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FitRun {
+    pub incremental: bool,
+    /// Reference rows the fit pass read.
+    pub rows_folded: u64,
+}
+
+impl Default for MonitorState {
+    fn default() -> Self {
+        Self {
+            format_version: STORAGE_FORMAT_VERSION,
+            sites: Vec::new(),
+            segments: Vec::new(),
+            next_segment: 1,
+            fit_version: 0,
+            last_fit: FitRun::default(),
+        }
+    }
+}
+
+impl MonitorState {
+    pub(super) fn width(&self, site: &str) -> Option<usize> {
+        self.sites.iter().find(|s| s.name == site).map(|s| s.width)
+    }
+
+    pub fn reference_rows(&self) -> u64 {
+        self.sites.iter().map(|s| s.reference_rows).sum()
+    }
+}
+
+/// A fitted monitor as served: immutable, shared by every scoring call that started with it.
+#[derive(Debug)]
+pub struct FittedMonitor {
+    pub monitor: Monitor,
+    pub fit_version: u64,
+    /// Reference rows the fit was made on (every committed segment).
+    pub reference_rows: u64,
+    pub run: FitRun,
+}
+
+/// One monitor: its spec, its committed state, the fit being served and its score log.
+#[derive(Debug)]
+pub struct MonitorEntry {
+    pub name: String,
+    pub spec: StoredSpec,
+    pub options: MonitorOptions,
+    pub(super) dir: PathBuf,
+    /// Sites, segments and fit version; every change is written to `state.json` under this lock.
+    pub(super) state: Mutex<MonitorState>,
+    /// The served fit, replaced in one assignment by a refit: a scorer holds either the old
+    /// `Arc` or the new one, never half of either.
+    pub(super) fitted: RwLock<Option<Arc<FittedMonitor>>>,
+    /// Held by the running fit, so two fits of one monitor never race on `fitted/`.
+    pub fit_lock: Arc<tokio::sync::Mutex<()>>,
+    pub(super) log: Mutex<ScoreLog>,
+    /// Set by DeleteMonitor, so an ingest or fit that finishes afterwards commits nothing.
+    pub(super) deleted: AtomicBool,
+}
+
+impl MonitorEntry {
+    pub fn state(&self) -> MonitorState {
+        lock(&self.state).clone()
+    }
+
+    pub fn site_width(&self, site: &str) -> Option<usize> {
+        lock(&self.state).width(site)
+    }
+
+    pub fn fitted(&self) -> Option<Arc<FittedMonitor>> {
+        self.fitted
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn fitted_dir(&self) -> PathBuf {
+        self.dir.join(FITTED_DIR)
+    }
+
+    /// The committed reference segments, in commit order: (file name, path).
+    pub fn segments(&self) -> Vec<(String, PathBuf)> {
+        let dir = self.dir.join(REFERENCE_DIR);
+        lock(&self.state)
+            .segments
+            .iter()
+            .map(|s| (s.file.clone(), dir.join(&s.file)))
+            .collect()
+    }
+
+    /// Where the fit checkpoint lives (see [`actwatch_io::checkpoint`]).
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.dir.join(CHECKPOINT_FILE)
+    }
+
+    pub(super) fn check_not_deleted(&self) -> Result<()> {
+        if self.deleted.load(Ordering::SeqCst) {
+            return Err(Error::MonitorNotFound(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Reserves a segment sequence number for one ingest stream.
+    pub(super) fn reserve_segment(&self) -> u64 {
+        let mut st = lock(&self.state);
+        let seq = st.next_segment;
+        st.next_segment += 1;
+        seq
+    }
+
+    /// Lists finished segments and their sites in `state.json`: the commit point of an ingest.
+    pub(super) fn commit_segments(
+        &self,
+        files: Vec<SegmentEntry>,
+        sites: &BTreeMap<String, (usize, u64)>,
+    ) -> Result<u64> {
+        let mut st = lock(&self.state);
+        self.check_not_deleted()?;
+        let mut next = st.clone();
+        for (site, &(width, rows)) in sites {
+            match next.sites.iter_mut().find(|s| &s.name == site) {
+                Some(s) if s.width != width => {
+                    // Another stream fixed this site's width first.
+                    return Err(Error::WidthMismatch {
+                        site: site.clone(),
+                        expected: s.width,
+                        got: width,
+                    });
+                }
+                Some(s) => s.reference_rows += rows,
+                None => next.sites.push(SiteState {
+                    name: site.clone(),
+                    width,
+                    reference_rows: rows,
+                }),
+            }
+        }
+        next.segments.extend(files);
+        write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
+        let total = next.reference_rows();
+        *st = next;
+        Ok(total)
+    }
+
+    /// Records a new fit (already saved in `fitted/`) and serves it.
+    pub fn install_fit(
+        &self,
+        monitor: Monitor,
+        reference_rows: u64,
+        run: FitRun,
+    ) -> Result<Arc<FittedMonitor>> {
+        let mut st = lock(&self.state);
+        self.check_not_deleted()?;
+        let mut next = st.clone();
+        next.fit_version += 1;
+        next.last_fit = run;
+        write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
+        let fitted = Arc::new(FittedMonitor {
+            monitor,
+            fit_version: next.fit_version,
+            reference_rows,
+            run,
+        });
+        *st = next;
+        *self.fitted.write().unwrap_or_else(PoisonError::into_inner) = Some(fitted.clone());
+        Ok(fitted)
+    }
+
+    /// Appends computation results to the score log (fsynced before returning).
+    pub fn log_scores(&self, entries: &[LoggedScore]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        lock(&self.log).append(entries)
+    }
+
+    /// Reads the score log, newest first.
+    pub fn query_scores(&self, filter: &ScoreFilter, limit: usize) -> Result<Vec<LoggedScore>> {
+        let paths = lock(&self.log).paths_newest_first();
+        ScoreLog::read(&paths, filter, limit)
+    }
+}

@@ -1,0 +1,198 @@
+//! The command line's definitions (clap): every command and its arguments. Defaults point at the
+//! library crates' named constants.
+
+use std::path::PathBuf;
+
+use actwatch_detect::monitor::{DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR, DEFAULT_SEED};
+use actwatch_detect::spec::DEFAULT_DETECTORS;
+use actwatch_io::reader::{ReadOptions, TraceColumns};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "actwatch",
+    version,
+    about = "Flag neural-network computations whose activations look unlike trusted data",
+    long_about = "actwatch fits detectors (Gaussian/Mahalanobis, k-nearest-neighbour) on activation \
+traces of trusted data, calibrates them so that a flag means a p-value at or below a target \
+false-positive rate, and scores new traces per computation.\n\nInput is Parquet in long format: one \
+row per trace with a computation id column, a site column and a vector column (FixedSizeList or List \
+of float32/float16)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Fit a monitor on trusted reference traces and write it to a directory.
+    Fit(FitArgs),
+    /// Score Parquet archives with a fitted monitor; write scores as Parquet.
+    Score(ScoreArgs),
+    /// Evaluate a monitor: normal files against anomalous files (AUROC, FPR, recall).
+    Eval(EvalArgs),
+    /// A first run: fit and evaluate on a small sample of real transformer activations shipped with actwatch.
+    Demo,
+    /// Serve the gRPC API (actwatch.v1, with health and reflection) over one data directory.
+    Serve(ServeArgs),
+    /// Run a TorchScript model over token ids from Parquet and write its hidden states as traces
+    /// (needs the `torch` feature).
+    #[cfg(feature = "torch")]
+    #[command(long_about = crate::torch::CAPTURE_HELP)]
+    Capture(crate::torch::CaptureArgs),
+}
+
+/// Each setting is taken from, highest precedence first: its flag, its environment variable, the
+/// `--config` file, the default.
+#[derive(Args, Debug)]
+#[command(
+    after_long_help = "Logs go to stderr, filtered by RUST_LOG (default: info), e.g. RUST_LOG=actwatch_server=debug.\n\nMetrics (Prometheus text format 0.0.4, GET /metrics): actwatch_ingest_rows_total, actwatch_ingest_bytes_total, actwatch_scored_traces_total, actwatch_scored_computations_total, actwatch_flags_total, actwatch_observed_flag_rate, actwatch_target_fpr (label monitor); actwatch_score_latency_seconds (histogram, label rpc); actwatch_rejected_calls_total (label code)."
+)]
+pub struct ServeArgs {
+    /// TOML config file. Keys: data_dir, listen, metrics_listen, and a [limits] table with any of
+    /// max_message_bytes, max_batch_rows, max_concurrent_streams, max_open_computations,
+    /// max_score_log_bytes, flag_buffer, query_limit, max_query_limit. An unknown key is an error.
+    /// Environment variables and flags override the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory holding every monitor: reference segments, fitted artifacts, score logs
+    /// [default: ./actwatch-data].
+    #[arg(long, env = "ACTWATCH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the gRPC API listens on [default: 127.0.0.1:50051].
+    #[arg(long, env = "ACTWATCH_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address of the Prometheus endpoint (GET /metrics), or `off` [default: 127.0.0.1:9464].
+    #[arg(long, env = "ACTWATCH_METRICS_LISTEN", value_name = "ADDR|off")]
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct ColumnArgs {
+    /// Column holding the computation id (all traces of one forward pass or request share it).
+    /// Default for `fit`: trace_id; for `score`/`eval`: what the monitor was fitted with.
+    #[arg(long)]
+    pub trace_column: Option<String>,
+    /// Column naming the site (layer, hook point) a trace was read at; strings or integers.
+    /// Default for `fit`: site; for `score`/`eval`: what the monitor was fitted with.
+    #[arg(long)]
+    pub site_column: Option<String>,
+    /// Column holding the activation vector (FixedSizeList, List or LargeList of float32/float16/float64).
+    /// Default for `fit`: activation; for `score`/`eval`: what the monitor was fitted with.
+    #[arg(long)]
+    pub vector_column: Option<String>,
+    /// Rows decoded per batch; bounds memory while streaming.
+    #[arg(long, default_value_t = actwatch_io::reader::DEFAULT_BATCH_ROWS)]
+    pub batch_rows: usize,
+}
+
+impl ColumnArgs {
+    pub fn read_options(&self, defaults: &TraceColumns, sites: Option<Vec<String>>) -> ReadOptions {
+        ReadOptions {
+            columns: TraceColumns {
+                trace: self
+                    .trace_column
+                    .clone()
+                    .unwrap_or_else(|| defaults.trace.clone()),
+                site: self
+                    .site_column
+                    .clone()
+                    .unwrap_or_else(|| defaults.site.clone()),
+                vector: self
+                    .vector_column
+                    .clone()
+                    .unwrap_or_else(|| defaults.vector.clone()),
+            },
+            batch_rows: self.batch_rows.max(1),
+            sites,
+            keep_other_columns: false,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct FitArgs {
+    /// Reference Parquet files or directories (searched recursively for *.parquet).
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Directory to write the monitor to (replaced atomically if it already holds a monitor).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+    /// Only these sites (comma-separated); default: every site in the input.
+    #[arg(long, value_delimiter = ',')]
+    pub sites: Option<Vec<String>>,
+    /// Detectors fitted at every site, comma-separated, each `name[:key=value,...]`:
+    /// `gaussian` (Mahalanobis; shrinkage=lw|oas|<0..1>, normalize=true|false, rank=<r>|full) and
+    /// `knn` (k=<k>, metric=cosine|l2, exact_max=<n> references before switching to HNSW,
+    /// max_references=<n> kept as a seeded uniform sample, m, ef_construction, ef_search).
+    #[arg(long, default_value = DEFAULT_DETECTORS)]
+    pub detectors: String,
+    /// How per-detector, per-site p-values combine into one statistic per computation:
+    /// fisher (sum of evidence), cauchy (Cauchy combination), minp (strongest single signal).
+    #[arg(long, default_value_t = actwatch_detect::fusion::DEFAULT_FUSION.name().to_string())]
+    pub fusion: String,
+    /// Target false-positive rate: a computation is flagged when its p-value is at or below it.
+    #[arg(long, default_value_t = DEFAULT_FPR)]
+    pub fpr: f64,
+    /// Share of reference computations held out (by seeded hash of the id) to calibrate p-values.
+    #[arg(long, default_value_t = DEFAULT_CALIBRATION_FRACTION)]
+    pub calibration_fraction: f64,
+    /// Seed of the fit/calibration split.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LevelArg {
+    /// One row per computation (trace id): fused score, p-value, flag, per-site/detector p-values.
+    Computation,
+    /// One row per input trace: the input columns (except the vector) plus trace-level scores.
+    Trace,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Monitor directory written by `actwatch fit`.
+    #[arg(long)]
+    pub monitor: PathBuf,
+    /// Parquet files or directories to score.
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Output Parquet file; it appears only once complete.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Granularity of the output.
+    #[arg(long, value_enum, default_value = "computation")]
+    pub level: LevelArg,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+    /// Compute raw Gaussian and exact kNN scores with libtorch on this device (cpu, cuda, cuda:N)
+    /// instead of the default pure-Rust backend; calibration and fusion are unchanged.
+    #[cfg(feature = "torch")]
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Monitor directory written by `actwatch fit`.
+    #[arg(long)]
+    pub monitor: PathBuf,
+    /// Parquet files of in-distribution computations (false positives are measured on them).
+    #[arg(long, required = true, num_args = 1..)]
+    pub normal: Vec<PathBuf>,
+    /// Parquet files of anomalous computations; each file is one category unless --label-column is given.
+    #[arg(long, required = true, num_args = 1..)]
+    pub anomalous: Vec<PathBuf>,
+    /// Group anomalous computations by this column's value instead of by file.
+    #[arg(long)]
+    pub label_column: Option<String>,
+    /// Write score histograms and ROC curves to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+}

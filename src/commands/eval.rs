@@ -1,0 +1,100 @@
+//! `actwatch eval`: normal files against anomalous ones (AUROC, FPR at 95% TPR, recall at the
+//! target false-positive rate, achieved FPR).
+
+use std::path::{Path, PathBuf};
+
+use actwatch_detect::Monitor;
+use actwatch_io::pipeline;
+use actwatch_io::reader::ReadOptions;
+use anyhow::{bail, Context, Result};
+
+use crate::cli::EvalArgs;
+use crate::progress::Bars;
+use crate::report::{print_eval_table, EvalRow};
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let (monitor, manifest) = super::load(&a.monitor)?;
+    let read = a.columns.read_options(&manifest.reference.columns, None);
+    run_eval(
+        &monitor,
+        &read,
+        &a.normal,
+        &a.anomalous,
+        a.label_column.as_deref(),
+        a.plot.as_deref(),
+    )
+}
+
+pub fn run_eval(
+    monitor: &Monitor,
+    read: &ReadOptions,
+    normal: &[PathBuf],
+    anomalous: &[PathBuf],
+    label_column: Option<&str>,
+    plot_path: Option<&Path>,
+) -> Result<()> {
+    let bars = Bars::new();
+    let n = pipeline::score_computations(monitor, normal, read, &bars)
+        .context("scoring the normal files")?;
+    let normal_row = EvalRow {
+        name: "normal".into(),
+        scores: n.results.iter().map(|r| r.score).collect(),
+        flags: n.results.iter().map(|r| r.flagged).collect(),
+    };
+    let mut rows: Vec<EvalRow> = Vec::new();
+    for path in anomalous {
+        let t = pipeline::score_computations(monitor, std::slice::from_ref(path), read, &bars)
+            .with_context(|| format!("scoring {}", path.display()))?;
+        match label_column {
+            None => rows.push(EvalRow {
+                name: path.file_stem().map_or_else(
+                    || path.display().to_string(),
+                    |s| s.to_string_lossy().into_owned(),
+                ),
+                scores: t.results.iter().map(|r| r.score).collect(),
+                flags: t.results.iter().map(|r| r.flagged).collect(),
+            }),
+            Some(col) => {
+                let labels = t.column_strings(col).with_context(|| {
+                    format!(
+                        "{}: no column {col} constant within each computation",
+                        path.display()
+                    )
+                })?;
+                for (label, r) in labels.iter().zip(&t.results) {
+                    let name = label.clone().unwrap_or_else(|| "(null)".into());
+                    let row = match rows.iter_mut().position(|x| x.name == name) {
+                        Some(i) => &mut rows[i],
+                        None => {
+                            rows.push(EvalRow {
+                                name,
+                                scores: vec![],
+                                flags: vec![],
+                            });
+                            rows.last_mut().expect("pushed")
+                        }
+                    };
+                    row.scores.push(r.score);
+                    row.flags.push(r.flagged);
+                }
+            }
+        }
+    }
+    if normal_row.scores.is_empty() {
+        bail!("the normal files hold no computations of the monitor's sites");
+    }
+    print_eval_table(monitor, &normal_row, &rows);
+    if let Some(path) = plot_path {
+        let series: Vec<(&str, &[f64])> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.scores.as_slice()))
+            .collect();
+        std::fs::write(
+            path,
+            crate::plot::svg(&normal_row.scores, &series, monitor.summary().threshold),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        println!("plot written to {}", path.display());
+    }
+    Ok(())
+}

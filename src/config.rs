@@ -1,0 +1,175 @@
+//! `actwatch serve`'s settings: defaults, then the `--config` file, then the environment, then
+//! the flags.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::cli::ServeArgs;
+
+/// `actwatch serve` defaults, below the config file, the environment and the flags.
+pub const DEFAULT_DATA_DIR: &str = "./actwatch-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// The `--metrics-listen` value that disables the metrics endpoint.
+pub const METRICS_OFF: &str = "off";
+
+/// The `--config` file. Every key is optional; unknown keys are refused, naming the key (the
+/// `[limits]` table deserialises into `actwatch_server::Limits` itself, with its defaults).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    limits: actwatch_server::Limits,
+}
+
+/// What `actwatch serve` runs with, every layer applied.
+#[derive(Debug, PartialEq)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    /// `None`: no metrics endpoint.
+    pub metrics_listen: Option<String>,
+    pub limits: actwatch_server::Limits,
+}
+
+impl ServeConfig {
+    /// Reads the `--config` file (if any) and layers it under `a` (flags, then environment).
+    pub fn resolve(a: ServeArgs) -> Result<Self> {
+        let file = match &a.config {
+            None => ConfigFile::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?
+            }
+        };
+        Ok(Self::layer(a, file))
+    }
+
+    fn layer(a: ServeArgs, file: ConfigFile) -> Self {
+        let metrics = a
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+        Self {
+            data_dir: a
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            listen: a
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            metrics_listen: (!metrics.eq_ignore_ascii_case(METRICS_OFF)).then_some(metrics),
+            limits: file.limits,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENV: [&str; 3] = [
+        "ACTWATCH_DATA_DIR",
+        "ACTWATCH_LISTEN",
+        "ACTWATCH_METRICS_LISTEN",
+    ];
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        use clap::Parser;
+        let argv = ["actwatch", "serve"].iter().chain(argv);
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Serve(a) => a,
+            _ => unreachable!("parsed `serve`"),
+        }
+    }
+
+    /// The only test that touches the `ACTWATCH_*` variables, so tests running in parallel never
+    /// see each other's environment.
+    #[test]
+    fn serve_settings_layer_defaults_then_file_then_env_then_flags() {
+        for v in ENV {
+            std::env::remove_var(v);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("actwatch.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n\
+             [limits]\nmax_batch_rows = 7\nmax_score_log_bytes = 1024\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+
+        let defaults = ServeConfig::resolve(serve_args(&[])).unwrap();
+        assert_eq!(
+            defaults,
+            ServeConfig {
+                data_dir: DEFAULT_DATA_DIR.into(),
+                listen: DEFAULT_LISTEN.into(),
+                metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
+                limits: actwatch_server::Limits::default(),
+            }
+        );
+
+        let from_file = ServeConfig::resolve(serve_args(&["--config", file])).unwrap();
+        assert_eq!(from_file.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(from_file.listen, "127.0.0.1:1");
+        assert_eq!(from_file.metrics_listen.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(
+            from_file.limits,
+            actwatch_server::Limits {
+                max_batch_rows: 7,
+                max_score_log_bytes: 1024,
+                ..actwatch_server::Limits::default()
+            }
+        );
+
+        std::env::set_var("ACTWATCH_LISTEN", "127.0.0.1:3");
+        std::env::set_var("ACTWATCH_METRICS_LISTEN", "off");
+        let env_over_file = ServeConfig::resolve(serve_args(&["--config", file])).unwrap();
+        assert_eq!(env_over_file.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(env_over_file.listen, "127.0.0.1:3");
+        assert_eq!(env_over_file.metrics_listen, None);
+        assert_eq!(env_over_file.limits.max_batch_rows, 7);
+
+        std::env::set_var("ACTWATCH_DATA_DIR", "/from/env");
+        let flags_over_env = ServeConfig::resolve(serve_args(&[
+            "--config",
+            file,
+            "--listen",
+            "127.0.0.1:4",
+            "--metrics-listen",
+            "127.0.0.1:5",
+        ]))
+        .unwrap();
+        assert_eq!(flags_over_env.data_dir, PathBuf::from("/from/env"));
+        assert_eq!(flags_over_env.listen, "127.0.0.1:4");
+        assert_eq!(
+            flags_over_env.metrics_listen.as_deref(),
+            Some("127.0.0.1:5")
+        );
+
+        let flag_off = ServeConfig::resolve(serve_args(&["--metrics-listen", "off"])).unwrap();
+        assert_eq!(flag_off.metrics_listen, None);
+        for v in ENV {
+            std::env::remove_var(v);
+        }
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors_naming_the_key() {
+        let top = toml::from_str::<ConfigFile>("listen = \"x\"\nlisen = \"y\"\n").unwrap_err();
+        assert!(top.to_string().contains("lisen"), "{top}");
+        let nested = toml::from_str::<ConfigFile>("[limits]\nmax_batch_rows = 1\nmax_rows = 3\n")
+            .unwrap_err();
+        assert!(nested.to_string().contains("max_rows"), "{nested}");
+        let missing = ServeConfig::resolve(serve_args(&["--config", "/nonexistent/actwatch.toml"]));
+        assert!(format!("{:#}", missing.unwrap_err()).contains("/nonexistent/actwatch.toml"));
+    }
+}
