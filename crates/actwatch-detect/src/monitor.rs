@@ -411,11 +411,16 @@ impl MonitorCalibrator {
             })
             .collect();
         let fused = Calibration::new(fused_scores.clone())?;
-        // In-sample flag rate of the calibration computations, each judged leave-one-out.
+        // In-sample flag rate of the calibration computations, each judged leave-one-out: a
+        // member's p-value among the others is (1 + #{others >= s}) / n = #{all >= s} / n,
+        // counted exactly (a round trip through `p_value` can round just above the target).
         let n = fused.len() as f64;
         let flagged = fused_scores
             .iter()
-            .filter(|&&s| (fused.p_value(s) * (n + 1.0) - 1.0) / n <= self.options.fpr)
+            .filter(|&&s| {
+                let at_least = fused.len() - fused.scores().partition_point(|&c| c < s);
+                at_least as f64 / n <= self.options.fpr
+            })
             .count();
         let summary = FitSummary {
             fit_seconds: self.fit_seconds,
