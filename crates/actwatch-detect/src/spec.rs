@@ -44,71 +44,8 @@ impl DetectorSpec {
             })
             .collect::<Result<Vec<_>>>()?;
         match name.to_ascii_lowercase().as_str() {
-            "gaussian" | "mahalanobis" => {
-                let mut o = GaussianOptions::default();
-                for (k, v) in pairs {
-                    match k {
-                        "shrinkage" => {
-                            o.shrinkage = match v.to_ascii_lowercase().as_str() {
-                                "ledoit-wolf" | "ledoitwolf" | "lw" => Shrinkage::LedoitWolf,
-                                "oas" => Shrinkage::Oas,
-                                x => {
-                                    let a: f64 = x.parse().map_err(|_| {
-                                        Error::InvalidOption(format!(
-                                            "shrinkage `{v}`: expected lw, oas or a number in [0, 1]"
-                                        ))
-                                    })?;
-                                    if !(0.0..=1.0).contains(&a) {
-                                        return Err(Error::InvalidOption(format!(
-                                            "shrinkage {a} is outside [0, 1]"
-                                        )));
-                                    }
-                                    Shrinkage::Fixed(a)
-                                }
-                            }
-                        }
-                        "normalize" | "normalise" => o.normalize = parse_bool(k, v)?,
-                        "rank" => {
-                            o.rank = match v {
-                                "full" => None,
-                                _ => Some(parse_positive(k, v)?),
-                            }
-                        }
-                        _ => return Err(unknown_key("gaussian", k, "shrinkage, normalize, rank")),
-                    }
-                }
-                Ok(DetectorSpec::Gaussian(o))
-            }
-            "knn" => {
-                let mut o = KnnOptions::default();
-                for (k, v) in pairs {
-                    match k {
-                        "k" => o.k = parse_positive(k, v)?,
-                        "metric" => {
-                            o.metric = match v.to_ascii_lowercase().as_str() {
-                                "cosine" => Metric::Cosine,
-                                "l2" | "euclidean" => Metric::L2,
-                                _ => {
-                                    return Err(Error::InvalidOption(format!(
-                                        "metric `{v}`: expected cosine or l2"
-                                    )))
-                                }
-                            }
-                        }
-                        "exact_max" => o.exact_max = parse_usize(k, v)?,
-                        "max_references" => o.max_references = parse_positive(k, v)?,
-                        "m" => o.hnsw_m = parse_positive(k, v)?,
-                        "ef_construction" => o.hnsw_ef_construction = parse_positive(k, v)?,
-                        "ef_search" => o.hnsw_ef_search = parse_positive(k, v)?,
-                        _ => return Err(unknown_key(
-                            "knn",
-                            k,
-                            "k, metric, exact_max, max_references, m, ef_construction, ef_search",
-                        )),
-                    }
-                }
-                Ok(DetectorSpec::Knn(o))
-            }
+            "gaussian" | "mahalanobis" => Ok(DetectorSpec::Gaussian(gaussian_options(&pairs)?)),
+            "knn" => Ok(DetectorSpec::Knn(knn_options(&pairs)?)),
             other => Err(Error::InvalidOption(format!(
                 "unknown detector `{other}`: expected gaussian or knn"
             ))),
@@ -159,6 +96,77 @@ impl DetectorSpec {
 
 fn unknown_key(det: &str, key: &str, known: &str) -> Error {
     Error::InvalidOption(format!("{det}: unknown parameter `{key}` (known: {known})"))
+}
+
+/// The options of a `gaussian:...` spec.
+fn gaussian_options(pairs: &[(&str, &str)]) -> Result<GaussianOptions> {
+    let mut o = GaussianOptions::default();
+    for &(k, v) in pairs {
+        match k {
+            "shrinkage" => {
+                o.shrinkage = match v.to_ascii_lowercase().as_str() {
+                    "ledoit-wolf" | "ledoitwolf" | "lw" => Shrinkage::LedoitWolf,
+                    "oas" => Shrinkage::Oas,
+                    x => {
+                        let a: f64 = x.parse().map_err(|_| {
+                            Error::InvalidOption(format!(
+                                "shrinkage `{v}`: expected lw, oas or a number in [0, 1]"
+                            ))
+                        })?;
+                        if !(0.0..=1.0).contains(&a) {
+                            return Err(Error::InvalidOption(format!(
+                                "shrinkage {a} is outside [0, 1]"
+                            )));
+                        }
+                        Shrinkage::Fixed(a)
+                    }
+                }
+            }
+            "normalize" | "normalise" => o.normalize = parse_bool(k, v)?,
+            "rank" => {
+                o.rank = match v {
+                    "full" => None,
+                    _ => Some(parse_positive(k, v)?),
+                }
+            }
+            _ => return Err(unknown_key("gaussian", k, "shrinkage, normalize, rank")),
+        }
+    }
+    Ok(o)
+}
+
+/// The options of a `knn:...` spec.
+fn knn_options(pairs: &[(&str, &str)]) -> Result<KnnOptions> {
+    let mut o = KnnOptions::default();
+    for &(k, v) in pairs {
+        match k {
+            "k" => o.k = parse_positive(k, v)?,
+            "metric" => {
+                o.metric = match v.to_ascii_lowercase().as_str() {
+                    "cosine" => Metric::Cosine,
+                    "l2" | "euclidean" => Metric::L2,
+                    _ => {
+                        return Err(Error::InvalidOption(format!(
+                            "metric `{v}`: expected cosine or l2"
+                        )))
+                    }
+                }
+            }
+            "exact_max" => o.exact_max = parse_usize(k, v)?,
+            "max_references" => o.max_references = parse_positive(k, v)?,
+            "m" => o.hnsw_m = parse_positive(k, v)?,
+            "ef_construction" => o.hnsw_ef_construction = parse_positive(k, v)?,
+            "ef_search" => o.hnsw_ef_search = parse_positive(k, v)?,
+            _ => {
+                return Err(unknown_key(
+                    "knn",
+                    k,
+                    "k, metric, exact_max, max_references, m, ef_construction, ef_search",
+                ))
+            }
+        }
+    }
+    Ok(o)
 }
 
 fn parse_bool(k: &str, v: &str) -> Result<bool> {

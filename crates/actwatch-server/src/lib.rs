@@ -49,20 +49,7 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let root = data_dir.into();
-    let max_log = limits.max_score_log_bytes;
-    let data = tokio::task::spawn_blocking(move || DataDir::open(root, max_log))
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
-    let metrics = Arc::new(Metrics::default());
-    for m in data.list() {
-        metrics.register_monitor(&m.name, m.options.fpr);
-    }
-    tracing::info!(
-        data_dir = %data.root().display(),
-        monitors = data.list().len(),
-        "data directory loaded"
-    );
+    let (data, metrics) = open_data(data_dir.into(), limits.max_score_log_bytes).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let max_message_bytes = limits.max_message_bytes;
     let service =
@@ -134,6 +121,24 @@ pub async fn serve(
     served?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Opens the data directory (blocking, off the runtime's threads) and registers every monitor's
+/// metrics.
+async fn open_data(root: PathBuf, max_score_log_bytes: u64) -> Result<(DataDir, Arc<Metrics>)> {
+    let data = tokio::task::spawn_blocking(move || DataDir::open(root, max_score_log_bytes))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let metrics = Arc::new(Metrics::default());
+    for m in data.list() {
+        metrics.register_monitor(&m.name, m.options.fpr);
+    }
+    tracing::info!(
+        data_dir = %data.root().display(),
+        monitors = data.list().len(),
+        "data directory loaded"
+    );
+    Ok((data, metrics))
 }
 
 /// tonic rejects an over-long *unary* request before any handler runs, with OUT_OF_RANGE in a

@@ -233,42 +233,32 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{monitor=\"{}\"}} {v}", escape_label(m));
             }
         }
+        render_gauges(&mut out, &monitors);
+        self.render_latency(&mut out);
         header(
             &mut out,
-            "actwatch_observed_flag_rate",
-            "Flagged computations over scored computations since the server started.",
-            "gauge",
+            "actwatch_rejected_calls_total",
+            "Calls that ended with an error status, by gRPC code.",
+            "counter",
         );
-        for (m, c) in &monitors {
-            let n = c.scored_computations.load(Ordering::Relaxed);
-            if n > 0 {
-                let rate = c.flags.load(Ordering::Relaxed) as f64 / n as f64;
+        for code in CODES {
+            let v = self.rejected[code as usize].load(Ordering::Relaxed);
+            if v > 0 {
                 let _ = writeln!(
                     out,
-                    "actwatch_observed_flag_rate{{monitor=\"{}\"}} {}",
-                    escape_label(m),
-                    float(rate)
+                    "actwatch_rejected_calls_total{{code=\"{}\"}} {v}",
+                    code_name(code)
                 );
             }
         }
-        header(
-            &mut out,
-            "actwatch_target_fpr",
-            "The false-positive rate each monitor is calibrated to.",
-            "gauge",
-        );
-        for (m, c) in &monitors {
-            let fpr = f64::from_bits(c.target_fpr.load(Ordering::Relaxed));
-            let _ = writeln!(
-                out,
-                "actwatch_target_fpr{{monitor=\"{}\"}} {}",
-                escape_label(m),
-                float(fpr)
-            );
-        }
+        out
+    }
+
+    /// The score-latency histogram, one series per scoring RPC.
+    fn render_latency(&self, out: &mut String) {
         let name = "actwatch_score_latency_seconds";
         header(
-            &mut out,
+            out,
             name,
             "Time to score one Score call or one StreamScores batch.",
             "histogram",
@@ -294,23 +284,43 @@ impl Metrics {
             let _ = writeln!(out, "{name}_sum{{rpc=\"{rpc}\"}} {}", float(sum));
             let _ = writeln!(out, "{name}_count{{rpc=\"{rpc}\"}} {cumulative}");
         }
-        header(
-            &mut out,
-            "actwatch_rejected_calls_total",
-            "Calls that ended with an error status, by gRPC code.",
-            "counter",
-        );
-        for code in CODES {
-            let v = self.rejected[code as usize].load(Ordering::Relaxed);
-            if v > 0 {
-                let _ = writeln!(
-                    out,
-                    "actwatch_rejected_calls_total{{code=\"{}\"}} {v}",
-                    code_name(code)
-                );
-            }
+    }
+}
+
+/// Each monitor's observed flag rate and target false-positive rate.
+fn render_gauges(out: &mut String, monitors: &[(String, Arc<MonitorCounters>)]) {
+    header(
+        out,
+        "actwatch_observed_flag_rate",
+        "Flagged computations over scored computations since the server started.",
+        "gauge",
+    );
+    for (m, c) in monitors {
+        let n = c.scored_computations.load(Ordering::Relaxed);
+        if n > 0 {
+            let rate = c.flags.load(Ordering::Relaxed) as f64 / n as f64;
+            let _ = writeln!(
+                out,
+                "actwatch_observed_flag_rate{{monitor=\"{}\"}} {}",
+                escape_label(m),
+                float(rate)
+            );
         }
-        out
+    }
+    header(
+        out,
+        "actwatch_target_fpr",
+        "The false-positive rate each monitor is calibrated to.",
+        "gauge",
+    );
+    for (m, c) in monitors {
+        let fpr = f64::from_bits(c.target_fpr.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "actwatch_target_fpr{{monitor=\"{}\"}} {}",
+            escape_label(m),
+            float(fpr)
+        );
     }
 }
 

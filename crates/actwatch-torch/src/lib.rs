@@ -18,6 +18,9 @@ pub mod capture;
 mod device;
 mod error;
 pub mod ingest;
+mod input;
+mod model;
+mod sink;
 
 pub use backend::TorchBackend;
 pub use device::parse_device;

@@ -239,38 +239,9 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
     }
     let options = options_from_spec(&spec_file.spec)?;
 
-    // Segments that state.json does not list were never acknowledged: remove them.
-    let reference = dir.join(REFERENCE_DIR);
-    fs::create_dir_all(&reference).map_err(|e| Error::storage(&reference, e))?;
-    let listed: HashSet<&str> = state.segments.iter().map(|s| s.file.as_str()).collect();
-    for e in fs::read_dir(&reference).map_err(|e| Error::storage(&reference, e))? {
-        let e = e.map_err(|e| Error::storage(&reference, e))?;
-        let file = e.file_name().to_string_lossy().into_owned();
-        if !listed.contains(file.as_str()) {
-            if let Some(seq) = segment_seq(&file) {
-                state.next_segment = state.next_segment.max(seq + 1);
-            }
-            let _ = fs::remove_file(e.path());
-        }
-    }
-    for s in &state.segments {
-        let p = reference.join(&s.file);
-        if !p.is_file() {
-            return Err(Error::Corrupt {
-                path: dir.join(STATE_FILE),
-                message: format!("listed segment {} is missing", p.display()),
-            });
-        }
-    }
+    reconcile_segments(dir, &mut state)?;
 
-    // Leftovers of durable writes that did not finish (state, checkpoint, a fit being saved).
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if durable::is_temporary(&e.file_name().to_string_lossy()) {
-                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
-            }
-        }
-    }
+    remove_temporaries(dir);
     let fitted_dir = dir.join(FITTED_DIR);
     let fitted = if fitted_dir.exists() {
         match load_monitor(&fitted_dir) {
@@ -305,6 +276,47 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
         log: Mutex::new(ScoreLog::open(&scores, max_score_log_bytes)?),
         deleted: AtomicBool::new(false),
     })
+}
+
+/// Deletes the segments `state.json` does not list (ingests that were never acknowledged), keeping
+/// their sequence numbers from being reused, and checks that every listed segment is there.
+fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
+    let reference = dir.join(REFERENCE_DIR);
+    fs::create_dir_all(&reference).map_err(|e| Error::storage(&reference, e))?;
+    let listed: HashSet<&str> = state.segments.iter().map(|s| s.file.as_str()).collect();
+    for e in fs::read_dir(&reference).map_err(|e| Error::storage(&reference, e))? {
+        let e = e.map_err(|e| Error::storage(&reference, e))?;
+        let file = e.file_name().to_string_lossy().into_owned();
+        if !listed.contains(file.as_str()) {
+            if let Some(seq) = segment_seq(&file) {
+                state.next_segment = state.next_segment.max(seq + 1);
+            }
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    for s in &state.segments {
+        let p = reference.join(&s.file);
+        if !p.is_file() {
+            return Err(Error::Corrupt {
+                path: dir.join(STATE_FILE),
+                message: format!("listed segment {} is missing", p.display()),
+            });
+        }
+    }
+
+    Ok(())
+}
+
+/// Removes what durable writes that did not finish left in `dir` (state, checkpoint, a fit
+/// being saved).
+fn remove_temporaries(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if durable::is_temporary(&e.file_name().to_string_lossy()) {
+                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+            }
+        }
+    }
 }
 
 fn segment_seq(file: &str) -> Option<u64> {

@@ -1,0 +1,151 @@
+//! Exact search as a blocked f32 GEMM: a block of queries times a block of references gives a
+//! similarity tile, scanned into a per-query top-k ([`TopK`]), so memory is bounded by the tile
+//! sizes and the arithmetic runs at matrix-product speed.
+
+use actwatch_core::l2_normalize_rows;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use super::{KnnDetector, Metric, QUERY_BLOCK, REF_BLOCK, SCAN_CHUNK};
+
+/// Candidate neighbours of one query: ranking key (higher = nearer) and reference index.
+struct TopK {
+    k: usize,
+    keys: Vec<f32>,
+    idx: Vec<usize>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            keys: Vec::with_capacity(k + 1),
+            idx: Vec::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    fn threshold(&self) -> f32 {
+        if self.keys.len() < self.k {
+            f32::NEG_INFINITY
+        } else {
+            self.keys[self.k - 1]
+        }
+    }
+
+    /// Inserts when `key` beats the current k-th best; equal keys keep the earlier index.
+    #[inline]
+    fn insert(&mut self, key: f32, i: usize) {
+        let thr = self.threshold();
+        if key.is_nan() || key <= thr {
+            return;
+        }
+        let pos = self.keys.partition_point(|&x| x >= key);
+        self.keys.insert(pos, key);
+        self.idx.insert(pos, i);
+        if self.keys.len() > self.k {
+            self.keys.pop();
+            self.idx.pop();
+        }
+    }
+
+    /// Offers `keys[j]` for reference `base + j`, skipping whole chunks none of which can enter.
+    fn scan(&mut self, keys: &[f32], base: usize) {
+        let mut thr = self.threshold();
+        for (c, chunk) in keys.chunks(SCAN_CHUNK).enumerate() {
+            let mx = chunk
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            if mx > thr {
+                for (j, &v) in chunk.iter().enumerate() {
+                    if v > thr {
+                        self.insert(v, base + c * SCAN_CHUNK + j);
+                        thr = self.threshold();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl KnnDetector {
+    /// For every query, `finish(prepared query, indices of its k nearest references by the f32
+    /// GEMM ranking)` (`k <= len()`). Query blocks run in parallel, each GEMM on one thread; memory
+    /// is one tile and one prepared query block per thread.
+    pub(super) fn exact_search<T: Send>(
+        &self,
+        rows: &[f32],
+        k: usize,
+        finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
+    ) -> Vec<T> {
+        let dim = self.dim;
+        let nq = rows.len() / dim;
+        let threads = rayon::current_num_threads().max(1);
+        let qb = nq.div_ceil(threads).clamp(1, QUERY_BLOCK);
+        let half = match self.options.metric {
+            Metric::L2 => Some(self.half_sq_norms()),
+            Metric::Cosine => None,
+        };
+        rows.par_chunks(qb * dim)
+            .flat_map_iter(|block| self.search_block(block, k, half, finish))
+            .collect()
+    }
+
+    fn search_block<T>(
+        &self,
+        block: &[f32],
+        k: usize,
+        half: Option<&[f32]>,
+        finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
+    ) -> Vec<T> {
+        let dim = self.dim;
+        let bq = block.len() / dim;
+        let mut queries = block.to_vec();
+        if self.options.metric == Metric::Cosine {
+            l2_normalize_rows(&mut queries, dim);
+        }
+        let mut tops: Vec<TopK> = (0..bq).map(|_| TopK::new(k)).collect();
+        let mut tile = vec![0f32; REF_BLOCK.min(self.len()) * bq];
+        let qmat = MatRef::from_row_major_slice(&queries, bq, dim);
+        for (b, rblock) in self.refs.chunks(REF_BLOCK * dim).enumerate() {
+            let br = rblock.len() / dim;
+            let base = b * REF_BLOCK;
+            let tile = &mut tile[..br * bq];
+            // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's similarities.
+            matmul(
+                MatMut::from_column_major_slice_mut(tile, br, bq),
+                Accum::Replace,
+                MatRef::from_row_major_slice(rblock, br, dim),
+                qmat.transpose(),
+                1.0f32,
+                Par::Seq,
+            );
+            for (col, top) in tile.chunks_exact_mut(br).zip(tops.iter_mut()) {
+                if let Some(h) = half {
+                    // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2).
+                    for (s, &hr) in col.iter_mut().zip(&h[base..base + br]) {
+                        *s -= hr;
+                    }
+                }
+                top.scan(col, base);
+            }
+        }
+        queries
+            .chunks_exact(dim)
+            .zip(tops)
+            .map(|(q, top)| {
+                let mut idx = top.idx;
+                if idx.len() < k {
+                    // Only when f32 keys overflowed to NaN (values beyond ~1e18): rank exactly.
+                    let d = self.brute_force_distances(q);
+                    let mut order: Vec<usize> = (0..d.len()).collect();
+                    order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then(a.cmp(&b)));
+                    order.truncate(k);
+                    idx = order;
+                }
+                finish(q, idx)
+            })
+            .collect()
+    }
+}

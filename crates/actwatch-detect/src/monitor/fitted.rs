@@ -1,0 +1,177 @@
+//! The fitted monitor: per-site detectors and calibrations, the computation-level calibration,
+//! and what fitting measured. Scoring it is [`crate::score`].
+
+use crate::backend::Backend;
+use crate::calibration::Calibration;
+use crate::spec::{DetectorSpec, FittedDetector};
+use crate::{Error, Result};
+
+use super::MonitorOptions;
+
+/// Fitted detectors and calibrations of one site.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SiteModel {
+    pub name: String,
+    pub dim: usize,
+    /// In the order of [`MonitorOptions::detectors`].
+    pub detectors: Vec<FittedDetector>,
+    /// Per detector: calibration of its raw trace scores.
+    pub calibrations: Vec<Calibration>,
+    /// Calibration of the trace-level statistic fused over this site's detectors.
+    pub trace_fused: Calibration,
+    pub fit_traces: u64,
+    pub calibration_traces: u64,
+}
+
+/// Recall of an HNSW index against exact search, measured on calibration traces at fit time.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnnRecall {
+    pub site: String,
+    /// Index into the site's detectors.
+    pub detector: usize,
+    pub queries: usize,
+    pub k: usize,
+    pub recall: f64,
+}
+
+/// What fitting measured.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FitSummary {
+    pub fit_seconds: f64,
+    pub calibration_seconds: f64,
+    pub calibration_computations: u64,
+    /// Share of calibration computations flagged, each judged against the others.
+    pub calibration_fpr: f64,
+    /// Fused statistic at or above which a computation is flagged (None: too few calibration
+    /// computations to flag anything at the target rate).
+    pub threshold: Option<f64>,
+    pub knn_recall: Vec<KnnRecall>,
+}
+
+/// A fitted, calibrated monitor. Immutable: a refit builds a new one.
+///
+/// Built only by [`Monitor::new`] (which [`MonitorCalibrator::finish`] and artifact loading both
+/// call), so its invariants hold for every caller: at least one site, site names unique, every
+/// site with one fitted detector and one calibration per [`MonitorOptions::detectors`] entry (same
+/// kinds, same order), every detector of the site's width, derived state (HNSW graphs) built.
+/// Scoring is [`Monitor::score`] (see [`crate::score`]).
+#[derive(Debug)]
+pub struct Monitor {
+    options: MonitorOptions,
+    sites: Vec<SiteModel>,
+    /// Calibration of the fused computation-level statistic.
+    fused: Calibration,
+    summary: FitSummary,
+    /// Where raw scores are computed (not stored: the default backend after loading).
+    backend: Backend,
+}
+
+impl Monitor {
+    /// Checks the invariants above and builds derived state (see [`FittedDetector::prepare`]).
+    pub fn new(
+        options: MonitorOptions,
+        mut sites: Vec<SiteModel>,
+        fused: Calibration,
+        summary: FitSummary,
+    ) -> Result<Self> {
+        options.validate()?;
+        if sites.is_empty() {
+            return Err(Error::InvalidOption(
+                "a monitor needs at least one site".into(),
+            ));
+        }
+        let kinds: Vec<&str> = options.detectors.iter().map(DetectorSpec::name).collect();
+        for (i, s) in sites.iter().enumerate() {
+            let bad = |why: String| Err(Error::InvalidOption(format!("site {:?}: {why}", s.name)));
+            if s.name.is_empty() {
+                return bad("the site name is empty".into());
+            }
+            if sites[..i].iter().any(|o| o.name == s.name) {
+                return bad("the site appears twice".into());
+            }
+            if s.dim == 0 {
+                return bad("width zero".into());
+            }
+            let got: Vec<&str> = s.detectors.iter().map(FittedDetector::name).collect();
+            if got != kinds {
+                return bad(format!("detectors {got:?}, but the options say {kinds:?}"));
+            }
+            if s.calibrations.len() != s.detectors.len() {
+                return bad(format!(
+                    "{} calibrations for {} detectors",
+                    s.calibrations.len(),
+                    s.detectors.len()
+                ));
+            }
+            if let Some(d) = s.detectors.iter().find(|d| d.dim() != s.dim) {
+                return bad(format!("a {} detector of width {}", d.name(), d.dim()));
+            }
+        }
+        for s in &mut sites {
+            for d in &mut s.detectors {
+                d.prepare()?;
+            }
+        }
+        Ok(Self {
+            options,
+            sites,
+            fused,
+            summary,
+            backend: Backend::default(),
+        })
+    }
+
+    pub fn options(&self) -> &MonitorOptions {
+        &self.options
+    }
+
+    /// The sites, in slot order.
+    pub fn sites(&self) -> &[SiteModel] {
+        &self.sites
+    }
+
+    /// Calibration of the fused computation-level statistic.
+    pub fn fused(&self) -> &Calibration {
+        &self.fused
+    }
+
+    pub fn summary(&self) -> &FitSummary {
+        &self.summary
+    }
+
+    /// Where raw scores are computed.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Computes raw scores with `backend` from now on (see [`crate::backend`]).
+    pub fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
+    pub fn site_index(&self, name: &str) -> Option<usize> {
+        self.sites.iter().position(|s| s.name == name)
+    }
+
+    pub fn site_names(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// `(site, detector name)` of every slot, in slot order.
+    pub fn slots(&self) -> Vec<(String, &'static str)> {
+        self.sites
+            .iter()
+            .flat_map(|s| s.detectors.iter().map(|d| (s.name.clone(), d.name())))
+            .collect()
+    }
+
+    /// The index of the first slot of site `site`.
+    pub(crate) fn slot_offset(&self, site: usize) -> usize {
+        self.sites[..site].iter().map(|s| s.detectors.len()).sum()
+    }
+
+    /// Number of (site, detector) slots.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.sites.iter().map(|s| s.detectors.len()).sum()
+    }
+}

@@ -1,0 +1,235 @@
+//! Scoring Parquet archives through the one scoring door, at computation or trace level.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actwatch_core::SiteBatch;
+use actwatch_detect::monitor::Monitor;
+use actwatch_detect::{OpenComputations, SiteScores};
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+
+use super::table::{slot_column_names, track_passthrough, ComputationTable, PassColumn};
+use super::Progress;
+use crate::reader::{expand_inputs, ReadOptions, TraceBatch, TraceReader};
+use crate::writer::AtomicParquetWriter;
+use crate::{Error, Result};
+
+/// One row per computation, or one row per input trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Computation,
+    Trace,
+}
+
+/// What a scoring run did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreSummary {
+    pub input_rows: u64,
+    pub output_rows: u64,
+    pub flagged: u64,
+}
+
+/// Scores every computation in `inputs`; memory grows with the number of computations, not traces.
+pub fn score_computations(
+    monitor: &Monitor,
+    inputs: &[PathBuf],
+    read: &ReadOptions,
+    progress: &dyn Progress,
+) -> Result<ComputationTable> {
+    let files = expand_inputs(inputs)?;
+    let read = ReadOptions {
+        sites: Some(monitor.site_names()),
+        keep_other_columns: true,
+        ..read.clone()
+    };
+    let skip = [read.columns.trace.clone(), read.columns.site.clone()];
+    let reader = TraceReader::open(&files, read.clone())?;
+    progress.start("score", reader.total_rows());
+    // Unbounded: a batch run holds every computation until the end (small accumulators).
+    let mut open = OpenComputations::default();
+    let mut pass: Vec<PassColumn> = Vec::new();
+    let mut pass_index: HashMap<String, usize> = HashMap::new();
+    let mut input_rows = 0u64;
+    for batch in reader {
+        let batch = batch?;
+        // Computations are numbered in order of first appearance, row by row.
+        let comps = batch
+            .trace_ids
+            .iter()
+            .map(|id| Ok(open.open(monitor, id)? as usize))
+            .collect::<Result<Vec<usize>>>()?;
+        score_batch_sites(&batch, |site_batch| open.score(monitor, site_batch))?;
+        if let Some(other) = &batch.other {
+            track_passthrough(other, &skip, &comps, &mut pass, &mut pass_index)?;
+        }
+        input_rows += batch.trace_ids.len() as u64;
+        progress.advance(batch.trace_ids.len() as u64);
+    }
+    progress.finish();
+    let (ids, results) = open.complete_all(monitor).into_iter().unzip();
+    Ok(ComputationTable {
+        trace_column: read.columns.trace.clone(),
+        ids,
+        results,
+        slot_names: slot_column_names(monitor),
+        passthrough: pass,
+        input_rows,
+    })
+}
+
+/// Scores each site of `batch` with `score` (the one scoring door, [`Monitor::score`], or
+/// [`OpenComputations::score`] around it) and returns per site the scores with the row indices
+/// they belong to. A width that differs from the monitor's is reported with its file and row.
+fn score_batch_sites(
+    batch: &TraceBatch,
+    mut score: impl FnMut(&SiteBatch) -> actwatch_detect::Result<SiteScores>,
+) -> Result<Vec<(Vec<usize>, SiteScores)>> {
+    batch
+        .site_batches()?
+        .into_iter()
+        .map(|(rows, site_batch)| match score(&site_batch) {
+            Ok(scores) => Ok((rows, scores)),
+            Err(actwatch_detect::Error::SiteWidth {
+                site,
+                expected,
+                got,
+            }) => Err(Error::WidthMismatch {
+                path: batch.path.to_path_buf(),
+                site,
+                expected,
+                got,
+                row: batch.file_row(rows[0]),
+            }),
+            Err(e) => Err(e.into()),
+        })
+        .collect()
+}
+
+/// Scores `inputs` and writes the result to `output` (Parquet), which appears only when complete.
+pub fn score_to_parquet(
+    monitor: &Monitor,
+    inputs: &[PathBuf],
+    read: &ReadOptions,
+    level: Level,
+    output: &Path,
+    progress: &dyn Progress,
+) -> Result<ScoreSummary> {
+    match level {
+        Level::Computation => {
+            let table = score_computations(monitor, inputs, read, progress)?;
+            let batch = table.to_record_batch()?;
+            let mut w = AtomicParquetWriter::create(output, batch.schema())?;
+            w.write(&batch)?;
+            w.finish()?;
+            Ok(ScoreSummary {
+                input_rows: table.input_rows,
+                output_rows: table.ids.len() as u64,
+                flagged: table.results.iter().filter(|r| r.flagged).count() as u64,
+            })
+        }
+        Level::Trace => score_traces_to_parquet(monitor, inputs, read, output, progress),
+    }
+}
+
+fn score_traces_to_parquet(
+    monitor: &Monitor,
+    inputs: &[PathBuf],
+    read: &ReadOptions,
+    output: &Path,
+    progress: &dyn Progress,
+) -> Result<ScoreSummary> {
+    let files = expand_inputs(inputs)?;
+    let read = ReadOptions {
+        sites: Some(monitor.site_names()),
+        keep_other_columns: true,
+        ..read.clone()
+    };
+    let reader = TraceReader::open(&files, read)?;
+    progress.start("score", reader.total_rows());
+    let mut writer: Option<AtomicParquetWriter> = None;
+    let mut summary = ScoreSummary::default();
+    for batch in reader {
+        let batch = batch?;
+        let n = batch.trace_ids.len();
+        let out = trace_level_batch(monitor, &batch, &mut summary)?;
+        let w = match &mut writer {
+            Some(w) => w,
+            None => writer.insert(AtomicParquetWriter::create(output, out.schema())?),
+        };
+        w.write(&out)?;
+        summary.input_rows += n as u64;
+        summary.output_rows += n as u64;
+        progress.advance(n as u64);
+    }
+    progress.finish();
+    match writer {
+        Some(w) => {
+            w.finish()?;
+        }
+        None => {
+            return Err(Error::NoInput(
+                "no traces of the monitor's sites in the input".into(),
+            ))
+        }
+    }
+    Ok(summary)
+}
+
+/// One input batch with its trace-level results appended: the input's columns (but the vector),
+/// then score, p_value, flagged, and per detector its raw score and p-value.
+fn trace_level_batch(
+    monitor: &Monitor,
+    batch: &TraceBatch,
+    summary: &mut ScoreSummary,
+) -> Result<RecordBatch> {
+    let det_names: Vec<&str> = monitor
+        .options()
+        .detectors
+        .iter()
+        .map(|d| d.name())
+        .collect();
+    let n = batch.trace_ids.len();
+    let nd = det_names.len();
+    let mut score = vec![0.0; n];
+    let mut p = vec![0.0; n];
+    let mut raw = vec![vec![0.0; n]; nd];
+    let mut det_p = vec![vec![0.0; n]; nd];
+    for (rows, s) in score_batch_sites(batch, |b| monitor.score(b))? {
+        for (k, &r) in rows.iter().enumerate() {
+            score[r] = s.trace_score[k];
+            p[r] = s.trace_p[k];
+            for j in 0..nd {
+                raw[j][r] = s.raw[j][k];
+                det_p[j][r] = s.p[j][k];
+            }
+        }
+    }
+    let other = batch.other.as_ref().expect("keep_other_columns was set");
+    let mut fields: Vec<Field> = other
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut cols: Vec<ArrayRef> = other.columns().to_vec();
+    let flagged: BooleanArray = p
+        .iter()
+        .map(|&x| Some(x <= monitor.options().fpr))
+        .collect();
+    summary.flagged += flagged.true_count() as u64;
+    fields.push(Field::new("score", DataType::Float64, false));
+    cols.push(Arc::new(Float64Array::from(score)));
+    fields.push(Field::new("p_value", DataType::Float64, false));
+    cols.push(Arc::new(Float64Array::from(p)));
+    fields.push(Field::new("flagged", DataType::Boolean, false));
+    cols.push(Arc::new(flagged));
+    for (j, name) in det_names.iter().enumerate() {
+        fields.push(Field::new(format!("raw_{name}"), DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from(std::mem::take(&mut raw[j]))));
+        fields.push(Field::new(format!("p_{name}"), DataType::Float64, false));
+        cols.push(Arc::new(Float64Array::from(std::mem::take(&mut det_p[j]))));
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+}

@@ -1,0 +1,191 @@
+//! [`TraceBatch`]: one decoded batch of traces from one file, and its per-site views.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actwatch_core::{SiteBatch, Vectors};
+use arrow::record_batch::RecordBatch;
+
+use crate::{Error, Result};
+
+/// One decoded batch of traces, all from one file.
+///
+/// Row `i` has id `trace_ids[i]`, site `sites[i]` and vector
+/// `vectors[offsets[i]..offsets[i + 1]]`; different sites may have different widths, one site
+/// always has the same width. Use [`TraceBatch::site_batches`] to get one [`SiteBatch`] per site.
+#[derive(Debug, Clone)]
+pub struct TraceBatch {
+    /// The file the batch came from.
+    pub path: Arc<PathBuf>,
+    /// Row index, within its file, of the first row of the Parquet batch this came from.
+    pub first_row: u64,
+    /// File row index of every row, when a site filter dropped rows; `None` means row `i` is
+    /// file row `first_row + i`.
+    pub file_rows: Option<Vec<u64>>,
+    pub trace_ids: Vec<String>,
+    /// Interned: one `Arc` per distinct site over the whole stream.
+    pub sites: Vec<Arc<str>>,
+    /// All vectors, row after row.
+    pub vectors: Vec<f32>,
+    /// `rows + 1` offsets into `vectors`.
+    pub offsets: Vec<usize>,
+    /// With [`ReadOptions::keep_other_columns`]: the input's columns except the vector column,
+    /// row-aligned with this batch.
+    pub other: Option<RecordBatch>,
+}
+
+impl TraceBatch {
+    pub fn len(&self) -> usize {
+        self.trace_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.trace_ids.is_empty()
+    }
+
+    /// The vector of row `i`.
+    pub fn row_vector(&self, i: usize) -> &[f32] {
+        &self.vectors[self.offsets[i]..self.offsets[i + 1]]
+    }
+
+    /// The width of row `i`'s vector.
+    pub fn width(&self, i: usize) -> usize {
+        self.offsets[i + 1] - self.offsets[i]
+    }
+
+    /// The row index within its file of row `i`.
+    pub fn file_row(&self, i: usize) -> u64 {
+        match &self.file_rows {
+            Some(rows) => rows[i],
+            None => self.first_row + i as u64,
+        }
+    }
+
+    /// The distinct sites of the batch in order of first appearance, each with its row indices.
+    pub fn site_groups(&self) -> Vec<(Arc<str>, Vec<usize>)> {
+        let mut groups: Vec<(Arc<str>, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut last: Option<(Arc<str>, usize)> = None;
+        for (i, site) in self.sites.iter().enumerate() {
+            let g = match &last {
+                Some((s, g)) if Arc::ptr_eq(s, site) => *g,
+                _ => {
+                    let g = *index.entry(site.clone()).or_insert_with(|| {
+                        groups.push((site.clone(), Vec::new()));
+                        groups.len() - 1
+                    });
+                    last = Some((site.clone(), g));
+                    g
+                }
+            };
+            groups[g].1.push(i);
+        }
+        groups
+    }
+
+    /// The vectors of `rows` as one block. Fails if `rows` is empty or the rows differ in width.
+    pub fn gather(&self, rows: &[usize]) -> Result<Vectors> {
+        let Some(&first) = rows.first() else {
+            return Err(actwatch_core::Error::Empty("no rows to gather".into()).into());
+        };
+        let dim = self.width(first);
+        // The common case (a site's rows are contiguous, e.g. one site per batch) is one copy.
+        let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        let data = if contiguous {
+            let end = rows[rows.len() - 1] + 1;
+            if self.offsets[end] - self.offsets[first] != dim * rows.len() {
+                return Err(width_error(self, rows, dim));
+            }
+            self.vectors[self.offsets[first]..self.offsets[end]].to_vec()
+        } else {
+            let mut data = Vec::with_capacity(dim * rows.len());
+            for &r in rows {
+                let v = self.row_vector(r);
+                if v.len() != dim {
+                    return Err(width_error(self, rows, dim));
+                }
+                data.extend_from_slice(v);
+            }
+            data
+        };
+        Ok(Vectors::new(dim, data)?)
+    }
+
+    /// One [`SiteBatch`] per distinct site, in order of first appearance, each with the row
+    /// indices (into this batch, ascending) it was gathered from.
+    pub fn site_batches(&self) -> Result<Vec<(Vec<usize>, SiteBatch)>> {
+        self.site_groups()
+            .into_iter()
+            .map(|(site, rows)| {
+                let vectors = self.gather(&rows)?;
+                let ids = rows.iter().map(|&r| self.trace_ids[r].clone()).collect();
+                Ok((rows, SiteBatch::new(&*site, ids, None, vectors)?))
+            })
+            .collect()
+    }
+}
+
+fn width_error(batch: &TraceBatch, rows: &[usize], dim: usize) -> Error {
+    let got = rows
+        .iter()
+        .map(|&r| batch.width(r))
+        .find(|&w| w != dim)
+        .unwrap_or(dim);
+    actwatch_core::Error::WidthMismatch { expected: dim, got }.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn batch(sites: &[&str], widths: &[usize]) -> TraceBatch {
+        let mut offsets = vec![0];
+        let mut vectors = Vec::new();
+        for (i, &w) in widths.iter().enumerate() {
+            vectors.extend((0..w).map(|c| (i * 10 + c) as f32));
+            offsets.push(vectors.len());
+        }
+        let mut interned: HashMap<&str, Arc<str>> = HashMap::new();
+        TraceBatch {
+            path: Arc::new(PathBuf::from("x.parquet")),
+            first_row: 100,
+            file_rows: None,
+            trace_ids: (0..sites.len()).map(|i| i.to_string()).collect(),
+            sites: sites
+                .iter()
+                .map(|s| interned.entry(s).or_insert_with(|| Arc::from(*s)).clone())
+                .collect(),
+            vectors,
+            offsets,
+            other: None,
+        }
+    }
+
+    #[test]
+    fn groups_and_gathers_by_site() {
+        let b = batch(&["a", "b", "a", "a", "b"], &[2, 3, 2, 2, 3]);
+        let groups = b.site_batches().unwrap();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].1.site(), "a");
+        assert_eq!(groups[0].0, vec![0, 2, 3]);
+        assert_eq!(groups[0].1.trace_ids(), ["0", "2", "3"]);
+        assert_eq!(groups[0].1.dim(), 2);
+        assert_eq!(
+            groups[0].1.vectors().as_slice(),
+            &[0., 1., 20., 21., 30., 31.]
+        );
+        assert_eq!(groups[1].0, vec![1, 4]);
+        assert_eq!(groups[1].1.vectors().row(1), &[40., 41., 42.]);
+        assert_eq!(b.file_row(3), 103);
+        // Contiguous gather, and mixed widths refused.
+        assert_eq!(b.gather(&[2, 3]).unwrap().as_slice(), &[20., 21., 30., 31.]);
+        assert!(b.gather(&[0, 1]).is_err());
+        assert!(b.gather(&[3, 4]).is_err());
+        assert!(b.gather(&[]).is_err());
+    }
+}
