@@ -10,22 +10,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
 mod common;
-use common::{data, f64_col, fails, ok, score_with};
-
-/// `actwatch fit` on train.parquet (sentence id in `id`, layer in `layer`) into `out`; its report.
-fn fit_train(out: &Path) -> String {
-    ok(&[
-        "fit",
-        "--input",
-        data("train.parquet").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--trace-column",
-        "id",
-        "--site-column",
-        "layer",
-    ])
-}
+use common::{data, f64_col, fails, fit_train, ok, score_with};
 
 /// One monitor fitted on train.parquet with the default detectors, shared by the tests.
 fn monitor() -> &'static Path {

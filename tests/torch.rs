@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
 use parquet::arrow::ArrowWriter;
 
 mod common;
-use common::{actwatch, data, f64_col, fails, ok, read_all, score_with};
+use common::{actwatch, data, f64_col, fails, fit_train, ok, read_all, score_with};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -222,17 +222,7 @@ fn monitor() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let out = fresh_dir("torch-monitor").join("monitor");
-        ok(&[
-            "fit",
-            "--input",
-            data("train.parquet").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--trace-column",
-            "id",
-            "--site-column",
-            "layer",
-        ]);
+        fit_train(&out);
         out
     })
 }

@@ -34,6 +34,21 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `actwatch fit` on train.parquet (sentence id in `id`, layer in `layer`) into `out`; its report.
+pub fn fit_train(out: &Path) -> String {
+    ok(&[
+        "fit",
+        "--input",
+        data("train.parquet").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--trace-column",
+        "id",
+        "--site-column",
+        "layer",
+    ])
+}
+
 /// Runs a command that must fail; returns its stderr.
 pub fn fails(args: &[&str]) -> String {
     let out = actwatch(args);
