@@ -9,7 +9,7 @@ use actwatch_io::artifact::{load_monitor, read_manifest, save_monitor, FORMAT_VE
 use actwatch_io::pipeline::{fit_monitor, score_computations, NoProgress};
 use actwatch_io::reader::ReadOptions;
 use actwatch_io::Error;
-use actwatch_testkit::minilm;
+use actwatch_testkit::{fixture, minilm};
 
 fn data(name: &str) -> PathBuf {
     minilm::file(name)
@@ -24,8 +24,7 @@ fn read(sites: Option<Vec<String>>) -> ReadOptions {
 
 fn round_trip(options: MonitorOptions, sites: Option<Vec<String>>) {
     let r = read(sites);
-    let (fitted, reference) =
-        fit_monitor(&[data("train.parquet")], &r, options, &NoProgress).unwrap();
+    let (fitted, reference) = fixture::fit_minilm(options, &r);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("monitor");
     save_monitor(&fitted, &reference, &out).unwrap();
@@ -53,8 +52,7 @@ fn hnsw_monitor_round_trips_to_identical_scores() {
         ..MonitorOptions::default()
     };
     let r = read(Some(vec!["2".into()]));
-    let (fitted, _) =
-        fit_monitor(&[data("train.parquet")], &r, options.clone(), &NoProgress).unwrap();
+    let (fitted, _) = fixture::fit_minilm(options.clone(), &r);
     let recall = &fitted.summary().knn_recall;
     assert_eq!(recall.len(), 1, "HNSW recall is measured at fit time");
     assert!(
@@ -68,13 +66,7 @@ fn hnsw_monitor_round_trips_to_identical_scores() {
 #[test]
 fn damaged_monitors_are_refused() {
     let r = read(Some(vec!["4".into()]));
-    let (fitted, reference) = fit_monitor(
-        &[data("train.parquet")],
-        &r,
-        MonitorOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
+    let (fitted, reference) = fixture::fit_minilm(MonitorOptions::default(), &r);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
     save_monitor(&fitted, &reference, &out).unwrap();

@@ -15,9 +15,9 @@ use actwatch_detect::backend::Backend;
 use actwatch_detect::monitor::MonitorOptions;
 use actwatch_detect::spec::DetectorSpec;
 use actwatch_detect::Monitor;
-use actwatch_io::pipeline::{fit_monitor, score_computations, NoProgress};
+use actwatch_io::pipeline::{score_computations, NoProgress};
 use actwatch_io::reader::{ReadOptions, TraceReader};
-use actwatch_testkit::minilm;
+use actwatch_testkit::{fixture, minilm};
 use actwatch_torch::{Device, TorchBackend};
 
 const DEV_FILES: [&str; 4] = [
@@ -42,14 +42,7 @@ fn fit(detectors: &str) -> Monitor {
         detectors: DetectorSpec::parse_list(detectors).unwrap(),
         ..MonitorOptions::default()
     };
-    fit_monitor(
-        &[data("train.parquet")],
-        &read_options(),
-        options,
-        &NoProgress,
-    )
-    .unwrap()
-    .0
+    fixture::fit_minilm(options, &read_options()).0
 }
 
 /// Every site batch of a file.
