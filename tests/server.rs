@@ -1221,3 +1221,88 @@ async fn a_lagging_watcher_is_cut_off_and_scoring_never_waits() {
     drop(client);
     server.stop().await;
 }
+
+/// Every size a client controls is refused by a named limit before memory is committed to it, with
+/// a short message that quotes client strings only as an excerpt; bad site names are refused; the
+/// server stays up and a well-formed ingest afterwards works (reliability issue, "crashes from one
+/// request": a 100,000-wide vector, thousands of sites, a 100,000-character site name, a 1 MB id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sizes_are_refused_by_named_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_sites_per_monitor: 3,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    create(&mut client, "m").await;
+    let batch = |site: &str, id: &str, width: usize| {
+        encode_trace_batch(
+            site,
+            vec![id.to_string()],
+            vec![],
+            width,
+            &vec![0.5; width],
+            Dtype::F32,
+        )
+    };
+    let refused = |s: tonic::Status, code: Code, needle: &str| {
+        assert_eq!(s.code(), code, "{s:?}");
+        assert!(
+            s.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            s.message()
+        );
+        assert!(
+            s.message().len() < 300,
+            "a long message: {}",
+            s.message().len()
+        );
+    };
+
+    let wide = batch("a", "c0", 100_000);
+    let s = status_of(ingest(&mut client, "m", vec![wide]).await);
+    refused(s, Code::ResourceExhausted, "max_vector_width");
+
+    let long_site = batch(&"s".repeat(100_000), "c0", 4);
+    let s = status_of(ingest(&mut client, "m", vec![long_site]).await);
+    refused(s, Code::ResourceExhausted, "max_site_name_bytes");
+
+    for bad in ["../../etc/passwd", "a\nb", "with space"] {
+        let s = status_of(ingest(&mut client, "m", vec![batch(bad, "c0", 4)]).await);
+        refused(s, Code::InvalidArgument, "invalid site name");
+    }
+
+    let long_id = batch("a", &"i".repeat(1 << 20), 4);
+    let s = status_of(ingest(&mut client, "m", vec![long_id]).await);
+    refused(s, Code::ResourceExhausted, "max_trace_id_bytes");
+
+    // Sites: one stream with one too many stores nothing; three are accepted, and a fourth in a
+    // later stream is refused while the known sites keep working.
+    let four = (0..4).map(|i| batch(&format!("s{i}"), "c0", 4)).collect();
+    let s = status_of(ingest(&mut client, "m", four).await);
+    refused(s, Code::ResourceExhausted, "max_sites_per_monitor");
+    let info = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_monitor(v1::GetMonitorRequest { name: "m".into() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(info(&mut client).await.reference_rows, 0);
+    let three = (0..3).map(|i| batch(&format!("s{i}"), "c0", 4)).collect();
+    ingest(&mut client, "m", three).await.unwrap();
+    let s = status_of(ingest(&mut client, "m", vec![batch("s3", "c1", 4)]).await);
+    refused(s, Code::ResourceExhausted, "max_sites_per_monitor");
+    ingest(&mut client, "m", vec![batch("s1", "c1", 4)])
+        .await
+        .unwrap();
+    let m = info(&mut client).await;
+    assert_eq!((m.sites.len(), m.reference_rows), (3, 4));
+    assert_no_temporary_segments(dir.path(), "m");
+    drop(client);
+    server.stop().await;
+}

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actwatch_core::SiteBatch;
-use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int32Array, StringArray};
+use arrow::array::{
+    ArrayRef, DictionaryArray, FixedSizeListArray, Float32Array, Int32Array, StringArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -103,7 +105,7 @@ impl AtomicParquetWriter {
 }
 
 /// Writes traces to one Parquet file in the canonical long format: a computation-id column
-/// (Utf8), a site column (Utf8), optionally a token-position column (Int32, null for batches
+/// (Utf8), a site column (strings, dictionary-encoded: each batch stores its site once), optionally a token-position column (Int32, null for batches
 /// without positions) and the vector column (`FixedSizeList<Float32>[width]`), named by
 /// [`TraceColumns`]. One file holds one width. The file appears only when
 /// [`TraceWriter::finish`] succeeds.
@@ -139,7 +141,7 @@ impl TraceWriter {
         }
         let mut fields = vec![
             Field::new(&columns.trace, DataType::Utf8, false),
-            Field::new(&columns.site, DataType::Utf8, false),
+            Field::new(&columns.site, site_type(), false),
         ];
         if let Some(name) = positions {
             fields.push(Field::new(name, DataType::Int32, true));
@@ -207,9 +209,11 @@ impl TraceWriter {
             FixedSizeListArray::try_new(vector_item(), self.width as i32, Arc::new(values), None)?;
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(trace_ids)),
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                site, rows,
-            ))),
+            // The site once per batch (a one-value dictionary), not once per row.
+            Arc::new(DictionaryArray::new(
+                Int32Array::from(vec![0; rows]),
+                Arc::new(StringArray::from(vec![site])),
+            )),
         ];
         if self.positions {
             columns.push(Arc::new(match positions {
@@ -226,6 +230,11 @@ impl TraceWriter {
     pub fn finish(self) -> Result<u64> {
         self.writer.finish()
     }
+}
+
+/// The site column's type: strings as a dictionary with 32-bit keys.
+fn site_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
 
 fn vector_item() -> Arc<Field> {

@@ -86,6 +86,15 @@ pub fn declared_rows(batch: &v1::TraceBatch) -> usize {
         .max(usize::try_from(from_shape).unwrap_or(usize::MAX))
 }
 
+/// The vector width a batch claims (its shape's second dimension), readable before decoding.
+pub fn declared_width(batch: &v1::TraceBatch) -> usize {
+    batch
+        .activations
+        .as_ref()
+        .and_then(|t| t.shape.get(1).copied())
+        .map_or(0, |w| usize::try_from(w).unwrap_or(usize::MAX))
+}
+
 /// Validates a proto batch and decodes its activations to `f32`, into the core's [`SiteBatch`].
 ///
 /// Checks, in order: a non-empty site; a tensor; a known dtype; a shape of exactly `[rows, cols]`

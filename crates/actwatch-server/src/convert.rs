@@ -243,6 +243,36 @@ pub fn trace_scores(
         .collect()
 }
 
+/// Checks a site name's characters: `[A-Za-z0-9_.:-]`, not empty (its length is the
+/// `max_site_name_bytes` limit's, checked first). Hook names in use fit (`blocks.12.hook_resid_post`,
+/// `model.layers.12`, `12`); path separators, spaces and control characters do not.
+pub fn check_site_name(site: &str) -> Result<()> {
+    let ok = !site.is_empty()
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadSiteName(excerpt(site)))
+    }
+}
+
+/// A client string as error messages quote it: at most 32 characters, escaped, marked when cut.
+pub fn excerpt(s: &str) -> String {
+    const MAX: usize = 32;
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    format!("\"{out}\"")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +299,25 @@ mod tests {
             StoredSpec::from_proto(Some(bad)),
             Err(Error::BadSpec(_))
         ));
+    }
+
+    #[test]
+    fn site_names_and_excerpts() {
+        for ok in [
+            "12",
+            "blocks.12.hook_resid_post",
+            "model.layers.12",
+            "enc:3",
+            "a-b_c",
+        ] {
+            check_site_name(ok).unwrap();
+        }
+        for bad in ["", "../../etc/passwd", "a b", "a\nb", "h[3]", "é"] {
+            assert!(check_site_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(excerpt("a\nb"), "\"a\\nb\"");
+        let long = excerpt(&"x".repeat(100_000));
+        assert!(long.len() < 40 && long.ends_with("...\""), "{long}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum Error {
         "invalid monitor name {0:?}: use 1 to 64 of A-Z a-z 0-9 _ . - , not starting with '.'"
     )]
     BadName(String),
+    /// A site name with characters outside `[A-Za-z0-9_.:-]` (quoted as an excerpt).
+    #[error("invalid site name {0}: use A-Z a-z 0-9 _ . : -")]
+    BadSiteName(String),
     /// A monitor spec that does not parse or is out of range.
     #[error("invalid monitor spec: {0}")]
     BadSpec(String),
@@ -167,6 +170,7 @@ impl From<Error> for Status {
         let code = match &e {
             Error::BadMessage(_)
             | Error::BadName(_)
+            | Error::BadSiteName(_)
             | Error::BadSpec(_)
             | Error::WidthMismatch { .. }
             | Error::BadStream(_) => Code::InvalidArgument,

@@ -2,6 +2,15 @@
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Most rows (traces) in one `TraceBatch`.
 pub const DEFAULT_MAX_BATCH_ROWS: usize = 65_536;
+/// Widest vector accepted, in components: the hidden size of the largest open models (16,384) fits.
+/// A full-covariance Gaussian at this width holds a 2 GiB matrix; fitting memory grows with the square.
+pub const DEFAULT_MAX_VECTOR_WIDTH: usize = 16_384;
+/// Most sites one monitor may have (e.g. 128 layers with two hook points each).
+pub const DEFAULT_MAX_SITES_PER_MONITOR: usize = 256;
+/// Longest site name, in bytes.
+pub const DEFAULT_MAX_SITE_NAME_BYTES: usize = 128;
+/// Longest trace (computation) id, in bytes.
+pub const DEFAULT_MAX_TRACE_ID_BYTES: usize = 256;
 /// Most streaming calls (IngestReference, Fit, StreamScores, WatchFlags) open at once.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: usize = 64;
 /// Most computations a StreamScores stream may hold open (seen, not yet completed).
@@ -26,6 +35,14 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// [`DEFAULT_MAX_BATCH_ROWS`].
     pub max_batch_rows: usize,
+    /// [`DEFAULT_MAX_VECTOR_WIDTH`].
+    pub max_vector_width: usize,
+    /// [`DEFAULT_MAX_SITES_PER_MONITOR`].
+    pub max_sites_per_monitor: usize,
+    /// [`DEFAULT_MAX_SITE_NAME_BYTES`].
+    pub max_site_name_bytes: usize,
+    /// [`DEFAULT_MAX_TRACE_ID_BYTES`].
+    pub max_trace_id_bytes: usize,
     /// [`DEFAULT_MAX_CONCURRENT_STREAMS`].
     pub max_concurrent_streams: usize,
     /// [`DEFAULT_MAX_OPEN_COMPUTATIONS`].
@@ -45,6 +62,10 @@ impl Default for Limits {
         Self {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            max_vector_width: DEFAULT_MAX_VECTOR_WIDTH,
+            max_sites_per_monitor: DEFAULT_MAX_SITES_PER_MONITOR,
+            max_site_name_bytes: DEFAULT_MAX_SITE_NAME_BYTES,
+            max_trace_id_bytes: DEFAULT_MAX_TRACE_ID_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
             max_score_log_bytes: DEFAULT_MAX_SCORE_LOG_BYTES,

@@ -46,7 +46,9 @@ impl IngestStream {
                 ))
             }
             None => {
-                self.state = State::Idle(IngestSession::new(service.data.get(&monitor)?));
+                let entry = service.data.get(&monitor)?;
+                let max_sites = service.limits.max_sites_per_monitor;
+                self.state = State::Idle(IngestSession::new(entry, max_sites));
                 self.monitor = Some(monitor);
             }
             Some(n) if !monitor.is_empty() && &monitor != n => {
@@ -59,7 +61,7 @@ impl IngestStream {
         let Some(batch) = batch else {
             return Ok(());
         };
-        service.check_row_limit(&batch)?;
+        service.check_batch(&batch)?;
         let payload = batch
             .activations
             .as_ref()

@@ -22,7 +22,9 @@ use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::convert::{check_name, computation_score, fit_report, monitor_info, StoredSpec};
+use crate::convert::{
+    check_name, check_site_name, computation_score, excerpt, fit_report, monitor_info, StoredSpec,
+};
 use crate::fit::{fit_and_install, ChannelProgress};
 use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
 use crate::score::{complete, score_batch};
@@ -137,14 +139,53 @@ impl ActivationMonitorService {
             })
     }
 
-    pub(super) fn check_row_limit(&self, batch: &v1::TraceBatch) -> Result<()> {
+    /// Checks what a batch declares against the limits before it is decoded (before any memory is
+    /// committed to it): rows, vector width, site name (length, then characters) and trace id
+    /// lengths. Messages quote client strings only as a short excerpt.
+    pub(super) fn check_batch(&self, batch: &v1::TraceBatch) -> Result<()> {
+        let l = &self.limits;
+        let over = |limit: &'static str, max: usize, detail: String| Error::LimitExceeded {
+            limit,
+            max: max as u64,
+            detail,
+        };
+        if batch.site.len() > l.max_site_name_bytes {
+            return Err(over(
+                "max_site_name_bytes",
+                l.max_site_name_bytes,
+                format!(
+                    "a site name of {} bytes ({})",
+                    batch.site.len(),
+                    excerpt(&batch.site)
+                ),
+            ));
+        }
+        check_site_name(&batch.site)?;
         let rows = actwatch_proto::declared_rows(batch);
-        if rows > self.limits.max_batch_rows {
-            return Err(Error::LimitExceeded {
-                limit: "max_batch_rows",
-                max: self.limits.max_batch_rows as u64,
-                detail: format!("a batch of site {:?} has {rows} rows", batch.site),
-            });
+        if rows > l.max_batch_rows {
+            let detail = format!("a batch of site {:?} has {rows} rows", batch.site);
+            return Err(over("max_batch_rows", l.max_batch_rows, detail));
+        }
+        let width = actwatch_proto::declared_width(batch);
+        if width > l.max_vector_width {
+            let detail = format!(
+                "a batch of site {:?} has vectors of width {width}",
+                batch.site
+            );
+            return Err(over("max_vector_width", l.max_vector_width, detail));
+        }
+        if let Some((i, id)) = batch
+            .trace_ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| id.len() > l.max_trace_id_bytes)
+        {
+            let detail = format!(
+                "trace id of row {i} has {} bytes ({})",
+                id.len(),
+                excerpt(id)
+            );
+            return Err(over("max_trace_id_bytes", l.max_trace_id_bytes, detail));
         }
         Ok(())
     }
@@ -367,7 +408,7 @@ impl ActivationMonitor for ActivationMonitorService {
             let entry = self.data.get(&monitor)?;
             let fitted = Self::fitted(&entry)?;
             for b in &batches {
-                self.check_row_limit(b)?;
+                self.check_batch(b)?;
             }
             let max_open = self.limits.max_open_computations;
             let started = Instant::now();

@@ -54,7 +54,7 @@ impl ScoreStream {
                 "`monitor` may only be sent in the first message".into(),
             )),
             Some(In::Batch(batch)) => {
-                self.service.check_row_limit(&batch)?;
+                self.service.check_batch(&batch)?;
                 let (fitted, open) = (self.fitted.clone(), self.open.clone());
                 let started = Instant::now();
                 let traces = blocking(move || {

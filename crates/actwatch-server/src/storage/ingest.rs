@@ -18,6 +18,8 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct IngestSession {
     entry: Arc<MonitorEntry>,
+    /// `Limits::max_sites_per_monitor`.
+    max_sites: usize,
     seq: u64,
     writers: BTreeMap<usize, TraceWriter>,
     /// Per site of this stream: width and rows.
@@ -28,10 +30,12 @@ pub struct IngestSession {
 }
 
 impl IngestSession {
-    pub fn new(entry: Arc<MonitorEntry>) -> Self {
+    /// A session for one stream into `entry`, which may have at most `max_sites` sites.
+    pub fn new(entry: Arc<MonitorEntry>, max_sites: usize) -> Self {
         let seq = entry.reserve_segment();
         Self {
             entry,
+            max_sites,
             seq,
             writers: BTreeMap::new(),
             sites: BTreeMap::new(),
@@ -58,6 +62,13 @@ impl IngestSession {
                 expected,
                 got: width,
             });
+        }
+        if known.is_none() {
+            // A new site: refused before anything of it is written.
+            let sites = self.entry.site_count() + self.sites.len();
+            if sites >= self.max_sites {
+                return Err(too_many_sites(self.max_sites, sites + 1));
+            }
         }
         let rows = batch.rows() as u64;
         let site = self
@@ -120,7 +131,16 @@ impl IngestSession {
             })
             .collect();
         self.entry
-            .commit_segments(entries, &self.sites)
+            .commit_segments(entries, &self.sites, self.max_sites)
             .inspect_err(|_| remove(&done))
+    }
+}
+
+/// The `max_sites_per_monitor` limit, hit by a monitor that would have `sites` sites.
+pub(super) fn too_many_sites(max: usize, sites: usize) -> Error {
+    Error::LimitExceeded {
+        limit: "max_sites_per_monitor",
+        max: max as u64,
+        detail: format!("this ingest would give the monitor {sites} sites"),
     }
 }

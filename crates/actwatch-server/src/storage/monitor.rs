@@ -121,6 +121,11 @@ impl MonitorEntry {
         lock(&self.state).clone()
     }
 
+    /// Sites committed so far.
+    pub fn site_count(&self) -> usize {
+        lock(&self.state).sites.len()
+    }
+
     pub fn site_width(&self, site: &str) -> Option<usize> {
         lock(&self.state).width(site)
     }
@@ -171,6 +176,7 @@ impl MonitorEntry {
         &self,
         files: Vec<SegmentEntry>,
         sites: &BTreeMap<String, (usize, u64)>,
+        max_sites: usize,
     ) -> Result<u64> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
@@ -192,6 +198,10 @@ impl MonitorEntry {
                     reference_rows: rows,
                 }),
             }
+        }
+        if next.sites.len() > max_sites {
+            // Concurrent streams that each stayed under the limit, together over it.
+            return Err(super::ingest::too_many_sites(max_sites, next.sites.len()));
         }
         next.segments.extend(files);
         write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
