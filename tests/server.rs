@@ -1306,3 +1306,64 @@ async fn hostile_sizes_are_refused_by_named_limits() {
     drop(client);
     server.stop().await;
 }
+
+/// A scoring client that keeps its stream open but never reads the results cannot hold a shutdown:
+/// once its buffers are full the server's task waits on it, and the shutdown cuts it off after the
+/// grace period instead of waiting for it forever (reliability issue, "SIGTERM waits forever on a
+/// StreamScores client that never reads").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_a_scoring_client_that_never_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        shutdown_grace_seconds: 2,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    create(&mut client, "m").await;
+    let reference = synthetic(600, 1)
+        .into_iter()
+        .map(|(site, ids, d, v)| encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+        .collect();
+    ingest(&mut client, "m", reference).await.unwrap();
+    fit(&mut client, "m").await;
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::StreamScoresRequest {
+        event: Some(stream_scores_request::Event::Monitor("m".into())),
+    })
+    .await
+    .unwrap();
+    let unread = client
+        .stream_scores(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rng = Rng::new(3);
+    let ids: Vec<String> = (0..4096).map(|i| format!("c{}", i % 100)).collect();
+    let batch = encode_trace_batch(
+        "a",
+        ids,
+        vec![],
+        8,
+        &rng.gaussian_rows(4096, 8, 0.0),
+        Dtype::F32,
+    );
+    // Far more results than the stream's buffers hold (about 300 KB each).
+    let feeder = tokio::spawn(async move {
+        for _ in 0..200 {
+            let event = Some(stream_scores_request::Event::Batch(batch.clone()));
+            if tx.send(v1::StreamScoresRequest { event }).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    server.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    drop((unread, client));
+    feeder.abort();
+}

@@ -24,6 +24,7 @@ mod storage;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actwatch_proto::v1::activation_monitor_server::ActivationMonitorServer;
 use tokio::net::TcpListener;
@@ -40,8 +41,10 @@ use crate::storage::DataDir;
 /// Serves the API, gRPC health (`grpc.health.v1`, SERVING) and reflection (v1 and v1alpha) on
 /// `listener`, and Prometheus metrics (`GET /metrics`, text format 0.0.4) on `metrics_listener`
 /// when there is one, until `shutdown` completes; then stops accepting, ends client-driven streams
-/// with UNAVAILABLE and waits for in-flight calls to finish. Loads every monitor of `data_dir`
-/// (created if absent) first.
+/// with UNAVAILABLE and waits for in-flight calls to finish, for at most
+/// `Limits::shutdown_grace_seconds`: a client that never reads its responses cannot hold the
+/// server (what is still open then is cut; blocking work such as a fit runs to its end before the
+/// process exits). Loads every monitor of `data_dir` (created if absent) first.
 pub async fn serve(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -52,6 +55,8 @@ pub async fn serve(
     let (data, metrics) = open_data(data_dir.into(), limits.max_score_log_bytes).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let max_message_bytes = limits.max_message_bytes;
+    let grace = Duration::from_secs(limits.shutdown_grace_seconds);
+    let deadline = grace_over(stop_rx.clone(), grace);
     let service =
         ActivationMonitorService::new(Arc::new(data), limits, metrics.clone(), stop_rx.clone());
 
@@ -103,7 +108,7 @@ pub async fn serve(
         }
         conn
     });
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted(max_message_bytes, rejections),
         ))
@@ -111,8 +116,17 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(api)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await;
+        .serve_with_incoming_shutdown(incoming, signal);
+    let served = tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "shutdown grace period over: cutting the client streams still open"
+            );
+            Ok(())
+        }
+    };
     if let Some(task) = metrics_task {
         // It stops on the same signal; if serving failed before the signal, stop it here.
         task.abort();
@@ -121,6 +135,14 @@ pub async fn serve(
     served?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Resolves `grace` after the server starts shutting down (never, if it never does).
+async fn grace_over(mut stopping: tokio::sync::watch::Receiver<bool>, grace: Duration) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(grace).await;
 }
 
 /// Opens the data directory (blocking, off the runtime's threads) and registers every monitor's

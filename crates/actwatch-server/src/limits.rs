@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_OPEN_COMPUTATIONS: usize = 100_000;
 pub const DEFAULT_MAX_SCORE_LOG_BYTES: u64 = 64 << 20;
 /// Flag events buffered for watchers; a watcher further behind than this is disconnected.
 pub const DEFAULT_FLAG_BUFFER: usize = 1024;
+/// Seconds a graceful shutdown waits for clients (streams they keep open, responses they do not
+/// read) before cutting what is left; work that depends only on the server (a fit) still finishes.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 /// Results returned by QueryScores when the request sets no limit.
 pub const DEFAULT_QUERY_LIMIT: usize = 1000;
 /// Most results one QueryScores returns, whatever the request asks.
@@ -51,6 +54,8 @@ pub struct Limits {
     pub max_score_log_bytes: u64,
     /// [`DEFAULT_FLAG_BUFFER`].
     pub flag_buffer: usize,
+    /// [`DEFAULT_SHUTDOWN_GRACE_SECONDS`].
+    pub shutdown_grace_seconds: u64,
     /// [`DEFAULT_QUERY_LIMIT`].
     pub query_limit: usize,
     /// [`DEFAULT_MAX_QUERY_LIMIT`].
@@ -70,6 +75,7 @@ impl Default for Limits {
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
             max_score_log_bytes: DEFAULT_MAX_SCORE_LOG_BYTES,
             flag_buffer: DEFAULT_FLAG_BUFFER,
+            shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
             query_limit: DEFAULT_QUERY_LIMIT,
             max_query_limit: DEFAULT_MAX_QUERY_LIMIT,
         }

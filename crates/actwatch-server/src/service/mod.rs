@@ -203,6 +203,21 @@ impl ActivationMonitorService {
         }
     }
 
+    /// Sends one response of a server-to-client stream, unless the server starts shutting down
+    /// while the client is not reading (then the response is dropped and the stream abandoned).
+    /// False when the response was not sent: the client is gone, or the server is stopping.
+    async fn send<T>(
+        tx: &mpsc::Sender<Result<T, Status>>,
+        item: Result<T, Status>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            biased;
+            sent = tx.send(item) => sent.is_ok(),
+            _ = shutdown.wait_for(|stop| *stop) => false,
+        }
+    }
+
     /// The next message of a client stream: `Ok(None)` when the client has finished it, the
     /// status to end the call with when the server is shutting down (UNAVAILABLE) or the stream
     /// broke (an over-long message is the `max_message_bytes` limit). Every streaming handler
@@ -484,13 +499,14 @@ impl ActivationMonitor for ActivationMonitorService {
                     match step {
                         Ok(responses) => {
                             for r in responses {
-                                if tx.send(Ok(r)).await.is_err() {
-                                    return; // the client is gone
+                                if !Self::send(&tx, Ok(r), &mut shutdown).await {
+                                    return; // the client is gone, or not reading at shutdown
                                 }
                             }
                         }
                         Err(status) => {
-                            let _ = tx.send(Err(this.reject("StreamScores", status))).await;
+                            let status = this.reject("StreamScores", status);
+                            Self::send(&tx, Err(status), &mut shutdown).await;
                             return;
                         }
                     }

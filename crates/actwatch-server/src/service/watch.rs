@@ -39,6 +39,8 @@ pub(super) async fn forward_flags(
     let end = |e: Error| service.reject("WatchFlags", e.into());
     loop {
         if *shutdown.borrow_and_update() {
+            // The last word, after what the watcher has not read yet (a watcher that never reads
+            // holds only this task, which `serve`'s grace period cuts).
             let _ = tx.send(Err(end(Error::ShuttingDown))).await;
             return;
         }
@@ -52,8 +54,8 @@ pub(super) async fn forward_flags(
                 let ev = v1::FlagEvent {
                     computation: Some((*c).clone()),
                 };
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
+                if !ActivationMonitorService::send(&tx, Ok(ev), &mut shutdown).await {
+                    continue; // gone (the next send fails too), or shutting down (said above)
                 }
             }
             Ok(_) => {}
