@@ -52,6 +52,17 @@ impl DetectorSpec {
         }
     }
 
+    /// Checks the options that do not depend on the data (widths are checked at fit time).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            DetectorSpec::Gaussian(o) if o.rank == Some(0) => Err(Error::InvalidOption(
+                "gaussian: rank must be at least 1".into(),
+            )),
+            DetectorSpec::Gaussian(_) => Ok(()),
+            DetectorSpec::Knn(o) => o.validate(),
+        }
+    }
+
     /// Parses a comma-or-semicolon separated list such as `gaussian,knn:k=5`. A `,` followed by
     /// `key=value` continues the previous spec's parameters.
     pub fn parse_list(text: &str) -> Result<Vec<Self>> {

@@ -291,6 +291,22 @@ mod tests {
             StoredSpec::from_proto(Some(bad)),
             Err(Error::BadSpec(_))
         ));
+        // Specs that could never fit are refused at create, not at the first Fit.
+        for detectors in [
+            vec!["knn:m=100000"],
+            vec!["knn:k=5,max_references=3"],
+            vec!["gaussian:rank=0"],
+            vec!["gaussian", "knn", "gaussian"],
+        ] {
+            let bad = v1::MonitorSpec {
+                detectors: detectors.iter().map(|d| d.to_string()).collect(),
+                ..Default::default()
+            };
+            assert!(
+                matches!(StoredSpec::from_proto(Some(bad)), Err(Error::BadSpec(_))),
+                "{detectors:?}"
+            );
+        }
         let bad = v1::MonitorSpec {
             fpr: 1.5,
             ..Default::default()

@@ -63,11 +63,23 @@ impl Default for MonitorOptions {
 }
 
 impl MonitorOptions {
+    /// Checks everything that can be checked before data arrives: at least one detector, each
+    /// detector's own options ([`DetectorSpec::validate`]), no detector twice (it would count the
+    /// same evidence twice in fusion), and the rates in range.
     pub fn validate(&self) -> Result<()> {
         if self.detectors.is_empty() {
             return Err(Error::InvalidOption(
                 "a monitor needs at least one detector".into(),
             ));
+        }
+        for (i, d) in self.detectors.iter().enumerate() {
+            d.validate()?;
+            if self.detectors[..i].contains(d) {
+                return Err(Error::InvalidOption(format!(
+                    "the detector {} is listed twice with the same options",
+                    d.name()
+                )));
+            }
         }
         if !(self.fpr > 0.0 && self.fpr < 1.0) {
             return Err(Error::InvalidOption(format!(
