@@ -1367,3 +1367,58 @@ async fn shutdown_cuts_a_scoring_client_that_never_reads() {
     drop((unread, client));
     feeder.abort();
 }
+
+/// One damaged monitor never stops the others: at start, a monitor whose `state.json` is
+/// unreadable and a stray empty folder under `monitors/` are left unserved and reported as damaged
+/// (DATA_LOSS, saying why), every healthy monitor is served, and DeleteMonitor removes a damaged
+/// one (reliability issue, "one damaged monitor stops the whole server from starting").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    create(&mut client, "healthy").await;
+    create(&mut client, "broken").await;
+    drop(client);
+    server.stop().await;
+    let monitors = dir.path().join("monitors");
+    std::fs::write(monitors.join("broken").join("state.json"), b"{ not json").unwrap();
+    std::fs::create_dir(monitors.join("stray")).unwrap();
+
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    let get = |name: &str| v1::GetMonitorRequest { name: name.into() };
+    assert_eq!(
+        client
+            .get_monitor(get("healthy"))
+            .await
+            .unwrap()
+            .into_inner()
+            .name,
+        "healthy"
+    );
+    for name in ["broken", "stray"] {
+        let s = status_of(client.get_monitor(get(name)).await);
+        assert_eq!(s.code(), Code::DataLoss, "{s:?}");
+        assert!(s.message().contains("damaged"), "{s:?}");
+    }
+    let listed = client
+        .list_monitors(v1::ListMonitorsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .monitors;
+    assert_eq!(listed.len(), 1);
+    client
+        .delete_monitor(v1::DeleteMonitorRequest {
+            name: "broken".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!monitors.join("broken").exists());
+    let s = status_of(client.get_monitor(get("broken")).await);
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    create(&mut client, "broken").await;
+    drop(client);
+    server.stop().await;
+}

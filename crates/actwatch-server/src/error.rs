@@ -35,6 +35,9 @@ pub enum Error {
     /// No monitor of this name.
     #[error("no monitor named {0:?}")]
     MonitorNotFound(String),
+    /// A monitor whose files could not be loaded at start: not served; DeleteMonitor removes it.
+    #[error("monitor {name:?} is damaged and not served ({reason}); DeleteMonitor removes it")]
+    MonitorDamaged { name: String, reason: String },
     /// A monitor of this name exists already.
     #[error("monitor {0:?} already exists")]
     MonitorExists(String),
@@ -183,7 +186,7 @@ impl From<Error> for Status {
             Error::Detect(d) => detect_code(d),
             Error::Pipeline(p) => pipeline_code(p),
             Error::Storage { source, .. } => io_code(source),
-            Error::Corrupt { .. } => Code::DataLoss,
+            Error::Corrupt { .. } | Error::MonitorDamaged { .. } => Code::DataLoss,
             Error::Task(_) | Error::Transport(_) | Error::Reflection(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -297,9 +297,13 @@ impl ActivationMonitor for ActivationMonitorService {
     ) -> Result<Response<v1::DeleteMonitorResponse>, Status> {
         self.observed("DeleteMonitor", async move {
             let v1::DeleteMonitorRequest { name } = request.into_inner();
-            let entry = self.data.get(&name)?;
-            // Wait for a running fit, so it never writes into a deleted monitor's folder.
-            let _fit = entry.fit_lock.clone().lock_owned().await;
+            // Wait for a running fit, so it never writes into a deleted monitor's folder (a damaged
+            // monitor has none).
+            let _fit = match self.data.get(&name) {
+                Ok(entry) => Some(entry.fit_lock.clone().lock_owned().await),
+                Err(Error::MonitorDamaged { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
             let data = self.data.clone();
             let deleted = name.clone();
             blocking(move || data.delete(&name)).await?;

@@ -84,6 +84,9 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 pub struct DataDir {
     root: PathBuf,
     monitors: RwLock<BTreeMap<String, Arc<MonitorEntry>>>,
+    /// Monitors that could not be loaded at start (folder name -> why): not served, reported by
+    /// `get` as damaged, removable by `delete`, so one damaged monitor never stops the others.
+    damaged: Mutex<BTreeMap<String, String>>,
     /// Serialises create and delete, which touch the folder layout.
     layout: Mutex<()>,
     max_score_log_bytes: u64,
@@ -97,6 +100,7 @@ impl DataDir {
         let monitors_dir = root.join(MONITORS_DIR);
         fs::create_dir_all(&monitors_dir).map_err(|e| Error::storage(&monitors_dir, e))?;
         let mut monitors = BTreeMap::new();
+        let mut damaged = BTreeMap::new();
         let entries = fs::read_dir(&monitors_dir).map_err(|e| Error::storage(&monitors_dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::storage(&monitors_dir, e))?;
@@ -110,12 +114,24 @@ impl DataDir {
             if !path.is_dir() {
                 continue;
             }
-            let m = load_entry(&path, max_score_log_bytes)?;
-            monitors.insert(m.name.clone(), Arc::new(m));
+            match load_entry(&path, max_score_log_bytes) {
+                Ok(m) => {
+                    monitors.insert(m.name.clone(), Arc::new(m));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        monitor = %name,
+                        error = %e,
+                        "damaged monitor not served (DeleteMonitor removes it)"
+                    );
+                    damaged.insert(name, e.to_string());
+                }
+            }
         }
         Ok(Self {
             root,
             monitors: RwLock::new(monitors),
+            damaged: Mutex::new(damaged),
             layout: Mutex::new(()),
             max_score_log_bytes,
         })
@@ -125,13 +141,21 @@ impl DataDir {
         &self.root
     }
 
+    /// The monitor `name`; a damaged one is [`Error::MonitorDamaged`], saying why.
     pub fn get(&self, name: &str) -> Result<Arc<MonitorEntry>> {
-        self.monitors
+        let found = self
+            .monitors
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
-            .cloned()
-            .ok_or_else(|| Error::MonitorNotFound(name.to_string()))
+            .cloned();
+        found.ok_or_else(|| match lock(&self.damaged).get(name) {
+            Some(reason) => Error::MonitorDamaged {
+                name: name.to_string(),
+                reason: reason.clone(),
+            },
+            None => Error::MonitorNotFound(name.to_string()),
+        })
     }
 
     pub fn list(&self) -> Vec<Arc<MonitorEntry>> {
@@ -204,6 +228,9 @@ impl DataDir {
     /// copies, and commit nothing.
     pub fn delete(&self, name: &str) -> Result<()> {
         let _layout = lock(&self.layout);
+        if lock(&self.damaged).remove(name).is_some() {
+            return self.remove_folder(&self.root.join(MONITORS_DIR).join(name), name);
+        }
         let entry = self.get(name)?;
         {
             let _state = lock(&entry.state);
@@ -213,9 +240,15 @@ impl DataDir {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
+        self.remove_folder(&entry.dir, name)
+    }
+
+    /// Renames a monitor's folder out of the way (a dot name, removed at start if this stops
+    /// half-way), makes that durable, then removes it.
+    fn remove_folder(&self, dir: &Path, name: &str) -> Result<()> {
         let monitors_dir = self.root.join(MONITORS_DIR);
         let trash = monitors_dir.join(format!(".{name}.deleted-{}", now_unix_ms()));
-        fs::rename(&entry.dir, &trash).map_err(|e| Error::storage(&entry.dir, e))?;
+        fs::rename(dir, &trash).map_err(|e| Error::storage(dir, e))?;
         sync_dir(&monitors_dir)?;
         fs::remove_dir_all(&trash).map_err(|e| Error::storage(&trash, e))
     }
