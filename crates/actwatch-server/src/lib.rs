@@ -56,17 +56,12 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let max_message_bytes = limits.max_message_bytes;
     let grace = Duration::from_secs(limits.shutdown_grace_seconds);
-    let deadline = grace_over(stop_rx.clone(), grace);
+    let stopping = stop_rx.clone();
     let service =
         ActivationMonitorService::new(Arc::new(data), limits, metrics.clone(), stop_rx.clone());
 
     let rejections = metrics.clone();
-    let metrics_task = metrics_listener.map(|l| {
-        if let Ok(addr) = l.local_addr() {
-            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
-        }
-        tokio::spawn(metrics::serve_metrics(l, metrics, stop_rx))
-    });
+    let metrics_task = metrics_listener.map(|l| spawn_metrics(l, metrics, stop_rx));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -117,16 +112,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming, signal);
-    let served = tokio::select! {
-        r = server => r,
-        () = deadline => {
-            tracing::warn!(
-                grace_seconds = grace.as_secs(),
-                "shutdown grace period over: cutting the client streams still open"
-            );
-            Ok(())
-        }
-    };
+    let served = drain_within(server, stopping, grace).await;
     if let Some(task) = metrics_task {
         // It stops on the same signal; if serving failed before the signal, stop it here.
         task.abort();
@@ -137,12 +123,41 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves `grace` after the server starts shutting down (never, if it never does).
-async fn grace_over(mut stopping: tokio::sync::watch::Receiver<bool>, grace: Duration) {
-    if stopping.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
+/// Serves Prometheus metrics on `listener` until the shutdown signal.
+fn spawn_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
-    tokio::time::sleep(grace).await;
+    tokio::spawn(metrics::serve_metrics(listener, metrics, stop))
+}
+
+/// Runs `server` until it has drained after the shutdown signal, or until `grace` has passed since
+/// the signal, whichever comes first; then what is still open is cut.
+async fn drain_within(
+    server: impl Future<Output = std::result::Result<(), tonic::transport::Error>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) -> std::result::Result<(), tonic::transport::Error> {
+    let deadline = async {
+        if stopping.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "shutdown grace period over: cutting the client streams still open"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Opens the data directory (blocking, off the runtime's threads) and registers every monitor's
