@@ -1369,9 +1369,9 @@ async fn shutdown_cuts_a_scoring_client_that_never_reads() {
 }
 
 /// One damaged monitor never stops the others: at start, a monitor whose `state.json` is
-/// unreadable and a stray empty folder under `monitors/` are left unserved and reported as damaged
-/// (DATA_LOSS, saying why), every healthy monitor is served, and DeleteMonitor removes a damaged
-/// one (reliability issue, "one damaged monitor stops the whole server from starting").
+/// unreadable and a stray empty folder under `monitors/` are left unserved (DATA_LOSS, saying why)
+/// and reported as damaged by GetMonitor and ListMonitors, every healthy monitor is served, and
+/// DeleteMonitor removes a damaged one (reliability issue, "one damaged monitor stops the whole server from starting").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -1398,17 +1398,34 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
         "healthy"
     );
     for name in ["broken", "stray"] {
-        let s = status_of(client.get_monitor(get(name)).await);
+        let info = client.get_monitor(get(name)).await.unwrap().into_inner();
+        assert!(!info.damaged.is_empty() && !info.fitted, "{info:?}");
+        let batch = encode_trace_batch("a", vec!["c".into()], vec![], 4, &[0.5; 4], Dtype::F32);
+        let s = status_of(ingest(&mut client, name, vec![batch]).await);
         assert_eq!(s.code(), Code::DataLoss, "{s:?}");
         assert!(s.message().contains("damaged"), "{s:?}");
     }
+    assert!(client
+        .get_monitor(get("broken"))
+        .await
+        .unwrap()
+        .into_inner()
+        .damaged
+        .contains("state.json"));
     let listed = client
         .list_monitors(v1::ListMonitorsRequest {})
         .await
         .unwrap()
         .into_inner()
         .monitors;
-    assert_eq!(listed.len(), 1);
+    let names: Vec<(&str, bool)> = listed
+        .iter()
+        .map(|m| (m.name.as_str(), m.damaged.is_empty()))
+        .collect();
+    assert_eq!(
+        names,
+        [("broken", false), ("healthy", true), ("stray", false)]
+    );
     client
         .delete_monitor(v1::DeleteMonitorRequest {
             name: "broken".into(),

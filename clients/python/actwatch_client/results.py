@@ -136,6 +136,9 @@ class MonitorInfo:
     fitted: bool
     fit_version: int
     report: Optional[FitReport]
+    #: Empty for a healthy monitor; otherwise why the server could not load it at start (it is not
+    #: served and its other fields are unset; ``Client.delete_monitor`` removes it).
+    damaged: str
 
     @classmethod
     def _from_pb(cls, m: pb.MonitorInfo) -> MonitorInfo:
@@ -147,6 +150,7 @@ class MonitorInfo:
             fitted=m.fitted,
             fit_version=m.fit_version,
             report=FitReport._from_pb(m.report) if m.HasField("report") else None,
+            damaged=m.damaged,
         )
 
     def site(self, name: str) -> Optional[SiteInfo]:

@@ -54,7 +54,10 @@ OMITTED: dict[tuple[type, str], str] = {}
 #: (result type, message field) -> why: message fields that, when unset, become the message's
 #: defaults instead of None. Every other unset message field (and proto3 `optional`) becomes None.
 DEFAULTED_WHEN_UNSET: dict[tuple[type, str], str] = {
-    (results.MonitorInfo, "spec"): "the server always sets it; MonitorInfo.spec is not Optional",
+    (results.MonitorInfo, "spec"): (
+        "set for every healthy monitor (a damaged one, see `damaged`, gets the message defaults); "
+        "MonitorInfo.spec is not Optional"
+    ),
 }
 
 RESULT_OF_MESSAGE = {m.DESCRIPTOR.full_name: cls for cls, m in RESULT_MESSAGES.items()}

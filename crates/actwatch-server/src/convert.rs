@@ -129,6 +129,16 @@ pub fn monitor_info(entry: &MonitorEntry) -> v1::MonitorInfo {
         fitted: fitted.is_some(),
         fit_version: fitted.as_ref().map_or(0, |f| f.fit_version),
         report: fitted.as_deref().map(fit_report),
+        damaged: String::new(),
+    }
+}
+
+/// What GetMonitor and ListMonitors say of a monitor that could not be loaded at start.
+pub fn damaged_info(name: &str, reason: &str) -> v1::MonitorInfo {
+    v1::MonitorInfo {
+        name: name.to_string(),
+        damaged: reason.to_string(),
+        ..Default::default()
     }
 }
 

@@ -23,7 +23,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::convert::{
-    check_name, check_site_name, computation_score, excerpt, fit_report, monitor_info, StoredSpec,
+    check_name, check_site_name, computation_score, damaged_info, excerpt, fit_report,
+    monitor_info, StoredSpec,
 };
 use crate::fit::{fit_and_install, ChannelProgress};
 use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
@@ -273,8 +274,13 @@ impl ActivationMonitor for ActivationMonitorService {
     ) -> Result<Response<v1::MonitorInfo>, Status> {
         self.observed("GetMonitor", async move {
             let v1::GetMonitorRequest { name } = request.into_inner();
-            let entry = self.data.get(&name)?;
-            Ok(Response::new(monitor_info(&entry)))
+            match self.data.get(&name) {
+                Ok(entry) => Ok(Response::new(monitor_info(&entry))),
+                Err(Error::MonitorDamaged { name, reason }) => {
+                    Ok(Response::new(damaged_info(&name, &reason)))
+                }
+                Err(e) => Err(e.into()),
+            }
         })
         .await
     }
@@ -285,7 +291,10 @@ impl ActivationMonitor for ActivationMonitorService {
     ) -> Result<Response<v1::ListMonitorsResponse>, Status> {
         self.observed("ListMonitors", async move {
             let v1::ListMonitorsRequest {} = request.into_inner();
-            let monitors = self.data.list().iter().map(|m| monitor_info(m)).collect();
+            let mut monitors: Vec<_> = self.data.list().iter().map(|m| monitor_info(m)).collect();
+            let damaged = self.data.damaged();
+            monitors.extend(damaged.iter().map(|(n, r)| damaged_info(n, r)));
+            monitors.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Response::new(v1::ListMonitorsResponse { monitors }))
         })
         .await

@@ -141,6 +141,14 @@ impl DataDir {
         &self.root
     }
 
+    /// The monitors that could not be loaded at start, with why.
+    pub fn damaged(&self) -> Vec<(String, String)> {
+        lock(&self.damaged)
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect()
+    }
+
     /// The monitor `name`; a damaged one is [`Error::MonitorDamaged`], saying why.
     pub fn get(&self, name: &str) -> Result<Arc<MonitorEntry>> {
         let found = self

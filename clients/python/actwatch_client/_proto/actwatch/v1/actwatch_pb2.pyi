@@ -99,7 +99,7 @@ class SiteInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., reference_rows: _Optional[int] = ...) -> None: ...
 
 class MonitorInfo(_message.Message):
-    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report")
+    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report", "damaged")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class MonitorInfo(_message.Message):
     FITTED_FIELD_NUMBER: _ClassVar[int]
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: MonitorSpec
     sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
@@ -114,7 +115,8 @@ class MonitorInfo(_message.Message):
     fitted: bool
     fit_version: int
     report: FitReport
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ...) -> None: ...
+    damaged: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ..., damaged: _Optional[str] = ...) -> None: ...
 
 class IngestReferenceRequest(_message.Message):
     __slots__ = ("monitor", "batch")
