@@ -1384,6 +1384,9 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
     let monitors = dir.path().join("monitors");
     std::fs::write(monitors.join("broken").join("state.json"), b"{ not json").unwrap();
     std::fs::create_dir(monitors.join("stray")).unwrap();
+    // An operator's file in a healthy monitor's reference folder is left alone (and logged).
+    let notes = monitors.join("healthy").join("reference").join("notes.txt");
+    std::fs::write(&notes, b"mine").unwrap();
 
     let server = TestServer::start(dir.path(), Limits::default()).await;
     let mut client = server.client().await;

@@ -320,7 +320,8 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
 }
 
 /// Deletes the segments `state.json` does not list (ingests that were never acknowledged), keeping
-/// their sequence numbers from being reused, and checks that every listed segment is there.
+/// their sequence numbers from being reused, leaves (and logs) files that are not segments, and
+/// checks that every listed segment is there.
 fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
     let reference = dir.join(REFERENCE_DIR);
     fs::create_dir_all(&reference).map_err(|e| Error::storage(&reference, e))?;
@@ -328,11 +329,21 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
     for e in fs::read_dir(&reference).map_err(|e| Error::storage(&reference, e))? {
         let e = e.map_err(|e| Error::storage(&reference, e))?;
         let file = e.file_name().to_string_lossy().into_owned();
-        if !listed.contains(file.as_str()) {
-            if let Some(seq) = segment_seq(&file) {
+        if listed.contains(file.as_str()) {
+            continue;
+        }
+        match segment_seq(&file) {
+            // A segment (or its temporary file) of an ingest that was never acknowledged.
+            Some(seq) => {
                 state.next_segment = state.next_segment.max(seq + 1);
+                tracing::info!(file = %e.path().display(), "removing an unacknowledged segment");
+                let _ = fs::remove_file(e.path());
             }
-            let _ = fs::remove_file(e.path());
+            // Not ours: never read, never deleted, but said.
+            None => tracing::warn!(
+                file = %e.path().display(),
+                "a file that is not a reference segment is in the reference folder; it is ignored"
+            ),
         }
     }
     for s in &state.segments {
