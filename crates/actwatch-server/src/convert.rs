@@ -1,7 +1,8 @@
 //! Every conversion between the wire (`actwatch_proto::v1`) and the service's own types: monitor
 //! specs to the core's [`MonitorOptions`], and the stored monitors, fits and logged scores to the
 //! messages that report them. Storage knows nothing of the wire; this module is where the two
-//! meet, and each message is built by destructuring its source, so a new field is handled here.
+//! meet (handlers only wrap its messages in response envelopes). Logged scores and served fits are
+//! destructured here, so a field added to them breaks the build where it must be reported.
 
 use actwatch_core::SiteBatch;
 use actwatch_detect::fusion::DEFAULT_FUSION;
