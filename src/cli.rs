@@ -132,6 +132,17 @@ pub struct FitArgs {
     /// max_references=<n> kept as a seeded uniform sample, m, ef_construction, ef_search).
     #[arg(long, default_value = DEFAULT_DETECTORS)]
     pub detectors: String,
+    /// Detectors fitted on the joint vector of a computation (its sites' vectors, each
+    /// L2-normalised, concatenated, one per position with a trace at every site), as for
+    /// --detectors, or `none`. Skipped, and said so, with one site or a joint width above 4096.
+    #[arg(long, default_value = actwatch_detect::spec::DEFAULT_JOINT)]
+    pub joint: String,
+    /// How a computation's traces at one (site, detector) aggregate before fusion (per-token
+    /// traces): max (the most anomalous trace), mean, ema:ALPHA (peak of the exponentially
+    /// smoothed score), max_rolling_mean:WINDOW (peak mean over WINDOW consecutive traces),
+    /// topk_mean:K. Calibrated at computation level whichever is chosen.
+    #[arg(long, default_value_t = actwatch_detect::Aggregation::default().to_string())]
+    pub aggregation: String,
     /// How per-detector, per-site p-values combine into one statistic per computation:
     /// fisher (sum of evidence), cauchy (Cauchy combination), minp (strongest single signal).
     #[arg(long, default_value_t = actwatch_detect::fusion::DEFAULT_FUSION.name().to_string())]

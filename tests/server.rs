@@ -114,7 +114,10 @@ async fn fit_with(client: &mut Client, monitor: &str, incremental: bool) -> (usi
         match msg.event.unwrap() {
             fit_progress::Event::Phase(p) => {
                 assert!(report.is_none(), "progress after the report");
-                assert!(p.name == "fit" || p.name == "calibrate", "{p:?}");
+                assert!(
+                    ["fit", "calibrate", "calibrate_joint"].contains(&p.name.as_str()),
+                    "{p:?}"
+                );
                 phases += 1;
             }
             fit_progress::Event::Report(r) => report = Some(r),
@@ -286,6 +289,7 @@ async fn ingest_fit_stream_score_match_the_batch_pipeline_and_survive_restart() 
             );
             assert_eq!(c.score, want.score, "{id}");
             assert_eq!(c.flagged, want.flagged, "{id}");
+            assert_eq!(c.flagged_at, want.flagged_at, "{id}");
             assert_eq!(c.traces, want.traces);
             assert_eq!(c.fit_version, 1);
             let slot_p: Vec<Option<f64>> = c.slots.iter().map(|s| s.p_value).collect();
@@ -305,10 +309,16 @@ async fn ingest_fit_stream_score_match_the_batch_pipeline_and_survive_restart() 
         .expect("a flag event arrives")
         .unwrap()
         .expect("the watch stream is open");
+    // The default monitor (max over traces, min-p) flags early: the first event is the running
+    // result of a computation flagged by its first site, before it was complete; its final
+    // result is flagged too and says where it was first flagged.
     let flagged = event.computation.unwrap();
     assert_eq!(flagged.monitor, "minilm");
-    assert!(flagged.flagged);
-    assert_eq!(served[&flagged.trace_id].p_value, flagged.p_value);
+    assert!(flagged.flagged && flagged.partial, "{flagged:?}");
+    let fin = &served[&flagged.trace_id];
+    assert!(fin.flagged && !fin.partial);
+    assert_eq!(fin.flagged_at, flagged.flagged_at);
+    assert!(flagged.traces < fin.traces && flagged.p_value >= fin.p_value);
     drop(watcher);
 
     // QueryScores: by id, and flagged only, from the durable log.
@@ -774,7 +784,8 @@ async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
             .collect::<Vec<_>>(),
         ids
     );
-    assert!(results.iter().all(|c| c.traces == 2 && c.slots.len() == 4));
+    // two sites × (gaussian, knn), and the default joint gaussian
+    assert!(results.iter().all(|c| c.traces == 2 && c.slots.len() == 5));
     // Completing a computation twice ends that stream with INVALID_ARGUMENT.
     good.send(stream_scores_request::Event::Complete(
         v1::CompleteComputations {

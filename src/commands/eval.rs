@@ -36,24 +36,21 @@ pub fn run_eval(
     let bars = Bars::new();
     let n = pipeline::score_computations(monitor, normal, read, &bars)
         .context("scoring the normal files")?;
-    let normal_row = EvalRow {
-        name: "normal".into(),
-        scores: n.results.iter().map(|r| r.score).collect(),
-        flags: n.results.iter().map(|r| r.flagged).collect(),
-    };
+    let mut normal_row = EvalRow::new("normal".into());
+    n.results.iter().for_each(|r| normal_row.push(r));
     let mut rows: Vec<EvalRow> = Vec::new();
     for path in anomalous {
         let t = pipeline::score_computations(monitor, std::slice::from_ref(path), read, &bars)
             .with_context(|| format!("scoring {}", path.display()))?;
         match label_column {
-            None => rows.push(EvalRow {
-                name: path.file_stem().map_or_else(
+            None => {
+                let mut row = EvalRow::new(path.file_stem().map_or_else(
                     || path.display().to_string(),
                     |s| s.to_string_lossy().into_owned(),
-                ),
-                scores: t.results.iter().map(|r| r.score).collect(),
-                flags: t.results.iter().map(|r| r.flagged).collect(),
-            }),
+                ));
+                t.results.iter().for_each(|r| row.push(r));
+                rows.push(row);
+            }
             Some(col) => {
                 let labels = t.column_strings(col).with_context(|| {
                     format!(
@@ -63,19 +60,14 @@ pub fn run_eval(
                 })?;
                 for (label, r) in labels.iter().zip(&t.results) {
                     let name = label.clone().unwrap_or_else(|| "(null)".into());
-                    let row = match rows.iter_mut().position(|x| x.name == name) {
+                    let row = match rows.iter().position(|x| x.name == name) {
                         Some(i) => &mut rows[i],
                         None => {
-                            rows.push(EvalRow {
-                                name,
-                                scores: vec![],
-                                flags: vec![],
-                            });
+                            rows.push(EvalRow::new(name));
                             rows.last_mut().expect("pushed")
                         }
                     };
-                    row.scores.push(r.score);
-                    row.flags.push(r.flagged);
+                    row.push(r);
                 }
             }
         }

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use actwatch_detect::monitor::MonitorOptions;
 use actwatch_detect::spec::DetectorSpec;
-use actwatch_detect::Fusion;
+use actwatch_detect::{Aggregation, Fusion};
 use actwatch_io::artifact::save_monitor;
 use actwatch_io::pipeline;
 use actwatch_io::reader::TraceColumns;
@@ -17,6 +17,12 @@ use crate::report::print_fit_report;
 pub fn run(a: FitArgs) -> Result<()> {
     let options = MonitorOptions {
         detectors: DetectorSpec::parse_list(&a.detectors).context("--detectors")?,
+        joint: if a.joint.trim().eq_ignore_ascii_case("none") {
+            Vec::new()
+        } else {
+            DetectorSpec::parse_list(&a.joint).context("--joint")?
+        },
+        aggregation: Aggregation::parse(&a.aggregation).context("--aggregation")?,
         fusion: Fusion::parse(&a.fusion).context("--fusion")?,
         fpr: a.fpr,
         calibration_fraction: a.calibration_fraction,

@@ -28,6 +28,9 @@ pub enum Error {
         "computation {0:?} has no open traces in this stream (never sent, or completed already)"
     )]
     NotOpen(String),
+    /// Traces waiting for the other sites of their joint vector would hold more than the limit.
+    #[error("traces waiting for the other sites of their joint vector would hold more than {max} bytes; send (or sort) a computation's sites together, or fit without a joint detector")]
+    JointPending { max: usize },
     /// A numerical routine failed (e.g. an eigendecomposition did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),

@@ -130,6 +130,26 @@ impl Fusion {
         }
     }
 
+    /// Fuses a computation's slots, `NaN` marking a slot without evidence (no trace there yet).
+    /// Fisher and min-p count such a slot as `p = 1` (min-p's Bonferroni factor is the number of
+    /// slots the monitor has, not the number present), so their statistic never decreases as
+    /// evidence arrives ([`Fusion::is_monotone`]); Cauchy averages the slots present.
+    pub fn fuse_slots(&self, slots: &[f64]) -> f64 {
+        match self {
+            Fusion::Fisher | Fusion::MinP => self.statistic(slots),
+            Fusion::Cauchy => {
+                let present: Vec<f64> = slots.iter().copied().filter(|x| !x.is_nan()).collect();
+                self.statistic(&present)
+            }
+        }
+    }
+
+    /// Whether [`Fusion::fuse_slots`] never decreases when a slot's value rises or an absent slot
+    /// gains evidence (Fisher and min-p; not Cauchy, whose mean can fall when a slot arrives).
+    pub fn is_monotone(&self) -> bool {
+        matches!(self, Fusion::Fisher | Fusion::MinP)
+    }
+
     /// The textbook combined p-value assuming independent inputs (informative only: actwatch
     /// calibrates the fused statistic empirically). Fisher: survival function of chi-square with
     /// 2m dof at `X = 2 Σ nlp`, `e^{-X/2} Σ_{j<m} (X/2)^j / j!`, in log space; Cauchy:

@@ -8,10 +8,12 @@
 
 mod error;
 
+pub mod aggregate;
 pub mod backend;
 pub mod calibration;
 pub mod fusion;
 pub mod gaussian;
+pub mod joint;
 pub mod knn;
 pub mod metrics;
 pub mod monitor;
@@ -20,6 +22,7 @@ pub mod shrinkage;
 pub mod spec;
 pub mod stats;
 
+pub use aggregate::Aggregation;
 pub use calibration::Calibration;
 pub use error::{Error, Result};
 pub use fusion::Fusion;

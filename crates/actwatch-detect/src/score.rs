@@ -9,6 +9,8 @@ use std::collections::HashMap;
 
 use actwatch_core::SiteBatch;
 
+use crate::aggregate::AggState;
+use crate::joint::Joiner;
 use crate::monitor::Monitor;
 use crate::{Error, Result};
 
@@ -45,14 +47,34 @@ pub struct ComputationResult {
     /// Per slot: conformal p-value of the computation's most anomalous trace there (None: no trace).
     pub slot_p: Vec<Option<f64>>,
     pub traces: u64,
+    /// The position of the trace at which the running statistic first reached the threshold
+    /// (the trace's `position`, or without positions its 0-based index among the computation's
+    /// traces at its site). Only monitors that flag early ([`Monitor::flags_early`]) track it;
+    /// for them every flagged computation has one.
+    pub flagged_at: Option<i64>,
+    /// A running result of a computation not yet complete (an early flag); its final result
+    /// follows at completion and is flagged too.
+    pub partial: bool,
 }
 
-/// Running evidence of one computation: per slot (site × detector) the most anomalous trace.
+/// Running evidence of one computation: per slot (site × detector) the running aggregate of its
+/// traces' `-ln p` ([`crate::aggregate`]) and the most anomalous raw score.
 #[derive(Debug, Clone)]
 struct Evidence {
-    max_neg_log_p: Vec<f64>,
+    slots: Vec<AggState>,
     max_raw: Vec<f64>,
     traces: u64,
+    /// Traces seen per site (the position of a trace that carries none).
+    per_site: Vec<u32>,
+    flagged_at: Option<i64>,
+    /// Traces waiting for the other sites of their joint vector (monitors with a joint detector).
+    joiner: Option<Joiner>,
+}
+
+/// Raw scores and smoothed `-ln p` of joint vectors, `[detector][row]`.
+struct JointScores {
+    raw: Vec<Vec<f64>>,
+    neg_log_p: Vec<Vec<f64>>,
 }
 
 impl Monitor {
@@ -115,44 +137,129 @@ impl Monitor {
         Ok(out)
     }
 
+    /// Whether computations are flagged before they are complete: when both the token
+    /// aggregation and the fusion never decrease as evidence arrives, a running statistic at the
+    /// threshold means the complete computation will be flagged, so the early flag is the final
+    /// flag and the false-positive guarantee is unchanged.
+    pub fn flags_early(&self) -> bool {
+        self.options().aggregation.is_monotone() && self.options().fusion.is_monotone()
+    }
+
     fn new_evidence(&self) -> Evidence {
         let n = self.slot_count();
+        let agg = self.options().aggregation;
         Evidence {
-            max_neg_log_p: vec![f64::NAN; n],
+            slots: (0..n).map(|_| agg.start()).collect(),
             max_raw: vec![f64::NAN; n],
             traces: 0,
+            per_site: vec![0; self.sites().len()],
+            flagged_at: None,
+            joiner: self.joint().map(|_| Joiner::new(self.sites().len())),
         }
     }
 
-    /// Adds row `row` of `scores` to a computation's evidence.
-    fn accumulate(&self, ev: &mut Evidence, scores: &SiteScores, row: usize) {
-        let off = self.slot_offset(scores.site);
+    /// Scores joint vectors (row-major, the joint width) with the joint detectors. They run on
+    /// the CPU whatever the backend (the torch backend holds the per-site detectors only).
+    fn score_joint(&self, rows: &[f32]) -> Result<JointScores> {
+        let joint = self.joint().expect("called only with a joint detector");
+        let mut out = JointScores {
+            raw: Vec::new(),
+            neg_log_p: Vec::new(),
+        };
+        for (det, cal) in joint.detectors.iter().zip(&joint.calibrations) {
+            let raw = det.score_batch(rows)?;
+            out.neg_log_p.push(
+                raw.iter()
+                    .map(|&x| cal.smooth_neg_log_p(x, false))
+                    .collect(),
+            );
+            out.raw.push(raw);
+        }
+        Ok(out)
+    }
+
+    /// Adds joint vector `row` of `scores` (at `position`) to a computation's evidence, like
+    /// [`Monitor::accumulate`] does for a trace.
+    fn accumulate_joint(
+        &self,
+        ev: &mut Evidence,
+        scores: &JointScores,
+        row: usize,
+        position: i64,
+    ) -> bool {
+        let off = self.joint_offset();
+        let agg = self.options().aggregation;
         for j in 0..scores.raw.len() {
-            let nlp = scores.neg_log_p[j][row];
+            agg.push(&mut ev.slots[off + j], scores.neg_log_p[j][row]);
             let raw = scores.raw[j][row];
-            let cell = &mut ev.max_neg_log_p[off + j];
-            if cell.is_nan() || nlp > *cell {
-                *cell = nlp;
+            let cell = &mut ev.max_raw[off + j];
+            if cell.is_nan() || raw > *cell {
+                *cell = raw;
             }
+        }
+        self.check_early(ev, position)
+    }
+
+    /// For a monitor that flags early, notes `position` if the running statistic reaches the
+    /// threshold for the first time; says whether it did.
+    fn check_early(&self, ev: &mut Evidence, position: i64) -> bool {
+        if ev.flagged_at.is_none()
+            && self.flags_early()
+            && self.fused().p_value(self.running_statistic(ev)) <= self.options().fpr
+        {
+            ev.flagged_at = Some(position);
+            return true;
+        }
+        false
+    }
+
+    /// Adds row `row` of `scores` (at `position`, if its batch carries positions) to a
+    /// computation's evidence; for a monitor that flags early, notes the position at which the
+    /// running statistic first reaches the threshold, and says whether that was this row.
+    fn accumulate(
+        &self,
+        ev: &mut Evidence,
+        scores: &SiteScores,
+        row: usize,
+        position: Option<i32>,
+    ) -> bool {
+        let off = self.slot_offset(scores.site);
+        let agg = self.options().aggregation;
+        for j in 0..scores.raw.len() {
+            agg.push(&mut ev.slots[off + j], scores.neg_log_p[j][row]);
+            let raw = scores.raw[j][row];
             let cell = &mut ev.max_raw[off + j];
             if cell.is_nan() || raw > *cell {
                 *cell = raw;
             }
         }
         ev.traces += 1;
+        let seen = &mut ev.per_site[scores.site];
+        let position = position.map_or(i64::from(*seen), i64::from);
+        *seen = seen.saturating_add(1);
+        self.check_early(ev, position)
+    }
+
+    /// The fused statistic of the evidence so far.
+    fn running_statistic(&self, ev: &Evidence) -> f64 {
+        let agg = self.options().aggregation;
+        let values: Vec<f64> = ev
+            .slots
+            .iter()
+            .map(|st| agg.value(st).unwrap_or(f64::NAN))
+            .collect();
+        self.options().fusion.fuse_slots(&values)
     }
 
     /// Fuses a computation's evidence and calibrates it.
-    fn finish_computation(&self, ev: &Evidence) -> ComputationResult {
-        let present: Vec<f64> = ev
-            .max_neg_log_p
-            .iter()
-            .copied()
-            .filter(|x| !x.is_nan())
-            .collect();
-        let score = self.options().fusion.statistic(&present);
+    fn finish_computation(&self, ev: &Evidence, partial: bool) -> ComputationResult {
+        let score = self.running_statistic(ev);
         let p_value = self.fused().p_value(score);
-        let cals = self.sites().iter().flat_map(|s| s.calibrations.iter());
+        let cals = self
+            .sites()
+            .iter()
+            .chain(self.joint())
+            .flat_map(|s| s.calibrations.iter());
         let slot_p = ev
             .max_raw
             .iter()
@@ -165,6 +272,8 @@ impl Monitor {
             flagged: p_value <= self.options().fpr,
             slot_p,
             traces: ev.traces,
+            flagged_at: ev.flagged_at,
+            partial,
         }
     }
 }
@@ -175,11 +284,19 @@ impl Monitor {
 /// One per scoring stream (a StreamScores call, a Score request, a batch-scoring run), always
 /// used with the same [`Monitor`]. At most `max_open` computations are open at once: a batch that
 /// would open more is refused before it is scored ([`Error::TooManyOpen`]).
+///
+/// With a monitor that flags early ([`Monitor::flags_early`]), a computation whose running
+/// statistic reaches the threshold is noted once, and [`OpenComputations::take_early_flags`]
+/// hands out its running result.
 #[derive(Debug, Clone)]
 pub struct OpenComputations {
     open: HashMap<String, (u64, Evidence)>,
     next: u64,
     max_open: usize,
+    /// Computations flagged early and not yet handed out, in the order they were flagged.
+    early: Vec<String>,
+    /// Bytes of traces waiting for the other sites of their joint vector, over all computations.
+    joint_bytes: usize,
 }
 
 impl Default for OpenComputations {
@@ -195,6 +312,8 @@ impl OpenComputations {
             open: HashMap::new(),
             next: 0,
             max_open,
+            early: Vec::new(),
+            joint_bytes: 0,
         }
     }
 
@@ -247,6 +366,10 @@ impl OpenComputations {
         };
         self.check_room(new)?;
         let scores = monitor.score(batch)?;
+        let positions = batch.positions();
+        // joint vectors this batch completes: their computation and position, and the vectors
+        let mut joined: Vec<(String, i64)> = Vec::new();
+        let mut joint_rows: Vec<f32> = Vec::new();
         for (r, id) in batch.trace_ids().iter().enumerate() {
             let ev = match self.open.get_mut(id) {
                 Some((_, ev)) => ev,
@@ -260,9 +383,51 @@ impl OpenComputations {
                         .1
                 }
             };
-            monitor.accumulate(ev, &scores, r);
+            let position = positions.map(|p| p[r]);
+            if monitor.accumulate(ev, &scores, r, position) {
+                self.early.push(id.clone());
+            }
+            if let Some(joiner) = ev.joiner.as_mut() {
+                let row = batch.vectors().row(r);
+                if let Some((key, v)) =
+                    joiner.add(scores.site, position, row, &mut self.joint_bytes)?
+                {
+                    joined.push((id.clone(), key));
+                    joint_rows.extend_from_slice(&v);
+                }
+            }
+        }
+        if !joined.is_empty() {
+            let js = monitor.score_joint(&joint_rows)?;
+            for (i, (id, key)) in joined.into_iter().enumerate() {
+                let (_, ev) = self.open.get_mut(&id).expect("opened above");
+                if monitor.accumulate_joint(ev, &js, i, key) {
+                    self.early.push(id);
+                }
+            }
         }
         Ok(scores)
+    }
+
+    /// The running results of the computations flagged early since the last call (each
+    /// computation once, marked `partial`), in the order they were flagged; a computation
+    /// completed in the meantime is left out (its final result says where it was flagged).
+    pub fn take_early_flags(&mut self, monitor: &Monitor) -> Vec<(String, ComputationResult)> {
+        std::mem::take(&mut self.early)
+            .into_iter()
+            .filter_map(|id| {
+                let (_, ev) = self.open.get(&id)?;
+                let result = monitor.finish_computation(ev, true);
+                Some((id, result))
+            })
+            .collect()
+    }
+
+    /// Forgets the bytes a completed computation's waiting traces held.
+    fn release(&mut self, ev: &Evidence) {
+        if let Some(j) = &ev.joiner {
+            self.joint_bytes -= j.pending_bytes();
+        }
     }
 
     /// The open computations' ids, in first-seen order.
@@ -287,7 +452,8 @@ impl OpenComputations {
             .iter()
             .filter_map(|id| {
                 let (_, ev) = self.open.remove(id)?;
-                Some((id.clone(), monitor.finish_computation(&ev)))
+                self.release(&ev);
+                Some((id.clone(), monitor.finish_computation(&ev, false)))
             })
             .collect())
     }
@@ -300,9 +466,10 @@ impl OpenComputations {
             .map(|(id, (seq, ev))| (seq, id, ev))
             .collect();
         all.sort_unstable_by_key(|(seq, _, _)| *seq);
+        self.joint_bytes = 0;
         all.into_iter()
             .map(|(_, id, ev)| {
-                let r = monitor.finish_computation(&ev);
+                let r = monitor.finish_computation(&ev, false);
                 (id, r)
             })
             .collect()

@@ -23,6 +23,13 @@ pub enum DetectorSpec {
 /// Gaussian is a poor fit (on MiniLM's last layer the raw Gaussian is worse than chance).
 pub const DEFAULT_DETECTORS: &str = "gaussian,knn";
 
+/// The default joint detector ([`crate::joint`]): one Gaussian over the per-site vectors
+/// concatenated. It is the one family that models how sites depend on each other (a kNN on the
+/// concatenation averages per-site distances and blurs that); its rank follows the Gaussian's
+/// width rule (full up to 1024, 256 above), so at 3 × 384 it costs about 5% more arithmetic per
+/// computation than the per-site detectors (docs/experiments/joint.md).
+pub const DEFAULT_JOINT: &str = "gaussian";
+
 impl DetectorSpec {
     /// Parses one spec, e.g. `gaussian`, `gaussian:shrinkage=oas,normalize=false,rank=64`,
     /// `knn:k=10,metric=cosine,exact_max=200000,ef_search=64`.

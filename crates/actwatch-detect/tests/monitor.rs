@@ -1,8 +1,10 @@
 //! Oracle tests of the monitor (`src/monitor.rs`), the heart of the conformal guarantee.
 //!
 //! 1. The calibration a monitor builds is recomputed naively from its own fitted detectors and
-//!    compared exactly: per-slot calibrations, leave-one-out `-ln p`, per-computation maxima,
-//!    fusion, the in-sample flag rate by an O(n²) count, and fresh p-values by their definition.
+//!    compared exactly: per-slot calibrations, leave-one-out `-ln p`, per-computation token
+//!    aggregates (each operator's formula is tested in `src/aggregate.rs`), the joint vectors,
+//!    fusion, the in-sample flag rate by an O(n²) count, and fresh p-values by their definition;
+//!    the joint Gaussian against an explicit inverse; early flags against the running statistic.
 //! 2. The false-positive rate achieved on fresh in-distribution computations, over many seeds, is
 //!    the target rate within a derived binomial slack, from both sides; a shifted distribution
 //!    (negative control) is flagged far more.
@@ -12,14 +14,23 @@
 
 use std::time::Instant;
 
+use actwatch_core::l2_normalize_rows;
 use actwatch_core::{SiteBatch, Vectors};
 use actwatch_detect::calibration::Calibration;
 use actwatch_detect::monitor::{Monitor, MonitorCalibrator, MonitorFitter, MonitorOptions};
-use actwatch_detect::spec::{DetectorSpec, DEFAULT_DETECTORS};
-use actwatch_detect::{ComputationResult, Error, Fusion, OpenComputations};
+use actwatch_detect::spec::{DetectorSpec, DEFAULT_DETECTORS, DEFAULT_JOINT};
+use actwatch_detect::{Aggregation, ComputationResult, Error, Fusion, OpenComputations};
 use actwatch_testkit::Rng;
 
 const FUSIONS: [Fusion; 3] = [Fusion::Fisher, Fusion::Cauchy, Fusion::MinP];
+
+const AGGREGATIONS: [Aggregation; 5] = [
+    Aggregation::Max,
+    Aggregation::Mean,
+    Aggregation::Ema { alpha: 0.3 },
+    Aggregation::MaxRollingMean { window: 3 },
+    Aggregation::TopkMean { k: 2 },
+];
 
 /// Uniform integer in `0..n`.
 fn below(rng: &mut Rng, n: usize) -> usize {
@@ -154,22 +165,47 @@ fn push_fit(fitter: &mut MonitorFitter, synth: &Synth, fit: &[Computation]) {
     }
 }
 
-/// Pushes the calibration traces of every site in a shuffled order, in chunks of 1..=40 traces,
-/// so a computation's traces are interleaved with others' and spread over several calls.
+/// Pushes the calibration traces of every site in a random interleaving of the computations
+/// (each computation's traces keep their order, as tokens do), in chunks of 1..=40 traces, so a
+/// computation's traces are mixed with others' and spread over several calls.
 fn push_calibration(
     cal_phase: &mut MonitorCalibrator,
     synth: &Synth,
     cal: &[Computation],
     rng: &mut Rng,
 ) {
+    push_traces(cal_phase, synth, cal, rng, |c, ids, site, rows| {
+        assert!(ids.iter().all(|id| c.is_calibration(id)));
+        c.push_calibration(ids, site, rows)
+    });
+}
+
+/// Pushes the traces of `set` with `push`, as [`push_calibration`] describes.
+fn push_traces(
+    cal_phase: &mut MonitorCalibrator,
+    synth: &Synth,
+    cal: &[Computation],
+    rng: &mut Rng,
+    mut push: impl FnMut(&mut MonitorCalibrator, &[&str], &str, &[f32]) -> Result<(), Error>,
+) {
     for (s, &d) in synth.dims.iter().enumerate() {
-        let mut traces: Vec<(&str, &[f32])> = cal
+        let mut queues: Vec<(&str, std::slice::ChunksExact<f32>)> = cal
             .iter()
-            .filter_map(|c| c.sites[s].as_deref().map(|r| (c.id.as_str(), r)))
-            .flat_map(|(id, rows)| rows.chunks_exact(d).map(move |row| (id, row)))
+            .filter_map(|c| {
+                c.sites[s]
+                    .as_deref()
+                    .map(|r| (c.id.as_str(), r.chunks_exact(d)))
+            })
             .collect();
-        for i in (1..traces.len()).rev() {
-            traces.swap(i, below(rng, i + 1));
+        let mut traces: Vec<(&str, &[f32])> = Vec::new();
+        while !queues.is_empty() {
+            let q = below(rng, queues.len());
+            match queues[q].1.next() {
+                Some(row) => traces.push((queues[q].0, row)),
+                None => {
+                    let _ = queues.swap_remove(q);
+                }
+            }
         }
         let mut start = 0;
         while start < traces.len() {
@@ -180,10 +216,7 @@ fn push_calibration(
                 .flat_map(|t| t.1)
                 .copied()
                 .collect();
-            assert!(ids.iter().all(|id| cal_phase.is_calibration(id)));
-            cal_phase
-                .push_calibration(&ids, synth.names[s], &rows)
-                .unwrap();
+            push(cal_phase, &ids, synth.names[s], &rows).unwrap();
             start = end;
         }
     }
@@ -196,8 +229,29 @@ fn fit_monitor(
     rng: &mut Rng,
 ) -> Result<Monitor, Error> {
     let mut cal_phase = fit_phase(synth, options, &r.fit).finish_fit()?;
+    if cal_phase.joint_wanted() {
+        push_traces(&mut cal_phase, synth, &r.fit, rng, |c, ids, site, rows| {
+            assert!(ids.iter().all(|id| !c.is_calibration(id)));
+            c.push_joint_fit(ids, site, rows)
+        });
+    }
     push_calibration(&mut cal_phase, synth, &r.cal, rng);
+    cal_phase.finish_joint_fit()?;
+    if cal_phase.joint_calibrating() {
+        push_traces(&mut cal_phase, synth, &r.cal, rng, |c, ids, site, rows| {
+            c.push_joint_calibration(ids, site, rows)
+        });
+    }
     cal_phase.finish()
+}
+
+/// A detector list, or none for "none".
+fn joint_list(text: &str) -> Vec<DetectorSpec> {
+    if text == "none" {
+        Vec::new()
+    } else {
+        DetectorSpec::parse_list(text).unwrap()
+    }
 }
 
 /// The calibration recomputed naively from the monitor's fitted detectors.
@@ -211,11 +265,49 @@ struct Oracle {
     cal_stats: Vec<f64>,
 }
 
+/// Fuses slots by definition: Fisher and min-p count a slot without traces as p = 1 (so min-p's
+/// Bonferroni factor is the monitor's slot count), Cauchy averages the slots present.
+fn fuse(fusion: Fusion, slots: &[Option<f64>]) -> f64 {
+    let values: Vec<f64> = match fusion {
+        Fusion::Cauchy => slots.iter().flatten().copied().collect(),
+        _ => slots.iter().map(|x| x.unwrap_or(0.0)).collect(),
+    };
+    fusion.statistic(&values)
+}
+
+/// The joint vectors of a computation by definition: at each index `k` below every site's trace
+/// count (none when a site is missing), the sites' `k`-th vectors in monitor site order, each
+/// L2-normalised, concatenated.
+fn joint_rows(monitor: &Monitor, synth: &Synth, c: &Computation) -> Vec<f32> {
+    let parts: Option<Vec<(&[f32], usize)>> = monitor
+        .sites()
+        .iter()
+        .map(|site| {
+            let s = synth.site(&site.name);
+            c.sites[s].as_deref().map(|r| (r, synth.dims[s]))
+        })
+        .collect();
+    let Some(parts) = parts else {
+        return Vec::new();
+    };
+    let n = parts.iter().map(|(r, d)| r.len() / d).min().unwrap();
+    let mut out = Vec::new();
+    for k in 0..n {
+        for &(rows, d) in &parts {
+            let mut v = rows[k * d..(k + 1) * d].to_vec();
+            l2_normalize_rows(&mut v, d);
+            out.extend(v);
+        }
+    }
+    out
+}
+
 fn oracle(monitor: &Monitor, synth: &Synth, cal: &[Computation]) -> Oracle {
     let fusion = monitor.options().fusion;
-    let n_slots: usize = monitor.sites().iter().map(|s| s.detectors.len()).sum();
-    // per calibration computation and slot: the largest leave-one-out -ln p of its traces
-    let mut comp_nlp: Vec<Vec<Option<f64>>> = vec![vec![None; n_slots]; cal.len()];
+    let agg = monitor.options().aggregation;
+    let n_slots: usize = monitor.slots().len();
+    // per calibration computation and slot: the leave-one-out -ln p of its traces, in order
+    let mut comp_nlp: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); n_slots]; cal.len()];
     let mut slot_cals = Vec::new();
     let mut trace_stats = Vec::new();
     let mut slot0 = 0;
@@ -249,8 +341,7 @@ fn oracle(monitor: &Monitor, synth: &Synth, cal: &[Computation]) -> Oracle {
                 .map(|(cal, raw)| cal.smooth_neg_log_p(raw[t], true))
                 .collect();
             for (j, &x) in nlps.iter().enumerate() {
-                let cell = &mut comp_nlp[c][slot0 + j];
-                *cell = Some(cell.map_or(x, |y| y.max(x)));
+                comp_nlp[c][slot0 + j].push(x);
             }
             stats.push(fusion.statistic(&nlps));
         }
@@ -258,9 +349,30 @@ fn oracle(monitor: &Monitor, synth: &Synth, cal: &[Computation]) -> Oracle {
         slot_cals.extend(cals);
         slot0 += site.detectors.len();
     }
+    if let Some(joint) = monitor.joint() {
+        // every calibration computation's joint vectors, in computation and index order
+        let mut rows = Vec::new();
+        let mut owner = Vec::new();
+        for (c, comp) in cal.iter().enumerate() {
+            let r = joint_rows(monitor, synth, comp);
+            owner.extend(std::iter::repeat_n(c, r.len() / joint.dim));
+            rows.extend(r);
+        }
+        for (j, det) in joint.detectors.iter().enumerate() {
+            let raw = det.score_batch(&rows).unwrap();
+            let cal = Calibration::new(raw.clone()).unwrap();
+            for (t, &c) in owner.iter().enumerate() {
+                comp_nlp[c][slot0 + j].push(cal.smooth_neg_log_p(raw[t], true));
+            }
+            slot_cals.push(cal);
+        }
+    }
     let cal_stats = comp_nlp
         .iter()
-        .map(|row| fusion.statistic(&row.iter().flatten().copied().collect::<Vec<_>>()))
+        .map(|row| {
+            let slots: Vec<Option<f64>> = row.iter().map(|v| agg.of(v)).collect();
+            fuse(fusion, &slots)
+        })
         .collect();
     Oracle {
         slot_cals,
@@ -289,6 +401,7 @@ fn check_against_oracle(
 ) -> (usize, usize) {
     let fpr = monitor.options().fpr;
     let fusion = monitor.options().fusion;
+    let agg = monitor.options().aggregation;
     let o = oracle(monitor, synth, &r.cal);
     let ctx = format!("{fusion:?}, fpr {fpr}");
 
@@ -320,6 +433,7 @@ fn check_against_oracle(
     let cals: Vec<&Calibration> = monitor
         .sites()
         .iter()
+        .chain(monitor.joint())
         .flat_map(|s| s.calibrations.iter())
         .collect();
     assert_eq!(cals.len(), o.slot_cals.len());
@@ -363,7 +477,7 @@ fn check_against_oracle(
     for c in fresh {
         let mut open = OpenComputations::default();
         open.open(monitor, &c.id).unwrap();
-        let mut max_nlp: Vec<Option<f64>> = vec![None; n_slots];
+        let mut nlp_seq: Vec<Vec<f64>> = vec![Vec::new(); n_slots];
         let mut max_raw: Vec<Option<f64>> = vec![None; n_slots];
         let mut slot0 = 0;
         for (si, site) in monitor.sites().iter().enumerate() {
@@ -392,8 +506,7 @@ fn check_against_oracle(
                     assert_eq!(scores.neg_log_p[j][row], nlp, "{ctx}");
                     assert_eq!(scores.p[j][row], p_by_scan(cal.scores(), x), "{ctx}");
                     nlps.push(nlp);
-                    let m = &mut max_nlp[slot0 + j];
-                    *m = Some(m.map_or(nlp, |y| y.max(nlp)));
+                    nlp_seq[slot0 + j].push(nlp);
                     let m = &mut max_raw[slot0 + j];
                     *m = Some(m.map_or(x, |y| y.max(x)));
                 }
@@ -407,9 +520,20 @@ fn check_against_oracle(
             }
             slot0 += k;
         }
+        if let Some(joint) = monitor.joint() {
+            let rows = joint_rows(monitor, synth, c);
+            for (j, det) in joint.detectors.iter().enumerate() {
+                let cal = &o.slot_cals[slot0 + j];
+                for x in det.score_batch(&rows).unwrap() {
+                    nlp_seq[slot0 + j].push(cal.smooth_neg_log_p(x, false));
+                    let m = &mut max_raw[slot0 + j];
+                    *m = Some(m.map_or(x, |y| y.max(x)));
+                }
+            }
+        }
         let res = complete_one(monitor, &mut open, &c.id);
-        let present: Vec<f64> = max_nlp.iter().flatten().copied().collect();
-        let score = fusion.statistic(&present);
+        let slots: Vec<Option<f64>> = nlp_seq.iter().map(|v| agg.of(v)).collect();
+        let score = fuse(fusion, &slots);
         assert_eq!(res.score, score, "{ctx}: {}", c.id);
         let p = p_by_scan(&o.cal_stats, score);
         assert_eq!(res.p_value, p, "{ctx}: {}", c.id);
@@ -448,7 +572,7 @@ fn n_traces(synth: &Synth, c: &Computation) -> u64 {
 #[test]
 fn calibration_matches_a_naive_recomputation() {
     let configs = [
-        // (fpr, n_fit, n_cal, sites, dims, detectors)
+        // (fpr, n_fit, n_cal, sites, dims, detectors, joint detectors)
         (
             0.05,
             150,
@@ -456,6 +580,7 @@ fn calibration_matches_a_naive_recomputation() {
             vec!["a", "b", "c"],
             vec![4, 6, 8],
             DEFAULT_DETECTORS,
+            DEFAULT_JOINT,
         ),
         (
             0.1,
@@ -464,9 +589,11 @@ fn calibration_matches_a_naive_recomputation() {
             vec!["mlp", "attn"],
             vec![5, 7],
             "gaussian:shrinkage=oas,knn:k=3,metric=l2",
+            "gaussian:shrinkage=0.2,knn:k=2",
         ),
     ];
-    for (ci, (fpr, n_fit, n_cal, names, dims, detectors)) in configs.into_iter().enumerate() {
+    for (ci, (fpr, n_fit, n_cal, names, dims, detectors, joint)) in configs.into_iter().enumerate()
+    {
         let synth = Synth {
             names,
             dims,
@@ -480,13 +607,15 @@ fn calibration_matches_a_naive_recomputation() {
             let mut rng = Rng::new(seed);
             let options = MonitorOptions {
                 detectors: DetectorSpec::parse_list(detectors).unwrap(),
+                joint: joint_list(joint),
+                aggregation: Aggregation::Max,
                 fusion,
                 fpr,
                 calibration_fraction: 0.5,
                 seed,
             };
             let r = reference(&synth, &mut rng, &options, (n_fit, n_cal), 0.05, "c");
-            let fresh: Vec<Computation> = (0..1000)
+            let fresh: Vec<Computation> = (0..2500)
                 .map(|i| synth.computation(&mut rng, format!("fresh-{i}"), 0.0))
                 .collect();
             let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
@@ -502,6 +631,363 @@ fn calibration_matches_a_naive_recomputation() {
             }
         }
     }
+}
+
+/// Test 1b: every token aggregation, through fitting and scoring, equals its formula applied to
+/// the traces' `-ln p` in arrival order (long computations, sites missing, several fusions).
+#[test]
+fn token_aggregations_match_a_naive_recomputation() {
+    let synth = Synth {
+        names: vec!["a", "b"],
+        dims: vec![4, 6],
+        max_traces: 12,
+        p_missing: 0.2,
+        shared: 0.5,
+        outlier_rate: 0.05,
+    };
+    for (i, aggregation) in AGGREGATIONS.into_iter().enumerate() {
+        let seed = 500 + i as u64;
+        let mut rng = Rng::new(seed);
+        let options = MonitorOptions {
+            detectors: DetectorSpec::parse_list(DEFAULT_DETECTORS).unwrap(),
+            joint: joint_list("gaussian"),
+            aggregation,
+            fusion: FUSIONS[i % 3],
+            fpr: 0.05,
+            calibration_fraction: 0.5,
+            seed,
+        };
+        let r = reference(&synth, &mut rng, &options, (120, 140), 0.05, "c");
+        let fresh: Vec<Computation> = (0..150)
+            .map(|i| synth.computation(&mut rng, format!("fresh-{i}"), 0.0))
+            .collect();
+        let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
+        check_against_oracle(&monitor, &synth, &r, &fresh);
+    }
+}
+
+/// Test 1d: the joint detector is the Mahalanobis distance of the joint vector (each site's
+/// vector L2-normalised, concatenated) under the shrunk covariance of the fit part's joint
+/// vectors, checked against an explicit inverse; and the fit reports what it joined.
+#[test]
+fn joint_detector_matches_a_naive_concatenate_and_invert() {
+    let synth = Synth {
+        names: vec!["b", "a", "c"],
+        dims: vec![3, 4, 2],
+        max_traces: 4,
+        p_missing: 0.15,
+        shared: 0.5,
+        outlier_rate: 0.05,
+    };
+    let a = 0.3;
+    let mut rng = Rng::new(77);
+    let options = MonitorOptions {
+        detectors: DetectorSpec::parse_list("gaussian").unwrap(),
+        joint: joint_list(&format!("gaussian:shrinkage={a},normalize=false")),
+        fpr: 0.1,
+        calibration_fraction: 0.5,
+        seed: 77,
+        ..MonitorOptions::default()
+    };
+    let r = reference(&synth, &mut rng, &options, (200, 100), 0.0, "c");
+    let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
+    let joint = monitor.joint().expect("a joint detector");
+    assert_eq!(joint.dim, 9);
+    let names: Vec<String> = monitor.site_names();
+    assert_eq!(names, ["a", "b", "c"]);
+
+    // naive: mean and covariance (1/n) of the fit part's joint vectors, shrunk, inverted
+    let d = joint.dim;
+    let fit: Vec<f32> = r
+        .fit
+        .iter()
+        .flat_map(|c| joint_rows(&monitor, &synth, c))
+        .collect();
+    let n = fit.len() / d;
+    let mean: Vec<f64> = (0..d)
+        .map(|i| fit.chunks_exact(d).map(|x| f64::from(x[i])).sum::<f64>() / n as f64)
+        .collect();
+    let mut cov = vec![0.0; d * d];
+    for x in fit.chunks_exact(d) {
+        for i in 0..d {
+            for j in 0..d {
+                cov[i * d + j] +=
+                    (f64::from(x[i]) - mean[i]) * (f64::from(x[j]) - mean[j]) / n as f64;
+            }
+        }
+    }
+    let mu = (0..d).map(|i| cov[i * d + i]).sum::<f64>() / d as f64;
+    let mut m: Vec<f64> = (0..d * d)
+        .map(|k| (1.0 - a) * cov[k] + if k / d == k % d { a * mu } else { 0.0 })
+        .collect();
+    // Gauss-Jordan inverse
+    let mut inv: Vec<f64> = (0..d * d)
+        .map(|k| f64::from(u8::from(k / d == k % d)))
+        .collect();
+    for col in 0..d {
+        let piv = (col..d)
+            .max_by(|&x, &y| m[x * d + col].abs().total_cmp(&m[y * d + col].abs()))
+            .unwrap();
+        for k in 0..d {
+            m.swap(col * d + k, piv * d + k);
+            inv.swap(col * d + k, piv * d + k);
+        }
+        let p = m[col * d + col];
+        for k in 0..d {
+            m[col * d + k] /= p;
+            inv[col * d + k] /= p;
+        }
+        for row in (0..d).filter(|&row| row != col) {
+            let f = m[row * d + col];
+            for k in 0..d {
+                m[row * d + k] -= f * m[col * d + k];
+                inv[row * d + k] -= f * inv[col * d + k];
+            }
+        }
+    }
+    let fresh: Vec<f32> = (0..300)
+        .map(|i| {
+            synth.computation(
+                &mut rng,
+                format!("f{i}"),
+                if i % 2 == 0 { 0.0 } else { 1.0 },
+            )
+        })
+        .flat_map(|c| joint_rows(&monitor, &synth, &c))
+        .collect();
+    let got = joint.detectors[0].score_batch(&fresh).unwrap();
+    assert_eq!(got.len(), fresh.len() / d);
+    assert!(got.len() > 200);
+    for (x, g) in fresh.chunks_exact(d).zip(&got) {
+        let y: Vec<f64> = (0..d).map(|i| f64::from(x[i]) - mean[i]).collect();
+        let want: f64 = (0..d)
+            .map(|i| (0..d).map(|j| y[i] * inv[i * d + j] * y[j]).sum::<f64>())
+            .sum();
+        assert!((g - want).abs() <= 1e-4 * want.max(1.0), "{g} vs {want}");
+    }
+
+    // what the fit reports: joint vectors of each part, and positions some site never reached
+    let count = |set: &[Computation]| -> (u64, u64) {
+        set.iter().fold((0, 0), |(rows, incomplete), c| {
+            let counts: Vec<usize> = c
+                .sites
+                .iter()
+                .zip(&synth.dims)
+                .map(|(r, d)| r.as_ref().map_or(0, |r| r.len() / d))
+                .collect();
+            let (lo, hi) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+            (rows + lo as u64, incomplete + (hi - lo) as u64)
+        })
+    };
+    let (fit_rows, fit_incomplete) = count(&r.fit);
+    let (cal_rows, cal_incomplete) = count(&r.cal);
+    let summary = monitor.summary().joint.clone().unwrap();
+    assert_eq!(summary.sites, names);
+    assert_eq!(summary.width, 9);
+    assert_eq!(summary.fit_rows, fit_rows);
+    assert_eq!(joint.fit_traces, fit_rows);
+    assert_eq!(summary.calibration_rows, cal_rows);
+    assert_eq!(summary.incomplete, fit_incomplete + cal_incomplete);
+    assert!(fit_incomplete > 0 && summary.skipped.is_none());
+    assert_eq!(
+        monitor.slots().last().unwrap(),
+        &("joint".to_string(), "gaussian")
+    );
+}
+
+/// A joint detector is skipped, and the fit says why, with one site or a joint width above the
+/// limit; a site named like the joint slots is refused.
+#[test]
+fn joint_detector_is_skipped_where_it_cannot_help() {
+    for (names, dims, why) in [
+        (vec!["only"], vec![4], "one site"),
+        (vec!["x", "y"], vec![3000, 1200], "above 4096"),
+    ] {
+        let synth = Synth {
+            names,
+            dims,
+            max_traces: 1,
+            p_missing: 0.0,
+            shared: 0.5,
+            outlier_rate: 0.0,
+        };
+        let mut rng = Rng::new(3);
+        let options = MonitorOptions {
+            detectors: DetectorSpec::parse_list("knn:k=2").unwrap(),
+            fpr: 0.2,
+            calibration_fraction: 0.5,
+            ..MonitorOptions::default()
+        };
+        let r = reference(&synth, &mut rng, &options, (20, 10), 0.0, "c");
+        let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
+        assert!(monitor.joint().is_none());
+        let j = monitor.summary().joint.clone().unwrap();
+        assert!(j.skipped.as_deref().unwrap().contains(why), "{j:?}");
+    }
+    let synth = Synth {
+        names: vec!["joint", "other"],
+        dims: vec![3, 3],
+        max_traces: 1,
+        p_missing: 0.0,
+        shared: 0.5,
+        outlier_rate: 0.0,
+    };
+    let mut rng = Rng::new(4);
+    let options = MonitorOptions {
+        fpr: 0.2,
+        calibration_fraction: 0.5,
+        ..MonitorOptions::default()
+    };
+    let r = reference(&synth, &mut rng, &options, (20, 10), 0.0, "c");
+    let err = fit_phase(&synth, &options, &r.fit)
+        .finish_fit()
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("named \"joint\""), "{err}");
+}
+
+/// Test 1c (property): with a monotone aggregation and fusion, a computation streamed trace by
+/// trace in random chunks (sites interleaved, positions given) is flagged early exactly when its
+/// final result is flagged, at the first position where the running statistic (recomputed by
+/// formula) reaches the threshold, and the early result is partial and flagged; otherwise
+/// nothing is flagged early.
+#[test]
+fn early_flags_are_exactly_the_final_flags() {
+    let synth = Synth {
+        names: vec!["a", "b", "c"],
+        dims: vec![4, 3, 5],
+        max_traces: 10,
+        p_missing: 0.2,
+        shared: 0.5,
+        outlier_rate: 0.1,
+    };
+    let mut checked_early = 0;
+    for (i, aggregation) in AGGREGATIONS.into_iter().enumerate() {
+        for fusion in FUSIONS {
+            let seed = 900 + 10 * i as u64 + fusion as u64;
+            let mut rng = Rng::new(seed);
+            let options = MonitorOptions {
+                detectors: DetectorSpec::parse_list(DEFAULT_DETECTORS).unwrap(),
+                joint: Vec::new(),
+                aggregation,
+                fusion,
+                fpr: 0.1,
+                calibration_fraction: 0.5,
+                seed,
+            };
+            let r = reference(&synth, &mut rng, &options, (100, 100), 0.0, "c");
+            let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
+            let early_ok = aggregation.is_monotone() && fusion.is_monotone();
+            assert_eq!(monitor.flags_early(), early_ok);
+            let o = oracle(&monitor, &synth, &r.cal);
+            let threshold = monitor.summary().threshold.unwrap();
+            for n in 0..60 {
+                let shift = if n % 3 == 0 { 1.5 } else { 0.0 };
+                let c = synth.computation(&mut rng, format!("x-{n}"), shift);
+                // every trace as (site, row index, row), in a random interleaving of sites
+                let mut queue: Vec<(usize, usize)> = Vec::new();
+                let mut left: Vec<(usize, usize)> = c
+                    .sites
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, r)| r.as_ref().map(|r| (s, r.len() / synth.dims[s])))
+                    .collect();
+                let mut next = vec![0usize; synth.dims.len()];
+                while !left.is_empty() {
+                    let k = below(&mut rng, left.len());
+                    let s = left[k].0;
+                    queue.push((s, next[s]));
+                    next[s] += 1;
+                    if next[s] == left[k].1 {
+                        left.swap_remove(k);
+                    }
+                }
+                // the running statistic by formula after each trace, and where it first crosses
+                let mut seqs: Vec<Vec<f64>> = vec![Vec::new(); o.slot_cals.len()];
+                let mut expected_at = None;
+                for &(s, row) in &queue {
+                    let si = monitor.site_index(synth.names[s]).unwrap();
+                    let site = &monitor.sites()[si];
+                    let off: usize = monitor.sites()[..si]
+                        .iter()
+                        .map(|m| m.detectors.len())
+                        .sum();
+                    let x = &c.sites[s].as_ref().unwrap()[row * site.dim..(row + 1) * site.dim];
+                    for (j, det) in site.detectors.iter().enumerate() {
+                        let raw = det.score_batch(x).unwrap()[0];
+                        seqs[off + j].push(o.slot_cals[off + j].smooth_neg_log_p(raw, false));
+                    }
+                    let slots: Vec<Option<f64>> = seqs.iter().map(|v| aggregation.of(v)).collect();
+                    if expected_at.is_none() && fuse(fusion, &slots) >= threshold {
+                        expected_at = Some(100 * s as i64 + row as i64);
+                    }
+                }
+                // stream it in chunks of 1..=3 traces of one site, positions 100 * site + row
+                let mut open = OpenComputations::default();
+                let mut early = Vec::new();
+                let mut at = 0;
+                while at < queue.len() {
+                    let s = queue[at].0;
+                    let mut end = at + 1;
+                    while end < queue.len()
+                        && end - at < 1 + below(&mut rng, 3)
+                        && queue[end].0 == s
+                    {
+                        end += 1;
+                    }
+                    let d = synth.dims[s];
+                    let rows: Vec<f32> = queue[at..end]
+                        .iter()
+                        .flat_map(|&(_, row)| {
+                            c.sites[s].as_ref().unwrap()[row * d..(row + 1) * d].to_vec()
+                        })
+                        .collect();
+                    let positions = queue[at..end]
+                        .iter()
+                        .map(|&(_, row)| 100 * s as i32 + row as i32)
+                        .collect();
+                    let batch = SiteBatch::new(
+                        synth.names[s],
+                        vec![c.id.clone(); end - at],
+                        Some(positions),
+                        Vectors::new(d, rows).unwrap(),
+                    )
+                    .unwrap();
+                    open.score(&monitor, &batch).unwrap();
+                    early.extend(open.take_early_flags(&monitor));
+                    at = end;
+                }
+                let fin = complete_one(&monitor, &mut open, &c.id);
+                assert!(!fin.partial);
+                if !early_ok {
+                    assert!(early.is_empty(), "{aggregation} {fusion:?}: early flag");
+                    assert_eq!(fin.flagged_at, None);
+                    continue;
+                }
+                assert_eq!(
+                    fin.flagged,
+                    expected_at.is_some(),
+                    "{aggregation} {fusion:?}"
+                );
+                assert_eq!(fin.flagged_at, expected_at, "{aggregation} {fusion:?}");
+                assert!(early.len() <= 1);
+                if let Some((id, e)) = early.first() {
+                    assert_eq!(id, &c.id);
+                    assert!(e.partial && e.flagged && fin.flagged);
+                    assert_eq!(e.flagged_at, expected_at);
+                    assert!(e.score <= fin.score && e.traces <= fin.traces);
+                    checked_early += 1;
+                } else {
+                    // flagged only by the last batch, which completion reports
+                    assert!(!fin.flagged || expected_at.is_some());
+                }
+            }
+        }
+    }
+    assert!(
+        checked_early > 20,
+        "only {checked_early} early flags exercised"
+    );
 }
 
 /// The f64 arithmetic of the in-sample rate: `FitSummary::calibration_fpr` is documented as the
@@ -525,6 +1011,8 @@ fn in_sample_rate_counts_a_computation_exactly_at_the_target() {
         let mut rng = Rng::new(5);
         let options = MonitorOptions {
             detectors: DetectorSpec::parse_list("gaussian").unwrap(),
+            joint: Vec::new(),
+            aggregation: Aggregation::Max,
             fusion: Fusion::MinP,
             fpr,
             calibration_fraction: 0.5,
@@ -615,6 +1103,8 @@ fn achieved_fpr_over_seeds_is_the_target() {
         let mut rng = Rng::new(10_000 + seed);
         let options = MonitorOptions {
             detectors: DetectorSpec::parse_list(DETECTORS[(seed % 2) as usize]).unwrap(),
+            joint: joint_list(if seed % 2 == 0 { "gaussian" } else { "none" }),
+            aggregation: AGGREGATIONS[(seed % 5) as usize],
             fusion: FUSIONS[(seed % 3) as usize],
             fpr: ALPHAS[0],
             calibration_fraction: 0.5,
@@ -692,6 +1182,8 @@ fn resumed_fitter_gives_the_identical_monitor() {
         let mut rng = Rng::new(7);
         let options = MonitorOptions {
             detectors: DetectorSpec::parse_list(detectors).unwrap(),
+            joint: Vec::new(),
+            aggregation: Aggregation::MaxRollingMean { window: 2 },
             fusion: Fusion::Fisher,
             fpr: 0.05,
             calibration_fraction: 0.4,

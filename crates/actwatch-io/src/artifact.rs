@@ -26,6 +26,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_NAME: &str = "actwatch-monitor";
 const FUSED_BLOB: &str = "calibration.bin";
+/// The joint detectors' blob (see `actwatch_detect::joint`).
+const JOINT_BLOB: &str = "joint.bin";
 
 /// Where the reference data came from, recorded for provenance.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -64,6 +66,10 @@ pub struct Manifest {
     pub created_by: String,
     pub options: MonitorOptions,
     pub sites: Vec<SiteEntry>,
+    /// The joint detectors (absent when none were fitted, and in monitors saved before they
+    /// existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joint: Option<SiteEntry>,
     pub calibration: BlobEntry,
     pub summary: FitSummary,
     pub reference: ReferenceSummary,
@@ -113,18 +119,27 @@ pub fn save_monitor(
     let tmp = durable::temporary_path(out)?;
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let result = (|| {
-        let mut sites = Vec::with_capacity(monitor.sites().len());
-        for (i, s) in monitor.sites().iter().enumerate() {
+        let entry = |s: &SiteModel, file: String| -> Result<SiteEntry> {
             let bytes = bincode::serialize(s)?;
-            sites.push(SiteEntry {
+            Ok(SiteEntry {
                 name: s.name.clone(),
                 dim: s.dim,
                 detectors: s.detectors.iter().map(|d| d.name().to_string()).collect(),
                 fit_traces: s.fit_traces,
                 calibration_traces: s.calibration_traces,
-                blob: blob(&tmp, format!("site-{i}.bin"), &bytes)?,
-            });
-        }
+                blob: blob(&tmp, file, &bytes)?,
+            })
+        };
+        let sites = monitor
+            .sites()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| entry(s, format!("site-{i}.bin")))
+            .collect::<Result<Vec<_>>>()?;
+        let joint = monitor
+            .joint()
+            .map(|j| entry(j, JOINT_BLOB.into()))
+            .transpose()?;
         let calibration = blob(
             &tmp,
             FUSED_BLOB.into(),
@@ -136,6 +151,7 @@ pub fn save_monitor(
             created_by: format!("actwatch {}", env!("CARGO_PKG_VERSION")),
             options: monitor.options().clone(),
             sites,
+            joint,
             calibration,
             summary: monitor.summary().clone(),
             reference: reference.clone(),
@@ -212,8 +228,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// Loads and verifies the monitor in `dir`, ready to score.
 pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
     let manifest = read_manifest(dir)?;
-    let mut sites = Vec::with_capacity(manifest.sites.len());
-    for entry in &manifest.sites {
+    let read_site = |entry: &SiteEntry| -> Result<SiteModel> {
         let bytes = read_blob(dir, &entry.blob)?;
         let site: SiteModel = bincode::deserialize(&bytes).map_err(|e| {
             Error::Artifact(format!(
@@ -230,8 +245,14 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
                 entry.name
             )));
         }
-        sites.push(site);
-    }
+        Ok(site)
+    };
+    let sites = manifest
+        .sites
+        .iter()
+        .map(read_site)
+        .collect::<Result<Vec<_>>>()?;
+    let joint = manifest.joint.as_ref().map(read_site).transpose()?;
     let fused: Calibration = bincode::deserialize(&read_blob(dir, &manifest.calibration)?)
         .map_err(|e| {
             Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display()))
@@ -239,6 +260,7 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
     let monitor = Monitor::new(
         manifest.options.clone(),
         sites,
+        joint,
         fused,
         manifest.summary.clone(),
     )

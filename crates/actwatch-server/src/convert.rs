@@ -6,9 +6,10 @@
 
 use actwatch_core::SiteBatch;
 use actwatch_detect::fusion::DEFAULT_FUSION;
+use actwatch_detect::joint::JointSummary;
 use actwatch_detect::monitor::{MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR};
-use actwatch_detect::spec::DEFAULT_DETECTORS;
-use actwatch_detect::{DetectorSpec, Fusion, Monitor, SiteScores};
+use actwatch_detect::spec::{DEFAULT_DETECTORS, DEFAULT_JOINT};
+use actwatch_detect::{Aggregation, DetectorSpec, Fusion, Monitor, SiteScores};
 use actwatch_proto::v1;
 use serde::{Deserialize, Serialize};
 
@@ -23,10 +24,27 @@ pub const MAX_NAME_LEN: usize = 64;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredSpec {
     pub detectors: Vec<String>,
+    /// Specs stored before aggregation existed read back as "max", what they did.
+    #[serde(default = "default_aggregation")]
+    pub aggregation: String,
+    /// Joint detectors, or "none"; specs stored before they existed read back as "none".
+    #[serde(default = "no_joint")]
+    pub joint: String,
     pub fusion: String,
     pub fpr: f64,
     pub calibration_fraction: f64,
     pub seed: u64,
+}
+
+fn default_aggregation() -> String {
+    Aggregation::default().to_string()
+}
+
+/// The `joint` of a spec without joint detectors.
+const NO_JOINT: &str = "none";
+
+fn no_joint() -> String {
+    NO_JOINT.to_string()
 }
 
 impl StoredSpec {
@@ -38,12 +56,24 @@ impl StoredSpec {
             fpr,
             calibration_fraction,
             seed,
+            aggregation,
+            joint,
         } = spec.unwrap_or_default();
         let spec = StoredSpec {
             detectors: if detectors.is_empty() {
                 DEFAULT_DETECTORS.split(',').map(str::to_string).collect()
             } else {
                 detectors
+            },
+            aggregation: if aggregation.is_empty() {
+                default_aggregation()
+            } else {
+                aggregation
+            },
+            joint: if joint.is_empty() {
+                DEFAULT_JOINT.to_string()
+            } else {
+                joint
             },
             fusion: if fusion.is_empty() {
                 DEFAULT_FUSION.name().to_string()
@@ -65,6 +95,8 @@ impl StoredSpec {
     pub fn to_proto(&self) -> v1::MonitorSpec {
         v1::MonitorSpec {
             detectors: self.detectors.clone(),
+            aggregation: self.aggregation.clone(),
+            joint: self.joint.clone(),
             fusion: self.fusion.clone(),
             fpr: self.fpr,
             calibration_fraction: self.calibration_fraction,
@@ -81,8 +113,18 @@ pub fn options_from_spec(spec: &StoredSpec) -> Result<MonitorOptions> {
         .map(|d| DetectorSpec::parse(d).map_err(|e| Error::BadSpec(format!("detector {d:?}: {e}"))))
         .collect::<Result<Vec<_>>>()?;
     let fusion = Fusion::parse(&spec.fusion).map_err(|e| Error::BadSpec(e.to_string()))?;
+    let aggregation =
+        Aggregation::parse(&spec.aggregation).map_err(|e| Error::BadSpec(e.to_string()))?;
+    let joint = if spec.joint.trim().eq_ignore_ascii_case(NO_JOINT) {
+        Vec::new()
+    } else {
+        DetectorSpec::parse_list(&spec.joint)
+            .map_err(|e| Error::BadSpec(format!("joint {:?}: {e}", spec.joint)))?
+    };
     let options = MonitorOptions {
         detectors,
+        joint,
+        aggregation,
         fusion,
         fpr: spec.fpr,
         calibration_fraction: spec.calibration_fraction,
@@ -177,6 +219,26 @@ pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
             .collect(),
         incremental: run.incremental,
         rows_folded: run.rows_folded,
+        joint: s.joint.as_ref().map(joint_fit),
+    }
+}
+
+fn joint_fit(j: &JointSummary) -> v1::JointFit {
+    let JointSummary {
+        sites,
+        width,
+        fit_rows,
+        calibration_rows,
+        incomplete,
+        skipped,
+    } = j;
+    v1::JointFit {
+        sites: sites.clone(),
+        width: *width as u64,
+        fit_rows: *fit_rows,
+        calibration_rows: *calibration_rows,
+        incomplete: *incomplete,
+        skipped: skipped.clone().unwrap_or_default(),
     }
 }
 
@@ -191,6 +253,8 @@ pub fn computation_score(logged: &LoggedScore, monitor: &str) -> v1::Computation
         slots,
         scored_at_unix_ms,
         fit_version,
+        partial,
+        flagged_at,
     } = logged;
     v1::ComputationScore {
         monitor: monitor.to_string(),
@@ -215,6 +279,8 @@ pub fn computation_score(logged: &LoggedScore, monitor: &str) -> v1::Computation
             .collect(),
         scored_at_unix_ms: *scored_at_unix_ms,
         fit_version: *fit_version,
+        partial: *partial,
+        flagged_at: *flagged_at,
     }
 }
 

@@ -140,7 +140,8 @@ fn detect_code(e: &actwatch_detect::Error) -> Code {
         actwatch_detect::Error::UnknownSite { .. }
         | actwatch_detect::Error::SiteWidth { .. }
         | actwatch_detect::Error::NotOpen(_) => Code::InvalidArgument,
-        actwatch_detect::Error::TooManyOpen { .. } => Code::ResourceExhausted,
+        actwatch_detect::Error::TooManyOpen { .. }
+        | actwatch_detect::Error::JointPending { .. } => Code::ResourceExhausted,
         actwatch_detect::Error::Numerical(_) => Code::Internal,
     }
 }

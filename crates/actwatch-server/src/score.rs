@@ -3,7 +3,7 @@
 //! results to the wire and their errors to the service's.
 
 use actwatch_core::SiteBatch;
-use actwatch_detect::OpenComputations;
+use actwatch_detect::{ComputationResult, OpenComputations};
 use actwatch_proto::v1;
 
 use crate::convert::trace_scores;
@@ -49,10 +49,19 @@ pub fn complete(
         Some(ids) => open.complete(monitor, ids).map_err(scoring_error)?,
         None => open.complete_all(monitor),
     };
-    let slots = monitor.slots();
+    Ok(to_logged(fitted, done))
+}
+
+/// The running results of computations flagged early since the last call (monitors that flag
+/// early, see [`actwatch_detect::Monitor::flags_early`]), marked partial.
+pub fn early_flags(fitted: &FittedMonitor, open: &mut OpenComputations) -> Vec<LoggedScore> {
+    to_logged(fitted, open.take_early_flags(&fitted.monitor))
+}
+
+fn to_logged(fitted: &FittedMonitor, done: Vec<(String, ComputationResult)>) -> Vec<LoggedScore> {
+    let slots = fitted.monitor.slots();
     let now = now_unix_ms();
-    Ok(done
-        .into_iter()
+    done.into_iter()
         .map(|(trace_id, r)| LoggedScore {
             trace_id,
             score: r.score,
@@ -70,6 +79,8 @@ pub fn complete(
                 .collect(),
             scored_at_unix_ms: now,
             fit_version: fitted.fit_version,
+            partial: r.partial,
+            flagged_at: r.flagged_at,
         })
-        .collect())
+        .collect()
 }

@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::calibration::Calibration;
+use crate::joint::{JointSummary, JOINT_SITE};
 use crate::spec::{DetectorSpec, FittedDetector};
 use crate::{Error, Result};
 
@@ -46,6 +47,10 @@ pub struct FitSummary {
     /// computations to flag anything at the target rate).
     pub threshold: Option<f64>,
     pub knn_recall: Vec<KnnRecall>,
+    /// What fitting the joint detector saw; None when the options ask for none (and for
+    /// monitors saved before joint detectors existed).
+    #[serde(default)]
+    pub joint: Option<JointSummary>,
 }
 
 /// A fitted, calibrated monitor. Immutable: a refit builds a new one.
@@ -59,6 +64,9 @@ pub struct FitSummary {
 pub struct Monitor {
     options: MonitorOptions,
     sites: Vec<SiteModel>,
+    /// The joint detectors ([`crate::joint`]): a "site" named [`JOINT_SITE`] whose vectors are
+    /// the sites' joined; its slots follow the sites'.
+    joint: Option<SiteModel>,
     /// Calibration of the fused computation-level statistic.
     fused: Calibration,
     summary: FitSummary,
@@ -71,6 +79,7 @@ impl Monitor {
     pub fn new(
         options: MonitorOptions,
         mut sites: Vec<SiteModel>,
+        mut joint: Option<SiteModel>,
         fused: Calibration,
         summary: FitSummary,
     ) -> Result<Self> {
@@ -107,7 +116,24 @@ impl Monitor {
                 return bad(format!("a {} detector of width {}", d.name(), d.dim()));
             }
         }
-        for s in &mut sites {
+        if let Some(j) = &joint {
+            let bad = |why: String| Err(Error::InvalidOption(format!("joint detector: {why}")));
+            let width: usize = sites.iter().map(|s| s.dim).sum();
+            let kinds: Vec<&str> = options.joint.iter().map(DetectorSpec::name).collect();
+            let got: Vec<&str> = j.detectors.iter().map(FittedDetector::name).collect();
+            if j.name != JOINT_SITE || sites.iter().any(|s| s.name == JOINT_SITE) {
+                return bad(format!(
+                    "its slots must be the only ones named {JOINT_SITE:?}"
+                ));
+            }
+            if j.dim != width || j.detectors.iter().any(|d| d.dim() != width) {
+                return bad(format!("width {}, but the sites add up to {width}", j.dim));
+            }
+            if got != kinds || j.calibrations.len() != got.len() {
+                return bad(format!("detectors {got:?}, but the options say {kinds:?}"));
+            }
+        }
+        for s in sites.iter_mut().chain(joint.as_mut()) {
             for d in &mut s.detectors {
                 d.prepare()?;
             }
@@ -115,6 +141,7 @@ impl Monitor {
         Ok(Self {
             options,
             sites,
+            joint,
             fused,
             summary,
             backend: Backend::default(),
@@ -128,6 +155,11 @@ impl Monitor {
     /// The sites, in slot order.
     pub fn sites(&self) -> &[SiteModel] {
         &self.sites
+    }
+
+    /// The joint detectors and their calibrations, when fitted ([`crate::joint`]).
+    pub fn joint(&self) -> Option<&SiteModel> {
+        self.joint.as_ref()
     }
 
     /// Calibration of the fused computation-level statistic.
@@ -157,12 +189,19 @@ impl Monitor {
         self.sites.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// `(site, detector name)` of every slot, in slot order.
+    /// `(site, detector name)` of every slot, in slot order: the sites', then the joint
+    /// detectors' (site [`JOINT_SITE`]).
     pub fn slots(&self) -> Vec<(String, &'static str)> {
         self.sites
             .iter()
+            .chain(self.joint.as_ref())
             .flat_map(|s| s.detectors.iter().map(|d| (s.name.clone(), d.name())))
             .collect()
+    }
+
+    /// The index of the first joint slot.
+    pub(crate) fn joint_offset(&self) -> usize {
+        self.slot_offset(self.sites.len())
     }
 
     /// The index of the first slot of site `site`.
@@ -172,6 +211,10 @@ impl Monitor {
 
     /// Number of (site, detector) slots.
     pub(crate) fn slot_count(&self) -> usize {
-        self.sites.iter().map(|s| s.detectors.len()).sum()
+        self.sites
+            .iter()
+            .chain(self.joint.as_ref())
+            .map(|s| s.detectors.len())
+            .sum()
     }
 }

@@ -19,9 +19,11 @@ use std::time::Instant;
 
 use actwatch_core::SplitHasher;
 
+use crate::aggregate::{AggState, Aggregation};
 use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
-use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS};
+use crate::joint::{Joiner, JointSummary, JOINT_MAX_WIDTH, JOINT_SITE};
+use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS, DEFAULT_JOINT};
 mod fitted;
 
 pub use fitted::{FitSummary, KnnRecall, Monitor, SiteModel};
@@ -39,10 +41,19 @@ pub const RECALL_SAMPLE: usize = 500;
 /// k of the reported recall@k.
 pub const RECALL_K: usize = 10;
 
-/// What a monitor is: detectors, fusion, calibration split and target false-positive rate.
+/// What a monitor is: detectors, token aggregation, fusion, calibration split and target
+/// false-positive rate.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MonitorOptions {
     pub detectors: Vec<DetectorSpec>,
+    /// Detectors fitted on the joint vector of a computation ([`crate::joint`]); empty: none.
+    /// Options saved before joint detectors existed read back as none, what they did.
+    #[serde(default)]
+    pub joint: Vec<DetectorSpec>,
+    /// How a computation's traces at one slot aggregate ([`crate::aggregate`]); options saved
+    /// before it existed read back as `max`, what they did.
+    #[serde(default)]
+    pub aggregation: Aggregation,
     pub fusion: Fusion,
     pub fpr: f64,
     pub calibration_fraction: f64,
@@ -54,6 +65,8 @@ impl Default for MonitorOptions {
         Self {
             detectors: DetectorSpec::parse_list(DEFAULT_DETECTORS)
                 .expect("the default detector list parses"),
+            joint: DetectorSpec::parse_list(DEFAULT_JOINT).expect("the default joint list parses"),
+            aggregation: Aggregation::default(),
             fusion: DEFAULT_FUSION,
             fpr: DEFAULT_FPR,
             calibration_fraction: DEFAULT_CALIBRATION_FRACTION,
@@ -72,15 +85,18 @@ impl MonitorOptions {
                 "a monitor needs at least one detector".into(),
             ));
         }
-        for (i, d) in self.detectors.iter().enumerate() {
-            d.validate()?;
-            if self.detectors[..i].contains(d) {
-                return Err(Error::InvalidOption(format!(
-                    "the detector {} is listed twice with the same options",
-                    d.name()
-                )));
+        for list in [&self.detectors, &self.joint] {
+            for (i, d) in list.iter().enumerate() {
+                d.validate()?;
+                if list[..i].contains(d) {
+                    return Err(Error::InvalidOption(format!(
+                        "the detector {} is listed twice with the same options",
+                        d.name()
+                    )));
+                }
             }
         }
+        self.aggregation.validate()?;
         if !(self.fpr > 0.0 && self.fpr < 1.0) {
             return Err(Error::InvalidOption(format!(
                 "target false-positive rate {} is outside (0, 1)",
@@ -208,7 +224,9 @@ impl MonitorFitter {
             });
         }
         let fit_seconds = self.started.elapsed().as_secs_f64();
+        let joint = JointPhase::start(&self.options, &sites)?;
         Ok(MonitorCalibrator {
+            joint,
             split: self.split,
             site_index: sites
                 .iter()
@@ -278,16 +296,17 @@ struct PendingSite {
 }
 
 impl PendingSite {
-    /// Builds this site's calibrations from its calibration traces' raw scores, and folds each
-    /// trace's leave-one-out `-ln p` into its computation's row of `comp_nlp` (`n_slots` per
-    /// computation; this site's slots start at `slot0`), keeping the largest per slot.
+    /// Builds this site's calibrations from its calibration traces' raw scores, and pushes each
+    /// trace's leave-one-out `-ln p`, in arrival order, into its computation's running aggregate
+    /// in `comp_agg` (`n_slots` per computation; this site's slots start at `slot0`).
     fn calibrate(
         self,
-        fusion: Fusion,
-        comp_nlp: &mut [f64],
+        options: &MonitorOptions,
+        comp_agg: &mut [AggState],
         n_slots: usize,
         slot0: usize,
     ) -> Result<(SiteModel, Vec<KnnRecall>)> {
+        let (fusion, agg) = (options.fusion, options.aggregation);
         let cal_traces = self.cal_scores.first().map_or(0, Vec::len);
         if cal_traces == 0 {
             return Err(Error::NotEnoughData(format!(
@@ -308,10 +327,7 @@ impl PendingSite {
                 let (c, raw) = self.cal_scores[j][t];
                 debug_assert_eq!(c as usize, comp);
                 nlps[j] = cal.smooth_neg_log_p(raw, true);
-                let cell = &mut comp_nlp[comp * n_slots + slot0 + j];
-                if cell.is_nan() || nlps[j] > *cell {
-                    *cell = nlps[j];
-                }
+                agg.push(&mut comp_agg[comp * n_slots + slot0 + j], nlps[j]);
             }
             trace_stats.push(fusion.statistic(&nlps));
         }
@@ -341,8 +357,117 @@ impl PendingSite {
     }
 }
 
+/// The joint detector's part of the second phase ([`crate::joint`]): its fit pass over the fit
+/// part, then its calibration pass.
+enum JointPhase {
+    /// Nothing to fit: not asked for (`None`), or skipped (why).
+    Off(Option<JointSummary>),
+    Fitting {
+        summary: JointSummary,
+        fitters: Vec<DetectorFitter>,
+        joins: Joins,
+    },
+    Calibrating {
+        summary: JointSummary,
+        site: PendingSite,
+        joins: Joins,
+    },
+}
+
+/// Per computation, its traces waiting for the other sites, and the bytes they hold.
+#[derive(Default)]
+struct Joins {
+    by_id: HashMap<String, Joiner>,
+    bytes: usize,
+}
+
+impl Joins {
+    /// Adds a batch of one site's traces; returns the completed joint vectors (row-major) and
+    /// their computations, in completion order.
+    fn add<S: AsRef<str>>(
+        &mut self,
+        n_sites: usize,
+        site: usize,
+        dim: usize,
+        trace_ids: &[S],
+        rows: &[f32],
+    ) -> Result<(Vec<String>, Vec<f32>)> {
+        let mut ids = Vec::new();
+        let mut joint = Vec::new();
+        for (id, row) in trace_ids.iter().zip(rows.chunks_exact(dim)) {
+            let id = id.as_ref();
+            let j = match self.by_id.get_mut(id) {
+                Some(j) => j,
+                None => self
+                    .by_id
+                    .entry(id.to_string())
+                    .or_insert_with(|| Joiner::new(n_sites)),
+            };
+            if let Some((_, v)) = j.add(site, None, row, &mut self.bytes)? {
+                ids.push(id.to_string());
+                joint.extend_from_slice(&v);
+            }
+        }
+        Ok((ids, joint))
+    }
+
+    fn incomplete(&self) -> u64 {
+        self.by_id.values().map(|j| j.incomplete() as u64).sum()
+    }
+}
+
+impl JointPhase {
+    fn start(options: &MonitorOptions, sites: &[PendingSite]) -> Result<Self> {
+        if options.joint.is_empty() {
+            return Ok(JointPhase::Off(None));
+        }
+        if sites.iter().any(|s| s.name == JOINT_SITE) {
+            return Err(Error::InvalidOption(format!(
+                "a site is named {JOINT_SITE:?}, the name of the joint detector's slots: rename                  it or fit without a joint detector"
+            )));
+        }
+        let width: usize = sites.iter().map(|s| s.dim).sum();
+        let summary = JointSummary {
+            sites: sites.iter().map(|s| s.name.clone()).collect(),
+            width,
+            ..JointSummary::default()
+        };
+        let skip = |why: String| {
+            Ok(JointPhase::Off(Some(JointSummary {
+                skipped: Some(why),
+                ..summary.clone()
+            })))
+        };
+        if sites.len() < 2 {
+            return skip("one site: a joint detector would repeat its own detectors".into());
+        }
+        if width > JOINT_MAX_WIDTH {
+            return skip(format!(
+                "the joint width {width} is above {JOINT_MAX_WIDTH} (its statistics would take                  {} MiB)",
+                (width * width * 8) >> 20
+            ));
+        }
+        let fitters = options
+            .joint
+            .iter()
+            .map(|d| d.fitter(width))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(JointPhase::Fitting {
+            summary,
+            fitters,
+            joins: Joins::default(),
+        })
+    }
+}
+
 /// Second phase of fitting: push the calibration part, then [`MonitorCalibrator::finish`].
+///
+/// With a joint detector ([`MonitorCalibrator::joint_wanted`]), the same pass also pushes the fit
+/// part's traces with [`MonitorCalibrator::push_joint_fit`] (the joint vectors need every site,
+/// known only now), then [`MonitorCalibrator::finish_joint_fit`], and a third pass pushes the
+/// calibration part again with [`MonitorCalibrator::push_joint_calibration`].
 pub struct MonitorCalibrator {
+    joint: JointPhase,
     options: MonitorOptions,
     split: SplitHasher,
     sites: Vec<PendingSite>,
@@ -412,8 +537,150 @@ impl MonitorCalibrator {
         Ok(())
     }
 
+    /// Whether a joint detector waits for [`MonitorCalibrator::push_joint_fit`] (and then the
+    /// rest of its passes).
+    pub fn joint_wanted(&self) -> bool {
+        matches!(self.joint, JointPhase::Fitting { .. })
+    }
+
+    /// Whether the joint detector waits for its calibration pass
+    /// ([`MonitorCalibrator::push_joint_calibration`]).
+    pub fn joint_calibrating(&self) -> bool {
+        matches!(self.joint, JointPhase::Calibrating { .. })
+    }
+
+    /// Fit-part traces of one site for the joint detector (the same rows as given to
+    /// [`MonitorFitter::push_fit`], with their computations); a no-op unless
+    /// [`MonitorCalibrator::joint_wanted`].
+    pub fn push_joint_fit<S: AsRef<str>>(
+        &mut self,
+        trace_ids: &[S],
+        site: &str,
+        rows: &[f32],
+    ) -> Result<()> {
+        let (n_sites, si, dim) = self.site_of(site, rows, trace_ids.len())?;
+        let JointPhase::Fitting {
+            summary,
+            fitters,
+            joins,
+        } = &mut self.joint
+        else {
+            return Ok(());
+        };
+        let (ids, joint) = joins.add(n_sites, si, dim, trace_ids, rows)?;
+        if !ids.is_empty() {
+            for f in fitters.iter_mut() {
+                f.push_batch(&joint)?;
+            }
+            summary.fit_rows += ids.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Fits the joint detectors on what [`MonitorCalibrator::push_joint_fit`] joined; a fit part
+    /// with no complete joint vector skips the joint detector (and the fit says why).
+    pub fn finish_joint_fit(&mut self) -> Result<()> {
+        let phase = std::mem::replace(&mut self.joint, JointPhase::Off(None));
+        self.joint = match phase {
+            JointPhase::Fitting {
+                mut summary,
+                fitters,
+                joins,
+            } => {
+                summary.incomplete = joins.incomplete();
+                if summary.fit_rows == 0 {
+                    summary.skipped = Some(
+                        "no fit computation has a trace at every site at the same position".into(),
+                    );
+                    JointPhase::Off(Some(summary))
+                } else {
+                    let detectors = fitters
+                        .into_iter()
+                        .map(DetectorFitter::finish)
+                        .collect::<Result<Vec<_>>>()
+                        .map_err(|e| match e {
+                            Error::NotEnoughData(m) => {
+                                Error::NotEnoughData(format!("joint detector: {m}"))
+                            }
+                            e => e,
+                        })?;
+                    let n = detectors.len();
+                    JointPhase::Calibrating {
+                        site: PendingSite {
+                            name: JOINT_SITE.to_string(),
+                            dim: summary.width,
+                            detectors,
+                            fit_traces: summary.fit_rows,
+                            cal_scores: vec![Vec::new(); n],
+                            recall: vec![(0, 0.0); n],
+                        },
+                        summary,
+                        joins: Joins::default(),
+                    }
+                }
+            }
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// Calibration-part traces of one site for the joint detector (the same rows as given to
+    /// [`MonitorCalibrator::push_calibration`]); a no-op unless
+    /// [`MonitorCalibrator::joint_calibrating`].
+    pub fn push_joint_calibration<S: AsRef<str>>(
+        &mut self,
+        trace_ids: &[S],
+        site: &str,
+        rows: &[f32],
+    ) -> Result<()> {
+        let (n_sites, si, dim) = self.site_of(site, rows, trace_ids.len())?;
+        let JointPhase::Calibrating {
+            summary,
+            site: joint_site,
+            joins,
+        } = &mut self.joint
+        else {
+            return Ok(());
+        };
+        let (ids, joint) = joins.add(n_sites, si, dim, trace_ids, rows)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        summary.calibration_rows += ids.len() as u64;
+        let comps: Vec<u32> = ids
+            .into_iter()
+            .map(|id| {
+                let next = self.computations.len() as u32;
+                *self.computations.entry(id).or_insert(next)
+            })
+            .collect();
+        for (j, det) in joint_site.detectors.iter().enumerate() {
+            let raw = det.score_batch(&joint)?;
+            joint_site.cal_scores[j].extend(comps.iter().copied().zip(raw));
+        }
+        Ok(())
+    }
+
+    /// (number of sites, index, width) of `site`, checking that `rows` holds `n` of its vectors.
+    fn site_of(&self, site: &str, rows: &[f32], n: usize) -> Result<(usize, usize, usize)> {
+        let Some(&si) = self.site_index.get(site) else {
+            return Err(Error::NotEnoughData(format!(
+                "site {site} has calibration traces but no fit traces"
+            )));
+        };
+        let dim = self.sites[si].dim;
+        if rows.len() != n * dim {
+            return Err(actwatch_core::Error::WidthMismatch {
+                expected: dim,
+                got: rows.len() / n.max(1),
+            }
+            .into());
+        }
+        Ok((self.sites.len(), si, dim))
+    }
+
     /// Builds every calibration and the fused computation-level calibration.
-    pub fn finish(self) -> Result<Monitor> {
+    pub fn finish(mut self) -> Result<Monitor> {
         let n_comp = self.computations.len();
         let min_needed = (1.0 / self.options.fpr).ceil() as usize;
         if n_comp < min_needed {
@@ -423,27 +690,55 @@ impl MonitorCalibrator {
                 self.options.fpr
             )));
         }
-        let fusion = self.options.fusion;
-        let n_slots: usize = self.sites.iter().map(|s| s.detectors.len()).sum();
-        // Per computation and slot: the largest -ln p of its traces (NaN = no trace at that slot).
-        let mut comp_nlp = vec![f64::NAN; n_comp * n_slots];
+        // (A caller that never pushed joint traces gets a joint detector skipped, and says why.)
+        self.finish_joint_fit()?;
+        let (joint_site, joint_summary) = match self.joint {
+            JointPhase::Fitting { .. } => unreachable!("finish_joint_fit ends the fitting phase"),
+            JointPhase::Off(summary) => (None, summary),
+            JointPhase::Calibrating {
+                mut summary,
+                site,
+                joins,
+            } => {
+                summary.incomplete += joins.incomplete();
+                if site.cal_scores.first().is_none_or(Vec::is_empty) {
+                    summary.skipped = Some(
+                        "no calibration computation has a trace at every site at the same \
+                         position"
+                            .into(),
+                    );
+                    (None, Some(summary))
+                } else {
+                    (Some(site), Some(summary))
+                }
+            }
+        };
+        let (fusion, agg) = (self.options.fusion, self.options.aggregation);
+        let n_slots: usize = self.sites.iter().map(|s| s.detectors.len()).sum::<usize>()
+            + joint_site.as_ref().map_or(0, |j| j.detectors.len());
+        // Per computation and slot: the running aggregate of its traces' -ln p.
+        let mut comp_agg: Vec<AggState> = (0..n_comp * n_slots).map(|_| agg.start()).collect();
         let mut sites = Vec::with_capacity(self.sites.len());
         let mut recall = Vec::new();
         let mut slot0 = 0;
         for s in self.sites {
             let k = s.detectors.len();
-            let (site, site_recall) = s.calibrate(fusion, &mut comp_nlp, n_slots, slot0)?;
+            let (site, site_recall) = s.calibrate(&self.options, &mut comp_agg, n_slots, slot0)?;
             sites.push(site);
             recall.extend(site_recall);
             slot0 += k;
         }
-        let mut present = Vec::with_capacity(n_slots);
-        let fused_scores: Vec<f64> = comp_nlp
+        let joint = match joint_site {
+            Some(j) => Some(j.calibrate(&self.options, &mut comp_agg, n_slots, slot0)?.0),
+            None => None,
+        };
+        let mut values = Vec::with_capacity(n_slots);
+        let fused_scores: Vec<f64> = comp_agg
             .chunks_exact(n_slots)
             .map(|row| {
-                present.clear();
-                present.extend(row.iter().copied().filter(|x| !x.is_nan()));
-                fusion.statistic(&present)
+                values.clear();
+                values.extend(row.iter().map(|st| agg.value(st).unwrap_or(f64::NAN)));
+                fusion.fuse_slots(&values)
             })
             .collect();
         let fused = Calibration::new(fused_scores.clone())?;
@@ -465,7 +760,8 @@ impl MonitorCalibrator {
             calibration_fpr: flagged as f64 / n,
             threshold: Some(fused.threshold(self.options.fpr)).filter(|t| t.is_finite()),
             knn_recall: recall,
+            joint: joint_summary,
         };
-        Monitor::new(self.options, sites, fused, summary)
+        Monitor::new(self.options, sites, joint, fused, summary)
     }
 }

@@ -109,24 +109,45 @@ pub fn calibrate_reference(
             }
         }
         for (site, idx) in batch.site_groups() {
-            let cal_rows: Vec<usize> = idx
+            let (cal_rows, fit_rows): (Vec<usize>, Vec<usize>) = idx
                 .into_iter()
-                .filter(|&i| calibrator.is_calibration(&batch.trace_ids[i]))
-                .collect();
+                .partition(|&i| calibrator.is_calibration(&batch.trace_ids[i]));
+            if calibrator.joint_wanted() && !fit_rows.is_empty() {
+                let (ids, v) = gather(&batch, &fit_rows)?;
+                calibrator.push_joint_fit(&ids, &site, v.as_slice())?;
+            }
             if cal_rows.is_empty() {
                 continue;
             }
-            let ids: Vec<&str> = cal_rows
-                .iter()
-                .map(|&i| batch.trace_ids[i].as_str())
-                .collect();
-            let v = batch.gather(&cal_rows)?;
+            let (ids, v) = gather(&batch, &cal_rows)?;
             calibrator.push_calibration(&ids, &site, v.as_slice())?;
         }
         rows += batch.trace_ids.len() as u64;
         progress.advance(batch.trace_ids.len() as u64);
     }
     progress.finish();
+    calibrator.finish_joint_fit()?;
+    if calibrator.joint_calibrating() {
+        // The joint detector is fitted only now (its vectors need every site): a third pass
+        // scores the calibration part's joint vectors.
+        let reader = TraceReader::open(files, read.clone())?;
+        progress.start("calibrate_joint", reader.total_rows());
+        for batch in reader {
+            let batch = batch?;
+            for (site, idx) in batch.site_groups() {
+                let cal_rows: Vec<usize> = idx
+                    .into_iter()
+                    .filter(|&i| calibrator.is_calibration(&batch.trace_ids[i]))
+                    .collect();
+                if !cal_rows.is_empty() {
+                    let (ids, v) = gather(&batch, &cal_rows)?;
+                    calibrator.push_joint_calibration(&ids, &site, v.as_slice())?;
+                }
+            }
+            progress.advance(batch.trace_ids.len() as u64);
+        }
+        progress.finish();
+    }
     let monitor = calibrator.finish()?;
     let summary = ReferenceSummary {
         columns: read.columns.clone(),
@@ -140,4 +161,13 @@ pub fn calibrate_reference(
             .collect(),
     };
     Ok((monitor, summary))
+}
+
+/// The trace ids and vectors of `rows` of `batch`.
+fn gather<'a>(
+    batch: &'a crate::reader::TraceBatch,
+    rows: &[usize],
+) -> Result<(Vec<&'a str>, actwatch_core::Vectors)> {
+    let ids = rows.iter().map(|&i| batch.trace_ids[i].as_str()).collect();
+    Ok((ids, batch.gather(rows)?))
 }

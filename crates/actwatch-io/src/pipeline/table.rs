@@ -209,13 +209,14 @@ impl ComputationTable {
     }
 
     /// The table as one Arrow batch: trace id, constant pass-through columns, score, p_value,
-    /// flagged, traces, and one p-value column per (site, detector).
+    /// flagged, traces, flagged_at (where the running statistic first reached the threshold, for
+    /// monitors that flag early; null otherwise), and one p-value column per (site, detector).
     pub fn to_record_batch(&self) -> Result<RecordBatch> {
         let n = self.ids.len();
         let mut fields = vec![Field::new(&self.trace_column, DataType::Utf8, false)];
         let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(&self.ids))];
         for pc in self.passthrough.iter().filter(|p| p.constant) {
-            if pc.name == "score" || pc.name == "p_value" || pc.name == "flagged" {
+            if ["score", "p_value", "flagged", "flagged_at"].contains(&pc.name.as_str()) {
                 continue;
             }
             let mut values = match &pc.values {
@@ -254,6 +255,13 @@ impl ComputationTable {
         cols.push(Arc::new(UInt64Array::from_iter_values(
             self.results.iter().map(|r| r.traces),
         )));
+        fields.push(Field::new("flagged_at", DataType::Int64, true));
+        cols.push(Arc::new(
+            self.results
+                .iter()
+                .map(|r| r.flagged_at)
+                .collect::<Int64Array>(),
+        ));
         for (j, name) in self.slot_names.iter().enumerate() {
             fields.push(Field::new(name, DataType::Float64, true));
             cols.push(Arc::new(

@@ -11,7 +11,7 @@ use v1::stream_scores_response::Event as Out;
 use super::{blocking, ActivationMonitorService};
 use crate::convert::computation_score;
 use crate::metrics::ScoreRpc;
-use crate::score::{complete, score_batch};
+use crate::score::{complete, early_flags, score_batch};
 use crate::storage::{FittedMonitor, MonitorEntry};
 use crate::{Error, Result};
 
@@ -57,18 +57,27 @@ impl ScoreStream {
                 self.service.check_batch(&batch)?;
                 let (fitted, open) = (self.fitted.clone(), self.open.clone());
                 let started = Instant::now();
-                let traces = blocking(move || {
+                // Early flags are not logged: the final result, flagged too, is, with the
+                // position where the computation was first flagged.
+                let (traces, early) = blocking(move || {
                     let decoded = actwatch_proto::decode_trace_batch(batch)?;
                     let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
-                    score_batch(&fitted, &decoded, &mut open)
+                    let traces = score_batch(&fitted, &decoded, &mut open)?;
+                    Ok((traces, early_flags(&fitted, &mut open)))
                 })
                 .await?;
                 let metrics = &self.service.metrics;
                 metrics.observe_score_latency(ScoreRpc::StreamScores, started.elapsed());
-                self.service
-                    .count_scores(&self.entry.name, traces.len(), &[]);
+                let name = &self.entry.name;
+                self.service.count_scores(name, traces.len(), &[]);
+                // early flags go to watchers now; they are counted as computations at completion
+                let early: Vec<_> = early.iter().map(|l| computation_score(l, name)).collect();
+                self.service.publish_flags(&early);
                 Ok(vec![v1::StreamScoresResponse {
-                    event: Some(Out::Traces(v1::TraceScores { traces })),
+                    event: Some(Out::Traces(v1::TraceScores {
+                        traces,
+                        early_flags: early,
+                    })),
                 }])
             }
             Some(In::Complete(v1::CompleteComputations { trace_ids })) => {

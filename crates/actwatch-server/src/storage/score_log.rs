@@ -24,6 +24,13 @@ pub struct LoggedScore {
     pub slots: Vec<LoggedSlot>,
     pub scored_at_unix_ms: i64,
     pub fit_version: u64,
+    /// An early flag of a computation not yet complete. Early flags are sent, not logged (the
+    /// final result is flagged too and says where), so logged results have `false` here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// Where the running statistic first reached the threshold (monitors that flag early).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flagged_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,6 +199,8 @@ mod tests {
             }],
             scored_at_unix_ms: at,
             fit_version: 1,
+            partial: false,
+            flagged_at: flagged.then_some(2),
         }
     }
 

@@ -1,0 +1,204 @@
+//! The joint cross-site detector's data: a computation's per-site vectors joined into one.
+//!
+//! The layers of one computation are strongly correlated; a computation whose layers are each
+//! plausible but jointly inconsistent (layer 6 of one input under layers 2 and 4 of another)
+//! leaves every per-site detector at chance. The joint detectors see the *joint vector*: at one
+//! position of one computation, every site's vector, each L2-normalised (so each site weighs the
+//! same, as the per-site Gaussian sees it), concatenated in the monitor's site order.
+//!
+//! Rules:
+//! - A trace's position is its `position` when the batch carries positions, else its 0-based
+//!   index among the computation's traces at its site (pooled traces: 0 at every site).
+//! - A joint vector exists for a (computation, position) once every site has a trace there. A
+//!   position some site never reaches has no joint vector (at fit time it is counted as
+//!   incomplete and reported; when scoring, the joint slots simply get no evidence from it).
+//! - A second trace at the same (computation, site, position) replaces the first if the joint
+//!   vector was not complete yet, and starts a new one otherwise.
+//! - Traces waiting for their other sites are held in memory, at most
+//!   [`JOINT_PENDING_MAX_BYTES`] per fit pass or per scoring stream ([`Error::JointPending`]).
+//!
+//! Joint detectors are fitted from sufficient statistics like the per-site ones, so their memory
+//! is that of a per-site detector of the joint width: a Gaussian at width `D` accumulates a
+//! `D × D` f64 matrix (10 MiB at 3 × 384, 128 MiB at 4096). Above [`JOINT_MAX_WIDTH`] the joint
+//! detector is skipped and the fit says so (4 × 4096 would need 2 GiB).
+
+use std::collections::BTreeMap;
+
+use actwatch_core::l2_normalize_rows;
+
+use crate::{Error, Result};
+
+/// The name of the joint slots' "site" in slot names (`joint`/`gaussian`) and output columns
+/// (`p_joint_gaussian`); a reference site may not be called this when a joint detector is fitted.
+pub const JOINT_SITE: &str = "joint";
+
+/// Widest joint vector fitted (the sum of the site widths): a Gaussian's statistics at this width
+/// are 128 MiB of f64.
+pub const JOINT_MAX_WIDTH: usize = 4096;
+
+/// Bytes of traces held while they wait for the rest of their joint vector, per fit pass or per
+/// scoring stream.
+pub const JOINT_PENDING_MAX_BYTES: usize = 64 << 20;
+
+/// What fitting the joint detector saw (reported by the fit).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
+pub struct JointSummary {
+    /// The sites concatenated, in order.
+    pub sites: Vec<String>,
+    pub width: usize,
+    pub fit_rows: u64,
+    pub calibration_rows: u64,
+    /// Reference positions left without a joint vector (some site had no trace there).
+    pub incomplete: u64,
+    /// Why no joint detector was fitted although the options ask for one.
+    pub skipped: Option<String>,
+}
+
+/// One computation's traces waiting for their other sites.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Joiner {
+    /// Per site: traces seen (the position of a trace that carries none).
+    seen: Vec<u32>,
+    /// Per position: each site's normalised vector, once it arrived.
+    pending: BTreeMap<i64, Vec<Option<Box<[f32]>>>>,
+}
+
+impl Joiner {
+    pub(crate) fn new(sites: usize) -> Self {
+        Self {
+            seen: vec![0; sites],
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the trace `row` of site `site` at `position` (None: the next index at that site).
+    /// Returns the position and the joint vector if this completed one; `pending_bytes` is the
+    /// owner's running total of held bytes, checked against [`JOINT_PENDING_MAX_BYTES`] before
+    /// anything is held.
+    pub(crate) fn add(
+        &mut self,
+        site: usize,
+        position: Option<i32>,
+        row: &[f32],
+        pending_bytes: &mut usize,
+    ) -> Result<Option<(i64, Vec<f32>)>> {
+        let n_sites = self.seen.len();
+        let seen = &mut self.seen[site];
+        let key = position.map_or(i64::from(*seen), i64::from);
+        *seen = seen.saturating_add(1);
+        let bytes = std::mem::size_of_val(row);
+        let parts = self
+            .pending
+            .entry(key)
+            .or_insert_with(|| vec![None; n_sites]);
+        let completes = parts
+            .iter()
+            .enumerate()
+            .all(|(i, p)| i == site || p.is_some());
+        let mut v = row.to_vec();
+        l2_normalize_rows(&mut v, row.len());
+        if !completes {
+            // held until the other sites arrive (a replaced trace holds no more)
+            if parts[site].is_none() {
+                if *pending_bytes + bytes > JOINT_PENDING_MAX_BYTES {
+                    if parts.iter().all(Option::is_none) {
+                        self.pending.remove(&key);
+                    }
+                    return Err(Error::JointPending {
+                        max: JOINT_PENDING_MAX_BYTES,
+                    });
+                }
+                *pending_bytes += bytes;
+            }
+            parts[site] = Some(v.into_boxed_slice());
+            return Ok(None);
+        }
+        let mut parts = self.pending.remove(&key).expect("present");
+        let mut joint = Vec::with_capacity(row.len() * n_sites);
+        for (i, p) in parts.iter_mut().enumerate() {
+            if i == site {
+                if let Some(old) = p.take() {
+                    // a repeat of the completing site's trace replaces the held one
+                    *pending_bytes -= std::mem::size_of_val(&*old);
+                }
+                joint.extend_from_slice(&v);
+            } else {
+                let p = p.take().expect("complete");
+                *pending_bytes -= std::mem::size_of_val(&*p);
+                joint.extend_from_slice(&p);
+            }
+        }
+        Ok(Some((key, joint)))
+    }
+
+    /// Positions still waiting for a site.
+    pub(crate) fn incomplete(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Bytes held by waiting traces.
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.pending
+            .values()
+            .flatten()
+            .flatten()
+            .map(|p| std::mem::size_of_val(&**p))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_by_position_or_arrival_and_normalises_each_site() {
+        let mut bytes = 0;
+        let mut j = Joiner::new(2);
+        // pooled: position = index at the site
+        assert_eq!(j.add(0, None, &[3.0, 4.0], &mut bytes).unwrap(), None);
+        assert_eq!(bytes, 8);
+        let (key, v) = j
+            .add(1, None, &[0.0, 2.0, 0.0], &mut bytes)
+            .unwrap()
+            .unwrap();
+        assert_eq!(key, 0);
+        assert_eq!(v, vec![0.6, 0.8, 0.0, 1.0, 0.0]);
+        assert_eq!(bytes, 0);
+        // explicit positions, out of order across sites
+        assert!(j
+            .add(1, Some(7), &[1.0, 0.0, 0.0], &mut bytes)
+            .unwrap()
+            .is_none());
+        assert!(j
+            .add(1, Some(8), &[0.0, 0.0, 5.0], &mut bytes)
+            .unwrap()
+            .is_none());
+        let (key, v) = j.add(0, Some(8), &[0.0, 1.0], &mut bytes).unwrap().unwrap();
+        assert_eq!((key, v), (8, vec![0.0, 1.0, 0.0, 0.0, 1.0]));
+        assert_eq!(j.incomplete(), 1);
+        assert_eq!(bytes, j.pending_bytes());
+        // a repeated trace replaces the waiting one without holding more
+        assert!(j
+            .add(1, Some(7), &[0.0, 1.0, 0.0], &mut bytes)
+            .unwrap()
+            .is_none());
+        assert_eq!(bytes, 12);
+        let (_, v) = j.add(0, Some(7), &[1.0, 0.0], &mut bytes).unwrap().unwrap();
+        assert_eq!(v, vec![1.0, 0.0, 0.0, 1.0, 0.0]);
+        assert_eq!((bytes, j.incomplete()), (0, 0));
+    }
+
+    #[test]
+    fn holding_more_than_the_limit_is_refused() {
+        let mut j = Joiner::new(2);
+        let row = vec![1.0f32; 1024];
+        let mut bytes = JOINT_PENDING_MAX_BYTES - 4096;
+        assert!(j.add(0, Some(0), &row, &mut bytes).unwrap().is_none());
+        let err = j.add(0, Some(1), &row, &mut bytes).unwrap_err();
+        assert!(matches!(err, Error::JointPending { .. }), "{err}");
+        assert_eq!(j.incomplete(), 1);
+        // completing a waiting position needs no room
+        assert!(j.add(1, Some(0), &row, &mut bytes).unwrap().is_some());
+    }
+}
