@@ -18,6 +18,7 @@ use actwatch_proto::v1::{self, fit_progress, stream_scores_request, stream_score
 use actwatch_server::Limits;
 use actwatch_testkit::server::{Client, TestServer};
 use actwatch_testkit::{minilm, Rng};
+use arrow::array::AsArray;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,7 +34,16 @@ fn minilm_read_options() -> ReadOptions {
 
 /// One proto batch per (reader batch, site group): exactly the blocks the batch pipeline scores.
 fn file_batches(path: &Path, dtype: Dtype) -> (Vec<v1::TraceBatch>, Vec<String>) {
-    let reader = TraceReader::open(&[path.to_path_buf()], minilm_read_options()).unwrap();
+    file_batches_with(path, dtype, minilm_read_options())
+}
+
+/// [`file_batches`] with other read options (and the file's positions, when it has them).
+fn file_batches_with(
+    path: &Path,
+    dtype: Dtype,
+    read: ReadOptions,
+) -> (Vec<v1::TraceBatch>, Vec<String>) {
+    let reader = TraceReader::open(&[path.to_path_buf()], read).unwrap();
     let mut out = Vec::new();
     let mut ids = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -47,10 +57,14 @@ fn file_batches(path: &Path, dtype: Dtype) -> (Vec<v1::TraceBatch>, Vec<String>)
         for (site, rows) in batch.site_groups() {
             let v = batch.gather(&rows).unwrap();
             let trace_ids = rows.iter().map(|&r| batch.trace_ids[r].clone()).collect();
+            let positions = batch
+                .positions
+                .as_ref()
+                .map_or_else(Vec::new, |p| rows.iter().map(|&r| p[r]).collect());
             out.push(encode_trace_batch(
                 &site,
                 trace_ids,
-                vec![],
+                positions,
                 v.dim(),
                 v.as_slice(),
                 dtype,
@@ -156,12 +170,20 @@ impl ScoreStream {
     }
 
     async fn batch(&mut self, b: v1::TraceBatch) -> Result<Vec<v1::TraceScore>, tonic::Status> {
+        Ok(self.batch_and_flags(b).await?.traces)
+    }
+
+    /// A batch's per-trace scores and the computations it flagged early.
+    async fn batch_and_flags(
+        &mut self,
+        b: v1::TraceBatch,
+    ) -> Result<v1::TraceScores, tonic::Status> {
         let rows = b.trace_ids.len();
         self.send(stream_scores_request::Event::Batch(b)).await;
         match self.rx.message().await?.and_then(|m| m.event) {
             Some(stream_scores_response::Event::Traces(t)) => {
                 assert_eq!(t.traces.len(), rows);
-                Ok(t.traces)
+                Ok(t)
             }
             other => panic!("expected trace scores, got {other:?}"),
         }
@@ -1452,4 +1474,168 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
     create(&mut client, "broken").await;
     drop(client);
     server.stop().await;
+}
+
+/// Per-token traces (`tests/data/tokens`: MiniLM's layer 4, one row per token, with positions).
+fn token_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tokens")
+        .join(name)
+}
+
+/// A monitor fitted over gRPC on per-token reference traces flags a span-injected computation
+/// streamed token by token before it is complete: in the response to the token at which its
+/// running statistic reaches the threshold (mostly the span's first token, or soon after), on
+/// WatchFlags, marked partial; the final result is flagged too and names the same position. A
+/// computation is flagged early exactly when its final result is flagged (the default monitor
+/// aggregates by max, which never decreases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_span_streamed_token_by_token_is_flagged_before_it_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    client
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "tokens".into(),
+            spec: Some(v1::MonitorSpec {
+                fpr: 0.05,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let read = ReadOptions::default();
+    let (reference, _) = file_batches_with(
+        &token_file("train_tokens.parquet"),
+        Dtype::F16,
+        read.clone(),
+    );
+    assert!(reference
+        .iter()
+        .all(|b| b.positions.len() == b.trace_ids.len()));
+    ingest(&mut client, "tokens", reference).await.unwrap();
+    let (_, report) = fit(&mut client, "tokens").await;
+    assert!(report.joint.unwrap().skipped.contains("one site"));
+    let mut watcher = client
+        .watch_flags(v1::WatchFlagsRequest {
+            monitors: vec!["tokens".into()],
+            max_p_value: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let spans: HashMap<String, (i32, i32)> = {
+        let file = std::fs::File::open(token_file("spans.parquet")).unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024).unwrap();
+        let mut out = HashMap::new();
+        for b in reader {
+            let b = b.unwrap();
+            let ids = b.column_by_name("id").unwrap().as_string::<i32>().clone();
+            let int = |name: &str| {
+                b.column_by_name(name)
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int32Type>()
+                    .clone()
+            };
+            let (start, n) = (int("span_start"), int("n_tokens"));
+            for i in 0..b.num_rows() {
+                out.insert(ids.value(i).to_string(), (start.value(i), n.value(i)));
+            }
+        }
+        out
+    };
+
+    let mut early_events = 0;
+    let mut span_early = 0;
+    let mut span_early_in_span = 0;
+    for file in ["spans_tokens.parquet", "dev_id_tokens.parquet"] {
+        // one batch per token, computations in file order
+        let mut ids: Vec<String> = Vec::new();
+        let mut tokens: HashMap<String, Vec<v1::TraceBatch>> = HashMap::new();
+        for batch in TraceReader::open(&[token_file(file)], read.clone()).unwrap() {
+            let batch = batch.unwrap();
+            let positions = batch.positions.clone().expect("the fixture has positions");
+            for (i, id) in batch.trace_ids.iter().enumerate() {
+                let v = batch.row_vector(i);
+                let toks = tokens.entry(id.clone()).or_insert_with(|| {
+                    ids.push(id.clone());
+                    Vec::new()
+                });
+                toks.push(encode_trace_batch(
+                    &batch.sites[i],
+                    vec![id.clone()],
+                    vec![positions[i]],
+                    v.len(),
+                    v,
+                    Dtype::F16,
+                ));
+            }
+        }
+        let mut stream = ScoreStream::open(&mut client, "tokens").await.unwrap();
+        for id in &ids {
+            let mut early: Option<(i32, v1::ComputationScore)> = None;
+            let toks = &tokens[id];
+            for t in toks {
+                let position = t.positions[0];
+                let out = stream.batch_and_flags(t.clone()).await.unwrap();
+                for e in out.early_flags {
+                    assert!(early.is_none(), "{id}: flagged early twice");
+                    assert_eq!(&e.trace_id, id);
+                    early = Some((position, e));
+                }
+            }
+            let fin = stream.complete(vec![id.clone()]).await.pop().unwrap();
+            assert!(!fin.partial);
+            assert_eq!(
+                early.is_some(),
+                fin.flagged,
+                "{id}: early flag vs final flag"
+            );
+            let Some((at, e)) = early else {
+                assert_eq!(fin.flagged_at, None);
+                continue;
+            };
+            early_events += 1;
+            assert!(e.partial && e.flagged, "{e:?}");
+            // the flag came in the response to the very token that crossed the threshold
+            assert_eq!(e.flagged_at, Some(i64::from(at)), "{id}");
+            assert_eq!(fin.flagged_at, e.flagged_at, "{id}");
+            assert!(e.traces <= fin.traces && e.p_value >= fin.p_value, "{id}");
+            if let Some(&(start, n)) = spans.get(id) {
+                assert_eq!(n as usize, toks.len());
+                span_early += 1;
+                if at >= start && at < n - 1 {
+                    span_early_in_span += 1;
+                }
+            }
+        }
+    }
+    eprintln!(
+        "span-injected: {span_early} of {} flagged before completion, {span_early_in_span} at or \
+         after the first injected token",
+        spans.len()
+    );
+    assert!(
+        span_early * 4 >= spans.len() * 3,
+        "{span_early} of {} spans flagged",
+        spans.len()
+    );
+    assert!(
+        span_early_in_span * 4 >= span_early * 3,
+        "{span_early_in_span} of {span_early}"
+    );
+    // every early flag reached the watcher, marked partial (final flags come too)
+    let mut partial = 0;
+    while partial < early_events {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watcher.message())
+            .await
+            .expect("every early flag reaches the watcher")
+            .unwrap()
+            .expect("the watch stream is open");
+        let c = ev.computation.unwrap();
+        assert!(c.flagged && c.flagged_at.is_some(), "{c:?}");
+        partial += usize::from(c.partial);
+    }
 }

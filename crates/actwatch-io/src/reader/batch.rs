@@ -26,6 +26,8 @@ pub struct TraceBatch {
     pub trace_ids: Vec<String>,
     /// Interned: one `Arc` per distinct site over the whole stream.
     pub sites: Vec<Arc<str>>,
+    /// Token positions (the file's `position` column), when it has one.
+    pub positions: Option<Vec<i32>>,
     /// All vectors, row after row.
     pub vectors: Vec<f32>,
     /// `rows + 1` offsets into `vectors`.
@@ -120,7 +122,11 @@ impl TraceBatch {
             .map(|(site, rows)| {
                 let vectors = self.gather(&rows)?;
                 let ids = rows.iter().map(|&r| self.trace_ids[r].clone()).collect();
-                Ok((rows, SiteBatch::new(&*site, ids, None, vectors)?))
+                let positions = self
+                    .positions
+                    .as_ref()
+                    .map(|p| rows.iter().map(|&r| p[r]).collect());
+                Ok((rows, SiteBatch::new(&*site, ids, positions, vectors)?))
             })
             .collect()
     }
@@ -160,6 +166,7 @@ mod tests {
                 .iter()
                 .map(|s| interned.entry(s).or_insert_with(|| Arc::from(*s)).clone())
                 .collect(),
+            positions: None,
             vectors,
             offsets,
             other: None,

@@ -21,6 +21,46 @@ pub(super) struct FileColumns {
     pub(super) trace: usize,
     pub(super) site: usize,
     pub(super) vector: usize,
+    /// The optional [`POSITION_COLUMN`], when the file has one.
+    pub(super) position: Option<usize>,
+}
+
+/// The column of a trace's token position, read when a file has it (`actwatch capture --pool none`
+/// and the server's segments write it): an integer column without nulls.
+pub const POSITION_COLUMN: &str = "position";
+
+/// The token positions of a batch's rows: the [`POSITION_COLUMN`] as `i32`, or None without one.
+pub(super) fn decode_positions(
+    path: &Path,
+    batch: &RecordBatch,
+    file_row: impl Fn(usize) -> u64,
+) -> Result<Option<Vec<i32>>> {
+    let Some(col) = batch.column_by_name(POSITION_COLUMN) else {
+        return Ok(None);
+    };
+    check_no_nulls(path, POSITION_COLUMN, col, &file_row)?;
+    let bad = |found: String| Error::BadColumnType {
+        path: path.to_path_buf(),
+        column: POSITION_COLUMN.to_owned(),
+        found,
+        expected: "an integer column whose values fit in int32".to_owned(),
+    };
+    if !col.data_type().is_integer() {
+        return Err(bad(col.data_type().to_string()));
+    }
+    let cast = arrow::compute::cast(col, &DataType::Int32)?;
+    if cast.null_count() > 0 {
+        // a value out of int32's range became null
+        return Err(bad(format!(
+            "{} with values outside int32",
+            col.data_type()
+        )));
+    }
+    Ok(Some(
+        cast.as_primitive::<arrow::datatypes::Int32Type>()
+            .values()
+            .to_vec(),
+    ))
 }
 
 /// Column `name` of `batch` (read from `p`).
@@ -94,6 +134,18 @@ pub(super) fn check_schema(
         trace: find(&cols.trace, is_label_type, LABEL_TYPES)?,
         site: find(&cols.site, is_label_type, LABEL_TYPES)?,
         vector: find(&cols.vector, is_vector_type, VECTOR_TYPES)?,
+        position: match schema.index_of(POSITION_COLUMN) {
+            Ok(i) if schema.field(i).data_type().is_integer() => Some(i),
+            Ok(i) => {
+                return Err(Error::BadColumnType {
+                    path: path.to_path_buf(),
+                    column: POSITION_COLUMN.to_owned(),
+                    found: schema.field(i).data_type().to_string(),
+                    expected: "an integer column".to_owned(),
+                })
+            }
+            Err(_) => None,
+        },
     })
 }
 

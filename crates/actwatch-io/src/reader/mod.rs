@@ -25,7 +25,11 @@ mod batch;
 mod columns;
 
 pub use batch::TraceBatch;
-use columns::{check_no_nulls, check_schema, column, decode_vectors, label_strings, FileColumns};
+pub use columns::POSITION_COLUMN;
+use columns::{
+    check_no_nulls, check_schema, column, decode_positions, decode_vectors, label_strings,
+    FileColumns,
+};
 
 use crate::{Error, Result};
 
@@ -280,8 +284,8 @@ impl TraceReader {
                 .with_batch_size(self.opts.batch_rows.max(1));
         if !self.opts.keep_other_columns {
             let c = input.columns;
-            let mask =
-                ProjectionMask::roots(input.meta.parquet_schema(), [c.trace, c.site, c.vector]);
+            let roots = [c.trace, c.site, c.vector].into_iter().chain(c.position);
+            let mask = ProjectionMask::roots(input.meta.parquet_schema(), roots);
             builder = builder.with_projection(mask);
         }
         let reader = builder.build().map_err(|e| Error::parquet(path, e))?;
@@ -330,6 +334,7 @@ impl TraceReader {
             .map(|s| s.unwrap_or_default().to_owned())
             .collect();
 
+        let positions = decode_positions(p, &batch, file_row)?;
         let vec_col = column(p, &batch, &cols.vector)?;
         let (vectors, offsets) = decode_vectors(p, &cols.vector, &vec_col, file_row)?;
         self.check_widths(p, &sites, &offsets, file_row)?;
@@ -358,6 +363,7 @@ impl TraceReader {
             file_rows,
             trace_ids,
             sites,
+            positions,
             vectors,
             offsets,
             other,
