@@ -23,6 +23,13 @@ fn scoring_error(e: actwatch_detect::Error) -> Error {
                 "{open} computations open and {new} new in this batch; complete some first"
             ),
         },
+        E::JointPending { max } => Error::LimitExceeded {
+            limit: "joint_pending_bytes",
+            max: max as u64,
+            detail: "traces are waiting for the other sites of their joint vectors; send a \
+                     computation's sites together"
+                .into(),
+        },
         e @ E::NotOpen(_) => Error::BadStream(e.to_string()),
         e => Error::Detect(e),
     }
