@@ -143,6 +143,12 @@ pub struct FitArgs {
     /// topk_mean:K. Calibrated at computation level whichever is chosen.
     #[arg(long, default_value_t = actwatch_detect::Aggregation::default().to_string())]
     pub aggregation: String,
+    /// Length strata of the computation-level calibration: quantile groups of the calibration
+    /// computations' token counts, each calibrated on its own (Mondrian), so the false-positive
+    /// rate holds for short and long computations alike; 1 for one calibration. Pooled traces
+    /// (one per site) always get one.
+    #[arg(long, default_value_t = actwatch_detect::monitor::DEFAULT_LENGTH_STRATA)]
+    pub length_strata: usize,
     /// How per-detector, per-site p-values combine into one statistic per computation:
     /// fisher (sum of evidence), cauchy (Cauchy combination), minp (strongest single signal).
     #[arg(long, default_value_t = actwatch_detect::fusion::DEFAULT_FUSION.name().to_string())]

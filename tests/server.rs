@@ -1497,8 +1497,12 @@ async fn a_span_streamed_token_by_token_is_flagged_before_it_completes() {
     client
         .create_monitor(v1::CreateMonitorRequest {
             name: "tokens".into(),
+            // One calibration for all lengths: the fixture's reference sentences are all short
+            // (8 to 10 tokens), so strata could not tell lengths apart; with one stratum every
+            // final flag of a monotone aggregation was an early flag.
             spec: Some(v1::MonitorSpec {
                 fpr: 0.05,
+                length_strata: 1,
                 ..Default::default()
             }),
         })

@@ -27,6 +27,7 @@ pub fn run(a: FitArgs) -> Result<()> {
         fpr: a.fpr,
         calibration_fraction: a.calibration_fraction,
         seed: a.seed,
+        length_strata: a.length_strata,
     };
     options.validate()?;
     let read = a

@@ -21,6 +21,7 @@ pub mod score;
 pub mod shrinkage;
 pub mod spec;
 pub mod stats;
+pub mod strata;
 
 pub use aggregate::Aggregation;
 pub use calibration::Calibration;

@@ -48,9 +48,11 @@ pub struct ComputationResult {
     pub slot_p: Vec<Option<f64>>,
     pub traces: u64,
     /// The position of the trace at which the running statistic first reached the threshold
-    /// (the trace's `position`, or without positions its 0-based index among the computation's
-    /// traces at its site). Only monitors that flag early ([`Monitor::flags_early`]) track it;
-    /// for them every flagged computation has one.
+    /// of every length stratum the computation could still end in (the trace's `position`, or
+    /// without positions its 0-based index among the computation's traces at its site). Only
+    /// monitors that flag early ([`Monitor::flags_early`]) track it; with one stratum every
+    /// flagged computation has one, with several a computation flagged only in the stratum of
+    /// its final length has none.
     pub flagged_at: Option<i64>,
     /// A running result of a computation not yet complete (an early flag); its final result
     /// follows at completion and is flagged too.
@@ -69,6 +71,13 @@ struct Evidence {
     flagged_at: Option<i64>,
     /// Traces waiting for the other sites of their joint vector (monitors with a joint detector).
     joiner: Option<Joiner>,
+}
+
+impl Evidence {
+    /// The computation's length so far: its most traces at one site (its tokens).
+    fn length(&self) -> u64 {
+        self.per_site.iter().copied().max().map_or(0, u64::from)
+    }
 }
 
 /// Raw scores and smoothed `-ln p` of joint vectors, `[detector][row]`.
@@ -205,7 +214,11 @@ impl Monitor {
     fn check_early(&self, ev: &mut Evidence, position: i64) -> bool {
         if ev.flagged_at.is_none()
             && self.flags_early()
-            && self.fused().p_value(self.running_statistic(ev)) <= self.options().fpr
+            && self.fused().flagged_at_any_longer(
+                self.running_statistic(ev),
+                ev.length(),
+                self.options().fpr,
+            )
         {
             ev.flagged_at = Some(position);
             return true;
@@ -254,7 +267,7 @@ impl Monitor {
     /// Fuses a computation's evidence and calibrates it.
     fn finish_computation(&self, ev: &Evidence, partial: bool) -> ComputationResult {
         let score = self.running_statistic(ev);
-        let p_value = self.fused().p_value(score);
+        let p_value = self.fused().p_value(score, ev.length());
         let cals = self
             .sites()
             .iter()

@@ -13,6 +13,7 @@ use std::io::Read;
 use std::path::Path;
 
 use actwatch_detect::monitor::{FitSummary, Monitor, MonitorOptions, SiteModel};
+use actwatch_detect::strata::LengthStrata;
 use actwatch_detect::Calibration;
 use sha2::{Digest, Sha256};
 
@@ -22,8 +23,12 @@ use crate::{Error, Result};
 
 /// Name of the manifest inside a monitor directory.
 pub const MANIFEST: &str = "manifest.json";
-/// Bumped whenever the blob encoding or the manifest changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the blob encoding or the manifest changes incompatibly. Version 2: the
+/// calibration blob holds the length strata (`actwatch_detect::strata::LengthStrata`); version 1
+/// (one calibration) is still read, as one stratum.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+const OLDEST_FORMAT_VERSION: u32 = 1;
 const FORMAT_NAME: &str = "actwatch-monitor";
 const FUSED_BLOB: &str = "calibration.bin";
 /// The joint detectors' blob (see `actwatch_detect::joint`).
@@ -214,9 +219,11 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     })?;
     let manifest: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Artifact(format!("{}: corrupt manifest: {e}", path.display())))?;
-    if manifest.format != FORMAT_NAME || manifest.format_version != FORMAT_VERSION {
+    if manifest.format != FORMAT_NAME
+        || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version)
+    {
         return Err(Error::Artifact(format!(
-            "{}: format {} version {} is not supported (this build reads {FORMAT_NAME} version {FORMAT_VERSION})",
+            "{}: format {} version {} is not supported (this build reads {FORMAT_NAME} versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
             path.display(),
             manifest.format,
             manifest.format_version
@@ -253,10 +260,13 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
         .map(read_site)
         .collect::<Result<Vec<_>>>()?;
     let joint = manifest.joint.as_ref().map(read_site).transpose()?;
-    let fused: Calibration = bincode::deserialize(&read_blob(dir, &manifest.calibration)?)
-        .map_err(|e| {
-            Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display()))
-        })?;
+    let bytes = read_blob(dir, &manifest.calibration)?;
+    let fused = if manifest.format_version == 1 {
+        bincode::deserialize::<Calibration>(&bytes).map(LengthStrata::single)
+    } else {
+        bincode::deserialize::<LengthStrata>(&bytes)
+    }
+    .map_err(|e| Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display())))?;
     let monitor = Monitor::new(
         manifest.options.clone(),
         sites,

@@ -7,7 +7,9 @@
 use actwatch_core::SiteBatch;
 use actwatch_detect::fusion::DEFAULT_FUSION;
 use actwatch_detect::joint::JointSummary;
-use actwatch_detect::monitor::{MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR};
+use actwatch_detect::monitor::{
+    MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR, DEFAULT_LENGTH_STRATA,
+};
 use actwatch_detect::spec::{DEFAULT_DETECTORS, DEFAULT_JOINT};
 use actwatch_detect::{Aggregation, DetectorSpec, Fusion, Monitor, SiteScores};
 use actwatch_proto::v1;
@@ -30,6 +32,9 @@ pub struct StoredSpec {
     /// Joint detectors, or "none"; specs stored before they existed read back as "none".
     #[serde(default = "no_joint")]
     pub joint: String,
+    /// Length strata; specs stored before they existed read back as 1, what they did.
+    #[serde(default = "one")]
+    pub length_strata: usize,
     pub fusion: String,
     pub fpr: f64,
     pub calibration_fraction: f64,
@@ -47,6 +52,10 @@ fn no_joint() -> String {
     NO_JOINT.to_string()
 }
 
+fn one() -> usize {
+    1
+}
+
 impl StoredSpec {
     /// Fills in the defaults of a proto spec (see the field docs of `MonitorSpec`) and validates it.
     pub fn from_proto(spec: Option<v1::MonitorSpec>) -> Result<Self> {
@@ -58,6 +67,7 @@ impl StoredSpec {
             seed,
             aggregation,
             joint,
+            length_strata,
         } = spec.unwrap_or_default();
         let spec = StoredSpec {
             detectors: if detectors.is_empty() {
@@ -74,6 +84,11 @@ impl StoredSpec {
                 DEFAULT_JOINT.to_string()
             } else {
                 joint
+            },
+            length_strata: if length_strata == 0 {
+                DEFAULT_LENGTH_STRATA
+            } else {
+                length_strata as usize
             },
             fusion: if fusion.is_empty() {
                 DEFAULT_FUSION.name().to_string()
@@ -97,6 +112,7 @@ impl StoredSpec {
             detectors: self.detectors.clone(),
             aggregation: self.aggregation.clone(),
             joint: self.joint.clone(),
+            length_strata: self.length_strata as u32,
             fusion: self.fusion.clone(),
             fpr: self.fpr,
             calibration_fraction: self.calibration_fraction,
@@ -129,6 +145,7 @@ pub fn options_from_spec(spec: &StoredSpec) -> Result<MonitorOptions> {
         fpr: spec.fpr,
         calibration_fraction: spec.calibration_fraction,
         seed: spec.seed,
+        length_strata: spec.length_strata,
     };
     options
         .validate()
@@ -220,6 +237,15 @@ pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
         incremental: run.incremental,
         rows_folded: run.rows_folded,
         joint: s.joint.as_ref().map(joint_fit),
+        length_strata: s
+            .length_strata
+            .iter()
+            .map(|l| v1::LengthStratum {
+                max_length: l.max_length,
+                computations: l.computations,
+                threshold: l.threshold,
+            })
+            .collect(),
     }
 }
 

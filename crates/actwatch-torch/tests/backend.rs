@@ -144,7 +144,7 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
         let p = |t: &actwatch_io::pipeline::ComputationTable| -> Vec<f64> {
             t.results.iter().map(|r| r.p_value).collect()
         };
-        let step = 1.0 / (monitor.fused().len() as f64 + 1.0);
+        let step = 1.0 / (monitor.fused().computations() as f64 + 1.0);
         out.p_diffs += count_p_diffs(&p(&got), &p(want), Some(step), detectors);
         out.p_values += got.ids.len();
         for (g, w) in got.results.iter().zip(&want.results) {

@@ -5,6 +5,7 @@ use crate::backend::Backend;
 use crate::calibration::Calibration;
 use crate::joint::{JointSummary, JOINT_SITE};
 use crate::spec::{DetectorSpec, FittedDetector};
+use crate::strata::LengthStrata;
 use crate::{Error, Result};
 
 use super::MonitorOptions;
@@ -44,13 +45,28 @@ pub struct FitSummary {
     /// Share of calibration computations flagged, each judged against the others.
     pub calibration_fpr: f64,
     /// Fused statistic at or above which a computation is flagged (None: too few calibration
-    /// computations to flag anything at the target rate).
+    /// computations to flag anything at the target rate, or several length strata, each with
+    /// its own threshold).
     pub threshold: Option<f64>,
     pub knn_recall: Vec<KnnRecall>,
     /// What fitting the joint detector saw; None when the options ask for none (and for
     /// monitors saved before joint detectors existed).
     #[serde(default)]
     pub joint: Option<JointSummary>,
+    /// The length strata of the computation-level calibration, shortest first (empty for
+    /// monitors saved before strata existed: one stratum).
+    #[serde(default)]
+    pub length_strata: Vec<LengthStratum>,
+}
+
+/// One length stratum of the computation-level calibration ([`crate::strata`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LengthStratum {
+    /// The longest computation (most traces at one site) in it; None for the last stratum.
+    pub max_length: Option<u64>,
+    pub computations: u64,
+    /// Fused statistic at or above which its computations are flagged.
+    pub threshold: Option<f64>,
 }
 
 /// A fitted, calibrated monitor. Immutable: a refit builds a new one.
@@ -67,8 +83,8 @@ pub struct Monitor {
     /// The joint detectors ([`crate::joint`]): a "site" named [`JOINT_SITE`] whose vectors are
     /// the sites' joined; its slots follow the sites'.
     joint: Option<SiteModel>,
-    /// Calibration of the fused computation-level statistic.
-    fused: Calibration,
+    /// Calibration of the fused computation-level statistic, per length stratum.
+    fused: LengthStrata,
     summary: FitSummary,
     /// Where raw scores are computed (not stored: the default backend after loading).
     backend: Backend,
@@ -80,7 +96,7 @@ impl Monitor {
         options: MonitorOptions,
         mut sites: Vec<SiteModel>,
         mut joint: Option<SiteModel>,
-        fused: Calibration,
+        fused: LengthStrata,
         summary: FitSummary,
     ) -> Result<Self> {
         options.validate()?;
@@ -162,8 +178,8 @@ impl Monitor {
         self.joint.as_ref()
     }
 
-    /// Calibration of the fused computation-level statistic.
-    pub fn fused(&self) -> &Calibration {
+    /// Calibration of the fused computation-level statistic, per length stratum.
+    pub fn fused(&self) -> &LengthStrata {
         &self.fused
     }
 

@@ -24,9 +24,10 @@ use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
 use crate::joint::{Joiner, JointSummary, JOINT_MAX_WIDTH, JOINT_SITE};
 use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS, DEFAULT_JOINT};
+use crate::strata::LengthStrata;
 mod fitted;
 
-pub use fitted::{FitSummary, KnnRecall, Monitor, SiteModel};
+pub use fitted::{FitSummary, KnnRecall, LengthStratum, Monitor, SiteModel};
 
 use crate::{Error, Result};
 
@@ -58,7 +59,23 @@ pub struct MonitorOptions {
     pub fpr: f64,
     pub calibration_fraction: f64,
     pub seed: u64,
+    /// Length strata of the computation-level calibration ([`crate::strata`]): at most this
+    /// many, each with enough calibration computations for the target rate; 1: none. Options
+    /// saved before strata existed read back as 1, what they did.
+    #[serde(default = "one")]
+    pub length_strata: usize,
 }
+
+fn one() -> usize {
+    1
+}
+
+/// Length strata by default: quartiles of the calibration computations' token counts (see
+/// [`crate::strata`]); pooled traces, all of one length, get one stratum whatever this says.
+pub const DEFAULT_LENGTH_STRATA: usize = 4;
+
+/// Most length strata a monitor may ask for.
+pub const MAX_LENGTH_STRATA: usize = 64;
 
 impl Default for MonitorOptions {
     fn default() -> Self {
@@ -71,6 +88,7 @@ impl Default for MonitorOptions {
             fpr: DEFAULT_FPR,
             calibration_fraction: DEFAULT_CALIBRATION_FRACTION,
             seed: DEFAULT_SEED,
+            length_strata: DEFAULT_LENGTH_STRATA,
         }
     }
 }
@@ -97,6 +115,12 @@ impl MonitorOptions {
             }
         }
         self.aggregation.validate()?;
+        if !(1..=MAX_LENGTH_STRATA).contains(&self.length_strata) {
+            return Err(Error::InvalidOption(format!(
+                "length strata {} is outside 1..={MAX_LENGTH_STRATA}",
+                self.length_strata
+            )));
+        }
         if !(self.fpr > 0.0 && self.fpr < 1.0) {
             return Err(Error::InvalidOption(format!(
                 "target false-positive rate {} is outside (0, 1)",
@@ -299,10 +323,13 @@ impl PendingSite {
     /// Builds this site's calibrations from its calibration traces' raw scores, and pushes each
     /// trace's leave-one-out `-ln p`, in arrival order, into its computation's running aggregate
     /// in `comp_agg` (`n_slots` per computation; this site's slots start at `slot0`).
+    /// Each computation's length (its most traces at one site) is raised to its count here in
+    /// `comp_len`.
     fn calibrate(
         self,
         options: &MonitorOptions,
         comp_agg: &mut [AggState],
+        comp_len: &mut [u64],
         n_slots: usize,
         slot0: usize,
     ) -> Result<(SiteModel, Vec<KnnRecall>)> {
@@ -321,8 +348,11 @@ impl PendingSite {
             .collect::<Result<Vec<_>>>()?;
         let mut trace_stats = Vec::with_capacity(cal_traces);
         let mut nlps = vec![0.0; self.detectors.len()];
+        let mut here = vec![0u64; comp_len.len()];
         for t in 0..cal_traces {
             let comp = self.cal_scores[0][t].0 as usize;
+            here[comp] += 1;
+            comp_len[comp] = comp_len[comp].max(here[comp]);
             for (j, cal) in calibrations.iter().enumerate() {
                 let (c, raw) = self.cal_scores[j][t];
                 debug_assert_eq!(c as usize, comp);
@@ -718,18 +748,28 @@ impl MonitorCalibrator {
             + joint_site.as_ref().map_or(0, |j| j.detectors.len());
         // Per computation and slot: the running aggregate of its traces' -ln p.
         let mut comp_agg: Vec<AggState> = (0..n_comp * n_slots).map(|_| agg.start()).collect();
+        let mut comp_len = vec![0u64; n_comp];
         let mut sites = Vec::with_capacity(self.sites.len());
         let mut recall = Vec::new();
         let mut slot0 = 0;
         for s in self.sites {
             let k = s.detectors.len();
-            let (site, site_recall) = s.calibrate(&self.options, &mut comp_agg, n_slots, slot0)?;
+            let (site, site_recall) =
+                s.calibrate(&self.options, &mut comp_agg, &mut comp_len, n_slots, slot0)?;
             sites.push(site);
             recall.extend(site_recall);
             slot0 += k;
         }
         let joint = match joint_site {
-            Some(j) => Some(j.calibrate(&self.options, &mut comp_agg, n_slots, slot0)?.0),
+            // (joint vectors do not count towards a computation's length: they are positions
+            // every site has, so never more than a site's traces)
+            Some(j) => {
+                let mut ignored = vec![0u64; n_comp];
+                Some(
+                    j.calibrate(&self.options, &mut comp_agg, &mut ignored, n_slots, slot0)?
+                        .0,
+                )
+            }
             None => None,
         };
         let mut values = Vec::with_capacity(n_slots);
@@ -741,26 +781,48 @@ impl MonitorCalibrator {
                 fusion.fuse_slots(&values)
             })
             .collect();
-        let fused = Calibration::new(fused_scores.clone())?;
-        // In-sample flag rate of the calibration computations, each judged leave-one-out: a
-        // member's p-value among the others is (1 + #{others >= s}) / n = #{all >= s} / n,
-        // counted exactly (a round trip through `p_value` can round just above the target).
-        let n = fused.len() as f64;
+        let fpr = self.options.fpr;
+        let fused = LengthStrata::fit(
+            &fused_scores,
+            &comp_len,
+            self.options.length_strata,
+            min_needed,
+        )?;
+        // In-sample flag rate of the calibration computations, each judged leave-one-out within
+        // its stratum: a member's p-value among the others is (1 + #{others >= s}) / n =
+        // #{all >= s} / n, counted exactly (a round trip through `p_value` can round just above
+        // the target).
         let flagged = fused_scores
             .iter()
-            .filter(|&&s| {
-                let at_least = fused.len() - fused.scores().partition_point(|&c| c < s);
-                at_least as f64 / n <= self.options.fpr
+            .zip(&comp_len)
+            .filter(|&(&s, &l)| {
+                let c = fused.calibration(l);
+                let at_least = c.len() - c.scores().partition_point(|&x| x < s);
+                at_least as f64 / c.len() as f64 <= fpr
             })
             .count();
+        let threshold = |c: &Calibration| Some(c.threshold(fpr)).filter(|t| t.is_finite());
         let summary = FitSummary {
             fit_seconds: self.fit_seconds,
             calibration_seconds: self.started.elapsed().as_secs_f64(),
             calibration_computations: n_comp as u64,
-            calibration_fpr: flagged as f64 / n,
-            threshold: Some(fused.threshold(self.options.fpr)).filter(|t| t.is_finite()),
+            calibration_fpr: flagged as f64 / n_comp as f64,
+            threshold: match fused.calibrations() {
+                [only] => threshold(only),
+                _ => None,
+            },
             knn_recall: recall,
             joint: joint_summary,
+            length_strata: fused
+                .calibrations()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| LengthStratum {
+                    max_length: fused.upper_bounds().get(i).copied(),
+                    computations: c.len() as u64,
+                    threshold: threshold(c),
+                })
+                .collect(),
         };
         Monitor::new(self.options, sites, joint, fused, summary)
     }

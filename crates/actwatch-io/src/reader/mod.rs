@@ -334,7 +334,7 @@ impl TraceReader {
             .map(|s| s.unwrap_or_default().to_owned())
             .collect();
 
-        let positions = decode_positions(p, &batch, file_row)?;
+        let positions = decode_positions(p, &batch)?;
         let vec_col = column(p, &batch, &cols.vector)?;
         let (vectors, offsets) = decode_vectors(p, &cols.vector, &vec_col, file_row)?;
         self.check_widths(p, &sites, &offsets, file_row)?;
