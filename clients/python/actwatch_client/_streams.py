@@ -8,6 +8,7 @@ drains, so ``send`` never waits for the server unless the send queue is full (ba
 from __future__ import annotations
 
 import enum
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,12 @@ from .results import ComputationScore, IngestSummary, TraceResults
 from .tensors import split_batch, to_trace_batch, trace_id_strings
 from .types import ArrayLike, Positions, Site, TraceIds
 
-__all__ = ["DEFAULT_SEND_QUEUE", "FlagWatch", "IngestSession", "ScoreStream"]
+__all__ = ["DEFAULT_SEND_QUEUE", "EarlyFlagCallback", "FlagWatch", "IngestSession", "ScoreStream"]
+
+_log = logging.getLogger("actwatch_client")
+
+#: Called with each early flag (a partial, flagged :class:`ComputationScore`) of a score stream.
+EarlyFlagCallback = Callable[[ComputationScore], object]
 
 # Requests buffered between `send` and the wire before `send` blocks (backpressure).
 DEFAULT_SEND_QUEUE = 64
@@ -169,6 +175,15 @@ class ScoreStream:
     sending and reading may happen in different threads or interleaved in one. ``close()``
     half-closes the stream (results still arrive); iteration ends when the server ends the stream; a
     server error is raised from the iterator (and from later ``send`` calls) as ActwatchError.
+
+    Early flags (monitors that flag early: aggregation max, ema or max_rolling_mean with minp or
+    fisher fusion, the default monitor included): a computation that a batch made cross the
+    threshold before it is complete is in that batch's ``TraceResults.early_flags`` (once, with
+    ``partial=True`` and ``flagged_at``); its final ComputationScore still arrives at completion.
+    ``on_early_flag``, if given, is also called with each of them by the reading thread as soon as
+    the batch's response arrives (before the TraceResults is queued), so it sees them even when
+    nobody reads the stream yet; an exception it raises is logged (logger "actwatch_client") and
+    does not stop the stream.
     """
 
     def __init__(
@@ -178,9 +193,11 @@ class ScoreStream:
         max_batch_bytes: int,
         *,
         timeout: Optional[float] = None,
+        on_early_flag: Optional[EarlyFlagCallback] = None,
     ):
         self.monitor = monitor
         self._max_batch_bytes = max_batch_bytes
+        self._on_early_flag = on_early_flag
         self._requests: _RequestQueue[pb.StreamScoresRequest] = _RequestQueue(DEFAULT_SEND_QUEUE)
         self._requests.put(pb.StreamScoresRequest(monitor=monitor), lambda: False)
         self._results: queue.Queue[Union[StreamResult, ActwatchError, _End]] = queue.Queue()
@@ -196,7 +213,11 @@ class ScoreStream:
             for resp in self._call:
                 kind = resp.WhichOneof("event")
                 if kind == "traces":
-                    self._results.put(TraceResults._from_pb(resp.traces))
+                    traces = TraceResults._from_pb(resp.traces)
+                    if self._on_early_flag is not None:
+                        for flag in traces.early_flags:
+                            self._call_on_early_flag(flag)
+                    self._results.put(traces)
                 elif kind == "computation":
                     self._results.put(ComputationScore._from_pb(resp.computation))
         except grpc.RpcError as e:
@@ -206,6 +227,13 @@ class ScoreStream:
         finally:
             self._ended.set()
             self._results.put(_END)
+
+    def _call_on_early_flag(self, flag: ComputationScore) -> None:
+        assert self._on_early_flag is not None
+        try:
+            self._on_early_flag(flag)
+        except Exception:
+            _log.exception("on_early_flag raised for %s (monitor %s)", flag.trace_id, self.monitor)
 
     def _call_done(self) -> bool:
         return self._ended.is_set()
@@ -267,7 +295,8 @@ class ScoreStream:
 
     def computations(self, *, n: Optional[int] = None, timeout: Optional[float] = None) -> list[ComputationScore]:
         """Reads results until ``n`` computation results have arrived (or the stream ends), dropping
-        per-trace results. ``timeout`` bounds the wait for each result."""
+        per-trace results (and the early flags they carry: see ``on_early_flag``). ``timeout``
+        bounds the wait for each result."""
         out: list[ComputationScore] = []
         while n is None or len(out) < n:
             try:
@@ -291,7 +320,11 @@ class ScoreStream:
 
 
 class FlagWatch:
-    """Flagged computations as they are scored: iterate it; ``cancel()`` (or ``with``) to stop."""
+    """Flagged computations as they are scored: iterate it; ``cancel()`` (or ``with``) to stop.
+
+    Besides final results, it yields the early flags of score streams (``partial=True``: a
+    computation flagged before it was complete); the final result of such a computation follows,
+    flagged too, with the same ``flagged_at``. Skip ``c.partial`` ones to see each flag once."""
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ import grpc
 
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
 from ._rpc import ActivationMonitorStub, stub
-from ._streams import FlagWatch, IngestSession, ScoreStream
+from ._streams import EarlyFlagCallback, FlagWatch, IngestSession, ScoreStream
 from .errors import ActwatchError
 from .results import ComputationScore, FitPhase, FitReport, IngestSummary, MonitorInfo, MonitorRef, ScoreResult
 from .tensors import as_batches, coerce_batch, trace_id_strings
@@ -118,9 +118,22 @@ class Client:
         fpr: Optional[float] = None,
         calibration_fraction: Optional[float] = None,
         seed: int = 0,
+        aggregation: Optional[str] = None,
+        joint: Union[str, Sequence[str], None] = None,
+        length_strata: Optional[int] = None,
     ) -> MonitorInfo:
         """Creates an empty monitor. None means the server's default (see MonitorSpec in the proto):
-        detectors gaussian and knn, fusion minp, fpr 0.01, calibration_fraction 0.25."""
+        detectors gaussian and knn, fusion minp, fpr 0.01, calibration_fraction 0.25, aggregation
+        "max", joint "gaussian".
+
+        ``aggregation``: how a computation's traces at one (site, detector) aggregate before fusion:
+        "max", "mean", "ema:ALPHA", "max_rolling_mean:WINDOW" or "topk_mean:K" (with max, ema and
+        max_rolling_mean, and minp or fisher fusion, score streams flag computations early).
+        ``joint``: detectors on the joint vector of a computation (its per-site vectors concatenated):
+        a list as for ``detectors`` (or one comma-separated string), or "none" for no joint detector.
+        ``length_strata``: at most this many length strata of the computation-level calibration
+        (quantile groups of token counts, each calibrated on its own); 1 for one calibration; None:
+        the server's default, 4 (pooled traces always get one)."""
         if isinstance(detectors, str):
             detectors = [detectors]
         spec = pb.MonitorSpec(
@@ -129,6 +142,9 @@ class Client:
             fpr=fpr or 0.0,
             calibration_fraction=calibration_fraction or 0.0,
             seed=seed,
+            aggregation=aggregation or "",
+            joint=joint if isinstance(joint, str) else ",".join(joint or []),
+            length_strata=length_strata or 0,
         )
         req = pb.CreateMonitorRequest(name=name, spec=spec)
         return MonitorInfo._from_pb(self._unary(self.stub.CreateMonitor, req))
@@ -210,9 +226,19 @@ class Client:
         )
         return ScoreResult._from_pb(self._unary(self.stub.Score, req))
 
-    def stream_scores(self, monitor: MonitorRef, *, timeout: Optional[float] = None) -> ScoreStream:
-        """Opens a streaming scoring session (see :class:`ScoreStream`)."""
-        return ScoreStream(self.stub, _name(monitor), self.max_batch_bytes, timeout=timeout)
+    def stream_scores(
+        self,
+        monitor: MonitorRef,
+        *,
+        timeout: Optional[float] = None,
+        on_early_flag: Optional[EarlyFlagCallback] = None,
+    ) -> ScoreStream:
+        """Opens a streaming scoring session (see :class:`ScoreStream`). ``on_early_flag`` is called
+        (from the stream's reading thread) with each computation flagged before it is complete
+        (``partial=True``), as soon as it arrives; the same flags are in ``TraceResults.early_flags``."""
+        return ScoreStream(
+            self.stub, _name(monitor), self.max_batch_bytes, timeout=timeout, on_early_flag=on_early_flag
+        )
 
     def watch_flags(
         self,
@@ -222,7 +248,8 @@ class Client:
         ready_timeout: Optional[float] = 10.0,
     ) -> FlagWatch:
         """Streams flagged computations (:class:`ComputationScore`) of the given monitors (all when
-        empty) with p-value <= ``max_p_value`` (0: every flag). Waits up to ``ready_timeout`` seconds
+        empty) with p-value <= ``max_p_value`` (0: every flag), early flags of score streams
+        included (``partial=True``; the final result follows). Waits up to ``ready_timeout`` seconds
         for the server to acknowledge the watch (None: don't wait), so flags raised after this
         returns are not missed."""
         names = [_name(monitors)] if isinstance(monitors, (str, MonitorInfo)) else [_name(m) for m in monitors]

@@ -12,8 +12,13 @@ Each forward pass sends one TraceBatch per hooked site, as soon as that module h
 output may be a tensor, or a tuple/list/ModelOutput whose first tensor is the hidden states. Tensors
 are sent in their own dtype (bf16 stays bf16). In ``mode="score"``, leaving ``batch()`` (or the next
 ``set_batch``, or ``close``) marks the batch's computations complete, so one ComputationScore per
-trace id arrives on ``hook.results``. In ``mode="ingest"``, batches go to one reference-ingest stream;
-``close()`` ends it and returns the server's IngestSummary.
+trace id arrives on ``hook.results``. With a monitor that flags early (the default one does), a
+computation whose running statistic crosses the threshold before it is complete (e.g. at its first
+hooked site, or at a token with ``pool="none"``) is reported at once: to ``on_early_flag`` (called
+from the stream's reading thread, with a ComputationScore whose ``partial`` is True and whose
+``flagged_at`` says where) and in the ``early_flags`` of the TraceResults on ``hook.results``. In
+``mode="ingest"``, batches go to one reference-ingest stream; ``close()`` ends it and returns the
+server's IngestSummary.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Optional, Union
 
 import numpy.typing as npt
 
-from ._streams import IngestSession, ScoreStream
+from ._streams import EarlyFlagCallback, IngestSession, ScoreStream
 from .client import Client
 from .results import IngestSummary, MonitorInfo, MonitorRef
 from .tensors import to_trace_batch, trace_id_strings
@@ -108,6 +113,8 @@ class ActivationMonitorHook:
     names used as site names. Set the computations of the next forward pass with
     ``with hook.batch(trace_ids, attention_mask): model(...)`` or ``hook.set_batch(...)``; one trace id
     per batch element. A forward pass without a batch set raises RuntimeError from the hook.
+    ``on_early_flag`` (score mode): called with each early flag of the scoring stream (see the
+    module's docstring and ``Client.stream_scores``).
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class ActivationMonitorHook:
         pool: Pool = "mean",
         mode: Mode = "ingest",
         stream_timeout: Optional[float] = None,
+        on_early_flag: Optional[EarlyFlagCallback] = None,
     ):
         import torch  # noqa: F401 - fail early and clearly without torch
 
@@ -127,6 +135,8 @@ class ActivationMonitorHook:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if on_early_flag is not None and mode != "score":
+            raise ValueError('on_early_flag needs mode="score"')
         if not isinstance(modules, Mapping):
             modules = {name: name for name in modules}
         self.model = model
@@ -136,6 +146,7 @@ class ActivationMonitorHook:
         self.mode = mode
         self.sites = dict(modules)
         self._stream_timeout = stream_timeout
+        self._on_early_flag = on_early_flag
         self._trace_ids: Optional[list[str]] = None
         self._mask: Optional[MaskLike] = None
         self._pending_complete: Optional[list[str]] = None
@@ -154,7 +165,9 @@ class ActivationMonitorHook:
         if self.mode != "score":
             raise RuntimeError('results exist only in mode="score"')
         if self._scores is None:
-            self._scores = self.client.stream_scores(self.monitor, timeout=self._stream_timeout)
+            self._scores = self.client.stream_scores(
+                self.monitor, timeout=self._stream_timeout, on_early_flag=self._on_early_flag
+            )
         return self._scores
 
     def _session(self) -> Union[IngestSession, ScoreStream]:

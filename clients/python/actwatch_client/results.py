@@ -24,7 +24,9 @@ __all__ = [
     "FitPhase",
     "FitReport",
     "IngestSummary",
+    "JointFit",
     "KnnRecall",
+    "LengthStratum",
     "MonitorInfo",
     "MonitorRef",
     "MonitorSpec",
@@ -49,6 +51,15 @@ class MonitorSpec:
     fpr: float = 0.0
     calibration_fraction: float = 0.0
     seed: int = 0
+    #: How a computation's traces at one (site, detector) aggregate before fusion: "max" (the
+    #: default), "mean", "ema:ALPHA", "max_rolling_mean:WINDOW" or "topk_mean:K".
+    aggregation: str = ""
+    #: Detectors on the joint vector of a computation (its per-site vectors, L2-normalised and
+    #: concatenated in site order): a detector list as for ``detectors``, or "none".
+    joint: str = ""
+    #: Length strata of the computation-level calibration (at most this many quantile groups of
+    #: the calibration computations' token counts, each calibrated on its own); 1: none.
+    length_strata: int = 0
 
     @classmethod
     def _from_pb(cls, m: pb.MonitorSpec) -> MonitorSpec:
@@ -58,6 +69,9 @@ class MonitorSpec:
             fpr=m.fpr,
             calibration_fraction=m.calibration_fraction,
             seed=m.seed,
+            aggregation=m.aggregation,
+            joint=m.joint,
+            length_strata=m.length_strata,
         )
 
 
@@ -86,6 +100,54 @@ class KnnRecall:
 
 
 @dataclass(frozen=True)
+class JointFit:
+    """What fitting the joint detector saw (``FitReport.joint``)."""
+
+    #: The sites concatenated, in order, and the joint width (the sum of their widths).
+    sites: list[str]
+    width: int
+    #: Joint vectors (one per computation and position with a trace at every site) of the fit part
+    #: and of the calibration part.
+    fit_rows: int
+    calibration_rows: int
+    #: Positions of reference computations left out because some site had no trace there.
+    incomplete: int
+    #: Non-empty when the spec asks for a joint detector but none was fitted: why.
+    skipped: str
+
+    @classmethod
+    def _from_pb(cls, j: pb.JointFit) -> JointFit:
+        return cls(
+            sites=list(j.sites),
+            width=j.width,
+            fit_rows=j.fit_rows,
+            calibration_rows=j.calibration_rows,
+            incomplete=j.incomplete,
+            skipped=j.skipped,
+        )
+
+
+@dataclass(frozen=True)
+class LengthStratum:
+    """One length stratum of the computation-level calibration (``FitReport.length_strata``)."""
+
+    #: The longest computation (most traces at one site) in it; None for the last stratum.
+    max_length: Optional[int]
+    #: Calibration computations in it.
+    computations: int
+    #: Fused statistic at or above which its computations are flagged (None: too few to flag).
+    threshold: Optional[float]
+
+    @classmethod
+    def _from_pb(cls, s: pb.LengthStratum) -> LengthStratum:
+        return cls(
+            max_length=s.max_length if s.HasField("max_length") else None,
+            computations=s.computations,
+            threshold=s.threshold if s.HasField("threshold") else None,
+        )
+
+
+@dataclass(frozen=True)
 class FitReport:
     fit_version: int
     reference_rows: int
@@ -98,6 +160,10 @@ class FitReport:
     incremental: bool = False
     #: Reference rows read by the fit pass (all of them for a full fit).
     rows_folded: int = 0
+    #: The joint detector of this fit; None when the spec asks for none (``joint="none"``).
+    joint: Optional[JointFit] = None
+    #: The length strata of the computation-level calibration, shortest first.
+    length_strata: list[LengthStratum] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, r: pb.FitReport) -> FitReport:
@@ -111,12 +177,15 @@ class FitReport:
             knn_recall=[KnnRecall._from_pb(k) for k in r.knn_recall],
             incremental=r.incremental,
             rows_folded=r.rows_folded,
+            joint=JointFit._from_pb(r.joint) if r.HasField("joint") else None,
+            length_strata=[LengthStratum._from_pb(s) for s in r.length_strata],
         )
 
 
 @dataclass(frozen=True)
 class FitPhase:
-    """Progress of a fit: ``name`` is "fit" or "calibrate"."""
+    """Progress of a fit: ``name`` is "fit", "calibrate", then "calibrate_joint" when the monitor has a
+    joint detector."""
 
     name: str
     rows_done: int
@@ -222,7 +291,15 @@ class SlotPValue:
 
 @dataclass(frozen=True)
 class ComputationScore:
-    """One computation (all traces sharing a trace id), calibrated among calibration computations."""
+    """One computation (all traces sharing a trace id), calibrated among calibration computations.
+
+    ``partial``: an early flag, the running result of a computation not yet complete (in
+    ``TraceResults.early_flags`` and from ``watch_flags``; never in the score log); its final result
+    follows at completion, flagged too, with the same ``flagged_at``. ``flagged_at``: the position
+    of the trace whose running statistic first reached the threshold (without positions, its 0-based
+    index among the computation's traces at its site); None unless the monitor flags early
+    (aggregation max, ema or max_rolling_mean with minp or fisher fusion) and flagged it.
+    """
 
     monitor: str
     trace_id: str
@@ -233,6 +310,8 @@ class ComputationScore:
     slots: list[SlotPValue]
     scored_at_unix_ms: int
     fit_version: int
+    partial: bool = False
+    flagged_at: Optional[int] = None
 
     @classmethod
     def _from_pb(cls, c: pb.ComputationScore) -> ComputationScore:
@@ -246,6 +325,8 @@ class ComputationScore:
             slots=[SlotPValue._from_pb(s) for s in c.slots],
             scored_at_unix_ms=c.scored_at_unix_ms,
             fit_version=c.fit_version,
+            partial=c.partial,
+            flagged_at=c.flagged_at if c.HasField("flagged_at") else None,
         )
 
     @property
@@ -284,6 +365,7 @@ def _computations_table(comps: Sequence[ComputationScore]) -> Table:
         "flagged": np.array([c.flagged for c in comps], dtype=bool),
         "traces": np.array([c.traces for c in comps], dtype=np.int64),
         "scored_at_unix_ms": np.array([c.scored_at_unix_ms for c in comps], dtype=np.int64),
+        "flagged_at": np.array([-1 if c.flagged_at is None else c.flagged_at for c in comps], dtype=np.int64),
     }
     for site, det in slots:
         vals = [c.p_values.get((site, det)) for c in comps]
@@ -312,7 +394,8 @@ class ScoreResult:
 
     def computations_table(self) -> Table:
         """Columns as numpy arrays: trace_id, score, p_value, flagged, traces, scored_at_unix_ms,
-        p_<site>_<detector> (NaN where the computation had no trace at the site)."""
+        flagged_at (-1: none), p_<site>_<detector> (NaN where the computation had no trace at the
+        site; site "joint" for the joint detector's slots)."""
         return _computations_table(self.computations)
 
     def computation(self, trace_id: str) -> Optional[ComputationScore]:
@@ -321,13 +404,19 @@ class ScoreResult:
 
 @dataclass(frozen=True)
 class TraceResults:
-    """Per-trace results of one batch sent on a :class:`ScoreStream`."""
+    """Per-trace results of one batch sent on a :class:`ScoreStream`, and the computations this batch
+    made cross the threshold before they are complete (``early_flags``: each computation once,
+    ``partial`` set; its final result arrives at completion)."""
 
     traces: list[TraceScore]
+    early_flags: list[ComputationScore] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, r: pb.TraceScores) -> TraceResults:
-        return cls(traces=[TraceScore._from_pb(t) for t in r.traces])
+        return cls(
+            traces=[TraceScore._from_pb(t) for t in r.traces],
+            early_flags=[ComputationScore._from_pb(c) for c in r.early_flags],
+        )
 
     def table(self) -> Table:
         return _traces_table(self.traces)

@@ -14,7 +14,7 @@ from actwatch_client import Client
 address = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
 data = sys.argv[2] if len(sys.argv) > 2 else "../shared/data/minilm"
 client = Client(address)
-client.create_monitor("minilm", fpr=0.01)  # default detectors: gaussian + knn at every site
+client.create_monitor("minilm", fpr=0.01)  # default: gaussian + knn at every site, a joint gaussian across sites
 
 
 def batches(path):

@@ -31,6 +31,8 @@ RESULT_MESSAGES: dict[type, type[Message]] = {
     results.MonitorSpec: pb.MonitorSpec,
     results.SiteInfo: pb.SiteInfo,
     results.KnnRecall: pb.KnnRecall,
+    results.JointFit: pb.JointFit,
+    results.LengthStratum: pb.LengthStratum,
     results.FitReport: pb.FitReport,
     results.FitPhase: pb.Phase,
     results.MonitorInfo: pb.MonitorInfo,

@@ -191,13 +191,21 @@ def code_scores(client, minilm):
 # ----------------------------------------------------------------------------------------- tests
 
 
-def _check_fit_phases(phases, report):
-    """Fit progress as the server reports it: phase "fit", then "calibrate"; in each, a constant
-    rows_total and a rows_done that never goes back, ending at rows_total (the phase's finish). The
-    fit phase reads the rows the report says were folded."""
+#: Fit phases in order: "calibrate_joint" only when the monitor has a joint detector.
+FIT_PHASES = ["fit", "calibrate", "calibrate_joint"]
+#: The default monitor's slots at the MiniLM sites: (site, detector) per site, then the joint detector.
+DEFAULT_SLOTS = [(site, det) for site in ("2", "4", "6") for det in ("gaussian", "knn")] + [("joint", "gaussian")]
+
+
+def _check_fit_phases(phases, report, *, joint=True):
+    """Fit progress as the server reports it: phase "fit", then "calibrate", then (with a joint
+    detector) "calibrate_joint"; in each, a constant rows_total and a rows_done that never goes back,
+    ending at rows_total (the phase's finish). The fit phase reads the rows the report says were
+    folded."""
     names = [p.name for p in phases]
-    assert set(names) == {"fit", "calibrate"}, names
-    assert names == sorted(names, key=["fit", "calibrate"].index), f"phases out of order: {names}"
+    want = FIT_PHASES if joint else FIT_PHASES[:2]
+    assert set(names) == set(want), names
+    assert names == sorted(names, key=want.index), f"phases out of order: {names}"
     for name in dict.fromkeys(names):
         ps = [p for p in phases if p.name == name]
         totals = {p.rows_total for p in ps}
@@ -228,6 +236,25 @@ def test_fit_report_and_monitor_info(client, minilm):
     }
     assert info.report is not None and info.report.fit_version == report.fit_version
     assert minilm["name"] in [m.name for m in client.list_monitors()]
+    # Created without aggregation or joint: the server's defaults, stored as such.
+    assert info.spec.aggregation == "max" and info.spec.joint == "gaussian"
+
+
+def test_default_monitor_fits_a_joint_detector(client, minilm):
+    joint = minilm["report"].joint
+    assert joint is not None, "the default monitor has a joint gaussian"
+    assert joint.sites == ["2", "4", "6"] and joint.width == 3 * 384
+    assert joint.skipped == "" and joint.incomplete == 0
+    # One joint vector per reference computation (one trace per site, no positions), split between
+    # the fit and calibration parts.
+    assert joint.fit_rows > 0 and joint.calibration_rows > 0
+    assert joint.fit_rows + joint.calibration_rows == 6000
+    assert client.get_monitor(minilm["name"]).report.joint == joint
+    # Pooled traces are all of one length: one length stratum, holding every calibration computation.
+    strata = minilm["report"].length_strata
+    assert len(strata) == 1 and strata[0].max_length is None
+    assert strata[0].computations == joint.calibration_rows
+    assert client.get_monitor(minilm["name"]).spec.length_strata == 4
 
 
 def test_incremental_fit_folds_only_new_data_and_matches_a_full_refit(client):
@@ -273,11 +300,17 @@ def test_score_flags_code(client, minilm, code_scores):
         assert c.traces == 3
         assert c.fit_version == minilm["report"].fit_version
         assert c.scored_at_unix_ms > 0
-        assert {s.site for s in c.slots} == {"2", "4", "6"}
+        assert [(s.site, s.detector) for s in c.slots] == DEFAULT_SLOTS
         assert all(s.p_value is not None and 0.0 < s.p_value <= 1.0 for s in c.slots)
+        # A final result; the default monitor flags early, so a flagged one says where (without
+        # positions: the index of the trace among the computation's traces at its site).
+        assert not c.partial
+        assert c.flagged_at == (0 if c.flagged else None)
 
     table = result.computations_table()
     assert table["p_value"].dtype == np.float64 and table["flagged"].dtype == bool
+    assert table["flagged_at"].tolist() == [0 if c.flagged else -1 for c in result.computations]
+    assert "p_joint_gaussian" in table
     flagged = int(table["flagged"].sum())
     # Code is far from prose (AUROC ~0.99 for the peers): far more flags than the 1% FPR would give.
     assert flagged > 0.1 * n, f"only {flagged} of {n} code computations flagged"
@@ -326,6 +359,107 @@ def test_stream_scores(client, minilm, code_scores):
         ref = unary.computation(tid)
         # Same fit, same vectors (one site rounded to f16): nearly the same p-value.
         assert c.p_value == pytest.approx(ref.p_value, abs=0.05)
+
+
+def test_stream_early_flags(client, minilm, code_scores):
+    """The default monitor (max aggregation, minp fusion) flags early: the response to a batch that
+    makes a computation cross the threshold before it is complete carries the computation's running
+    result in TraceResults.early_flags (partial, flagged, flagged_at set), once, and the stream's
+    on_early_flag callback and WatchFlags get it too; its final result at completion is flagged,
+    with the same flagged_at."""
+    ids, layers, acts, _ = code_scores
+    keep = sorted(set(ids.tolist()))[:60]
+    batches = [(site, a, ["early-" + t for t in tids]) for site, a, tids in _by_site(ids, layers, acts, keep)]
+    position = 7  # every trace at this position: flagged_at says it
+    fpr = client.get_monitor(minilm["name"]).spec.fpr or DEFAULT_FPR
+
+    called: list[ComputationScore] = []
+    events: list[ComputationScore] = []
+    per_batch: list[list[ComputationScore]] = []
+    with client.watch_flags([minilm["name"]]) as watch:
+        reader = threading.Thread(target=lambda: events.extend(watch), daemon=True)
+        reader.start()
+        with client.stream_scores(minilm["name"], timeout=120, on_early_flag=called.append) as stream:
+            for site, a, t in batches:
+                stream.send(site, a, t, positions=[position] * len(t))
+                r = stream.get(timeout=60)
+                assert isinstance(r, TraceResults) and len(r.traces) == len(t)
+                per_batch.append(r.early_flags)
+            stream.complete(batches[0][2])
+            finals = {c.trace_id: c for c in stream.computations(n=len(keep), timeout=60)}
+        early = [c for flags in per_batch for c in flags]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen = list(events)
+            if {e.trace_id for e in seen if e.partial} >= {c.trace_id for c in early} and {
+                e.trace_id for e in seen if not e.partial
+            } >= {c.trace_id for c in finals.values() if c.flagged}:
+                break
+            time.sleep(0.1)
+    reader.join(timeout=10)
+
+    # Code is far from prose: its first site alone makes some computations cross.
+    assert per_batch[0], "no computation flagged early by its first site"
+    assert len({c.trace_id for c in early}) == len(early), "an early flag was sent twice"
+    assert [c.trace_id for c in called] == [c.trace_id for c in early], "on_early_flag saw other flags"
+    for i, flags in enumerate(per_batch):
+        for c in flags:
+            assert c.partial and c.flagged and c.p_value <= fpr, c
+            assert c.monitor == minilm["name"] and c.flagged_at == position, c
+            assert c.traces == i + 1, c  # the traces seen so far: one per site sent
+
+    assert set(finals) == set(batches[0][2])
+    # A computation crosses the threshold before completion exactly when its final result is flagged.
+    assert {c.trace_id for c in early} == {t for t, c in finals.items() if c.flagged}
+    for c in early:
+        final = finals[c.trace_id]
+        assert final.flagged and not final.partial and final.traces == 3
+        assert final.flagged_at == c.flagged_at == position
+        assert final.p_value <= c.p_value  # max aggregation: evidence only accumulates
+    assert all(c.flagged_at is None for c in finals.values() if not c.flagged)
+
+    # WatchFlags: each early flag as sent on the stream, then the final result.
+    mine = [e for e in events if e.trace_id.startswith("early-")]
+    for c in early:
+        got = [e for e in mine if e.trace_id == c.trace_id]
+        assert [e.partial for e in got] == [True, False], got
+        assert got[0].flagged_at == got[1].flagged_at == position
+        assert got[0].p_value == c.p_value and got[1].p_value == finals[c.trace_id].p_value
+
+
+def test_monitor_aggregation_and_joint_options(client):
+    """aggregation and joint are stored as given; joint="none" fits no joint detector (no
+    calibrate_joint phase, no FitReport.joint, no joint slot)."""
+    name = "aggregation-test"
+    info = client.create_monitor(name, aggregation="max_rolling_mean:4", joint="none", seed=2)
+    try:
+        assert (info.spec.aggregation, info.spec.joint) == ("max_rolling_mean:4", "none")
+        spec = client.get_monitor(name).spec
+        assert (spec.aggregation, spec.joint) == ("max_rolling_mean:4", "none")
+        assert spec.detectors == ["gaussian", "knn"] and spec.fusion == "minp"
+
+        ids, layers, acts = _load("train.parquet")
+        client.ingest_reference(name, _by_site(ids, layers, acts, sorted(set(ids.tolist()))[:1500]))
+        phases = []
+        report = client.fit(name, on_progress=phases.append, timeout=FIT_TIMEOUT_S)
+        _check_fit_phases(phases, report, joint=False)
+        assert report.joint is None and client.get_monitor(name).report.joint is None
+
+        cids, clayers, cacts = _load("dev_ood_code.parquet")
+        result = client.score(name, _by_site(cids, clayers, cacts, sorted(set(cids.tolist()))[:50]))
+        assert len(result.computations) == 50 and any(c.flagged for c in result.computations)
+        for c in result.computations:
+            assert [(s.site, s.detector) for s in c.slots] == DEFAULT_SLOTS[:-1]
+            # max_rolling_mean flags early too: a flagged computation says where.
+            assert c.flagged_at == (0 if c.flagged else None) and not c.partial
+    finally:
+        client.delete_monitor(name)
+
+    for bad in ({"aggregation": "median"}, {"aggregation": "ema:2"}, {"joint": "gausian"}):
+        with pytest.raises(ActwatchError) as e:
+            client.create_monitor("bad-spec", **bad)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert "bad-spec" not in [m.name for m in client.list_monitors()]
 
 
 def test_stream_scores_error_is_raised(client, minilm):
@@ -463,7 +597,8 @@ def test_torch_hook_ingest_fit_score(client):
         assert {s.name: s.width for s in info.sites} == {"hidden": 16, "out": d}
         client.fit(name, timeout=FIT_TIMEOUT_S)
 
-        hook = ActivationMonitorHook(model, sites, client, name, pool="mean", mode="score")
+        early = []
+        hook = ActivationMonitorHook(model, sites, client, name, pool="mean", mode="score", on_early_flag=early.append)
         x, mask = inputs(16, 6)
         with hook.batch([f"ok-{i}" for i in range(16)], mask), torch.no_grad():
             model(x)
@@ -480,6 +615,11 @@ def test_torch_hook_ingest_fit_score(client):
         assert sum(c.flagged for c in odd) >= 12, [c.p_value for c in odd]
         assert sum(c.flagged for c in ok) <= 4, [c.p_value for c in ok]
         assert np.mean([c.p_value for c in odd]) < np.mean([c.p_value for c in ok])
+        # The default monitor flags early: every flagged computation crossed the threshold before the
+        # batch ended (its computations are completed then), and on_early_flag heard of it at once.
+        assert all(c.partial and c.flagged and c.flagged_at == 0 for c in early), early
+        assert sorted(c.trace_id for c in early) == sorted(k for k, c in comps.items() if c.flagged)
+        assert all(c.flagged_at == 0 for c in comps.values() if c.flagged)
     finally:
         model.to(torch.float32)
         client.delete_monitor(name)

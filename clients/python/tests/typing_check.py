@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,7 @@ from actwatch_client import (
     FitPhase,
     FitReport,
     IngestSummary,
+    JointFit,
     MonitorInfo,
     ScoreResult,
     TraceResults,
@@ -39,6 +41,9 @@ def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_arra
     info: MonitorInfo = client.create_monitor("m", fpr=0.01)
     client.create_monitor("m2", detectors=["gaussian"], fusion="fisher", calibration_fraction=0.3, seed=3)
     client.create_monitor("m3", detectors="knn")
+    client.create_monitor("m4", aggregation="max_rolling_mean:4", joint="none")
+    client.create_monitor("m5", aggregation=None, joint=["gaussian", "knn:k=5"])
+    print(info.spec.aggregation, info.spec.joint)
     client.get_monitor(info)
     client.wait_ready(timeout=5)
 
@@ -53,6 +58,9 @@ def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_arra
     report: FitReport = client.fit("m", on_progress=phases.append, timeout=900)
     client.fit("m", on_progress=print, incremental=True)
     print(report.knn_recall[0].recall)
+    joint: Optional[JointFit] = report.joint
+    if joint is not None:
+        print(joint.sites, joint.width, joint.fit_rows + joint.calibration_rows, joint.skipped)
 
     result: ScoreResult = client.score("m", batches(acts, ids), complete=False)
     table = result.computations_table()
@@ -60,19 +68,24 @@ def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_arra
     one: BatchTuple = ("2", acts, ids, None)
     client.score(info, [one])
 
-    with client.stream_scores("m", timeout=60) as stream:
+    early: list[ComputationScore] = []
+    with client.stream_scores("m", timeout=60, on_early_flag=early.append) as stream:
         stream.send("2", acts, ids, positions=np.arange(len(ids)))
         stream.send(4, acts.tolist(), id_array)
         stream.complete(ids)
         item = stream.get(timeout=1)
         if isinstance(item, TraceResults):
             print(item.table()["score"])
+            for flag in item.early_flags:
+                at: Optional[int] = flag.flagged_at
+                print(flag.partial, at)
         comps: list[ComputationScore] = stream.computations(n=3, timeout=30)
         print(comps[0].p_values, comps[0].scored_at)
 
     with client.watch_flags(["m"], max_p_value=0.001, ready_timeout=None) as watch:
         for flagged in watch:
-            print(flagged.trace_id)
+            if not flagged.partial:
+                print(flagged.trace_id)
     client.watch_flags(info)
     client.watch_flags()
 
@@ -97,5 +110,7 @@ def misuse(client: Client, acts: npt.NDArray[np.float32]) -> None:
     client.score("m", [("2", acts)])  # type: ignore[list-item]
     client.score("m", [("2", object(), ["a"])])  # type: ignore[list-item]
     client.create_monitor("m", fpr="0.01")  # type: ignore[arg-type]
+    client.create_monitor("m", aggregation=["max"])  # type: ignore[arg-type]
+    client.stream_scores("m", on_early_flag=1)  # type: ignore[arg-type]
     info = client.get_monitor("m")
     info.fitted = True  # type: ignore[misc]

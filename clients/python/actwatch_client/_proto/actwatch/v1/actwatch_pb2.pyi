@@ -41,18 +41,24 @@ class TraceBatch(_message.Message):
     def __init__(self, site: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., trace_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class MonitorSpec(_message.Message):
-    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed")
+    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed", "aggregation", "joint", "length_strata")
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
     FPR_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    JOINT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_STRATA_FIELD_NUMBER: _ClassVar[int]
     detectors: _containers.RepeatedScalarFieldContainer[str]
     fusion: str
     fpr: float
     calibration_fraction: float
     seed: int
-    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    aggregation: str
+    joint: str
+    length_strata: int
+    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., aggregation: _Optional[str] = ..., joint: _Optional[str] = ..., length_strata: _Optional[int] = ...) -> None: ...
 
 class CreateMonitorRequest(_message.Message):
     __slots__ = ("name", "spec")
@@ -179,7 +185,7 @@ class KnnRecall(_message.Message):
     def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., queries: _Optional[int] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
 
 class FitReport(_message.Message):
-    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded")
+    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded", "joint", "length_strata")
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +195,8 @@ class FitReport(_message.Message):
     KNN_RECALL_FIELD_NUMBER: _ClassVar[int]
     INCREMENTAL_FIELD_NUMBER: _ClassVar[int]
     ROWS_FOLDED_FIELD_NUMBER: _ClassVar[int]
+    JOINT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_STRATA_FIELD_NUMBER: _ClassVar[int]
     fit_version: int
     reference_rows: int
     calibration_computations: int
@@ -198,7 +206,35 @@ class FitReport(_message.Message):
     knn_recall: _containers.RepeatedCompositeFieldContainer[KnnRecall]
     incremental: bool
     rows_folded: int
-    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ...) -> None: ...
+    joint: JointFit
+    length_strata: _containers.RepeatedCompositeFieldContainer[LengthStratum]
+    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ..., joint: _Optional[_Union[JointFit, _Mapping]] = ..., length_strata: _Optional[_Iterable[_Union[LengthStratum, _Mapping]]] = ...) -> None: ...
+
+class LengthStratum(_message.Message):
+    __slots__ = ("max_length", "computations", "threshold")
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    max_length: int
+    computations: int
+    threshold: float
+    def __init__(self, max_length: _Optional[int] = ..., computations: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class JointFit(_message.Message):
+    __slots__ = ("sites", "width", "fit_rows", "calibration_rows", "incomplete", "skipped")
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FIT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_ROWS_FIELD_NUMBER: _ClassVar[int]
+    INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedScalarFieldContainer[str]
+    width: int
+    fit_rows: int
+    calibration_rows: int
+    incomplete: int
+    skipped: str
+    def __init__(self, sites: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., fit_rows: _Optional[int] = ..., calibration_rows: _Optional[int] = ..., incomplete: _Optional[int] = ..., skipped: _Optional[str] = ...) -> None: ...
 
 class DetectorScore(_message.Message):
     __slots__ = ("detector", "raw", "p_value")
@@ -239,7 +275,7 @@ class SlotPValue(_message.Message):
     def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., p_value: _Optional[float] = ...) -> None: ...
 
 class ComputationScore(_message.Message):
-    __slots__ = ("monitor", "trace_id", "score", "p_value", "flagged", "traces", "slots", "scored_at_unix_ms", "fit_version")
+    __slots__ = ("monitor", "trace_id", "score", "p_value", "flagged", "traces", "slots", "scored_at_unix_ms", "fit_version", "partial", "flagged_at")
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +285,8 @@ class ComputationScore(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SCORED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_AT_FIELD_NUMBER: _ClassVar[int]
     monitor: str
     trace_id: str
     score: float
@@ -258,7 +296,9 @@ class ComputationScore(_message.Message):
     slots: _containers.RepeatedCompositeFieldContainer[SlotPValue]
     scored_at_unix_ms: int
     fit_version: int
-    def __init__(self, monitor: _Optional[str] = ..., trace_id: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., traces: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotPValue, _Mapping]]] = ..., scored_at_unix_ms: _Optional[int] = ..., fit_version: _Optional[int] = ...) -> None: ...
+    partial: bool
+    flagged_at: int
+    def __init__(self, monitor: _Optional[str] = ..., trace_id: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., traces: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotPValue, _Mapping]]] = ..., scored_at_unix_ms: _Optional[int] = ..., fit_version: _Optional[int] = ..., partial: _Optional[bool] = ..., flagged_at: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("monitor", "batches", "complete")
@@ -295,10 +335,12 @@ class CompleteComputations(_message.Message):
     def __init__(self, trace_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TraceScores(_message.Message):
-    __slots__ = ("traces",)
+    __slots__ = ("traces", "early_flags")
     TRACES_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FLAGS_FIELD_NUMBER: _ClassVar[int]
     traces: _containers.RepeatedCompositeFieldContainer[TraceScore]
-    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ...) -> None: ...
+    early_flags: _containers.RepeatedCompositeFieldContainer[ComputationScore]
+    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ..., early_flags: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ...) -> None: ...
 
 class StreamScoresResponse(_message.Message):
     __slots__ = ("traces", "computation")
