@@ -156,3 +156,40 @@ fn resumed_checkpoint_fits_exactly_like_a_full_fit() {
         );
     }
 }
+
+/// A monitor saved in format 1 (one calibration of the fused statistic, before length strata)
+/// still loads, as one stratum, and scores as it did.
+#[test]
+fn format_1_monitors_still_load_as_one_stratum() {
+    use sha2::{Digest, Sha256};
+    let r = read(Some(vec!["4".into()]));
+    let (fitted, reference) = fixture::fit_minilm(MonitorOptions::default(), &r);
+    assert_eq!(fitted.fused().len(), 1, "pooled traces: one stratum");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("monitor");
+    save_monitor(&fitted, &reference, &out).unwrap();
+    // rewrite it as format 1 wrote it: the calibration blob is one Calibration
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join(MANIFEST)).unwrap()).unwrap();
+    let blob = bincode::serialize(&fitted.fused().calibrations()[0]).unwrap();
+    let file = manifest["calibration"]["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(out.join(&file), &blob).unwrap();
+    manifest["format_version"] = 1.into();
+    manifest["calibration"]["bytes"] = (blob.len() as u64).into();
+    let sha: String = Sha256::digest(&blob)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    manifest["calibration"]["sha256"] = sha.into();
+    std::fs::write(out.join(MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let (loaded, m) = load_monitor(&out).unwrap();
+    assert_eq!(m.format_version, 1);
+    assert_eq!(loaded.fused(), fitted.fused());
+    let input = [data("dev_ood_code.parquet")];
+    let a = score_computations(&fitted, &input, &r, &NoProgress).unwrap();
+    let b = score_computations(&loaded, &input, &r, &NoProgress).unwrap();
+    assert_eq!(a.results, b.results);
+}
