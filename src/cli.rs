@@ -141,7 +141,7 @@ pub struct FitArgs {
     /// traces): max (the most anomalous trace), mean, ema:ALPHA (peak of the exponentially
     /// smoothed score), max_rolling_mean:WINDOW (peak mean over WINDOW consecutive traces),
     /// topk_mean:K. Calibrated at computation level whichever is chosen.
-    #[arg(long, default_value_t = actwatch_detect::Aggregation::default().to_string())]
+    #[arg(long, default_value_t = actwatch_detect::aggregate::DEFAULT_AGGREGATION.to_string())]
     pub aggregation: String,
     /// Length strata of the computation-level calibration: quantile groups of the calibration
     /// computations' token counts, each calibrated on its own (Mondrian), so the false-positive

@@ -124,7 +124,7 @@ class Client:
     ) -> MonitorInfo:
         """Creates an empty monitor. None means the server's default (see MonitorSpec in the proto):
         detectors gaussian and knn, fusion minp, fpr 0.01, calibration_fraction 0.25, aggregation
-        "max", joint "gaussian".
+        "max_rolling_mean:8", joint "gaussian".
 
         ``aggregation``: how a computation's traces at one (site, detector) aggregate before fusion:
         "max", "mean", "ema:ALPHA", "max_rolling_mean:WINDOW" or "topk_mean:K" (with max, ema and

@@ -51,8 +51,8 @@ class MonitorSpec:
     fpr: float = 0.0
     calibration_fraction: float = 0.0
     seed: int = 0
-    #: How a computation's traces at one (site, detector) aggregate before fusion: "max" (the
-    #: default), "mean", "ema:ALPHA", "max_rolling_mean:WINDOW" or "topk_mean:K".
+    #: How a computation's traces at one (site, detector) aggregate before fusion: "max", "mean",
+    #: "ema:ALPHA", "max_rolling_mean:WINDOW" (the default: "max_rolling_mean:8") or "topk_mean:K".
     aggregation: str = ""
     #: Detectors on the joint vector of a computation (its per-site vectors, L2-normalised and
     #: concatenated in site order): a detector list as for ``detectors``, or "none".

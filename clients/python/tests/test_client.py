@@ -237,7 +237,7 @@ def test_fit_report_and_monitor_info(client, minilm):
     assert info.report is not None and info.report.fit_version == report.fit_version
     assert minilm["name"] in [m.name for m in client.list_monitors()]
     # Created without aggregation or joint: the server's defaults, stored as such.
-    assert info.spec.aggregation == "max" and info.spec.joint == "gaussian"
+    assert info.spec.aggregation == "max_rolling_mean:8" and info.spec.joint == "gaussian"
 
 
 def test_default_monitor_fits_a_joint_detector(client, minilm):

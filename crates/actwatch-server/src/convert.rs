@@ -6,6 +6,7 @@
 
 use actwatch_core::SiteBatch;
 use actwatch_detect::fusion::DEFAULT_FUSION;
+use actwatch_detect::aggregate::DEFAULT_AGGREGATION;
 use actwatch_detect::joint::JointSummary;
 use actwatch_detect::monitor::{
     MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR, DEFAULT_LENGTH_STRATA,
@@ -27,7 +28,7 @@ pub const MAX_NAME_LEN: usize = 64;
 pub struct StoredSpec {
     pub detectors: Vec<String>,
     /// Specs stored before aggregation existed read back as "max", what they did.
-    #[serde(default = "default_aggregation")]
+    #[serde(default = "stored_aggregation")]
     pub aggregation: String,
     /// Joint detectors, or "none"; specs stored before they existed read back as "none".
     #[serde(default = "no_joint")]
@@ -41,8 +42,14 @@ pub struct StoredSpec {
     pub seed: u64,
 }
 
-fn default_aggregation() -> String {
+/// The aggregation of a spec stored before aggregation existed: `max`, what it did.
+fn stored_aggregation() -> String {
     Aggregation::default().to_string()
+}
+
+/// The aggregation of a new spec that names none.
+fn default_aggregation() -> String {
+    DEFAULT_AGGREGATION.to_string()
 }
 
 /// The `joint` of a spec without joint detectors.

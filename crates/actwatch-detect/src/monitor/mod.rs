@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use actwatch_core::SplitHasher;
 
-use crate::aggregate::{AggState, Aggregation};
+use crate::aggregate::{AggState, Aggregation, DEFAULT_AGGREGATION};
 use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
 use crate::joint::{Joiner, JointSummary, JOINT_MAX_WIDTH, JOINT_SITE};
@@ -83,7 +83,7 @@ impl Default for MonitorOptions {
             detectors: DetectorSpec::parse_list(DEFAULT_DETECTORS)
                 .expect("the default detector list parses"),
             joint: DetectorSpec::parse_list(DEFAULT_JOINT).expect("the default joint list parses"),
-            aggregation: Aggregation::default(),
+            aggregation: DEFAULT_AGGREGATION,
             fusion: DEFAULT_FUSION,
             fpr: DEFAULT_FPR,
             calibration_fraction: DEFAULT_CALIBRATION_FRACTION,
