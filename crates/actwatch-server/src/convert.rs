@@ -5,8 +5,8 @@
 //! destructured here, so a field added to them breaks the build where it must be reported.
 
 use actwatch_core::SiteBatch;
-use actwatch_detect::fusion::DEFAULT_FUSION;
 use actwatch_detect::aggregate::DEFAULT_AGGREGATION;
+use actwatch_detect::fusion::DEFAULT_FUSION;
 use actwatch_detect::joint::JointSummary;
 use actwatch_detect::monitor::{
     MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR, DEFAULT_LENGTH_STRATA,
