@@ -590,6 +590,8 @@ async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
         max_batch_rows: 1000,
         max_message_bytes: 1 << 20,
         max_concurrent_streams: 3,
+        // 16 traces of site "a" (8 floats each) waiting for site "b"
+        max_joint_pending_bytes: 16 * 8 * 4,
         ..Limits::default()
     };
     let server = TestServer::start(dir.path(), limits).await;
@@ -780,6 +782,15 @@ async fn bad_inputs_get_precise_statuses_while_another_stream_keeps_working() {
     );
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("max_message_bytes"), "{s:?}");
+    // Traces of one site only, waiting for the other site of their joint vectors: the 17th is
+    // over the limit, which is named; the stream ends
+    // (and, ended by the server, gives its permit back).
+    let mut lopsided = ScoreStream::open(&mut client, "synth").await.unwrap();
+    let s = status_of(lopsided.batch(batch_of(0, 0, 17)).await);
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("max_joint_pending_bytes"), "{s:?}");
+    drop(lopsided);
+
     // Too many concurrent streams: `good` holds one permit, two watchers the others.
     let mut watchers = Vec::new();
     for _ in 0..2 {

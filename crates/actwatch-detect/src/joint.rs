@@ -15,7 +15,8 @@
 //! - A second trace at the same (computation, site, position) replaces the first if the joint
 //!   vector was not complete yet, and starts a new one otherwise.
 //! - Traces waiting for their other sites are held in memory, at most
-//!   [`JOINT_PENDING_MAX_BYTES`] per fit pass or per scoring stream ([`Error::JointPending`]).
+//!   [`JOINT_PENDING_MAX_BYTES`] per fit pass, and per scoring stream the limit its
+//!   [`crate::OpenComputations`] was given (the same by default) ([`Error::JointPending`]).
 //!
 //! Joint detectors are fitted from sufficient statistics like the per-site ones, so their memory
 //! is that of a per-site detector of the joint width: a Gaussian at width `D` accumulates a
@@ -36,8 +37,8 @@ pub const JOINT_SITE: &str = "joint";
 /// are 128 MiB of f64.
 pub const JOINT_MAX_WIDTH: usize = 4096;
 
-/// Bytes of traces held while they wait for the rest of their joint vector, per fit pass or per
-/// scoring stream.
+/// Bytes of traces held while they wait for the rest of their joint vector, per fit pass, and
+/// per scoring stream by default.
 pub const JOINT_PENDING_MAX_BYTES: usize = 64 << 20;
 
 /// What fitting the joint detector saw (reported by the fit).
@@ -73,14 +74,14 @@ impl Joiner {
 
     /// Adds the trace `row` of site `site` at `position` (None: the next index at that site).
     /// Returns the position and the joint vector if this completed one; `pending_bytes` is the
-    /// owner's running total of held bytes, checked against [`JOINT_PENDING_MAX_BYTES`] before
-    /// anything is held.
+    /// owner's running total of held bytes, checked against `max_bytes` before anything is held.
     pub(crate) fn add(
         &mut self,
         site: usize,
         position: Option<i32>,
         row: &[f32],
         pending_bytes: &mut usize,
+        max_bytes: usize,
     ) -> Result<Option<(i64, Vec<f32>)>> {
         let n_sites = self.seen.len();
         let seen = &mut self.seen[site];
@@ -100,13 +101,11 @@ impl Joiner {
         if !completes {
             // held until the other sites arrive (a replaced trace holds no more)
             if parts[site].is_none() {
-                if *pending_bytes + bytes > JOINT_PENDING_MAX_BYTES {
+                if *pending_bytes + bytes > max_bytes {
                     if parts.iter().all(Option::is_none) {
                         self.pending.remove(&key);
                     }
-                    return Err(Error::JointPending {
-                        max: JOINT_PENDING_MAX_BYTES,
-                    });
+                    return Err(Error::JointPending { max: max_bytes });
                 }
                 *pending_bytes += bytes;
             }
@@ -156,10 +155,20 @@ mod tests {
         let mut bytes = 0;
         let mut j = Joiner::new(2);
         // pooled: position = index at the site
-        assert_eq!(j.add(0, None, &[3.0, 4.0], &mut bytes).unwrap(), None);
+        assert_eq!(
+            j.add(0, None, &[3.0, 4.0], &mut bytes, JOINT_PENDING_MAX_BYTES)
+                .unwrap(),
+            None
+        );
         assert_eq!(bytes, 8);
         let (key, v) = j
-            .add(1, None, &[0.0, 2.0, 0.0], &mut bytes)
+            .add(
+                1,
+                None,
+                &[0.0, 2.0, 0.0],
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES,
+            )
             .unwrap()
             .unwrap();
         assert_eq!(key, 0);
@@ -167,24 +176,48 @@ mod tests {
         assert_eq!(bytes, 0);
         // explicit positions, out of order across sites
         assert!(j
-            .add(1, Some(7), &[1.0, 0.0, 0.0], &mut bytes)
+            .add(
+                1,
+                Some(7),
+                &[1.0, 0.0, 0.0],
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES
+            )
             .unwrap()
             .is_none());
         assert!(j
-            .add(1, Some(8), &[0.0, 0.0, 5.0], &mut bytes)
+            .add(
+                1,
+                Some(8),
+                &[0.0, 0.0, 5.0],
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES
+            )
             .unwrap()
             .is_none());
-        let (key, v) = j.add(0, Some(8), &[0.0, 1.0], &mut bytes).unwrap().unwrap();
+        let (key, v) = j
+            .add(0, Some(8), &[0.0, 1.0], &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .unwrap()
+            .unwrap();
         assert_eq!((key, v), (8, vec![0.0, 1.0, 0.0, 0.0, 1.0]));
         assert_eq!(j.incomplete(), 1);
         assert_eq!(bytes, j.pending_bytes());
         // a repeated trace replaces the waiting one without holding more
         assert!(j
-            .add(1, Some(7), &[0.0, 1.0, 0.0], &mut bytes)
+            .add(
+                1,
+                Some(7),
+                &[0.0, 1.0, 0.0],
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES
+            )
             .unwrap()
             .is_none());
         assert_eq!(bytes, 12);
-        let (_, v) = j.add(0, Some(7), &[1.0, 0.0], &mut bytes).unwrap().unwrap();
+        let (_, v) = j
+            .add(0, Some(7), &[1.0, 0.0], &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .unwrap()
+            .unwrap();
         assert_eq!(v, vec![1.0, 0.0, 0.0, 1.0, 0.0]);
         assert_eq!((bytes, j.incomplete()), (0, 0));
     }
@@ -194,11 +227,19 @@ mod tests {
         let mut j = Joiner::new(2);
         let row = vec![1.0f32; 1024];
         let mut bytes = JOINT_PENDING_MAX_BYTES - 4096;
-        assert!(j.add(0, Some(0), &row, &mut bytes).unwrap().is_none());
-        let err = j.add(0, Some(1), &row, &mut bytes).unwrap_err();
+        assert!(j
+            .add(0, Some(0), &row, &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .unwrap()
+            .is_none());
+        let err = j
+            .add(0, Some(1), &row, &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .unwrap_err();
         assert!(matches!(err, Error::JointPending { .. }), "{err}");
         assert_eq!(j.incomplete(), 1);
         // completing a waiting position needs no room
-        assert!(j.add(1, Some(0), &row, &mut bytes).unwrap().is_some());
+        assert!(j
+            .add(1, Some(0), &row, &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .unwrap()
+            .is_some());
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use actwatch_core::SiteBatch;
 
 use crate::aggregate::AggState;
-use crate::joint::Joiner;
+use crate::joint::{Joiner, JOINT_PENDING_MAX_BYTES};
 use crate::monitor::Monitor;
 use crate::{Error, Result};
 
@@ -310,6 +310,7 @@ pub struct OpenComputations {
     early: Vec<String>,
     /// Bytes of traces waiting for the other sites of their joint vector, over all computations.
     joint_bytes: usize,
+    max_joint_bytes: usize,
 }
 
 impl Default for OpenComputations {
@@ -320,13 +321,22 @@ impl Default for OpenComputations {
 }
 
 impl OpenComputations {
+    /// At most `max_open` open computations, and [`JOINT_PENDING_MAX_BYTES`] of traces waiting
+    /// for the other sites of their joint vectors.
     pub fn with_limit(max_open: usize) -> Self {
+        Self::with_limits(max_open, JOINT_PENDING_MAX_BYTES)
+    }
+
+    /// At most `max_open` open computations, and `max_joint_bytes` of traces waiting for the
+    /// other sites of their joint vectors ([`Error::JointPending`] beyond).
+    pub fn with_limits(max_open: usize, max_joint_bytes: usize) -> Self {
         Self {
             open: HashMap::new(),
             next: 0,
             max_open,
             early: Vec::new(),
             joint_bytes: 0,
+            max_joint_bytes,
         }
     }
 
@@ -402,9 +412,13 @@ impl OpenComputations {
             }
             if let Some(joiner) = ev.joiner.as_mut() {
                 let row = batch.vectors().row(r);
-                if let Some((key, v)) =
-                    joiner.add(scores.site, position, row, &mut self.joint_bytes)?
-                {
+                if let Some((key, v)) = joiner.add(
+                    scores.site,
+                    position,
+                    row,
+                    &mut self.joint_bytes,
+                    self.max_joint_bytes,
+                )? {
                     joined.push((id.clone(), key));
                     joint_rows.extend_from_slice(&v);
                 }

@@ -15,6 +15,9 @@ pub const DEFAULT_MAX_TRACE_ID_BYTES: usize = 256;
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: usize = 64;
 /// Most computations a StreamScores stream may hold open (seen, not yet completed).
 pub const DEFAULT_MAX_OPEN_COMPUTATIONS: usize = 100_000;
+/// Bytes of traces one scoring stream (or Score request) may hold while they wait for the other
+/// sites of their joint vectors (`actwatch_detect::joint`).
+pub const DEFAULT_MAX_JOINT_PENDING_BYTES: usize = actwatch_detect::joint::JOINT_PENDING_MAX_BYTES;
 /// Score log kept per monitor, in bytes; the oldest entries are dropped beyond it.
 pub const DEFAULT_MAX_SCORE_LOG_BYTES: u64 = 64 << 20;
 /// Flag events buffered for watchers; a watcher further behind than this is disconnected.
@@ -50,6 +53,8 @@ pub struct Limits {
     pub max_concurrent_streams: usize,
     /// [`DEFAULT_MAX_OPEN_COMPUTATIONS`].
     pub max_open_computations: usize,
+    /// [`DEFAULT_MAX_JOINT_PENDING_BYTES`].
+    pub max_joint_pending_bytes: usize,
     /// [`DEFAULT_MAX_SCORE_LOG_BYTES`].
     pub max_score_log_bytes: u64,
     /// [`DEFAULT_FLAG_BUFFER`].
@@ -73,6 +78,7 @@ impl Default for Limits {
             max_trace_id_bytes: DEFAULT_MAX_TRACE_ID_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
+            max_joint_pending_bytes: DEFAULT_MAX_JOINT_PENDING_BYTES,
             max_score_log_bytes: DEFAULT_MAX_SCORE_LOG_BYTES,
             flag_buffer: DEFAULT_FLAG_BUFFER,
             shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,

@@ -24,7 +24,7 @@ fn scoring_error(e: actwatch_detect::Error) -> Error {
             ),
         },
         E::JointPending { max } => Error::LimitExceeded {
-            limit: "joint_pending_bytes",
+            limit: "max_joint_pending_bytes",
             max: max as u64,
             detail: "traces are waiting for the other sites of their joint vectors; send a \
                      computation's sites together"

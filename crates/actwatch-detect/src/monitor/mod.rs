@@ -22,7 +22,7 @@ use actwatch_core::SplitHasher;
 use crate::aggregate::{AggState, Aggregation, DEFAULT_AGGREGATION};
 use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
-use crate::joint::{Joiner, JointSummary, JOINT_MAX_WIDTH, JOINT_SITE};
+use crate::joint::{Joiner, JointSummary, JOINT_MAX_WIDTH, JOINT_PENDING_MAX_BYTES, JOINT_SITE};
 use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS, DEFAULT_JOINT};
 use crate::strata::LengthStrata;
 mod fitted;
@@ -433,7 +433,9 @@ impl Joins {
                     .entry(id.to_string())
                     .or_insert_with(|| Joiner::new(n_sites)),
             };
-            if let Some((_, v)) = j.add(site, None, row, &mut self.bytes)? {
+            if let Some((_, v)) =
+                j.add(site, None, row, &mut self.bytes, JOINT_PENDING_MAX_BYTES)?
+            {
                 ids.push(id.to_string());
                 joint.extend_from_slice(&v);
             }

@@ -438,10 +438,13 @@ impl ActivationMonitor for ActivationMonitorService {
             for b in &batches {
                 self.check_batch(b)?;
             }
-            let max_open = self.limits.max_open_computations;
+            let (max_open, max_joint) = (
+                self.limits.max_open_computations,
+                self.limits.max_joint_pending_bytes,
+            );
             let started = Instant::now();
             let (traces, logged) = blocking(move || {
-                let mut open = OpenComputations::with_limit(max_open);
+                let mut open = OpenComputations::with_limits(max_open, max_joint);
                 let mut traces = Vec::new();
                 for b in batches {
                     let decoded = actwatch_proto::decode_trace_batch(b)?;

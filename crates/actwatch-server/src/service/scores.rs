@@ -33,12 +33,17 @@ impl ScoreStream {
         entry: Arc<MonitorEntry>,
         fitted: Arc<FittedMonitor>,
     ) -> Self {
-        let max_open = service.limits.max_open_computations;
+        let (max_open, max_joint) = (
+            service.limits.max_open_computations,
+            service.limits.max_joint_pending_bytes,
+        );
         Self {
             service,
             entry,
             fitted,
-            open: Arc::new(Mutex::new(OpenComputations::with_limit(max_open))),
+            open: Arc::new(Mutex::new(OpenComputations::with_limits(
+                max_open, max_joint,
+            ))),
         }
     }
 
