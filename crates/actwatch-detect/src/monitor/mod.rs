@@ -492,6 +492,16 @@ impl JointPhase {
     }
 }
 
+/// The index of calibration computation `id` (0, 1, 2, ... in order of first appearance).
+fn computation_index(computations: &mut HashMap<String, u32>, id: &str) -> u32 {
+    if let Some(&i) = computations.get(id) {
+        return i;
+    }
+    let next = computations.len() as u32;
+    computations.insert(id.to_string(), next);
+    next
+}
+
 /// Second phase of fitting: push the calibration part, then [`MonitorCalibrator::finish`].
 ///
 /// With a joint detector ([`MonitorCalibrator::joint_wanted`]), the same pass also pushes the fit
@@ -544,13 +554,7 @@ impl MonitorCalibrator {
         }
         let comps: Vec<u32> = trace_ids
             .iter()
-            .map(|id| {
-                let next = self.computations.len() as u32;
-                *self
-                    .computations
-                    .entry(id.as_ref().to_string())
-                    .or_insert(next)
-            })
+            .map(|id| computation_index(&mut self.computations, id.as_ref()))
             .collect();
         for (j, det) in s.detectors.iter().enumerate() {
             let raw = det.score_batch(rows)?;
@@ -680,11 +684,8 @@ impl MonitorCalibrator {
         }
         summary.calibration_rows += ids.len() as u64;
         let comps: Vec<u32> = ids
-            .into_iter()
-            .map(|id| {
-                let next = self.computations.len() as u32;
-                *self.computations.entry(id).or_insert(next)
-            })
+            .iter()
+            .map(|id| computation_index(&mut self.computations, id))
             .collect();
         for (j, det) in joint_site.detectors.iter().enumerate() {
             let raw = det.score_batch(&joint)?;
