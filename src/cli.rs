@@ -188,6 +188,8 @@ pub struct ScoreArgs {
     pub level: LevelArg,
     #[command(flatten)]
     pub columns: ColumnArgs,
+    #[command(flatten)]
+    pub provenance: ProvenanceArgs,
     /// Compute raw Gaussian and exact kNN scores with libtorch on this device (cpu, cuda, cuda:N)
     /// instead of the default pure-Rust backend; calibration and fusion are unchanged.
     #[cfg(feature = "torch")]
@@ -214,4 +216,32 @@ pub struct EvalArgs {
     pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub columns: ColumnArgs,
+    #[command(flatten)]
+    pub provenance: ProvenanceArgs,
+}
+
+/// What scoring does with input whose declared provenance (its Parquet metadata
+/// `actwatch.provenance`) conflicts with what the monitor's reference traces declared.
+#[derive(Args)]
+pub struct ProvenanceArgs {
+    /// refuse: stop with an error naming the site and field (the monitor's calibration does not
+    /// hold for vectors read another way); warn: score anyway and print the conflicts.
+    #[arg(long, value_enum, default_value = "refuse")]
+    pub provenance_policy: ProvenancePolicyArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ProvenancePolicyArg {
+    Refuse,
+    Warn,
+}
+
+impl ProvenanceArgs {
+    pub fn policy(&self) -> actwatch_detect::monitor::ProvenancePolicy {
+        use actwatch_detect::monitor::ProvenancePolicy;
+        match self.provenance_policy {
+            ProvenancePolicyArg::Refuse => ProvenancePolicy::Refuse,
+            ProvenancePolicyArg::Warn => ProvenancePolicy::Warn,
+        }
+    }
 }

@@ -42,6 +42,9 @@ pub fn print_fit_report(monitor: &Monitor, manifest: &Manifest, seconds: f64, ou
             dets.join(", ")
         );
     }
+    for site in monitor.sites() {
+        println!("provenance of site {}: {}", site.name, site.provenance);
+    }
     if let Some(j) = &s.joint {
         match &j.skipped {
             Some(why) => println!("joint detector skipped: {why}"),
@@ -72,6 +75,17 @@ pub fn print_fit_report(monitor: &Monitor, manifest: &Manifest, seconds: f64, ou
         "timings: fit {:.2}s, calibration {:.2}s, total {:.2}s",
         s.fit_seconds, s.calibration_seconds, seconds
     );
+}
+
+/// Warns, on stderr, of input scored despite provenance that conflicts with the monitor's.
+pub fn print_provenance_conflicts(conflicts: &actwatch_io::pipeline::ProvenanceConflicts) {
+    for (site, c) in conflicts {
+        eprintln!(
+            "warning: site {site}: the input declares {} {:?}, but the monitor's reference traces \
+             declared {:?}; scored anyway (--provenance-policy warn)",
+            c.field, c.declared, c.recorded
+        );
+    }
 }
 
 fn describe_detector(d: &actwatch_detect::spec::FittedDetector) -> String {

@@ -1654,3 +1654,223 @@ async fn a_span_streamed_token_by_token_is_flagged_before_it_completes() {
         partial += usize::from(c.partial);
     }
 }
+
+fn provenance(pairs: &[(&str, &str)]) -> v1::Provenance {
+    let mut p = v1::Provenance::default();
+    for &(field, value) in pairs {
+        let slot = match field {
+            "model" => &mut p.model,
+            "revision" => &mut p.revision,
+            "capture" => &mut p.capture,
+            "pooling" => &mut p.pooling,
+            "dtype" => &mut p.dtype,
+            _ => panic!("no field {field}"),
+        };
+        *slot = value.to_string();
+    }
+    p
+}
+
+async fn info(client: &mut Client, name: &str) -> v1::MonitorInfo {
+    client
+        .get_monitor(v1::GetMonitorRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// 20 synthetic traces of site "a", declaring `declared`.
+fn probe(declared: Option<v1::Provenance>) -> v1::TraceBatch {
+    let (site, ids, d, values) = synthetic(20, 9).remove(0);
+    assert_eq!(site, "a");
+    let mut b = encode_trace_batch(&site, ids, Vec::new(), d, &values, Dtype::F32);
+    b.provenance = declared;
+    b
+}
+
+async fn score_probe(
+    client: &mut Client,
+    monitor: &str,
+    declared: Option<v1::Provenance>,
+) -> Result<v1::ScoreResponse, tonic::Status> {
+    client
+        .score(v1::ScoreRequest {
+            monitor: monitor.into(),
+            batches: vec![probe(declared)],
+            complete: false,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn p_values(r: &v1::ScoreResponse) -> Vec<f64> {
+    r.traces.iter().map(|t| t.p_value).collect()
+}
+
+/// On monitor "strict": undeclared and agreeing batches score alike, a conflicting one is
+/// refused naming site, field and values. Returns the p-values.
+async fn check_strict_provenance(
+    client: &mut Client,
+    reference: &v1::Provenance,
+    conflicting: &v1::Provenance,
+) -> Vec<f64> {
+    let undeclared = score_probe(client, "strict", None).await.unwrap();
+    assert!(undeclared.provenance_warnings.is_empty());
+    let same = score_probe(client, "strict", Some(reference.clone()))
+        .await
+        .unwrap();
+    assert_eq!(p_values(&same), p_values(&undeclared));
+    let st = status_of(score_probe(client, "strict", Some(conflicting.clone())).await);
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    for needle in [
+        "site \"a\"",
+        "dtype \"bfloat16\"",
+        "\"float32\"",
+        "\"warn\"",
+    ] {
+        assert!(st.message().contains(needle), "{needle}: {}", st.message());
+    }
+    p_values(&undeclared)
+}
+
+/// Synthetic two-site batches (sites "a" and "b"), site "a" declaring `declared`.
+fn declared_batches(n: usize, seed: u64, declared: &v1::Provenance) -> Vec<v1::TraceBatch> {
+    synthetic(n, seed)
+        .into_iter()
+        .map(|(site, ids, d, values)| {
+            let mut b = encode_trace_batch(&site, ids, Vec::new(), d, &values, Dtype::F32);
+            if site == "a" {
+                b.provenance = Some(declared.clone());
+            }
+            b
+        })
+        .collect()
+}
+
+/// A monitor records what its reference batches declared; reference batches that contradict it
+/// are refused at ingest; scored batches that contradict it are refused (the default policy) or
+/// scored with a warning (policy "warn"), with the same p-values as undeclared ones; undeclared
+/// batches pass; all of it survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_provenance_is_refused_or_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    let reference = provenance(&[
+        ("model", "synthetic-net"),
+        ("revision", "abc123"),
+        ("capture", "actwatch_client.hooks:output"),
+        ("pooling", "mean"),
+        ("dtype", "float32"),
+    ]);
+    for (name, policy) in [("strict", ""), ("lenient", "warn")] {
+        client
+            .create_monitor(v1::CreateMonitorRequest {
+                name: name.into(),
+                spec: Some(v1::MonitorSpec {
+                    provenance_policy: policy.into(),
+                    detectors: vec!["gaussian".into()],
+                    joint: "none".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+        // One stream declares everything, a later one only part of it: both agree.
+        ingest(&mut client, name, declared_batches(300, 1, &reference))
+            .await
+            .unwrap();
+        let partial = provenance(&[("model", "synthetic-net")]);
+        ingest(&mut client, name, declared_batches(300, 2, &partial))
+            .await
+            .unwrap();
+    }
+    let before = info(&mut client, "strict").await;
+    let site = |i: &v1::MonitorInfo, s: &str| i.sites.iter().find(|x| x.name == s).unwrap().clone();
+    assert_eq!(site(&before, "a").provenance, Some(reference.clone()));
+    assert_eq!(
+        site(&before, "b").provenance,
+        Some(v1::Provenance::default())
+    );
+    assert_eq!(before.spec.as_ref().unwrap().provenance_policy, "refuse");
+
+    // A reference batch read through another capture path is refused, and nothing of its stream
+    // is stored.
+    let other_path = provenance(&[("model", "synthetic-net"), ("capture", "transformer_lens")]);
+    let st = status_of(ingest(&mut client, "strict", declared_batches(50, 3, &other_path)).await);
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    for needle in [
+        "site \"a\"",
+        "capture \"transformer_lens\"",
+        "actwatch_client.hooks:output",
+    ] {
+        assert!(st.message().contains(needle), "{needle}: {}", st.message());
+    }
+    let after = info(&mut client, "strict").await;
+    assert_eq!(after.reference_rows, before.reference_rows);
+    // Hostile values are refused before anything is decoded or stored.
+    let long = "x".repeat(actwatch_core::MAX_PROVENANCE_VALUE_BYTES + 1);
+    let st = status_of(
+        ingest(
+            &mut client,
+            "strict",
+            declared_batches(5, 4, &provenance(&[("model", &long)])),
+        )
+        .await,
+    );
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().contains("over the limit of 256"),
+        "{}",
+        st.message()
+    );
+
+    for name in ["strict", "lenient"] {
+        fit(&mut client, name).await;
+    }
+    let bf16 = provenance(&[("model", "synthetic-net"), ("dtype", "bfloat16")]);
+    let expected = check_strict_provenance(&mut client, &reference, &bf16).await;
+
+    // Policy "warn": scored, the same p-values, and said so once per site.
+    let warned = score_probe(&mut client, "lenient", Some(bf16.clone()))
+        .await
+        .unwrap();
+    assert_eq!(p_values(&warned), expected, "a warning changes no score");
+    assert_eq!(
+        warned.provenance_warnings,
+        vec![v1::ProvenanceWarning {
+            site: "a".into(),
+            field: "dtype".into(),
+            declared: "bfloat16".into(),
+            recorded: "float32".into(),
+        }]
+    );
+    let mut stream = ScoreStream::open(&mut client, "lenient").await.unwrap();
+    let t = stream
+        .batch_and_flags(probe(Some(bf16.clone())))
+        .await
+        .unwrap();
+    assert_eq!(t.provenance_warnings.len(), 1);
+    let t = stream.batch_and_flags(probe(None)).await.unwrap();
+    assert!(t.provenance_warnings.is_empty());
+    drop(stream);
+
+    // The recorded provenance is in state.json and in the fitted artifact: it survives a restart.
+    server.stop().await;
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    let restarted = info(&mut client, "strict").await;
+    assert_eq!(site(&restarted, "a").provenance, Some(reference.clone()));
+    let manifest =
+        actwatch_io::artifact::read_manifest(&dir.path().join("monitors/strict/fitted")).unwrap();
+    let a = manifest.sites.iter().find(|s| s.name == "a").unwrap();
+    assert_eq!(
+        a.provenance.capture.as_deref(),
+        Some("actwatch_client.hooks:output")
+    );
+    assert_eq!(
+        check_strict_provenance(&mut client, &reference, &bf16).await,
+        expected
+    );
+    server.stop().await;
+}

@@ -13,7 +13,8 @@ use crate::progress::Bars;
 use crate::report::{print_eval_table, EvalRow};
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let (monitor, manifest) = super::load(&a.monitor)?;
+    let (mut monitor, manifest) = super::load(&a.monitor)?;
+    monitor.set_provenance_policy(a.provenance.policy());
     let read = a.columns.read_options(&manifest.reference.columns, None);
     run_eval(
         &monitor,
@@ -38,10 +39,12 @@ pub fn run_eval(
         .context("scoring the normal files")?;
     let mut normal_row = EvalRow::new("normal".into());
     n.results.iter().for_each(|r| normal_row.push(r));
+    crate::report::print_provenance_conflicts(&n.provenance_conflicts);
     let mut rows: Vec<EvalRow> = Vec::new();
     for path in anomalous {
         let t = pipeline::score_computations(monitor, std::slice::from_ref(path), read, &bars)
             .with_context(|| format!("scoring {}", path.display()))?;
+        crate::report::print_provenance_conflicts(&t.provenance_conflicts);
         match label_column {
             None => {
                 let mut row = EvalRow::new(path.file_stem().map_or_else(

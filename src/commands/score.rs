@@ -9,7 +9,8 @@ use crate::cli::{LevelArg, ScoreArgs};
 use crate::progress::Bars;
 
 pub fn run(a: ScoreArgs) -> Result<()> {
-    let (monitor, manifest) = super::load(&a.monitor)?;
+    let (mut monitor, manifest) = super::load(&a.monitor)?;
+    monitor.set_provenance_policy(a.provenance.policy());
     #[cfg(feature = "torch")]
     let monitor = crate::torch::with_device(monitor, a.device.as_deref())?;
     let read = a.columns.read_options(&manifest.reference.columns, None);
@@ -22,6 +23,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         pipeline::score_to_parquet(&monitor, &a.input, &read, level, &a.output, &Bars::new())
             .context("scoring failed")?;
     let secs = started.elapsed().as_secs_f64();
+    crate::report::print_provenance_conflicts(&summary.provenance_conflicts);
     println!(
         "scored {} traces into {} rows ({} flagged at p <= {}) in {:.2}s ({:.0} traces/s); wrote {}",
         summary.input_rows,

@@ -1,6 +1,8 @@
 //! [`SiteBatch`]: the one shape in which traces of one site travel between crates.
 
-use crate::{Error, Result, Vectors};
+use std::sync::Arc;
+
+use crate::{Error, Provenance, Result, Vectors};
 
 /// A batch of traces of one site: row `i` is the vector `vectors.row(i)` of computation
 /// `trace_ids[i]`, at token position `positions[i]` when the batch carries positions.
@@ -13,12 +15,16 @@ use crate::{Error, Result, Vectors};
 /// - positions are absent or one per row.
 ///
 /// Finiteness is the [`Vectors`]' business ([`Vectors::new_finite`] / [`crate::check_rows`]).
+///
+/// A batch may also say what produced it ([`SiteBatch::with_provenance`]); shared, since the
+/// batches of one file or one stream usually say the same.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SiteBatch {
     site: String,
     trace_ids: Vec<String>,
     positions: Option<Vec<i32>>,
     vectors: Vectors,
+    provenance: Option<Arc<Provenance>>,
 }
 
 impl SiteBatch {
@@ -56,7 +62,19 @@ impl SiteBatch {
             trace_ids,
             positions,
             vectors,
+            provenance: None,
         })
+    }
+
+    /// The batch, declaring what produced it (an empty provenance declares nothing).
+    pub fn with_provenance(mut self, provenance: Option<Arc<Provenance>>) -> Self {
+        self.provenance = provenance.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// What produced the batch, when declared.
+    pub fn provenance(&self) -> Option<&Arc<Provenance>> {
+        self.provenance.as_ref()
     }
 
     pub fn site(&self) -> &str {

@@ -10,11 +10,13 @@
 mod batch;
 mod dtype;
 mod error;
+mod provenance;
 mod split;
 mod vectors;
 
 pub use batch::SiteBatch;
 pub use dtype::{decode_le, Dtype};
 pub use error::{Error, Result};
+pub use provenance::{Provenance, ProvenanceConflict, MAX_PROVENANCE_VALUE_BYTES};
 pub use split::{split_unit, SplitHasher};
 pub use vectors::{check_rows, l2_normalize_rows, Vectors};

@@ -1,3 +1,5 @@
+use actwatch_core::ProvenanceConflict;
+
 /// Errors of fitting and scoring. Input problems carry the offending detail; nothing here panics on input.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,9 +33,36 @@ pub enum Error {
     /// Traces waiting for the other sites of their joint vector would hold more than the limit.
     #[error("traces waiting for the other sites of their joint vector would hold more than {max} bytes; send (or sort) a computation's sites together, or fit without a joint detector")]
     JointPending { max: usize },
+    /// Traces whose declared provenance differs from what the site's reference traces declared
+    /// (`scoring`: a scored batch against the fitted monitor; else a reference batch against
+    /// the site's earlier reference batches).
+    #[error("{}", provenance_message(site, conflict, *scoring))]
+    Provenance {
+        site: String,
+        conflict: ProvenanceConflict,
+        scoring: bool,
+    },
     /// A numerical routine failed (e.g. an eigendecomposition did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),
+}
+
+fn provenance_message(site: &str, c: &ProvenanceConflict, scoring: bool) -> String {
+    let (field, declared, recorded) = (c.field, &c.declared, &c.recorded);
+    if scoring {
+        format!(
+            "site {site:?}: these traces declare {field} {declared:?}, but the monitor's reference \
+             traces declared {field} {recorded:?}: activations read another way can differ, so \
+             the monitor's calibration does not hold for them. Refit on traces from this path, or \
+             score with the provenance policy \"warn\" to score anyway"
+        )
+    } else {
+        format!(
+            "site {site:?}: these reference traces declare {field} {declared:?}, but earlier \
+             reference traces of the site declared {field} {recorded:?}: one site's reference \
+             traces must come from one capture path (use another site name or another monitor)"
+        )
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

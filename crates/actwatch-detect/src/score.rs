@@ -3,15 +3,15 @@
 //!
 //! The gRPC service and the batch pipeline both score through these two types and nothing else,
 //! so they give the same p-values by construction, not by convention. Site lookup, the width
-//! check, the bound on open computations and the "complete only what is open" rule live here once.
+//! check, the provenance check, the bound on open computations and the "complete only what is open" rule live here once.
 
 use std::collections::HashMap;
 
-use actwatch_core::SiteBatch;
+use actwatch_core::{ProvenanceConflict, SiteBatch};
 
 use crate::aggregate::AggState;
 use crate::joint::{Joiner, JOINT_PENDING_MAX_BYTES};
-use crate::monitor::Monitor;
+use crate::monitor::{Monitor, ProvenancePolicy};
 use crate::{Error, Result};
 
 /// Per-trace results of one site's batch; `[detector][row]` where two indices are given.
@@ -28,6 +28,9 @@ pub struct SiteScores {
     pub trace_score: Vec<f64>,
     /// Conformal p-value of `trace_score` among calibration traces of this site.
     pub trace_p: Vec<f64>,
+    /// Under [`ProvenancePolicy::Warn`]: how the batch's declared provenance conflicts with the
+    /// site's (under `Refuse` such a batch is not scored at all).
+    pub provenance_conflict: Option<ProvenanceConflict>,
 }
 
 impl SiteScores {
@@ -87,8 +90,10 @@ struct JointScores {
 }
 
 impl Monitor {
-    /// Scores a batch of traces: finds its site (unknown sites are refused), checks its width,
-    /// and computes per detector the raw score, p-value and `-ln p`, and the fused trace score.
+    /// Scores a batch of traces: finds its site (unknown sites are refused), checks its width and
+    /// its declared provenance against the site's ([`Error::Provenance`] under
+    /// [`ProvenancePolicy::Refuse`]), and computes per detector the raw score, p-value and
+    /// `-ln p`, and the fused trace score.
     pub fn score(&self, batch: &SiteBatch) -> Result<SiteScores> {
         let Some(site) = self.site_index(batch.site()) else {
             return Err(Error::UnknownSite {
@@ -104,7 +109,19 @@ impl Monitor {
                 got: batch.dim(),
             });
         }
-        self.score_site(site, batch.vectors().as_slice())
+        let conflict = batch
+            .provenance()
+            .and_then(|p| self.sites()[site].provenance.conflict(p));
+        if let (Some(conflict), ProvenancePolicy::Refuse) = (&conflict, self.provenance_policy()) {
+            return Err(Error::Provenance {
+                site: batch.site().to_string(),
+                conflict: conflict.clone(),
+                scoring: true,
+            });
+        }
+        let mut scores = self.score_site(site, batch.vectors().as_slice())?;
+        scores.provenance_conflict = conflict;
+        Ok(scores)
     }
 
     /// [`Monitor::score`] for rows already known to belong to site `site` (an index from

@@ -12,6 +12,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
 
+use actwatch_core::Provenance;
 use actwatch_detect::monitor::{FitSummary, Monitor, MonitorOptions, SiteModel};
 use actwatch_detect::strata::LengthStrata;
 use actwatch_detect::Calibration;
@@ -61,6 +62,10 @@ pub struct SiteEntry {
     pub fit_traces: u64,
     pub calibration_traces: u64,
     pub blob: BlobEntry,
+    /// What produced the site's reference traces (`SiteModel::provenance`; empty when they
+    /// declared nothing, and in monitors saved before provenance was recorded).
+    #[serde(default, skip_serializing_if = "Provenance::is_empty")]
+    pub provenance: Provenance,
 }
 
 /// The manifest, as stored in `manifest.json`.
@@ -133,6 +138,7 @@ pub fn save_monitor(
                 fit_traces: s.fit_traces,
                 calibration_traces: s.calibration_traces,
                 blob: blob(&tmp, file, &bytes)?,
+                provenance: s.provenance.clone(),
             })
         };
         let sites = monitor
@@ -237,7 +243,7 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
     let manifest = read_manifest(dir)?;
     let read_site = |entry: &SiteEntry| -> Result<SiteModel> {
         let bytes = read_blob(dir, &entry.blob)?;
-        let site: SiteModel = bincode::deserialize(&bytes).map_err(|e| {
+        let mut site: SiteModel = bincode::deserialize(&bytes).map_err(|e| {
             Error::Artifact(format!(
                 "{}: cannot decode site {}: {e}",
                 dir.display(),
@@ -252,6 +258,8 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
                 entry.name
             )));
         }
+        entry.provenance.validate()?;
+        site.provenance = entry.provenance.clone();
         Ok(site)
     };
     let sites = manifest

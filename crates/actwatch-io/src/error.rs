@@ -67,6 +67,13 @@ pub enum Error {
         column: String,
         row: u64,
     },
+    /// A file's key-value metadata entry `key` is malformed.
+    #[error("{}: metadata {key:?}: {message}", path.display())]
+    Metadata {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
     /// Data that cannot go into the file being written (e.g. a width it does not hold).
     #[error("{}: cannot write: {message}", path.display())]
     Write { path: PathBuf, message: String },
@@ -98,6 +105,7 @@ impl Error {
             | Error::EmptyVector { path, .. }
             | Error::NonFinite { path, .. }
             | Error::NullValue { path, .. }
+            | Error::Metadata { path, .. }
             | Error::Write { path, .. } => Some(path),
             _ => None,
         }

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod durable;
 mod error;
 pub mod pipeline;
+pub mod provenance;
 pub mod reader;
 pub mod writer;
 

@@ -2,10 +2,11 @@
 //! [`TraceWriter`] (traces in the canonical long format, the one writer of reference segments and
 //! captured traces alike).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_core::SiteBatch;
+use actwatch_core::{Provenance, SiteBatch};
 use arrow::array::{
     ArrayRef, DictionaryArray, FixedSizeListArray, Float32Array, Int32Array, StringArray,
 };
@@ -13,10 +14,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::durable::AtomicFile;
+use crate::provenance::{FileProvenance, PROVENANCE_KEY};
 use crate::reader::TraceColumns;
 use crate::{Error, Result};
 
@@ -93,6 +96,12 @@ impl AtomicParquetWriter {
         Ok(())
     }
 
+    /// Adds a key-value entry to the file's footer metadata.
+    pub fn append_metadata(&mut self, key: &str, value: String) {
+        self.writer
+            .append_key_value_metadata(KeyValue::new(key.to_string(), value));
+    }
+
     /// Writes the footer and commits the file ([`AtomicFile::commit`]). Returns the rows written.
     pub fn finish(self) -> Result<u64> {
         let file = self
@@ -108,7 +117,9 @@ impl AtomicParquetWriter {
 /// (Utf8), a site column (strings, dictionary-encoded: each batch stores its site once), optionally a token-position column (Int32, null for batches
 /// without positions) and the vector column (`FixedSizeList<Float32>[width]`), named by
 /// [`TraceColumns`]. One file holds one width. The file appears only when
-/// [`TraceWriter::finish`] succeeds.
+/// [`TraceWriter::finish`] succeeds. What the batches declare of their provenance goes into the
+/// footer ([`crate::provenance`]); two batches of one site that declare conflicting provenance
+/// are refused.
 ///
 /// The decision a reader must know: activations are nearly incompressible (the shared MiniLM
 /// files shrink by about 5% under zstd), so the vector column is stored plain: no compression, no
@@ -121,6 +132,8 @@ pub struct TraceWriter {
     schema: SchemaRef,
     width: usize,
     positions: bool,
+    /// Per site: what its batches declared.
+    provenance: BTreeMap<String, Provenance>,
 }
 
 impl TraceWriter {
@@ -164,6 +177,7 @@ impl TraceWriter {
             schema,
             width,
             positions: positions.is_some(),
+            provenance: BTreeMap::new(),
         })
     }
 
@@ -202,6 +216,19 @@ impl TraceWriter {
                     .into(),
             });
         }
+        if let Some(p) = batch.provenance() {
+            let recorded = self.provenance.entry(batch.site().to_string()).or_default();
+            recorded.merge(p).map_err(|c| Error::Write {
+                path: self.writer.path().to_path_buf(),
+                message: format!(
+                    "site {:?}: a batch declares {} {:?}, an earlier one {:?}",
+                    batch.site(),
+                    c.field,
+                    c.declared,
+                    c.recorded
+                ),
+            })?;
+        }
         let rows = batch.rows();
         let (site, trace_ids, positions, vectors) = batch.into_parts();
         let values = Float32Array::from(vectors.into_inner());
@@ -226,8 +253,12 @@ impl TraceWriter {
             .write(&RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 
-    /// Commits the file; returns the rows written.
-    pub fn finish(self) -> Result<u64> {
+    /// Commits the file (with the provenance its batches declared); returns the rows written.
+    pub fn finish(mut self) -> Result<u64> {
+        if self.provenance.values().any(|p| !p.is_empty()) {
+            let json = FileProvenance::encode(&self.provenance)?;
+            self.writer.append_metadata(PROVENANCE_KEY, json);
+        }
         self.writer.finish()
     }
 }

@@ -8,7 +8,7 @@
 //! before any other code sees it, and hands on the core's [`SiteBatch`]. Conversions destructure proto messages completely, so a field
 //! added to the proto breaks the build where it has to be handled.
 
-use actwatch_core::{decode_le, Dtype, SiteBatch, Vectors};
+use actwatch_core::{decode_le, Dtype, Provenance, SiteBatch, Vectors};
 
 /// Generated messages, client and server of `actwatch.v1` (prost-build marks every generated
 /// type `#[allow(clippy::all)]` itself).
@@ -108,10 +108,15 @@ pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<SiteBatch, Conversion
         activations,
         trace_ids,
         positions,
+        provenance,
     } = batch;
     if site.is_empty() {
         return Err(ConversionError::Missing("site"));
     }
+    let provenance = provenance
+        .map(|p| provenance_from_proto(&p))
+        .transpose()?
+        .map(std::sync::Arc::new);
     let v1::Tensor { data, shape, dtype } =
         activations.ok_or(ConversionError::Missing("activations"))?;
     let dtype = dtype_from_proto(dtype)?;
@@ -171,7 +176,32 @@ pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<SiteBatch, Conversion
     decode_le(&data, dtype, &mut values)?;
     let vectors = Vectors::new_finite(cols, values)?;
     let positions = (!positions.is_empty()).then_some(positions);
-    Ok(SiteBatch::new(site, trace_ids, positions, vectors)?)
+    Ok(SiteBatch::new(site, trace_ids, positions, vectors)?.with_provenance(provenance))
+}
+
+/// The core [`Provenance`] of a proto one ("" = undeclared); values over the length limit or
+/// with control characters are refused.
+pub fn provenance_from_proto(p: &v1::Provenance) -> Result<Provenance, ConversionError> {
+    Provenance::from_pairs([
+        ("model", p.model.as_str()),
+        ("revision", p.revision.as_str()),
+        ("capture", p.capture.as_str()),
+        ("pooling", p.pooling.as_str()),
+        ("dtype", p.dtype.as_str()),
+    ])
+    .map_err(|e| ConversionError::invalid("provenance", e.to_string()))
+}
+
+/// The proto form of a core [`Provenance`].
+pub fn provenance_to_proto(p: &Provenance) -> v1::Provenance {
+    let s = |v: &Option<String>| v.clone().unwrap_or_default();
+    v1::Provenance {
+        model: s(&p.model),
+        revision: s(&p.revision),
+        capture: s(&p.capture),
+        pooling: s(&p.pooling),
+        dtype: s(&p.dtype),
+    }
 }
 
 /// Encodes `f32` rows as a proto batch (little-endian bytes of `dtype`), for clients and tests.
@@ -205,6 +235,7 @@ pub fn encode_trace_batch(
         }),
         trace_ids,
         positions,
+        provenance: None,
     }
 }
 

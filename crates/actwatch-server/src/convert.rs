@@ -4,12 +4,13 @@
 //! meet (handlers only wrap its messages in response envelopes). Logged scores and served fits are
 //! destructured here, so a field added to them breaks the build where it must be reported.
 
-use actwatch_core::SiteBatch;
+use actwatch_core::{ProvenanceConflict, SiteBatch};
 use actwatch_detect::aggregate::DEFAULT_AGGREGATION;
 use actwatch_detect::fusion::DEFAULT_FUSION;
 use actwatch_detect::joint::JointSummary;
 use actwatch_detect::monitor::{
-    MonitorOptions, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR, DEFAULT_LENGTH_STRATA,
+    MonitorOptions, ProvenancePolicy, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR,
+    DEFAULT_LENGTH_STRATA,
 };
 use actwatch_detect::spec::{DEFAULT_DETECTORS, DEFAULT_JOINT};
 use actwatch_detect::{Aggregation, DetectorSpec, Fusion, Monitor, SiteScores};
@@ -36,6 +37,10 @@ pub struct StoredSpec {
     /// Length strata; specs stored before they existed read back as 1, what they did.
     #[serde(default = "one")]
     pub length_strata: usize,
+    /// "refuse" or "warn" ([`ProvenancePolicy`]); specs stored before it existed read back as
+    /// "refuse" (they recorded no provenance, so nothing conflicts with them).
+    #[serde(default = "default_provenance_policy")]
+    pub provenance_policy: String,
     pub fusion: String,
     pub fpr: f64,
     pub calibration_fraction: f64,
@@ -63,6 +68,10 @@ fn one() -> usize {
     1
 }
 
+fn default_provenance_policy() -> String {
+    ProvenancePolicy::default().name().to_string()
+}
+
 impl StoredSpec {
     /// Fills in the defaults of a proto spec (see the field docs of `MonitorSpec`) and validates it.
     pub fn from_proto(spec: Option<v1::MonitorSpec>) -> Result<Self> {
@@ -75,6 +84,7 @@ impl StoredSpec {
             aggregation,
             joint,
             length_strata,
+            provenance_policy,
         } = spec.unwrap_or_default();
         let spec = StoredSpec {
             detectors: if detectors.is_empty() {
@@ -102,6 +112,11 @@ impl StoredSpec {
             } else {
                 fusion
             },
+            provenance_policy: if provenance_policy.is_empty() {
+                default_provenance_policy()
+            } else {
+                provenance_policy
+            },
             fpr: if fpr == 0.0 { DEFAULT_FPR } else { fpr },
             calibration_fraction: if calibration_fraction == 0.0 {
                 DEFAULT_CALIBRATION_FRACTION
@@ -111,7 +126,15 @@ impl StoredSpec {
             seed,
         };
         options_from_spec(&spec)?;
+        spec.provenance_policy()?;
         Ok(spec)
+    }
+
+    /// What scoring does with conflicting provenance.
+    pub fn provenance_policy(&self) -> Result<ProvenancePolicy> {
+        self.provenance_policy
+            .parse()
+            .map_err(|e: actwatch_detect::Error| Error::BadSpec(e.to_string()))
     }
 
     pub fn to_proto(&self) -> v1::MonitorSpec {
@@ -120,6 +143,7 @@ impl StoredSpec {
             aggregation: self.aggregation.clone(),
             joint: self.joint.clone(),
             length_strata: self.length_strata as u32,
+            provenance_policy: self.provenance_policy.clone(),
             fusion: self.fusion.clone(),
             fpr: self.fpr,
             calibration_fraction: self.calibration_fraction,
@@ -190,6 +214,7 @@ pub fn monitor_info(entry: &MonitorEntry) -> v1::MonitorInfo {
                 name: s.name.clone(),
                 width: s.width as u64,
                 reference_rows: s.reference_rows,
+                provenance: Some(actwatch_proto::provenance_to_proto(&s.provenance)),
             })
             .collect(),
         reference_rows: st.reference_rows(),
@@ -216,6 +241,7 @@ pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
         fit_version,
         reference_rows,
         run,
+        provenance_logged: _,
     } = fitted;
     let s = monitor.summary();
     v1::FitReport {
@@ -314,6 +340,16 @@ pub fn computation_score(logged: &LoggedScore, monitor: &str) -> v1::Computation
         fit_version: *fit_version,
         partial: *partial,
         flagged_at: *flagged_at,
+    }
+}
+
+/// A batch of `site` scored despite a provenance conflict.
+pub fn provenance_warning(site: &str, c: &ProvenanceConflict) -> v1::ProvenanceWarning {
+    v1::ProvenanceWarning {
+        site: site.to_string(),
+        field: c.field.to_string(),
+        declared: c.declared.clone(),
+        recorded: c.recorded.clone(),
     }
 }
 

@@ -142,6 +142,8 @@ fn detect_code(e: &actwatch_detect::Error) -> Code {
         | actwatch_detect::Error::NotOpen(_) => Code::InvalidArgument,
         actwatch_detect::Error::TooManyOpen { .. }
         | actwatch_detect::Error::JointPending { .. } => Code::ResourceExhausted,
+        // The traces are well-formed; the monitor (its reference) is not for them.
+        actwatch_detect::Error::Provenance { .. } => Code::FailedPrecondition,
         actwatch_detect::Error::Numerical(_) => Code::Internal,
     }
 }
@@ -159,6 +161,7 @@ fn pipeline_code(e: &actwatch_io::Error) -> Code {
         | E::EmptyVector { .. }
         | E::NonFinite { .. }
         | E::NullValue { .. }
+        | E::Metadata { .. }
         | E::Write { .. }
         | E::Json(_)
         | E::Bincode(_) => Code::Internal,

@@ -6,7 +6,7 @@ use actwatch_core::SiteBatch;
 use actwatch_detect::{ComputationResult, OpenComputations};
 use actwatch_proto::v1;
 
-use crate::convert::trace_scores;
+use crate::convert::{provenance_warning, trace_scores};
 use crate::storage::{now_unix_ms, FittedMonitor, LoggedScore, LoggedSlot};
 use crate::{Error, Result};
 
@@ -35,14 +35,19 @@ fn scoring_error(e: actwatch_detect::Error) -> Error {
     }
 }
 
-/// Scores one batch and adds each row's evidence to its computation; returns per-trace results.
+/// Scores one batch and adds each row's evidence to its computation; returns per-trace results,
+/// and the batch's provenance conflict when it was scored despite one (policy "warn").
 pub fn score_batch(
     fitted: &FittedMonitor,
     batch: &SiteBatch,
     open: &mut OpenComputations,
-) -> Result<Vec<v1::TraceScore>> {
+) -> Result<(Vec<v1::TraceScore>, Option<v1::ProvenanceWarning>)> {
     let scores = open.score(&fitted.monitor, batch).map_err(scoring_error)?;
-    Ok(trace_scores(&fitted.monitor, batch, &scores))
+    let warning = scores
+        .provenance_conflict
+        .as_ref()
+        .map(|c| provenance_warning(batch.site(), c));
+    Ok((trace_scores(&fitted.monitor, batch, &scores), warning))
 }
 
 /// Completes computations (`None`: every open one): fuses and calibrates their evidence.

@@ -1,6 +1,8 @@
 //! The fitted monitor: per-site detectors and calibrations, the computation-level calibration,
 //! and what fitting measured. Scoring it is [`crate::score`].
 
+use actwatch_core::Provenance;
+
 use crate::backend::Backend;
 use crate::calibration::Calibration;
 use crate::joint::{JointSummary, JOINT_SITE};
@@ -23,6 +25,11 @@ pub struct SiteModel {
     pub trace_fused: Calibration,
     pub fit_traces: u64,
     pub calibration_traces: u64,
+    /// What produced the site's reference traces, as they declared it
+    /// ([`super::MonitorFitter::record_provenance`]). Not in the site's binary encoding: an
+    /// artifact keeps it in its manifest, readable.
+    #[serde(skip)]
+    pub provenance: Provenance,
 }
 
 /// Recall of an HNSW index against exact search, measured on calibration traces at fit time.
@@ -88,6 +95,48 @@ pub struct Monitor {
     summary: FitSummary,
     /// Where raw scores are computed (not stored: the default backend after loading).
     backend: Backend,
+    /// What scoring does with traces whose provenance conflicts with a site's (not stored: a
+    /// setting of whoever scores; [`ProvenancePolicy::Refuse`] after loading).
+    provenance_policy: ProvenancePolicy,
+}
+
+/// What scoring does with a batch whose declared provenance conflicts with the provenance its
+/// site's reference traces declared ([`actwatch_core::Provenance::conflict`]).
+///
+/// The default refuses: a monitor applied to traces read another way gives p-values that look
+/// right and are not (its calibration is for the other path), and a refused call is seen by
+/// whoever wired the capture, while a warning is easily seen by nobody. `Warn` is for a user who
+/// knows the paths agree (or wants to measure how far they differ): the batch is scored and the
+/// conflict comes back with its scores ([`crate::SiteScores::provenance_conflict`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProvenancePolicy {
+    #[default]
+    Refuse,
+    Warn,
+}
+
+impl ProvenancePolicy {
+    /// "refuse" or "warn".
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::Warn => "warn",
+        }
+    }
+}
+
+impl std::str::FromStr for ProvenancePolicy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "refuse" => Ok(Self::Refuse),
+            "warn" => Ok(Self::Warn),
+            _ => Err(Error::InvalidOption(format!(
+                "provenance policy {s:?}: expected \"refuse\" or \"warn\""
+            ))),
+        }
+    }
 }
 
 impl Monitor {
@@ -161,6 +210,7 @@ impl Monitor {
             fused,
             summary,
             backend: Backend::default(),
+            provenance_policy: ProvenancePolicy::default(),
         })
     }
 
@@ -195,6 +245,15 @@ impl Monitor {
     /// Computes raw scores with `backend` from now on (see [`crate::backend`]).
     pub fn set_backend(&mut self, backend: Backend) {
         self.backend = backend;
+    }
+
+    pub fn provenance_policy(&self) -> ProvenancePolicy {
+        self.provenance_policy
+    }
+
+    /// What scoring does with conflicting provenance from now on.
+    pub fn set_provenance_policy(&mut self, policy: ProvenancePolicy) {
+        self.provenance_policy = policy;
     }
 
     pub fn site_index(&self, name: &str) -> Option<usize> {

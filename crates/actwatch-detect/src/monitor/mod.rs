@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use actwatch_core::SplitHasher;
+use actwatch_core::{Provenance, SplitHasher};
 
 use crate::aggregate::{AggState, Aggregation, DEFAULT_AGGREGATION};
 use crate::calibration::Calibration;
@@ -27,7 +27,7 @@ use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTOR
 use crate::strata::LengthStrata;
 mod fitted;
 
-pub use fitted::{FitSummary, KnnRecall, LengthStratum, Monitor, SiteModel};
+pub use fitted::{FitSummary, KnnRecall, LengthStratum, Monitor, ProvenancePolicy, SiteModel};
 
 use crate::{Error, Result};
 
@@ -156,6 +156,9 @@ pub struct MonitorFitter {
     options: MonitorOptions,
     split: SplitHasher,
     sites: BTreeMap<String, SiteFitter>,
+    /// Per site: what produced its reference traces, as declared by their batches
+    /// ([`MonitorFitter::record_provenance`]).
+    provenance: BTreeMap<String, Provenance>,
     started: Instant,
 }
 
@@ -166,8 +169,32 @@ impl MonitorFitter {
             split: SplitHasher::new(options.seed),
             options,
             sites: BTreeMap::new(),
+            provenance: BTreeMap::new(),
             started: Instant::now(),
         })
+    }
+
+    /// Records what produced reference traces of `site` (call it for every reference batch,
+    /// calibration part included, that declares a provenance). Every field is fixed by the
+    /// first batch that declares it; a batch that declares another value is refused
+    /// ([`Error::Provenance`]): one site's reference traces must come from one capture path.
+    pub fn record_provenance(&mut self, site: &str, provenance: &Provenance) -> Result<()> {
+        if provenance.is_empty() {
+            return Ok(());
+        }
+        let recorded = self.provenance.entry(site.to_string()).or_default();
+        recorded
+            .merge(provenance)
+            .map_err(|conflict| Error::Provenance {
+                site: site.to_string(),
+                conflict,
+                scoring: false,
+            })
+    }
+
+    /// What produced `site`'s reference traces, as recorded so far.
+    pub fn provenance(&self, site: &str) -> Option<&Provenance> {
+        self.provenance.get(site)
     }
 
     pub fn options(&self) -> &MonitorOptions {
@@ -228,6 +255,7 @@ impl MonitorFitter {
             ));
         }
         let mut sites = Vec::with_capacity(self.sites.len());
+        let mut provenance = self.provenance;
         for (name, s) in self.sites {
             let detectors = s
                 .fitters
@@ -241,6 +269,7 @@ impl MonitorFitter {
             sites.push(PendingSite {
                 recall: vec![(0, 0.0); detectors.len()],
                 cal_scores: vec![Vec::new(); detectors.len()],
+                provenance: provenance.remove(&name).unwrap_or_default(),
                 name,
                 dim: s.dim,
                 detectors,
@@ -273,12 +302,14 @@ impl MonitorFitter {
 struct FitterStateRef<'a> {
     options_json: String,
     sites: &'a BTreeMap<String, SiteFitter>,
+    provenance: &'a BTreeMap<String, Provenance>,
 }
 
 #[derive(serde::Deserialize)]
 struct FitterState {
     options_json: String,
     sites: BTreeMap<String, SiteFitter>,
+    provenance: BTreeMap<String, Provenance>,
 }
 
 impl serde::Serialize for MonitorFitter {
@@ -290,6 +321,7 @@ impl serde::Serialize for MonitorFitter {
             options_json: serde_json::to_string(&self.options)
                 .map_err(serde::ser::Error::custom)?,
             sites: &self.sites,
+            provenance: &self.provenance,
         }
         .serialize(serializer)
     }
@@ -304,6 +336,7 @@ impl<'de> serde::Deserialize<'de> for MonitorFitter {
         let options = serde_json::from_str(&state.options_json).map_err(D::Error::custom)?;
         let mut fitter = MonitorFitter::new(options).map_err(D::Error::custom)?;
         fitter.sites = state.sites;
+        fitter.provenance = state.provenance;
         Ok(fitter)
     }
 }
@@ -313,6 +346,7 @@ struct PendingSite {
     dim: usize,
     detectors: Vec<FittedDetector>,
     fit_traces: u64,
+    provenance: Provenance,
     /// Per detector: (calibration computation index, raw score) of every calibration trace.
     cal_scores: Vec<Vec<(u32, f64)>>,
     /// Per detector: (queries measured, sum of recall × queries) for HNSW detectors.
@@ -382,6 +416,7 @@ impl PendingSite {
             trace_fused: Calibration::new(trace_stats)?,
             fit_traces: self.fit_traces,
             calibration_traces: cal_traces as u64,
+            provenance: self.provenance,
         };
         Ok((site, recall))
     }
@@ -399,7 +434,7 @@ enum JointPhase {
     },
     Calibrating {
         summary: JointSummary,
-        site: PendingSite,
+        site: Box<PendingSite>,
         joins: Joins,
     },
 }
@@ -642,14 +677,15 @@ impl MonitorCalibrator {
                         })?;
                     let n = detectors.len();
                     JointPhase::Calibrating {
-                        site: PendingSite {
+                        site: Box::new(PendingSite {
                             name: JOINT_SITE.to_string(),
                             dim: summary.width,
                             detectors,
                             fit_traces: summary.fit_rows,
+                            provenance: Provenance::default(),
                             cal_scores: vec![Vec::new(); n],
                             recall: vec![(0, 0.0); n],
-                        },
+                        }),
                         summary,
                         joins: Joins::default(),
                     }

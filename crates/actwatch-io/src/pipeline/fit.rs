@@ -49,6 +49,12 @@ pub fn fold_reference(
     for batch in reader {
         let batch = batch?;
         for (site, idx) in batch.site_groups() {
+            if let Some(p) = batch.provenance(&site) {
+                // Every reference row's provenance, calibration part included.
+                fitter
+                    .record_provenance(&site, p)
+                    .map_err(|e| in_file(&batch, e))?;
+            }
             let fit_rows: Vec<usize> = idx
                 .into_iter()
                 .filter(|&i| !fitter.is_calibration(&batch.trace_ids[i]))
@@ -161,6 +167,15 @@ pub fn calibrate_reference(
             .collect(),
     };
     Ok((monitor, summary))
+}
+
+/// A fitting error about the traces of `batch`, naming its file.
+fn in_file(batch: &crate::reader::TraceBatch, e: actwatch_detect::Error) -> Error {
+    Error::Metadata {
+        path: batch.path.to_path_buf(),
+        key: crate::provenance::PROVENANCE_KEY,
+        message: e.to_string(),
+    }
 }
 
 /// The trace ids and vectors of `rows` of `batch`.

@@ -13,7 +13,7 @@ mod score;
 mod table;
 
 pub use fit::{calibrate_reference, fit_monitor, fold_reference};
-pub use score::{score_computations, score_to_parquet, Level, ScoreSummary};
+pub use score::{score_computations, score_to_parquet, Level, ProvenanceConflicts, ScoreSummary};
 pub use table::ComputationTable;
 
 /// Receives progress of long work (the CLI draws bars with it).

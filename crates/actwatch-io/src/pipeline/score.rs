@@ -1,10 +1,10 @@
 //! Scoring Parquet archives through the one scoring door, at computation or trace level.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_core::SiteBatch;
+use actwatch_core::{ProvenanceConflict, SiteBatch};
 use actwatch_detect::monitor::Monitor;
 use actwatch_detect::{OpenComputations, SiteScores};
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch};
@@ -23,12 +23,17 @@ pub enum Level {
     Trace,
 }
 
+/// Per site, the first batch whose declared provenance conflicted with the site's, scored
+/// anyway under `ProvenancePolicy::Warn` (under `Refuse` the run fails instead).
+pub type ProvenanceConflicts = BTreeMap<String, ProvenanceConflict>;
+
 /// What a scoring run did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScoreSummary {
     pub input_rows: u64,
     pub output_rows: u64,
     pub flagged: u64,
+    pub provenance_conflicts: ProvenanceConflicts,
 }
 
 /// Scores every computation in `inputs`; memory grows with the number of computations, not traces.
@@ -52,6 +57,7 @@ pub fn score_computations(
     let mut pass: Vec<PassColumn> = Vec::new();
     let mut pass_index: HashMap<String, usize> = HashMap::new();
     let mut input_rows = 0u64;
+    let mut conflicts = ProvenanceConflicts::new();
     for batch in reader {
         let batch = batch?;
         // Computations are numbered in order of first appearance, row by row.
@@ -60,7 +66,9 @@ pub fn score_computations(
             .iter()
             .map(|id| Ok(open.open(monitor, id)? as usize))
             .collect::<Result<Vec<usize>>>()?;
-        score_batch_sites(&batch, |site_batch| open.score(monitor, site_batch))?;
+        score_batch_sites(&batch, &mut conflicts, |site_batch| {
+            open.score(monitor, site_batch)
+        })?;
         if let Some(other) = &batch.other {
             track_passthrough(other, &skip, &comps, &mut pass, &mut pass_index)?;
         }
@@ -76,21 +84,34 @@ pub fn score_computations(
         slot_names: slot_column_names(monitor),
         passthrough: pass,
         input_rows,
+        provenance_conflicts: conflicts,
     })
 }
 
 /// Scores each site of `batch` with `score` (the one scoring door, [`Monitor::score`], or
 /// [`OpenComputations::score`] around it) and returns per site the scores with the row indices
-/// they belong to. A width that differs from the monitor's is reported with its file and row.
+/// they belong to. A width that differs from the monitor's is reported with its file and row; a
+/// provenance conflict scored anyway is noted in `conflicts` (the first per site).
 fn score_batch_sites(
     batch: &TraceBatch,
+    conflicts: &mut ProvenanceConflicts,
     mut score: impl FnMut(&SiteBatch) -> actwatch_detect::Result<SiteScores>,
 ) -> Result<Vec<(Vec<usize>, SiteScores)>> {
     batch
         .site_batches()?
         .into_iter()
         .map(|(rows, site_batch)| match score(&site_batch) {
-            Ok(scores) => Ok((rows, scores)),
+            Ok(mut scores) => {
+                if let Some(c) = scores.provenance_conflict.take() {
+                    conflicts.entry(site_batch.site().to_string()).or_insert(c);
+                }
+                Ok((rows, scores))
+            }
+            Err(e @ actwatch_detect::Error::Provenance { .. }) => Err(Error::Metadata {
+                path: batch.path.to_path_buf(),
+                key: crate::provenance::PROVENANCE_KEY,
+                message: e.to_string(),
+            }),
             Err(actwatch_detect::Error::SiteWidth {
                 site,
                 expected,
@@ -127,6 +148,7 @@ pub fn score_to_parquet(
                 input_rows: table.input_rows,
                 output_rows: table.ids.len() as u64,
                 flagged: table.results.iter().filter(|r| r.flagged).count() as u64,
+                provenance_conflicts: table.provenance_conflicts,
             })
         }
         Level::Trace => score_traces_to_parquet(monitor, inputs, read, output, progress),
@@ -196,7 +218,9 @@ fn trace_level_batch(
     let mut p = vec![0.0; n];
     let mut raw = vec![vec![0.0; n]; nd];
     let mut det_p = vec![vec![0.0; n]; nd];
-    for (rows, s) in score_batch_sites(batch, |b| monitor.score(b))? {
+    for (rows, s) in score_batch_sites(batch, &mut summary.provenance_conflicts, |b| {
+        monitor.score(b)
+    })? {
         for (k, &r) in rows.iter().enumerate() {
             score[r] = s.trace_score[k];
             p[r] = s.trace_p[k];

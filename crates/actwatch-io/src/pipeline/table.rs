@@ -1,6 +1,7 @@
 //! [`ComputationTable`]: scored computations with the input columns constant within each, as
 //! one Arrow batch.
 
+use super::score::ProvenanceConflicts;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ pub struct ComputationTable {
     pub slot_names: Vec<String>,
     pub(super) passthrough: Vec<PassColumn>,
     pub input_rows: u64,
+    /// Per site, the first provenance conflict scored under `ProvenancePolicy::Warn`.
+    pub provenance_conflicts: ProvenanceConflicts,
 }
 
 /// Values of one pass-through column, one per computation (the first seen), while it stays constant.

@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use actwatch_core::{SiteBatch, Vectors};
+use actwatch_core::{Provenance, SiteBatch, Vectors};
 use arrow::record_batch::RecordBatch;
 
+use crate::provenance::FileProvenance;
 use crate::{Error, Result};
 
 /// One decoded batch of traces, all from one file.
@@ -35,6 +36,8 @@ pub struct TraceBatch {
     /// With [`ReadOptions::keep_other_columns`]: the input's columns except the vector column,
     /// row-aligned with this batch.
     pub other: Option<RecordBatch>,
+    /// What the file's metadata says produced its traces ([`crate::provenance`]).
+    pub provenance: Option<Arc<FileProvenance>>,
 }
 
 impl TraceBatch {
@@ -62,6 +65,11 @@ impl TraceBatch {
             Some(rows) => rows[i],
             None => self.first_row + i as u64,
         }
+    }
+
+    /// What produced the traces of `site`, when the file says.
+    pub fn provenance(&self, site: &str) -> Option<&Arc<Provenance>> {
+        self.provenance.as_ref().and_then(|p| p.site(site))
     }
 
     /// The distinct sites of the batch in order of first appearance, each with its row indices.
@@ -126,7 +134,9 @@ impl TraceBatch {
                     .positions
                     .as_ref()
                     .map(|p| rows.iter().map(|&r| p[r]).collect());
-                Ok((rows, SiteBatch::new(&*site, ids, positions, vectors)?))
+                let batch = SiteBatch::new(&*site, ids, positions, vectors)?
+                    .with_provenance(self.provenance(&site).cloned());
+                Ok((rows, batch))
             })
             .collect()
     }
@@ -170,6 +180,7 @@ mod tests {
             vectors,
             offsets,
             other: None,
+            provenance: None,
         }
     }
 

@@ -31,6 +31,7 @@ use columns::{
     FileColumns,
 };
 
+use crate::provenance::{FileProvenance, PROVENANCE_KEY};
 use crate::{Error, Result};
 
 /// Default name of the computation-id column.
@@ -167,10 +168,12 @@ struct InputFile {
     path: Arc<PathBuf>,
     meta: ArrowReaderMetadata,
     columns: FileColumns,
+    provenance: Option<Arc<FileProvenance>>,
 }
 
 struct Current {
     path: Arc<PathBuf>,
+    provenance: Option<Arc<FileProvenance>>,
     reader: ParquetRecordBatchReader,
     next_row: u64,
 }
@@ -219,10 +222,19 @@ impl TraceReader {
                 .map_err(|e| Error::parquet(path, e))?;
             let columns = check_schema(path, meta.schema(), &opts.columns)?;
             total_rows += u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0);
+            let provenance = meta
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .and_then(|kv| kv.iter().find(|e| e.key == PROVENANCE_KEY))
+                .and_then(|e| e.value.as_deref())
+                .map(|json| FileProvenance::parse(path, json).map(Arc::new))
+                .transpose()?;
             inputs.push(InputFile {
                 path: Arc::new(path.clone()),
                 meta,
                 columns,
+                provenance,
             });
         }
         let site_filter = opts
@@ -291,6 +303,7 @@ impl TraceReader {
         let reader = builder.build().map_err(|e| Error::parquet(path, e))?;
         Ok(Current {
             path: input.path.clone(),
+            provenance: input.provenance.clone(),
             reader,
             next_row: 0,
         })
@@ -367,6 +380,7 @@ impl TraceReader {
             vectors,
             offsets,
             other,
+            provenance: None,
         }))
     }
 
@@ -503,12 +517,16 @@ impl Iterator for TraceReader {
             let n = batch.num_rows() as u64;
             cur.next_row += n;
             let path = cur.path.clone();
+            let provenance = cur.provenance.clone();
             self.rows_read += n;
             if n == 0 {
                 continue;
             }
             match self.decode(&path, batch, first_row) {
-                Ok(Some(b)) => return Some(Ok(b)),
+                Ok(Some(mut b)) => {
+                    b.provenance = provenance;
+                    return Some(Ok(b));
+                }
                 Ok(None) => continue,
                 Err(e) => return self.fail(e),
             }

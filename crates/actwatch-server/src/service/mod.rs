@@ -12,7 +12,7 @@ mod scores;
 mod watch;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use actwatch_detect::OpenComputations;
@@ -127,6 +127,38 @@ impl ActivationMonitorService {
         MonitorCounters::add(&c.scored_computations, computations.len() as u64);
         let flags = computations.iter().filter(|c| c.flagged).count();
         MonitorCounters::add(&c.flags, flags as u64);
+    }
+
+    /// Counts batches scored despite conflicting provenance, and logs the first of each site
+    /// per served fit.
+    pub(super) fn note_provenance_warnings(
+        &self,
+        monitor: &str,
+        fitted: &FittedMonitor,
+        warnings: &[v1::ProvenanceWarning],
+    ) {
+        if warnings.is_empty() {
+            return;
+        }
+        let c = self.metrics.monitor(monitor);
+        MonitorCounters::add(&c.provenance_warnings, warnings.len() as u64);
+        let mut logged = fitted
+            .provenance_logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for w in warnings {
+            if logged.insert(w.site.clone()) {
+                tracing::warn!(
+                    monitor,
+                    site = %w.site,
+                    field = %w.field,
+                    declared = %w.declared,
+                    recorded = %w.recorded,
+                    "scoring traces whose provenance differs from the monitor's reference \
+                     (provenance policy warn); further ones of this site are only counted"
+                );
+            }
+        }
     }
 
     fn stream_permit(&self) -> Result<OwnedSemaphorePermit> {
@@ -443,21 +475,27 @@ impl ActivationMonitor for ActivationMonitorService {
                 self.limits.max_joint_pending_bytes,
             );
             let started = Instant::now();
-            let (traces, logged) = blocking(move || {
+            let fitted2 = fitted.clone();
+            let (traces, logged, warnings) = blocking(move || {
                 let mut open = OpenComputations::with_limits(max_open, max_joint);
                 let mut traces = Vec::new();
+                let mut warnings: Vec<v1::ProvenanceWarning> = Vec::new();
                 for b in batches {
                     let decoded = actwatch_proto::decode_trace_batch(b)?;
-                    traces.extend(score_batch(&fitted, &decoded, &mut open)?);
+                    let (t, warning) = score_batch(&fitted2, &decoded, &mut open)?;
+                    traces.extend(t);
+                    // one per site
+                    warnings.extend(warning.filter(|w| warnings.iter().all(|o| o.site != w.site)));
                 }
                 let mut logged = Vec::new();
                 if complete_all {
-                    logged = complete(&fitted, &mut open, None)?;
+                    logged = complete(&fitted2, &mut open, None)?;
                     entry.log_scores(&logged)?;
                 }
-                Ok((traces, logged))
+                Ok((traces, logged, warnings))
             })
             .await?;
+            self.note_provenance_warnings(&monitor, &fitted, &warnings);
             self.metrics
                 .observe_score_latency(ScoreRpc::Score, started.elapsed());
             let computations: Vec<_> = logged
@@ -469,6 +507,7 @@ impl ActivationMonitor for ActivationMonitorService {
             Ok(Response::new(v1::ScoreResponse {
                 traces,
                 computations,
+                provenance_warnings: warnings,
             }))
         })
         .await

@@ -64,13 +64,16 @@ impl ScoreStream {
                 let started = Instant::now();
                 // Early flags are not logged: the final result, flagged too, is, with the
                 // position where the computation was first flagged.
-                let (traces, early) = blocking(move || {
+                let (traces, warning, early) = blocking(move || {
                     let decoded = actwatch_proto::decode_trace_batch(batch)?;
                     let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
-                    let traces = score_batch(&fitted, &decoded, &mut open)?;
-                    Ok((traces, early_flags(&fitted, &mut open)))
+                    let (traces, warning) = score_batch(&fitted, &decoded, &mut open)?;
+                    Ok((traces, warning, early_flags(&fitted, &mut open)))
                 })
                 .await?;
+                let warnings: Vec<_> = warning.into_iter().collect();
+                self.service
+                    .note_provenance_warnings(&self.entry.name, &self.fitted, &warnings);
                 let metrics = &self.service.metrics;
                 metrics.observe_score_latency(ScoreRpc::StreamScores, started.elapsed());
                 let name = &self.entry.name;
@@ -82,6 +85,7 @@ impl ScoreStream {
                     event: Some(Out::Traces(v1::TraceScores {
                         traces,
                         early_flags: early,
+                        provenance_warnings: warnings,
                     })),
                 }])
             }

@@ -9,7 +9,7 @@ use actwatch_core::SiteBatch;
 use actwatch_io::reader::TraceColumns;
 use actwatch_io::writer::{TraceWriter, DEFAULT_POSITION_COLUMN};
 
-use super::monitor::{MonitorEntry, SegmentEntry};
+use super::monitor::{reference_conflict, MonitorEntry, SegmentEntry, SiteDelta};
 use super::REFERENCE_DIR;
 use crate::{Error, Result};
 
@@ -22,8 +22,8 @@ pub struct IngestSession {
     max_sites: usize,
     seq: u64,
     writers: BTreeMap<usize, TraceWriter>,
-    /// Per site of this stream: width and rows.
-    sites: BTreeMap<String, (usize, u64)>,
+    /// Per site of this stream: width, rows and declared provenance.
+    sites: BTreeMap<String, SiteDelta>,
     pub rows: u64,
     pub bytes: u64,
     pub batches: u64,
@@ -49,13 +49,13 @@ impl IngestSession {
         &self.entry
     }
 
-    /// Checks a batch's width against its site and writes it (blocking).
+    /// Checks a batch's width and provenance against its site and writes it (blocking).
     pub fn add(&mut self, batch: SiteBatch, payload_bytes: u64) -> Result<()> {
         let width = batch.dim();
         let known = self
             .entry
             .site_width(batch.site())
-            .or_else(|| self.sites.get(batch.site()).map(|s| s.0));
+            .or_else(|| self.sites.get(batch.site()).map(|s| s.width));
         if let Some(expected) = known.filter(|&w| w != width) {
             return Err(Error::WidthMismatch {
                 site: batch.site().to_string(),
@@ -71,11 +71,33 @@ impl IngestSession {
             }
         }
         let rows = batch.rows() as u64;
+        let declared = batch.provenance().cloned();
+        if let Some(p) = &declared {
+            // What the site committed, plus what this stream declared so far: a conflict is
+            // refused before anything of the batch is written.
+            let mut recorded = self.entry.site_provenance(batch.site());
+            if let Some(s) = self.sites.get(batch.site()) {
+                recorded
+                    .merge(&s.provenance)
+                    .map_err(|c| reference_conflict(batch.site(), c))?;
+            }
+            if let Some(c) = recorded.conflict(p) {
+                return Err(reference_conflict(batch.site(), c));
+            }
+        }
         let site = self
             .sites
             .entry(batch.site().to_string())
-            .or_insert((width, 0));
-        site.1 += rows;
+            .or_insert_with(|| SiteDelta {
+                width,
+                ..SiteDelta::default()
+            });
+        site.rows += rows;
+        if let Some(p) = &declared {
+            site.provenance
+                .merge(p)
+                .map_err(|c| reference_conflict(batch.site(), c))?;
+        }
         let writer = match self.writers.entry(width) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {

@@ -286,12 +286,13 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
     let fitted_dir = dir.join(FITTED_DIR);
     let fitted = if fitted_dir.exists() {
         match load_monitor(&fitted_dir) {
-            Ok((monitor, manifest)) => Some(Arc::new(FittedMonitor {
+            Ok((monitor, manifest)) => Some(Arc::new(FittedMonitor::new(
                 monitor,
-                fit_version: state.fit_version.max(1),
-                reference_rows: manifest.reference.rows,
-                run: state.last_fit,
-            })),
+                &spec_file.spec,
+                state.fit_version.max(1),
+                manifest.reference.rows,
+                state.last_fit,
+            )?)),
             Err(e) => {
                 // Never serve a damaged fit; the monitor stays usable and a refit repairs it.
                 tracing::warn!(

@@ -1,11 +1,12 @@
 //! One monitor's files and served state: its spec, `state.json` (sites, committed segments, fit
 //! version), the fit being served and its score log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use actwatch_core::{Provenance, ProvenanceConflict};
 use actwatch_detect::monitor::{Monitor, MonitorOptions};
 use serde::{Deserialize, Serialize};
 
@@ -26,12 +27,24 @@ pub(super) struct SpecFile {
     pub(super) created_unix_ms: i64,
 }
 
-/// One site of a monitor: its width is fixed by its first reference batch, ever.
+/// One site of a monitor: its width is fixed by its first reference batch, ever, and each field
+/// of its provenance by the first reference batch that declares it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SiteState {
     pub name: String,
     pub width: usize,
     pub reference_rows: u64,
+    #[serde(default, skip_serializing_if = "Provenance::is_empty")]
+    pub provenance: Provenance,
+}
+
+/// What one ingest stream adds to a site: its width, rows, and the provenance its batches
+/// declared.
+#[derive(Debug, Clone, Default)]
+pub struct SiteDelta {
+    pub width: usize,
+    pub rows: u64,
+    pub provenance: Provenance,
 }
 
 /// A committed reference segment.
@@ -78,8 +91,12 @@ impl Default for MonitorState {
 }
 
 impl MonitorState {
+    pub(super) fn site(&self, site: &str) -> Option<&SiteState> {
+        self.sites.iter().find(|s| s.name == site)
+    }
+
     pub(super) fn width(&self, site: &str) -> Option<usize> {
-        self.sites.iter().find(|s| s.name == site).map(|s| s.width)
+        self.site(site).map(|s| s.width)
     }
 
     pub fn reference_rows(&self) -> u64 {
@@ -95,6 +112,29 @@ pub struct FittedMonitor {
     /// Reference rows the fit was made on (every committed segment).
     pub reference_rows: u64,
     pub run: FitRun,
+    /// Sites whose conflicting provenance has been logged (once per site and fit: a client
+    /// that keeps sending such batches is counted in the metrics, not logged each time).
+    pub provenance_logged: Mutex<HashSet<String>>,
+}
+
+impl FittedMonitor {
+    /// Serves `monitor` with the spec's provenance policy.
+    pub fn new(
+        mut monitor: Monitor,
+        spec: &StoredSpec,
+        fit_version: u64,
+        reference_rows: u64,
+        run: FitRun,
+    ) -> Result<Self> {
+        monitor.set_provenance_policy(spec.provenance_policy()?);
+        Ok(Self {
+            monitor,
+            fit_version,
+            reference_rows,
+            run,
+            provenance_logged: Mutex::new(HashSet::new()),
+        })
+    }
 }
 
 /// One monitor: its spec, its committed state, the fit being served and its score log.
@@ -128,6 +168,14 @@ impl MonitorEntry {
 
     pub fn site_width(&self, site: &str) -> Option<usize> {
         lock(&self.state).width(site)
+    }
+
+    /// The provenance committed for `site` (empty when none declared or no such site).
+    pub fn site_provenance(&self, site: &str) -> Provenance {
+        lock(&self.state)
+            .site(site)
+            .map(|s| s.provenance.clone())
+            .unwrap_or_default()
     }
 
     pub fn fitted(&self) -> Option<Arc<FittedMonitor>> {
@@ -175,27 +223,34 @@ impl MonitorEntry {
     pub(super) fn commit_segments(
         &self,
         files: Vec<SegmentEntry>,
-        sites: &BTreeMap<String, (usize, u64)>,
+        sites: &BTreeMap<String, SiteDelta>,
         max_sites: usize,
     ) -> Result<u64> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
         let mut next = st.clone();
-        for (site, &(width, rows)) in sites {
+        for (site, d) in sites {
             match next.sites.iter_mut().find(|s| &s.name == site) {
-                Some(s) if s.width != width => {
+                Some(s) if s.width != d.width => {
                     // Another stream fixed this site's width first.
                     return Err(Error::WidthMismatch {
                         site: site.clone(),
                         expected: s.width,
-                        got: width,
+                        got: d.width,
                     });
                 }
-                Some(s) => s.reference_rows += rows,
+                Some(s) => {
+                    // (Another stream may have fixed the site's provenance first.)
+                    s.provenance
+                        .merge(&d.provenance)
+                        .map_err(|conflict| reference_conflict(site, conflict))?;
+                    s.reference_rows += d.rows;
+                }
                 None => next.sites.push(SiteState {
                     name: site.clone(),
-                    width,
-                    reference_rows: rows,
+                    width: d.width,
+                    reference_rows: d.rows,
+                    provenance: d.provenance.clone(),
                 }),
             }
         }
@@ -223,12 +278,13 @@ impl MonitorEntry {
         next.fit_version += 1;
         next.last_fit = run;
         write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
-        let fitted = Arc::new(FittedMonitor {
+        let fitted = Arc::new(FittedMonitor::new(
             monitor,
-            fit_version: next.fit_version,
+            &self.spec,
+            next.fit_version,
             reference_rows,
             run,
-        });
+        )?);
         *st = next;
         *self.fitted.write().unwrap_or_else(PoisonError::into_inner) = Some(fitted.clone());
         Ok(fitted)
@@ -247,4 +303,13 @@ impl MonitorEntry {
         let paths = lock(&self.log).paths_newest_first();
         ScoreLog::read(&paths, filter, limit)
     }
+}
+
+/// A reference batch of `site` whose provenance conflicts with what the site recorded.
+pub(super) fn reference_conflict(site: &str, conflict: ProvenanceConflict) -> Error {
+    Error::Detect(actwatch_detect::Error::Provenance {
+        site: site.to_string(),
+        conflict,
+        scoring: false,
+    })
 }
