@@ -59,6 +59,13 @@ pub struct CaptureArgs {
     /// The server's monitor to ingest into (it must exist).
     #[arg(long, requires = "server")]
     monitor: Option<String>,
+    /// The model's name in the traces' provenance (default: the model file's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// The weights' revision in the traces' provenance (default: sha256: and the first 16 hex
+    /// digits of the model file's SHA-256).
+    #[arg(long)]
+    model_revision: Option<String>,
     /// Mean-pool each sequence, or keep every token.
     #[arg(long, value_enum, default_value = "mean")]
     pool: PoolArg,
@@ -97,7 +104,14 @@ pub fn capture(a: CaptureArgs) -> Result<()> {
         PoolArg::Mean => Pool::Mean,
         PoolArg::None => Pool::None,
     };
+    let model = Model::load(&a.model, device)?;
+    let provenance = capture::model_provenance(
+        &a.model,
+        a.model_name.as_deref(),
+        a.model_revision.as_deref(),
+    )?;
     let options = CaptureOptions {
+        provenance,
         sites: a.sites.clone(),
         pool,
         batch_size: a.batch_size,
@@ -107,7 +121,6 @@ pub fn capture(a: CaptureArgs) -> Result<()> {
             attention_mask: a.attention_mask_column.clone(),
         },
     };
-    let model = Model::load(&a.model, device)?;
     let files = actwatch_io::reader::expand_inputs(&a.input)?;
     let summary = match (&a.output, &a.server, &a.monitor) {
         (Some(out), None, None) => {

@@ -655,7 +655,139 @@ fn capture_streams_into_a_server_monitor_and_a_failed_capture_stores_nothing() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1500 rows"));
     assert_eq!(reference_rows("minilm"), 1500);
+    // The monitor recorded what the capture declared, per site.
+    let info = rt.block_on(async {
+        let mut c = ActivationMonitorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        c.get_monitor(v1::GetMonitorRequest {
+            name: "minilm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(info.sites.len(), 3);
+    for s in &info.sites {
+        let p = s.provenance.as_ref().unwrap();
+        assert_eq!(
+            (
+                p.model.as_str(),
+                p.capture.as_str(),
+                p.pooling.as_str(),
+                p.dtype.as_str()
+            ),
+            (
+                "minilm.pt",
+                "actwatch capture:hidden_states",
+                "mean",
+                "float32"
+            ),
+            "site {}",
+            s.name
+        );
+    }
 
     let _ = stop.send(());
     rt.block_on(server).unwrap().unwrap();
+}
+
+/// The provenance in a Parquet file's footer (`actwatch.provenance`), as JSON.
+fn footer_provenance(path: &Path) -> serde_json::Value {
+    let file = std::fs::File::open(path).unwrap();
+    let builder =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned();
+    let value = kv
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.key == "actwatch.provenance")
+        .and_then(|e| e.value)
+        .expect("capture writes its provenance into the footer");
+    serde_json::from_str(&value).unwrap()
+}
+
+#[test]
+fn captured_traces_declare_their_provenance_and_a_monitor_refuses_another_pooling() {
+    let Some(f) = fixture() else { return };
+    let pooled = captured_dev_id(f);
+    let p = footer_provenance(pooled);
+    for site in ["2", "4", "6"] {
+        let s = &p[site];
+        assert_eq!(s["model"], "minilm.pt", "{p}");
+        assert_eq!(s["capture"], "actwatch capture:hidden_states", "{p}");
+        assert_eq!(s["pooling"], "mean", "{p}");
+        assert_eq!(s["dtype"], "float32", "{p}");
+        let rev = s["revision"].as_str().unwrap();
+        assert!(rev.starts_with("sha256:") && rev.len() == 7 + 16, "{rev}");
+    }
+    // A monitor fitted on the pooled capture records it ...
+    let tmp = tempfile::tempdir().unwrap();
+    let monitor = tmp.path().join("monitor");
+    let report = ok(&[
+        "fit",
+        "--input",
+        pooled.to_str().unwrap(),
+        "--out",
+        monitor.to_str().unwrap(),
+        "--trace-column",
+        "id",
+        "--site-column",
+        "layer",
+    ]);
+    assert!(
+        report.contains("provenance of site 4: model=minilm.pt, revision=sha256:"),
+        "{report}"
+    );
+    // ... and refuses per-token traces of the same layer, which it was not calibrated for.
+    let inputs = read_all(&f.path("dev_id_inputs.parquet")).slice(0, 20);
+    let small = tmp.path().join("small.parquet");
+    write_batch(&small, &inputs);
+    let tokens = tmp.path().join("tokens.parquet");
+    capture(f, &small, &tokens, "4", &["--pool", "none"]);
+    assert_eq!(footer_provenance(&tokens)["4"]["pooling"], "none");
+    let score_args = |policy: &'static str| {
+        vec![
+            "score".to_string(),
+            "--monitor".into(),
+            monitor.display().to_string(),
+            "--input".into(),
+            tokens.display().to_string(),
+            "--output".into(),
+            tmp.path()
+                .join(format!("{policy}.parquet"))
+                .display()
+                .to_string(),
+            "--trace-column".into(),
+            "id".into(),
+            "--site-column".into(),
+            "layer".into(),
+            "--provenance-policy".into(),
+            policy.into(),
+        ]
+    };
+    let refuse = score_args("refuse");
+    let refuse: Vec<&str> = refuse.iter().map(String::as_str).collect();
+    let err = fails(&refuse);
+    assert!(
+        err.contains("pooling \"none\"") && err.contains("\"mean\""),
+        "{err}"
+    );
+    let warn = score_args("warn");
+    let warn: Vec<&str> = warn.iter().map(String::as_str).collect();
+    let out = actwatch(&warn);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: site 4: the input declares pooling \"none\""),
+        "{stderr}"
+    );
 }

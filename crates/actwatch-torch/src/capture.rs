@@ -21,7 +21,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use actwatch_core::{SiteBatch, Vectors};
+use std::sync::Arc;
+
+use actwatch_core::{Provenance, SiteBatch, Vectors};
 use actwatch_io::writer::DEFAULT_POSITION_COLUMN;
 use tch::{Device, Kind, Tensor};
 
@@ -48,6 +50,16 @@ pub enum Pool {
     Mean,
     /// One trace per token and site (tokens with attention mask 1), with its position.
     None,
+}
+
+impl Pool {
+    /// As `--pool` and the provenance's pooling name it: "mean" or "none".
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Mean => "mean",
+            Pool::None => "none",
+        }
+    }
 }
 
 /// Names of the input columns.
@@ -99,6 +111,65 @@ pub struct CaptureOptions {
     /// Sequences per forward pass (>= 1).
     pub batch_size: usize,
     pub columns: InputColumns,
+    /// What to declare of the traces' provenance (model, revision, capture); the capture adds
+    /// the pooling and the dtype the model computed each site in
+    /// ([`actwatch_core::Provenance`]).
+    pub provenance: Provenance,
+}
+
+/// The capture path `capture` declares: hidden states as the model's forward returns them.
+pub const CAPTURE_PATH: &str = "actwatch capture:hidden_states";
+
+/// The provenance `capture` declares for the model at `path`: `name` (default: the file's name),
+/// `revision` (default: "sha256:" and the first 16 hex digits of the file's SHA-256, so two
+/// different weight files never pass for one) and [`CAPTURE_PATH`]. [`capture`] adds the pooling
+/// and each site's dtype.
+pub fn model_provenance(
+    path: &Path,
+    name: Option<&str>,
+    revision: Option<&str>,
+) -> Result<Provenance> {
+    let revision = match revision {
+        Some(r) => r.to_string(),
+        None => {
+            use sha2::{Digest, Sha256};
+            use std::io::Read;
+            let io = |e: std::io::Error| Error::model(path, format!("cannot read it: {e}"));
+            let mut file = std::fs::File::open(path).map_err(io)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            let hex: String = hasher.finalize()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("sha256:{hex}")
+        }
+    };
+    let name = name.map_or_else(
+        || {
+            path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        },
+        str::to_string,
+    );
+    let p = Provenance {
+        model: Some(name),
+        revision: Some(revision),
+        capture: Some(CAPTURE_PATH.to_string()),
+        ..Provenance::default()
+    };
+    p.validate()
+        .map_err(|e| Error::InvalidOption(format!("--model-name / --model-revision: {e}")))?;
+    Ok(p)
 }
 
 /// What a capture did.
@@ -156,12 +227,20 @@ pub fn capture(
             summary.model_seconds += t0.elapsed().as_secs_f64();
             for (site, traces) in options.sites.iter().zip(per_site) {
                 let rows = traces.ids.len() as u64;
-                sink.write(SiteBatch::new(
-                    site.to_string(),
-                    traces.ids,
-                    traces.positions,
-                    Vectors::new(traces.dim, traces.values)?,
-                )?)?;
+                let provenance = Provenance {
+                    pooling: Some(options.pool.name().to_string()),
+                    dtype: traces.kind.map(kind_name),
+                    ..options.provenance.clone()
+                };
+                sink.write(
+                    SiteBatch::new(
+                        site.to_string(),
+                        traces.ids,
+                        traces.positions,
+                        Vectors::new(traces.dim, traces.values)?,
+                    )?
+                    .with_provenance(Some(Arc::new(provenance))),
+                )?;
                 summary.traces += rows;
             }
             summary.sequences += w.ids.len() as u64;
@@ -179,6 +258,19 @@ struct SiteTraces {
     positions: Option<Vec<i32>>,
     dim: usize,
     values: Vec<f32>,
+    /// The dtype of the hidden states (the model's compute dtype at this site).
+    kind: Option<Kind>,
+}
+
+/// A dtype as torch names it ("float32", "bfloat16", ...).
+fn kind_name(kind: Kind) -> String {
+    match kind {
+        Kind::Float => "float32".into(),
+        Kind::Double => "float64".into(),
+        Kind::Half => "float16".into(),
+        Kind::BFloat16 => "bfloat16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }
 
 fn run_window(
@@ -195,6 +287,7 @@ fn run_window(
     // Per site, per input row: pooled vector or per-token vectors.
     let mut rows: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); n]; options.sites.len()];
     let mut dims = vec![0usize; options.sites.len()];
+    let mut kinds: Vec<Option<Kind>> = vec![None; options.sites.len()];
     for batch in order.chunks(options.batch_size) {
         let (ids_t, mask_t, t) = padded_inputs(model, w, batch)?;
         let lo = first + *batch.iter().min().expect("a batch has rows") as u64;
@@ -215,6 +308,7 @@ fn run_window(
             let h = &hidden[site];
             let d = h.size()[2] as usize;
             dims[k] = d;
+            kinds[k] = Some(h.kind());
             match options.pool {
                 Pool::Mean => {
                     let pooled = mean_pool(h, &mask_t)?;
@@ -240,7 +334,11 @@ fn run_window(
     Ok(rows
         .into_iter()
         .zip(dims)
-        .map(|(per_row, dim)| site_traces(w, per_row, dim, options.pool))
+        .zip(kinds)
+        .map(|((per_row, dim), kind)| SiteTraces {
+            kind,
+            ..site_traces(w, per_row, dim, options.pool)
+        })
         .collect())
 }
 
@@ -287,6 +385,7 @@ fn site_traces(w: &Window, per_row: Vec<Vec<f32>>, dim: usize, pool: Pool) -> Si
         positions: (pool == Pool::None).then(Vec::new),
         dim,
         values: Vec::new(),
+        kind: None,
     };
     for (i, v) in per_row.into_iter().enumerate() {
         match &mut out.positions {

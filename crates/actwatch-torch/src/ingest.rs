@@ -159,7 +159,7 @@ impl TraceSink for ServerSink {
         let rows_per_message = (MAX_MESSAGE_BYTES / (4 * dim)).max(1);
         for start in (0..ids.len()).step_by(rows_per_message) {
             let end = (start + rows_per_message).min(ids.len());
-            let wire = encode_trace_batch(
+            let mut wire = encode_trace_batch(
                 batch.site(),
                 ids[start..end].to_vec(),
                 batch
@@ -170,6 +170,9 @@ impl TraceSink for ServerSink {
                 &values[start * dim..end * dim],
                 Dtype::F32,
             );
+            wire.provenance = batch
+                .provenance()
+                .map(|p| actwatch_proto::provenance_to_proto(p));
             let msg = v1::IngestReferenceRequest {
                 monitor: if self.first {
                     self.monitor.clone()
