@@ -327,3 +327,87 @@ fn demo_runs_with_no_arguments() {
         "{out}"
     );
 }
+
+/// `n` computations of sites "a" and "b" (width 8) written by the trace writer, site "a"
+/// declaring `pooling`.
+fn declared_file(path: &Path, n: usize, seed: u64, pooling: &str) {
+    use actwatch_core::{Provenance, SiteBatch, Vectors};
+    use actwatch_io::reader::TraceColumns;
+    use actwatch_io::writer::TraceWriter;
+    let mut rng = actwatch_testkit::Rng::new(seed);
+    let ids: Vec<String> = (0..n).map(|i| format!("c{seed}-{i}")).collect();
+    let mut w = TraceWriter::create(path, 8, &TraceColumns::default(), None).unwrap();
+    let p = Provenance::from_pairs([("model", "net"), ("pooling", pooling)]).unwrap();
+    for site in ["a", "b"] {
+        let v = Vectors::new(8, rng.gaussian_rows(n, 8, 0.0)).unwrap();
+        let b = SiteBatch::new(site, ids.clone(), None, v).unwrap();
+        w.write(b.with_provenance((site == "a").then(|| Arc::new(p.clone()))))
+            .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn score_refuses_an_archive_captured_another_way_unless_told_to_warn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reference, archive, monitor) = (
+        tmp.path().join("ref.parquet"),
+        tmp.path().join("archive.parquet"),
+        tmp.path().join("monitor"),
+    );
+    declared_file(&reference, 600, 1, "mean");
+    declared_file(&archive, 30, 2, "last");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let report = ok(&[
+        "fit",
+        "--input",
+        &s(&reference),
+        "--out",
+        &s(&monitor),
+        "--detectors",
+        "gaussian",
+    ]);
+    assert!(
+        report.contains("provenance of site a: model=net, pooling=mean"),
+        "{report}"
+    );
+    assert!(
+        report.contains("provenance of site b: undeclared"),
+        "{report}"
+    );
+    let score = |policy: &str, out: &str| {
+        common::actwatch(&[
+            "score",
+            "--monitor",
+            &s(&monitor),
+            "--input",
+            &s(&archive),
+            "--output",
+            &s(&tmp.path().join(out)),
+            "--provenance-policy",
+            policy,
+        ])
+    };
+    let refused = score("refuse", "refused.parquet");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("archive.parquet") && stderr.contains("pooling \"last\""),
+        "{stderr}"
+    );
+    assert!(
+        !tmp.path().join("refused.parquet").exists(),
+        "nothing written"
+    );
+    let warned = score("warn", "warned.parquet");
+    let stderr = String::from_utf8_lossy(&warned.stderr);
+    assert!(warned.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: site a: the input declares pooling \"last\""),
+        "{stderr}"
+    );
+    assert_eq!(
+        common::read_all(&tmp.path().join("warned.parquet")).num_rows(),
+        30
+    );
+}
