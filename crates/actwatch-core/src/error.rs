@@ -16,6 +16,9 @@ pub enum Error {
     /// A buffer's length does not match its declared shape or dtype.
     #[error("malformed buffer: {0}")]
     Malformed(String),
+    /// A provenance field that cannot be stored (unknown, too long, control characters).
+    #[error("invalid provenance: {0}")]
+    Provenance(String),
     /// An empty batch or reference set where data is required.
     #[error("empty input: {0}")]
     Empty(String),

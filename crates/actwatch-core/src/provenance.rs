@@ -70,8 +70,8 @@ impl Provenance {
         let mut p = Self::default();
         for (field, value) in pairs {
             let slot = p.field_mut(field).ok_or_else(|| {
-                Error::Malformed(format!(
-                    "unknown provenance field {field:?} (known: {})",
+                Error::Provenance(format!(
+                    "unknown field {field:?} (known: {})",
                     Self::FIELDS.join(", ")
                 ))
             })?;
@@ -86,14 +86,14 @@ impl Provenance {
     pub fn validate(&self) -> Result<()> {
         for (field, value) in self.declared() {
             if value.len() > MAX_PROVENANCE_VALUE_BYTES {
-                return Err(Error::Malformed(format!(
-                    "provenance {field} is {} bytes, over the limit of {MAX_PROVENANCE_VALUE_BYTES}",
+                return Err(Error::Provenance(format!(
+                    "{field} is {} bytes, over the limit of {MAX_PROVENANCE_VALUE_BYTES}",
                     value.len()
                 )));
             }
             if value.chars().any(char::is_control) {
-                return Err(Error::Malformed(format!(
-                    "provenance {field} contains a control character"
+                return Err(Error::Provenance(format!(
+                    "{field} contains a control character"
                 )));
             }
         }
@@ -226,7 +226,7 @@ mod tests {
         };
         assert!(err(&[("model", &long)]).contains("over the limit of 256"));
         assert!(err(&[("capture", "a\nb")]).contains("control character"));
-        assert!(err(&[("weights", "w")]).contains("unknown provenance field"));
+        assert!(err(&[("weights", "w")]).contains("invalid provenance: unknown field"));
         assert!(p(&[("model", "")]).is_empty());
     }
 }

@@ -264,6 +264,28 @@ impl GaussianDetector {
         &self.proj
     }
 
+    /// The top `r` (at most [`Self::rank`]) whitened principal directions, d×r row-major: column
+    /// j is `v_j / sqrt(λ_j)`, so `(y - mean) · B` gives coordinates of unit variance under the
+    /// shrunk covariance (what the joint detector reduces a wide site to, [`crate::joint`]).
+    pub fn whitened_basis(&self, r: usize) -> Vec<f32> {
+        let (d, rank) = (self.dim, self.rank);
+        let r = r.min(rank);
+        let full = self.residual_variance.is_none();
+        let mut out = vec![0.0f32; d * r];
+        for i in 0..d {
+            for j in 0..r {
+                let v = self.proj[i * rank + j];
+                // full rank already holds v_j / sqrt(λ_j); low rank the unit v_j
+                out[i * r + j] = if full {
+                    v
+                } else {
+                    (f64::from(v) / self.eigenvalues[j].sqrt()) as f32
+                };
+            }
+        }
+        out
+    }
+
     /// The rows as scoring multiplies them by [`Self::projection`] (L2-normalised if fitted so,
     /// minus the mean; row-major f32, bit for bit what [`Self::score_batch`] uses), and per row the
     /// low-rank residual term `||y||² / σ²` (0 at full rank). For other compute backends, which

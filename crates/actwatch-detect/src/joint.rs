@@ -20,13 +20,32 @@
 //!
 //! Joint detectors are fitted from sufficient statistics like the per-site ones, so their memory
 //! is that of a per-site detector of the joint width: a Gaussian at width `D` accumulates a
-//! `D × D` f64 matrix (10 MiB at 3 × 384, 128 MiB at 4096). Above [`JOINT_MAX_WIDTH`] the joint
-//! detector is skipped and the fit says so (4 × 4096 would need 2 GiB).
+//! `D × D` f64 matrix (10 MiB at 3 × 384, 128 MiB at 4096).
+//!
+//! **Wide models.** Above [`JOINT_MAX_WIDTH`] in total (4 sites × 4096 = 16,384: its statistics
+//! alone would be 2 GiB, its eigendecomposition hours), a site's part of the joint vector is not
+//! its whole normalised vector but its top `r` *whitened principal coordinates* under the site's
+//! own fitted Gaussian: `(y - mean_s) · B_s`, `y` the vector as the site's Gaussian prepares it
+//! (L2-normalised by default), `B_s` its top `r` eigenvectors each divided by the square root of
+//! its eigenvalue ([`crate::GaussianDetector::whitened_basis`]), `r = min(the site Gaussian's
+//! rank, JOINT_MAX_WIDTH / sites)`. With the default rank 256 at wide sites, 4 × 4096 becomes a
+//! joint vector of 4 × 256 = 1024 coordinates: a full-covariance joint Gaussian of 8 MiB of
+//! statistics, and per trace one `4096 × 256` product per site on top of the site's own scoring.
+//! This is low rank plus residual in the sense that matters here: each site's residual (the
+//! directions outside its top `r`) is already judged by its own Gaussian, and what the joint
+//! detector adds, the correlation *between* sites, lives in the coordinates it keeps, where the
+//! variance is. The reduction is a pure function of the sites' fitted Gaussians, so it is rebuilt
+//! when a monitor is loaded ([`JointMap::new`]), never stored. A wide monitor without a Gaussian
+//! at every site has no reduction: its joint detector is skipped and the fit says why.
 
 use std::collections::BTreeMap;
 
 use actwatch_core::l2_normalize_rows;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef};
 
+use crate::gaussian::GaussianDetector;
+use crate::stats::par_for;
 use crate::{Error, Result};
 
 /// The name of the joint slots' "site" in slot names (`joint`/`gaussian`) and output columns
@@ -53,6 +72,142 @@ pub struct JointSummary {
     pub incomplete: u64,
     /// Why no joint detector was fitted although the options ask for one.
     pub skipped: Option<String>,
+    /// Each site's part of the joint vector: its width, or, above [`JOINT_MAX_WIDTH`] in total,
+    /// its number of principal coordinates (empty in monitors saved before wide joints existed).
+    #[serde(default)]
+    pub site_widths: Vec<usize>,
+}
+
+/// How each site's traces become their part of the joint vector (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JointMap {
+    parts: Vec<SitePart>,
+    width: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum SitePart {
+    /// The L2-normalised vector (joint widths up to [`JOINT_MAX_WIDTH`]).
+    Normalized { dim: usize },
+    /// The top `r` whitened principal coordinates under the site's Gaussian.
+    Principal {
+        dim: usize,
+        r: usize,
+        normalize: bool,
+        mean: Vec<f32>,
+        /// d×r row-major ([`GaussianDetector::whitened_basis`]).
+        basis: Vec<f32>,
+    },
+}
+
+impl JointMap {
+    /// The map for sites of these widths, each with its first fitted Gaussian if it has one.
+    /// `Err` says why there is none (the joint detector is then skipped).
+    pub fn new(sites: &[(usize, Option<&GaussianDetector>)]) -> std::result::Result<Self, String> {
+        let total: usize = sites.iter().map(|(d, _)| d).sum();
+        if total <= JOINT_MAX_WIDTH {
+            return Ok(Self {
+                parts: sites
+                    .iter()
+                    .map(|&(dim, _)| SitePart::Normalized { dim })
+                    .collect(),
+                width: total,
+            });
+        }
+        let per_site = JOINT_MAX_WIDTH / sites.len().max(1);
+        if per_site == 0 {
+            return Err(format!(
+                "{} sites: more than {JOINT_MAX_WIDTH}, not even one coordinate each",
+                sites.len()
+            ));
+        }
+        let mut parts = Vec::with_capacity(sites.len());
+        for (i, &(dim, g)) in sites.iter().enumerate() {
+            let Some(g) = g else {
+                return Err(format!(
+                    "the joint width {total} is above {JOINT_MAX_WIDTH}, and site {i} (in site \
+                     order) has no Gaussian detector whose principal coordinates could stand for it"
+                ));
+            };
+            let r = g.rank().min(per_site);
+            parts.push(SitePart::Principal {
+                dim,
+                r,
+                normalize: g.options().normalize,
+                mean: g.mean().to_vec(),
+                basis: g.whitened_basis(r),
+            });
+        }
+        let width = parts.iter().map(SitePart::width).sum();
+        Ok(Self { parts, width })
+    }
+
+    /// The joint vector's width.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Each site's part of the joint vector: its width, or its number of principal coordinates.
+    pub fn part_widths(&self) -> Vec<usize> {
+        self.parts.iter().map(SitePart::width).collect()
+    }
+
+    /// The width of site `site`'s part.
+    pub fn part_width(&self, site: usize) -> usize {
+        self.parts[site].width()
+    }
+
+    /// Whether sites are reduced to principal coordinates.
+    pub fn is_reduced(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, SitePart::Principal { .. }))
+    }
+
+    /// The parts of the joint vector that `rows` (row-major, of site `site`'s width) give,
+    /// row-major.
+    pub fn map_rows(&self, site: usize, rows: &[f32]) -> Vec<f32> {
+        match &self.parts[site] {
+            SitePart::Normalized { dim } => {
+                let mut v = rows.to_vec();
+                l2_normalize_rows(&mut v, *dim);
+                v
+            }
+            SitePart::Principal {
+                dim,
+                r,
+                normalize,
+                mean,
+                basis,
+            } => {
+                let (d, r) = (*dim, *r);
+                let m = rows.len() / d;
+                let mut y = rows.to_vec();
+                if *normalize {
+                    l2_normalize_rows(&mut y, d);
+                }
+                for row in y.chunks_exact_mut(d) {
+                    row.iter_mut().zip(mean).for_each(|(x, m)| *x -= m);
+                }
+                // Pᵀ (r×m) = Bᵀ (r×d) · Yᵀ (d×m), as the Gaussian's scoring lays it out
+                let mut out = vec![0.0f32; m * r];
+                let pt = MatMut::from_column_major_slice_mut(&mut out, r, m);
+                let bt = MatRef::from_row_major_slice(basis, d, r).transpose();
+                let yt = MatRef::from_column_major_slice(&y, d, m);
+                matmul(pt, Accum::Replace, bt, yt, 1.0f32, par_for(m * d * r));
+                out
+            }
+        }
+    }
+}
+
+impl SitePart {
+    fn width(&self) -> usize {
+        match self {
+            SitePart::Normalized { dim } => *dim,
+            SitePart::Principal { r, .. } => *r,
+        }
+    }
 }
 
 /// One computation's traces waiting for their other sites.
@@ -72,14 +227,15 @@ impl Joiner {
         }
     }
 
-    /// Adds the trace `row` of site `site` at `position` (None: the next index at that site).
+    /// Adds `part`, site `site`'s part of a joint vector ([`JointMap::map_rows`] of one trace), at
+    /// `position` (None: the next index at that site).
     /// Returns the position and the joint vector if this completed one; `pending_bytes` is the
     /// owner's running total of held bytes, checked against `max_bytes` before anything is held.
     pub(crate) fn add(
         &mut self,
         site: usize,
         position: Option<i32>,
-        row: &[f32],
+        part: &[f32],
         pending_bytes: &mut usize,
         max_bytes: usize,
     ) -> Result<Option<(i64, Vec<f32>)>> {
@@ -87,7 +243,7 @@ impl Joiner {
         let seen = &mut self.seen[site];
         let key = position.map_or(i64::from(*seen), i64::from);
         *seen = seen.saturating_add(1);
-        let bytes = std::mem::size_of_val(row);
+        let bytes = std::mem::size_of_val(part);
         let parts = self
             .pending
             .entry(key)
@@ -96,8 +252,7 @@ impl Joiner {
             .iter()
             .enumerate()
             .all(|(i, p)| i == site || p.is_some());
-        let mut v = row.to_vec();
-        l2_normalize_rows(&mut v, row.len());
+        let v = part.to_vec();
         if !completes {
             // held until the other sites arrive (a replaced trace holds no more)
             if parts[site].is_none() {
@@ -113,7 +268,7 @@ impl Joiner {
             return Ok(None);
         }
         let mut parts = self.pending.remove(&key).expect("present");
-        let mut joint = Vec::with_capacity(row.len() * n_sites);
+        let mut joint = Vec::with_capacity(part.len() * n_sites);
         for (i, p) in parts.iter_mut().enumerate() {
             if i == site {
                 if let Some(old) = p.take() {
@@ -154,10 +309,21 @@ mod tests {
     fn joins_by_position_or_arrival_and_normalises_each_site() {
         let mut bytes = 0;
         let mut j = Joiner::new(2);
+        // widths 2 and 3: each site's part is its L2-normalised vector
+        let map = JointMap::new(&[(2, None), (3, None)]).unwrap();
+        assert_eq!((map.width(), map.is_reduced()), (5, false));
+        let n0 = |row: &[f32]| map.map_rows(0, row);
+        let n1 = |row: &[f32]| map.map_rows(1, row);
         // pooled: position = index at the site
         assert_eq!(
-            j.add(0, None, &[3.0, 4.0], &mut bytes, JOINT_PENDING_MAX_BYTES)
-                .unwrap(),
+            j.add(
+                0,
+                None,
+                &n0(&[3.0, 4.0]),
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES
+            )
+            .unwrap(),
             None
         );
         assert_eq!(bytes, 8);
@@ -165,7 +331,7 @@ mod tests {
             .add(
                 1,
                 None,
-                &[0.0, 2.0, 0.0],
+                &n1(&[0.0, 2.0, 0.0]),
                 &mut bytes,
                 JOINT_PENDING_MAX_BYTES,
             )
@@ -179,7 +345,7 @@ mod tests {
             .add(
                 1,
                 Some(7),
-                &[1.0, 0.0, 0.0],
+                &n1(&[1.0, 0.0, 0.0]),
                 &mut bytes,
                 JOINT_PENDING_MAX_BYTES
             )
@@ -189,14 +355,20 @@ mod tests {
             .add(
                 1,
                 Some(8),
-                &[0.0, 0.0, 5.0],
+                &n1(&[0.0, 0.0, 5.0]),
                 &mut bytes,
                 JOINT_PENDING_MAX_BYTES
             )
             .unwrap()
             .is_none());
         let (key, v) = j
-            .add(0, Some(8), &[0.0, 1.0], &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .add(
+                0,
+                Some(8),
+                &n0(&[0.0, 1.0]),
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES,
+            )
             .unwrap()
             .unwrap();
         assert_eq!((key, v), (8, vec![0.0, 1.0, 0.0, 0.0, 1.0]));
@@ -207,7 +379,7 @@ mod tests {
             .add(
                 1,
                 Some(7),
-                &[0.0, 1.0, 0.0],
+                &n1(&[0.0, 1.0, 0.0]),
                 &mut bytes,
                 JOINT_PENDING_MAX_BYTES
             )
@@ -215,7 +387,13 @@ mod tests {
             .is_none());
         assert_eq!(bytes, 12);
         let (_, v) = j
-            .add(0, Some(7), &[1.0, 0.0], &mut bytes, JOINT_PENDING_MAX_BYTES)
+            .add(
+                0,
+                Some(7),
+                &n0(&[1.0, 0.0]),
+                &mut bytes,
+                JOINT_PENDING_MAX_BYTES,
+            )
             .unwrap()
             .unwrap();
         assert_eq!(v, vec![1.0, 0.0, 0.0, 1.0, 0.0]);

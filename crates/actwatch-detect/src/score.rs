@@ -407,6 +407,9 @@ impl OpenComputations {
         self.check_room(new)?;
         let scores = monitor.score(batch)?;
         let positions = batch.positions();
+        // every row's part of its joint vector, in one product per batch
+        let parts = monitor.joint_parts(scores.site, batch.vectors().as_slice());
+        let part_width = parts.as_ref().map_or(0, |p| p.len() / batch.rows().max(1));
         // joint vectors this batch completes: their computation and position, and the vectors
         let mut joined: Vec<(String, i64)> = Vec::new();
         let mut joint_rows: Vec<f32> = Vec::new();
@@ -427,12 +430,12 @@ impl OpenComputations {
             if monitor.accumulate(ev, &scores, r, position) {
                 self.early.push(id.clone());
             }
-            if let Some(joiner) = ev.joiner.as_mut() {
-                let row = batch.vectors().row(r);
+            if let (Some(joiner), Some(parts)) = (ev.joiner.as_mut(), &parts) {
+                let part = &parts[r * part_width..(r + 1) * part_width];
                 if let Some((key, v)) = joiner.add(
                     scores.site,
                     position,
-                    row,
+                    part,
                     &mut self.joint_bytes,
                     self.max_joint_bytes,
                 )? {

@@ -1467,3 +1467,168 @@ fn split_is_stable_across_phases() {
     let share = in_fit.iter().filter(|&&c| c).count();
     assert!((1200usize.abs_diff(share)) < 116, "{share}");
 }
+
+/// Test 1e: above 4096 in total, a site's part of the joint vector is its top whitened principal
+/// coordinates under its own Gaussian: `(normalise(x) - mean) · v_j / sqrt(λ_j)` for the `r`
+/// largest eigenvalues, `r = min(rank, 4096 / sites)`, computed here from the site Gaussian's
+/// eigenvectors and eigenvalues; the joint detector is fitted on exactly those vectors, and a
+/// scored computation's joint slot gets the p-value of its oracle joint vector.
+#[test]
+fn a_wide_joint_vector_is_each_sites_whitened_principal_coordinates() {
+    use actwatch_detect::spec::FittedDetector;
+    let synth = Synth {
+        names: vec!["a", "b", "c"],
+        dims: vec![1400; 3],
+        // (only names and widths are used: the computations are made below)
+        max_traces: 1,
+        p_missing: 0.0,
+        shared: 0.0,
+        outlier_rate: 0.0,
+    };
+    let mut rng = Rng::new(91);
+    let options = MonitorOptions {
+        detectors: DetectorSpec::parse_list("gaussian").unwrap(),
+        joint: joint_list("gaussian"),
+        fpr: 0.1,
+        calibration_fraction: 0.4,
+        seed: 91,
+        ..MonitorOptions::default()
+    };
+    // Cheap wide data (the generic generator mixes with a d×d matrix per call): 40 latent
+    // factors shared by a computation's three sites, each site mixing them its own way, plus noise.
+    let d = 1400;
+    let mixes: Vec<Vec<f64>> = (0..3)
+        .map(|_| (0..d * 40).map(|_| rng.normal()).collect())
+        .collect();
+    let wide = |rng: &mut Rng, id: String, shift: f64| -> Computation {
+        let z: Vec<f64> = (0..40).map(|_| rng.normal()).collect();
+        let sites = mixes
+            .iter()
+            .map(|m| {
+                let row: Vec<f32> = (0..d)
+                    .map(|i| {
+                        let v: f64 = (0..40).map(|k| m[i * 40 + k] * z[k]).sum();
+                        (v + rng.normal() * 0.5 + shift) as f32
+                    })
+                    .collect();
+                Some(row)
+            })
+            .collect();
+        Computation { id, sites }
+    };
+    let router = MonitorFitter::new(options.clone()).unwrap();
+    let mut r = Reference {
+        fit: Vec::new(),
+        cal: Vec::new(),
+    };
+    for i in 0.. {
+        if r.fit.len() >= 300 && r.cal.len() >= 100 {
+            break;
+        }
+        let id = format!("w-{i}");
+        let part = if router.is_calibration(&id) {
+            &mut r.cal
+        } else {
+            &mut r.fit
+        };
+        if part.len() < if router.is_calibration(&id) { 100 } else { 300 } {
+            part.push(wide(&mut rng, id, 0.0));
+        }
+    }
+    let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
+    let summary = monitor.summary().joint.clone().unwrap();
+    assert_eq!(summary.skipped, None);
+    // rank 256 at width 1400 (the default above 1024), under 4096 / 3
+    assert_eq!(summary.site_widths, vec![256, 256, 256]);
+    let joint = monitor.joint().expect("a joint detector");
+    assert_eq!((summary.width, joint.dim), (768, 768));
+
+    // the oracle's part of site `si` for one vector, in f64
+    let part = |si: usize, x: &[f32]| -> Vec<f64> {
+        let FittedDetector::Gaussian(g) = &monitor.sites()[si].detectors[0] else {
+            panic!("a Gaussian")
+        };
+        let (d, rank) = (g.dim(), g.rank());
+        let norm = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let y: Vec<f64> = x
+            .iter()
+            .zip(g.mean())
+            .map(|(v, m)| f64::from(*v) / norm - f64::from(*m))
+            .collect();
+        (0..256)
+            .map(|j| {
+                let dot: f64 = (0..d)
+                    .map(|i| y[i] * f64::from(g.projection()[i * rank + j]))
+                    .sum();
+                dot / g.eigenvalues()[j].sqrt()
+            })
+            .collect()
+    };
+    let oracle_joint = |c: &Computation| -> Vec<f64> {
+        (0..3)
+            .flat_map(|si| {
+                let s = synth.site(&monitor.sites()[si].name);
+                part(si, c.sites[s].as_deref().unwrap())
+            })
+            .collect()
+    };
+    // the mapping the monitor uses, against the oracle
+    for c in r.cal.iter().take(20) {
+        for si in 0..3 {
+            let s = synth.site(&monitor.sites()[si].name);
+            let x = c.sites[s].as_deref().unwrap();
+            let got = monitor.joint_parts(si, x).unwrap();
+            for (g, w) in got.iter().zip(part(si, x)) {
+                assert!((f64::from(*g) - w).abs() <= 1e-3, "{g} vs {w}");
+            }
+        }
+    }
+    // the joint Gaussian's mean is the fit part's mean oracle joint vector
+    let FittedDetector::Gaussian(jg) = &joint.detectors[0] else {
+        panic!("a joint Gaussian")
+    };
+    let n = r.fit.len() as f64;
+    let mut mean = vec![0.0; 768];
+    for c in &r.fit {
+        for (m, v) in mean.iter_mut().zip(oracle_joint(c)) {
+            *m += v / n;
+        }
+    }
+    for (g, w) in jg.mean().iter().zip(&mean) {
+        assert!((f64::from(*g) - w).abs() <= 1e-3, "{g} vs {w}");
+    }
+    // end to end: a scored computation's joint slot p-value is that of its oracle joint vector
+    let (mut same, mut total) = (0, 0);
+    for i in 0..60 {
+        let c = wide(
+            &mut rng,
+            format!("fresh-{i}"),
+            if i % 2 == 0 { 0.0 } else { 0.02 },
+        );
+        let mut open = OpenComputations::default();
+        for site in monitor.sites() {
+            let s = synth.site(&site.name);
+            let rows = c.sites[s].as_deref().unwrap();
+            open.score(&monitor, &site_batch(&site.name, &c.id, site.dim, rows))
+                .unwrap();
+        }
+        let (_, result) = open.complete(&monitor, &[c.id.clone()]).unwrap().remove(0);
+        let v: Vec<f32> = oracle_joint(&c).iter().map(|&x| x as f32).collect();
+        let want = joint.calibrations[0].p_value(joint.detectors[0].score_batch(&v).unwrap()[0]);
+        let got = result
+            .slot_p
+            .last()
+            .copied()
+            .flatten()
+            .expect("a joint p-value");
+        total += 1;
+        if (got - want).abs() < 1e-12 {
+            same += 1;
+        }
+    }
+    // (a rounding difference can move a score across a calibration score: rare)
+    assert!(
+        same >= total - 2,
+        "{same} of {total} joint p-values as the oracle's"
+    );
+}

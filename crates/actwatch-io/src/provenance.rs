@@ -128,7 +128,7 @@ mod tests {
         };
         assert!(err("[1, 2]").contains("in.parquet"));
         assert!(err(r#"{"a": {"model": 3}}"#).contains("not a JSON object"));
-        assert!(err(r#"{"a": {"weights": "w"}}"#).contains("unknown provenance field"));
+        assert!(err(r#"{"a": {"weights": "w"}}"#).contains("unknown field \"weights\""));
         let long = format!(r#"{{"a": {{"model": "{}"}}}}"#, "m".repeat(300));
         assert!(err(&long).contains("over the limit of 256"));
     }

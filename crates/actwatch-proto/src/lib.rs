@@ -189,7 +189,7 @@ pub fn provenance_from_proto(p: &v1::Provenance) -> Result<Provenance, Conversio
         ("pooling", p.pooling.as_str()),
         ("dtype", p.dtype.as_str()),
     ])
-    .map_err(|e| ConversionError::invalid("provenance", e.to_string()))
+    .map_err(ConversionError::Core)
 }
 
 /// The proto form of a core [`Provenance`].

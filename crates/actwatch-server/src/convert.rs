@@ -290,6 +290,7 @@ fn joint_fit(j: &JointSummary) -> v1::JointFit {
         calibration_rows,
         incomplete,
         skipped,
+        site_widths,
     } = j;
     v1::JointFit {
         sites: sites.clone(),
@@ -298,6 +299,7 @@ fn joint_fit(j: &JointSummary) -> v1::JointFit {
         calibration_rows: *calibration_rows,
         incomplete: *incomplete,
         skipped: skipped.clone().unwrap_or_default(),
+        site_widths: site_widths.iter().map(|&w| w as u64).collect(),
     }
 }
 

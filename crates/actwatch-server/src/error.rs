@@ -127,6 +127,7 @@ fn core_code(e: &actwatch_core::Error) -> Code {
         actwatch_core::Error::WidthMismatch { .. }
         | actwatch_core::Error::NonFinite { .. }
         | actwatch_core::Error::Malformed(_)
+        | actwatch_core::Error::Provenance(_)
         | actwatch_core::Error::Empty(_) => Code::InvalidArgument,
     }
 }

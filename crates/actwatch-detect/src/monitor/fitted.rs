@@ -5,7 +5,7 @@ use actwatch_core::Provenance;
 
 use crate::backend::Backend;
 use crate::calibration::Calibration;
-use crate::joint::{JointSummary, JOINT_SITE};
+use crate::joint::{JointMap, JointSummary, JOINT_SITE};
 use crate::spec::{DetectorSpec, FittedDetector};
 use crate::strata::LengthStrata;
 use crate::{Error, Result};
@@ -90,6 +90,9 @@ pub struct Monitor {
     /// The joint detectors ([`crate::joint`]): a "site" named [`JOINT_SITE`] whose vectors are
     /// the sites' joined; its slots follow the sites'.
     joint: Option<SiteModel>,
+    /// How each site's traces become their part of the joint vector (with `joint`; derived from
+    /// the sites' detectors, not stored).
+    joint_map: Option<JointMap>,
     /// Calibration of the fused computation-level statistic, per length stratum.
     fused: LengthStrata,
     summary: FitSummary,
@@ -181,9 +184,18 @@ impl Monitor {
                 return bad(format!("a {} detector of width {}", d.name(), d.dim()));
             }
         }
-        if let Some(j) = &joint {
+        let joint_map = match &joint {
+            None => None,
+            Some(_) => Some(
+                JointMap::new(&super::joint_inputs(
+                    sites.iter().map(|s| (s.dim, &s.detectors[..])),
+                ))
+                .map_err(|why| Error::InvalidOption(format!("joint detector: {why}")))?,
+            ),
+        };
+        if let (Some(j), Some(map)) = (&joint, &joint_map) {
             let bad = |why: String| Err(Error::InvalidOption(format!("joint detector: {why}")));
-            let width: usize = sites.iter().map(|s| s.dim).sum();
+            let width = map.width();
             let kinds: Vec<&str> = options.joint.iter().map(DetectorSpec::name).collect();
             let got: Vec<&str> = j.detectors.iter().map(FittedDetector::name).collect();
             if j.name != JOINT_SITE || sites.iter().any(|s| s.name == JOINT_SITE) {
@@ -192,7 +204,10 @@ impl Monitor {
                 ));
             }
             if j.dim != width || j.detectors.iter().any(|d| d.dim() != width) {
-                return bad(format!("width {}, but the sites add up to {width}", j.dim));
+                return bad(format!(
+                    "width {}, but the sites' parts add up to {width}",
+                    j.dim
+                ));
             }
             if got != kinds || j.calibrations.len() != got.len() {
                 return bad(format!("detectors {got:?}, but the options say {kinds:?}"));
@@ -207,6 +222,7 @@ impl Monitor {
             options,
             sites,
             joint,
+            joint_map,
             fused,
             summary,
             backend: Backend::default(),
@@ -226,6 +242,18 @@ impl Monitor {
     /// The joint detectors and their calibrations, when fitted ([`crate::joint`]).
     pub fn joint(&self) -> Option<&SiteModel> {
         self.joint.as_ref()
+    }
+
+    /// Site `site`'s parts of the joint vector for its traces `rows` (row-major): their
+    /// L2-normalised vectors, or for wide monitors their principal coordinates
+    /// ([`crate::joint`]); `None` without a joint detector.
+    pub fn joint_parts(&self, site: usize, rows: &[f32]) -> Option<Vec<f32>> {
+        self.joint_map.as_ref().map(|m| m.map_rows(site, rows))
+    }
+
+    /// How the joint vector is made, with a joint detector.
+    pub fn joint_map(&self) -> Option<&JointMap> {
+        self.joint_map.as_ref()
     }
 
     /// Calibration of the fused computation-level statistic, per length stratum.

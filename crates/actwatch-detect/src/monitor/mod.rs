@@ -22,7 +22,7 @@ use actwatch_core::{Provenance, SplitHasher};
 use crate::aggregate::{AggState, Aggregation, DEFAULT_AGGREGATION};
 use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
-use crate::joint::{Joiner, JointSummary, JOINT_MAX_WIDTH, JOINT_PENDING_MAX_BYTES, JOINT_SITE};
+use crate::joint::{Joiner, JointMap, JointSummary, JOINT_PENDING_MAX_BYTES, JOINT_SITE};
 use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS, DEFAULT_JOINT};
 use crate::strata::LengthStrata;
 mod fitted;
@@ -431,11 +431,13 @@ enum JointPhase {
         summary: JointSummary,
         fitters: Vec<DetectorFitter>,
         joins: Joins,
+        map: JointMap,
     },
     Calibrating {
         summary: JointSummary,
         site: Box<PendingSite>,
         joins: Joins,
+        map: JointMap,
     },
 }
 
@@ -451,15 +453,17 @@ impl Joins {
     /// their computations, in completion order.
     fn add<S: AsRef<str>>(
         &mut self,
+        map: &JointMap,
         n_sites: usize,
         site: usize,
-        dim: usize,
         trace_ids: &[S],
         rows: &[f32],
     ) -> Result<(Vec<String>, Vec<f32>)> {
         let mut ids = Vec::new();
         let mut joint = Vec::new();
-        for (id, row) in trace_ids.iter().zip(rows.chunks_exact(dim)) {
+        let parts = map.map_rows(site, rows);
+        let width = map.part_width(site);
+        for (id, row) in trace_ids.iter().zip(parts.chunks_exact(width)) {
             let id = id.as_ref();
             let j = match self.by_id.get_mut(id) {
                 Some(j) => j,
@@ -490,13 +494,13 @@ impl JointPhase {
         }
         if sites.iter().any(|s| s.name == JOINT_SITE) {
             return Err(Error::InvalidOption(format!(
-                "a site is named {JOINT_SITE:?}, the name of the joint detector's slots: rename                  it or fit without a joint detector"
+                "a site is named {JOINT_SITE:?}, the name of the joint detector's slots: rename \
+                 it or fit without a joint detector"
             )));
         }
-        let width: usize = sites.iter().map(|s| s.dim).sum();
         let summary = JointSummary {
             sites: sites.iter().map(|s| s.name.clone()).collect(),
-            width,
+            width: sites.iter().map(|s| s.dim).sum(),
             ..JointSummary::default()
         };
         let skip = |why: String| {
@@ -508,23 +512,44 @@ impl JointPhase {
         if sites.len() < 2 {
             return skip("one site: a joint detector would repeat its own detectors".into());
         }
-        if width > JOINT_MAX_WIDTH {
-            return skip(format!(
-                "the joint width {width} is above {JOINT_MAX_WIDTH} (its statistics would take                  {} MiB)",
-                (width * width * 8) >> 20
-            ));
-        }
+        let map = match JointMap::new(&joint_inputs(
+            sites.iter().map(|s| (s.dim, &s.detectors[..])),
+        )) {
+            Ok(map) => map,
+            Err(why) => return skip(why),
+        };
+        let summary = JointSummary {
+            width: map.width(),
+            site_widths: map.part_widths(),
+            ..summary
+        };
         let fitters = options
             .joint
             .iter()
-            .map(|d| d.fitter(width))
+            .map(|d| d.fitter(map.width()))
             .collect::<Result<Vec<_>>>()?;
         Ok(JointPhase::Fitting {
             summary,
             fitters,
             joins: Joins::default(),
+            map,
         })
     }
+}
+
+/// Per site: its width and its first fitted Gaussian, what [`JointMap::new`] takes.
+pub(crate) fn joint_inputs<'a>(
+    sites: impl Iterator<Item = (usize, &'a [FittedDetector])>,
+) -> Vec<(usize, Option<&'a crate::GaussianDetector>)> {
+    sites
+        .map(|(dim, detectors)| {
+            let g = detectors.iter().find_map(|d| match d {
+                FittedDetector::Gaussian(g) => Some(g),
+                FittedDetector::Knn(_) => None,
+            });
+            (dim, g)
+        })
+        .collect()
 }
 
 /// The index of calibration computation `id` (0, 1, 2, ... in order of first appearance).
@@ -629,16 +654,17 @@ impl MonitorCalibrator {
         site: &str,
         rows: &[f32],
     ) -> Result<()> {
-        let (n_sites, si, dim) = self.site_of(site, rows, trace_ids.len())?;
+        let (n_sites, si) = self.site_of(site, rows, trace_ids.len())?;
         let JointPhase::Fitting {
             summary,
             fitters,
             joins,
+            map,
         } = &mut self.joint
         else {
             return Ok(());
         };
-        let (ids, joint) = joins.add(n_sites, si, dim, trace_ids, rows)?;
+        let (ids, joint) = joins.add(map, n_sites, si, trace_ids, rows)?;
         if !ids.is_empty() {
             for f in fitters.iter_mut() {
                 f.push_batch(&joint)?;
@@ -657,6 +683,7 @@ impl MonitorCalibrator {
                 mut summary,
                 fitters,
                 joins,
+                map,
             } => {
                 summary.incomplete = joins.incomplete();
                 if summary.fit_rows == 0 {
@@ -688,6 +715,7 @@ impl MonitorCalibrator {
                         }),
                         summary,
                         joins: Joins::default(),
+                        map,
                     }
                 }
             }
@@ -705,16 +733,17 @@ impl MonitorCalibrator {
         site: &str,
         rows: &[f32],
     ) -> Result<()> {
-        let (n_sites, si, dim) = self.site_of(site, rows, trace_ids.len())?;
+        let (n_sites, si) = self.site_of(site, rows, trace_ids.len())?;
         let JointPhase::Calibrating {
             summary,
             site: joint_site,
             joins,
+            map,
         } = &mut self.joint
         else {
             return Ok(());
         };
-        let (ids, joint) = joins.add(n_sites, si, dim, trace_ids, rows)?;
+        let (ids, joint) = joins.add(map, n_sites, si, trace_ids, rows)?;
         if ids.is_empty() {
             return Ok(());
         }
@@ -730,8 +759,8 @@ impl MonitorCalibrator {
         Ok(())
     }
 
-    /// (number of sites, index, width) of `site`, checking that `rows` holds `n` of its vectors.
-    fn site_of(&self, site: &str, rows: &[f32], n: usize) -> Result<(usize, usize, usize)> {
+    /// (number of sites, index) of `site`, checking that `rows` holds `n` of its vectors.
+    fn site_of(&self, site: &str, rows: &[f32], n: usize) -> Result<(usize, usize)> {
         let Some(&si) = self.site_index.get(site) else {
             return Err(Error::NotEnoughData(format!(
                 "site {site} has calibration traces but no fit traces"
@@ -745,7 +774,7 @@ impl MonitorCalibrator {
             }
             .into());
         }
-        Ok((self.sites.len(), si, dim))
+        Ok((self.sites.len(), si))
     }
 
     /// Builds every calibration and the fused computation-level calibration.
@@ -768,6 +797,7 @@ impl MonitorCalibrator {
                 mut summary,
                 site,
                 joins,
+                map: _,
             } => {
                 summary.incomplete += joins.incomplete();
                 if site.cal_scores.first().is_none_or(Vec::is_empty) {
