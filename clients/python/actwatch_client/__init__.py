@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ._streams import FlagWatch, IngestSession, ScoreStream
 from .client import Client
-from .errors import ActwatchError
+from .errors import ActwatchError, ProvenanceMismatchWarning
 from .results import (
     ComputationScore,
     DetectorScore,
@@ -22,6 +22,8 @@ from .results import (
     LengthStratum,
     MonitorInfo,
     MonitorSpec,
+    Provenance,
+    ProvenanceConflict,
     ScoreResult,
     SiteInfo,
     SlotPValue,
@@ -62,6 +64,9 @@ __all__ = [
     "LengthStratum",
     "MonitorInfo",
     "MonitorSpec",
+    "Provenance",
+    "ProvenanceConflict",
+    "ProvenanceMismatchWarning",
     "ScoreResult",
     "ScoreStream",
     "SiteInfo",

@@ -19,9 +19,9 @@ import grpc
 
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
 from ._rpc import ActivationMonitorStub
-from .errors import ActwatchError
-from .results import ComputationScore, IngestSummary, TraceResults
-from .tensors import split_batch, to_trace_batch, trace_id_strings
+from .errors import ActwatchError, warn_provenance_conflicts
+from .results import ComputationScore, IngestSummary, Provenance, TraceResults
+from .tensors import split_batch, to_trace_batch, trace_id_strings, with_provenance
 from .types import ArrayLike, Positions, Site, TraceIds
 
 __all__ = ["DEFAULT_SEND_QUEUE", "EarlyFlagCallback", "FlagWatch", "IngestSession", "ScoreStream"]
@@ -88,7 +88,10 @@ class IngestSession:
     """A long-lived ``IngestReference`` stream: ``send`` batches, then ``close()`` for the summary.
 
     The summary arrives once every batch is durable on the server. Leaving a ``with`` block by an
-    exception cancels the stream (the server must then not keep a partial ingest).
+    exception cancels the stream (the server must then not keep a partial ingest). ``provenance``:
+    declared on every batch sent (fields a batch declares itself win). A batch whose provenance
+    conflicts with what earlier reference batches of its site declared fails the whole stream
+    (FAILED_PRECONDITION; nothing of it is kept).
     """
 
     def __init__(
@@ -98,23 +101,32 @@ class IngestSession:
         max_batch_bytes: int,
         *,
         timeout: Optional[float] = None,
+        provenance: Optional[Provenance] = None,
     ):
         self.monitor = monitor
+        self.provenance = provenance
         self._max_batch_bytes = max_batch_bytes
         self._requests: _RequestQueue[pb.IngestReferenceRequest] = _RequestQueue(DEFAULT_SEND_QUEUE)
         self._future = stub.IngestReference.future(iter(self._requests), timeout=timeout)
         self._summary: Optional[IngestSummary] = None
 
     def send(
-        self, site: Site, activations: ArrayLike, trace_ids: TraceIds, positions: Optional[Positions] = None
+        self,
+        site: Site,
+        activations: ArrayLike,
+        trace_ids: TraceIds,
+        positions: Optional[Positions] = None,
+        *,
+        provenance: Optional[Provenance] = None,
     ) -> None:
-        """Queues reference traces of one site (split by rows if large)."""
-        self.send_batch(to_trace_batch(site, activations, trace_ids, positions))
+        """Queues reference traces of one site (split by rows if large); ``provenance``: what produced
+        them (its fields win over the session's)."""
+        self.send_batch(to_trace_batch(site, activations, trace_ids, positions, provenance=provenance))
 
     def send_batch(self, batch: pb.TraceBatch) -> None:
         if self._requests.closed:
             raise RuntimeError("ingest session is closed")
-        for part in split_batch(batch, self._max_batch_bytes):
+        for part in split_batch(with_provenance(batch, self.provenance), self._max_batch_bytes):
             # `monitor` is required in the first message; repeating it is allowed and harmless.
             req = pb.IngestReferenceRequest(monitor=self.monitor, batch=part)
             try:
@@ -184,6 +196,12 @@ class ScoreStream:
     the batch's response arrives (before the TraceResults is queued), so it sees them even when
     nobody reads the stream yet; an exception it raises is logged (logger "actwatch_client") and
     does not stop the stream.
+
+    Provenance: ``provenance`` is declared on every batch sent (fields a batch declares itself win).
+    A batch whose provenance conflicts with its site's recorded one ends the stream with
+    FAILED_PRECONDITION, or, on a monitor with ``provenance_policy="warn"``, is scored with
+    ``TraceResults.provenance_warnings`` set; then ``get`` (and iteration) also emits a
+    :class:`~actwatch_client.ProvenanceMismatchWarning`, once per site for the stream.
     """
 
     def __init__(
@@ -194,10 +212,14 @@ class ScoreStream:
         *,
         timeout: Optional[float] = None,
         on_early_flag: Optional[EarlyFlagCallback] = None,
+        provenance: Optional[Provenance] = None,
     ):
         self.monitor = monitor
+        self.provenance = provenance
         self._max_batch_bytes = max_batch_bytes
         self._on_early_flag = on_early_flag
+        self._warned_sites: set[str] = set()
+        self._warned_lock = threading.Lock()
         self._requests: _RequestQueue[pb.StreamScoresRequest] = _RequestQueue(DEFAULT_SEND_QUEUE)
         self._requests.put(pb.StreamScoresRequest(monitor=monitor), lambda: False)
         self._results: queue.Queue[Union[StreamResult, ActwatchError, _End]] = queue.Queue()
@@ -249,13 +271,20 @@ class ScoreStream:
             raise ActwatchError(grpc.StatusCode.CANCELLED, "score stream has ended") from None
 
     def send(
-        self, site: Site, activations: ArrayLike, trace_ids: TraceIds, positions: Optional[Positions] = None
+        self,
+        site: Site,
+        activations: ArrayLike,
+        trace_ids: TraceIds,
+        positions: Optional[Positions] = None,
+        *,
+        provenance: Optional[Provenance] = None,
     ) -> None:
-        """Queues traces of one site for scoring (their results arrive as TraceResults)."""
-        self.send_batch(to_trace_batch(site, activations, trace_ids, positions))
+        """Queues traces of one site for scoring (their results arrive as TraceResults); ``provenance``:
+        what produced them (its fields win over the stream's)."""
+        self.send_batch(to_trace_batch(site, activations, trace_ids, positions, provenance=provenance))
 
     def send_batch(self, batch: pb.TraceBatch) -> None:
-        for part in split_batch(batch, self._max_batch_bytes):
+        for part in split_batch(with_provenance(batch, self.provenance), self._max_batch_bytes):
             self._put(pb.StreamScoresRequest(batch=part))
 
     def complete(self, trace_ids: TraceIds) -> None:
@@ -284,6 +313,10 @@ class ScoreStream:
             raise StopIteration
         if isinstance(item, ActwatchError):
             raise item
+        if isinstance(item, TraceResults) and item.provenance_warnings:
+            with self._warned_lock:
+                # stacklevel 2: the caller of get (or the stream's own __iter__ / computations).
+                warn_provenance_conflicts(self.monitor, item.provenance_warnings, self._warned_sites, stacklevel=2)
         return item
 
     def __iter__(self) -> Iterator[StreamResult]:

@@ -19,8 +19,17 @@ import grpc
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
 from ._rpc import ActivationMonitorStub, stub
 from ._streams import EarlyFlagCallback, FlagWatch, IngestSession, ScoreStream
-from .errors import ActwatchError
-from .results import ComputationScore, FitPhase, FitReport, IngestSummary, MonitorInfo, MonitorRef, ScoreResult
+from .errors import ActwatchError, warn_provenance_conflicts
+from .results import (
+    ComputationScore,
+    FitPhase,
+    FitReport,
+    IngestSummary,
+    MonitorInfo,
+    MonitorRef,
+    Provenance,
+    ScoreResult,
+)
 from .tensors import as_batches, coerce_batch, trace_id_strings
 from .types import BatchesLike, ChannelOption, Timestamp, TraceId, TraceIds
 
@@ -121,6 +130,7 @@ class Client:
         aggregation: Optional[str] = None,
         joint: Union[str, Sequence[str], None] = None,
         length_strata: Optional[int] = None,
+        provenance_policy: Optional[str] = None,
     ) -> MonitorInfo:
         """Creates an empty monitor. None means the server's default (see MonitorSpec in the proto):
         detectors gaussian and knn, fusion minp, fpr 0.01, calibration_fraction 0.25, aggregation
@@ -133,7 +143,10 @@ class Client:
         a list as for ``detectors`` (or one comma-separated string), or "none" for no joint detector.
         ``length_strata``: at most this many length strata of the computation-level calibration
         (quantile groups of token counts, each calibrated on its own); 1 for one calibration; None:
-        the server's default, 4 (pooled traces always get one)."""
+        the server's default, 4 (pooled traces always get one). ``provenance_policy``: what scoring
+        does with a batch whose declared provenance conflicts with what its site's reference batches
+        declared: "refuse" (None: the default; FAILED_PRECONDITION) or "warn" (scored, with
+        ``provenance_warnings`` on the result and a ProvenanceMismatchWarning)."""
         if isinstance(detectors, str):
             detectors = [detectors]
         spec = pb.MonitorSpec(
@@ -145,6 +158,7 @@ class Client:
             aggregation=aggregation or "",
             joint=joint if isinstance(joint, str) else ",".join(joint or []),
             length_strata=length_strata or 0,
+            provenance_policy=provenance_policy or "",
         )
         req = pb.CreateMonitorRequest(name=name, spec=spec)
         return MonitorInfo._from_pb(self._unary(self.stub.CreateMonitor, req))
@@ -161,12 +175,20 @@ class Client:
 
     # -- reference data and fitting
 
-    def ingest_session(self, monitor: MonitorRef, *, timeout: Optional[float] = None) -> IngestSession:
-        """Opens a reference-ingest stream to ``send`` batches on; ``close()`` returns the summary."""
-        return IngestSession(self.stub, _name(monitor), self.max_batch_bytes, timeout=timeout)
+    def ingest_session(
+        self, monitor: MonitorRef, *, timeout: Optional[float] = None, provenance: Optional[Provenance] = None
+    ) -> IngestSession:
+        """Opens a reference-ingest stream to ``send`` batches on; ``close()`` returns the summary.
+        ``provenance`` is declared on every batch sent (see :meth:`ingest_reference`)."""
+        return IngestSession(self.stub, _name(monitor), self.max_batch_bytes, timeout=timeout, provenance=provenance)
 
     def ingest_reference(
-        self, monitor: MonitorRef, batches: BatchesLike, *, timeout: Optional[float] = None
+        self,
+        monitor: MonitorRef,
+        batches: BatchesLike,
+        *,
+        timeout: Optional[float] = None,
+        provenance: Optional[Provenance] = None,
     ) -> IngestSummary:
         """Appends trusted reference traces; returns once the server has made them durable.
 
@@ -174,11 +196,16 @@ class Client:
         ``activations`` a 2-D numpy array or torch tensor sent in its own dtype (f32, f16, bf16).
         Large batches are split by rows. If reading or encoding a batch fails, the stream is
         cancelled and the error re-raised: nothing of this call should be kept.
+
+        ``provenance``: what produced the activations, declared on every batch (the fields a batch
+        declares itself, as ``Batch.provenance``, win). Each field of a site's provenance is fixed by
+        the first reference batch that declares it; a batch declaring another value fails the call
+        with FAILED_PRECONDITION (nothing of it is kept).
         """
         session = self.ingest_session(monitor, timeout=timeout)
         try:
             for item in as_batches(batches):
-                session.send_batch(coerce_batch(item))
+                session.send_batch(coerce_batch(item, provenance=provenance))
         except BaseException:
             session.cancel()
             raise
@@ -215,16 +242,31 @@ class Client:
 
     # -- scoring
 
-    def score(self, monitor: MonitorRef, batches: BatchesLike, *, complete: bool = True) -> ScoreResult:
+    def score(
+        self,
+        monitor: MonitorRef,
+        batches: BatchesLike,
+        *,
+        complete: bool = True,
+        provenance: Optional[Provenance] = None,
+    ) -> ScoreResult:
         """Scores batches in one request: per-trace results, and with ``complete`` one result per
         computation (each computation's traces must all be in this call). For large or continuous
-        volumes use :meth:`stream_scores`."""
+        volumes use :meth:`stream_scores`.
+
+        ``provenance``: what produced the activations, declared on every batch (the fields a batch
+        declares itself win). A batch conflicting with its site's recorded provenance fails the call
+        with FAILED_PRECONDITION, or with ``provenance_policy="warn"`` is scored: the result's
+        ``provenance_warnings`` name the sites, and a ProvenanceMismatchWarning is emitted per site."""
+        name = _name(monitor)
         req = pb.ScoreRequest(
-            monitor=_name(monitor),
-            batches=[coerce_batch(b) for b in as_batches(batches)],
+            monitor=name,
+            batches=[coerce_batch(b, provenance=provenance) for b in as_batches(batches)],
             complete=complete,
         )
-        return ScoreResult._from_pb(self._unary(self.stub.Score, req))
+        result = ScoreResult._from_pb(self._unary(self.stub.Score, req))
+        warn_provenance_conflicts(name, result.provenance_warnings, set(), stacklevel=2)
+        return result
 
     def stream_scores(
         self,
@@ -232,12 +274,20 @@ class Client:
         *,
         timeout: Optional[float] = None,
         on_early_flag: Optional[EarlyFlagCallback] = None,
+        provenance: Optional[Provenance] = None,
     ) -> ScoreStream:
         """Opens a streaming scoring session (see :class:`ScoreStream`). ``on_early_flag`` is called
         (from the stream's reading thread) with each computation flagged before it is complete
-        (``partial=True``), as soon as it arrives; the same flags are in ``TraceResults.early_flags``."""
+        (``partial=True``), as soon as it arrives; the same flags are in ``TraceResults.early_flags``.
+        ``provenance`` is declared on every batch sent (see :meth:`score`; the stream emits each
+        site's ProvenanceMismatchWarning once)."""
         return ScoreStream(
-            self.stub, _name(monitor), self.max_batch_bytes, timeout=timeout, on_early_flag=on_early_flag
+            self.stub,
+            _name(monitor),
+            self.max_batch_bytes,
+            timeout=timeout,
+            on_early_flag=on_early_flag,
+            provenance=provenance,
         )
 
     def watch_flags(

@@ -19,6 +19,25 @@ from the stream's reading thread, with a ComputationScore whose ``partial`` is T
 ``flagged_at`` says where) and in the ``early_flags`` of the TraceResults on ``hook.results``. In
 ``mode="ingest"``, batches go to one reference-ingest stream; ``close()`` ends it and returns the
 server's IngestSummary.
+
+Provenance. Every batch a hook sends declares what produced it (``TraceBatch.provenance``), per site:
+
+- ``model``: ``model.config._name_or_path`` (Hugging Face models), else ``model.name_or_path``, else
+  the model's class, ``type(model).__module__ + "." + type(model).__qualname__`` (e.g.
+  "torch.nn.modules.container.Sequential");
+- ``revision``: ``model.config._commit_hash`` when it is a non-empty string, else undeclared;
+- ``capture``: ``"actwatch_client.hooks:<module name>:output"``, the forward hook on that submodule's
+  output (a capture path of its own, distinct from e.g. ``actwatch capture``);
+- ``pooling``: the hook's ``pool`` ("mean" or "none");
+- ``dtype``: the dtype of the hooked output, the one the model computed in, without "torch."
+  ("float32", "bfloat16", ...).
+
+``provenance=Provenance(...)`` overrides fields: those it sets win, the others keep the automatic value.
+A monitor records what its reference batches declared per site; a scored batch that declares
+something else (another checkpoint, the model cast to bfloat16 after a float32 reference, another
+pooling) is refused with FAILED_PRECONDITION (the score stream, ``hook.results``, ends with that
+error), or, on a monitor created with ``provenance_policy="warn"``, scored with
+``TraceResults.provenance_warnings`` set and a ProvenanceMismatchWarning from ``hook.results``.
 """
 
 from __future__ import annotations
@@ -32,14 +51,14 @@ import numpy.typing as npt
 
 from ._streams import EarlyFlagCallback, IngestSession, ScoreStream
 from .client import Client
-from .results import IngestSummary, MonitorInfo, MonitorRef
+from .results import IngestSummary, MonitorInfo, MonitorRef, Provenance, merge_provenance
 from .tensors import to_trace_batch, trace_id_strings
 from .types import TraceId
 
 if TYPE_CHECKING:  # torch is optional: imported only when a hook is built
     import torch
 
-__all__ = ["ActivationMonitorHook", "MaskLike", "Mode", "Pool", "pool_hidden"]
+__all__ = ["CAPTURE_PREFIX", "ActivationMonitorHook", "MaskLike", "Mode", "Pool", "model_provenance", "pool_hidden"]
 
 #: "mean": one row per computation (mask-weighted mean over tokens); "none": one row per token.
 Pool = Literal["mean", "none"]
@@ -51,6 +70,44 @@ MODES: tuple[Mode, ...] = ("ingest", "score")
 #: An attention mask [batch, tokens] (non-zero: a real token): a torch tensor or anything
 #: ``torch.as_tensor`` takes (numpy array, nested lists).
 MaskLike = Union["torch.Tensor", npt.ArrayLike]
+
+#: The capture path a hook declares is ``f"{CAPTURE_PREFIX}:{module name}:output"``.
+CAPTURE_PREFIX = "actwatch_client.hooks"
+# The server's limit on each provenance field (bytes); checked here for the automatic values, so a
+# long model path fails when the hook is built, not at the first forward pass.
+_MAX_PROVENANCE_BYTES = 256
+
+
+def _non_empty_str(value: object) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
+
+
+def model_provenance(model: object) -> Provenance:
+    """What a hook declares of ``model``: ``model`` (``config._name_or_path``, ``name_or_path``, else
+    the class's module and qualified name) and ``revision`` (``config._commit_hash``, if any)."""
+    config = getattr(model, "config", None)
+    name = _non_empty_str(getattr(config, "_name_or_path", None)) or _non_empty_str(
+        getattr(model, "name_or_path", None)
+    )
+    if name is None:
+        name = f"{type(model).__module__}.{type(model).__qualname__}"
+    return Provenance(model=name, revision=_non_empty_str(getattr(config, "_commit_hash", None)))
+
+
+def _dtype_name(dtype: object) -> str:
+    name = str(dtype)
+    return name[len("torch.") :] if name.startswith("torch.") else name
+
+
+def _check_automatic(site: str, provenance: Provenance) -> None:
+    for field, value in provenance.declared().items():
+        size = len(value.encode())
+        if size > _MAX_PROVENANCE_BYTES or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError(
+                f"site {site!r}: the server would refuse the provenance {field} {value!r} (at most "
+                f"{_MAX_PROVENANCE_BYTES} bytes, no control characters); pass provenance=Provenance({field}=...) "
+                "to the hook to declare another"
+            )
 
 
 def _first_tensor(output: object) -> torch.Tensor:
@@ -114,7 +171,8 @@ class ActivationMonitorHook:
     ``with hook.batch(trace_ids, attention_mask): model(...)`` or ``hook.set_batch(...)``; one trace id
     per batch element. A forward pass without a batch set raises RuntimeError from the hook.
     ``on_early_flag`` (score mode): called with each early flag of the scoring stream (see the
-    module's docstring and ``Client.stream_scores``).
+    module's docstring and ``Client.stream_scores``). ``provenance``: overrides the fields it sets of
+    the provenance declared automatically on every batch (see the module's docstring).
     """
 
     def __init__(
@@ -128,6 +186,7 @@ class ActivationMonitorHook:
         mode: Mode = "ingest",
         stream_timeout: Optional[float] = None,
         on_early_flag: Optional[EarlyFlagCallback] = None,
+        provenance: Optional[Provenance] = None,
     ):
         import torch  # noqa: F401 - fail early and clearly without torch
 
@@ -137,6 +196,10 @@ class ActivationMonitorHook:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if on_early_flag is not None and mode != "score":
             raise ValueError('on_early_flag needs mode="score"')
+        if provenance is not None and not isinstance(provenance, Provenance):
+            raise TypeError(
+                f"provenance must be an actwatch_client.Provenance or None, got {type(provenance).__name__}"
+            )
         if not isinstance(modules, Mapping):
             modules = {name: name for name in modules}
         self.model = model
@@ -145,6 +208,22 @@ class ActivationMonitorHook:
         self.pool = pool
         self.mode = mode
         self.sites = dict(modules)
+        #: The override given (fields it sets win over the automatic ones).
+        self.provenance = provenance
+        # Per site, the automatic provenance but the dtype (known at the forward pass), overridden.
+        self._provenance: dict[str, Provenance] = {}
+        of_model = model_provenance(model)
+        for site, name in self.sites.items():
+            auto = Provenance(
+                model=of_model.model,
+                revision=of_model.revision,
+                capture=f"{CAPTURE_PREFIX}:{name}:output",
+                pooling=pool,
+            )
+            merged = merge_provenance(auto, provenance)
+            assert merged is not None
+            _check_automatic(str(site), merged)
+            self._provenance[str(site)] = merged
         self._stream_timeout = stream_timeout
         self._on_early_flag = on_early_flag
         self._trace_ids: Optional[list[str]] = None
@@ -235,7 +314,10 @@ class ActivationMonitorHook:
             else:
                 b_idx, positions = index
                 ids = [self._trace_ids[i] for i in b_idx.tolist()]
-            batch = to_trace_batch(site, rows, ids, positions)
+            declared = self._provenance[site]
+            if self.provenance is None or self.provenance.dtype is None:
+                declared = Provenance(**{**declared.declared(), "dtype": _dtype_name(hidden.dtype)})
+            batch = to_trace_batch(site, rows, ids, positions, provenance=declared)
         self._session().send_batch(batch)
         if self.mode == "score":
             self._pending_complete = self._trace_ids

@@ -2,8 +2,9 @@
 
 Each result type mirrors one message of ``actwatch.v1`` field by field (same names) and is built by
 keyword in its ``_from_pb``, so a field added to or reordered in the proto cannot be silently swapped
-or dropped (tests/test_results.py checks every field of every message). Proto3 ``optional`` fields
-that are unset become ``None``; unset message fields (``MonitorInfo.report``) too.
+or dropped (tests/test_api.py checks every field of every message). Proto3 ``optional`` fields
+that are unset become ``None``; unset message fields (``MonitorInfo.report``) too. The fields of
+:class:`Provenance` are plain strings on the wire, "" meaning undeclared: here undeclared is ``None``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = [
     "MonitorInfo",
     "MonitorRef",
     "MonitorSpec",
+    "Provenance",
+    "ProvenanceConflict",
     "ScoreResult",
     "SiteInfo",
     "SlotPValue",
@@ -40,6 +43,88 @@ __all__ = [
 
 #: Named numpy columns, one entry per row (see ``ScoreResult.traces_table``).
 Table = dict[str, npt.NDArray[np.generic]]
+
+
+#: The fields of a provenance, in proto order.
+PROVENANCE_FIELDS = ("model", "revision", "capture", "pooling", "dtype")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a batch of vectors (``actwatch.v1.Provenance``); each field None: undeclared.
+
+    ``model`` (e.g. "sentence-transformers/all-MiniLM-L6-v2"), ``revision`` (a commit hash, a version,
+    a checksum of the weights), ``capture`` (the capture path, e.g. "actwatch capture" or
+    "actwatch_client.hooks:encoder.layer.1:output"), ``pooling`` ("none", "mean", ...), ``dtype`` (the
+    dtype the model computed in, e.g. "float32"; not the wire dtype). A monitor records, per site,
+    what its reference batches declared (each field fixed by the first batch that declares it; a later
+    reference batch declaring another value is refused) and compares every scored batch with it: a
+    batch conflicts when both declare a field with different values. The server refuses values over
+    256 bytes or with control characters (INVALID_ARGUMENT). "" is the same as None (undeclared).
+    """
+
+    model: Optional[str] = None
+    revision: Optional[str] = None
+    capture: Optional[str] = None
+    pooling: Optional[str] = None
+    dtype: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in PROVENANCE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"Provenance.{name} must be a string or None, got {type(value).__name__}")
+            if value == "":
+                object.__setattr__(self, name, None)  # "" declares nothing, as on the wire
+
+    @classmethod
+    def _from_pb(cls, p: pb.Provenance) -> Provenance:
+        return cls(
+            model=p.model or None,
+            revision=p.revision or None,
+            capture=p.capture or None,
+            pooling=p.pooling or None,
+            dtype=p.dtype or None,
+        )
+
+    def _to_pb(self) -> pb.Provenance:
+        return pb.Provenance(
+            model=self.model or "",
+            revision=self.revision or "",
+            capture=self.capture or "",
+            pooling=self.pooling or "",
+            dtype=self.dtype or "",
+        )
+
+    def declared(self) -> dict[str, str]:
+        """The declared fields: {field: value}, in proto order."""
+        return {name: v for name in PROVENANCE_FIELDS if (v := getattr(self, name)) is not None}
+
+
+def merge_provenance(base: Optional[Provenance], override: Optional[Provenance]) -> Optional[Provenance]:
+    """``base`` with the fields ``override`` declares replaced (either may be None; None if both are)."""
+    if override is None:
+        return base
+    if base is None:
+        return override
+    return Provenance(**{**base.declared(), **override.declared()})
+
+
+@dataclass(frozen=True)
+class ProvenanceConflict:
+    """A batch scored despite conflicting provenance (``actwatch.v1.ProvenanceWarning``, monitors with
+    ``provenance_policy="warn"``): at ``site``, the first conflicting ``field`` ("model", "revision",
+    "capture", "pooling" or "dtype"), the batch's value (``declared``) and the one the monitor's
+    reference batches declared (``recorded``)."""
+
+    site: str
+    field: str
+    declared: str
+    recorded: str
+
+    @classmethod
+    def _from_pb(cls, w: pb.ProvenanceWarning) -> ProvenanceConflict:
+        return cls(site=w.site, field=w.field, declared=w.declared, recorded=w.recorded)
 
 
 @dataclass(frozen=True)
@@ -60,6 +145,10 @@ class MonitorSpec:
     #: Length strata of the computation-level calibration (at most this many quantile groups of
     #: the calibration computations' token counts, each calibrated on its own); 1: none.
     length_strata: int = 0
+    #: What scoring does with a batch whose declared provenance conflicts with its site's recorded
+    #: one: "refuse" (the default; FAILED_PRECONDITION) or "warn" (scored, with
+    #: ``provenance_warnings`` on the result).
+    provenance_policy: str = ""
 
     @classmethod
     def _from_pb(cls, m: pb.MonitorSpec) -> MonitorSpec:
@@ -72,6 +161,7 @@ class MonitorSpec:
             aggregation=m.aggregation,
             joint=m.joint,
             length_strata=m.length_strata,
+            provenance_policy=m.provenance_policy,
         )
 
 
@@ -80,10 +170,18 @@ class SiteInfo:
     name: str
     width: int
     reference_rows: int
+    #: What the site's reference batches declared (each field fixed by the first batch that declared
+    #: it); all fields None when none declared anything.
+    provenance: Provenance = field(default_factory=Provenance)
 
     @classmethod
     def _from_pb(cls, s: pb.SiteInfo) -> SiteInfo:
-        return cls(name=s.name, width=s.width, reference_rows=s.reference_rows)
+        return cls(
+            name=s.name,
+            width=s.width,
+            reference_rows=s.reference_rows,
+            provenance=Provenance._from_pb(s.provenance),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,9 +201,12 @@ class KnnRecall:
 class JointFit:
     """What fitting the joint detector saw (``FitReport.joint``)."""
 
-    #: The sites concatenated, in order, and the joint width (the sum of their widths).
+    #: The sites concatenated, in order, and the joint width (the sum of ``site_widths``).
     sites: list[str]
     width: int
+    #: Each site's part of the joint vector: its width, or, when the sites' widths add up to more
+    #: than 4096, its number of whitened principal coordinates under the site's own Gaussian.
+    site_widths: list[int]
     #: Joint vectors (one per computation and position with a trace at every site) of the fit part
     #: and of the calibration part.
     fit_rows: int
@@ -120,6 +221,7 @@ class JointFit:
         return cls(
             sites=list(j.sites),
             width=j.width,
+            site_widths=list(j.site_widths),
             fit_rows=j.fit_rows,
             calibration_rows=j.calibration_rows,
             incomplete=j.incomplete,
@@ -375,16 +477,20 @@ def _computations_table(comps: Sequence[ComputationScore]) -> Table:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """Per-trace results (in request order) and, with ``complete``, one result per computation."""
+    """Per-trace results (in request order) and, with ``complete``, one result per computation.
+    ``provenance_warnings``: the sites whose batches were scored despite conflicting provenance
+    (monitors with ``provenance_policy="warn"``), one per site."""
 
     traces: list[TraceScore]
     computations: list[ComputationScore]
+    provenance_warnings: list[ProvenanceConflict] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, r: pb.ScoreResponse) -> ScoreResult:
         return cls(
             traces=[TraceScore._from_pb(t) for t in r.traces],
             computations=[ComputationScore._from_pb(c) for c in r.computations],
+            provenance_warnings=[ProvenanceConflict._from_pb(w) for w in r.provenance_warnings],
         )
 
     def traces_table(self) -> Table:
@@ -406,16 +512,19 @@ class ScoreResult:
 class TraceResults:
     """Per-trace results of one batch sent on a :class:`ScoreStream`, and the computations this batch
     made cross the threshold before they are complete (``early_flags``: each computation once,
-    ``partial`` set; its final result arrives at completion)."""
+    ``partial`` set; its final result arrives at completion). ``provenance_warnings``: this batch
+    was scored despite conflicting provenance (monitors with ``provenance_policy="warn"``)."""
 
     traces: list[TraceScore]
     early_flags: list[ComputationScore] = field(default_factory=list)
+    provenance_warnings: list[ProvenanceConflict] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, r: pb.TraceScores) -> TraceResults:
         return cls(
             traces=[TraceScore._from_pb(t) for t in r.traces],
             early_flags=[ComputationScore._from_pb(c) for c in r.early_flags],
+            provenance_warnings=[ProvenanceConflict._from_pb(w) for w in r.provenance_warnings],
         )
 
     def table(self) -> Table:

@@ -4,6 +4,10 @@ The wire carries f32, f16 and bf16 as little-endian, row-major bytes (``actwatch
 array is sent as it is: float16 stays float16, bfloat16 stays bfloat16 (no up-cast, the server
 converts once). float64 (numpy's default) has no wire type and is cast down to float32. torch is
 never imported here: a tensor is recognised only if torch is already loaded.
+
+A batch may declare its :class:`~actwatch_client.Provenance` (what produced it). Where both a batch and
+the call that sends it declare one (``ingest_reference(..., provenance=)``, ``score``, the stream
+sessions), the fields the batch declares win and the call's fill the rest.
 """
 
 from __future__ import annotations
@@ -16,18 +20,21 @@ import numpy as np
 import numpy.typing as npt
 
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
+from .results import Provenance, merge_provenance
 from .types import ArrayLike, BatchesLike, BatchLike, Positions, Site, TensorLike, TraceId, TraceIds
 
-__all__ = ["Batch", "split_batch", "to_tensor", "to_trace_batch"]
+__all__ = ["Batch", "split_batch", "to_tensor", "to_trace_batch", "with_provenance"]
 
 
 class Batch(NamedTuple):
-    """Traces of one site: ``activations`` is [rows, d], one trace id (and position) per row."""
+    """Traces of one site: ``activations`` is [rows, d], one trace id (and position) per row;
+    ``provenance``: what produced them (None: nothing declared)."""
 
     site: Site
     activations: ArrayLike
     trace_ids: TraceIds
     positions: Optional[Positions] = None
+    provenance: Optional[Provenance] = None
 
 
 _NUMPY_DTYPES: dict[np.dtype[np.generic], pb.DType] = {
@@ -124,10 +131,23 @@ def _positions(positions: Optional[Positions]) -> list[int]:
     return [int(p) for p in np.asarray(positions).reshape(-1)]
 
 
+def _check_provenance(provenance: object) -> Optional[Provenance]:
+    if provenance is not None and not isinstance(provenance, Provenance):
+        raise TypeError(f"provenance must be an actwatch_client.Provenance or None, got {type(provenance).__name__}")
+    return provenance
+
+
 def to_trace_batch(
-    site: Site, activations: ArrayLike, trace_ids: TraceIds, positions: Optional[Positions] = None
+    site: Site,
+    activations: ArrayLike,
+    trace_ids: TraceIds,
+    positions: Optional[Positions] = None,
+    *,
+    provenance: Optional[Provenance] = None,
 ) -> pb.TraceBatch:
-    """Builds a ``TraceBatch``; checks locally that ids and positions match the rows."""
+    """Builds a ``TraceBatch``; checks locally that ids and positions match the rows. ``provenance``:
+    what produced the activations (None: nothing declared)."""
+    _check_provenance(provenance)
     tensor = to_tensor(activations)
     ids = trace_id_strings(trace_ids)
     pos = _positions(positions)
@@ -136,7 +156,27 @@ def to_trace_batch(
         raise ValueError(f"{len(ids)} trace ids for {rows} rows of activations (need one per row)")
     if pos and len(pos) != rows:
         raise ValueError(f"{len(pos)} positions for {rows} rows of activations (need none or one per row)")
-    return pb.TraceBatch(site=str(site), activations=tensor, trace_ids=ids, positions=pos)
+    batch = pb.TraceBatch(site=str(site), activations=tensor, trace_ids=ids, positions=pos)
+    if provenance is not None and provenance.declared():
+        batch.provenance.CopyFrom(provenance._to_pb())
+    return batch
+
+
+def with_provenance(batch: pb.TraceBatch, provenance: Optional[Provenance]) -> pb.TraceBatch:
+    """``batch`` declaring ``provenance`` too: the fields the batch declares itself win, the others come
+    from ``provenance``. Returns ``batch`` itself when that adds nothing, else a copy (never mutates it)."""
+    _check_provenance(provenance)
+    if provenance is None or not provenance.declared():
+        return batch
+    own = Provenance._from_pb(batch.provenance)
+    merged = merge_provenance(provenance, own)
+    if merged == own:
+        return batch
+    assert merged is not None
+    out = pb.TraceBatch()
+    out.CopyFrom(batch)
+    out.provenance.CopyFrom(merged._to_pb())
+    return out
 
 
 def split_batch(batch: pb.TraceBatch, max_bytes: int) -> list[pb.TraceBatch]:
@@ -160,26 +200,45 @@ def split_batch(batch: pb.TraceBatch, max_bytes: int) -> list[pb.TraceBatch]:
                 ),
                 trace_ids=batch.trace_ids[start:end],
                 positions=batch.positions[start:end] if batch.positions else [],
+                provenance=batch.provenance if batch.HasField("provenance") else None,
             )
         )
     return parts
 
 
 def as_batches(batches: BatchesLike) -> Iterable[BatchLike]:
-    """A single (site, activations, trace_ids[, positions]) tuple is one batch, not an iterable of them."""
-    if isinstance(batches, tuple) and 3 <= len(batches) <= 4 and not isinstance(batches[0], (tuple, list, Batch)):
+    """A single (site, activations, trace_ids[, positions[, provenance]]) tuple is one batch, not an
+    iterable of them."""
+    if (
+        isinstance(batches, tuple)
+        and 3 <= len(batches) <= 5
+        and not isinstance(batches[0], (tuple, list, dict, pb.TraceBatch))
+    ):
         return [cast(BatchLike, batches)]
     return cast(Iterable[BatchLike], batches)
 
 
-def coerce_batch(item: BatchLike) -> pb.TraceBatch:
-    """One batch as a ``TraceBatch``: a tuple, a mapping or a ``TraceBatch`` (see :data:`BatchLike`)."""
+def coerce_batch(item: BatchLike, *, provenance: Optional[Provenance] = None) -> pb.TraceBatch:
+    """One batch as a ``TraceBatch``: a tuple, a mapping or a ``TraceBatch`` (see :data:`BatchLike`).
+    ``provenance`` (the call's) fills the provenance fields the batch does not declare itself."""
+    _check_provenance(provenance)
     if isinstance(item, pb.TraceBatch):
-        return item
+        return with_provenance(item, provenance)
     if isinstance(item, dict):
-        return to_trace_batch(item["site"], item["activations"], item["trace_ids"], item.get("positions"))
-    if not isinstance(item, (tuple, list)) or not 3 <= len(item) <= 4:
-        raise ValueError(
-            "each batch must be (site, activations, trace_ids) or (site, activations, trace_ids, positions)"
+        own = _check_provenance(item.get("provenance"))
+        return to_trace_batch(
+            item["site"],
+            item["activations"],
+            item["trace_ids"],
+            item.get("positions"),
+            provenance=merge_provenance(provenance, own),
         )
-    return to_trace_batch(*item)
+    if not isinstance(item, (tuple, list)) or not 3 <= len(item) <= 5:
+        raise ValueError(
+            "each batch must be (site, activations, trace_ids), (site, activations, trace_ids, positions) "
+            "or (site, activations, trace_ids, positions, provenance)"
+        )
+    site, activations, trace_ids = item[0], item[1], item[2]
+    positions = item[3] if len(item) > 3 else None
+    own = _check_provenance(item[4]) if len(item) > 4 else None
+    return to_trace_batch(site, activations, trace_ids, positions, provenance=merge_provenance(provenance, own))

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
+from .results import Provenance
 
 __all__ = [
     "ArrayLike",
@@ -63,11 +64,13 @@ Positions = Union[Sequence[int], npt.NDArray[np.integer], TensorLike]
 #: A site name (an int is sent as its decimal string).
 Site = Union[str, int]
 
-#: ``(site, activations, trace_ids)`` or ``(site, activations, trace_ids, positions)``;
-#: :class:`actwatch_client.Batch` is one of these.
+#: ``(site, activations, trace_ids)``, ``(site, activations, trace_ids, positions)`` or
+#: ``(site, activations, trace_ids, positions, provenance)``; :class:`actwatch_client.Batch` is one of
+#: these.
 BatchTuple = Union[
     tuple[Site, ArrayLike, TraceIds],
     tuple[Site, ArrayLike, TraceIds, Optional[Positions]],
+    tuple[Site, ArrayLike, TraceIds, Optional[Positions], Optional[Provenance]],
 ]
 
 
@@ -78,9 +81,11 @@ class _BatchDictRequired(TypedDict):
 
 
 class BatchDict(_BatchDictRequired, total=False):
-    """A batch as a mapping: ``site``, ``activations``, ``trace_ids`` and optionally ``positions``."""
+    """A batch as a mapping: ``site``, ``activations``, ``trace_ids`` and optionally ``positions`` and
+    ``provenance``."""
 
     positions: Optional[Positions]
+    provenance: Optional[Provenance]
 
 
 #: One batch of traces of one site: a tuple, a mapping, or an already encoded ``TraceBatch``.

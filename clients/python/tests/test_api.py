@@ -28,6 +28,8 @@ from actwatch_client.tensors import split_batch, to_tensor, to_trace_batch
 
 #: Each result type and the message it is built from.
 RESULT_MESSAGES: dict[type, type[Message]] = {
+    results.Provenance: pb.Provenance,
+    results.ProvenanceConflict: pb.ProvenanceWarning,
     results.MonitorSpec: pb.MonitorSpec,
     results.SiteInfo: pb.SiteInfo,
     results.KnnRecall: pb.KnnRecall,
@@ -60,6 +62,16 @@ DEFAULTED_WHEN_UNSET: dict[tuple[type, str], str] = {
         "set for every healthy monitor (a damaged one, see `damaged`, gets the message defaults); "
         "MonitorInfo.spec is not Optional"
     ),
+    (results.SiteInfo, "provenance"): (
+        "a site whose reference batches declared nothing has an empty Provenance (every field None), "
+        "not None: SiteInfo.provenance is not Optional"
+    ),
+}
+
+#: (result type, string field) -> why: plain proto3 strings whose empty value becomes None.
+EMPTY_AS_NONE: dict[tuple[type, str], str] = {
+    (results.Provenance, name): '"" is an undeclared field on the wire; None in Provenance (which is also an input)'
+    for name in results.PROVENANCE_FIELDS
 }
 
 RESULT_OF_MESSAGE = {m.DESCRIPTOR.full_name: cls for cls, m in RESULT_MESSAGES.items()}
@@ -81,9 +93,12 @@ def test_exceptions_name_real_fields():
         assert proto_field in RESULT_MESSAGES[cls].DESCRIPTOR.fields_by_name, (cls, proto_field)
         assert dc_field in {f.name for f in dataclasses.fields(cls)}, (cls, dc_field)
         assert why, "say why the field is renamed"
-    for (cls, proto_field), why in {**OMITTED, **DEFAULTED_WHEN_UNSET}.items():
+    for (cls, proto_field), why in {**OMITTED, **DEFAULTED_WHEN_UNSET, **EMPTY_AS_NONE}.items():
         assert proto_field in RESULT_MESSAGES[cls].DESCRIPTOR.fields_by_name, (cls, proto_field)
         assert why, "say why the field is omitted"
+    for cls, proto_field in EMPTY_AS_NONE:
+        field = RESULT_MESSAGES[cls].DESCRIPTOR.fields_by_name[proto_field]
+        assert field.cpp_type == FieldDescriptor.CPPTYPE_STRING and not field.has_presence, (cls, proto_field)
 
 
 @pytest.mark.parametrize("cls", list(RESULT_MESSAGES), ids=lambda c: c.__name__)
@@ -179,6 +194,8 @@ def _assert_matches(result, msg: Message, path: str) -> None:
             _assert_matches(got, want, where)
         elif field.is_repeated:
             assert isinstance(got, list) and got == list(want), f"{where}: {got!r} != {list(want)!r}"
+        elif (cls, field.name) in EMPTY_AS_NONE:
+            assert got == (want or None), f"{where}: {got!r} for {want!r}"
         else:
             assert got == want and type(got) is type(want), f"{where}: {got!r} != {want!r}"
 
@@ -202,6 +219,20 @@ def test_from_pb_maps_each_field_to_its_namesake(cls):
         changed = {f.name for f in dataclasses.fields(cls) if getattr(got, f.name) != getattr(base, f.name)}
         assert changed == {_dc_name(cls, field.name)}, f"{cls.__name__}: setting {field.name} changed {changed}"
         _assert_matches(got, one, cls.__name__)
+
+
+def test_provenance_round_trips_every_field():
+    """Provenance is also an input: ``_to_pb`` writes every field of the message to its namesake."""
+    full = _fill(pb.Provenance())
+    assert results.Provenance._from_pb(full)._to_pb() == full
+    for field in pb.Provenance.DESCRIPTOR.fields:
+        one = pb.Provenance()
+        _set(one, field)
+        prov = results.Provenance._from_pb(one)
+        assert prov._to_pb() == one
+        assert prov.declared() == {field.name: getattr(one, field.name)}
+    assert results.Provenance()._to_pb() == pb.Provenance()
+    assert tuple(results.PROVENANCE_FIELDS) == tuple(f.name for f in pb.Provenance.DESCRIPTOR.fields)
 
 
 # ------------------------------------------------------------------------------- the typed stub

@@ -15,13 +15,23 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from actwatch_client import ActwatchError, Client, ComputationScore, TraceResults
+from actwatch_client import (
+    ActwatchError,
+    Batch,
+    Client,
+    ComputationScore,
+    Provenance,
+    ProvenanceConflict,
+    ProvenanceMismatchWarning,
+    TraceResults,
+)
 
 HERE = Path(__file__).resolve().parent.parent  # clients/python
 BIN = Path(os.environ.get("ACTWATCH_BIN", HERE / "../../target/debug/actwatch")).resolve()
@@ -564,19 +574,203 @@ def test_monitor_lifecycle_errors(client):
     assert e.value.code == grpc.StatusCode.NOT_FOUND
 
 
+# -------------------------------------------------------------------------------------- provenance
+
+#: What the synthetic reference traces of the provenance tests declare.
+REF_PROVENANCE = Provenance(
+    model="org/model", revision="abc123", capture="test:output", pooling="mean", dtype="float32"
+)
+
+
+def _gaussian_batches(prefix: str, n: int, seed: int, sites=("a", "b"), width: int = 8):
+    """[(site, activations, trace_ids)]: one pooled trace per computation and site, N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    return [(site, rng.normal(size=(n, width)).astype(np.float32), ids) for site in sites]
+
+
+def _rows(client, name):
+    info = client.get_monitor(name)
+    return info.reference_rows, {s.name: s.reference_rows for s in info.sites}
+
+
+def test_ingest_records_provenance_per_site_and_refuses_conflicts(client):
+    name = "provenance-ingest-test"
+    client.create_monitor(name)
+    try:
+        # Site "c" first without provenance: its fields are fixed by the first batch that declares them.
+        client.ingest_reference(name, _gaussian_batches("u", 5, 0, sites=("c",)))
+        assert client.get_monitor(name).site("c").provenance == Provenance()
+        client.ingest_reference(name, _gaussian_batches("r", 20, 1, sites=("a", "b", "c")), provenance=REF_PROVENANCE)
+        # Partial declarations (and none) match; a batch's own fields win over the call's.
+        client.ingest_reference(
+            name,
+            [
+                Batch("a", np.zeros((1, 8), np.float32), ["p-0"], provenance=Provenance(dtype="float32")),
+                ("b", np.zeros((1, 8), np.float32), ["p-0"]),
+            ],
+            provenance=Provenance(model="org/model"),
+        )
+        info = client.get_monitor(name)
+        assert {s.name: s.provenance for s in info.sites} == {
+            "a": REF_PROVENANCE,
+            "b": REF_PROVENANCE,
+            "c": REF_PROVENANCE,
+        }
+        assert info.spec.provenance_policy == "refuse"
+        before = _rows(client, name)
+        assert before == (67, {"a": 21, "b": 21, "c": 25})
+
+        # A conflicting batch fails the whole stream: the good batch before it is not kept either.
+        good = _gaussian_batches("g", 10, 2, sites=("a",))
+        bad = [Batch("b", np.zeros((2, 8), np.float32), ["x-0", "x-1"], provenance=Provenance(dtype="bfloat16"))]
+        with pytest.raises(ActwatchError) as e:
+            client.ingest_reference(name, good + bad, provenance=REF_PROVENANCE)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        msg = e.value.message
+        assert '"b"' in msg and "dtype" in msg and "bfloat16" in msg and "float32" in msg, msg
+        assert _rows(client, name) == before
+
+        with pytest.raises(ActwatchError) as e:
+            client.ingest_reference(name, good, provenance=Provenance(model="org/other-model"))
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "model" in e.value.message
+        assert _rows(client, name) == before
+        assert client.get_monitor(name).site("a").provenance == REF_PROVENANCE
+
+        # The stream session: the session's provenance on every batch, a batch's own fields win.
+        with client.ingest_session(name, provenance=REF_PROVENANCE) as session:
+            session.send("a", np.zeros((1, 8), np.float32), ["s-0"])
+            session.send("b", np.zeros((1, 8), np.float32), ["s-0"], provenance=Provenance(pooling="mean"))
+        assert _rows(client, name)[0] == before[0] + 2
+    finally:
+        client.delete_monitor(name)
+
+
+def test_hostile_provenance_is_invalid_argument(client):
+    name = "provenance-hostile-test"
+    client.create_monitor(name)
+    try:
+        batches = _gaussian_batches("h", 3, 3, sites=("a",))
+        for hostile in (Provenance(model="m" * 300), Provenance(capture="hook\noutput")):
+            with pytest.raises(ActwatchError) as e:
+                client.ingest_reference(name, batches, provenance=hostile)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT, hostile
+        assert client.get_monitor(name).reference_rows == 0
+        with pytest.raises(ActwatchError) as e:
+            client.create_monitor("provenance-bad-policy", provenance_policy="ignore")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        client.delete_monitor(name)
+
+
+@pytest.fixture(scope="module")
+def provenance_monitors(client):
+    """Two monitors fitted on the same synthetic reference (sites "a", "b", width 8), declared as
+    REF_PROVENANCE: one with the default provenance policy (refuse), one with "warn"."""
+    names = {"refuse": "provenance-refuse", "warn": "provenance-warn"}
+    client.create_monitor(names["refuse"], seed=5)
+    client.create_monitor(names["warn"], seed=5, provenance_policy="warn")
+    for name in names.values():
+        client.ingest_reference(name, _gaussian_batches("ref", 600, 4), provenance=REF_PROVENANCE)
+        client.fit(name, timeout=FIT_TIMEOUT_S)
+    yield names
+    for name in names.values():
+        client.delete_monitor(name)
+
+
+#: A scored batch declaring this conflicts with REF_PROVENANCE at dtype.
+BF16 = Provenance(dtype="bfloat16")
+BF16_CONFLICTS = [ProvenanceConflict(site=s, field="dtype", declared="bfloat16", recorded="float32") for s in "ab"]
+
+
+def _p_values(result):
+    return [(c.trace_id, c.p_value) for c in result.computations], [
+        (t.trace_id, t.site, t.p_value) for t in result.traces
+    ]
+
+
+def test_score_with_conflicting_provenance_is_refused_by_default(client, provenance_monitors):
+    name = provenance_monitors["refuse"]
+    assert client.get_monitor(name).spec.provenance_policy == "refuse"
+    queries = _gaussian_batches("q", 20, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProvenanceMismatchWarning)
+        plain = client.score(name, queries)
+        # Matching and partial declarations score as undeclared batches do.
+        assert _p_values(client.score(name, queries, provenance=REF_PROVENANCE)) == _p_values(plain)
+        assert _p_values(client.score(name, queries, provenance=Provenance(dtype="float32"))) == _p_values(plain)
+    assert plain.provenance_warnings == []
+    with pytest.raises(ActwatchError) as e:
+        client.score(name, queries, provenance=BF16)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "dtype" in e.value.message and "bfloat16" in e.value.message and "float32" in e.value.message
+
+    with pytest.raises(ActwatchError) as e:
+        with client.stream_scores(name, timeout=60, provenance=BF16) as stream:
+            for site, a, t in queries:
+                stream.send(site, a, t)
+            stream.complete(queries[0][2])
+            stream.computations(n=20, timeout=60)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "dtype" in e.value.message
+
+
+def test_score_with_conflicting_provenance_warns_with_policy_warn(client, provenance_monitors):
+    name = provenance_monitors["warn"]
+    assert client.get_monitor(name).spec.provenance_policy == "warn"
+    queries = _gaussian_batches("q", 20, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProvenanceMismatchWarning)
+        plain = client.score(name, queries)
+    assert plain.provenance_warnings == []
+    with pytest.warns(ProvenanceMismatchWarning, match="dtype") as caught:
+        warned = client.score(name, queries, provenance=BF16)
+    # Scored normally: the same p-values as the undeclared batches; one warning per site.
+    assert _p_values(warned) == _p_values(plain)
+    assert sorted(warned.provenance_warnings, key=lambda w: w.site) == BF16_CONFLICTS
+    mine = [w for w in caught if issubclass(w.category, ProvenanceMismatchWarning)]
+    assert len(mine) == 2 and all(name in str(w.message) for w in mine)
+    assert {("'a'" in str(w.message), "'b'" in str(w.message)) for w in mine} == {(True, False), (False, True)}
+
+
+def test_stream_with_conflicting_provenance_warns_once_per_site(client, provenance_monitors):
+    name = provenance_monitors["warn"]
+    queries = _gaussian_batches("q", 20, 6)
+    plain = {c.trace_id: c.p_value for c in client.score(name, queries).computations}
+    results = []
+    with pytest.warns(ProvenanceMismatchWarning) as caught:
+        with client.stream_scores(name, timeout=60, provenance=BF16) as stream:
+            # Each site in two batches: two warnings in all, one per site.
+            for site, a, t in queries:
+                stream.send(site, a[:10], t[:10])
+                stream.send(site, a[10:], t[10:])
+            stream.complete(queries[0][2])
+            while sum(isinstance(r, ComputationScore) for r in results) < 20:
+                results.append(stream.get(timeout=60))
+    per_batch = [r for r in results if isinstance(r, TraceResults)]
+    assert len(per_batch) == 4
+    for r, site in zip(per_batch, "aabb"):
+        assert r.provenance_warnings == [c for c in BF16_CONFLICTS if c.site == site]
+    mine = [w for w in caught if issubclass(w.category, ProvenanceMismatchWarning)]
+    assert len(mine) == 2, [str(w.message) for w in mine]
+    assert {c.trace_id: c.p_value for c in results if isinstance(c, ComputationScore)} == plain
+
+
 # ------------------------------------------------------------------------------------- torch hooks
 
 
-def test_torch_hook_ingest_fit_score(client):
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+def test_torch_hook_ingest_fit_score(client, torch):
+    """Hooks ingest, the monitor fits, hooks score; every batch declares its provenance automatically.
+    Casting the model to bfloat16 after a float32 reference makes its batches declare dtype
+    "bfloat16": refused by a default monitor, scored with a warning by one with policy "warn"."""
     from actwatch_client.hooks import ActivationMonitorHook
 
     torch.manual_seed(0)
     d = 8
     model = torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, d)).eval()
     sites = {"hidden": "1", "out": "2"}  # widths 16 and d
-    name = "torch-hook-test"
-    client.create_monitor(name, fpr=0.05, seed=1)
+    names = {"refuse": "torch-hook-test", "warn": "torch-hook-warn-test"}
+    client.create_monitor(names["refuse"], fpr=0.05, seed=1)
+    client.create_monitor(names["warn"], fpr=0.05, seed=1, provenance_policy="warn")
 
     def inputs(batch, tokens, shift=0.0, scale=1.0):
         x = torch.randn(batch, tokens, d) * scale + shift
@@ -584,31 +778,84 @@ def test_torch_hook_ingest_fit_score(client):
         mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
         return x, mask
 
-    try:
-        # Reference: 800 computations of random inputs, mean-pooled over their unmasked tokens.
-        with ActivationMonitorHook(model, sites, client, name, pool="mean", mode="ingest") as hook:
-            for b in range(25):
-                x, mask = inputs(32, 6)
-                with hook.batch([f"ref-{b}-{i}" for i in range(32)], mask), torch.no_grad():
-                    model(x)
-        summary = hook.close()
-        assert summary.rows == 2 * 25 * 32
-        info = client.get_monitor(name)
-        assert {s.name: s.width for s in info.sites} == {"hidden": 16, "out": d}
-        client.fit(name, timeout=FIT_TIMEOUT_S)
+    def read_all(stream):
+        out = []
+        while True:
+            try:
+                out.append(stream.get(timeout=60))
+            except StopIteration:
+                return out
 
+    try:
+        # Reference: 800 computations of random inputs, mean-pooled over their unmasked tokens; two
+        # hooks on the model, one per monitor, so both get the same traces.
+        hooks = [ActivationMonitorHook(model, sites, client, n, pool="mean", mode="ingest") for n in names.values()]
+        for b in range(25):
+            x, mask = inputs(32, 6)
+            ids = [f"ref-{b}-{i}" for i in range(32)]
+            with hooks[0].batch(ids, mask), hooks[1].batch(ids, mask), torch.no_grad():
+                model(x)
+        for hook in hooks:
+            assert hook.close().rows == 2 * 25 * 32
+        for name in names.values():
+            info = client.get_monitor(name)
+            assert {s.name: s.width for s in info.sites} == {"hidden": 16, "out": d}
+            # What the hooks declared: the model's class (a plain nn.Sequential has no name or
+            # revision), the hooked module's output, the pooling and the dtype the model ran in.
+            for site, module in sites.items():
+                assert info.site(site).provenance == Provenance(
+                    model="torch.nn.modules.container.Sequential",
+                    revision=None,
+                    capture=f"actwatch_client.hooks:{module}:output",
+                    pooling="mean",
+                    dtype="float32",
+                )
+            client.fit(name, timeout=FIT_TIMEOUT_S)
+
+        ok_ids, odd_ids = [f"ok-{i}" for i in range(16)], [f"odd-{i}" for i in range(16)]
+        ok_x, ok_mask = inputs(16, 6)
+        odd_x, odd_mask = inputs(16, 6, shift=3.0, scale=4.0)
+
+        # The default monitor (provenance policy "refuse"): the float32 pass is scored; the pass in
+        # bfloat16 declares dtype "bfloat16" against float32 reference traces and ends the stream.
+        hook = ActivationMonitorHook(model, sites, client, names["refuse"], pool="mean", mode="score")
+        try:
+            with hook.batch(ok_ids, ok_mask), torch.no_grad():
+                model(ok_x)
+            refused_ok = {c.trace_id: c for c in hook.results.computations(n=16, timeout=60)}
+            model.to(torch.bfloat16)
+            with pytest.raises(ActwatchError) as refused:
+                with hook.batch(odd_ids, odd_mask), torch.no_grad():
+                    model(odd_x.to(torch.bfloat16))
+                hook.results.computations(n=16, timeout=60)
+        finally:
+            hook.remove()
+            hook.results.cancel()
+            model.to(torch.float32)
+        assert sorted(refused_ok) == sorted(ok_ids)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "dtype" in refused.value.message and '"bfloat16"' in refused.value.message, refused.value.message
+
+        # The monitor with provenance policy "warn": both passes are scored; the bfloat16 batches
+        # (sent as DTYPE_BF16) carry a warning each, and reading them warns once per site.
         early = []
-        hook = ActivationMonitorHook(model, sites, client, name, pool="mean", mode="score", on_early_flag=early.append)
-        x, mask = inputs(16, 6)
-        with hook.batch([f"ok-{i}" for i in range(16)], mask), torch.no_grad():
-            model(x)
-        # The anomalous pass in bfloat16: sent as DTYPE_BF16.
+        hook = ActivationMonitorHook(
+            model, sites, client, names["warn"], pool="mean", mode="score", on_early_flag=early.append
+        )
+        with hook.batch(ok_ids, ok_mask), torch.no_grad():
+            model(ok_x)
         model.to(torch.bfloat16)
-        x, mask = inputs(16, 6, shift=3.0, scale=4.0)
-        with hook.batch([f"odd-{i}" for i in range(16)], mask), torch.no_grad():
-            model(x.to(torch.bfloat16))
+        with hook.batch(odd_ids, odd_mask), torch.no_grad():
+            model(odd_x.to(torch.bfloat16))
         hook.close()
-        comps = {c.trace_id: c for c in hook.results.computations(n=32, timeout=60)}
+        with pytest.warns(ProvenanceMismatchWarning, match="bfloat16") as caught:
+            results = read_all(hook.results)
+        assert len([w for w in caught if issubclass(w.category, ProvenanceMismatchWarning)]) == 2
+        per_batch = [r for r in results if isinstance(r, TraceResults)]
+        assert [r.provenance_warnings for r in per_batch] == [[], []] + [
+            [ProvenanceConflict(site=site, field="dtype", declared="bfloat16", recorded="float32")] for site in sites
+        ]
+        comps = {c.trace_id: c for c in results if isinstance(c, ComputationScore)}
         assert len(comps) == 32 and all(c.traces == 2 for c in comps.values())
         ok = [c for k, c in comps.items() if k.startswith("ok-")]
         odd = [c for k, c in comps.items() if k.startswith("odd-")]
@@ -622,11 +869,11 @@ def test_torch_hook_ingest_fit_score(client):
         assert all(c.flagged_at == 0 for c in comps.values() if c.flagged)
     finally:
         model.to(torch.float32)
-        client.delete_monitor(name)
+        for name in names.values():
+            client.delete_monitor(name)
 
 
-def test_torch_hook_token_level_ingest(client):
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+def test_torch_hook_token_level_ingest(client, torch):
     from actwatch_client.hooks import ActivationMonitorHook
 
     torch.manual_seed(1)
@@ -636,10 +883,16 @@ def test_torch_hook_token_level_ingest(client):
     try:
         x = torch.randn(3, 5, 4)
         mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-        with ActivationMonitorHook(model, ["0"], client, name, pool="none", mode="ingest") as hook:
+        # Fields set in `provenance` win over the automatic ones; the others stay automatic.
+        override = Provenance(model="org/tiny", revision="v1")
+        with ActivationMonitorHook(model, ["0"], client, name, pool="none", mode="ingest", provenance=override) as hook:
             with hook.batch(["a", "b", "c"], mask), torch.no_grad():
                 model(x)
         assert hook.close().rows == int(mask.sum()) == 9
-        assert client.get_monitor(name).site("0").reference_rows == 9
+        site = client.get_monitor(name).site("0")
+        assert site.reference_rows == 9
+        assert site.provenance == Provenance(
+            model="org/tiny", revision="v1", capture="actwatch_client.hooks:0:output", pooling="none", dtype="float32"
+        )
     finally:
         client.delete_monitor(name)

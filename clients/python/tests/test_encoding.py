@@ -5,8 +5,9 @@ import sys
 import numpy as np
 import pytest
 
+from actwatch_client import Batch, Provenance
 from actwatch_client._proto.actwatch.v1 import actwatch_pb2 as pb
-from actwatch_client.tensors import as_batches, split_batch, to_tensor, to_trace_batch
+from actwatch_client.tensors import as_batches, coerce_batch, split_batch, to_tensor, to_trace_batch, with_provenance
 
 
 def test_float32_bytes_are_little_endian_row_major():
@@ -66,6 +67,52 @@ def test_single_tuple_is_one_batch():
     assert as_batches([one, one]) == [one, one]
 
 
+def test_provenance_fields_and_validation():
+    p = Provenance(model="m", dtype="")
+    assert p == Provenance(model="m") and p.dtype is None, '"" declares nothing, like None'
+    assert p.declared() == {"model": "m"} and Provenance().declared() == {}
+    with pytest.raises(TypeError, match="model"):
+        Provenance(model=3)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        p.model = "x"  # type: ignore[misc]
+
+
+def test_to_trace_batch_declares_provenance_and_split_keeps_it():
+    a = np.zeros((4, 2), dtype=np.float32)
+    bare = to_trace_batch("s", a, list("abcd"))
+    assert not bare.HasField("provenance")
+    assert not to_trace_batch("s", a, list("abcd"), provenance=Provenance()).HasField("provenance")
+    b = to_trace_batch("s", a, list("abcd"), provenance=Provenance(model="m", pooling="mean"))
+    assert b.provenance == pb.Provenance(model="m", pooling="mean")
+    parts = split_batch(b, max_bytes=8)
+    assert len(parts) == 4 and all(part.provenance == b.provenance for part in parts)
+    assert not any(part.HasField("provenance") for part in split_batch(bare, max_bytes=8))
+    with pytest.raises(TypeError, match="Provenance"):
+        to_trace_batch("s", a, list("abcd"), provenance={"model": "m"})  # type: ignore[arg-type]
+
+
+def test_batch_provenance_wins_over_the_calls():
+    a = np.zeros((1, 2), dtype=np.float32)
+    call = Provenance(model="call", dtype="float32")
+    own = Provenance(model="own", capture="c")
+    want = pb.Provenance(model="own", capture="c", dtype="float32")
+    assert coerce_batch(("s", a, ["x"], None, own), provenance=call).provenance == want
+    assert coerce_batch(Batch("s", a, ["x"], provenance=own), provenance=call).provenance == want
+    as_dict = {"site": "s", "activations": a, "trace_ids": ["x"], "provenance": own}
+    assert coerce_batch(as_dict, provenance=call).provenance == want
+    assert coerce_batch(("s", a, ["x"]), provenance=call).provenance == call._to_pb()
+    assert coerce_batch(Batch("s", a, ["x"], provenance=own)).provenance == own._to_pb()
+    # An encoded TraceBatch: merged into a copy, the caller's message untouched.
+    tb = to_trace_batch("s", a, ["x"], provenance=own)
+    merged = coerce_batch(tb, provenance=call)
+    assert merged.provenance == want and merged is not tb
+    assert tb.provenance == own._to_pb()
+    assert with_provenance(tb, None) is tb and with_provenance(tb, Provenance(model="other")) is tb
+    # A single Batch (five fields) is one batch.
+    one = Batch("s", a, ["x"], provenance=own)
+    assert as_batches(one) == [one]
+
+
 def test_package_imports_without_torch():
     import subprocess
 
@@ -84,10 +131,44 @@ def test_package_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.fixture
-def torch():
-    """The torch module; the tests that need it skip without it (the numpy ones above always run)."""
-    return pytest.importorskip("torch", reason="torch not installed (pip install .[torch])")
+def test_model_provenance_of_hugging_face_named_and_plain_models():
+    from actwatch_client.hooks import model_provenance
+
+    class Config:
+        _name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+        _commit_hash = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
+
+    class HuggingFace:
+        config = Config()
+
+    class Named:
+        name_or_path = "org/named"
+
+    class Plain:
+        pass
+
+    assert model_provenance(HuggingFace()) == Provenance(model=Config._name_or_path, revision=Config._commit_hash)
+    assert model_provenance(Named()) == Provenance(model="org/named")
+    assert model_provenance(Plain()) == Provenance(model=f"{__name__}.{Plain.__qualname__}")
+    # A config built locally (empty name, no commit hash) falls back to the class.
+    HuggingFace.config = type("Local", (), {"_name_or_path": "", "_commit_hash": None})()
+    assert model_provenance(HuggingFace()) == Provenance(model=f"{__name__}.{HuggingFace.__qualname__}")
+
+
+# The tests below take the `torch` fixture (tests/conftest.py): marked `torch`, skipped without it.
+
+
+def test_hook_refuses_automatic_provenance_the_server_would_refuse(torch):
+    from actwatch_client import Client
+    from actwatch_client.hooks import ActivationMonitorHook
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.name_or_path = "/very/long/path/" + "x" * 300
+    with Client("127.0.0.1:9") as client:  # never connected: no call is made
+        with pytest.raises(ValueError, match=r"provenance=Provenance\(model="):
+            ActivationMonitorHook(model, ["0"], client, "m")
+        hook = ActivationMonitorHook(model, ["0"], client, "m", provenance=Provenance(model="org/short"))
+        hook.remove()
 
 
 def test_torch_bf16_sent_as_bf16_bits(torch):

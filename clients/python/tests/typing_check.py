@@ -8,6 +8,7 @@ misuse that must stay a type error (mypy reports an ignore that is no longer nee
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Iterator
 from typing import Optional
 
@@ -24,6 +25,9 @@ from actwatch_client import (
     IngestSummary,
     JointFit,
     MonitorInfo,
+    Provenance,
+    ProvenanceConflict,
+    ProvenanceMismatchWarning,
     ScoreResult,
     TraceResults,
     to_tensor,
@@ -95,6 +99,25 @@ def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_arra
     print(logged[0].slots[0].p_value)
     print(to_tensor(acts).shape)
 
+    prov = Provenance(model="org/model", revision="abc", capture="mine", pooling="mean", dtype="float32")
+    client.create_monitor("m6", provenance_policy="warn")
+    client.ingest_reference("m", batches(acts, ids), provenance=prov, timeout=30)
+    client.ingest_reference("m", [Batch("2", acts, ids, provenance=prov), ("4", acts, ids, None, prov)])
+    with_prov: BatchDict = {"site": 6, "activations": acts, "trace_ids": ids, "provenance": None}
+    client.ingest_reference("m", [with_prov, to_trace_batch("2", acts, ids, provenance=prov)])
+    with client.ingest_session("m", provenance=prov) as session:
+        session.send("2", acts, ids, provenance=Provenance(dtype="bfloat16"))
+    recorded: Optional[str] = client.get_monitor("m").sites[0].provenance.model
+    print(recorded, client.get_monitor("m").spec.provenance_policy, prov.declared())
+    warnings.simplefilter("error", ProvenanceMismatchWarning)
+    conflicts: list[ProvenanceConflict] = client.score("m", batches(acts, ids), provenance=prov).provenance_warnings
+    print([(c.site, c.field, c.declared, c.recorded) for c in conflicts])
+    with client.stream_scores("m", provenance=prov) as pstream:
+        pstream.send("2", acts, ids, provenance=Provenance(pooling="none"))
+        got = pstream.get(timeout=1)
+        if isinstance(got, TraceResults):
+            print(got.provenance_warnings)
+
     try:
         client.delete_monitor("m")
     except ActwatchError as e:
@@ -112,5 +135,9 @@ def misuse(client: Client, acts: npt.NDArray[np.float32]) -> None:
     client.create_monitor("m", fpr="0.01")  # type: ignore[arg-type]
     client.create_monitor("m", aggregation=["max"])  # type: ignore[arg-type]
     client.stream_scores("m", on_early_flag=1)  # type: ignore[arg-type]
+    client.score("m", [("2", acts, ["a"])], provenance="org/model")  # type: ignore[arg-type]
+    client.create_monitor("m", provenance_policy=True)  # type: ignore[arg-type]
+    Provenance(model=1)  # type: ignore[arg-type]
     info = client.get_monitor("m")
     info.fitted = True  # type: ignore[misc]
+    info.sites[0].provenance.dtype = "float32"  # type: ignore[misc]

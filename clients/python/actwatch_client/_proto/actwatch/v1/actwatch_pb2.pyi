@@ -29,19 +29,47 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class TraceBatch(_message.Message):
-    __slots__ = ("site", "activations", "trace_ids", "positions")
+    __slots__ = ("site", "activations", "trace_ids", "positions", "provenance")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     TRACE_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     site: str
     activations: Tensor
     trace_ids: _containers.RepeatedScalarFieldContainer[str]
     positions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, site: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., trace_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ...) -> None: ...
+    provenance: Provenance
+    def __init__(self, site: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., trace_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("model", "revision", "capture", "pooling", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    revision: str
+    capture: str
+    pooling: str
+    dtype: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., capture: _Optional[str] = ..., pooling: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class ProvenanceWarning(_message.Message):
+    __slots__ = ("site", "field", "declared", "recorded")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    DECLARED_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    field: str
+    declared: str
+    recorded: str
+    def __init__(self, site: _Optional[str] = ..., field: _Optional[str] = ..., declared: _Optional[str] = ..., recorded: _Optional[str] = ...) -> None: ...
 
 class MonitorSpec(_message.Message):
-    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed", "aggregation", "joint", "length_strata")
+    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed", "aggregation", "joint", "length_strata", "provenance_policy")
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
     FPR_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +78,7 @@ class MonitorSpec(_message.Message):
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     JOINT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_STRATA_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_POLICY_FIELD_NUMBER: _ClassVar[int]
     detectors: _containers.RepeatedScalarFieldContainer[str]
     fusion: str
     fpr: float
@@ -58,7 +87,8 @@ class MonitorSpec(_message.Message):
     aggregation: str
     joint: str
     length_strata: int
-    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., aggregation: _Optional[str] = ..., joint: _Optional[str] = ..., length_strata: _Optional[int] = ...) -> None: ...
+    provenance_policy: str
+    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., aggregation: _Optional[str] = ..., joint: _Optional[str] = ..., length_strata: _Optional[int] = ..., provenance_policy: _Optional[str] = ...) -> None: ...
 
 class CreateMonitorRequest(_message.Message):
     __slots__ = ("name", "spec")
@@ -95,14 +125,16 @@ class DeleteMonitorResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SiteInfo(_message.Message):
-    __slots__ = ("name", "width", "reference_rows")
+    __slots__ = ("name", "width", "reference_rows", "provenance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     width: int
     reference_rows: int
-    def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., reference_rows: _Optional[int] = ...) -> None: ...
+    provenance: Provenance
+    def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., reference_rows: _Optional[int] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
 
 class MonitorInfo(_message.Message):
     __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report", "damaged")
@@ -221,20 +253,22 @@ class LengthStratum(_message.Message):
     def __init__(self, max_length: _Optional[int] = ..., computations: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class JointFit(_message.Message):
-    __slots__ = ("sites", "width", "fit_rows", "calibration_rows", "incomplete", "skipped")
+    __slots__ = ("sites", "width", "fit_rows", "calibration_rows", "incomplete", "skipped", "site_widths")
     SITES_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     FIT_ROWS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_ROWS_FIELD_NUMBER: _ClassVar[int]
     INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SITE_WIDTHS_FIELD_NUMBER: _ClassVar[int]
     sites: _containers.RepeatedScalarFieldContainer[str]
     width: int
     fit_rows: int
     calibration_rows: int
     incomplete: int
     skipped: str
-    def __init__(self, sites: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., fit_rows: _Optional[int] = ..., calibration_rows: _Optional[int] = ..., incomplete: _Optional[int] = ..., skipped: _Optional[str] = ...) -> None: ...
+    site_widths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sites: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., fit_rows: _Optional[int] = ..., calibration_rows: _Optional[int] = ..., incomplete: _Optional[int] = ..., skipped: _Optional[str] = ..., site_widths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DetectorScore(_message.Message):
     __slots__ = ("detector", "raw", "p_value")
@@ -311,12 +345,14 @@ class ScoreRequest(_message.Message):
     def __init__(self, monitor: _Optional[str] = ..., batches: _Optional[_Iterable[_Union[TraceBatch, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("traces", "computations")
+    __slots__ = ("traces", "computations", "provenance_warnings")
     TRACES_FIELD_NUMBER: _ClassVar[int]
     COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_WARNINGS_FIELD_NUMBER: _ClassVar[int]
     traces: _containers.RepeatedCompositeFieldContainer[TraceScore]
     computations: _containers.RepeatedCompositeFieldContainer[ComputationScore]
-    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ..., computations: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ...) -> None: ...
+    provenance_warnings: _containers.RepeatedCompositeFieldContainer[ProvenanceWarning]
+    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ..., computations: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ..., provenance_warnings: _Optional[_Iterable[_Union[ProvenanceWarning, _Mapping]]] = ...) -> None: ...
 
 class StreamScoresRequest(_message.Message):
     __slots__ = ("monitor", "batch", "complete")
@@ -335,12 +371,14 @@ class CompleteComputations(_message.Message):
     def __init__(self, trace_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TraceScores(_message.Message):
-    __slots__ = ("traces", "early_flags")
+    __slots__ = ("traces", "early_flags", "provenance_warnings")
     TRACES_FIELD_NUMBER: _ClassVar[int]
     EARLY_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_WARNINGS_FIELD_NUMBER: _ClassVar[int]
     traces: _containers.RepeatedCompositeFieldContainer[TraceScore]
     early_flags: _containers.RepeatedCompositeFieldContainer[ComputationScore]
-    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ..., early_flags: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ...) -> None: ...
+    provenance_warnings: _containers.RepeatedCompositeFieldContainer[ProvenanceWarning]
+    def __init__(self, traces: _Optional[_Iterable[_Union[TraceScore, _Mapping]]] = ..., early_flags: _Optional[_Iterable[_Union[ComputationScore, _Mapping]]] = ..., provenance_warnings: _Optional[_Iterable[_Union[ProvenanceWarning, _Mapping]]] = ...) -> None: ...
 
 class StreamScoresResponse(_message.Message):
     __slots__ = ("traces", "computation")
