@@ -134,7 +134,9 @@ pub struct FitArgs {
     pub detectors: String,
     /// Detectors fitted on the joint vector of a computation (its sites' vectors, each
     /// L2-normalised, concatenated, one per position with a trace at every site), as for
-    /// --detectors, or `none`. Skipped, and said so, with one site or a joint width above 4096.
+    /// --detectors, or `none`. Above 4096 in total, each site enters by its top whitened principal
+    /// coordinates under its own Gaussian (min(rank, 4096 / sites)). Skipped, and said so, with
+    /// one site, or above 4096 when a site has no Gaussian detector.
     #[arg(long, default_value = actwatch_detect::spec::DEFAULT_JOINT)]
     pub joint: String,
     /// How a computation's traces at one (site, detector) aggregate before fusion (per-token

@@ -52,8 +52,8 @@ use crate::{Error, Result};
 /// (`p_joint_gaussian`); a reference site may not be called this when a joint detector is fitted.
 pub const JOINT_SITE: &str = "joint";
 
-/// Widest joint vector fitted (the sum of the site widths): a Gaussian's statistics at this width
-/// are 128 MiB of f64.
+/// Widest joint vector made of whole site vectors (the sum of the site widths; a Gaussian's
+/// statistics at this width are 128 MiB of f64); wider monitors join principal coordinates.
 pub const JOINT_MAX_WIDTH: usize = 4096;
 
 /// Bytes of traces held while they wait for the rest of their joint vector, per fit pass, and
