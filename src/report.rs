@@ -48,6 +48,22 @@ pub fn print_fit_report(monitor: &Monitor, manifest: &Manifest, seconds: f64, ou
     if let Some(j) = &s.joint {
         match &j.skipped {
             Some(why) => println!("joint detector skipped: {why}"),
+            None if monitor
+                .joint_map()
+                .is_some_and(actwatch_detect::joint::JointMap::is_reduced) =>
+            {
+                let parts: Vec<String> = j
+                    .sites
+                    .iter()
+                    .zip(&j.site_widths)
+                    .map(|(s, w)| format!("{s} ({w})"))
+                    .collect();
+                println!(
+                    "joint vectors: the top whitened principal coordinates of each site ({}) concatenated; {} positions left out (a site had no trace there)",
+                    parts.join(", "),
+                    j.incomplete
+                )
+            }
             None => println!(
                 "joint vectors: sites {} concatenated; {} positions left out (a site had no trace there)",
                 j.sites.join(", "),
