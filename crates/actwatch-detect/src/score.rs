@@ -3,7 +3,8 @@
 //!
 //! The gRPC service and the batch pipeline both score through these two types and nothing else,
 //! so they give the same p-values by construction, not by convention. Site lookup, the width
-//! check, the provenance check, the bound on open computations and the "complete only what is open" rule live here once.
+//! check, the provenance check, the bound on open computations and the "complete only what is
+//! open" rule live here once.
 
 use std::collections::HashMap;
 
