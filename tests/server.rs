@@ -1874,3 +1874,55 @@ async fn conflicting_provenance_is_refused_or_warned_about() {
     );
     server.stop().await;
 }
+
+/// A spec with more detectors than a fit can afford is refused at create, naming the limit; a
+/// status never echoes more than `MAX_STATUS_MESSAGE_BYTES` of the client's input back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_specs_are_refused_at_create_and_echoes_are_capped() {
+    use actwatch_server::MAX_STATUS_MESSAGE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let client = server.client().await;
+    let create = |detectors: Vec<String>| {
+        let mut c = client.clone();
+        async move {
+            c.create_monitor(v1::CreateMonitorRequest {
+                name: "hostile".into(),
+                spec: Some(v1::MonitorSpec {
+                    detectors,
+                    ..Default::default()
+                }),
+            })
+            .await
+        }
+    };
+    // 17 distinct Gaussians: each would hold its own statistics at every site
+    let many: Vec<String> = (0..17)
+        .map(|i| format!("gaussian:shrinkage=0.{i:02}"))
+        .collect();
+    let st = status_of(create(many).await);
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().contains("over the limit of 16"),
+        "{}",
+        st.message()
+    );
+    // a 1 MB detector name is named in the error, cut
+    let st = status_of(create(vec!["y".repeat(1 << 20)]).await);
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().starts_with("invalid monitor spec"),
+        "{}",
+        &st.message()[..60]
+    );
+    assert!(
+        st.message().len() <= MAX_STATUS_MESSAGE_BYTES + 64,
+        "{}",
+        st.message().len()
+    );
+    assert!(st.message().ends_with("more bytes cut)"));
+    // and the server is fine
+    let ok = create(vec!["gaussian".into()]).await.unwrap().into_inner();
+    assert_eq!(ok.name, "hostile");
+    server.stop().await;
+}

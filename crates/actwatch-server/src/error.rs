@@ -173,6 +173,27 @@ fn pipeline_code(e: &actwatch_io::Error) -> Code {
     }
 }
 
+/// Longest status message a client gets (and the log records): a longer one can only come from
+/// echoing the client's own input back (a huge detector spec, say), and is cut.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// `status` with its message cut to [`MAX_STATUS_MESSAGE_BYTES`] (at a character boundary,
+/// saying how much was cut).
+pub(crate) fn capped(status: Status) -> Status {
+    let m = status.message();
+    if m.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return status;
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    Status::new(
+        status.code(),
+        format!("{}... ({} more bytes cut)", &m[..end], m.len() - end),
+    )
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {

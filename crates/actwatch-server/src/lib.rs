@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, MAX_STATUS_MESSAGE_BYTES};
 pub use limits::*;
 
 use crate::metrics::Metrics;

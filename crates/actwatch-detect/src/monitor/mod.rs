@@ -73,6 +73,9 @@ fn one() -> usize {
 /// Length strata by default: quartiles of the calibration computations' token counts (see
 /// [`crate::strata`]); pooled traces, all of one length, get one stratum whatever this says.
 pub const DEFAULT_LENGTH_STRATA: usize = 4;
+/// Most detectors per site (and most joint detectors): each one holds its own statistics per
+/// site, so a spec's detector count multiplies the fit's memory.
+pub const MAX_DETECTORS: usize = 16;
 
 /// Most length strata a monitor may ask for.
 pub const MAX_LENGTH_STRATA: usize = 64;
@@ -104,6 +107,12 @@ impl MonitorOptions {
             ));
         }
         for list in [&self.detectors, &self.joint] {
+            if list.len() > MAX_DETECTORS {
+                return Err(Error::InvalidOption(format!(
+                    "{} detectors in one list, over the limit of {MAX_DETECTORS}",
+                    list.len()
+                )));
+            }
             for (i, d) in list.iter().enumerate() {
                 d.validate()?;
                 if list[..i].contains(d) {

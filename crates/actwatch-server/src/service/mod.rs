@@ -97,7 +97,9 @@ impl ActivationMonitorService {
     }
 
     /// Counts and logs a status that ends a call: server faults at WARN, the rest at INFO.
+    /// Every failing call passes here, so its message is capped here ([`crate::error::capped`]).
     pub(super) fn reject(&self, rpc: &'static str, status: Status) -> Status {
+        let status = crate::error::capped(status);
         let code = status.code();
         self.metrics.reject(code);
         let name = code_name(code);
