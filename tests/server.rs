@@ -344,6 +344,25 @@ async fn ingest_fit_stream_score_match_the_batch_pipeline_and_survive_restart() 
     drop(watcher);
 
     // QueryScores: by id, and flagged only, from the durable log.
+    // Every result reads back from the log exactly as it was sent (floats round-trip).
+    let mut ids: Vec<&String> = served.keys().collect();
+    ids.sort();
+    let q = client
+        .query_scores(v1::QueryScoresRequest {
+            monitor: "minilm".into(),
+            trace_ids: ids.iter().map(|s| s.to_string()).collect(),
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.results.len(), served.len());
+    for r in &q.results {
+        let c = &served[&r.trace_id];
+        assert_eq!((r.p_value, r.score), (c.p_value, c.score), "{}", r.trace_id);
+        assert_eq!(r.slots, c.slots, "{}", r.trace_id);
+    }
     let some_id = served.keys().find(|k| k.contains("code")).unwrap().clone();
     let q = client
         .query_scores(v1::QueryScoresRequest {
@@ -1423,11 +1442,38 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
     let mut client = server.client().await;
     create(&mut client, "healthy").await;
     create(&mut client, "broken").await;
+    create(&mut client, "tampered").await;
+    let rows = |n: usize| {
+        let ids = (0..n).map(|i| format!("c{i}")).collect();
+        vec![encode_trace_batch(
+            "a",
+            ids,
+            vec![],
+            4,
+            &vec![0.5; 4 * n],
+            Dtype::F32,
+        )]
+    };
+    ingest(&mut client, "healthy", rows(3)).await.unwrap();
+    ingest(&mut client, "tampered", rows(5)).await.unwrap();
     drop(client);
     server.stop().await;
     let monitors = dir.path().join("monitors");
     std::fs::write(monitors.join("broken").join("state.json"), b"{ not json").unwrap();
     std::fs::create_dir(monitors.join("stray")).unwrap();
+    // A monitor whose reference segment disagrees with state.json (here: the segment of another
+    // ingest, with other rows, in its place) is quarantined too.
+    let segments = |name: &str| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(monitors.join(name).join("reference"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let (ours, theirs) = (segments("tampered"), segments("healthy"));
+    assert_eq!((ours.len(), theirs.len()), (1, 1));
+    std::fs::copy(&theirs[0], &ours[0]).unwrap();
     // An operator's file in a healthy monitor's reference folder is left alone (and logged).
     let notes = monitors.join("healthy").join("reference").join("notes.txt");
     std::fs::write(&notes, b"mine").unwrap();
@@ -1444,7 +1490,7 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
             .name,
         "healthy"
     );
-    for name in ["broken", "stray"] {
+    for name in ["broken", "stray", "tampered"] {
         let info = client.get_monitor(get(name)).await.unwrap().into_inner();
         assert!(!info.damaged.is_empty() && !info.fitted, "{info:?}");
         let batch = encode_trace_batch("a", vec!["c".into()], vec![], 4, &[0.5; 4], Dtype::F32);
@@ -1459,6 +1505,16 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
         .into_inner()
         .damaged
         .contains("state.json"));
+    let why = client
+        .get_monitor(get("tampered"))
+        .await
+        .unwrap()
+        .into_inner()
+        .damaged;
+    assert!(
+        why.contains("the segment holds 3 rows, but state.json lists 5"),
+        "{why}"
+    );
     let listed = client
         .list_monitors(v1::ListMonitorsRequest {})
         .await
@@ -1471,7 +1527,12 @@ async fn a_damaged_monitor_is_quarantined_while_the_others_are_served() {
         .collect();
     assert_eq!(
         names,
-        [("broken", false), ("healthy", true), ("stray", false)]
+        [
+            ("broken", false),
+            ("healthy", true),
+            ("stray", false),
+            ("tampered", false)
+        ]
     );
     client
         .delete_monitor(v1::DeleteMonitorRequest {

@@ -101,6 +101,14 @@ impl Default for ReadOptions {
     }
 }
 
+/// The number of rows a Parquet file's footer records (only the footer is read).
+pub fn file_rows(path: &Path) -> Result<u64> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+        .map_err(|e| Error::parquet(path, e))?;
+    Ok(u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0))
+}
+
 /// Expands files and directories into a list of files: a directory contributes every `*.parquet`
 /// file below it (recursively, sorted by path, skipping names that start with `.` or `_`); a file
 /// named explicitly is taken whatever its extension. Duplicates are dropped (first one kept).

@@ -347,6 +347,10 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
             ),
         }
     }
+    // Every listed segment holds the rows state.json says (its footer, read without the data),
+    // and the segments hold the rows the sites add up to: a monitor whose files disagree is
+    // quarantined, never fitted.
+    let mut total = 0u64;
     for s in &state.segments {
         let p = reference.join(&s.file);
         if !p.is_file() {
@@ -355,6 +359,29 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
                 message: format!("listed segment {} is missing", p.display()),
             });
         }
+        let rows = actwatch_io::reader::file_rows(&p).map_err(|e| Error::Corrupt {
+            path: p.clone(),
+            message: format!("unreadable reference segment: {e}"),
+        })?;
+        if rows != s.rows {
+            return Err(Error::Corrupt {
+                path: p,
+                message: format!(
+                    "the segment holds {rows} rows, but state.json lists {} for it",
+                    s.rows
+                ),
+            });
+        }
+        total += rows;
+    }
+    if total != state.reference_rows() {
+        return Err(Error::Corrupt {
+            path: dir.join(STATE_FILE),
+            message: format!(
+                "the segments hold {total} rows, but the sites add up to {}",
+                state.reference_rows()
+            ),
+        });
     }
 
     Ok(())
