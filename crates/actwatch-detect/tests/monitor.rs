@@ -1612,7 +1612,10 @@ fn a_wide_joint_vector_is_each_sites_whitened_principal_coordinates() {
             open.score(&monitor, &site_batch(&site.name, &c.id, site.dim, rows))
                 .unwrap();
         }
-        let (_, result) = open.complete(&monitor, &[c.id.clone()]).unwrap().remove(0);
+        let (_, result) = open
+            .complete(&monitor, std::slice::from_ref(&c.id))
+            .unwrap()
+            .remove(0);
         let v: Vec<f32> = oracle_joint(&c).iter().map(|&x| x as f32).collect();
         let want = joint.calibrations[0].p_value(joint.detectors[0].score_batch(&v).unwrap()[0]);
         let got = result
