@@ -456,6 +456,17 @@ fn weighted_sum_sq(x: &[f32], w: &[f64]) -> f64 {
 
 /// Writes `src` (L2-normalised if `normalize`; a zero row stays zero) minus `mean` into `dst`;
 /// returns `||dst||² · resid_inv` (0 without computing the norm when `resid_inv` is 0).
+/// `rows` (row-major, `mean.len()` wide) as a Gaussian with this mean prepares them: each
+/// L2-normalised if `normalize`, minus the mean (what the joint detector projects, [`crate::joint`]).
+pub(crate) fn centre_rows(rows: &[f32], mean: &[f32], normalize: bool) -> Vec<f32> {
+    let d = mean.len();
+    let mut out = vec![0.0f32; rows.len()];
+    for (src, dst) in rows.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        prepare_row(src, dst, mean, normalize, 0.0);
+    }
+    out
+}
+
 fn prepare_row(src: &[f32], dst: &mut [f32], mean: &[f32], normalize: bool, resid_inv: f64) -> f64 {
     let scale = if normalize {
         let mut n2 = f64::from(sum_sq(src));

@@ -182,13 +182,7 @@ impl JointMap {
             } => {
                 let (d, r) = (*dim, *r);
                 let m = rows.len() / d;
-                let mut y = rows.to_vec();
-                if *normalize {
-                    l2_normalize_rows(&mut y, d);
-                }
-                for row in y.chunks_exact_mut(d) {
-                    row.iter_mut().zip(mean).for_each(|(x, m)| *x -= m);
-                }
+                let y = crate::gaussian::centre_rows(rows, mean, *normalize);
                 // Pᵀ (r×m) = Bᵀ (r×d) · Yᵀ (d×m), as the Gaussian's scoring lays it out
                 let mut out = vec![0.0f32; m * r];
                 let pt = MatMut::from_column_major_slice_mut(&mut out, r, m);

@@ -133,18 +133,9 @@ pub fn model_provenance(
         Some(r) => r.to_string(),
         None => {
             use sha2::{Digest, Sha256};
-            use std::io::Read;
             let io = |e: std::io::Error| Error::model(path, format!("cannot read it: {e}"));
-            let mut file = std::fs::File::open(path).map_err(io)?;
             let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = file.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
+            std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut hasher).map_err(io)?;
             let hex: String = hasher.finalize()[..8]
                 .iter()
                 .map(|b| format!("{b:02x}"))

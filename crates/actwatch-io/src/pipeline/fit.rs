@@ -53,7 +53,7 @@ pub fn fold_reference(
                 // Every reference row's provenance, calibration part included.
                 fitter
                     .record_provenance(&site, p)
-                    .map_err(|e| in_file(&batch, e))?;
+                    .map_err(|e| batch.provenance_error(e))?;
             }
             let fit_rows: Vec<usize> = idx
                 .into_iter()
@@ -167,15 +167,6 @@ pub fn calibrate_reference(
             .collect(),
     };
     Ok((monitor, summary))
-}
-
-/// A fitting error about the traces of `batch`, naming its file.
-fn in_file(batch: &crate::reader::TraceBatch, e: actwatch_detect::Error) -> Error {
-    Error::Metadata {
-        path: batch.path.to_path_buf(),
-        key: crate::provenance::PROVENANCE_KEY,
-        message: e.to_string(),
-    }
 }
 
 /// The trace ids and vectors of `rows` of `batch`.

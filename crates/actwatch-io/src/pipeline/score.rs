@@ -107,11 +107,7 @@ fn score_batch_sites(
                 }
                 Ok((rows, scores))
             }
-            Err(e @ actwatch_detect::Error::Provenance { .. }) => Err(Error::Metadata {
-                path: batch.path.to_path_buf(),
-                key: crate::provenance::PROVENANCE_KEY,
-                message: e.to_string(),
-            }),
+            Err(e @ actwatch_detect::Error::Provenance { .. }) => Err(batch.provenance_error(e)),
             Err(actwatch_detect::Error::SiteWidth {
                 site,
                 expected,

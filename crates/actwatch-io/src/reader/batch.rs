@@ -72,6 +72,15 @@ impl TraceBatch {
         self.provenance.as_ref().and_then(|p| p.site(site))
     }
 
+    /// A provenance conflict about this batch's traces, as an error naming its file.
+    pub(crate) fn provenance_error(&self, e: actwatch_detect::Error) -> Error {
+        Error::Metadata {
+            path: self.path.to_path_buf(),
+            key: crate::provenance::PROVENANCE_KEY,
+            message: e.to_string(),
+        }
+    }
+
     /// The distinct sites of the batch in order of first appearance, each with its row indices.
     pub fn site_groups(&self) -> Vec<(Arc<str>, Vec<usize>)> {
         let mut groups: Vec<(Arc<str>, Vec<usize>)> = Vec::new();

@@ -477,21 +477,21 @@ impl ActivationMonitor for ActivationMonitorService {
                 self.limits.max_joint_pending_bytes,
             );
             let started = Instant::now();
-            let fitted2 = fitted.clone();
+            let scorer = fitted.clone();
             let (traces, logged, warnings) = blocking(move || {
                 let mut open = OpenComputations::with_limits(max_open, max_joint);
                 let mut traces = Vec::new();
                 let mut warnings: Vec<v1::ProvenanceWarning> = Vec::new();
                 for b in batches {
                     let decoded = actwatch_proto::decode_trace_batch(b)?;
-                    let (t, warning) = score_batch(&fitted2, &decoded, &mut open)?;
+                    let (t, warning) = score_batch(&scorer, &decoded, &mut open)?;
                     traces.extend(t);
                     // one per site
                     warnings.extend(warning.filter(|w| warnings.iter().all(|o| o.site != w.site)));
                 }
                 let mut logged = Vec::new();
                 if complete_all {
-                    logged = complete(&fitted2, &mut open, None)?;
+                    logged = complete(&scorer, &mut open, None)?;
                     entry.log_scores(&logged)?;
                 }
                 Ok((traces, logged, warnings))
