@@ -17,6 +17,7 @@ pub mod joint;
 pub mod knn;
 pub mod metrics;
 pub mod monitor;
+pub mod probe;
 pub mod score;
 pub mod shrinkage;
 pub mod spec;
