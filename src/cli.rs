@@ -164,6 +164,23 @@ pub struct FitArgs {
     /// Seed of the fit/calibration split.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     pub seed: u64,
+    /// Concept probes to fit from --examples, each `NAME[:key=value,...]` (repeat the flag for
+    /// several): kind=diff_means (default)|logistic, c=auto|<C> (logistic: inverse L2 strength, auto =
+    /// 5-fold cross-validated), sites=<site>+<site>... (default: every site, fused),
+    /// aggregation=<as --aggregation>, reference_negatives=true|false (also fit on the
+    /// reference traffic as negatives), defer_fpr=<rate> (a cascade's deferral band). A probe's
+    /// p-value is calibrated among benign computations (the calibration part of the reference
+    /// traffic and of the labelled negatives).
+    #[arg(long = "probe", requires = "examples")]
+    pub probes: Vec<String>,
+    /// Labelled examples for --probe: Parquet files or directories in the same long format as
+    /// --input (same columns), with a label column (--label-column).
+    #[arg(long, num_args = 1.., requires = "probes")]
+    pub examples: Vec<PathBuf>,
+    /// The examples' label column: boolean, or an integer 0 (concept absent) or 1 (present);
+    /// one label per computation.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -205,14 +222,22 @@ pub struct EvalArgs {
     #[arg(long)]
     pub monitor: PathBuf,
     /// Parquet files of in-distribution computations (false positives are measured on them).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "examples", num_args = 1..)]
     pub normal: Vec<PathBuf>,
     /// Parquet files of anomalous computations; each file is one category unless --label-column is given.
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "examples", num_args = 1..)]
     pub anomalous: Vec<PathBuf>,
-    /// Group anomalous computations by this column's value instead of by file.
+    /// With --normal/--anomalous: group anomalous computations by this column's value instead
+    /// of by file. With --examples: the concept label (boolean, or an integer 0 or 1).
     #[arg(long)]
     pub label_column: Option<String>,
+    /// Evaluate the monitor's concept probes instead: labelled Parquet files (the label in
+    /// --label-column); per probe AUROC, recall and FPR at the target rate, deferred shares.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["normal", "anomalous"], requires = "label_column")]
+    pub examples: Vec<PathBuf>,
+    /// With --examples: also report per value of this column (e.g. the examples' source).
+    #[arg(long, requires = "examples")]
+    pub group_column: Option<String>,
     /// Write score histograms and ROC curves to this SVG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,

@@ -87,10 +87,62 @@ pub fn print_fit_report(monitor: &Monitor, manifest: &Manifest, seconds: f64, ou
         monitor.options().fpr,
         s.calibration_fpr
     );
+    for p in monitor.probes() {
+        print_probe_summary(&p.summary, monitor.options().fpr);
+    }
     println!(
         "timings: fit {:.2}s, calibration {:.2}s, total {:.2}s",
         s.fit_seconds, s.calibration_seconds, seconds
     );
+}
+
+/// What fitting one concept probe found: per site its examples and C, then its calibration and
+/// the recall on held-out positives.
+fn print_probe_summary(p: &actwatch_detect::monitor::ProbeSummary, fpr: f64) {
+    let pct = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    println!("probe {} ({}):", p.name, p.kind);
+    for s in &p.sites {
+        let c = match (s.c, s.cv_loss.is_empty()) {
+            (Some(c), false) => format!(", C {c:.3e} (5-fold cross-validated)"),
+            (Some(c), true) => format!(", C {c:.3e}"),
+            (None, _) => String::new(),
+        };
+        println!(
+            "  site {}: fitted on {} positive and {} negative computations{}{}",
+            s.site,
+            s.fit.positive,
+            s.fit.negative,
+            if s.fit.reference > 0 {
+                format!(
+                    " (+{} reference computations as negatives)",
+                    s.fit.reference
+                )
+            } else {
+                String::new()
+            },
+            c
+        );
+    }
+    println!(
+        "  calibrated on {} benign computations ({} reference, {} labelled negatives): FPR {} overall, {} on the labelled negatives",
+        p.calibration_reference + p.calibration_negatives,
+        p.calibration_reference,
+        p.calibration_negatives,
+        pct(Some(p.calibration_fpr)),
+        pct(p.negatives_fpr)
+    );
+    println!(
+        "  recall at FPR {fpr} on {} held-out positives: {}",
+        p.heldout_positives,
+        pct(p.recall)
+    );
+    if p.deferred_benign.is_some() {
+        println!(
+            "  deferred (cascade band): {} of benign computations, {} of held-out positives",
+            pct(p.deferred_benign),
+            pct(p.deferred_positives)
+        );
+    }
 }
 
 /// Warns, on stderr, of input scored despite provenance that conflicts with the monitor's.
@@ -121,6 +173,96 @@ fn describe_detector(d: &actwatch_detect::spec::FittedDetector) -> String {
             if k.is_exact() { "exact" } else { "hnsw" }
         ),
     }
+}
+
+/// `eval --examples`: per probe, AUROC of its fused statistic (positives against negatives),
+/// recall and FPR at the target rate, deferred shares; per group when given (each group's
+/// positives against all negatives, each group's negatives flagged).
+pub fn print_probe_eval(
+    monitor: &Monitor,
+    results: &[actwatch_detect::ComputationResult],
+    labels: &[bool],
+    groups: Option<&[Option<String>]>,
+) {
+    let fpr = monitor.options().fpr;
+    let n_pos = labels.iter().filter(|&&l| l).count();
+    println!(
+        "{} computations: {} positive, {} negative; target FPR {fpr}",
+        labels.len(),
+        n_pos,
+        labels.len() - n_pos
+    );
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let share = |idx: &[usize], f: &dyn Fn(usize) -> bool| -> Option<f64> {
+        (!idx.is_empty()).then(|| idx.iter().filter(|&&i| f(i)).count() as f64 / idx.len() as f64)
+    };
+    let mut names: Vec<String> = vec!["all".into()];
+    if let Some(g) = groups {
+        for v in g {
+            let v = v.clone().unwrap_or_else(|| "(null)".into());
+            if !names.contains(&v) {
+                names.push(v);
+            }
+        }
+    }
+    for (pi, p) in monitor.probes().iter().enumerate() {
+        println!(
+            "probe {} ({}, sites {}):",
+            p.name(),
+            p.spec.kind.name(),
+            p.sites
+                .iter()
+                .map(|s| monitor.sites()[s.site].name.as_str())
+                .collect::<Vec<_>>()
+                .join("+")
+        );
+        println!(
+            "  {:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "group", "pos", "neg", "AUROC", "recall", "FPR", "defer+", "defer-"
+        );
+        let score = |i: usize| results[i].probes[pi].score;
+        let all_neg: Vec<usize> = (0..labels.len()).filter(|&i| !labels[i]).collect();
+        let neg_scores: Vec<f64> = all_neg.iter().map(|&i| score(i)).collect();
+        for name in &names {
+            let member = |i: usize| {
+                name == "all"
+                    || groups.is_some_and(|g| g[i].as_deref().unwrap_or("(null)") == name.as_str())
+            };
+            let pos: Vec<usize> = (0..labels.len())
+                .filter(|&i| labels[i] && member(i))
+                .collect();
+            let neg: Vec<usize> = (0..labels.len())
+                .filter(|&i| !labels[i] && member(i))
+                .collect();
+            let pos_scores: Vec<f64> = pos.iter().map(|&i| score(i)).collect();
+            let flagged = |i: usize| results[i].probes[pi].flagged;
+            let deferred = |i: usize| results[i].probes[pi].deferred;
+            let has_defer = p.spec.defer_fpr.is_some();
+            println!(
+                "  {:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+                name,
+                pos.len(),
+                neg.len(),
+                fmt(metrics::auroc(&neg_scores, &pos_scores)),
+                fmt(share(&pos, &flagged)),
+                fmt(share(&neg, &flagged)),
+                if has_defer {
+                    fmt(share(&pos, &deferred))
+                } else {
+                    "-".into()
+                },
+                if has_defer {
+                    fmt(share(&neg, &deferred))
+                } else {
+                    "-".into()
+                },
+            );
+        }
+    }
+    println!(
+        "AUROC: the group's positives against all negatives; recall and FPR: flagged at p <= {fpr}; \
+         defer+/-: positives/negatives deferred (p in ({fpr}, defer_fpr])"
+    );
 }
 
 /// One row of the evaluation table: the computation-level results of one category.

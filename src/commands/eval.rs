@@ -16,6 +16,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (mut monitor, manifest) = super::load(&a.monitor)?;
     monitor.set_provenance_policy(a.provenance.policy());
     let read = a.columns.read_options(&manifest.reference.columns, None);
+    if !a.examples.is_empty() {
+        let label = a
+            .label_column
+            .as_deref()
+            .expect("clap requires --label-column");
+        return run_probe_eval(
+            &monitor,
+            &read,
+            &a.examples,
+            label,
+            a.group_column.as_deref(),
+        );
+    }
     run_eval(
         &monitor,
         &read,
@@ -91,5 +104,47 @@ pub fn run_eval(
         .with_context(|| format!("writing {}", path.display()))?;
         println!("plot written to {}", path.display());
     }
+    Ok(())
+}
+
+/// `eval --examples`: the monitor's concept probes on labelled computations.
+pub fn run_probe_eval(
+    monitor: &Monitor,
+    read: &ReadOptions,
+    examples: &[PathBuf],
+    label_column: &str,
+    group_column: Option<&str>,
+) -> Result<()> {
+    if monitor.probes().is_empty() {
+        bail!("the monitor has no concept probes (fit one with --probe and --examples)");
+    }
+    let read = ReadOptions {
+        keep_other_columns: true,
+        ..read.clone()
+    };
+    let t = pipeline::score_computations(monitor, examples, &read, &Bars::new())
+        .context("scoring the examples")?;
+    crate::report::print_provenance_conflicts(&t.provenance_conflicts);
+    let labels = t
+        .column_strings(label_column)
+        .with_context(|| format!("no column {label_column} constant within each computation"))?
+        .into_iter()
+        .zip(&t.ids)
+        .map(|(v, id)| match v.as_deref() {
+            Some("1" | "true") => Ok(true),
+            Some("0" | "false") => Ok(false),
+            other => {
+                bail!("computation {id:?}: label {other:?} in column {label_column} is not 0 or 1")
+            }
+        })
+        .collect::<Result<Vec<bool>>>()?;
+    let groups = match group_column {
+        Some(g) => Some(
+            t.column_strings(g)
+                .with_context(|| format!("no column {g} constant within each computation"))?,
+        ),
+        None => None,
+    };
+    crate::report::print_probe_eval(monitor, &t.results, &labels, groups.as_deref());
     Ok(())
 }

@@ -31,7 +31,7 @@ pub use fusion::Fusion;
 pub use gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
 pub use knn::{KnnDetector, KnnFitter, KnnOptions, Metric};
 pub use monitor::{Monitor, MonitorOptions};
-pub use score::{ComputationResult, OpenComputations, SiteScores};
+pub use score::{ComputationResult, OpenComputations, ProbeResult, ProbeTraceScores, SiteScores};
 pub use shrinkage::Shrinkage;
 pub use spec::DetectorSpec;
 pub use stats::SufficientStats;

@@ -636,3 +636,214 @@ fn dotf(a: &[f64], b: &[f64]) -> f64 {
 fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
+
+/// How a probe is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// L2 logistic regression on standardised features ([`fit_logistic`]); `c` None: chosen by
+    /// cross-validation on the examples ([`choose_c`]).
+    Logistic { c: Option<f64> },
+    /// The difference of the class means ([`difference_of_means`]).
+    DiffMeans,
+}
+
+impl ProbeKind {
+    /// `logistic` or `diff_means`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProbeKind::Logistic { .. } => "logistic",
+            ProbeKind::DiffMeans => "diff_means",
+        }
+    }
+}
+
+/// The default probe: the difference of means. Labelled examples are rarely drawn from the
+/// traffic a probe will watch: they come from datasets with their own phrasing, length and topic,
+/// and any feature that separates their classes (harmful *orders* against long chatty benign
+/// requests, say) is a feature a discriminative fit is rewarded for using. Logistic regression
+/// finds every such direction (on the shared concept data its cross-validation chooses the
+/// weakest penalty of the grid: the classes are nearly separable); the difference of means has
+/// no such freedom, it is the mean shift and nothing else, which is why it carries a concept
+/// across distribution shifts better in the probing literature ("mass-mean" probes, Marks &
+/// Tegmark 2023; refusal directions, Arditi et al. 2024). It also needs no hyper-parameter and
+/// its statistics merge exactly. Measured, not chosen, on the style-shifted dev set:
+/// docs/experiments/probes.md.
+pub const DEFAULT_PROBE_KIND: ProbeKind = ProbeKind::DiffMeans;
+
+/// Most probes one monitor holds.
+pub const MAX_PROBES: usize = 16;
+/// Longest probe name, in bytes.
+pub const MAX_PROBE_NAME_LEN: usize = 64;
+
+/// One probe a monitor fits from labelled examples: what a user asks for with
+/// `NAME[:key=value,...]`, e.g. `harmful_request`, `harmful_request:kind=diff_means,sites=6`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProbeSpec {
+    /// Names its p-value in results (`p_probe_<name>`): letters, digits, `_` and `-`.
+    pub name: String,
+    pub kind: ProbeKind,
+    /// The sites it reads, one probe per site fused like detector slots; empty: every site of
+    /// the monitor.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// How a computation's traces aggregate per site; None: the monitor's aggregation.
+    #[serde(default)]
+    pub aggregation: Option<crate::Aggregation>,
+    /// Also fit on the fit part of the monitor's (trusted, unlabelled) reference traffic, as
+    /// negatives weighing as much in total as the labelled negatives.
+    #[serde(default)]
+    pub reference_negatives: bool,
+    /// A second, looser rate: computations with a p-value at or below it (and not flagged) are
+    /// *deferred*, the uncertain band a cascade sends to a more expensive judge.
+    #[serde(default)]
+    pub defer_fpr: Option<f64>,
+}
+
+impl ProbeSpec {
+    /// A probe named `name` with the defaults: [`DEFAULT_PROBE_KIND`], every site, the
+    /// monitor's aggregation, no reference negatives, no deferral band.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            kind: DEFAULT_PROBE_KIND,
+            sites: Vec::new(),
+            aggregation: None,
+            reference_negatives: false,
+            defer_fpr: None,
+        }
+    }
+
+    /// Parses `NAME[:key=value,...]` with keys `kind` (`logistic`, `diff_means`), `c` (a
+    /// positive number, or `auto`: cross-validated), `sites` (`+`-separated, e.g. `2+4+6`),
+    /// `aggregation` (as the monitor's, e.g. `max`, `max_rolling_mean:8`),
+    /// `reference_negatives` (`true`/`false`) and `defer_fpr` (a rate).
+    pub fn parse(text: &str) -> Result<Self> {
+        let (name, params) = match text.split_once(':') {
+            Some((n, p)) => (n.trim(), p),
+            None => (text.trim(), ""),
+        };
+        let mut spec = Self::named(name);
+        let mut c: Option<Option<f64>> = None;
+        let bad = |why: String| Error::InvalidOption(format!("probe `{text}`: {why}"));
+        for p in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = p
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .ok_or_else(|| bad(format!("`{p}` is not key=value")))?;
+            match k {
+                "kind" => {
+                    spec.kind = match v {
+                        "logistic" => ProbeKind::Logistic { c: None },
+                        "diff_means" => ProbeKind::DiffMeans,
+                        _ => {
+                            return Err(bad(format!(
+                                "unknown kind `{v}`: expected logistic or diff_means"
+                            )))
+                        }
+                    }
+                }
+                "c" => {
+                    c = Some(if v == "auto" {
+                        None
+                    } else {
+                        Some(
+                            v.parse::<f64>()
+                                .map_err(|_| bad(format!("c `{v}` is not a number (or `auto`)")))?,
+                        )
+                    })
+                }
+                "sites" => {
+                    spec.sites = v
+                        .split('+')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                }
+                "aggregation" => spec.aggregation = Some(crate::Aggregation::parse(v)?),
+                "reference_negatives" => {
+                    spec.reference_negatives = v
+                        .parse::<bool>()
+                        .map_err(|_| bad(format!("reference_negatives `{v}` is not true/false")))?
+                }
+                "defer_fpr" => {
+                    spec.defer_fpr = Some(
+                        v.parse::<f64>()
+                            .map_err(|_| bad(format!("defer_fpr `{v}` is not a number")))?,
+                    )
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown parameter `{k}` (known: kind, c, sites, aggregation, \
+                         reference_negatives, defer_fpr)"
+                    )))
+                }
+            }
+        }
+        if let Some(c) = c {
+            match &mut spec.kind {
+                ProbeKind::Logistic { c: slot } => *slot = c,
+                ProbeKind::DiffMeans => {
+                    return Err(bad("c applies to kind=logistic only".into()));
+                }
+            }
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks what can be checked without data (`fpr`: the monitor's target rate, which a
+    /// deferral rate must exceed).
+    pub fn validate_with(&self, fpr: f64) -> Result<()> {
+        self.validate()?;
+        if let Some(d) = self.defer_fpr {
+            if d <= fpr {
+                return Err(Error::InvalidOption(format!(
+                    "probe {:?}: defer_fpr {d} must be above the monitor's target rate {fpr}",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |why: String| {
+            Err(Error::InvalidOption(format!(
+                "probe {:?}: {why}",
+                self.name
+            )))
+        };
+        if self.name.is_empty()
+            || self.name.len() > MAX_PROBE_NAME_LEN
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return bad(format!(
+                "a probe name is 1 to {MAX_PROBE_NAME_LEN} letters, digits, `_` or `-`"
+            ));
+        }
+        if let ProbeKind::Logistic { c: Some(c) } = self.kind {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("c {c} is not a finite positive number"));
+            }
+        }
+        if let Some(a) = &self.aggregation {
+            a.validate()?;
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            if self.sites[..i].contains(s) {
+                return bad(format!("site {s:?} is listed twice"));
+            }
+        }
+        if let Some(d) = self.defer_fpr {
+            if !(d > 0.0 && d < 1.0) {
+                return bad(format!("defer_fpr {d} is outside (0, 1)"));
+            }
+        }
+        Ok(())
+    }
+}

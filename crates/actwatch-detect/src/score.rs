@@ -32,6 +32,52 @@ pub struct SiteScores {
     /// Under [`ProvenancePolicy::Warn`]: how the batch's declared provenance conflicts with the
     /// site's (under `Refuse` such a batch is not scored at all).
     pub provenance_conflict: Option<ProvenanceConflict>,
+    /// The concept probes that read this site ([`Monitor::probes`]).
+    pub probes: Vec<ProbeTraceScores>,
+}
+
+/// One probe's per-trace results on a site's batch.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeTraceScores {
+    /// Index into [`Monitor::probes`].
+    pub probe: usize,
+    /// Index among the probe's sites.
+    pub slot: usize,
+    /// The linear score `w·x + b` (higher = more of the concept).
+    pub raw: Vec<f64>,
+    /// Conformal p-value of the raw score among benign calibration traces.
+    pub p: Vec<f64>,
+    /// Smoothed `-ln p`.
+    pub neg_log_p: Vec<f64>,
+}
+
+/// A computation's answer to one concept probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeResult {
+    /// Fused statistic, higher = more of the concept.
+    pub score: f64,
+    /// Conformal p-value among the probe's benign calibration computations.
+    pub p_value: f64,
+    /// `p_value` at or below the monitor's target rate.
+    pub flagged: bool,
+    /// Not flagged, but `p_value` at or below the probe's `defer_fpr` (the cascade's uncertain
+    /// band); always false without one.
+    pub deferred: bool,
+    /// As [`ComputationResult::flagged_at`], for this probe.
+    pub flagged_at: Option<i64>,
+}
+
+impl ProbeResult {
+    /// `flag`, `defer` or `pass`: what a cascade does with the computation.
+    pub fn verdict(&self) -> &'static str {
+        if self.flagged {
+            "flag"
+        } else if self.deferred {
+            "defer"
+        } else {
+            "pass"
+        }
+    }
 }
 
 impl SiteScores {
@@ -61,6 +107,8 @@ pub struct ComputationResult {
     /// A running result of a computation not yet complete (an early flag); its final result
     /// follows at completion and is flagged too.
     pub partial: bool,
+    /// Per concept probe, in the order of [`Monitor::probes`].
+    pub probes: Vec<ProbeResult>,
 }
 
 /// Running evidence of one computation: per slot (site × detector) the running aggregate of its
@@ -75,6 +123,11 @@ struct Evidence {
     flagged_at: Option<i64>,
     /// Traces waiting for the other sites of their joint vector (monitors with a joint detector).
     joiner: Option<Joiner>,
+    /// Per probe and probe site (flattened, [`Monitor::probe_slot`]): the running aggregate of
+    /// its traces' `-ln p`.
+    probe_slots: Vec<AggState>,
+    /// Per probe: where its running statistic first reached its threshold.
+    probe_flagged_at: Vec<Option<i64>>,
 }
 
 impl Evidence {
@@ -161,7 +214,66 @@ impl Monitor {
             out.trace_p.push(s.trace_fused.p_value(t));
             out.trace_score.push(t);
         }
+        for &(probe, slot) in self.probes_at(site) {
+            let ps = &self.probes()[probe].sites[slot];
+            let raw = ps.probe.scores(rows);
+            out.probes.push(ProbeTraceScores {
+                probe,
+                slot,
+                p: raw.iter().map(|&x| ps.calibration.p_value(x)).collect(),
+                neg_log_p: raw
+                    .iter()
+                    .map(|&x| ps.calibration.smooth_neg_log_p(x, false))
+                    .collect(),
+                raw,
+            });
+        }
         Ok(out)
+    }
+
+    /// Whether probe `probe` flags computations early (as [`Monitor::flags_early`]).
+    fn probe_flags_early(&self, probe: usize) -> bool {
+        self.probes()[probe]
+            .aggregation(self.options())
+            .is_monotone()
+            && self.options().fusion.is_monotone()
+    }
+
+    /// The index of (probe, probe site) among a computation's probe slots.
+    fn probe_slot(&self, probe: usize, slot: usize) -> usize {
+        self.probes()[..probe]
+            .iter()
+            .map(|p| p.sites.len())
+            .sum::<usize>()
+            + slot
+    }
+
+    /// Probe `probe`'s fused statistic of the evidence so far.
+    fn probe_statistic(&self, ev: &Evidence, probe: usize) -> f64 {
+        let p = &self.probes()[probe];
+        let agg = p.aggregation(self.options());
+        let first = self.probe_slot(probe, 0);
+        let values: Vec<f64> = ev.probe_slots[first..first + p.sites.len()]
+            .iter()
+            .map(|st| agg.value(st).unwrap_or(f64::NAN))
+            .collect();
+        self.options().fusion.fuse_slots(&values)
+    }
+
+    /// Probe `probe`'s result on the evidence so far.
+    fn probe_result(&self, ev: &Evidence, probe: usize) -> ProbeResult {
+        let p = &self.probes()[probe];
+        let score = self.probe_statistic(ev, probe);
+        let p_value = p.fused.p_value(score, ev.length());
+        let fpr = self.options().fpr;
+        let flagged = p_value <= fpr;
+        ProbeResult {
+            score,
+            p_value,
+            flagged,
+            deferred: !flagged && p.spec.defer_fpr.is_some_and(|d| p_value <= d),
+            flagged_at: ev.probe_flagged_at[probe],
+        }
     }
 
     /// Whether computations are flagged before they are complete: when both the token
@@ -182,6 +294,15 @@ impl Monitor {
             per_site: vec![0; self.sites().len()],
             flagged_at: None,
             joiner: self.joint().map(|_| Joiner::new(self.sites().len())),
+            probe_slots: self
+                .probes()
+                .iter()
+                .flat_map(|p| {
+                    let agg = p.aggregation(self.options());
+                    p.sites.iter().map(move |_| agg.start())
+                })
+                .collect(),
+            probe_flagged_at: vec![None; self.probes().len()],
         }
     }
 
@@ -264,11 +385,31 @@ impl Monitor {
                 *cell = raw;
             }
         }
+        for ps in &scores.probes {
+            let agg = self.probes()[ps.probe].aggregation(self.options());
+            let k = self.probe_slot(ps.probe, ps.slot);
+            agg.push(&mut ev.probe_slots[k], ps.neg_log_p[row]);
+        }
         ev.traces += 1;
         let seen = &mut ev.per_site[scores.site];
         let position = position.map_or(i64::from(*seen), i64::from);
         *seen = seen.saturating_add(1);
-        self.check_early(ev, position)
+        let mut probe_flagged = false;
+        for ps in &scores.probes {
+            let i = ps.probe;
+            if ev.probe_flagged_at[i].is_none()
+                && self.probe_flags_early(i)
+                && self.probes()[i].fused.flagged_at_any_longer(
+                    self.probe_statistic(ev, i),
+                    ev.length(),
+                    self.options().fpr,
+                )
+            {
+                ev.probe_flagged_at[i] = Some(position);
+                probe_flagged = true;
+            }
+        }
+        self.check_early(ev, position) | probe_flagged
     }
 
     /// The fused statistic of the evidence so far.
@@ -305,6 +446,9 @@ impl Monitor {
             traces: ev.traces,
             flagged_at: ev.flagged_at,
             partial,
+            probes: (0..self.probes().len())
+                .map(|i| self.probe_result(ev, i))
+                .collect(),
         }
     }
 }
@@ -458,11 +602,16 @@ impl OpenComputations {
     }
 
     /// The running results of the computations flagged early since the last call (each
-    /// computation once, marked `partial`), in the order they were flagged; a computation
-    /// completed in the meantime is left out (its final result says where it was flagged).
+    /// computation once per call, marked `partial`), in the order they were flagged; a
+    /// computation completed in the meantime is left out (its final result says where it was
+    /// flagged). A computation is flagged early at most once per question (the anomaly question
+    /// and each probe, see [`ComputationResult::flagged_at`] and [`ProbeResult::flagged_at`]),
+    /// so it comes back in a later call only when another question flags it.
     pub fn take_early_flags(&mut self, monitor: &Monitor) -> Vec<(String, ComputationResult)> {
+        let mut seen = std::collections::HashSet::new();
         std::mem::take(&mut self.early)
             .into_iter()
+            .filter(|id| seen.insert(id.clone()))
             .filter_map(|id| {
                 let (_, ev) = self.open.get(&id)?;
                 let result = monitor.finish_computation(ev, true);

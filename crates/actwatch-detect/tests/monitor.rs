@@ -651,6 +651,7 @@ fn calibration_matches_a_naive_recomputation() {
                 calibration_fraction: 0.5,
                 seed,
                 length_strata: 1,
+                probes: Vec::new(),
             };
             let r = reference(&synth, &mut rng, &options, (n_fit, n_cal), 0.05, "c");
             let fresh: Vec<Computation> = (0..2500)
@@ -695,6 +696,7 @@ fn token_aggregations_match_a_naive_recomputation() {
             calibration_fraction: 0.5,
             seed,
             length_strata: 4,
+            probes: Vec::new(),
         };
         let r = reference(&synth, &mut rng, &options, (120, 140), 0.05, "c");
         let fresh: Vec<Computation> = (0..150)
@@ -915,6 +917,7 @@ fn an_early_flag_is_a_final_flag() {
                 calibration_fraction: 0.5,
                 seed,
                 length_strata: 3,
+                probes: Vec::new(),
             };
             let r = reference(&synth, &mut rng, &options, (100, 100), 0.0, "c");
             let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
@@ -1075,6 +1078,7 @@ fn in_sample_rate_counts_a_computation_exactly_at_the_target() {
             calibration_fraction: 0.5,
             seed: 5,
             length_strata: 1,
+            probes: Vec::new(),
         };
         let r = reference(&synth, &mut rng, &options, (60, n_cal), 0.0, "c");
         let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
@@ -1168,6 +1172,7 @@ fn achieved_fpr_over_seeds_is_the_target() {
             calibration_fraction: 0.5,
             seed,
             length_strata: 1,
+            probes: Vec::new(),
         };
         let r = reference(&synth, &mut rng, &options, (N_FIT, N_CAL), 0.0, "ref");
         let monitor = fit_monitor(&synth, &options, &r, &mut rng).unwrap();
@@ -1248,6 +1253,7 @@ fn resumed_fitter_gives_the_identical_monitor() {
             calibration_fraction: 0.4,
             seed: 3,
             length_strata: DEFAULT_LENGTH_STRATA,
+            probes: Vec::new(),
         };
         let r = reference(&synth, &mut rng, &options, (200, 60), 0.0, "ref");
         let (first, second) = r.fit.split_at(90);

@@ -381,3 +381,419 @@ fn bad_examples_are_refused() {
     assert!(fit_logistic(&tiny.view(), 0.0).is_err());
     assert!(fit_logistic(&tiny.view(), f64::NAN).is_err());
 }
+
+// ---- Probes inside a monitor: fit, calibration and p-values against their definitions ----
+
+use actwatch_core::{SiteBatch, Vectors};
+use actwatch_detect::monitor::{Monitor, MonitorFitter, MonitorOptions};
+use actwatch_detect::probe::{ProbeKind, ProbeSpec};
+use actwatch_detect::spec::DetectorSpec;
+use actwatch_detect::{Aggregation, Fusion, OpenComputations};
+
+const SITES: [(&str, usize); 2] = [("a", 6), ("b", 4)];
+
+/// A computation: per site, its traces (1 to 4 tokens), row-major.
+struct Comp {
+    id: String,
+    traces: Vec<Vec<f32>>,
+}
+
+/// Benign traffic is standard normal; the concept shifts the first two components of every
+/// trace at both sites; `style` shifts component 3 (a nuisance the labelled negatives share).
+fn comp(rng: &mut Rng, id: String, concept: f64, style: f64) -> Comp {
+    let len = 1 + (rng.next_u64() % 4) as usize;
+    let traces = SITES
+        .iter()
+        .map(|&(_, d)| {
+            let mut rows = rng.gaussian_rows(len, d, 0.0);
+            for t in 0..len {
+                rows[t * d] += concept as f32;
+                rows[t * d + 1] += concept as f32;
+                rows[t * d + 3] += style as f32;
+            }
+            rows
+        })
+        .collect();
+    Comp { id, traces }
+}
+
+struct ProbeData {
+    reference: Vec<Comp>,
+    examples: Vec<(Comp, bool)>,
+}
+
+fn probe_data(seed: u64) -> ProbeData {
+    let mut rng = Rng::new(seed);
+    ProbeData {
+        reference: (0..800)
+            .map(|i| comp(&mut rng, format!("ref-{i}"), 0.0, 0.0))
+            .collect(),
+        examples: (0..400)
+            .map(|i| {
+                let positive = i % 2 == 0;
+                let c = comp(
+                    &mut rng,
+                    format!("ex-{i}"),
+                    if positive { 1.5 } else { 0.0 },
+                    0.7,
+                );
+                (c, positive)
+            })
+            .collect(),
+    }
+}
+
+fn probe_options(probes: Vec<ProbeSpec>) -> MonitorOptions {
+    MonitorOptions {
+        detectors: DetectorSpec::parse_list("gaussian").unwrap(),
+        joint: Vec::new(),
+        aggregation: Aggregation::Max,
+        fusion: Fusion::Fisher,
+        fpr: 0.05,
+        calibration_fraction: 0.4,
+        seed: 7,
+        length_strata: 1,
+        probes,
+    }
+}
+
+fn fit_with_probes(data: &ProbeData, options: MonitorOptions) -> actwatch_detect::Result<Monitor> {
+    let mut fitter = MonitorFitter::new(options)?;
+    for c in &data.reference {
+        if fitter.is_calibration(&c.id) {
+            continue;
+        }
+        for (&(site, d), rows) in SITES.iter().zip(&c.traces) {
+            fitter.push_fit(site, rows, d)?;
+            let ids = vec![c.id.as_str(); rows.len() / d];
+            fitter.push_reference_negatives(site, &ids, rows, d)?;
+        }
+    }
+    for (c, label) in &data.examples {
+        if fitter.is_calibration(&c.id) {
+            continue;
+        }
+        for (&(site, d), rows) in SITES.iter().zip(&c.traces) {
+            let n = rows.len() / d;
+            fitter.push_examples(site, &vec![c.id.as_str(); n], rows, d, &vec![*label; n])?;
+        }
+    }
+    let mut cal = fitter.finish_fit()?;
+    for c in &data.reference {
+        if !cal.is_calibration(&c.id) {
+            continue;
+        }
+        for (&(site, d), rows) in SITES.iter().zip(&c.traces) {
+            cal.push_calibration(&vec![c.id.as_str(); rows.len() / d], site, rows)?;
+        }
+    }
+    for (c, label) in &data.examples {
+        if !cal.is_calibration(&c.id) {
+            continue;
+        }
+        for (&(site, d), rows) in SITES.iter().zip(&c.traces) {
+            let n = rows.len() / d;
+            cal.push_example_calibration(&vec![c.id.as_str(); n], site, rows, &vec![*label; n])?;
+        }
+    }
+    cal.finish()
+}
+
+/// Scores whole computations through the one scoring door; returns each one's results.
+fn score_comps(monitor: &Monitor, comps: &[&Comp]) -> Vec<actwatch_detect::ComputationResult> {
+    let mut open = OpenComputations::default();
+    for c in comps {
+        for (&(site, d), rows) in SITES.iter().zip(&c.traces) {
+            let n = rows.len() / d;
+            let batch = SiteBatch::new(
+                site.to_string(),
+                vec![c.id.clone(); n],
+                Some((0..n as i32).collect()),
+                Vectors::new(d, rows.clone()).unwrap(),
+            )
+            .unwrap();
+            open.score(monitor, &batch).unwrap();
+        }
+    }
+    let ids: Vec<String> = comps.iter().map(|c| c.id.clone()).collect();
+    open.complete(monitor, &ids)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+#[test]
+fn a_probe_is_fitted_and_calibrated_as_defined() {
+    let data = probe_data(1);
+    let mut dm = ProbeSpec::named("concept");
+    dm.kind = ProbeKind::DiffMeans;
+    dm.defer_fpr = Some(0.2);
+    let mut lr = ProbeSpec::named("lr");
+    lr.kind = ProbeKind::Logistic { c: Some(1.0) };
+    lr.sites = vec!["b".into()];
+    lr.aggregation = Some(Aggregation::Mean);
+    let options = probe_options(vec![dm, lr]);
+    let monitor = fit_with_probes(&data, options.clone()).unwrap();
+    let split = MonitorFitter::new(options.clone()).unwrap();
+    let is_cal = |id: &str| split.is_calibration(id);
+
+    // 1. Difference of means: per site, the class means of the fit part's labelled traces,
+    //    each computation weighing 1 over its traces there.
+    let probe = &monitor.probes()[0];
+    for (k, &(site, d)) in SITES.iter().enumerate() {
+        let mut sums = [vec![0.0f64; d], vec![0.0f64; d]];
+        let mut totals = [0.0f64; 2];
+        for (c, label) in data.examples.iter().filter(|(c, _)| !is_cal(&c.id)) {
+            let rows = &c.traces[k];
+            let n = rows.len() / d;
+            totals[usize::from(*label)] += 1.0;
+            for t in 0..n {
+                for j in 0..d {
+                    sums[usize::from(*label)][j] += f64::from(rows[t * d + j]) / n as f64;
+                }
+            }
+        }
+        let w: Vec<f64> = (0..d)
+            .map(|j| sums[1][j] / totals[1] - sums[0][j] / totals[0])
+            .collect();
+        assert_eq!(probe.sites[k].site, monitor.site_index(site).unwrap());
+        assert!(
+            max_abs_diff(&probe.sites[k].probe.weights, &w) < 1e-9,
+            "site {site}"
+        );
+    }
+
+    // 2. Per site, the calibration is the raw scores of the benign calibration traces
+    //    (reference and labelled negatives of the calibration part), and nothing else.
+    let benign_cal: Vec<&Comp> = data
+        .reference
+        .iter()
+        .filter(|c| is_cal(&c.id))
+        .chain(
+            data.examples
+                .iter()
+                .filter(|(c, l)| is_cal(&c.id) && !l)
+                .map(|(c, _)| c),
+        )
+        .collect();
+    let positives: Vec<&Comp> = data
+        .examples
+        .iter()
+        .filter(|(c, l)| is_cal(&c.id) && *l)
+        .map(|(c, _)| c)
+        .collect();
+    assert!(positives.len() > 50 && benign_cal.len() > 300);
+    for (pi, p) in monitor.probes().iter().enumerate() {
+        let agg = p.spec.aggregation.unwrap_or(options.aggregation);
+        for ps in &p.sites {
+            let k = ps.site;
+            let d = SITES[k].1;
+            let mut want: Vec<f64> = benign_cal
+                .iter()
+                .flat_map(|c| c.traces[k].chunks_exact(d))
+                .map(|r| {
+                    r.iter()
+                        .zip(&ps.probe.weights)
+                        .map(|(x, w)| f64::from(*x) * w)
+                        .sum::<f64>()
+                        + ps.probe.bias
+                })
+                .collect();
+            want.sort_by(f64::total_cmp);
+            let got = ps.calibration.scores();
+            assert_eq!(got.len(), want.len());
+            assert!(max_abs_diff(got, &want) < 1e-9, "probe {pi} site {k}");
+        }
+        // 3. The computation-level calibration: per benign computation, each site's traces'
+        //    leave-one-out -ln p aggregated, fused over the probe's sites.
+        let mut want: Vec<f64> = benign_cal
+            .iter()
+            .map(|c| {
+                let slots: Vec<f64> = p
+                    .sites
+                    .iter()
+                    .map(|ps| {
+                        let raw = ps.probe.scores(&c.traces[ps.site]);
+                        let nlp: Vec<f64> = raw
+                            .iter()
+                            .map(|&x| ps.calibration.smooth_neg_log_p(x, true))
+                            .collect();
+                        agg.of(&nlp).unwrap()
+                    })
+                    .collect();
+                options.fusion.fuse_slots(&slots)
+            })
+            .collect();
+        want.sort_by(f64::total_cmp);
+        let cal = &p.fused.calibrations()[0];
+        assert_eq!(p.fused.len(), 1);
+        assert_eq!(cal.scores(), want.as_slice(), "probe {pi}");
+    }
+
+    // 4. Fresh computations: p-values by definition, and the fit's recall is the share of the
+    //    held-out positives flagged when they are scored like any computation.
+    let mut rng = Rng::new(99);
+    let fresh: Vec<Comp> = (0..400)
+        .map(|i| {
+            comp(
+                &mut rng,
+                format!("fresh-{i}"),
+                if i % 2 == 0 { 1.5 } else { 0.0 },
+                0.0,
+            )
+        })
+        .collect();
+    let fresh_refs: Vec<&Comp> = fresh.iter().collect();
+    let results = score_comps(&monitor, &fresh_refs);
+    for (pi, p) in monitor.probes().iter().enumerate() {
+        let cal = &p.fused.calibrations()[0];
+        let n = cal.len();
+        for r in &results {
+            let pr = &r.probes[pi];
+            let at_least = cal.scores().iter().filter(|&&c| c >= pr.score).count();
+            assert_eq!(pr.p_value, (1 + at_least) as f64 / (n + 1) as f64);
+            assert_eq!(pr.flagged, pr.p_value <= options.fpr);
+            let defer = p.spec.defer_fpr;
+            assert_eq!(
+                pr.deferred,
+                !pr.flagged && defer.is_some_and(|d| pr.p_value <= d)
+            );
+            assert_eq!(
+                pr.verdict(),
+                if pr.flagged {
+                    "flag"
+                } else if pr.deferred {
+                    "defer"
+                } else {
+                    "pass"
+                }
+            );
+        }
+        let held = score_comps(&monitor, &positives);
+        let flagged = held.iter().filter(|r| r.probes[pi].flagged).count();
+        assert_eq!(p.summary.heldout_positives as usize, positives.len());
+        assert_eq!(
+            p.summary.recall,
+            Some(flagged as f64 / positives.len() as f64)
+        );
+    }
+    // The concept is found (the shift is large) and benign fresh traffic is flagged near the rate.
+    let dm_recall = monitor.probes()[0].summary.recall.unwrap();
+    assert!(dm_recall > 0.8, "recall {dm_recall}");
+    let benign_flagged = results
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .filter(|r| r.probes[0].flagged)
+        .count();
+    assert!(
+        benign_flagged <= 25,
+        "{benign_flagged} of 200 benign flagged at 5%"
+    );
+    assert!(monitor.probes()[0].summary.deferred_benign.is_some());
+    assert!(monitor.probes()[1].summary.deferred_benign.is_none());
+}
+
+#[test]
+fn probe_fits_refuse_bad_examples() {
+    let data = probe_data(2);
+    // Labelled examples on a monitor without probes.
+    let mut fitter = MonitorFitter::new(probe_options(Vec::new())).unwrap();
+    let (c, l) = &data.examples[0];
+    let e = fitter
+        .push_examples("a", &[c.id.as_str()], &c.traces[0][..6], 6, &[*l])
+        .unwrap_err();
+    assert!(e.to_string().contains("no probe"), "{e}");
+    // No positive examples.
+    let negatives = ProbeData {
+        reference: data
+            .reference
+            .iter()
+            .map(|c| Comp {
+                id: c.id.clone(),
+                traces: c.traces.clone(),
+            })
+            .collect(),
+        examples: data
+            .examples
+            .iter()
+            .filter(|(_, l)| !l)
+            .map(|(c, l)| {
+                (
+                    Comp {
+                        id: c.id.clone(),
+                        traces: c.traces.clone(),
+                    },
+                    *l,
+                )
+            })
+            .collect(),
+    };
+    let e = fit_with_probes(&negatives, probe_options(vec![ProbeSpec::named("p")])).unwrap_err();
+    assert!(matches!(e, Error::NotEnoughData(_)), "{e}");
+    assert!(e.to_string().contains("positive and negative"), "{e}");
+    // One computation labelled both ways.
+    let mut fitter = MonitorFitter::new(probe_options(vec![ProbeSpec::named("p")])).unwrap();
+    fitter
+        .push_examples("a", &["x"], &[0.0; 6], 6, &[true])
+        .unwrap();
+    let e = fitter
+        .push_examples("b", &["x"], &[0.0; 4], 4, &[false])
+        .unwrap_err();
+    assert!(e.to_string().contains("labelled both"), "{e}");
+    // A probe reading a site the monitor lacks.
+    let mut spec = ProbeSpec::named("p");
+    spec.sites = vec!["zz".into()];
+    let e = fit_with_probes(&data, probe_options(vec![spec])).unwrap_err();
+    assert!(e.to_string().contains("does not have"), "{e}");
+    // Specs: names, duplicates, rates.
+    for bad in [
+        "",
+        "a b",
+        "p:kind=svm",
+        "p:c=-1",
+        "p:c=1,kind=diff_means",
+        "p:defer_fpr=2",
+        "p:sites=a+a",
+        "p:x=1",
+    ] {
+        assert!(ProbeSpec::parse(bad).is_err(), "{bad:?} parsed");
+    }
+    let twice = probe_options(vec![ProbeSpec::named("p"), ProbeSpec::named("p")]);
+    assert!(twice.validate().unwrap_err().to_string().contains("twice"));
+    let mut low = ProbeSpec::named("p");
+    low.defer_fpr = Some(0.01);
+    assert!(probe_options(vec![low])
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("defer_fpr"));
+    let parsed = ProbeSpec::parse("harm:kind=logistic,c=0.5,sites=a+b,aggregation=max_rolling_mean:8,reference_negatives=true,defer_fpr=0.05").unwrap();
+    assert_eq!(parsed.kind, ProbeKind::Logistic { c: Some(0.5) });
+    assert_eq!(parsed.sites, vec!["a", "b"]);
+    assert_eq!(
+        parsed.aggregation,
+        Some(Aggregation::MaxRollingMean { window: 8 })
+    );
+    assert!(parsed.reference_negatives);
+}
+
+#[test]
+fn reference_negatives_join_the_fit_weighing_as_much_as_the_labelled_negatives() {
+    let data = probe_data(3);
+    let mut spec = ProbeSpec::named("p");
+    spec.kind = ProbeKind::DiffMeans;
+    spec.reference_negatives = true;
+    let monitor = fit_with_probes(&data, probe_options(vec![spec])).unwrap();
+    let s = &monitor.probes()[0].summary.sites[0];
+    assert!(s.fit.reference > 0 && s.fit.negative > 0);
+    // μ0 is the mean of the labelled negatives' mean and the reference traffic's mean (equal
+    // group weights), so the style shift of the negatives (component 3) is halved in w.
+    let w = &monitor.probes()[0].sites[0].probe.weights;
+    let mut plain = ProbeSpec::named("p");
+    plain.kind = ProbeKind::DiffMeans;
+    let without = fit_with_probes(&data, probe_options(vec![plain])).unwrap();
+    let w0 = &without.probes()[0].sites[0].probe.weights;
+    assert!(w[3] > w0[3] + 0.2, "style component {} vs {}", w[3], w0[3]);
+}

@@ -13,7 +13,9 @@ use std::io::Read;
 use std::path::Path;
 
 use actwatch_core::Provenance;
-use actwatch_detect::monitor::{FitSummary, Monitor, MonitorOptions, SiteModel};
+use actwatch_detect::monitor::{
+    FitSummary, Monitor, MonitorOptions, ProbeModel, ProbeSite, ProbeSummary, SiteModel,
+};
 use actwatch_detect::strata::LengthStrata;
 use actwatch_detect::Calibration;
 use sha2::{Digest, Sha256};
@@ -26,8 +28,12 @@ use crate::{Error, Result};
 pub const MANIFEST: &str = "manifest.json";
 /// Bumped whenever the blob encoding or the manifest changes incompatibly. Version 2: the
 /// calibration blob holds the length strata (`actwatch_detect::strata::LengthStrata`); version 1
-/// (one calibration) is still read, as one stratum.
-pub const FORMAT_VERSION: u32 = 2;
+/// (one calibration) is still read, as one stratum. Version 3: concept probes (`probes` in the
+/// manifest, a blob each); a monitor without probes is still written as version 2, so builds
+/// that predate probes keep reading it.
+pub const FORMAT_VERSION: u32 = 3;
+/// The version of a monitor without probes.
+const FORMAT_VERSION_WITHOUT_PROBES: u32 = 2;
 /// The oldest format version this build reads.
 const OLDEST_FORMAT_VERSION: u32 = 1;
 const FORMAT_NAME: &str = "actwatch-monitor";
@@ -68,6 +74,21 @@ pub struct SiteEntry {
     pub provenance: Provenance,
 }
 
+/// One concept probe: its summary readable here, its per-site probes and calibrations in its blob.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProbeEntry {
+    pub name: String,
+    pub summary: ProbeSummary,
+    pub blob: BlobEntry,
+}
+
+/// What a probe's blob holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProbeBlob {
+    sites: Vec<ProbeSite>,
+    fused: LengthStrata,
+}
+
 /// The manifest, as stored in `manifest.json`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
@@ -83,6 +104,9 @@ pub struct Manifest {
     pub calibration: BlobEntry,
     pub summary: FitSummary,
     pub reference: ReferenceSummary,
+    /// The concept probes, in the order of `options.probes` (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeEntry>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -156,9 +180,30 @@ pub fn save_monitor(
             FUSED_BLOB.into(),
             &bincode::serialize(monitor.fused())?,
         )?;
+        let probes = monitor
+            .probes()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let bytes = bincode::serialize(&ProbeBlob {
+                    sites: p.sites.clone(),
+                    fused: p.fused.clone(),
+                })?;
+                Ok(ProbeEntry {
+                    name: p.name().to_string(),
+                    summary: p.summary.clone(),
+                    blob: blob(&tmp, format!("probe-{i}.bin"), &bytes)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
+            format_version: if probes.is_empty() {
+                FORMAT_VERSION_WITHOUT_PROBES
+            } else {
+                FORMAT_VERSION
+            },
+            probes,
             created_by: format!("actwatch {}", env!("CARGO_PKG_VERSION")),
             options: monitor.options().clone(),
             sites,
@@ -275,12 +320,50 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
         bincode::deserialize::<LengthStrata>(&bytes)
     }
     .map_err(|e| Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display())))?;
+    if manifest.probes.len() != manifest.options.probes.len() {
+        return Err(Error::Artifact(format!(
+            "{}: {} probes stored, but the options ask for {}",
+            dir.display(),
+            manifest.probes.len(),
+            manifest.options.probes.len()
+        )));
+    }
+    let probes = manifest
+        .probes
+        .iter()
+        .zip(&manifest.options.probes)
+        .map(|(entry, spec)| {
+            if entry.name != spec.name {
+                return Err(Error::Artifact(format!(
+                    "{}: probe {:?} stored where the options name {:?}",
+                    dir.display(),
+                    entry.name,
+                    spec.name
+                )));
+            }
+            let bytes = read_blob(dir, &entry.blob)?;
+            let blob: ProbeBlob = bincode::deserialize(&bytes).map_err(|e| {
+                Error::Artifact(format!(
+                    "{}: cannot decode probe {}: {e}",
+                    dir.display(),
+                    entry.name
+                ))
+            })?;
+            Ok(ProbeModel {
+                spec: spec.clone(),
+                sites: blob.sites,
+                fused: blob.fused,
+                summary: entry.summary.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let monitor = Monitor::new(
         manifest.options.clone(),
         sites,
         joint,
         fused,
         manifest.summary.clone(),
+        probes,
     )
     .map_err(|e| Error::Artifact(format!("{}: {e}", dir.display())))?;
     Ok((monitor, manifest))

@@ -21,9 +21,9 @@ use crate::{Error, Result};
 
 const MAGIC: &[u8; 16] = b"actwatch-fitter\0";
 /// Bumped whenever the payload encoding changes incompatibly. Version 2: the fitter records
-/// each site's provenance. (An older checkpoint is refused, and a served fit then refits from
-/// scratch.)
-pub const CHECKPOINT_VERSION: u32 = 2;
+/// each site's provenance. Version 3: it holds the probes' labelled examples. (An older
+/// checkpoint is refused, and a served fit then refits from scratch.)
+pub const CHECKPOINT_VERSION: u32 = 3;
 const TRAILER: u64 = 32;
 
 /// A fitter and, in order, the reference files (as the caller names them) folded into it.

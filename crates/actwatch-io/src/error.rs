@@ -67,6 +67,20 @@ pub enum Error {
         column: String,
         row: u64,
     },
+    /// A value a column holds that the reader cannot use (e.g. a label that is not 0 or 1).
+    #[error("{}: row {row}: column {column:?}: {message}", path.display())]
+    BadValue {
+        path: PathBuf,
+        column: String,
+        row: u64,
+        message: String,
+    },
+    /// Labelled examples that the probes refuse (e.g. a computation labelled both ways).
+    #[error("{}: labelled examples: {source}", path.display())]
+    Examples {
+        path: PathBuf,
+        source: actwatch_detect::Error,
+    },
     /// A file's key-value metadata entry `key` is malformed.
     #[error("{}: metadata {key:?}: {message}", path.display())]
     Metadata {
@@ -105,6 +119,8 @@ impl Error {
             | Error::EmptyVector { path, .. }
             | Error::NonFinite { path, .. }
             | Error::NullValue { path, .. }
+            | Error::BadValue { path, .. }
+            | Error::Examples { path, .. }
             | Error::Metadata { path, .. }
             | Error::Write { path, .. } => Some(path),
             _ => None,

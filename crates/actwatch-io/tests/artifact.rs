@@ -44,6 +44,54 @@ fn default_monitor_round_trips_to_identical_scores() {
     round_trip(MonitorOptions::default(), None);
 }
 
+/// A monitor with concept probes (fitted on the shared concept data) round-trips: same
+/// probes, same probe p-values; its manifest says version 3 and holds the probes' summaries; a
+/// damaged probe blob is refused.
+#[test]
+fn probes_round_trip_to_identical_results() {
+    use actwatch_detect::probe::ProbeSpec;
+    use actwatch_io::pipeline::{fit_monitor_with_examples, ExampleInput};
+    let r = read(Some(vec!["4".into(), "6".into()]));
+    let concepts = minilm::dir().join("../concepts");
+    let examples = ExampleInput::new(&[concepts.join("train.parquet")], &r, "concept").unwrap();
+    let options = MonitorOptions {
+        detectors: DetectorSpec::parse_list("gaussian").unwrap(),
+        probes: vec![
+            ProbeSpec::parse("harm:defer_fpr=0.05").unwrap(),
+            ProbeSpec::parse("lr:kind=logistic,c=1,sites=6,reference_negatives=true").unwrap(),
+        ],
+        ..MonitorOptions::default()
+    };
+    let (fitted, reference) = fit_monitor_with_examples(
+        &[data("train.parquet")],
+        &r,
+        options,
+        Some(&examples),
+        &NoProgress,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("monitor");
+    save_monitor(&fitted, &reference, &out).unwrap();
+    let (loaded, manifest) = load_monitor(&out).unwrap();
+    assert_eq!(manifest.format_version, FORMAT_VERSION);
+    let names: Vec<&str> = manifest.probes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["harm", "lr"]);
+    assert!(manifest.probes[0].summary.recall.unwrap() > 0.5);
+    assert!(manifest.probes[1].summary.sites[0].fit.reference > 0);
+    let input = [concepts.join("dev.parquet")];
+    let a = score_computations(&fitted, &input, &r, &NoProgress).unwrap();
+    let b = score_computations(&loaded, &input, &r, &NoProgress).unwrap();
+    assert_eq!(a.results, b.results, "reloaded monitor scores differently");
+    assert_eq!(a.results[0].probes.len(), 2);
+    let blob = out.join(&manifest.probes[1].blob.file);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    assert!(matches!(load_monitor(&out), Err(Error::Artifact(m)) if m.contains("checksum")));
+}
+
 #[test]
 fn hnsw_monitor_round_trips_to_identical_scores() {
     let options = MonitorOptions {
@@ -87,8 +135,11 @@ fn damaged_monitors_are_refused() {
 
     let manifest_path = out.join(MANIFEST);
     let text = std::fs::read_to_string(&manifest_path).unwrap();
+    // (A monitor without probes is written as the version before them.)
+    let written = read_manifest(&out).unwrap().format_version;
+    assert!(written <= FORMAT_VERSION);
     let newer = text.replace(
-        &format!("\"format_version\": {FORMAT_VERSION}"),
+        &format!("\"format_version\": {written}"),
         &format!("\"format_version\": {}", FORMAT_VERSION + 1),
     );
     assert_ne!(newer, text);

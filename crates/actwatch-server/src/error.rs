@@ -162,13 +162,14 @@ fn pipeline_code(e: &actwatch_io::Error) -> Code {
         | E::EmptyVector { .. }
         | E::NonFinite { .. }
         | E::NullValue { .. }
+        | E::BadValue { .. }
         | E::Metadata { .. }
         | E::Write { .. }
         | E::Json(_)
         | E::Bincode(_) => Code::Internal,
         E::Artifact(_) => Code::DataLoss,
         E::NoInput(_) => Code::FailedPrecondition,
-        E::Detect(e) => detect_code(e),
+        E::Detect(e) | E::Examples { source: e, .. } => detect_code(e),
         E::Core(e) => core_code(e),
     }
 }

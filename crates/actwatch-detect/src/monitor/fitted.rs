@@ -10,6 +10,7 @@ use crate::spec::{DetectorSpec, FittedDetector};
 use crate::strata::LengthStrata;
 use crate::{Error, Result};
 
+use super::probes::{probe_sites, ProbeModel};
 use super::MonitorOptions;
 
 /// Fitted detectors and calibrations of one site.
@@ -101,6 +102,10 @@ pub struct Monitor {
     /// What scoring does with traces whose provenance conflicts with a site's (not stored: a
     /// setting of whoever scores; [`ProvenancePolicy::Refuse`] after loading).
     provenance_policy: ProvenancePolicy,
+    /// The concept probes, in the order of [`MonitorOptions::probes`].
+    probes: Vec<ProbeModel>,
+    /// Per site: (probe index, index among the probe's sites) of every probe that reads it.
+    probes_at: Vec<Vec<(usize, usize)>>,
 }
 
 /// What scoring does with a batch whose declared provenance conflicts with the provenance its
@@ -150,6 +155,7 @@ impl Monitor {
         mut joint: Option<SiteModel>,
         fused: LengthStrata,
         summary: FitSummary,
+        probes: Vec<ProbeModel>,
     ) -> Result<Self> {
         options.validate()?;
         if sites.is_empty() {
@@ -213,12 +219,58 @@ impl Monitor {
                 return bad(format!("detectors {got:?}, but the options say {kinds:?}"));
             }
         }
+        let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        if probes.len() != options.probes.len() {
+            return Err(Error::InvalidOption(format!(
+                "{} fitted probes, but the options ask for {}",
+                probes.len(),
+                options.probes.len()
+            )));
+        }
+        let mut probes_at = vec![Vec::new(); sites.len()];
+        for (i, (p, spec)) in probes.iter().zip(&options.probes).enumerate() {
+            let bad = |why: String| {
+                Err(Error::InvalidOption(format!(
+                    "probe {:?}: {why}",
+                    spec.name
+                )))
+            };
+            if &p.spec != spec {
+                return bad("its spec differs from the options'".into());
+            }
+            let want = probe_sites(spec, &names)?;
+            let got: Vec<usize> = p.sites.iter().map(|s| s.site).collect();
+            if got != want {
+                return bad(format!(
+                    "fitted at sites {got:?}, but it reads sites {want:?}"
+                ));
+            }
+            for (k, ps) in p.sites.iter().enumerate() {
+                if ps.probe.dim() != sites[ps.site].dim {
+                    return bad(format!(
+                        "width {} at site {:?} of width {}",
+                        ps.probe.dim(),
+                        sites[ps.site].name,
+                        sites[ps.site].dim
+                    ));
+                }
+                if ps.calibration.is_empty() {
+                    return bad("an empty calibration".into());
+                }
+                probes_at[ps.site].push((i, k));
+            }
+            if p.fused.is_empty() {
+                return bad("an empty computation-level calibration".into());
+            }
+        }
         for s in sites.iter_mut().chain(joint.as_mut()) {
             for d in &mut s.detectors {
                 d.prepare()?;
             }
         }
         Ok(Self {
+            probes,
+            probes_at,
             options,
             sites,
             joint,
@@ -232,6 +284,16 @@ impl Monitor {
 
     pub fn options(&self) -> &MonitorOptions {
         &self.options
+    }
+
+    /// The concept probes ([`super::ProbeModel`]), in the order of the options'.
+    pub fn probes(&self) -> &[ProbeModel] {
+        &self.probes
+    }
+
+    /// (probe index, index among that probe's sites) of every probe that reads site `site`.
+    pub(crate) fn probes_at(&self, site: usize) -> &[(usize, usize)] {
+        &self.probes_at[site]
     }
 
     /// The sites, in slot order.

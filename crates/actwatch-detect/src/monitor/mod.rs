@@ -23,11 +23,17 @@ use crate::aggregate::{AggState, Aggregation, DEFAULT_AGGREGATION};
 use crate::calibration::Calibration;
 use crate::fusion::{Fusion, DEFAULT_FUSION};
 use crate::joint::{Joiner, JointMap, JointSummary, JOINT_PENDING_MAX_BYTES, JOINT_SITE};
+use crate::probe::{ProbeSpec, MAX_PROBES};
 use crate::spec::{DetectorFitter, DetectorSpec, FittedDetector, DEFAULT_DETECTORS, DEFAULT_JOINT};
 use crate::strata::LengthStrata;
 mod fitted;
+mod probes;
 
 pub use fitted::{FitSummary, KnnRecall, LengthStratum, Monitor, ProvenancePolicy, SiteModel};
+pub use probes::{
+    Counts, ProbeModel, ProbeSite, ProbeSiteSummary, ProbeSummary, MAX_PROBE_EXAMPLE_VALUES,
+};
+use probes::{PendingProbe, ProbeExamples};
 
 use crate::{Error, Result};
 
@@ -64,6 +70,10 @@ pub struct MonitorOptions {
     /// saved before strata existed read back as 1, what they did.
     #[serde(default = "one")]
     pub length_strata: usize,
+    /// Concept probes fitted from labelled examples ([`crate::probe`], [`ProbeModel`]); empty:
+    /// none (and for options saved before probes existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeSpec>,
 }
 
 fn one() -> usize {
@@ -92,6 +102,7 @@ impl Default for MonitorOptions {
             calibration_fraction: DEFAULT_CALIBRATION_FRACTION,
             seed: DEFAULT_SEED,
             length_strata: DEFAULT_LENGTH_STRATA,
+            probes: Vec::new(),
         }
     }
 }
@@ -142,6 +153,21 @@ impl MonitorOptions {
                 self.calibration_fraction
             )));
         }
+        if self.probes.len() > MAX_PROBES {
+            return Err(Error::InvalidOption(format!(
+                "{} probes, over the limit of {MAX_PROBES}",
+                self.probes.len()
+            )));
+        }
+        for (i, p) in self.probes.iter().enumerate() {
+            p.validate_with(self.fpr)?;
+            if self.probes[..i].iter().any(|o| o.name == p.name) {
+                return Err(Error::InvalidOption(format!(
+                    "the probe name {:?} is used twice",
+                    p.name
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -168,6 +194,8 @@ pub struct MonitorFitter {
     /// Per site: what produced its reference traces, as declared by their batches
     /// ([`MonitorFitter::record_provenance`]).
     provenance: BTreeMap<String, Provenance>,
+    /// The fit part of the labelled examples (and reference negatives) of the probes.
+    examples: ProbeExamples,
     started: Instant,
 }
 
@@ -179,8 +207,53 @@ impl MonitorFitter {
             options,
             sites: BTreeMap::new(),
             provenance: BTreeMap::new(),
+            examples: ProbeExamples::default(),
             started: Instant::now(),
         })
+    }
+
+    /// Adds fit-part labelled examples of one site for the probes (`labels[i]`: whether row
+    /// `i`'s computation carries the concept; one label per computation). Route them with
+    /// [`MonitorFitter::is_calibration`] like reference traces: the calibration part goes to
+    /// [`MonitorCalibrator::push_example_calibration`]. A monitor without probes refuses them.
+    pub fn push_examples<S: AsRef<str>>(
+        &mut self,
+        site: &str,
+        trace_ids: &[S],
+        rows: &[f32],
+        dim: usize,
+        labels: &[bool],
+    ) -> Result<()> {
+        if self.options.probes.is_empty() {
+            return Err(Error::InvalidOption(
+                "labelled examples were given, but the monitor has no probe to fit on them \
+                 (ask for one, e.g. --probe NAME)"
+                    .into(),
+            ));
+        }
+        self.examples
+            .push_labelled(site, trace_ids, rows, dim, labels)
+    }
+
+    /// Whether a probe fits on reference traffic too (`reference_negatives`): then pass the fit
+    /// part's traces with their computations to [`MonitorFitter::push_reference_negatives`] as
+    /// well as to [`MonitorFitter::push_fit`].
+    pub fn wants_reference_negatives(&self) -> bool {
+        self.options.probes.iter().any(|p| p.reference_negatives)
+    }
+
+    /// Fit-part reference traces of one site, kept as negatives for the probes that ask for them.
+    pub fn push_reference_negatives<S: AsRef<str>>(
+        &mut self,
+        site: &str,
+        trace_ids: &[S],
+        rows: &[f32],
+        dim: usize,
+    ) -> Result<()> {
+        if !self.wants_reference_negatives() {
+            return Ok(());
+        }
+        self.examples.push_reference(site, trace_ids, rows, dim)
     }
 
     /// Records what produced reference traces of `site` (call it for every reference batch,
@@ -285,10 +358,13 @@ impl MonitorFitter {
                 fit_traces: s.traces,
             });
         }
+        let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        let probes = probes::fit_probes(&self.options, &self.examples, &names)?;
         let fit_seconds = self.started.elapsed().as_secs_f64();
         let joint = JointPhase::start(&self.options, &sites)?;
         Ok(MonitorCalibrator {
             joint,
+            probes,
             split: self.split,
             site_index: sites
                 .iter()
@@ -312,6 +388,7 @@ struct FitterStateRef<'a> {
     options_json: String,
     sites: &'a BTreeMap<String, SiteFitter>,
     provenance: &'a BTreeMap<String, Provenance>,
+    examples: &'a ProbeExamples,
 }
 
 #[derive(serde::Deserialize)]
@@ -319,6 +396,7 @@ struct FitterState {
     options_json: String,
     sites: BTreeMap<String, SiteFitter>,
     provenance: BTreeMap<String, Provenance>,
+    examples: ProbeExamples,
 }
 
 impl serde::Serialize for MonitorFitter {
@@ -331,6 +409,7 @@ impl serde::Serialize for MonitorFitter {
                 .map_err(serde::ser::Error::custom)?,
             sites: &self.sites,
             provenance: &self.provenance,
+            examples: &self.examples,
         }
         .serialize(serializer)
     }
@@ -346,6 +425,7 @@ impl<'de> serde::Deserialize<'de> for MonitorFitter {
         let mut fitter = MonitorFitter::new(options).map_err(D::Error::custom)?;
         fitter.sites = state.sites;
         fitter.provenance = state.provenance;
+        fitter.examples = state.examples;
         Ok(fitter)
     }
 }
@@ -579,6 +659,7 @@ fn computation_index(computations: &mut HashMap<String, u32>, id: &str) -> u32 {
 /// calibration part again with [`MonitorCalibrator::push_joint_calibration`].
 pub struct MonitorCalibrator {
     joint: JointPhase,
+    probes: Vec<PendingProbe>,
     options: MonitorOptions,
     split: SplitHasher,
     sites: Vec<PendingSite>,
@@ -621,6 +702,9 @@ impl MonitorCalibrator {
             }
             .into());
         }
+        for p in &mut self.probes {
+            p.push(si, trace_ids, rows, None)?;
+        }
         let comps: Vec<u32> = trace_ids
             .iter()
             .map(|id| computation_index(&mut self.computations, id.as_ref()))
@@ -638,6 +722,50 @@ impl MonitorCalibrator {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Calibration-part labelled examples of one site (routed with
+    /// [`MonitorCalibrator::is_calibration`]): the negatives join the probes' benign calibration
+    /// computations, the positives are held out to measure recall. Never seen by the detectors.
+    pub fn push_example_calibration<S: AsRef<str>>(
+        &mut self,
+        trace_ids: &[S],
+        site: &str,
+        rows: &[f32],
+        labels: &[bool],
+    ) -> Result<()> {
+        if self.options.probes.is_empty() {
+            return Err(Error::InvalidOption(
+                "labelled examples were given, but the monitor has no probe to fit on them".into(),
+            ));
+        }
+        if labels.len() != trace_ids.len() {
+            return Err(Error::InvalidOption(format!(
+                "{} labels for {} traces",
+                labels.len(),
+                trace_ids.len()
+            )));
+        }
+        if trace_ids.is_empty() {
+            return Ok(());
+        }
+        let Some(&si) = self.site_index.get(site) else {
+            return Err(Error::NotEnoughData(format!(
+                "site {site} has labelled examples but no reference traces"
+            )));
+        };
+        let dim = self.sites[si].dim;
+        if rows.len() != trace_ids.len() * dim {
+            return Err(actwatch_core::Error::WidthMismatch {
+                expected: dim,
+                got: rows.len() / trace_ids.len(),
+            }
+            .into());
+        }
+        for p in &mut self.probes {
+            p.push(si, trace_ids, rows, Some(labels))?;
         }
         Ok(())
     }
@@ -902,6 +1030,11 @@ impl MonitorCalibrator {
                 })
                 .collect(),
         };
-        Monitor::new(self.options, sites, joint, fused, summary)
+        let probes = self
+            .probes
+            .into_iter()
+            .map(|p| p.finish(&self.options, min_needed))
+            .collect::<Result<Vec<_>>>()?;
+        Monitor::new(self.options, sites, joint, fused, summary, probes)
     }
 }

@@ -19,10 +19,96 @@ pub fn fit_monitor(
     options: MonitorOptions,
     progress: &dyn Progress,
 ) -> Result<(Monitor, ReferenceSummary)> {
+    fit_monitor_with_examples(inputs, read, options, None, progress)
+}
+
+/// Labelled examples for a monitor's concept probes: Parquet files of traces (the same long
+/// format as reference traces) with a label column (boolean, or an integer 0 or 1; one label
+/// per computation).
+#[derive(Debug, Clone)]
+pub struct ExampleInput {
+    pub files: Vec<PathBuf>,
+    pub read: ReadOptions,
+    pub label_column: String,
+}
+
+impl ExampleInput {
+    /// The examples in `inputs` (files or directories), read with `read`'s columns plus
+    /// `label_column`.
+    pub fn new(inputs: &[PathBuf], read: &ReadOptions, label_column: &str) -> Result<Self> {
+        Ok(Self {
+            files: expand_inputs(inputs)?,
+            read: ReadOptions {
+                keep_other_columns: true,
+                ..read.clone()
+            },
+            label_column: label_column.to_string(),
+        })
+    }
+}
+
+/// [`fit_monitor`], with labelled examples for the monitor's probes: the fit part of the
+/// examples is folded after the reference traces ([`fold_examples`]), their calibration part
+/// scored after the reference's ([`calibrate_reference_with`]).
+pub fn fit_monitor_with_examples(
+    inputs: &[PathBuf],
+    read: &ReadOptions,
+    options: MonitorOptions,
+    examples: Option<&ExampleInput>,
+    progress: &dyn Progress,
+) -> Result<(Monitor, ReferenceSummary)> {
     let files = expand_inputs(inputs)?;
     let mut fitter = MonitorFitter::new(options)?;
     fold_reference(&mut fitter, &files, read, progress)?;
-    calibrate_reference(fitter, &files, read, progress)
+    if let Some(ex) = examples {
+        fold_examples(&mut fitter, ex, progress)?;
+    }
+    calibrate_reference_with(fitter, &files, read, examples, progress)
+}
+
+/// The fit pass over labelled examples: pushes their fit part (the same seeded split as the
+/// reference traces) into `fitter`'s probes; returns the rows read.
+pub fn fold_examples(
+    fitter: &mut MonitorFitter,
+    examples: &ExampleInput,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let reader = TraceReader::open(&examples.files, examples.read.clone())?;
+    if reader.total_rows() == 0 {
+        return Err(Error::NoInput("the labelled examples have no rows".into()));
+    }
+    progress.start("examples", reader.total_rows());
+    let mut rows = 0u64;
+    for batch in reader {
+        let batch = batch?;
+        let labels = batch.labels(&examples.label_column)?;
+        for (site, idx) in batch.site_groups() {
+            let fit_rows: Vec<usize> = idx
+                .into_iter()
+                .filter(|&i| !fitter.is_calibration(&batch.trace_ids[i]))
+                .collect();
+            if fit_rows.is_empty() {
+                continue;
+            }
+            let (ids, v) = gather(&batch, &fit_rows)?;
+            let l: Vec<bool> = fit_rows.iter().map(|&i| labels[i]).collect();
+            fitter
+                .push_examples(&site, &ids, v.as_slice(), v.dim(), &l)
+                .map_err(|e| example_error(&batch, e))?;
+        }
+        rows += batch.trace_ids.len() as u64;
+        progress.advance(batch.trace_ids.len() as u64);
+    }
+    progress.finish();
+    Ok(rows)
+}
+
+/// An error about examples, naming their file.
+fn example_error(batch: &crate::reader::TraceBatch, e: actwatch_detect::Error) -> Error {
+    Error::Examples {
+        path: batch.path.as_ref().clone(),
+        source: e,
+    }
 }
 
 /// The fit pass: pushes the fit part of the traces in `files` into `fitter` and returns the rows
@@ -62,8 +148,9 @@ pub fn fold_reference(
             if fit_rows.is_empty() {
                 continue;
             }
-            let v = batch.gather(&fit_rows)?;
+            let (ids, v) = gather(&batch, &fit_rows)?;
             fitter.push_fit(&site, v.as_slice(), v.dim())?;
+            fitter.push_reference_negatives(&site, &ids, v.as_slice(), v.dim())?;
         }
         rows += batch.trace_ids.len() as u64;
         progress.advance(batch.trace_ids.len() as u64);
@@ -80,6 +167,18 @@ pub fn calibrate_reference(
     fitter: MonitorFitter,
     files: &[PathBuf],
     read: &ReadOptions,
+    progress: &dyn Progress,
+) -> Result<(Monitor, ReferenceSummary)> {
+    calibrate_reference_with(fitter, files, read, None, progress)
+}
+
+/// [`calibrate_reference`], then the calibration part of labelled examples for the probes
+/// (their negatives join the benign calibration computations, their positives measure recall).
+pub fn calibrate_reference_with(
+    fitter: MonitorFitter,
+    files: &[PathBuf],
+    read: &ReadOptions,
+    examples: Option<&ExampleInput>,
     progress: &dyn Progress,
 ) -> Result<(Monitor, ReferenceSummary)> {
     let read = ReadOptions {
@@ -149,6 +248,30 @@ pub fn calibrate_reference(
                     let (ids, v) = gather(&batch, &cal_rows)?;
                     calibrator.push_joint_calibration(&ids, &site, v.as_slice())?;
                 }
+            }
+            progress.advance(batch.trace_ids.len() as u64);
+        }
+        progress.finish();
+    }
+    if let Some(ex) = examples {
+        let reader = TraceReader::open(&ex.files, ex.read.clone())?;
+        progress.start("calibrate_examples", reader.total_rows());
+        for batch in reader {
+            let batch = batch?;
+            let labels = batch.labels(&ex.label_column)?;
+            for (site, idx) in batch.site_groups() {
+                let cal_rows: Vec<usize> = idx
+                    .into_iter()
+                    .filter(|&i| calibrator.is_calibration(&batch.trace_ids[i]))
+                    .collect();
+                if cal_rows.is_empty() {
+                    continue;
+                }
+                let (ids, v) = gather(&batch, &cal_rows)?;
+                let l: Vec<bool> = cal_rows.iter().map(|&i| labels[i]).collect();
+                calibrator
+                    .push_example_calibration(&ids, &site, v.as_slice(), &l)
+                    .map_err(|e| example_error(&batch, e))?;
             }
             progress.advance(batch.trace_ids.len() as u64);
         }

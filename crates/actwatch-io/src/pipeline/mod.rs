@@ -12,7 +12,10 @@ mod fit;
 mod score;
 mod table;
 
-pub use fit::{calibrate_reference, fit_monitor, fold_reference};
+pub use fit::{
+    calibrate_reference, calibrate_reference_with, fit_monitor, fit_monitor_with_examples,
+    fold_examples, fold_reference, ExampleInput,
+};
 pub use score::{score_computations, score_to_parquet, Level, ProvenanceConflicts, ScoreSummary};
 pub use table::ComputationTable;
 

@@ -82,6 +82,11 @@ pub fn score_computations(
         ids,
         results,
         slot_names: slot_column_names(monitor),
+        probe_names: monitor
+            .probes()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect(),
         passthrough: pass,
         input_rows,
         provenance_conflicts: conflicts,

@@ -22,6 +22,8 @@ pub struct ComputationTable {
     pub ids: Vec<String>,
     pub results: Vec<ComputationResult>,
     pub slot_names: Vec<String>,
+    /// The monitor's concept probes, by name, in the order of each result's `probes`.
+    pub probe_names: Vec<String>,
     pub(super) passthrough: Vec<PassColumn>,
     pub input_rows: u64,
     /// Per site, the first provenance conflict scored under `ProvenancePolicy::Warn`.
@@ -213,13 +215,20 @@ impl ComputationTable {
 
     /// The table as one Arrow batch: trace id, constant pass-through columns, score, p_value,
     /// flagged, traces, flagged_at (where the running statistic first reached the threshold, for
-    /// monitors that flag early; null otherwise), and one p-value column per (site, detector).
+    /// monitors that flag early; null otherwise), one p-value column per (site, detector), and
+    /// per concept probe `p_probe_<name>`, `flagged_probe_<name>`, `verdict_probe_<name>`
+    /// (`flag`, `defer` or `pass`) and `flagged_at_probe_<name>`.
     pub fn to_record_batch(&self) -> Result<RecordBatch> {
         let n = self.ids.len();
         let mut fields = vec![Field::new(&self.trace_column, DataType::Utf8, false)];
         let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(&self.ids))];
         for pc in self.passthrough.iter().filter(|p| p.constant) {
-            if ["score", "p_value", "flagged", "flagged_at"].contains(&pc.name.as_str()) {
+            if ["score", "p_value", "flagged", "flagged_at"].contains(&pc.name.as_str())
+                || pc.name.starts_with("p_probe_")
+                || pc.name.starts_with("flagged_probe_")
+                || pc.name.starts_with("verdict_probe_")
+                || pc.name.starts_with("flagged_at_probe_")
+            {
                 continue;
             }
             let mut values = match &pc.values {
@@ -272,6 +281,47 @@ impl ComputationTable {
                     .iter()
                     .map(|r| r.slot_p[j])
                     .collect::<Float64Array>(),
+            ));
+        }
+        for (i, name) in self.probe_names.iter().enumerate() {
+            let probe = |r: &ComputationResult| r.probes[i].clone();
+            fields.push(Field::new(
+                format!("p_probe_{name}"),
+                DataType::Float64,
+                false,
+            ));
+            cols.push(Arc::new(Float64Array::from_iter_values(
+                self.results.iter().map(|r| probe(r).p_value),
+            )));
+            fields.push(Field::new(
+                format!("flagged_probe_{name}"),
+                DataType::Boolean,
+                false,
+            ));
+            cols.push(Arc::new(
+                self.results
+                    .iter()
+                    .map(|r| Some(probe(r).flagged))
+                    .collect::<BooleanArray>(),
+            ));
+            fields.push(Field::new(
+                format!("verdict_probe_{name}"),
+                DataType::Utf8,
+                false,
+            ));
+            cols.push(Arc::new(StringArray::from_iter_values(
+                self.results.iter().map(|r| probe(r).verdict()),
+            )));
+            fields.push(Field::new(
+                format!("flagged_at_probe_{name}"),
+                DataType::Int64,
+                true,
+            ));
+            cols.push(Arc::new(
+                self.results
+                    .iter()
+                    .map(|r| probe(r).flagged_at)
+                    .collect::<Int64Array>(),
             ));
         }
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)

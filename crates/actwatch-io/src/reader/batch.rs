@@ -41,6 +41,116 @@ pub struct TraceBatch {
 }
 
 impl TraceBatch {
+    /// The label of every row from column `column` of [`TraceBatch::other`] (read with
+    /// [`crate::reader::ReadOptions::keep_other_columns`]): a boolean, or an integer 0 or 1.
+    /// A missing column, another type, a null or another value is an error naming file and row.
+    pub fn labels(&self, column: &str) -> Result<Vec<bool>> {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{
+            DataType, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type,
+            UInt64Type, UInt8Type,
+        };
+        let path = self.path.as_ref().clone();
+        let other = self.other.as_ref().ok_or_else(|| Error::MissingColumn {
+            path: path.clone(),
+            column: column.to_string(),
+            available: Vec::new(),
+        })?;
+        let Some(col) = other.column_by_name(column) else {
+            return Err(Error::MissingColumn {
+                path,
+                column: column.to_string(),
+                available: other
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect(),
+            });
+        };
+        if let Some(i) = (0..col.len()).find(|&i| col.is_null(i)) {
+            return Err(Error::NullValue {
+                path,
+                column: column.to_string(),
+                row: self.file_row(i),
+            });
+        }
+        let ints: Vec<i128> = match col.data_type() {
+            DataType::Boolean => {
+                return Ok(col.as_boolean().iter().map(|v| v == Some(true)).collect())
+            }
+            DataType::Int8 => col
+                .as_primitive::<Int8Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::Int16 => col
+                .as_primitive::<Int16Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::Int32 => col
+                .as_primitive::<Int32Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::Int64 => col
+                .as_primitive::<Int64Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::UInt8 => col
+                .as_primitive::<UInt8Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::UInt16 => col
+                .as_primitive::<UInt16Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::UInt32 => col
+                .as_primitive::<UInt32Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            DataType::UInt64 => col
+                .as_primitive::<UInt64Type>()
+                .values()
+                .iter()
+                .map(|&v| i128::from(v))
+                .collect(),
+            other => {
+                return Err(Error::BadColumnType {
+                    path,
+                    column: column.to_string(),
+                    found: other.to_string(),
+                    expected: "a label: boolean, or an integer 0 or 1".into(),
+                })
+            }
+        };
+        ints.iter()
+            .enumerate()
+            .map(|(i, &v)| match v {
+                0 => Ok(false),
+                1 => Ok(true),
+                v => Err(Error::BadValue {
+                    path: path.clone(),
+                    column: column.to_string(),
+                    row: self.file_row(i),
+                    message: format!("label {v} is not 0 or 1"),
+                }),
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.trace_ids.len()
     }
