@@ -100,6 +100,7 @@ async fn ingest(
                 String::new()
             },
             batch: Some(b),
+            labels: Vec::new(),
         })
         .collect();
     client
@@ -129,7 +130,14 @@ async fn fit_with(client: &mut Client, monitor: &str, incremental: bool) -> (usi
             fit_progress::Event::Phase(p) => {
                 assert!(report.is_none(), "progress after the report");
                 assert!(
-                    ["fit", "calibrate", "calibrate_joint"].contains(&p.name.as_str()),
+                    [
+                        "fit",
+                        "examples",
+                        "calibrate",
+                        "calibrate_joint",
+                        "calibrate_examples"
+                    ]
+                    .contains(&p.name.as_str()),
                     "{p:?}"
                 );
                 phases += 1;
@@ -1157,6 +1165,7 @@ async fn sigterm_finishes_acknowledged_work_and_ends_open_streams() {
             .send(v1::IngestReferenceRequest {
                 monitor: if i == 0 { "m".into() } else { String::new() },
                 batch: Some(b.clone()),
+                labels: Vec::new(),
             })
             .await
             .unwrap();
@@ -1986,4 +1995,276 @@ async fn hostile_specs_are_refused_at_create_and_echoes_are_capped() {
     let ok = create(vec!["gaussian".into()]).await.unwrap().into_inner();
     assert_eq!(ok.name, "hostile");
     server.stop().await;
+}
+
+// ---- Concept probes over gRPC (issue 13) ----
+
+fn concepts(name: &str) -> PathBuf {
+    minilm::dir().join("../concepts").join(name)
+}
+
+/// The concept file's batches (as `file_batches`) with each row's label (`concept` = 1), of the
+/// computations `keep` wants.
+fn labelled_batches(path: &Path, keep: impl Fn(&str) -> bool) -> Vec<(v1::TraceBatch, Vec<bool>)> {
+    let read = ReadOptions {
+        keep_other_columns: true,
+        ..minilm_read_options()
+    };
+    let mut out = Vec::new();
+    for batch in TraceReader::open(&[path.to_path_buf()], read).unwrap() {
+        let batch = batch.unwrap();
+        let labels = batch.labels("concept").unwrap();
+        for (site, rows) in batch.site_groups() {
+            let rows: Vec<usize> = rows
+                .into_iter()
+                .filter(|&r| keep(&batch.trace_ids[r]))
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let v = batch.gather(&rows).unwrap();
+            let ids = rows.iter().map(|&r| batch.trace_ids[r].clone()).collect();
+            out.push((
+                encode_trace_batch(&site, ids, Vec::new(), v.dim(), v.as_slice(), Dtype::F32),
+                rows.iter().map(|&r| labels[r]).collect(),
+            ));
+        }
+    }
+    out
+}
+
+async fn ingest_labelled(
+    client: &mut Client,
+    monitor: &str,
+    batches: Vec<(v1::TraceBatch, Vec<bool>)>,
+) -> Result<v1::IngestReferenceSummary, tonic::Status> {
+    let msgs: Vec<_> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, (b, labels))| v1::IngestReferenceRequest {
+            monitor: if i == 0 {
+                monitor.into()
+            } else {
+                String::new()
+            },
+            batch: Some(b),
+            labels,
+        })
+        .collect();
+    client
+        .ingest_reference(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Per computation, the probe's (p-value, flagged, verdict) from a unary Score of `file`.
+async fn probe_scores(
+    client: &mut Client,
+    monitor: &str,
+    file: &Path,
+) -> HashMap<String, (f64, bool, String)> {
+    let (batches, _) = file_batches(file, Dtype::F32);
+    let r = client
+        .score(v1::ScoreRequest {
+            monitor: monitor.into(),
+            batches,
+            complete: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.computations
+        .into_iter()
+        .map(|c| {
+            let p = &c.probes[0];
+            (
+                c.trace_id.clone(),
+                (p.p_value, p.flagged, p.verdict.clone()),
+            )
+        })
+        .collect()
+}
+
+/// Labelled examples ingested over gRPC fit a probe that scores exactly as the batch pipeline
+/// on the served artifact; a probe flag reaches a watcher with the question that raised it and
+/// is found by QueryScores; an incremental fit with more examples equals a full one; a restart
+/// gives the same answers; labels a monitor cannot take are refused and store nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concept_probes_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    // (Every dev computation may be flagged, by one question or another: the watcher must hold
+    // them all, since it reads only after the scoring call.)
+    let limits = Limits {
+        flag_buffer: 4096,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits.clone()).await;
+    let mut client = server.client().await;
+    // Two ingests of labelled examples: most computations first, the rest later.
+    let first = |id: &str| actwatch_core::split_unit(1, id) < 0.7;
+    let examples = labelled_batches(&concepts("train.parquet"), first);
+    let later = labelled_batches(&concepts("train.parquet"), |id| !first(id));
+
+    // Labels on a monitor without probes are refused.
+    create(&mut client, "plain").await;
+    let s = status_of(ingest_labelled(&mut client, "plain", examples[..1].to_vec()).await);
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("no probes"), "{s:?}");
+
+    let spec = v1::MonitorSpec {
+        detectors: vec!["gaussian".into()],
+        joint: "none".into(),
+        probes: vec!["harm:defer_fpr=0.05".into()],
+        ..Default::default()
+    };
+    let bad = client
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "bad".into(),
+            spec: Some(v1::MonitorSpec {
+                probes: vec!["anomaly".into()],
+                ..spec.clone()
+            }),
+        })
+        .await;
+    let s = status_of(bad);
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let info = client
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "c".into(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.spec.unwrap().probes, ["harm:defer_fpr=0.05"]);
+    let (train, _) = file_batches(&data("train.parquet"), Dtype::F32);
+    ingest(&mut client, "c", train).await.unwrap();
+
+    // A label count that is neither 1 nor the rows, and one computation labelled both ways in
+    // one stream: refused, nothing of the stream stored.
+    let (b, l) = examples[0].clone();
+    let s =
+        status_of(ingest_labelled(&mut client, "c", vec![(b.clone(), vec![true, false])]).await);
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("one per row"), "{s:?}");
+    let flipped: Vec<bool> = l.iter().map(|x| !x).collect();
+    let s = status_of(
+        ingest_labelled(&mut client, "c", vec![(b.clone(), l.clone()), (b, flipped)]).await,
+    );
+    assert!(s.message().contains("labelled both"), "{s:?}");
+    assert_eq!(info_rows(&mut client, "c").await, (18_000, 0));
+
+    let n_first: u64 = examples.iter().map(|(_, l)| l.len() as u64).sum();
+    let summary = ingest_labelled(&mut client, "c", examples.clone())
+        .await
+        .unwrap();
+    assert_eq!(summary.example_rows, n_first);
+    assert_eq!(summary.total_example_rows, n_first);
+    assert_eq!(
+        summary.total_rows, 18_000,
+        "examples are not reference rows"
+    );
+    let (_, report) = fit(&mut client, "c").await;
+    let probe = &report.probes[0];
+    assert_eq!(probe.name, "harm");
+    assert_eq!(probe.kind, "diff_means");
+    assert!(
+        probe.heldout_positives > 0 && probe.recall.unwrap() > 0.3,
+        "{probe:?}"
+    );
+    assert!(probe.deferred_benign.is_some());
+
+    // The served probe scores exactly as the batch pipeline on the served artifact.
+    let dev = concepts("dev.parquet");
+    let (artifact, _) = load_monitor(&dir.path().join("monitors/c/fitted")).unwrap();
+    let offline = score_computations(
+        &artifact,
+        std::slice::from_ref(&dev),
+        &minilm_read_options(),
+        &NoProgress,
+    )
+    .unwrap();
+    let mut watcher = client
+        .watch_flags(v1::WatchFlagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let served = probe_scores(&mut client, "c", &dev).await;
+    assert_eq!(served.len(), offline.ids.len());
+    for (id, r) in offline.ids.iter().zip(&offline.results) {
+        let (p, flagged, verdict) = &served[id];
+        assert_eq!(*p, r.probes[0].p_value, "{id}");
+        assert_eq!(*flagged, r.probes[0].flagged);
+        assert_eq!(verdict, r.probes[0].verdict());
+    }
+    let probe_flagged = served.values().filter(|v| v.1).count();
+    assert!(probe_flagged > 50, "{probe_flagged} flagged by the probe");
+
+    // Every flag reaches the watcher, saying which question raised it.
+    let mut raised_by_probe = 0;
+    while raised_by_probe < probe_flagged {
+        let ev = tokio::time::timeout(Duration::from_secs(30), watcher.message())
+            .await
+            .expect("flags reach the watcher")
+            .unwrap()
+            .unwrap();
+        let c = ev.computation.unwrap();
+        let by_probe = ev.raised_by.contains(&"harm".to_string());
+        assert_eq!(by_probe, served[&c.trace_id].1, "{}", c.trace_id);
+        assert_eq!(ev.raised_by.contains(&"anomaly".to_string()), c.flagged);
+        raised_by_probe += usize::from(by_probe);
+    }
+    let q = client
+        .query_scores(v1::QueryScoresRequest {
+            monitor: "c".into(),
+            flagged_only: true,
+            flagged_by: "harm".into(),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.results.len(), probe_flagged);
+    assert!(q.results.iter().all(|c| c.probes[0].flagged));
+
+    // More examples: an incremental fit equals a full one.
+    ingest_labelled(&mut client, "c", later.clone())
+        .await
+        .unwrap();
+    let (_, inc) = fit_with(&mut client, "c", true).await;
+    assert!(inc.incremental);
+    let after_inc = probe_scores(&mut client, "c", &dev).await;
+    let (_, full) = fit_with(&mut client, "c", false).await;
+    assert!(!full.incremental);
+    assert_eq!(inc.probes, full.probes);
+    let after_full = probe_scores(&mut client, "c", &dev).await;
+    assert_eq!(after_inc, after_full);
+
+    // A restart serves the same probe.
+    drop(watcher);
+    drop(client);
+    server.stop().await;
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    let info = client
+        .get_monitor(v1::GetMonitorRequest { name: "c".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.report.unwrap().probes, full.probes);
+    assert_eq!(info.example_rows, 3 * 1220);
+    assert_eq!(probe_scores(&mut client, "c", &dev).await, after_full);
+    drop(client);
+    server.stop().await;
+}
+
+/// (reference rows, labelled example rows) of a monitor.
+async fn info_rows(client: &mut Client, name: &str) -> (u64, u64) {
+    let i = client
+        .get_monitor(v1::GetMonitorRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    (i.reference_rows, i.example_rows)
 }

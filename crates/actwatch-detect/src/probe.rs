@@ -826,6 +826,9 @@ impl ProbeSpec {
                 "a probe name is 1 to {MAX_PROBE_NAME_LEN} letters, digits, `_` or `-`"
             ));
         }
+        if self.name == "anomaly" {
+            return bad("`anomaly` names the anomaly question in flags and filters".into());
+        }
         if let ProbeKind::Logistic { c: Some(c) } = self.kind {
             if !(c.is_finite() && c > 0.0) {
                 return bad(format!("c {c} is not a finite positive number"));

@@ -132,6 +132,9 @@ pub struct TraceWriter {
     schema: SchemaRef,
     width: usize,
     positions: bool,
+    /// A file of labelled examples ([`TraceWriter::create_labelled`]) has a boolean label
+    /// column after the vectors.
+    labelled: bool,
     /// Per site: what its batches declared.
     provenance: BTreeMap<String, Provenance>,
 }
@@ -145,7 +148,28 @@ impl TraceWriter {
         columns: &TraceColumns,
         positions: Option<&str>,
     ) -> Result<Self> {
-        let path = path.into();
+        Self::create_with(path.into(), width, columns, positions, None)
+    }
+
+    /// [`TraceWriter::create`] for labelled examples: the file also has a boolean column
+    /// `label_column`, written by [`TraceWriter::write_labelled`].
+    pub fn create_labelled(
+        path: impl Into<PathBuf>,
+        width: usize,
+        columns: &TraceColumns,
+        positions: Option<&str>,
+        label_column: &str,
+    ) -> Result<Self> {
+        Self::create_with(path.into(), width, columns, positions, Some(label_column))
+    }
+
+    fn create_with(
+        path: PathBuf,
+        width: usize,
+        columns: &TraceColumns,
+        positions: Option<&str>,
+        label_column: Option<&str>,
+    ) -> Result<Self> {
         if width == 0 || i32::try_from(width).is_err() {
             return Err(Error::Write {
                 path,
@@ -164,6 +188,9 @@ impl TraceWriter {
             DataType::FixedSizeList(vector_item(), width as i32),
             false,
         ));
+        if let Some(name) = label_column {
+            fields.push(Field::new(name, DataType::Boolean, false));
+        }
         let schema = Arc::new(Schema::new(fields));
         let vectors = ColumnPath::new(vec![columns.vector.clone(), "list".into(), "item".into()]);
         let props = WriterProperties::builder()
@@ -177,6 +204,7 @@ impl TraceWriter {
             schema,
             width,
             positions: positions.is_some(),
+            labelled: label_column.is_some(),
             provenance: BTreeMap::new(),
         })
     }
@@ -198,6 +226,33 @@ impl TraceWriter {
     /// Appends a batch (its vectors move into the Arrow column without a copy). Fails if its
     /// width differs, or if it carries positions and the file has no position column.
     pub fn write(&mut self, batch: SiteBatch) -> Result<()> {
+        self.write_rows(batch, None)
+    }
+
+    /// Appends labelled examples (one label per row) to a file made by
+    /// [`TraceWriter::create_labelled`].
+    pub fn write_labelled(&mut self, batch: SiteBatch, labels: Vec<bool>) -> Result<()> {
+        self.write_rows(batch, Some(labels))
+    }
+
+    fn write_rows(&mut self, batch: SiteBatch, labels: Option<Vec<bool>>) -> Result<()> {
+        if labels.is_some() != self.labelled
+            || labels.as_ref().is_some_and(|l| l.len() != batch.rows())
+        {
+            return Err(Error::Write {
+                path: self.path().to_path_buf(),
+                message: format!(
+                    "{} labels for {} rows, in a file {}",
+                    labels.as_ref().map_or(0, Vec::len),
+                    batch.rows(),
+                    if self.labelled {
+                        "of labelled examples"
+                    } else {
+                        "without labels"
+                    }
+                ),
+            });
+        }
         if batch.dim() != self.width {
             return Err(Error::Write {
                 path: self.path().to_path_buf(),
@@ -249,6 +304,9 @@ impl TraceWriter {
             }));
         }
         columns.push(Arc::new(vectors));
+        if let Some(labels) = labels {
+            columns.push(Arc::new(arrow::array::BooleanArray::from(labels)));
+        }
         self.writer
             .write(&RecordBatch::try_new(self.schema.clone(), columns)?)
     }

@@ -12,12 +12,13 @@ use actwatch_detect::monitor::{
     MonitorOptions, ProvenancePolicy, DEFAULT_CALIBRATION_FRACTION, DEFAULT_FPR,
     DEFAULT_LENGTH_STRATA,
 };
+use actwatch_detect::probe::ProbeSpec;
 use actwatch_detect::spec::{DEFAULT_DETECTORS, DEFAULT_JOINT};
 use actwatch_detect::{Aggregation, DetectorSpec, Fusion, Monitor, SiteScores};
 use actwatch_proto::v1;
 use serde::{Deserialize, Serialize};
 
-use crate::storage::{FittedMonitor, LoggedScore, LoggedSlot, MonitorEntry};
+use crate::storage::{FittedMonitor, LoggedProbe, LoggedScore, LoggedSlot, MonitorEntry};
 use crate::{Error, Result};
 
 /// Longest monitor name.
@@ -45,6 +46,9 @@ pub struct StoredSpec {
     pub fpr: f64,
     pub calibration_fraction: f64,
     pub seed: u64,
+    /// Concept probes, as the client wrote them; specs stored before probes existed have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<String>,
 }
 
 /// The aggregation of a spec stored before aggregation existed: `max`, what it did.
@@ -85,6 +89,7 @@ impl StoredSpec {
             joint,
             length_strata,
             provenance_policy,
+            probes,
         } = spec.unwrap_or_default();
         let spec = StoredSpec {
             detectors: if detectors.is_empty() {
@@ -124,6 +129,7 @@ impl StoredSpec {
                 calibration_fraction
             },
             seed,
+            probes,
         };
         options_from_spec(&spec)?;
         spec.provenance_policy()?;
@@ -148,6 +154,7 @@ impl StoredSpec {
             fpr: self.fpr,
             calibration_fraction: self.calibration_fraction,
             seed: self.seed,
+            probes: self.probes.clone(),
         }
     }
 }
@@ -177,8 +184,11 @@ pub fn options_from_spec(spec: &StoredSpec) -> Result<MonitorOptions> {
         calibration_fraction: spec.calibration_fraction,
         seed: spec.seed,
         length_strata: spec.length_strata,
-        // (Probes over gRPC are not built yet: the wire has no field for them.)
-        probes: Vec::new(),
+        probes: spec
+            .probes
+            .iter()
+            .map(|p| ProbeSpec::parse(p).map_err(|e| Error::BadSpec(e.to_string())))
+            .collect::<Result<_>>()?,
     };
     options
         .validate()
@@ -220,6 +230,7 @@ pub fn monitor_info(entry: &MonitorEntry) -> v1::MonitorInfo {
             })
             .collect(),
         reference_rows: st.reference_rows(),
+        example_rows: st.example_rows(),
         fitted: fitted.is_some(),
         fit_version: fitted.as_ref().map_or(0, |f| f.fit_version),
         report: fitted.as_deref().map(fit_report),
@@ -281,6 +292,37 @@ pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
                 threshold: l.threshold,
             })
             .collect(),
+        probes: monitor
+            .probes()
+            .iter()
+            .map(|p| probe_fit(&p.summary))
+            .collect(),
+    }
+}
+
+fn probe_fit(s: &actwatch_detect::monitor::ProbeSummary) -> v1::ProbeFit {
+    v1::ProbeFit {
+        name: s.name.clone(),
+        kind: s.kind.clone(),
+        sites: s
+            .sites
+            .iter()
+            .map(|site| v1::ProbeSiteFit {
+                site: site.site.clone(),
+                positive: site.fit.positive,
+                negative: site.fit.negative,
+                reference: site.fit.reference,
+                c: site.c,
+            })
+            .collect(),
+        calibration_reference: s.calibration_reference,
+        calibration_negatives: s.calibration_negatives,
+        calibration_fpr: s.calibration_fpr,
+        negatives_fpr: s.negatives_fpr,
+        heldout_positives: s.heldout_positives,
+        recall: s.recall,
+        deferred_benign: s.deferred_benign,
+        deferred_positives: s.deferred_positives,
     }
 }
 
@@ -318,6 +360,7 @@ pub fn computation_score(logged: &LoggedScore, monitor: &str) -> v1::Computation
         fit_version,
         partial,
         flagged_at,
+        probes,
     } = logged;
     v1::ComputationScore {
         monitor: monitor.to_string(),
@@ -344,7 +387,39 @@ pub fn computation_score(logged: &LoggedScore, monitor: &str) -> v1::Computation
         fit_version: *fit_version,
         partial: *partial,
         flagged_at: *flagged_at,
+        probes: probes
+            .iter()
+            .map(|p: &LoggedProbe| v1::ProbeScore {
+                name: p.name.clone(),
+                score: p.score,
+                p_value: p.p_value,
+                flagged: p.flagged,
+                verdict: if p.flagged {
+                    "flag"
+                } else if p.deferred {
+                    "defer"
+                } else {
+                    "pass"
+                }
+                .into(),
+                flagged_at: p.flagged_at,
+            })
+            .collect(),
     }
+}
+
+/// The questions that flagged a computation on the wire: "anomaly" and its flagging probes.
+pub fn raised_by(c: &v1::ComputationScore) -> Vec<String> {
+    c.flagged
+        .then(|| crate::storage::ANOMALY.to_string())
+        .into_iter()
+        .chain(
+            c.probes
+                .iter()
+                .filter(|p| p.flagged)
+                .map(|p| p.name.clone()),
+        )
+        .collect()
 }
 
 /// A batch of `site` scored despite a provenance conflict.

@@ -32,6 +32,10 @@ pub enum Error {
     /// later, a message without an event, completing a computation the stream never saw).
     #[error("bad stream: {0}")]
     BadStream(String),
+    /// Labels on an ingest that cannot take them (a monitor without probes, a count that is
+    /// neither 1 nor the batch's rows, one computation labelled both ways).
+    #[error("invalid labels: {0}")]
+    BadLabels(String),
     /// No monitor of this name.
     #[error("no monitor named {0:?}")]
     MonitorNotFound(String),
@@ -203,7 +207,8 @@ impl From<Error> for Status {
             | Error::BadSiteName(_)
             | Error::BadSpec(_)
             | Error::WidthMismatch { .. }
-            | Error::BadStream(_) => Code::InvalidArgument,
+            | Error::BadStream(_)
+            | Error::BadLabels(_) => Code::InvalidArgument,
             Error::MonitorNotFound(_) => Code::NotFound,
             Error::MonitorExists(_) => Code::AlreadyExists,
             Error::NotFitted(_) | Error::NoReferenceData(_) => Code::FailedPrecondition,

@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use actwatch_detect::monitor::MonitorFitter;
 use actwatch_io::artifact::{load_monitor, save_monitor};
 use actwatch_io::checkpoint::{load_checkpoint, save_checkpoint, FitCheckpoint};
-use actwatch_io::pipeline::{calibrate_reference, fold_reference, Progress};
+use actwatch_io::pipeline::{
+    calibrate_reference_with, fold_examples, fold_reference, ExampleInput, Progress,
+};
 use actwatch_io::reader::ReadOptions;
 use actwatch_proto::v1;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::storage::{FitRun, FittedMonitor, MonitorEntry};
+use crate::storage::{FitRun, FittedMonitor, MonitorEntry, LABEL_COLUMN};
 use crate::Result;
 
 /// Fit progress into a bounded channel; lossy, so a slow client never stalls the fit.
@@ -83,19 +85,27 @@ fn resumable(entry: &MonitorEntry, segments: &[String]) -> Option<(MonitorFitter
 /// Fits on the committed segments (from scratch, or, when `incremental`, by folding only the
 /// segments the checkpoint has not seen), checkpoints the fitter, calibrates on all segments,
 /// saves the artifact (atomically replacing the old one), loads it back (so the served fit is
-/// exactly what a restart loads) and swaps it in.
+/// exactly what a restart loads) and swaps it in. Segments of labelled examples (`labelled`)
+/// go to the probes: their fit part is folded after the reference segments, their
+/// calibration part scored after the reference's.
 ///
 /// The checkpoint is written before calibration and names the segments it holds, so it is
 /// consistent on its own whatever happens next: a later incremental fit resumes from it.
 pub(crate) fn fit_and_install(
     entry: &MonitorEntry,
-    segments: &[(String, PathBuf)],
+    segments: &[(String, PathBuf, bool)],
     incremental: bool,
     progress: &dyn Progress,
 ) -> Result<Arc<FittedMonitor>> {
     let read = ReadOptions::default();
-    let names: Vec<String> = segments.iter().map(|(n, _)| n.clone()).collect();
-    let paths: Vec<PathBuf> = segments.iter().map(|(_, p)| p.clone()).collect();
+    let names: Vec<String> = segments.iter().map(|(n, _, _)| n.clone()).collect();
+    let paths = |labelled: bool, from: usize| -> Vec<PathBuf> {
+        segments[from..]
+            .iter()
+            .filter(|s| s.2 == labelled)
+            .map(|s| s.1.clone())
+            .collect()
+    };
     let resumed = if incremental {
         resumable(entry, &names)
     } else {
@@ -106,13 +116,28 @@ pub(crate) fn fit_and_install(
         Some(r) => r,
         None => (MonitorFitter::new(entry.options.clone())?, 0),
     };
-    let rows_folded = fold_reference(&mut fitter, &paths[done..], &read, progress)?;
+    let examples = |from: usize| -> Result<Option<ExampleInput>> {
+        let files = paths(true, from);
+        Ok((!files.is_empty())
+            .then(|| ExampleInput::new(&files, &read, LABEL_COLUMN))
+            .transpose()?)
+    };
+    let rows_folded = fold_reference(&mut fitter, &paths(false, done), &read, progress)?;
+    if let Some(new) = examples(done)? {
+        fold_examples(&mut fitter, &new, progress)?;
+    }
     let checkpoint = FitCheckpoint {
         folded: names,
         fitter,
     };
     save_checkpoint(&checkpoint, &entry.checkpoint_path())?;
-    let (monitor, reference) = calibrate_reference(checkpoint.fitter, &paths, &read, progress)?;
+    let (monitor, reference) = calibrate_reference_with(
+        checkpoint.fitter,
+        &paths(false, 0),
+        &read,
+        examples(0)?.as_ref(),
+        progress,
+    )?;
     let dir = entry.fitted_dir();
     save_monitor(&monitor, &reference, &dir)?;
     drop(monitor);

@@ -7,7 +7,7 @@ use actwatch_detect::{ComputationResult, OpenComputations};
 use actwatch_proto::v1;
 
 use crate::convert::{provenance_warning, trace_scores};
-use crate::storage::{now_unix_ms, FittedMonitor, LoggedScore, LoggedSlot};
+use crate::storage::{now_unix_ms, FittedMonitor, LoggedProbe, LoggedScore, LoggedSlot};
 use crate::{Error, Result};
 
 /// The service's view of a scoring error: the open-computation bound is the
@@ -93,6 +93,20 @@ fn to_logged(fitted: &FittedMonitor, done: Vec<(String, ComputationResult)>) -> 
             fit_version: fitted.fit_version,
             partial: r.partial,
             flagged_at: r.flagged_at,
+            probes: fitted
+                .monitor
+                .probes()
+                .iter()
+                .zip(&r.probes)
+                .map(|(p, pr)| LoggedProbe {
+                    name: p.name().to_string(),
+                    score: pr.score,
+                    p_value: pr.p_value,
+                    flagged: pr.flagged,
+                    deferred: pr.deferred,
+                    flagged_at: pr.flagged_at,
+                })
+                .collect(),
         })
         .collect()
 }

@@ -137,6 +137,7 @@ impl Drop for ServerSink {
                 let poison = v1::IngestReferenceRequest {
                     monitor: format!("{} (capture failed: refuse this stream)", self.monitor),
                     batch: None,
+                    labels: Vec::new(),
                 };
                 let _ = runtime.block_on(async move {
                     let _ = tx.send(poison).await;
@@ -180,6 +181,7 @@ impl TraceSink for ServerSink {
                     String::new()
                 },
                 batch: Some(wire),
+                labels: Vec::new(),
             };
             self.first = false;
             let tx = self.tx.as_ref().expect("open until finish");

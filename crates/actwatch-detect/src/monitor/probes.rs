@@ -40,15 +40,25 @@ use super::MonitorOptions;
 /// these are kept in memory, unlike the reference traffic, which is streamed.
 pub const MAX_PROBE_EXAMPLE_VALUES: usize = 1 << 28;
 
-/// Labelled examples (and reference negatives) of the fit part, per site.
+/// Labelled examples (and reference negatives) of the fit part, per site. Labelled and
+/// reference rows are kept apart, each in arrival order, and a fit orders computations by id:
+/// so folding the same traces in another interleaving (an incremental fit: old reference, old
+/// examples, new reference, new examples) gives the same probes to the bit.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ProbeExamples {
-    sites: BTreeMap<String, SiteExamples>,
-    /// Per computation: its label (None: a reference computation, a negative when asked for).
-    labels: Vec<Option<bool>>,
-    labelled: HashMap<String, u32>,
-    reference: HashMap<String, u32>,
+    labelled: Rows,
+    reference: Rows,
     values: usize,
+}
+
+/// Rows of one kind, per site, with their computations.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Rows {
+    sites: BTreeMap<String, SiteExamples>,
+    /// Computation id -> index into `labels`.
+    index: HashMap<String, u32>,
+    /// Per computation its label (reference computations: false).
+    labels: Vec<bool>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -58,9 +68,41 @@ struct SiteExamples {
     computations: Vec<u32>,
 }
 
+impl Rows {
+    /// The computation index of `id`, adding it with `label`; a computation seen again with the
+    /// other label is refused.
+    fn computation(&mut self, id: &str, label: bool) -> Result<u32> {
+        if let Some(&c) = self.index.get(id) {
+            if self.labels[c as usize] != label {
+                return Err(Error::InvalidOption(format!(
+                    "computation {id:?} is labelled both 0 and 1; a label is per computation"
+                )));
+            }
+            return Ok(c);
+        }
+        let c = u32::try_from(self.labels.len())
+            .map_err(|_| Error::InvalidOption("more than 2^32 example computations".into()))?;
+        self.labels.push(label);
+        self.index.insert(id.to_string(), c);
+        Ok(c)
+    }
+
+    /// Each computation's rank among this kind's computations ordered by id.
+    fn ranks(&self) -> Vec<u32> {
+        let mut by_id: Vec<(&str, u32)> =
+            self.index.iter().map(|(id, &c)| (id.as_str(), c)).collect();
+        by_id.sort_unstable();
+        let mut rank = vec![0u32; self.labels.len()];
+        for (r, (_, c)) in by_id.into_iter().enumerate() {
+            rank[c as usize] = r as u32;
+        }
+        rank
+    }
+}
+
 impl ProbeExamples {
     pub(crate) fn is_empty(&self) -> bool {
-        self.labelled.is_empty()
+        self.labelled.labels.is_empty()
     }
 
     /// Adds fit-part labelled traces of one site; `labels[i]` is row `i`'s computation's label.
@@ -82,11 +124,12 @@ impl ProbeExamples {
         let comps = trace_ids
             .iter()
             .zip(labels)
-            .map(|(id, &l)| {
-                label_computation(&mut self.labelled, &mut self.labels, id.as_ref(), Some(l))
-            })
+            .map(|(id, &l)| self.labelled.computation(id.as_ref(), l))
             .collect::<Result<Vec<_>>>()?;
-        self.push(site, &comps, rows, dim)
+        self.check_room(rows.len())?;
+        push(&mut self.labelled, site, &comps, rows, dim)?;
+        self.values += rows.len();
+        Ok(())
     }
 
     /// Adds fit-part reference traces of one site (negatives for probes that ask for them).
@@ -99,110 +142,118 @@ impl ProbeExamples {
     ) -> Result<()> {
         let comps = trace_ids
             .iter()
-            .map(|id| label_computation(&mut self.reference, &mut self.labels, id.as_ref(), None))
+            .map(|id| self.reference.computation(id.as_ref(), false))
             .collect::<Result<Vec<_>>>()?;
-        self.push(site, &comps, rows, dim)
+        self.check_room(rows.len())?;
+        push(&mut self.reference, site, &comps, rows, dim)?;
+        self.values += rows.len();
+        Ok(())
     }
 
-    fn push(&mut self, site: &str, comps: &[u32], rows: &[f32], dim: usize) -> Result<()> {
-        if rows.len() != comps.len() * dim {
-            return Err(actwatch_core::Error::WidthMismatch {
-                expected: dim,
-                got: rows.len() / comps.len().max(1),
-            }
-            .into());
-        }
-        if self.values.saturating_add(rows.len()) > MAX_PROBE_EXAMPLE_VALUES {
+    fn check_room(&self, values: usize) -> Result<()> {
+        if self.values.saturating_add(values) > MAX_PROBE_EXAMPLE_VALUES {
             return Err(Error::NotEnoughData(format!(
                 "the probes' examples would hold more than {MAX_PROBE_EXAMPLE_VALUES} vector values \
                  (1 GiB); fit the probes on fewer examples (or pooled traces), or without \
                  reference_negatives"
             )));
         }
-        let s = self.sites.entry(site.to_string()).or_insert(SiteExamples {
-            dim,
-            rows: Vec::new(),
-            computations: Vec::new(),
-        });
-        if s.dim != dim {
-            return Err(actwatch_core::Error::WidthMismatch {
-                expected: s.dim,
-                got: dim,
-            }
-            .into());
-        }
-        s.rows.extend_from_slice(rows);
-        s.computations.extend_from_slice(comps);
-        self.values += rows.len();
         Ok(())
     }
 
     /// The examples of one probe at one site: labelled computations (and reference ones when
     /// `reference_negatives`), each computation weighing 1 over its rows there, the reference
-    /// computations together as much as the labelled negatives.
+    /// computations together as much as the labelled negatives; groups numbered by id (labelled
+    /// first), so cross-validation folds do not depend on arrival order.
     fn at_site(&self, site: &str, reference_negatives: bool) -> Option<(OwnedExamples, Counts)> {
-        let s = self.sites.get(site)?;
-        let mut per_comp: HashMap<u32, u32> = HashMap::new();
-        for &c in &s.computations {
-            *per_comp.entry(c).or_default() += 1;
-        }
-        let mut counts = Counts::default();
-        for &c in per_comp.keys() {
-            match self.labels[c as usize] {
-                Some(true) => counts.positive += 1,
-                Some(false) => counts.negative += 1,
-                None => counts.reference += 1,
+        let l = self.labelled.sites.get(site)?;
+        let r = self
+            .reference
+            .sites
+            .get(site)
+            .filter(|_| reference_negatives);
+        let per_comp = |s: &SiteExamples, n: usize| {
+            let mut count = vec![0u32; n];
+            for &c in &s.computations {
+                count[c as usize] += 1;
             }
-        }
+            count
+        };
+        let l_count = per_comp(l, self.labelled.labels.len());
+        let r_count = r.map(|r| per_comp(r, self.reference.labels.len()));
+        let present = |count: &[u32], labels: &[bool], label: bool| {
+            count
+                .iter()
+                .zip(labels)
+                .filter(|&(&n, &l)| n > 0 && l == label)
+                .count() as u64
+        };
+        let counts = Counts {
+            positive: present(&l_count, &self.labelled.labels, true),
+            negative: present(&l_count, &self.labelled.labels, false),
+            reference: r_count
+                .as_ref()
+                .map_or(0, |c| c.iter().filter(|&&n| n > 0).count() as u64),
+        };
         let reference_weight = if counts.reference > 0 {
             counts.negative as f64 / counts.reference as f64
         } else {
             0.0
         };
         let mut ex = OwnedExamples {
-            dim: s.dim,
+            dim: l.dim,
             ..OwnedExamples::default()
         };
-        for (i, &c) in s.computations.iter().enumerate() {
-            let (label, weight) = match self.labels[c as usize] {
-                Some(l) => (l, 1.0),
-                None if reference_negatives => (false, reference_weight),
-                None => continue,
-            };
+        let l_rank = self.labelled.ranks();
+        for (i, &c) in l.computations.iter().enumerate() {
             ex.rows
-                .extend_from_slice(&s.rows[i * s.dim..(i + 1) * s.dim]);
-            ex.labels.push(label);
-            ex.weights.push(weight / f64::from(per_comp[&c]));
-            ex.groups.push(c);
+                .extend_from_slice(&l.rows[i * l.dim..(i + 1) * l.dim]);
+            ex.labels.push(self.labelled.labels[c as usize]);
+            ex.weights.push(1.0 / f64::from(l_count[c as usize]));
+            ex.groups.push(l_rank[c as usize]);
         }
-        if !reference_negatives {
-            counts.reference = 0;
+        if let (Some(r), Some(r_count)) = (r, &r_count) {
+            if r.dim != l.dim {
+                return None;
+            }
+            let r_rank = self.reference.ranks();
+            let offset = self.labelled.labels.len() as u32;
+            for (i, &c) in r.computations.iter().enumerate() {
+                ex.rows
+                    .extend_from_slice(&r.rows[i * r.dim..(i + 1) * r.dim]);
+                ex.labels.push(false);
+                ex.weights
+                    .push(reference_weight / f64::from(r_count[c as usize]));
+                ex.groups.push(offset + r_rank[c as usize]);
+            }
         }
         Some((ex, counts))
     }
 }
 
-/// The computation index of `id` in `map`, adding it with `label`; a labelled computation seen
-/// again with the other label is refused.
-fn label_computation(
-    map: &mut HashMap<String, u32>,
-    labels: &mut Vec<Option<bool>>,
-    id: &str,
-    label: Option<bool>,
-) -> Result<u32> {
-    if let Some(&c) = map.get(id) {
-        if labels[c as usize] != label {
-            return Err(Error::InvalidOption(format!(
-                "computation {id:?} is labelled both 0 and 1; a label is per computation"
-            )));
+fn push(kind: &mut Rows, site: &str, comps: &[u32], rows: &[f32], dim: usize) -> Result<()> {
+    if rows.len() != comps.len() * dim {
+        return Err(actwatch_core::Error::WidthMismatch {
+            expected: dim,
+            got: rows.len() / comps.len().max(1),
         }
-        return Ok(c);
+        .into());
     }
-    let c = u32::try_from(labels.len())
-        .map_err(|_| Error::InvalidOption("more than 2^32 example computations".into()))?;
-    labels.push(label);
-    map.insert(id.to_string(), c);
-    Ok(c)
+    let s = kind.sites.entry(site.to_string()).or_insert(SiteExamples {
+        dim,
+        rows: Vec::new(),
+        computations: Vec::new(),
+    });
+    if s.dim != dim {
+        return Err(actwatch_core::Error::WidthMismatch {
+            expected: s.dim,
+            got: dim,
+        }
+        .into());
+    }
+    s.rows.extend_from_slice(rows);
+    s.computations.extend_from_slice(comps);
+    Ok(())
 }
 
 /// Computations a probe was fitted on, by kind.

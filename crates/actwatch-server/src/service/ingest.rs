@@ -38,7 +38,11 @@ impl IngestStream {
         service: &ActivationMonitorService,
         msg: v1::IngestReferenceRequest,
     ) -> Result<()> {
-        let v1::IngestReferenceRequest { monitor, batch } = msg;
+        let v1::IngestReferenceRequest {
+            monitor,
+            batch,
+            labels,
+        } = msg;
         match &self.monitor {
             None if monitor.is_empty() => {
                 return Err(Error::BadStream(
@@ -59,8 +63,12 @@ impl IngestStream {
             Some(_) => {}
         }
         let Some(batch) = batch else {
+            if !labels.is_empty() {
+                return Err(Error::BadLabels("labels without a batch".into()));
+            }
             return Ok(());
         };
+        let labels = (!labels.is_empty()).then_some(labels);
         service.check_batch(&batch)?;
         let payload = batch
             .activations
@@ -69,7 +77,7 @@ impl IngestStream {
         let decoded = blocking(move || Ok(actwatch_proto::decode_trace_batch(batch)?)).await?;
         let mut session = self.take_session().await?;
         self.state = State::Writing(tokio::task::spawn_blocking(move || {
-            session.add(decoded, payload)?;
+            session.add(decoded, payload, labels)?;
             Ok(session)
         }));
         Ok(())
@@ -93,12 +101,15 @@ impl IngestStream {
         let monitor = session.entry().name.clone();
         let summary = blocking(move || {
             let (rows, bytes, batches) = (session.rows, session.bytes, session.batches);
-            let total_rows = session.commit()?;
+            let example_rows = session.example_rows;
+            let (total_rows, total_example_rows) = session.commit()?;
             Ok(v1::IngestReferenceSummary {
                 rows,
                 bytes,
                 batches,
                 total_rows,
+                example_rows,
+                total_example_rows,
             })
         })
         .await?;

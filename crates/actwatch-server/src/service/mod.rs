@@ -233,7 +233,10 @@ impl ActivationMonitorService {
 
     /// Sends flagged computations to watchers. Nobody watching is not an error.
     pub(super) fn publish_flags(&self, computations: &[v1::ComputationScore]) {
-        for c in computations.iter().filter(|c| c.flagged) {
+        for c in computations
+            .iter()
+            .filter(|c| !crate::convert::raised_by(c).is_empty())
+        {
             let _ = self.flags.send(Arc::new(c.clone()));
         }
     }
@@ -409,7 +412,7 @@ impl ActivationMonitor for ActivationMonitorService {
                 .try_lock_owned()
                 .map_err(|_| Error::FitInProgress(monitor.clone()))?;
             let segments = entry.segments();
-            if segments.is_empty() {
+            if segments.iter().all(|(_, _, labelled)| *labelled) {
                 return Err(Error::NoReferenceData(monitor).into());
             }
             let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
@@ -615,6 +618,7 @@ impl ActivationMonitor for ActivationMonitorService {
                 until_unix_ms,
                 flagged_only,
                 limit,
+                flagged_by,
             } = request.into_inner();
             let entry = self.data.get(&monitor)?;
             let limit = match limit {
@@ -626,6 +630,7 @@ impl ActivationMonitor for ActivationMonitorService {
                 since_unix_ms,
                 until_unix_ms,
                 flagged_only,
+                flagged_by: (!flagged_by.is_empty()).then_some(flagged_by),
             };
             let logged = blocking(move || entry.query_scores(&filter, limit)).await?;
             let results = logged

@@ -20,9 +20,13 @@ pub(super) struct FlagFilter {
 }
 
 impl FlagFilter {
+    /// A flag of a wanted monitor, raised by a question whose p-value is at or below
+    /// `max_p_value` (when set).
     fn wants(&self, c: &v1::ComputationScore) -> bool {
+        let p_ok = |p: f64| self.max_p_value <= 0.0 || p <= self.max_p_value;
         (self.monitors.is_empty() || self.monitors.contains(&c.monitor))
-            && (self.max_p_value <= 0.0 || c.p_value <= self.max_p_value)
+            && ((c.flagged && p_ok(c.p_value))
+                || c.probes.iter().any(|p| p.flagged && p_ok(p.p_value)))
     }
 }
 
@@ -52,6 +56,7 @@ pub(super) async fn forward_flags(
         match event {
             Ok(c) if filter.wants(&c) => {
                 let ev = v1::FlagEvent {
+                    raised_by: crate::convert::raised_by(&c),
                     computation: Some((*c).clone()),
                 };
                 if !ActivationMonitorService::send(&tx, Ok(ev), &mut shutdown).await {

@@ -13,6 +13,14 @@ use super::monitor::{reference_conflict, MonitorEntry, SegmentEntry, SiteDelta};
 use super::REFERENCE_DIR;
 use crate::{Error, Result};
 
+/// The label column of a segment of labelled examples.
+pub const LABEL_COLUMN: &str = "label";
+
+/// Most labelled computations one IngestReference stream may hold: the stream keeps each one's
+/// label to refuse a computation labelled both ways, so this bounds that memory (about 100 MiB
+/// at 100-byte ids). Send more in further streams.
+pub const MAX_LABELLED_COMPUTATIONS_PER_STREAM: usize = 1 << 20;
+
 /// The segments one IngestReference stream is writing: one Parquet file per vector width.
 /// Dropped without [`IngestSession::commit`], it removes its temporary files and stores nothing.
 #[derive(Debug)]
@@ -21,10 +29,15 @@ pub struct IngestSession {
     /// `Limits::max_sites_per_monitor`.
     max_sites: usize,
     seq: u64,
-    writers: BTreeMap<usize, TraceWriter>,
+    /// Per width: (reference traffic, labelled examples).
+    writers: BTreeMap<(usize, bool), TraceWriter>,
+    /// The label of each labelled computation of this stream (one label per computation).
+    labels: std::collections::HashMap<String, bool>,
     /// Per site of this stream: width, rows and declared provenance.
     sites: BTreeMap<String, SiteDelta>,
     pub rows: u64,
+    /// Of `rows`, the labelled examples.
+    pub example_rows: u64,
     pub bytes: u64,
     pub batches: u64,
 }
@@ -38,8 +51,10 @@ impl IngestSession {
             max_sites,
             seq,
             writers: BTreeMap::new(),
+            labels: std::collections::HashMap::new(),
             sites: BTreeMap::new(),
             rows: 0,
+            example_rows: 0,
             bytes: 0,
             batches: 0,
         }
@@ -49,9 +64,66 @@ impl IngestSession {
         &self.entry
     }
 
-    /// Checks a batch's width and provenance against its site and writes it (blocking).
-    pub fn add(&mut self, batch: SiteBatch, payload_bytes: u64) -> Result<()> {
+    /// Checks a batch's width and provenance against its site (and its labels, if any: labelled
+    /// examples for the monitor's probes) and writes it (blocking).
+    pub fn add(
+        &mut self,
+        batch: SiteBatch,
+        payload_bytes: u64,
+        labels: Option<Vec<bool>>,
+    ) -> Result<()> {
         let width = batch.dim();
+        let labels =
+            match labels {
+                None => None,
+                Some(_) if self.entry.options.probes.is_empty() => return Err(Error::BadLabels(
+                    "the monitor has no probes to fit on labelled examples (MonitorSpec.probes)"
+                        .into(),
+                )),
+                Some(l) if l.len() == 1 => Some(vec![l[0]; batch.rows()]),
+                Some(l) if l.len() == batch.rows() => Some(l),
+                Some(l) => {
+                    return Err(Error::BadLabels(format!(
+                    "{} labels for a batch of {} rows: give one for the whole batch or one per row",
+                    l.len(),
+                    batch.rows()
+                )))
+                }
+            };
+        if let Some(labels) = &labels {
+            // One label per computation, within the stream (checked before anything is kept).
+            let mut seen: std::collections::HashMap<&str, bool> = Default::default();
+            for (id, &l) in batch.trace_ids().iter().zip(labels) {
+                let known = self
+                    .labels
+                    .get(id)
+                    .copied()
+                    .or_else(|| seen.get(id.as_str()).copied());
+                if known.is_some_and(|k| k != l) {
+                    return Err(Error::BadLabels(format!(
+                        "computation {:?} is labelled both true and false; a label is per computation",
+                        crate::convert::excerpt(id)
+                    )));
+                }
+                seen.insert(id, l);
+            }
+            let new = seen
+                .keys()
+                .filter(|id| !self.labels.contains_key(**id))
+                .count();
+            if self.labels.len() + new > MAX_LABELLED_COMPUTATIONS_PER_STREAM {
+                return Err(Error::LimitExceeded {
+                    limit: "max_labelled_computations_per_stream",
+                    max: MAX_LABELLED_COMPUTATIONS_PER_STREAM as u64,
+                    detail: "this stream would label more computations; send the rest in \
+                             another stream"
+                        .into(),
+                });
+            }
+            for (id, l) in seen {
+                self.labels.insert(id.to_string(), l);
+            }
+        }
         let known = self
             .entry
             .site_width(batch.site())
@@ -92,29 +164,39 @@ impl IngestSession {
                 width,
                 ..SiteDelta::default()
             });
-        site.rows += rows;
+        if labels.is_some() {
+            site.example_rows += rows;
+        } else {
+            site.rows += rows;
+        }
         if let Some(p) = &declared {
             site.provenance
                 .merge(p)
                 .map_err(|c| reference_conflict(batch.site(), c))?;
         }
-        let writer = match self.writers.entry(width) {
+        let labelled = labels.is_some();
+        let writer = match self.writers.entry((width, labelled)) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
-                let path = self
-                    .entry
-                    .dir
-                    .join(REFERENCE_DIR)
-                    .join(format!("seg-{:08}-d{width}.parquet", self.seq));
-                v.insert(TraceWriter::create(
-                    path,
-                    width,
-                    &TraceColumns::default(),
-                    Some(DEFAULT_POSITION_COLUMN),
-                )?)
+                let dir = self.entry.dir.join(REFERENCE_DIR);
+                let columns = TraceColumns::default();
+                let position = Some(DEFAULT_POSITION_COLUMN);
+                v.insert(if labelled {
+                    let path = dir.join(format!("seg-{:08}-d{width}-labelled.parquet", self.seq));
+                    TraceWriter::create_labelled(path, width, &columns, position, LABEL_COLUMN)?
+                } else {
+                    let path = dir.join(format!("seg-{:08}-d{width}.parquet", self.seq));
+                    TraceWriter::create(path, width, &columns, position)?
+                })
             }
         };
-        writer.write(batch)?;
+        match labels {
+            Some(l) => writer.write_labelled(batch, l)?,
+            None => writer.write(batch)?,
+        }
+        if labelled {
+            self.example_rows += rows;
+        }
         self.rows += rows;
         self.bytes += payload_bytes;
         self.batches += 1;
@@ -122,19 +204,19 @@ impl IngestSession {
     }
 
     /// Makes every segment durable (fsync, rename) and commits them in `state.json` (blocking).
-    /// Returns the monitor's reference rows after the commit.
-    pub fn commit(mut self) -> Result<u64> {
+    /// Returns the monitor's reference rows and labelled example rows after the commit.
+    pub fn commit(mut self) -> Result<(u64, u64)> {
         let writers = std::mem::take(&mut self.writers);
-        let mut done: Vec<(PathBuf, u64)> = Vec::new();
-        let remove = |done: &[(PathBuf, u64)]| {
-            for (p, _) in done {
+        let mut done: Vec<(PathBuf, u64, bool)> = Vec::new();
+        let remove = |done: &[(PathBuf, u64, bool)]| {
+            for (p, _, _) in done {
                 let _ = fs::remove_file(p);
             }
         };
-        for (_, w) in writers {
+        for ((_, labelled), w) in writers {
             let path = w.path().to_path_buf();
             match w.finish() {
-                Ok(rows) => done.push((path, rows)),
+                Ok(rows) => done.push((path, rows, labelled)),
                 Err(e) => {
                     // The writers not yet finished remove their temporary files when dropped.
                     remove(&done);
@@ -144,12 +226,13 @@ impl IngestSession {
         }
         let entries = done
             .iter()
-            .map(|(p, rows)| SegmentEntry {
+            .map(|(p, rows, labelled)| SegmentEntry {
                 file: p
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default(),
                 rows: *rows,
+                labelled: *labelled,
             })
             .collect();
         self.entry

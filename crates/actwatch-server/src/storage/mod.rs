@@ -29,10 +29,10 @@ use actwatch_io::artifact::load_monitor;
 use actwatch_io::durable;
 use serde::{Deserialize, Serialize};
 
-pub use ingest::IngestSession;
+pub use ingest::{IngestSession, LABEL_COLUMN};
 use monitor::SpecFile;
 pub use monitor::{FitRun, FittedMonitor, MonitorEntry, MonitorState};
-pub use score_log::{LoggedScore, LoggedSlot, ScoreFilter, ScoreLog};
+pub use score_log::{LoggedProbe, LoggedScore, LoggedSlot, ScoreFilter, ScoreLog, ANOMALY};
 
 use crate::convert::{options_from_spec, StoredSpec};
 use crate::{Error, Result};
@@ -374,12 +374,12 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
         }
         total += rows;
     }
-    if total != state.reference_rows() {
+    let sites_total = state.reference_rows() + state.example_rows();
+    if total != sites_total {
         return Err(Error::Corrupt {
             path: dir.join(STATE_FILE),
             message: format!(
-                "the segments hold {total} rows, but the sites add up to {}",
-                state.reference_rows()
+                "the segments hold {total} rows, but the sites add up to {sites_total}"
             ),
         });
     }

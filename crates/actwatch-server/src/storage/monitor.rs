@@ -34,6 +34,9 @@ pub struct SiteState {
     pub name: String,
     pub width: usize,
     pub reference_rows: u64,
+    /// Labelled example rows of the site (for the monitor's probes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub example_rows: u64,
     #[serde(default, skip_serializing_if = "Provenance::is_empty")]
     pub provenance: Provenance,
 }
@@ -44,6 +47,7 @@ pub struct SiteState {
 pub struct SiteDelta {
     pub width: usize,
     pub rows: u64,
+    pub example_rows: u64,
     pub provenance: Provenance,
 }
 
@@ -52,6 +56,13 @@ pub struct SiteDelta {
 pub struct SegmentEntry {
     pub file: String,
     pub rows: u64,
+    /// A segment of labelled examples (with a `label` column) for the monitor's probes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub labelled: bool,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// What `state.json` holds.
@@ -101,6 +112,10 @@ impl MonitorState {
 
     pub fn reference_rows(&self) -> u64 {
         self.sites.iter().map(|s| s.reference_rows).sum()
+    }
+
+    pub fn example_rows(&self) -> u64 {
+        self.sites.iter().map(|s| s.example_rows).sum()
     }
 }
 
@@ -189,13 +204,14 @@ impl MonitorEntry {
         self.dir.join(FITTED_DIR)
     }
 
-    /// The committed reference segments, in commit order: (file name, path).
-    pub fn segments(&self) -> Vec<(String, PathBuf)> {
+    /// The committed segments, reference traffic and labelled examples, in commit order:
+    /// (file name, path, labelled).
+    pub fn segments(&self) -> Vec<(String, PathBuf, bool)> {
         let dir = self.dir.join(REFERENCE_DIR);
         lock(&self.state)
             .segments
             .iter()
-            .map(|s| (s.file.clone(), dir.join(&s.file)))
+            .map(|s| (s.file.clone(), dir.join(&s.file), s.labelled))
             .collect()
     }
 
@@ -225,7 +241,7 @@ impl MonitorEntry {
         files: Vec<SegmentEntry>,
         sites: &BTreeMap<String, SiteDelta>,
         max_sites: usize,
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
         let mut next = st.clone();
@@ -245,11 +261,13 @@ impl MonitorEntry {
                         .merge(&d.provenance)
                         .map_err(|conflict| reference_conflict(site, conflict))?;
                     s.reference_rows += d.rows;
+                    s.example_rows += d.example_rows;
                 }
                 None => next.sites.push(SiteState {
                     name: site.clone(),
                     width: d.width,
                     reference_rows: d.rows,
+                    example_rows: d.example_rows,
                     provenance: d.provenance.clone(),
                 }),
             }
@@ -260,7 +278,7 @@ impl MonitorEntry {
         }
         next.segments.extend(files);
         write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
-        let total = next.reference_rows();
+        let total = (next.reference_rows(), next.example_rows());
         *st = next;
         Ok(total)
     }

@@ -31,6 +31,40 @@ pub struct LoggedScore {
     /// Where the running statistic first reached the threshold (monitors that flag early).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flagged_at: Option<i64>,
+    /// Per concept probe, its answer (absent for monitors without probes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<LoggedProbe>,
+}
+
+impl LoggedScore {
+    /// The questions that flagged it: "anomaly" and the names of the probes that flagged it.
+    pub fn raised_by(&self) -> Vec<String> {
+        self.flagged
+            .then(|| ANOMALY.to_string())
+            .into_iter()
+            .chain(
+                self.probes
+                    .iter()
+                    .filter(|p| p.flagged)
+                    .map(|p| p.name.clone()),
+            )
+            .collect()
+    }
+}
+
+/// The name of the anomaly question in `raised_by` and `flagged_by` (a probe may not be named so).
+pub const ANOMALY: &str = "anomaly";
+
+/// One probe's answer for a computation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedProbe {
+    pub name: String,
+    pub score: f64,
+    pub p_value: f64,
+    pub flagged: bool,
+    pub deferred: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flagged_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,7 +83,11 @@ pub struct ScoreFilter {
     pub since_unix_ms: i64,
     /// Scored before (0: unbounded).
     pub until_unix_ms: i64,
+    /// Flagged by any question (anomaly or a probe), or with `flagged_by` by that one.
     pub flagged_only: bool,
+    /// With `flagged_only`: only results flagged by this question ([`ANOMALY`] or a probe's
+    /// name); None: by any.
+    pub flagged_by: Option<String>,
 }
 
 impl ScoreFilter {
@@ -57,7 +95,11 @@ impl ScoreFilter {
         (self.trace_ids.is_empty() || self.trace_ids.contains(&s.trace_id))
             && (self.since_unix_ms == 0 || s.scored_at_unix_ms >= self.since_unix_ms)
             && (self.until_unix_ms == 0 || s.scored_at_unix_ms < self.until_unix_ms)
-            && (!self.flagged_only || s.flagged)
+            && (!self.flagged_only
+                || match &self.flagged_by {
+                    None => !s.raised_by().is_empty(),
+                    Some(q) => s.raised_by().contains(q),
+                })
     }
 }
 
@@ -201,6 +243,7 @@ mod tests {
             fit_version: 1,
             partial: false,
             flagged_at: flagged.then_some(2),
+            probes: Vec::new(),
         }
     }
 
