@@ -5,13 +5,15 @@ keyword in its ``_from_pb``, so a field added to or reordered in the proto canno
 or dropped (tests/test_api.py checks every field of every message). Proto3 ``optional`` fields
 that are unset become ``None``; unset message fields (``MonitorInfo.report``) too. The fields of
 :class:`Provenance` are plain strings on the wire, "" meaning undeclared: here undeclared is ``None``.
+One exception to the mirroring: :class:`FlagEvent` is its message's ``computation`` (a
+:class:`ComputationScore`, whose fields it has) with ``raised_by`` added.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 import numpy as np
@@ -24,6 +26,7 @@ __all__ = [
     "DetectorScore",
     "FitPhase",
     "FitReport",
+    "FlagEvent",
     "IngestSummary",
     "JointFit",
     "KnnRecall",
@@ -31,6 +34,9 @@ __all__ = [
     "MonitorInfo",
     "MonitorRef",
     "MonitorSpec",
+    "ProbeFit",
+    "ProbeScore",
+    "ProbeSiteFit",
     "Provenance",
     "ProvenanceConflict",
     "ScoreResult",
@@ -149,6 +155,9 @@ class MonitorSpec:
     #: one: "refuse" (the default; FAILED_PRECONDITION) or "warn" (scored, with
     #: ``provenance_warnings`` on the result).
     provenance_policy: str = ""
+    #: Concept probes fitted from labelled examples, each ``NAME[:key=value,...]`` (e.g.
+    #: "harmful_request", "harm:kind=logistic,defer_fpr=0.05"); empty: none.
+    probes: list[str] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, m: pb.MonitorSpec) -> MonitorSpec:
@@ -162,6 +171,7 @@ class MonitorSpec:
             joint=m.joint,
             length_strata=m.length_strata,
             provenance_policy=m.provenance_policy,
+            probes=list(m.probes),
         )
 
 
@@ -250,6 +260,73 @@ class LengthStratum:
 
 
 @dataclass(frozen=True)
+class ProbeSiteFit:
+    """What fitting one concept probe saw at one site (``ProbeFit.sites``)."""
+
+    site: str
+    #: Computations it was fitted on: labelled positives and negatives, and reference computations
+    #: used as negatives (``reference_negatives``).
+    positive: int
+    negative: int
+    reference: int
+    #: Logistic probes: the inverse L2 strength used (cross-validated unless given); None otherwise.
+    c: Optional[float]
+
+    @classmethod
+    def _from_pb(cls, s: pb.ProbeSiteFit) -> ProbeSiteFit:
+        return cls(
+            site=s.site,
+            positive=s.positive,
+            negative=s.negative,
+            reference=s.reference,
+            c=s.c if s.HasField("c") else None,
+        )
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """What fitting one concept probe found (``FitReport.probes``, in ``MonitorSpec.probes`` order).
+
+    Its p-values are calibrated among benign computations: the calibration part of the reference
+    traffic (``calibration_reference``) and of the labelled negatives (``calibration_negatives``).
+    ``calibration_fpr``: the share of them flagged (each judged against the others); ``negatives_fpr``:
+    that share among the labelled negatives (None without any). ``recall``: the share of the held-out
+    labelled positives (``heldout_positives``) flagged at the monitor's target rate (None without
+    any). With a deferral band (``defer_fpr``): ``deferred_benign`` / ``deferred_positives``, the shares
+    of benign calibration computations and of held-out positives deferred (else None).
+    """
+
+    name: str
+    #: "diff_means" or "logistic".
+    kind: str
+    sites: list[ProbeSiteFit]
+    calibration_reference: int
+    calibration_negatives: int
+    calibration_fpr: float
+    negatives_fpr: Optional[float]
+    heldout_positives: int
+    recall: Optional[float]
+    deferred_benign: Optional[float]
+    deferred_positives: Optional[float]
+
+    @classmethod
+    def _from_pb(cls, p: pb.ProbeFit) -> ProbeFit:
+        return cls(
+            name=p.name,
+            kind=p.kind,
+            sites=[ProbeSiteFit._from_pb(s) for s in p.sites],
+            calibration_reference=p.calibration_reference,
+            calibration_negatives=p.calibration_negatives,
+            calibration_fpr=p.calibration_fpr,
+            negatives_fpr=p.negatives_fpr if p.HasField("negatives_fpr") else None,
+            heldout_positives=p.heldout_positives,
+            recall=p.recall if p.HasField("recall") else None,
+            deferred_benign=p.deferred_benign if p.HasField("deferred_benign") else None,
+            deferred_positives=p.deferred_positives if p.HasField("deferred_positives") else None,
+        )
+
+
+@dataclass(frozen=True)
 class FitReport:
     fit_version: int
     reference_rows: int
@@ -266,6 +343,8 @@ class FitReport:
     joint: Optional[JointFit] = None
     #: The length strata of the computation-level calibration, shortest first.
     length_strata: list[LengthStratum] = field(default_factory=list)
+    #: The concept probes of this fit, in ``MonitorSpec.probes`` order.
+    probes: list[ProbeFit] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, r: pb.FitReport) -> FitReport:
@@ -281,13 +360,19 @@ class FitReport:
             rows_folded=r.rows_folded,
             joint=JointFit._from_pb(r.joint) if r.HasField("joint") else None,
             length_strata=[LengthStratum._from_pb(s) for s in r.length_strata],
+            probes=[ProbeFit._from_pb(p) for p in r.probes],
         )
+
+    def probe(self, name: str) -> Optional[ProbeFit]:
+        """The fit of the probe called ``name`` (None: no such probe)."""
+        return next((p for p in self.probes if p.name == name), None)
 
 
 @dataclass(frozen=True)
 class FitPhase:
     """Progress of a fit: ``name`` is "fit", "calibrate", then "calibrate_joint" when the monitor has a
-    joint detector."""
+    joint detector; a monitor with probes also has "examples" (fitting them on the labelled examples)
+    after "fit", and "calibrate_examples" last."""
 
     name: str
     rows_done: int
@@ -310,6 +395,9 @@ class MonitorInfo:
     #: Empty for a healthy monitor; otherwise why the server could not load it at start (it is not
     #: served and its other fields are unset; ``Client.delete_monitor`` removes it).
     damaged: str
+    #: Labelled example rows stored for the monitor's probes, over all sites (not in
+    #: ``reference_rows``).
+    example_rows: int = 0
 
     @classmethod
     def _from_pb(cls, m: pb.MonitorInfo) -> MonitorInfo:
@@ -322,6 +410,7 @@ class MonitorInfo:
             fit_version=m.fit_version,
             report=FitReport._from_pb(m.report) if m.HasField("report") else None,
             damaged=m.damaged,
+            example_rows=m.example_rows,
         )
 
     def site(self, name: str) -> Optional[SiteInfo]:
@@ -334,14 +423,27 @@ MonitorRef = Union[str, MonitorInfo]
 
 @dataclass(frozen=True)
 class IngestSummary:
+    """``rows`` (all rows sent, labelled examples included), ``bytes``, ``batches``; ``total_rows``: the
+    monitor's reference rows after this ingest. ``example_rows``: of ``rows``, the labelled examples;
+    ``total_example_rows``: the monitor's labelled rows after this ingest (not in ``total_rows``)."""
+
     rows: int
     bytes: int
     batches: int
     total_rows: int
+    example_rows: int = 0
+    total_example_rows: int = 0
 
     @classmethod
     def _from_pb(cls, s: pb.IngestReferenceSummary) -> IngestSummary:
-        return cls(rows=s.rows, bytes=s.bytes, batches=s.batches, total_rows=s.total_rows)
+        return cls(
+            rows=s.rows,
+            bytes=s.bytes,
+            batches=s.batches,
+            total_rows=s.total_rows,
+            example_rows=s.example_rows,
+            total_example_rows=s.total_example_rows,
+        )
 
 
 @dataclass(frozen=True)
@@ -392,6 +494,36 @@ class SlotPValue:
 
 
 @dataclass(frozen=True)
+class ProbeScore:
+    """A computation's answer to one concept probe (``ComputationScore.probes``).
+
+    ``score``: the fused statistic, higher = more of the concept; ``p_value``: conformal, among the
+    probe's benign calibration computations; ``flagged``: ``p_value`` at or below the monitor's target
+    rate; ``verdict``: "flag", "defer" (not flagged, but ``p_value`` at or below the probe's
+    ``defer_fpr``: the cascade's uncertain band) or "pass"; ``flagged_at``: as
+    ``ComputationScore.flagged_at``, for this probe.
+    """
+
+    name: str
+    score: float
+    p_value: float
+    flagged: bool
+    verdict: str
+    flagged_at: Optional[int]
+
+    @classmethod
+    def _from_pb(cls, p: pb.ProbeScore) -> ProbeScore:
+        return cls(
+            name=p.name,
+            score=p.score,
+            p_value=p.p_value,
+            flagged=p.flagged,
+            verdict=p.verdict,
+            flagged_at=p.flagged_at if p.HasField("flagged_at") else None,
+        )
+
+
+@dataclass(frozen=True)
 class ComputationScore:
     """One computation (all traces sharing a trace id), calibrated among calibration computations.
 
@@ -401,6 +533,9 @@ class ComputationScore:
     of the trace whose running statistic first reached the threshold (without positions, its 0-based
     index among the computation's traces at its site); None unless the monitor flags early
     (aggregation max, ema or max_rolling_mean with minp or fisher fusion) and flagged it.
+    ``score`` / ``p_value`` / ``flagged`` answer the anomaly question; ``probes``, one
+    :class:`ProbeScore` per concept probe of the monitor (``MonitorSpec.probes`` order), answer the
+    probes' (``probe(name)`` finds one).
     """
 
     monitor: str
@@ -414,6 +549,7 @@ class ComputationScore:
     fit_version: int
     partial: bool = False
     flagged_at: Optional[int] = None
+    probes: list[ProbeScore] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, c: pb.ComputationScore) -> ComputationScore:
@@ -429,7 +565,12 @@ class ComputationScore:
             fit_version=c.fit_version,
             partial=c.partial,
             flagged_at=c.flagged_at if c.HasField("flagged_at") else None,
+            probes=[ProbeScore._from_pb(p) for p in c.probes],
         )
+
+    def probe(self, name: str) -> Optional[ProbeScore]:
+        """This computation's answer to the probe called ``name`` (None: no such probe)."""
+        return next((p for p in self.probes if p.name == name), None)
 
     @property
     def p_values(self) -> dict[tuple[str, str], Optional[float]]:
@@ -439,6 +580,21 @@ class ComputationScore:
     @property
     def scored_at(self) -> _dt.datetime:
         return _dt.datetime.fromtimestamp(self.scored_at_unix_ms / 1000, tz=_dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class FlagEvent(ComputationScore):
+    """A flagged computation, as ``Client.watch_flags`` yields it: the :class:`ComputationScore`
+    (``actwatch.v1.FlagEvent.computation``, its fields flattened into this one) and ``raised_by``,
+    the questions that flagged it: "anomaly" (``flagged``) and/or the names of the probes that
+    flagged it. A computation flagged only by a probe has ``flagged`` False."""
+
+    raised_by: list[str] = field(default_factory=list)
+
+    @classmethod
+    def _from_pb(cls, e: pb.FlagEvent) -> FlagEvent:  # type: ignore[override]
+        c = ComputationScore._from_pb(e.computation)
+        return cls(**{f.name: getattr(c, f.name) for f in fields(ComputationScore)}, raised_by=list(e.raised_by))
 
 
 def _traces_table(traces: Sequence[TraceScore]) -> Table:
@@ -472,6 +628,10 @@ def _computations_table(comps: Sequence[ComputationScore]) -> Table:
     for site, det in slots:
         vals = [c.p_values.get((site, det)) for c in comps]
         out[f"p_{site}_{det}"] = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
+    for name in dict.fromkeys(p.name for c in comps for p in c.probes):
+        answers = [c.probe(name) for c in comps]
+        out[f"probe_{name}_p_value"] = np.array([np.nan if a is None else a.p_value for a in answers], dtype=np.float64)
+        out[f"probe_{name}_verdict"] = np.array(["" if a is None else a.verdict for a in answers], dtype=object)
     return out
 
 
@@ -501,7 +661,8 @@ class ScoreResult:
     def computations_table(self) -> Table:
         """Columns as numpy arrays: trace_id, score, p_value, flagged, traces, scored_at_unix_ms,
         flagged_at (-1: none), p_<site>_<detector> (NaN where the computation had no trace at the
-        site; site "joint" for the joint detector's slots)."""
+        site; site "joint" for the joint detector's slots), and per probe probe_<name>_p_value and
+        probe_<name>_verdict ("flag", "defer" or "pass")."""
         return _computations_table(self.computations)
 
     def computation(self, trace_id: str) -> Optional[ComputationScore]:

@@ -797,3 +797,56 @@ fn reference_negatives_join_the_fit_weighing_as_much_as_the_labelled_negatives()
     let w0 = &without.probes()[0].sites[0].probe.weights;
     assert!(w[3] > w0[3] + 0.2, "style component {} vs {}", w[3], w0[3]);
 }
+
+/// A probe flags a computation mid-way, as the anomaly question does: streamed token by token,
+/// the first position at which its running statistic reaches every stratum's threshold is noted,
+/// handed out once as an early flag, and the final result is flagged with the same position.
+#[test]
+fn a_probe_flags_a_computation_before_it_completes() {
+    let data = probe_data(4);
+    let mut spec = ProbeSpec::named("concept");
+    spec.aggregation = Some(Aggregation::Max);
+    let options = probe_options(vec![spec]);
+    let monitor = fit_with_probes(&data, options).unwrap();
+    // Eight benign tokens, then the concept from token 5 on, at both sites.
+    let mut rng = Rng::new(17);
+    let mut open = OpenComputations::default();
+    let mut first_flag = None;
+    for t in 0..8 {
+        for &(site, d) in &SITES {
+            let mut row = rng.gaussian_rows(1, d, 0.0);
+            if t >= 5 {
+                row[0] += 4.0;
+                row[1] += 4.0;
+            }
+            let batch = SiteBatch::new(
+                site.to_string(),
+                vec!["live".into()],
+                Some(vec![t]),
+                Vectors::new(d, row).unwrap(),
+            )
+            .unwrap();
+            open.score(&monitor, &batch).unwrap();
+        }
+        let early = open.take_early_flags(&monitor);
+        if let Some((id, r)) = early.first() {
+            // (The anomaly question may flag it too, at its own position: a computation comes
+            // back once per question that flags it, and the probe's position never moves.)
+            assert_eq!(id, "live");
+            assert!(r.partial);
+            match first_flag {
+                None => first_flag = r.probes[0].flagged_at,
+                Some(at) => assert_eq!(r.probes[0].flagged_at, Some(at)),
+            }
+        }
+    }
+    let at = first_flag.expect("flagged before completion");
+    assert!(
+        at >= 5,
+        "flagged at token {at}, before the concept appeared"
+    );
+    let done = open.complete(&monitor, &["live".into()]).unwrap();
+    let final_probe = &done[0].1.probes[0];
+    assert!(final_probe.flagged);
+    assert_eq!(final_probe.flagged_at, Some(at));
+}

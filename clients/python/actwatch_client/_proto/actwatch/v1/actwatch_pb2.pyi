@@ -69,7 +69,7 @@ class ProvenanceWarning(_message.Message):
     def __init__(self, site: _Optional[str] = ..., field: _Optional[str] = ..., declared: _Optional[str] = ..., recorded: _Optional[str] = ...) -> None: ...
 
 class MonitorSpec(_message.Message):
-    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed", "aggregation", "joint", "length_strata", "provenance_policy")
+    __slots__ = ("detectors", "fusion", "fpr", "calibration_fraction", "seed", "aggregation", "joint", "length_strata", "provenance_policy", "probes")
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
     FPR_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class MonitorSpec(_message.Message):
     JOINT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_STRATA_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
     detectors: _containers.RepeatedScalarFieldContainer[str]
     fusion: str
     fpr: float
@@ -88,7 +89,8 @@ class MonitorSpec(_message.Message):
     joint: str
     length_strata: int
     provenance_policy: str
-    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., aggregation: _Optional[str] = ..., joint: _Optional[str] = ..., length_strata: _Optional[int] = ..., provenance_policy: _Optional[str] = ...) -> None: ...
+    probes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, detectors: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., fpr: _Optional[float] = ..., calibration_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., aggregation: _Optional[str] = ..., joint: _Optional[str] = ..., length_strata: _Optional[int] = ..., provenance_policy: _Optional[str] = ..., probes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateMonitorRequest(_message.Message):
     __slots__ = ("name", "spec")
@@ -137,7 +139,7 @@ class SiteInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., reference_rows: _Optional[int] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
 
 class MonitorInfo(_message.Message):
-    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report", "damaged")
+    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report", "damaged", "example_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class MonitorInfo(_message.Message):
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: MonitorSpec
     sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
@@ -154,27 +157,34 @@ class MonitorInfo(_message.Message):
     fit_version: int
     report: FitReport
     damaged: str
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ..., damaged: _Optional[str] = ...) -> None: ...
+    example_rows: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ..., damaged: _Optional[str] = ..., example_rows: _Optional[int] = ...) -> None: ...
 
 class IngestReferenceRequest(_message.Message):
-    __slots__ = ("monitor", "batch")
+    __slots__ = ("monitor", "batch", "labels")
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     monitor: str
     batch: TraceBatch
-    def __init__(self, monitor: _Optional[str] = ..., batch: _Optional[_Union[TraceBatch, _Mapping]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, monitor: _Optional[str] = ..., batch: _Optional[_Union[TraceBatch, _Mapping]] = ..., labels: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class IngestReferenceSummary(_message.Message):
-    __slots__ = ("rows", "bytes", "batches", "total_rows")
+    __slots__ = ("rows", "bytes", "batches", "total_rows", "example_rows", "total_example_rows")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     bytes: int
     batches: int
     total_rows: int
-    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., batches: _Optional[int] = ..., total_rows: _Optional[int] = ...) -> None: ...
+    example_rows: int
+    total_example_rows: int
+    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., batches: _Optional[int] = ..., total_rows: _Optional[int] = ..., example_rows: _Optional[int] = ..., total_example_rows: _Optional[int] = ...) -> None: ...
 
 class FitRequest(_message.Message):
     __slots__ = ("monitor", "incremental")
@@ -217,7 +227,7 @@ class KnnRecall(_message.Message):
     def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., queries: _Optional[int] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
 
 class FitReport(_message.Message):
-    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded", "joint", "length_strata")
+    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded", "joint", "length_strata", "probes")
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +239,7 @@ class FitReport(_message.Message):
     ROWS_FOLDED_FIELD_NUMBER: _ClassVar[int]
     JOINT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_STRATA_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
     fit_version: int
     reference_rows: int
     calibration_computations: int
@@ -240,7 +251,48 @@ class FitReport(_message.Message):
     rows_folded: int
     joint: JointFit
     length_strata: _containers.RepeatedCompositeFieldContainer[LengthStratum]
-    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ..., joint: _Optional[_Union[JointFit, _Mapping]] = ..., length_strata: _Optional[_Iterable[_Union[LengthStratum, _Mapping]]] = ...) -> None: ...
+    probes: _containers.RepeatedCompositeFieldContainer[ProbeFit]
+    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ..., joint: _Optional[_Union[JointFit, _Mapping]] = ..., length_strata: _Optional[_Iterable[_Union[LengthStratum, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[ProbeFit, _Mapping]]] = ...) -> None: ...
+
+class ProbeFit(_message.Message):
+    __slots__ = ("name", "kind", "sites", "calibration_reference", "calibration_negatives", "calibration_fpr", "negatives_fpr", "heldout_positives", "recall", "deferred_benign", "deferred_positives")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_NEGATIVES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FPR_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVES_FPR_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_POSITIVES_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_BENIGN_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_POSITIVES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    sites: _containers.RepeatedCompositeFieldContainer[ProbeSiteFit]
+    calibration_reference: int
+    calibration_negatives: int
+    calibration_fpr: float
+    negatives_fpr: float
+    heldout_positives: int
+    recall: float
+    deferred_benign: float
+    deferred_positives: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[ProbeSiteFit, _Mapping]]] = ..., calibration_reference: _Optional[int] = ..., calibration_negatives: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., negatives_fpr: _Optional[float] = ..., heldout_positives: _Optional[int] = ..., recall: _Optional[float] = ..., deferred_benign: _Optional[float] = ..., deferred_positives: _Optional[float] = ...) -> None: ...
+
+class ProbeSiteFit(_message.Message):
+    __slots__ = ("site", "positive", "negative", "reference", "c")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    C_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    positive: int
+    negative: int
+    reference: int
+    c: float
+    def __init__(self, site: _Optional[str] = ..., positive: _Optional[int] = ..., negative: _Optional[int] = ..., reference: _Optional[int] = ..., c: _Optional[float] = ...) -> None: ...
 
 class LengthStratum(_message.Message):
     __slots__ = ("max_length", "computations", "threshold")
@@ -309,7 +361,7 @@ class SlotPValue(_message.Message):
     def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., p_value: _Optional[float] = ...) -> None: ...
 
 class ComputationScore(_message.Message):
-    __slots__ = ("monitor", "trace_id", "score", "p_value", "flagged", "traces", "slots", "scored_at_unix_ms", "fit_version", "partial", "flagged_at")
+    __slots__ = ("monitor", "trace_id", "score", "p_value", "flagged", "traces", "slots", "scored_at_unix_ms", "fit_version", "partial", "flagged_at", "probes")
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +373,7 @@ class ComputationScore(_message.Message):
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
     monitor: str
     trace_id: str
     score: float
@@ -332,7 +385,24 @@ class ComputationScore(_message.Message):
     fit_version: int
     partial: bool
     flagged_at: int
-    def __init__(self, monitor: _Optional[str] = ..., trace_id: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., traces: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotPValue, _Mapping]]] = ..., scored_at_unix_ms: _Optional[int] = ..., fit_version: _Optional[int] = ..., partial: _Optional[bool] = ..., flagged_at: _Optional[int] = ...) -> None: ...
+    probes: _containers.RepeatedCompositeFieldContainer[ProbeScore]
+    def __init__(self, monitor: _Optional[str] = ..., trace_id: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., traces: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotPValue, _Mapping]]] = ..., scored_at_unix_ms: _Optional[int] = ..., fit_version: _Optional[int] = ..., partial: _Optional[bool] = ..., flagged_at: _Optional[int] = ..., probes: _Optional[_Iterable[_Union[ProbeScore, _Mapping]]] = ...) -> None: ...
+
+class ProbeScore(_message.Message):
+    __slots__ = ("name", "score", "p_value", "flagged", "verdict", "flagged_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    score: float
+    p_value: float
+    flagged: bool
+    verdict: str
+    flagged_at: int
+    def __init__(self, name: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., verdict: _Optional[str] = ..., flagged_at: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("monitor", "batches", "complete")
@@ -397,26 +467,30 @@ class WatchFlagsRequest(_message.Message):
     def __init__(self, monitors: _Optional[_Iterable[str]] = ..., max_p_value: _Optional[float] = ...) -> None: ...
 
 class FlagEvent(_message.Message):
-    __slots__ = ("computation",)
+    __slots__ = ("computation", "raised_by")
     COMPUTATION_FIELD_NUMBER: _ClassVar[int]
+    RAISED_BY_FIELD_NUMBER: _ClassVar[int]
     computation: ComputationScore
-    def __init__(self, computation: _Optional[_Union[ComputationScore, _Mapping]] = ...) -> None: ...
+    raised_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, computation: _Optional[_Union[ComputationScore, _Mapping]] = ..., raised_by: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QueryScoresRequest(_message.Message):
-    __slots__ = ("monitor", "trace_ids", "since_unix_ms", "until_unix_ms", "flagged_only", "limit")
+    __slots__ = ("monitor", "trace_ids", "since_unix_ms", "until_unix_ms", "flagged_only", "limit", "flagged_by")
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     TRACE_IDS_FIELD_NUMBER: _ClassVar[int]
     SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_ONLY_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_BY_FIELD_NUMBER: _ClassVar[int]
     monitor: str
     trace_ids: _containers.RepeatedScalarFieldContainer[str]
     since_unix_ms: int
     until_unix_ms: int
     flagged_only: bool
     limit: int
-    def __init__(self, monitor: _Optional[str] = ..., trace_ids: _Optional[_Iterable[str]] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., flagged_only: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+    flagged_by: str
+    def __init__(self, monitor: _Optional[str] = ..., trace_ids: _Optional[_Iterable[str]] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., flagged_only: _Optional[bool] = ..., limit: _Optional[int] = ..., flagged_by: _Optional[str] = ...) -> None: ...
 
 class QueryScoresResponse(_message.Message):
     __slots__ = ("results",)

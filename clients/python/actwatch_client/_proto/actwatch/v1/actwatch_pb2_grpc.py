@@ -148,7 +148,8 @@ class ActivationMonitorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchFlags(self, request, context):
-        """Streams flagged computations as they are scored.
+        """Streams flagged computations as they are scored: flagged as anomalous, or by a concept probe
+        (FlagEvent.raised_by says which).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
