@@ -626,3 +626,34 @@ fn concept_probes_fit_score_and_evaluate_end_to_end() {
         "label 2 is not 0 or 1",
     );
 }
+
+/// Cross-validated logistic regression on nearly separable examples (a 3-sigma shift; the
+/// Python client's probe test data, `tests/data/probe_separable/make.py`) fits: it once failed,
+/// its warm-started solves stalling at a gradient of 1.6e-8 that f64 could not lower.
+#[test]
+fn a_logistic_probe_fits_nearly_separable_examples() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probe_separable");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let report = ok(&[
+        "fit",
+        "--input",
+        dir.join("ref.parquet").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--examples",
+        dir.join("pos.parquet").to_str().unwrap(),
+        dir.join("mix.parquet").to_str().unwrap(),
+        "--probe",
+        "lr:kind=logistic",
+        "--fpr",
+        "0.05",
+        "--seed",
+        "3",
+    ]);
+    assert!(report.contains("5-fold cross-validated"), "{report}");
+    assert!(
+        report.contains("recall at FPR 0.05 on 22 held-out positives: 100.0%"),
+        "{report}"
+    );
+}

@@ -20,9 +20,9 @@ import grpc
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
 from ._rpc import ActivationMonitorStub
 from .errors import ActwatchError, warn_provenance_conflicts
-from .results import ComputationScore, IngestSummary, Provenance, TraceResults
-from .tensors import split_batch, to_trace_batch, trace_id_strings, with_provenance
-from .types import ArrayLike, Positions, Site, TraceIds
+from .results import ComputationScore, FlagEvent, IngestSummary, Provenance, TraceResults
+from .tensors import row_labels, split_batch, split_labels, to_trace_batch, trace_id_strings, with_provenance
+from .types import ArrayLike, Labels, Positions, Site, TraceIds
 
 __all__ = ["DEFAULT_SEND_QUEUE", "EarlyFlagCallback", "FlagWatch", "IngestSession", "ScoreStream"]
 
@@ -92,6 +92,10 @@ class IngestSession:
     declared on every batch sent (fields a batch declares itself win). A batch whose provenance
     conflicts with what earlier reference batches of its site declared fails the whole stream
     (FAILED_PRECONDITION; nothing of it is kept).
+
+    ``labels`` (per ``send``): the batch holds labelled examples for the monitor's concept probes, not
+    reference traffic (see :data:`~actwatch_client.types.Labels`); a monitor without probes refuses them
+    (INVALID_ARGUMENT, failing the stream), as it does a computation labelled both ways.
     """
 
     def __init__(
@@ -118,17 +122,21 @@ class IngestSession:
         positions: Optional[Positions] = None,
         *,
         provenance: Optional[Provenance] = None,
+        labels: Optional[Labels] = None,
     ) -> None:
         """Queues reference traces of one site (split by rows if large); ``provenance``: what produced
-        them (its fields win over the session's)."""
-        self.send_batch(to_trace_batch(site, activations, trace_ids, positions, provenance=provenance))
+        them (its fields win over the session's). With ``labels`` (a bool for every row, one per row,
+        or {trace id: bool}) they are labelled examples for the monitor's probes instead."""
+        self.send_batch(to_trace_batch(site, activations, trace_ids, positions, provenance=provenance), labels=labels)
 
-    def send_batch(self, batch: pb.TraceBatch) -> None:
+    def send_batch(self, batch: pb.TraceBatch, *, labels: Optional[Labels] = None) -> None:
         if self._requests.closed:
             raise RuntimeError("ingest session is closed")
-        for part in split_batch(with_provenance(batch, self.provenance), self._max_batch_bytes):
+        rows = row_labels(labels, batch.trace_ids)
+        parts = split_batch(with_provenance(batch, self.provenance), self._max_batch_bytes)
+        for part, part_labels in zip(parts, split_labels(rows, parts)):
             # `monitor` is required in the first message; repeating it is allowed and harmless.
-            req = pb.IngestReferenceRequest(monitor=self.monitor, batch=part)
+            req = pb.IngestReferenceRequest(monitor=self.monitor, batch=part, labels=part_labels)
             try:
                 self._requests.put(req, self._future.done)
             except _CallEnded:
@@ -353,11 +361,14 @@ class ScoreStream:
 
 
 class FlagWatch:
-    """Flagged computations as they are scored: iterate it; ``cancel()`` (or ``with``) to stop.
+    """Flagged computations as they are scored: iterate it for :class:`FlagEvent` (a
+    :class:`ComputationScore` with ``raised_by``); ``cancel()`` (or ``with``) to stop.
 
-    Besides final results, it yields the early flags of score streams (``partial=True``: a
-    computation flagged before it was complete); the final result of such a computation follows,
-    flagged too, with the same ``flagged_at``. Skip ``c.partial`` ones to see each flag once."""
+    A computation is flagged as anomalous (``flagged``; "anomaly" in ``raised_by``) or by a concept
+    probe (its name in ``raised_by``; ``flagged`` is False when only probes flagged it). Besides final
+    results, it yields the early flags of score streams (``partial=True``: a computation flagged before
+    it was complete); the final result of such a computation follows, flagged too, with the same
+    ``flagged_at``. Skip ``c.partial`` ones to see each flag once."""
 
     def __init__(
         self,
@@ -391,10 +402,10 @@ class FlagWatch:
         if not self._call.is_active() and self._call.code() not in (None, grpc.StatusCode.OK):
             raise ActwatchError(self._call.code(), self._call.details() or "")
 
-    def __iter__(self) -> Iterator[ComputationScore]:
+    def __iter__(self) -> Iterator[FlagEvent]:
         try:
             for event in self._call:
-                yield ComputationScore._from_pb(event.computation)
+                yield FlagEvent._from_pb(event)
         except grpc.RpcError as e:
             if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                 return

@@ -31,7 +31,7 @@ from .results import (
     ScoreResult,
 )
 from .tensors import as_batches, coerce_batch, trace_id_strings
-from .types import BatchesLike, ChannelOption, Timestamp, TraceId, TraceIds
+from .types import BatchesLike, ChannelOption, Labels, Timestamp, TraceId, TraceIds
 
 __all__ = ["DEFAULT_ADDRESS", "DEFAULT_MAX_BATCH_BYTES", "Client"]
 
@@ -131,6 +131,7 @@ class Client:
         joint: Union[str, Sequence[str], None] = None,
         length_strata: Optional[int] = None,
         provenance_policy: Optional[str] = None,
+        probes: Union[str, Sequence[str], None] = None,
     ) -> MonitorInfo:
         """Creates an empty monitor. None means the server's default (see MonitorSpec in the proto):
         detectors gaussian and knn, fusion minp, fpr 0.01, calibration_fraction 0.25, aggregation
@@ -146,9 +147,20 @@ class Client:
         the server's default, 4 (pooled traces always get one). ``provenance_policy``: what scoring
         does with a batch whose declared provenance conflicts with what its site's reference batches
         declared: "refuse" (None: the default; FAILED_PRECONDITION) or "warn" (scored, with
-        ``provenance_warnings`` on the result and a ProvenanceMismatchWarning)."""
+        ``provenance_warnings`` on the result and a ProvenanceMismatchWarning).
+
+        ``probes``: concept probes fitted from labelled examples (``ingest_reference(..., labels=)``),
+        each ``NAME[:key=value,...]`` (one string for one probe), e.g. "harmful_request" or
+        "harm:kind=logistic,defer_fpr=0.05". Keys: kind ("diff_means", the default, or "logistic"), c
+        (logistic: the inverse L2 strength; "auto": cross-validated), sites ("a+b"; default: every site,
+        fused), aggregation (as ``aggregation``), reference_negatives ("true": the reference traffic is
+        also fitted as negatives), defer_fpr (a deferral band: verdict "defer"). Every computation's
+        result then carries per probe a :class:`ProbeScore` (``ComputationScore.probes``), its p-value
+        calibrated among benign computations."""
         if isinstance(detectors, str):
             detectors = [detectors]
+        if isinstance(probes, str):
+            probes = [probes]
         spec = pb.MonitorSpec(
             detectors=list(detectors or []),
             fusion=fusion or "",
@@ -159,6 +171,7 @@ class Client:
             joint=joint if isinstance(joint, str) else ",".join(joint or []),
             length_strata=length_strata or 0,
             provenance_policy=provenance_policy or "",
+            probes=list(probes or []),
         )
         req = pb.CreateMonitorRequest(name=name, spec=spec)
         return MonitorInfo._from_pb(self._unary(self.stub.CreateMonitor, req))
@@ -179,7 +192,8 @@ class Client:
         self, monitor: MonitorRef, *, timeout: Optional[float] = None, provenance: Optional[Provenance] = None
     ) -> IngestSession:
         """Opens a reference-ingest stream to ``send`` batches on; ``close()`` returns the summary.
-        ``provenance`` is declared on every batch sent (see :meth:`ingest_reference`)."""
+        ``provenance`` is declared on every batch sent (see :meth:`ingest_reference`); a batch sent
+        with ``labels=`` is labelled examples for the monitor's probes."""
         return IngestSession(self.stub, _name(monitor), self.max_batch_bytes, timeout=timeout, provenance=provenance)
 
     def ingest_reference(
@@ -189,6 +203,7 @@ class Client:
         *,
         timeout: Optional[float] = None,
         provenance: Optional[Provenance] = None,
+        labels: Optional[Labels] = None,
     ) -> IngestSummary:
         """Appends trusted reference traces; returns once the server has made them durable.
 
@@ -201,11 +216,17 @@ class Client:
         declares itself, as ``Batch.provenance``, win). Each field of a site's provenance is fixed by
         the first reference batch that declares it; a batch declaring another value fails the call
         with FAILED_PRECONDITION (nothing of it is kept).
+
+        ``labels``: the batches are labelled examples for the monitor's concept probes (see
+        ``create_monitor(probes=)``), not reference traffic; applied to every batch: one bool for every
+        row (True: the concept is present), one per row of each batch (each batch the same rows, e.g.
+        one batch per site), or {trace id: bool}. One label per computation. A monitor without probes
+        refuses labels (INVALID_ARGUMENT). They are counted in ``example_rows``, not ``total_rows``.
         """
         session = self.ingest_session(monitor, timeout=timeout)
         try:
             for item in as_batches(batches):
-                session.send_batch(coerce_batch(item, provenance=provenance))
+                session.send_batch(coerce_batch(item, provenance=provenance), labels=labels)
         except BaseException:
             session.cancel()
             raise
@@ -297,11 +318,12 @@ class Client:
         max_p_value: float = 0.0,
         ready_timeout: Optional[float] = 10.0,
     ) -> FlagWatch:
-        """Streams flagged computations (:class:`ComputationScore`) of the given monitors (all when
-        empty) with p-value <= ``max_p_value`` (0: every flag), early flags of score streams
-        included (``partial=True``; the final result follows). Waits up to ``ready_timeout`` seconds
-        for the server to acknowledge the watch (None: don't wait), so flags raised after this
-        returns are not missed."""
+        """Streams flagged computations (:class:`FlagEvent`: a :class:`ComputationScore` with
+        ``raised_by``, "anomaly" and/or the names of the probes that flagged it) of the given monitors
+        (all when empty) with p-value <= ``max_p_value`` (the p-value of a question that raised it; 0:
+        every flag), early flags of score streams included (``partial=True``; the final result
+        follows). Waits up to ``ready_timeout`` seconds for the server to acknowledge the watch (None:
+        don't wait), so flags raised after this returns are not missed."""
         names = [_name(monitors)] if isinstance(monitors, (str, MonitorInfo)) else [_name(m) for m in monitors]
         req = pb.WatchFlagsRequest(monitors=names, max_p_value=max_p_value)
         return FlagWatch(self.stub, req, ready_timeout=ready_timeout)
@@ -315,10 +337,13 @@ class Client:
         until: Optional[Timestamp] = None,
         flagged_only: bool = False,
         limit: int = 0,
+        flagged_by: Optional[str] = None,
     ) -> list[ComputationScore]:
         """Recent computation results from the durable score log, most recent first. ``trace_ids``:
         one id or several (empty: all). ``since`` / ``until``: ms since the Unix epoch or datetimes
-        (None: unbounded); ``limit`` 0: the server's default."""
+        (None: unbounded); ``limit`` 0: the server's default. ``flagged_only``: only computations
+        flagged by some question (anomaly or a probe); ``flagged_by``: only those flagged by this one,
+        "anomaly" or a probe's name (implies ``flagged_only``)."""
         if isinstance(trace_ids, (str, bytes, int)) or not isinstance(trace_ids, Iterable):
             trace_ids = [trace_ids]
         req = pb.QueryScoresRequest(
@@ -326,8 +351,9 @@ class Client:
             trace_ids=trace_id_strings(trace_ids),
             since_unix_ms=_unix_ms(since),
             until_unix_ms=_unix_ms(until),
-            flagged_only=flagged_only,
+            flagged_only=flagged_only or bool(flagged_by),
             limit=limit,
+            flagged_by=flagged_by or "",
         )
         resp = self._unary(self.stub.QueryScores, req)
         return [ComputationScore._from_pb(c) for c in resp.results]

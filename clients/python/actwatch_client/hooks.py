@@ -18,7 +18,8 @@ hooked site, or at a token with ``pool="none"``) is reported at once: to ``on_ea
 from the stream's reading thread, with a ComputationScore whose ``partial`` is True and whose
 ``flagged_at`` says where) and in the ``early_flags`` of the TraceResults on ``hook.results``. In
 ``mode="ingest"``, batches go to one reference-ingest stream; ``close()`` ends it and returns the
-server's IngestSummary.
+server's IngestSummary. ``hook.batch(trace_ids, mask, labels=...)`` (ingest mode) sends that batch as
+labelled examples for the monitor's concept probes instead of reference traffic.
 
 Provenance. Every batch a hook sends declares what produced it (``TraceBatch.provenance``), per site:
 
@@ -52,8 +53,8 @@ import numpy.typing as npt
 from ._streams import EarlyFlagCallback, IngestSession, ScoreStream
 from .client import Client
 from .results import IngestSummary, MonitorInfo, MonitorRef, Provenance, merge_provenance
-from .tensors import to_trace_batch, trace_id_strings
-from .types import TraceId
+from .tensors import row_labels, to_trace_batch, trace_id_strings
+from .types import Labels, TraceId
 
 if TYPE_CHECKING:  # torch is optional: imported only when a hook is built
     import torch
@@ -169,7 +170,9 @@ class ActivationMonitorHook:
     ``modules``: {site: module name} (module names as in ``model.get_submodule``), or a list of module
     names used as site names. Set the computations of the next forward pass with
     ``with hook.batch(trace_ids, attention_mask): model(...)`` or ``hook.set_batch(...)``; one trace id
-    per batch element. A forward pass without a batch set raises RuntimeError from the hook.
+    per batch element. A forward pass without a batch set raises RuntimeError from the hook. In ingest
+    mode, ``labels=`` there (a bool for the whole batch, one per batch element, or {trace id: bool})
+    makes the batch labelled examples for the monitor's concept probes.
     ``on_early_flag`` (score mode): called with each early flag of the scoring stream (see the
     module's docstring and ``Client.stream_scores``). ``provenance``: overrides the fields it sets of
     the provenance declared automatically on every batch (see the module's docstring).
@@ -228,6 +231,7 @@ class ActivationMonitorHook:
         self._on_early_flag = on_early_flag
         self._trace_ids: Optional[list[str]] = None
         self._mask: Optional[MaskLike] = None
+        self._labels: Optional[list[bool]] = None
         self._pending_complete: Optional[list[str]] = None
         self._ingest: Optional[IngestSession] = None
         self._scores: Optional[ScoreStream] = None
@@ -258,27 +262,45 @@ class ActivationMonitorHook:
 
     # -- batches
 
-    def set_batch(self, trace_ids: Sequence[TraceId], attention_mask: Optional[MaskLike] = None) -> None:
+    def set_batch(
+        self,
+        trace_ids: Sequence[TraceId],
+        attention_mask: Optional[MaskLike] = None,
+        *,
+        labels: Optional[Labels] = None,
+    ) -> None:
         """Sets the computations (one id per batch element) and the optional [batch, tokens] mask for
-        the following forward passes. In score mode, completes the previous batch's computations."""
+        the following forward passes. In score mode, completes the previous batch's computations.
+        ``labels`` (ingest mode): the computations are labelled examples for the monitor's probes, not
+        reference traffic: a bool for all, one per batch element, or {trace id: bool}."""
+        if labels is not None and self.mode != "ingest":
+            raise ValueError('labels need mode="ingest" (labelled examples are ingested, not scored)')
+        ids = trace_id_strings(trace_ids)
+        row = row_labels(labels, ids)  # checked before the previous batch is flushed
         self.flush()
-        self._trace_ids = trace_id_strings(trace_ids)
+        self._trace_ids = ids
         self._mask = attention_mask
+        self._labels = row
         self._pending_complete = None
 
     @contextlib.contextmanager
     def batch(
-        self, trace_ids: Sequence[TraceId], attention_mask: Optional[MaskLike] = None
+        self,
+        trace_ids: Sequence[TraceId],
+        attention_mask: Optional[MaskLike] = None,
+        *,
+        labels: Optional[Labels] = None,
     ) -> Iterator[ActivationMonitorHook]:
         """``with hook.batch(ids, mask): model(...)``: in score mode, the computations are completed on
-        leaving the block."""
-        self.set_batch(trace_ids, attention_mask)
+        leaving the block. ``labels``: see :meth:`set_batch`."""
+        self.set_batch(trace_ids, attention_mask, labels=labels)
         try:
             yield self
         finally:
             self.flush()
             self._trace_ids = None
             self._mask = None
+            self._labels = None
 
     def flush(self) -> None:
         """In score mode, marks the current batch's computations complete (once)."""
@@ -309,16 +331,24 @@ class ActivationMonitorHook:
                     f"site {site!r}: output batch size {hidden.shape[0]} != {len(self._trace_ids)} trace ids"
                 )
             rows, index = pool_hidden(hidden, self._mask, pool=self.pool)
+            labels = self._labels
             if index is None:
                 ids, positions = self._trace_ids, None
             else:
                 b_idx, positions = index
                 ids = [self._trace_ids[i] for i in b_idx.tolist()]
+                if labels is not None and len(labels) > 1:
+                    labels = [labels[i] for i in b_idx.tolist()]
             declared = self._provenance[site]
             if self.provenance is None or self.provenance.dtype is None:
                 declared = Provenance(**{**declared.declared(), "dtype": _dtype_name(hidden.dtype)})
             batch = to_trace_batch(site, rows, ids, positions, provenance=declared)
-        self._session().send_batch(batch)
+        session = self._session()
+        if isinstance(session, IngestSession):
+            # One label (for the whole batch) goes as a bool: it is every row's.
+            session.send_batch(batch, labels=labels[0] if labels is not None and len(labels) == 1 else labels)
+        else:
+            session.send_batch(batch)
         if self.mode == "score":
             self._pending_complete = self._trace_ids
 

@@ -13,7 +13,7 @@ sessions), the fields the batch declares win and the call's fill the rest.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional, cast
 
 import numpy as np
@@ -21,9 +21,9 @@ import numpy.typing as npt
 
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
 from .results import Provenance, merge_provenance
-from .types import ArrayLike, BatchesLike, BatchLike, Positions, Site, TensorLike, TraceId, TraceIds
+from .types import ArrayLike, BatchesLike, BatchLike, Labels, Positions, Site, TensorLike, TraceId, TraceIds
 
-__all__ = ["Batch", "split_batch", "to_tensor", "to_trace_batch", "with_provenance"]
+__all__ = ["Batch", "row_labels", "split_batch", "split_labels", "to_tensor", "to_trace_batch", "with_provenance"]
 
 
 class Batch(NamedTuple):
@@ -129,6 +129,43 @@ def _positions(positions: Optional[Positions]) -> list[int]:
     if _is_torch_tensor(positions):
         positions = cast(Any, positions).detach().cpu().numpy()
     return [int(p) for p in np.asarray(positions).reshape(-1)]
+
+
+def row_labels(labels: Optional[Labels], trace_ids: Sequence[str]) -> Optional[list[bool]]:
+    """``labels`` as sent with a batch of rows with these trace ids (``IngestReferenceRequest.labels``):
+    None (reference traffic), one bool for every row, or one per row. A mapping labels each row by its
+    trace id (each id must be in it). Raises TypeError for non-bool labels, ValueError for a count or
+    an id that does not match the rows."""
+    if labels is None:
+        return None
+    if isinstance(labels, Mapping):
+        missing = [t for t in dict.fromkeys(trace_ids) if t not in labels]
+        if missing:
+            raise ValueError(f"labels has no label for trace id {missing[0]!r} ({len(missing)} ids missing)")
+        labels = [labels[t] for t in trace_ids]
+    if _is_torch_tensor(labels):
+        labels = cast(Any, labels).detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.dtype != np.bool_ and not (arr.size == 0 and arr.ndim == 1):
+        raise TypeError(f"labels must be bools (True: the concept is present), got {arr.dtype} values")
+    if arr.ndim == 0:
+        return [bool(arr)]
+    if arr.ndim != 1 or len(arr) != len(trace_ids):
+        raise ValueError(f"{arr.size} labels for {len(trace_ids)} rows (give one bool for every row, or one per row)")
+    return [bool(x) for x in arr]
+
+
+def split_labels(labels: Optional[list[bool]], parts: Sequence[pb.TraceBatch]) -> list[list[bool]]:
+    """The labels of each part of a batch split by :func:`split_batch`: a single label (or none) goes
+    with every part, one per row is sliced along."""
+    if labels is None or len(labels) <= 1 or len(parts) == 1:
+        return [list(labels or []) for _ in parts]
+    out, start = [], 0
+    for part in parts:
+        rows = len(part.trace_ids)
+        out.append(labels[start : start + rows])
+        start += rows
+    return out
 
 
 def _check_provenance(provenance: object) -> Optional[Provenance]:

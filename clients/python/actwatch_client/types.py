@@ -8,7 +8,7 @@ a tensor is described structurally by :class:`TensorLike`, which ``torch.Tensor`
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional, Protocol, TypedDict, Union
 
 import numpy as np
@@ -24,6 +24,7 @@ __all__ = [
     "BatchTuple",
     "BatchesLike",
     "ChannelOption",
+    "Labels",
     "Positions",
     "Site",
     "TensorLike",
@@ -60,6 +61,11 @@ TraceIds = Union[Sequence[TraceId], npt.NDArray[np.generic]]
 
 #: One token position per row: a sequence of ints, an integer numpy array or an integer torch tensor.
 Positions = Union[Sequence[int], npt.NDArray[np.integer], TensorLike]
+
+#: Labels of labelled examples for a monitor's concept probes (True: the concept is present): one bool
+#: for every row, one per row (a sequence, a 1-D bool numpy array or a bool torch tensor), or a mapping
+#: {trace id (as sent: a string): bool}, each row labelled by its computation. One label per computation.
+Labels = Union[bool, np.bool_, Sequence[bool], npt.NDArray[np.bool_], TensorLike, Mapping[str, bool]]
 
 #: A site name (an int is sent as its decimal string).
 Site = Union[str, int]

@@ -35,6 +35,8 @@ RESULT_MESSAGES: dict[type, type[Message]] = {
     results.KnnRecall: pb.KnnRecall,
     results.JointFit: pb.JointFit,
     results.LengthStratum: pb.LengthStratum,
+    results.ProbeSiteFit: pb.ProbeSiteFit,
+    results.ProbeFit: pb.ProbeFit,
     results.FitReport: pb.FitReport,
     results.FitPhase: pb.Phase,
     results.MonitorInfo: pb.MonitorInfo,
@@ -42,7 +44,9 @@ RESULT_MESSAGES: dict[type, type[Message]] = {
     results.DetectorScore: pb.DetectorScore,
     results.TraceScore: pb.TraceScore,
     results.SlotPValue: pb.SlotPValue,
+    results.ProbeScore: pb.ProbeScore,
     results.ComputationScore: pb.ComputationScore,
+    results.FlagEvent: pb.FlagEvent,
     results.ScoreResult: pb.ScoreResponse,
     results.TraceResults: pb.TraceScores,
 }
@@ -54,6 +58,15 @@ RENAMED: dict[tuple[type, str], tuple[str, str]] = {}
 #: (result type, proto field) -> why: proto fields deliberately left out of the result type.
 #: None so far.
 OMITTED: dict[tuple[type, str], str] = {}
+
+#: (result type, message field) -> why: message fields whose own fields are fields of the result type
+#: itself (flattened); unset, they are the defaults of their message.
+FLATTENED: dict[tuple[type, str], str] = {
+    (results.FlagEvent, "computation"): (
+        "a FlagEvent is the flagged ComputationScore (a subclass of it) with raised_by added, so that "
+        "watchers read event.trace_id, event.p_value, ... as before raised_by existed"
+    ),
+}
 
 #: (result type, message field) -> why: message fields that, when unset, become the message's
 #: defaults instead of None. Every other unset message field (and proto3 `optional`) becomes None.
@@ -81,6 +94,16 @@ def _dc_name(cls: type, proto_field: str) -> str:
     return RENAMED.get((cls, proto_field), (proto_field, ""))[0]
 
 
+def _dc_names(cls: type, proto_field: str) -> set[str]:
+    """The result fields a proto field maps to: its namesake, or a flattened message's fields."""
+    if (cls, proto_field) in FLATTENED:
+        sub = RESULT_MESSAGES[cls].DESCRIPTOR.fields_by_name[proto_field].message_type
+        inner = RESULT_OF_MESSAGE[sub.full_name]
+        assert issubclass(cls, inner), f"{cls.__name__} flattens {proto_field} but is no {inner.__name__}"
+        return {f.name for f in dataclasses.fields(inner)}
+    return {_dc_name(cls, proto_field)}
+
+
 def test_every_result_type_is_listed():
     dataclass_names = {n for n in results.__all__ if dataclasses.is_dataclass(getattr(results, n))}
     assert dataclass_names == {cls.__name__ for cls in RESULT_MESSAGES}
@@ -93,7 +116,7 @@ def test_exceptions_name_real_fields():
         assert proto_field in RESULT_MESSAGES[cls].DESCRIPTOR.fields_by_name, (cls, proto_field)
         assert dc_field in {f.name for f in dataclasses.fields(cls)}, (cls, dc_field)
         assert why, "say why the field is renamed"
-    for (cls, proto_field), why in {**OMITTED, **DEFAULTED_WHEN_UNSET, **EMPTY_AS_NONE}.items():
+    for (cls, proto_field), why in {**OMITTED, **FLATTENED, **DEFAULTED_WHEN_UNSET, **EMPTY_AS_NONE}.items():
         assert proto_field in RESULT_MESSAGES[cls].DESCRIPTOR.fields_by_name, (cls, proto_field)
         assert why, "say why the field is omitted"
     for cls, proto_field in EMPTY_AS_NONE:
@@ -105,7 +128,7 @@ def test_exceptions_name_real_fields():
 def test_result_type_is_frozen_and_maps_every_proto_field(cls):
     assert cls.__dataclass_params__.frozen, f"{cls.__name__} must be @dataclass(frozen=True)"
     proto_fields = [f.name for f in RESULT_MESSAGES[cls].DESCRIPTOR.fields]
-    mapped = {_dc_name(cls, f) for f in proto_fields if (cls, f) not in OMITTED}
+    mapped = {n for f in proto_fields if (cls, f) not in OMITTED for n in _dc_names(cls, f)}
     dc_fields = {f.name for f in dataclasses.fields(cls)}
     missing = mapped - dc_fields
     assert not missing, f"proto fields of {RESULT_MESSAGES[cls].__name__} with no field in {cls.__name__}: {missing}"
@@ -170,17 +193,22 @@ def _fill(msg: Message) -> Message:
     return msg
 
 
-def _assert_matches(result, msg: Message, path: str) -> None:
-    """Every field of ``msg`` is in ``result`` under its (mapped) name, with the same value."""
+def _assert_matches(result, msg: Message, path: str, *, flattened_into: type | None = None) -> None:
+    """Every field of ``msg`` is in ``result`` under its (mapped) name, with the same value.
+    ``flattened_into``: ``msg`` is a flattened field of ``result``, a result of this type."""
     descriptor: Descriptor = msg.DESCRIPTOR
     cls = RESULT_OF_MESSAGE[descriptor.full_name]
-    assert type(result) is cls, f"{path}: {type(result).__name__}, expected {cls.__name__}"
+    want_type = flattened_into or cls
+    assert type(result) is want_type, f"{path}: {type(result).__name__}, expected {want_type.__name__}"
     for field in descriptor.fields:
         if (cls, field.name) in OMITTED:
             continue
-        got = getattr(result, _dc_name(cls, field.name))
         where = f"{path}.{field.name}"
         want = getattr(msg, field.name)
+        if (cls, field.name) in FLATTENED:
+            _assert_matches(result, want, where, flattened_into=cls)  # the default message when unset
+            continue
+        got = getattr(result, _dc_name(cls, field.name))
         if field.has_presence and not field.is_repeated and not msg.HasField(field.name):
             if (cls, field.name) in DEFAULTED_WHEN_UNSET:
                 _assert_matches(got, want, where)  # the default message
@@ -217,7 +245,7 @@ def test_from_pb_maps_each_field_to_its_namesake(cls):
         _set(one, field)
         got = cls._from_pb(one)
         changed = {f.name for f in dataclasses.fields(cls) if getattr(got, f.name) != getattr(base, f.name)}
-        assert changed == {_dc_name(cls, field.name)}, f"{cls.__name__}: setting {field.name} changed {changed}"
+        assert changed == _dc_names(cls, field.name), f"{cls.__name__}: setting {field.name} changed {changed}"
         _assert_matches(got, one, cls.__name__)
 
 

@@ -27,6 +27,7 @@ from actwatch_client import (
     Batch,
     Client,
     ComputationScore,
+    FlagEvent,
     Provenance,
     ProvenanceConflict,
     ProvenanceMismatchWarning,
@@ -755,6 +756,203 @@ def test_stream_with_conflicting_provenance_warns_once_per_site(client, provenan
     assert {c.trace_id: c.p_value for c in results if isinstance(c, ComputationScore)} == plain
 
 
+# ---------------------------------------------------------------------------------- concept probes
+
+#: The concept of the probe tests: a shift along the first axis, at every site.
+CONCEPT_SHIFT = 3.0
+PROBE = "shifted"
+#: A second probe: logistic, with a deferral band (verdict "defer").
+PROBE_LR = "shifted_lr"
+PROBE_SPECS = [PROBE, f"{PROBE_LR}:kind=logistic,c=1,defer_fpr=0.2"]
+PROBE_FPR = 0.05
+#: Fit phases of a monitor with probes and a joint detector, in order.
+PROBE_FIT_PHASES = ["fit", "examples", "calibrate", "calibrate_joint", "calibrate_examples"]
+
+
+def _concept_batches(prefix: str, n: int, seed: int, shift, sites=("a", "b"), width: int = 8):
+    """[(site, activations, trace_ids)]: one pooled trace per computation and site, N(0, 1) moved by
+    ``shift`` (a number, or one per computation) along the first axis."""
+    rng = np.random.default_rng(seed)
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    moved = np.zeros((n, width), np.float32)
+    moved[:, 0] = np.broadcast_to(np.asarray(shift, np.float32), (n,))
+    return [(site, (rng.normal(size=(n, width)) + moved).astype(np.float32), ids) for site in sites]
+
+
+@pytest.fixture(scope="module")
+def probe_monitor(client):
+    """A monitor with two concept probes (sites "a", "b", width 8), fitted on 400 reference
+    computations and 140 labelled examples: 60 positives labelled per batch (labels=True), 80 labelled
+    per row on a session (half positive), as a bool array at site "a" and as {trace id: bool} at "b"."""
+    name = "probe-test"
+    info = client.create_monitor(name, probes=PROBE_SPECS, fpr=PROBE_FPR, seed=3)
+    assert info.spec.probes == PROBE_SPECS and info.example_rows == 0
+    ref = client.ingest_reference(name, _concept_batches("ref", 400, 1, 0.0))
+    assert (ref.rows, ref.total_rows, ref.example_rows, ref.total_example_rows) == (800, 800, 0, 0)
+
+    pos = client.ingest_reference(name, _concept_batches("pos", 60, 2, CONCEPT_SHIFT), labels=True)
+    assert (pos.rows, pos.total_rows, pos.example_rows, pos.total_example_rows) == (120, 800, 120, 120)
+    present = np.arange(80) % 2 == 0
+    with client.ingest_session(name) as session:
+        for site, a, t in _concept_batches("mix", 80, 3, np.where(present, CONCEPT_SHIFT, 0.0)):
+            session.send(site, a, t, labels=present if site == "a" else dict(zip(t, present.tolist())))
+    mixed = session.close()
+    assert (mixed.rows, mixed.total_rows, mixed.example_rows, mixed.total_example_rows) == (160, 800, 160, 280)
+    info = client.get_monitor(name)
+    assert (info.reference_rows, info.example_rows) == (800, 280)
+    assert {s.name: s.reference_rows for s in info.sites} == {"a": 400, "b": 400}
+
+    phases = []
+    report = client.fit(name, on_progress=phases.append, timeout=FIT_TIMEOUT_S)
+    yield {"name": name, "report": report, "phases": phases}
+    client.delete_monitor(name)
+
+
+def test_probe_fit_report(client, probe_monitor):
+    report = probe_monitor["report"]
+    assert list(dict.fromkeys(p.name for p in probe_monitor["phases"])) == PROBE_FIT_PHASES
+    assert [p.name for p in report.probes] == [PROBE, PROBE_LR]
+    assert client.get_monitor(probe_monitor["name"]).report.probes == report.probes
+    for probe in report.probes:
+        assert report.probe(probe.name) is probe
+        assert [s.site for s in probe.sites] == ["a", "b"]
+        # 100 labelled positives and 40 negatives, split between fitting and calibration.
+        for s in probe.sites:
+            assert 0 < s.positive < 100 and 0 < s.negative < 40 and s.reference == 0
+        assert probe.heldout_positives == 100 - probe.sites[0].positive
+        assert probe.calibration_negatives == 40 - probe.sites[0].negative
+        assert probe.calibration_reference > 0
+        assert 0.0 <= probe.calibration_fpr <= 0.15 and probe.negatives_fpr is not None
+        assert probe.recall is not None and probe.recall >= 0.9, probe  # a 3-sigma shift: easy
+    shifted, logistic = report.probes
+    assert shifted.kind == "diff_means" and all(s.c is None for s in shifted.sites)
+    assert shifted.deferred_benign is None and shifted.deferred_positives is None
+    assert logistic.kind == "logistic" and all(s.c == 1.0 for s in logistic.sites)
+    assert logistic.deferred_benign is not None and logistic.deferred_positives is not None
+    assert report.probe("no-such-probe") is None
+
+
+@pytest.fixture(scope="module")
+def probe_scores(client, probe_monitor):
+    """Scores 30 benign and 30 concept computations ("benign-*", "concept-*") with a watcher on the
+    monitor; returns the ScoreResult and the FlagEvents it pushed (each flagged final result, once)."""
+    name = probe_monitor["name"]
+    queries = _concept_batches("benign", 30, 4, 0.0) + _concept_batches("concept", 30, 5, CONCEPT_SHIFT)
+    events = []
+    with client.watch_flags([name]) as watch:
+        reader = threading.Thread(target=lambda: events.extend(watch), daemon=True)
+        reader.start()
+        result = client.score(name, queries)
+        want = {c.trace_id for c in result.computations if c.flagged or any(p.flagged for p in c.probes)}
+        deadline = time.monotonic() + 30
+        while {e.trace_id for e in list(events)} < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+    reader.join(timeout=10)
+    return result, list(events)
+
+
+def test_probe_scores(probe_scores):
+    result, _ = probe_scores
+    assert len(result.computations) == 60
+    for c in result.computations:
+        assert [p.name for p in c.probes] == [PROBE, PROBE_LR]
+        for p in c.probes:
+            assert 0.0 < p.p_value <= 1.0
+            assert p.flagged == (p.p_value <= PROBE_FPR)
+            assert p.verdict == "flag" if p.flagged else p.verdict in ("defer", "pass")
+            assert (p.flagged_at is not None) == p.flagged
+        assert c.probe(PROBE) is c.probes[0] and c.probe("no-such-probe") is None
+        # No deferral band on the diff_means probe; the logistic one has one (defer_fpr=0.2).
+        assert c.probe(PROBE).verdict != "defer"
+        assert (c.probe(PROBE_LR).verdict == "defer") == (PROBE_FPR < c.probe(PROBE_LR).p_value <= 0.2)
+    for probe in (PROBE, PROBE_LR):
+        concept = [c.probe(probe) for c in result.computations if c.trace_id.startswith("concept-")]
+        benign = [c.probe(probe) for c in result.computations if c.trace_id.startswith("benign-")]
+        assert sum(p.flagged for p in concept) >= 27, [p.p_value for p in concept]
+        assert sum(p.flagged for p in benign) <= 6, [p.p_value for p in benign]
+    # The concept is not an anomaly: the probes flag what the anomaly detectors pass.
+    probe_only = [c for c in result.computations if not c.flagged and c.probe(PROBE).flagged]
+    assert len(probe_only) >= 20
+
+    table = result.computations_table()
+    assert table[f"probe_{PROBE}_p_value"].tolist() == [c.probe(PROBE).p_value for c in result.computations]
+    assert table[f"probe_{PROBE_LR}_verdict"].tolist() == [c.probe(PROBE_LR).verdict for c in result.computations]
+
+
+def test_watch_flags_says_which_question_raised_a_flag(probe_scores):
+    result, events = probe_scores
+    by_id = {c.trace_id: c for c in result.computations}
+    assert all(isinstance(e, FlagEvent) and isinstance(e, ComputationScore) for e in events)
+    assert not any(e.partial for e in events)  # Score results only: no early flags
+    assert len({e.trace_id for e in events}) == len(events), "a computation was pushed twice"
+    want = {t for t, c in by_id.items() if c.flagged or any(p.flagged for p in c.probes)}
+    assert {e.trace_id for e in events} == want
+    for e in events:
+        c = by_id[e.trace_id]
+        raised = (["anomaly"] if c.flagged else []) + [p.name for p in c.probes if p.flagged]
+        assert sorted(e.raised_by) == sorted(raised), (e.raised_by, c)
+        assert (e.flagged, e.p_value, e.probes) == (c.flagged, c.p_value, c.probes)
+    # Computations flagged only by a probe are pushed too, not flagged as anomalous.
+    probe_only = [e for e in events if e.raised_by and "anomaly" not in e.raised_by]
+    assert all(not e.flagged and set(e.raised_by) <= {PROBE, PROBE_LR} for e in probe_only)
+    assert sum(PROBE in e.raised_by for e in probe_only) >= 20
+
+
+def test_query_scores_flagged_by(client, probe_monitor, probe_scores):
+    result, _ = probe_scores
+    name = probe_monitor["name"]
+
+    def ids(**kw):
+        return {c.trace_id for c in client.query_scores(name, limit=1000, **kw)}
+
+    assert ids() == {c.trace_id for c in result.computations}
+    for probe in (PROBE, PROBE_LR):
+        want = {c.trace_id for c in result.computations if c.probe(probe).flagged}
+        assert want and ids(flagged_only=True, flagged_by=probe) == want
+        assert ids(flagged_by=probe) == want  # flagged_by implies flagged_only
+    assert ids(flagged_only=True, flagged_by="anomaly") == {c.trace_id for c in result.computations if c.flagged}
+    assert ids(flagged_only=True) == {
+        c.trace_id for c in result.computations if c.flagged or any(p.flagged for p in c.probes)
+    }
+    logged = client.query_scores(name, flagged_by=PROBE, limit=1)
+    assert len(logged) == 1 and logged[0].probe(PROBE).flagged
+
+
+def test_labels_need_probes(client):
+    name = "labels-without-probes-test"
+    info = client.create_monitor(name)
+    assert info.spec.probes == []
+    try:
+        for labels in (True, [True, False, True]):
+            with pytest.raises(ActwatchError) as e:
+                client.ingest_reference(name, _concept_batches("x", 3, 0, 0.0), labels=labels)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "probes" in e.value.message
+        with pytest.raises(ActwatchError) as e:
+            with client.ingest_session(name) as session:
+                session.send("a", np.zeros((2, 8), np.float32), ["s-0", "s-1"], labels=False)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        info = client.get_monitor(name)
+        assert (info.reference_rows, info.example_rows) == (0, 0)
+    finally:
+        client.delete_monitor(name)
+    # One label per computation: a computation labelled both ways is refused.
+    conflicting = "labels-conflict-test"
+    client.create_monitor(conflicting, probes=[PROBE])
+    try:
+        with pytest.raises(ActwatchError) as e:
+            client.ingest_reference(conflicting, ("a", np.zeros((2, 8), np.float32), ["x", "x"]), labels=[True, False])
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "per computation" in e.value.message
+        assert client.get_monitor(conflicting).example_rows == 0
+    finally:
+        client.delete_monitor(conflicting)
+    # Labels that do not match the rows are refused before anything is sent.
+    with pytest.raises(ValueError, match="2 labels for 3 rows"):
+        client.ingest_reference("no-such-monitor", _concept_batches("y", 3, 0, 0.0), labels=[True, False])
+    with pytest.raises(ActwatchError) as e:
+        client.create_monitor("bad-probe", probes=["p:kind=svm"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 # ------------------------------------------------------------------------------------- torch hooks
 
 
@@ -896,3 +1094,68 @@ def test_torch_hook_token_level_ingest(client, torch):
         )
     finally:
         client.delete_monitor(name)
+
+
+def test_torch_hook_ingests_labelled_examples(client, torch):
+    """``hook.batch(..., labels=)`` in ingest mode sends labelled examples for the monitor's probes:
+    a bool for the batch, one per batch element, or {trace id: bool}; with pool="none" a computation's
+    label goes with each of its tokens."""
+    from actwatch_client.hooks import ActivationMonitorHook
+
+    torch.manual_seed(2)
+    d = 4
+    model = torch.nn.Sequential(torch.nn.Linear(d, 8)).eval()
+    name, tokens_name = "torch-probe-test", "torch-probe-tokens-test"
+    client.create_monitor(name, probes=["concept"], fpr=0.05, seed=4)
+    client.create_monitor(tokens_name, probes=["concept"])
+    concept = torch.zeros(d)
+    concept[0] = 3.0
+
+    def run(hook, prefix, n, present, labels=None):
+        x = torch.randn(n, 5, d) + torch.as_tensor(present, dtype=torch.float32).reshape(-1, 1, 1) * concept
+        ids = [f"{prefix}-{i}" for i in range(n)]
+        with hook.batch(ids, torch.ones(n, 5), labels=labels), torch.no_grad():
+            model(x)
+        return ids
+
+    try:
+        with ActivationMonitorHook(model, ["0"], client, name, mode="ingest") as hook:
+            for b in range(12):
+                run(hook, f"ref-{b}", 32, 0.0)
+            run(hook, "pos", 40, 1.0, labels=True)
+            run(hook, "neg", 20, 0.0, labels=False)
+            present = np.arange(40) % 2 == 0
+            run(hook, "mix", 40, present.astype(np.float32), labels=present.tolist())
+            ids = [f"map-{i}" for i in range(20)]
+            run(hook, "map", 20, present[:20].astype(np.float32), labels=dict(zip(ids, present[:20].tolist())))
+        summary = hook.close()
+        assert (summary.rows, summary.total_rows) == (12 * 32 + 120, 12 * 32)
+        assert (summary.example_rows, summary.total_example_rows) == (120, 120)
+        report = client.fit(name, timeout=FIT_TIMEOUT_S)
+        probe = report.probe("concept")
+        assert probe is not None and probe.recall is not None and probe.recall >= 0.9, probe
+        assert probe.sites[0].positive + probe.heldout_positives == 40 + 20 + 10
+
+        queries = ActivationMonitorHook(model, ["0"], client, name, mode="score")
+        try:
+            with pytest.raises(ValueError, match="ingest"):
+                queries.set_batch(["q"], labels=True)
+            run(queries, "q-concept", 16, 1.0)
+            comps = queries.results.computations(n=16, timeout=60)
+        finally:
+            queries.close()
+        assert sum(c.probe("concept").flagged for c in comps) >= 14, [c.probes for c in comps]
+
+        # Token rows: each carries its computation's label.
+        with ActivationMonitorHook(model, ["0"], client, tokens_name, pool="none") as hook:
+            x = torch.randn(3, 5, d)
+            mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+            with hook.batch(["t-0", "t-1", "t-2"], mask, labels=[True, False, True]), torch.no_grad():
+                model(x)
+            with pytest.raises(ValueError, match="2 labels for 3 rows"):
+                hook.set_batch(["u-0", "u-1", "u-2"], labels=[True, False])
+        assert hook.close().example_rows == int(mask.sum()) == 9
+        assert client.get_monitor(tokens_name).example_rows == 9
+    finally:
+        for n in (name, tokens_name):
+            client.delete_monitor(n)

@@ -7,7 +7,16 @@ import pytest
 
 from actwatch_client import Batch, Provenance
 from actwatch_client._proto.actwatch.v1 import actwatch_pb2 as pb
-from actwatch_client.tensors import as_batches, coerce_batch, split_batch, to_tensor, to_trace_batch, with_provenance
+from actwatch_client.tensors import (
+    as_batches,
+    coerce_batch,
+    row_labels,
+    split_batch,
+    split_labels,
+    to_tensor,
+    to_trace_batch,
+    with_provenance,
+)
 
 
 def test_float32_bytes_are_little_endian_row_major():
@@ -111,6 +120,34 @@ def test_batch_provenance_wins_over_the_calls():
     # A single Batch (five fields) is one batch.
     one = Batch("s", a, ["x"], provenance=own)
     assert as_batches(one) == [one]
+
+
+def test_row_labels_forms_and_checks():
+    ids = ["a", "b", "c"]
+    assert row_labels(None, ids) is None  # reference traffic
+    assert row_labels(True, ids) == [True] and row_labels(np.bool_(False), ids) == [False]
+    assert row_labels([True, False, True], ids) == [True, False, True]
+    assert row_labels(np.array([False, True, True]), ids) == [False, True, True]
+    assert row_labels({"c": True, "a": False, "b": True, "z": True}, ids) == [False, True, True]
+    with pytest.raises(ValueError, match="2 labels for 3 rows"):
+        row_labels([True, False], ids)
+    with pytest.raises(ValueError, match="'c'"):
+        row_labels({"a": True, "b": True}, ids)
+    with pytest.raises(ValueError, match="0 labels for 3 rows"):
+        row_labels([], ids)  # never an empty list on the wire: that would be reference traffic
+    for bad in ([1, 0, 1], np.array([0.9, 0.1, 0.5]), 1, "yes"):
+        with pytest.raises(TypeError, match="bools"):
+            row_labels(bad, ids)
+
+
+def test_split_labels_follow_the_rows():
+    batch = to_trace_batch("s", np.zeros((5, 4), np.float32), list("abcde"))
+    parts = split_batch(batch, max_bytes=2 * 16)
+    assert [len(p.trace_ids) for p in parts] == [2, 2, 1]
+    per_row = [True, False, True, True, False]
+    assert split_labels(per_row, parts) == [[True, False], [True, True], [False]]
+    assert split_labels([True], parts) == [[True], [True], [True]]
+    assert split_labels(None, parts) == [[], [], []]
 
 
 def test_package_imports_without_torch():

@@ -22,9 +22,12 @@ from actwatch_client import (
     ComputationScore,
     FitPhase,
     FitReport,
+    FlagEvent,
     IngestSummary,
     JointFit,
     MonitorInfo,
+    ProbeFit,
+    ProbeScore,
     Provenance,
     ProvenanceConflict,
     ProvenanceMismatchWarning,
@@ -118,6 +121,31 @@ def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_arra
         if isinstance(got, TraceResults):
             print(got.provenance_warnings)
 
+    # Concept probes: labelled examples, the fit's probes, per-computation answers, flags by question.
+    client.create_monitor("p", probes=["harm", "harm_lr:kind=logistic,defer_fpr=0.05"])
+    client.create_monitor("p2", probes="harm")
+    print(client.get_monitor("p").spec.probes, client.get_monitor("p").example_rows)
+    labelled: IngestSummary = client.ingest_reference("p", batches(acts, ids), labels=True)
+    client.ingest_reference("p", batches(acts, ids), labels=[i % 2 == 0 for i in range(len(ids))])
+    client.ingest_reference("p", batches(acts, ids), labels={t: True for t in ids})
+    with client.ingest_session("p") as lsession:
+        lsession.send("2", acts, ids, labels=np.ones(len(ids), dtype=bool))
+        lsession.send_batch(to_trace_batch("4", acts, ids), labels=False)
+    print(labelled.example_rows, labelled.total_example_rows)
+    fitted: Optional[ProbeFit] = client.fit("p").probe("harm")
+    if fitted is not None:
+        recall: Optional[float] = fitted.recall
+        print(fitted.kind, fitted.sites[0].c, fitted.heldout_positives, recall)
+    for comp in client.score("p", batches(acts, ids)).computations:
+        answer: Optional[ProbeScore] = comp.probe("harm")
+        print([(p.name, p.p_value, p.flagged, p.verdict, p.flagged_at) for p in comp.probes], answer)
+    with client.watch_flags("p") as pwatch:
+        for event in pwatch:
+            ev: FlagEvent = event
+            also: ComputationScore = event
+            print(ev.raised_by, also.trace_id, "anomaly" in ev.raised_by)
+    print(client.query_scores("p", flagged_only=True, flagged_by="harm", limit=10))
+
     try:
         client.delete_monitor("m")
     except ActwatchError as e:
@@ -138,6 +166,9 @@ def misuse(client: Client, acts: npt.NDArray[np.float32]) -> None:
     client.score("m", [("2", acts, ["a"])], provenance="org/model")  # type: ignore[arg-type]
     client.create_monitor("m", provenance_policy=True)  # type: ignore[arg-type]
     Provenance(model=1)  # type: ignore[arg-type]
+    client.create_monitor("m", probes=[1])  # type: ignore[list-item]
+    client.ingest_reference("m", [("2", acts, ["a"])], labels=0.5)  # type: ignore[arg-type]
+    client.query_scores("m", flagged_by=True)  # type: ignore[arg-type]
     info = client.get_monitor("m")
     info.fitted = True  # type: ignore[misc]
     info.sites[0].provenance.dtype = "float32"  # type: ignore[misc]

@@ -532,6 +532,8 @@ fn minimise(
     // The initial Hessian scale: the latest curvature pair's, kept across restarts; the first
     // step has length about 1 in its largest coordinate.
     let mut gamma = 1.0 / max_abs(&g).max(1.0);
+    // Whether the curvature pairs were dropped after a stall, and no step has made progress since.
+    let mut reset = false;
     for it in 0..LOGISTIC_MAX_ITER {
         if max_abs(&g) <= LOGISTIC_TOLERANCE {
             return Ok(Solution {
@@ -592,6 +594,7 @@ fn minimise(
                 std::mem::swap(&mut x, &mut x_new);
                 std::mem::swap(&mut g, &mut g_new);
                 stalled = (f - f_new).abs() <= f64::EPSILON * f.abs().max(1.0);
+                reset &= stalled;
                 f = f_new;
                 accepted = true;
                 break;
@@ -599,13 +602,16 @@ fn minimise(
             t *= 0.5;
         }
         if !accepted || stalled {
-            // No decrease the objective's rounding can see. With curvature pairs, they may be
-            // stale: drop them and retry from steepest descent. Without, this is as close as
-            // f64 gets; accept it only if the gradient is nearly at the tolerance.
-            if !s_hist.is_empty() {
+            // No decrease the objective's rounding can see. The curvature pairs may be stale:
+            // drop them and retry from steepest descent, once. Stalling again means this is as
+            // close as f64 gets (near the optimum the decrease per step, about the gradient
+            // squared, is below the objective's rounding); accept it if the gradient is nearly
+            // at the tolerance.
+            if !s_hist.is_empty() && !reset {
                 s_hist.clear();
                 y_hist.clear();
                 rho.clear();
+                reset = true;
                 continue;
             }
             if max_abs(&g) <= LOGISTIC_TOLERANCE.sqrt() {
@@ -621,6 +627,14 @@ fn minimise(
                 max_abs(&g)
             )));
         }
+    }
+    if max_abs(&g) <= LOGISTIC_TOLERANCE.sqrt() {
+        // Slow, but as close as it gets.
+        return Ok(Solution {
+            theta: x,
+            iterations: LOGISTIC_MAX_ITER,
+            objective: f,
+        });
     }
     Err(Error::Numerical(format!(
         "logistic regression (C = {c}) did not converge in {LOGISTIC_MAX_ITER} iterations \

@@ -16,6 +16,18 @@ use actwatch_testkit::Rng;
 
 type Owned = OwnedExamples;
 
+/// Examples of weight 1, one computation per row.
+fn unweighted(rows: Vec<f32>, dim: usize, labels: Vec<bool>) -> Owned {
+    let n = labels.len();
+    Owned {
+        rows,
+        dim,
+        labels,
+        weights: vec![1.0; n],
+        groups: (0..n as u32).collect(),
+    }
+}
+
 fn oracle() -> (Owned, serde_json::Value) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -334,13 +346,7 @@ fn fits_are_identical_whatever_the_thread_count() {
     let labels: Vec<bool> = (0..n)
         .map(|i| rows[i * d] + rows[i * d + 1] > 0.3)
         .collect();
-    let ex = Owned {
-        rows,
-        dim: d,
-        labels,
-        weights: vec![1.0; n],
-        groups: (0..n as u32).collect(),
-    };
+    let ex = unweighted(rows, d, labels);
     let fit_in = |threads: usize| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -351,6 +357,37 @@ fn fits_are_identical_whatever_the_thread_count() {
     let (a, b) = (fit_in(1), fit_in(3));
     assert_eq!(a.beta, b.beta);
     assert_eq!(a.intercept.to_bits(), b.intercept.to_bits());
+}
+
+/// Nearly separable classes (a 3-sigma shift along one axis, as a user's first test would use)
+/// fit at every C of the cross-validation grid. (The case that once failed, warm-started
+/// cross-validation stalling at a gradient of 1.6e-8, is `tests/cli.rs`'s
+/// `a_logistic_probe_fits_nearly_separable_examples`, on files numpy made.)
+#[test]
+fn separable_examples_fit_across_the_grid() {
+    let mut rng = Rng::new(5);
+    for (n, d) in [(109usize, 8usize); 24]
+        .into_iter()
+        .chain([(140, 8), (400, 8), (300, 64)])
+    {
+        let mut rows = rng.gaussian_rows(n, d, 0.0);
+        let labels: Vec<bool> = (0..n).map(|i| i % 7 >= 2).collect();
+        for (i, &l) in labels.iter().enumerate() {
+            if l {
+                rows[i * d] += 3.0;
+            }
+        }
+        let ex = unweighted(rows, d, labels);
+        for c in default_c_grid() {
+            let fit =
+                fit_logistic(&ex.view(), c).unwrap_or_else(|e| panic!("n={n} d={d} C={c}: {e}"));
+            assert!(
+                fit.beta[0] > 0.0,
+                "n={n} d={d} C={c}: the concept axis is learnt"
+            );
+        }
+        choose_c(&ex.view(), &default_c_grid(), 5, 1).unwrap();
+    }
 }
 
 #[test]

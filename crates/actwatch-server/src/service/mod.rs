@@ -629,7 +629,7 @@ impl ActivationMonitor for ActivationMonitorService {
                 trace_ids: trace_ids.into_iter().collect(),
                 since_unix_ms,
                 until_unix_ms,
-                flagged_only,
+                flagged_only: flagged_only || !flagged_by.is_empty(),
                 flagged_by: (!flagged_by.is_empty()).then_some(flagged_by),
             };
             let logged = blocking(move || entry.query_scores(&filter, limit)).await?;
