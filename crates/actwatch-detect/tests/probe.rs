@@ -887,3 +887,22 @@ fn a_probe_flags_a_computation_before_it_completes() {
     assert!(final_probe.flagged);
     assert_eq!(final_probe.flagged_at, Some(at));
 }
+
+/// Probes of one monitor do not influence each other: a cross-validated logistic probe is the
+/// same alone as beside a probe that fits on reference negatives (whose reference rows the fit
+/// then also holds). Its folds depend on its own computations' ids only.
+#[test]
+fn probes_of_one_monitor_are_independent() {
+    let data = probe_data(6);
+    let mut lr = ProbeSpec::named("lr");
+    lr.kind = ProbeKind::Logistic { c: None };
+    let mut other = ProbeSpec::named("other");
+    other.reference_negatives = true;
+    let alone = fit_with_probes(&data, probe_options(vec![lr.clone()])).unwrap();
+    let beside = fit_with_probes(&data, probe_options(vec![lr, other])).unwrap();
+    let (a, b) = (&alone.probes()[0], &beside.probes()[0]);
+    assert_eq!(a.summary, b.summary);
+    for (x, y) in a.sites.iter().zip(&b.sites) {
+        assert_eq!(x.probe, y.probe);
+    }
+}
