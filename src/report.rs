@@ -175,7 +175,7 @@ fn describe_detector(d: &actwatch_detect::spec::FittedDetector) -> String {
     }
 }
 
-/// `eval --examples`: per probe, AUROC of its fused statistic (positives against negatives),
+/// `eval --examples`: per probe, AUROC of its p-values (positives against negatives),
 /// recall and FPR at the target rate, deferred shares; per group when given (each group's
 /// positives against all negatives, each group's negatives flagged).
 pub fn print_probe_eval(
@@ -220,7 +220,9 @@ pub fn print_probe_eval(
             "  {:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
             "group", "pos", "neg", "AUROC", "recall", "FPR", "defer+", "defer-"
         );
-        let score = |i: usize| results[i].probes[pi].score;
+        // The p-value is what the monitor decides on (with length strata, fused statistics of
+        // different strata are not comparable), so the AUROC ranks by it.
+        let score = |i: usize| -results[i].probes[pi].p_value;
         let all_neg: Vec<usize> = (0..labels.len()).filter(|&i| !labels[i]).collect();
         let neg_scores: Vec<f64> = all_neg.iter().map(|&i| score(i)).collect();
         for name in &names {
@@ -260,7 +262,8 @@ pub fn print_probe_eval(
         }
     }
     println!(
-        "AUROC: the group's positives against all negatives; recall and FPR: flagged at p <= {fpr}; \
+        "AUROC: of the p-values (smaller = more of the concept), the group's positives against all \
+         negatives; recall and FPR: flagged at p <= {fpr}; \
          defer+/-: positives/negatives deferred (p in ({fpr}, defer_fpr])"
     );
 }
