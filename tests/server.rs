@@ -2098,7 +2098,10 @@ async fn concept_probes_over_grpc() {
         flag_buffer: 4096,
         ..Limits::default()
     };
-    let server = TestServer::start(dir.path(), limits.clone()).await;
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    let server =
+        TestServer::start_with_metrics(dir.path(), limits.clone(), Some(metrics_listener)).await;
     let mut client = server.client().await;
     // Two ingests of labelled examples: most computations first, the rest later.
     let first = |id: &str| actwatch_core::split_unit(1, id) < 0.7;
@@ -2227,6 +2230,9 @@ async fn concept_probes_over_grpc() {
         .into_inner();
     assert_eq!(q.results.len(), probe_flagged);
     assert!(q.results.iter().all(|c| c.probes[0].flagged));
+    let (_, text) = http_get(metrics_addr, "/metrics").await;
+    let count = |s: &str| sample(&text, &format!("{s}{{monitor=\"c\"}}")) as usize;
+    assert_eq!(count("actwatch_probe_flags_total"), probe_flagged);
 
     // More examples: an incremental fit equals a full one.
     ingest_labelled(&mut client, "c", later.clone())

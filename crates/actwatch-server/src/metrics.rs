@@ -38,6 +38,8 @@ pub struct MonitorCounters {
     pub scored_traces: AtomicU64,
     pub scored_computations: AtomicU64,
     pub flags: AtomicU64,
+    /// Computations flagged by at least one concept probe.
+    pub probe_flags: AtomicU64,
     /// Batches scored despite conflicting provenance (provenance policy "warn").
     pub provenance_warnings: AtomicU64,
     /// The monitor's target false-positive rate, as `f64::to_bits`.
@@ -52,6 +54,7 @@ impl MonitorCounters {
             scored_traces: AtomicU64::new(0),
             scored_computations: AtomicU64::new(0),
             flags: AtomicU64::new(0),
+            probe_flags: AtomicU64::new(0),
             provenance_warnings: AtomicU64::new(0),
             target_fpr: AtomicU64::new(target_fpr.to_bits()),
         }
@@ -202,7 +205,7 @@ impl Metrics {
             .collect();
         let mut out = String::with_capacity(4096);
         type Field = fn(&MonitorCounters) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 6] = [
+        let counters: [(&str, &str, Field); 7] = [
             (
                 "actwatch_ingest_rows_total",
                 "Reference rows (traces) committed by IngestReference.",
@@ -225,8 +228,13 @@ impl Metrics {
             ),
             (
                 "actwatch_flags_total",
-                "Computations flagged (p-value at or below the target FPR).",
+                "Computations flagged as anomalous (p-value at or below the target FPR).",
                 |c| &c.flags,
+            ),
+            (
+                "actwatch_probe_flags_total",
+                "Computations flagged by at least one concept probe.",
+                |c| &c.probe_flags,
             ),
             (
                 "actwatch_provenance_warnings_total",

@@ -129,6 +129,11 @@ impl ActivationMonitorService {
         MonitorCounters::add(&c.scored_computations, computations.len() as u64);
         let flags = computations.iter().filter(|c| c.flagged).count();
         MonitorCounters::add(&c.flags, flags as u64);
+        let probe_flags = computations
+            .iter()
+            .filter(|c| c.probes.iter().any(|p| p.flagged))
+            .count();
+        MonitorCounters::add(&c.probe_flags, probe_flags as u64);
     }
 
     /// Counts batches scored despite conflicting provenance, and logs the first of each site
