@@ -779,6 +779,15 @@ fn probe_fits_refuse_bad_examples() {
         .push_examples("b", &["x"], &[0.0; 4], 4, &[false])
         .unwrap_err();
     assert!(e.to_string().contains("labelled both"), "{e}");
+    // Examples of another width than their site's reference traffic.
+    let mut fitter = MonitorFitter::new(probe_options(vec![ProbeSpec::named("p")])).unwrap();
+    let distinct: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    fitter.push_fit("a", &distinct, 6).unwrap();
+    fitter
+        .push_examples("a", &["x", "y"], &[0.0; 10], 5, &[true, false])
+        .unwrap();
+    let e = fitter.finish_fit().err().expect("a width mismatch");
+    assert!(e.to_string().contains("width 6"), "{e}");
     // A probe reading a site the monitor lacks.
     let mut spec = ProbeSpec::named("p");
     spec.sites = vec!["zz".into()];

@@ -359,7 +359,8 @@ impl MonitorFitter {
             });
         }
         let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
-        let probes = probes::fit_probes(&self.options, &self.examples, &names)?;
+        let dims: Vec<usize> = sites.iter().map(|s| s.dim).collect();
+        let probes = probes::fit_probes(&self.options, &self.examples, &names, &dims)?;
         let fit_seconds = self.started.elapsed().as_secs_f64();
         let joint = JointPhase::start(&self.options, &sites)?;
         Ok(MonitorCalibrator {

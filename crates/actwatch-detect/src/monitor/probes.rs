@@ -355,11 +355,13 @@ pub(crate) fn probe_sites(spec: &ProbeSpec, sites: &[&str]) -> Result<Vec<usize>
     Ok(out)
 }
 
-/// Fits the probes of `options` on `examples` (the monitor's sites are `sites`, in order).
+/// Fits the probes of `options` on `examples` (the monitor's sites are `sites`, in order, with
+/// their widths `dims`).
 pub(crate) fn fit_probes(
     options: &MonitorOptions,
     examples: &ProbeExamples,
     sites: &[&str],
+    dims: &[usize],
 ) -> Result<Vec<PendingProbe>> {
     if options.probes.is_empty() {
         if !examples.is_empty() {
@@ -388,6 +390,13 @@ pub(crate) fn fit_probes(
                         spec.name
                     )));
                 };
+                if ex.dim != dims[si] {
+                    return Err(Error::SiteWidth {
+                        site: site.to_string(),
+                        expected: dims[si],
+                        got: ex.dim,
+                    });
+                }
                 let view = ex.view();
                 let (probe, summary) = match spec.kind {
                     ProbeKind::DiffMeans => (
