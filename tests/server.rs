@@ -90,17 +90,27 @@ async fn ingest(
     monitor: &str,
     batches: Vec<v1::TraceBatch>,
 ) -> Result<v1::IngestReferenceSummary, tonic::Status> {
+    let unlabelled = batches.into_iter().map(|b| (b, Vec::new())).collect();
+    ingest_labelled(client, monitor, unlabelled).await
+}
+
+/// One IngestReference stream of `batches`, each with its labels (empty: reference traffic).
+async fn ingest_labelled(
+    client: &mut Client,
+    monitor: &str,
+    batches: Vec<(v1::TraceBatch, Vec<bool>)>,
+) -> Result<v1::IngestReferenceSummary, tonic::Status> {
     let msgs: Vec<_> = batches
         .into_iter()
         .enumerate()
-        .map(|(i, b)| v1::IngestReferenceRequest {
+        .map(|(i, (b, labels))| v1::IngestReferenceRequest {
             monitor: if i == 0 {
                 monitor.into()
             } else {
                 String::new()
             },
             batch: Some(b),
-            labels: Vec::new(),
+            labels,
         })
         .collect();
     client
@@ -2031,30 +2041,6 @@ fn labelled_batches(path: &Path, keep: impl Fn(&str) -> bool) -> Vec<(v1::TraceB
         }
     }
     out
-}
-
-async fn ingest_labelled(
-    client: &mut Client,
-    monitor: &str,
-    batches: Vec<(v1::TraceBatch, Vec<bool>)>,
-) -> Result<v1::IngestReferenceSummary, tonic::Status> {
-    let msgs: Vec<_> = batches
-        .into_iter()
-        .enumerate()
-        .map(|(i, (b, labels))| v1::IngestReferenceRequest {
-            monitor: if i == 0 {
-                monitor.into()
-            } else {
-                String::new()
-            },
-            batch: Some(b),
-            labels,
-        })
-        .collect();
-    client
-        .ingest_reference(tokio_stream::iter(msgs))
-        .await
-        .map(|r| r.into_inner())
 }
 
 /// Per computation, the probe's (p-value, flagged, verdict) from a unary Score of `file`.

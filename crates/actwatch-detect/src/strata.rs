@@ -122,6 +122,15 @@ impl LengthStrata {
         self.calibration(length).p_value(score)
     }
 
+    /// The p-value of a calibration member (statistic `score`, of `length`) judged against the
+    /// other members of its stratum: `(1 + #{others >= s}) / n = #{all >= s} / n`, counted
+    /// exactly (a round trip through [`Calibration::p_value`] can round just above a target).
+    pub fn member_p_value(&self, score: f64, length: u64) -> f64 {
+        let c = self.calibration(length);
+        let at_least = c.len() - c.scores().partition_point(|&x| x < score);
+        at_least as f64 / c.len() as f64
+    }
+
     /// Whether a computation of `length` so far, whose statistic can only grow, is already
     /// flagged at `fpr` whatever length it ends at: in its stratum and every longer one.
     pub fn flagged_at_any_longer(&self, score: f64, length: u64, fpr: f64) -> bool {

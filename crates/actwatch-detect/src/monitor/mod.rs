@@ -381,6 +381,25 @@ impl MonitorFitter {
     }
 }
 
+/// Per computation (a row of `n_slots` running aggregates in `comp_agg`), the statistic its slots
+/// fuse into; a slot without evidence counts as p = 1 ([`Fusion::fuse_slots`]).
+pub(crate) fn fuse_computations(
+    comp_agg: &[AggState],
+    n_slots: usize,
+    agg: Aggregation,
+    fusion: Fusion,
+) -> Vec<f64> {
+    let mut values = Vec::with_capacity(n_slots);
+    comp_agg
+        .chunks_exact(n_slots)
+        .map(|row| {
+            values.clear();
+            values.extend(row.iter().map(|st| agg.value(st).unwrap_or(f64::NAN)));
+            fusion.fuse_slots(&values)
+        })
+        .collect()
+}
+
 /// What a serialised [`MonitorFitter`] holds (written through a borrow, read back owned). The
 /// options travel as JSON text: their detector list is an internally tagged enum, which compact
 /// binary formats such as bincode cannot decode.
@@ -979,15 +998,7 @@ impl MonitorCalibrator {
             }
             None => None,
         };
-        let mut values = Vec::with_capacity(n_slots);
-        let fused_scores: Vec<f64> = comp_agg
-            .chunks_exact(n_slots)
-            .map(|row| {
-                values.clear();
-                values.extend(row.iter().map(|st| agg.value(st).unwrap_or(f64::NAN)));
-                fusion.fuse_slots(&values)
-            })
-            .collect();
+        let fused_scores = fuse_computations(&comp_agg, n_slots, agg, fusion);
         let fpr = self.options.fpr;
         let fused = LengthStrata::fit(
             &fused_scores,
@@ -996,17 +1007,11 @@ impl MonitorCalibrator {
             min_needed,
         )?;
         // In-sample flag rate of the calibration computations, each judged leave-one-out within
-        // its stratum: a member's p-value among the others is (1 + #{others >= s}) / n =
-        // #{all >= s} / n, counted exactly (a round trip through `p_value` can round just above
-        // the target).
+        // its stratum.
         let flagged = fused_scores
             .iter()
             .zip(&comp_len)
-            .filter(|&(&s, &l)| {
-                let c = fused.calibration(l);
-                let at_least = c.len() - c.scores().partition_point(|&x| x < s);
-                at_least as f64 / c.len() as f64 <= fpr
-            })
+            .filter(|&(&s, &l)| fused.member_p_value(s, l) <= fpr)
             .count();
         let threshold = |c: &Calibration| Some(c.threshold(fpr)).filter(|t| t.is_finite());
         let summary = FitSummary {

@@ -563,15 +563,7 @@ impl PendingProbe {
             });
             site_summaries.push(summary);
         }
-        let mut values = Vec::with_capacity(n_slots);
-        let fused_all: Vec<f64> = comp_agg
-            .chunks_exact(n_slots)
-            .map(|row| {
-                values.clear();
-                values.extend(row.iter().map(|st| agg.value(st).unwrap_or(f64::NAN)));
-                fusion.fuse_slots(&values)
-            })
-            .collect();
+        let fused_all = super::fuse_computations(&comp_agg, n_slots, agg, fusion);
         let pick = |keep: &dyn Fn(usize) -> bool| -> (Vec<f64>, Vec<u64>) {
             (0..n_comp)
                 .filter(|&c| keep(c))
@@ -585,9 +577,7 @@ impl PendingProbe {
         let p_of = |c: usize| -> f64 {
             let (s, l) = (fused_all[c], comp_len[c]);
             if benign[c] {
-                let cal = fused.calibration(l);
-                let at_least = cal.len() - cal.scores().partition_point(|&x| x < s);
-                at_least as f64 / cal.len() as f64
+                fused.member_p_value(s, l)
             } else {
                 fused.p_value(s, l)
             }
