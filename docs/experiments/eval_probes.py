@@ -33,7 +33,7 @@ AUROC / recall / FPR / defer shares the script parses. When both are available t
 
 Run (from the repository root; numpy, pyarrow, scikit-learn):
     CARGO_TARGET_DIR=/work/target-torch python docs/experiments/eval_probes.py \
-        [--bin /tmp/actwatch-probe-bin] [--out DIR] [--pooled-only] [--quick]
+        [--bin target/debug/actwatch] [--out DIR] [--pooled-only] [--quick]
 Writes under --out (default $TARGET/concepts/eval): the monitors, the scored dev files, the fit / eval
 logs and table.md (the table as markdown, also printed). Findings: probes.md, last section.
 """
@@ -68,8 +68,8 @@ def log(msg):
 DM = "kind=diff_means"
 LR = "kind=logistic,c=auto"
 # [(monitor, [(probe name, options, row label)])]. A probe with reference_negatives gets a monitor of its
-# own: in /tmp/actwatch-probe-bin (2 Dec) its presence changed the cross-validated C of the *other*
-# logistic probes of the same fit (site 6: C 100 alone, 3.16 beside a reference_negatives probe).
+# own (an early build let its presence change the cross-validated C of the *other* logistic probes of
+# the same fit; fixed and tested since, kept apart here so each row stands alone).
 # Logistic probes on all sites and per site are separate monitors, so that the fit wall time of each
 # configuration is seen (the per-site probes of lr_all are the same fits as lr_2 / lr_4 / lr_6).
 POOLED = [
@@ -318,7 +318,7 @@ README_PEERS = {  # ../shared/data/concepts/README.md
 def main():
     target = os.environ.get("CARGO_TARGET_DIR", "target")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bin", default="/tmp/actwatch-probe-bin")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "actwatch"))
     ap.add_argument("--concepts", default="../shared/data/concepts")
     ap.add_argument("--control", default="../shared/data/minilm/train.parquet")
     ap.add_argument("--tokens", default=os.path.join(target, "concepts"), help="per-token concept files")
