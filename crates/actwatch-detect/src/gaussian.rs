@@ -24,7 +24,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Side};
 use rayon::prelude::*;
 
 use crate::shrinkage::{Shrinkage, DEFAULT_SHRINKAGE};
-use crate::stats::{par_for, SufficientStats};
+use crate::stats::{par_for, SufficientStats, STATS_CHUNK_ROWS};
 use crate::{Error, Result};
 
 /// Widest model whitened in full by default (`rank: None`): at d = 1024 the whitening matrix is
@@ -80,12 +80,30 @@ impl GaussianOptions {
     }
 }
 
+/// Bytes of preprocessed rows a [`GaussianFitter`] holds back until they fill one chunk.
+const GRID_BYTES: usize = 4 << 20;
+
+/// Rows per chunk of the fixed grid a [`GaussianFitter`] folds its statistics on: 4 MiB of rows,
+/// at least 64 and at most [`STATS_CHUNK_ROWS`] (2048 at d = 384, 256 at d = 4096).
+pub fn grid_rows(dim: usize) -> usize {
+    (GRID_BYTES / (4 * dim.max(1))).clamp(64, STATS_CHUNK_ROWS)
+}
+
 /// Accumulates the statistics a [`GaussianDetector`] is fitted from: feed it batches (or merge
-/// fitters built on other shards), then [`GaussianFitter::finish`].
+/// fitters built on other parts), then [`GaussianFitter::finish`].
+///
+/// Rows are folded into the statistics in fixed chunks of [`grid_rows`] rows, whatever the
+/// batches they came in (the last partial chunk waits in `pending`), so the statistics of a part
+/// depend only on its rows in order, not on how a reader or a caller cut them into batches. Parts
+/// merged in order ([`GaussianFitter::merge`]: `self`'s pending rows are folded, then `other`'s
+/// statistics merged, and `other`'s pending rows become `self`'s) give the same statistics, to the
+/// bit, wherever each part was folded: this is what makes a sharded fit equal a single one.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GaussianFitter {
     opts: GaussianOptions,
     stats: SufficientStats,
+    /// Preprocessed rows not yet folded: fewer than one grid chunk.
+    pending: Vec<f32>,
 }
 
 impl GaussianFitter {
@@ -93,6 +111,7 @@ impl GaussianFitter {
         Self {
             opts,
             stats: SufficientStats::new(dim),
+            pending: Vec::new(),
         }
     }
 
@@ -104,30 +123,81 @@ impl GaussianFitter {
         if self.opts.normalize {
             let mut copy = rows.to_vec();
             l2_normalize_rows(&mut copy, d);
-            self.stats.push_batch(&copy)
+            self.fold(&copy)
         } else {
-            self.stats.push_batch(rows)
+            self.fold(rows)
         }
     }
 
-    /// Adds the vectors another fitter has seen. Both must have the same width and the same
-    /// `normalize` (their statistics are over differently preprocessed vectors otherwise:
-    /// `InvalidOption`); `self`'s shrinkage and rank are kept.
+    /// Folds checked, preprocessed rows on the grid.
+    fn fold(&mut self, mut rows: &[f32]) -> Result<()> {
+        let chunk = grid_rows(self.stats.dim()) * self.stats.dim();
+        if !self.pending.is_empty() {
+            let take = (chunk - self.pending.len()).min(rows.len());
+            self.pending.extend_from_slice(&rows[..take]);
+            rows = &rows[take..];
+            if self.pending.len() < chunk {
+                return Ok(());
+            }
+            self.stats.push_batch(&self.pending)?;
+            self.pending.clear();
+        }
+        let whole = rows.len() - rows.len() % chunk;
+        for c in rows[..whole].chunks_exact(chunk) {
+            self.stats.push_batch(c)?;
+        }
+        self.pending.extend_from_slice(&rows[whole..]);
+        Ok(())
+    }
+
+    /// Adds the vectors another fitter has seen, as the part that follows `self`'s (see the type's
+    /// docs). Both must have the same width and the same `normalize` (their statistics are over
+    /// differently preprocessed vectors otherwise: `InvalidOption`); `self`'s shrinkage and rank
+    /// are kept.
     pub fn merge(&mut self, other: &GaussianFitter) -> Result<()> {
         if self.opts.normalize != other.opts.normalize {
             return Err(Error::InvalidOption(
                 "cannot merge fitters that disagree on `normalize`".into(),
             ));
         }
-        self.stats.merge(&other.stats)
+        if other.stats.dim() != self.stats.dim() {
+            return Err(CoreError::WidthMismatch {
+                expected: self.stats.dim(),
+                got: other.stats.dim(),
+            }
+            .into());
+        }
+        self.flush()?;
+        self.stats.merge(&other.stats)?;
+        self.pending.clone_from(&other.pending);
+        Ok(())
     }
 
+    /// Folds the pending rows (a chunk shorter than the grid's).
+    fn flush(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            self.stats.push_batch(&self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    pub fn dim(&self) -> usize {
+        self.stats.dim()
+    }
+
+    /// Vectors seen, pending ones included.
     pub fn count(&self) -> u64 {
-        self.stats.count()
+        self.stats.count() + (self.pending.len() / self.stats.dim().max(1)) as u64
     }
 
-    pub fn stats(&self) -> &SufficientStats {
-        &self.stats
+    /// The statistics of every vector seen (pending ones folded into a copy).
+    pub fn stats(&self) -> Result<SufficientStats> {
+        let mut s = self.stats.clone();
+        if !self.pending.is_empty() {
+            s.push_batch(&self.pending)?;
+        }
+        Ok(s)
     }
 
     pub fn options(&self) -> &GaussianOptions {
@@ -135,7 +205,7 @@ impl GaussianFitter {
     }
 
     pub fn finish(&self) -> Result<GaussianDetector> {
-        GaussianDetector::fit(&self.stats, &self.opts)
+        GaussianDetector::fit(&self.stats()?, &self.opts)
     }
 }
 
@@ -865,8 +935,9 @@ mod tests {
         // normalize = true fits on L2-normalised copies.
         let mut manual = SufficientStats::new(d);
         manual.push_batch(&normalized(&rows, d)).unwrap();
-        assert_eq!(one.stats().count(), manual.count());
-        for (x, y) in one.stats().mean().iter().zip(manual.mean()) {
+        let stats = one.stats().unwrap();
+        assert_eq!(stats.count(), manual.count());
+        for (x, y) in stats.mean().iter().zip(manual.mean()) {
             assert!((x - y).abs() < 1e-12);
         }
         // Scale invariance under normalisation.
@@ -888,6 +959,55 @@ mod tests {
             a.merge(&GaussianFitter::new(d + 1, GaussianOptions::default())),
             Err(Error::Input(CoreError::WidthMismatch { .. }))
         ));
+    }
+
+    /// The statistics of a part depend only on its rows in order, never on its batches; parts
+    /// merged in order equal one fitter over all of them, to the bit.
+    #[test]
+    fn statistics_fold_on_a_grid_and_merge_exactly_in_part_order() {
+        let d = 8;
+        let g = grid_rows(d);
+        let rows = Rng::new(71).correlated_rows(3 * g + 37, d, 0.3, 72);
+        let opts = GaussianOptions::default();
+        let fold = |cuts: &[usize]| {
+            let mut f = GaussianFitter::new(d, opts.clone());
+            let mut start = 0;
+            for &c in cuts.iter().chain([rows.len() / d].iter()) {
+                f.push_batch(&rows[start * d..c * d]).unwrap();
+                start = c;
+            }
+            f
+        };
+        let one = fold(&[]);
+        for cuts in [vec![1, 2, 3], vec![g - 1, g + 1, 2 * g], vec![5, 2 * g + 7]] {
+            assert_eq!(fold(&cuts), one, "batches cut at {cuts:?}");
+        }
+        // Parts [0, p) and [p, q) and [q, n) merged in order into an empty fitter, as a driver
+        // merges shards: the same as `fold_reference` merging per-file parts.
+        let n = rows.len() / d;
+        for (p, q) in [(1, 2), (g, 2 * g), (g + 3, n - 5)] {
+            let part = |a: usize, b: usize| {
+                let mut f = GaussianFitter::new(d, opts.clone());
+                f.push_batch(&rows[a * d..b * d]).unwrap();
+                f
+            };
+            let merged_in_order = |parts: &[GaussianFitter]| {
+                let mut m = GaussianFitter::new(d, opts.clone());
+                for x in parts {
+                    m.merge(x).unwrap();
+                }
+                m
+            };
+            let parts = [part(0, p), part(p, q), part(q, n)];
+            let a = merged_in_order(&parts);
+            let b = merged_in_order(&[part(0, p), part(p, q), part(q, n)]);
+            assert_eq!(a, b);
+            assert_eq!(a.count(), n as u64);
+            let (sa, so) = (a.stats().unwrap(), one.stats().unwrap());
+            for (x, y) in sa.scatter().iter().zip(so.scatter()) {
+                assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]

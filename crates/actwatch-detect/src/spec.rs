@@ -224,6 +224,28 @@ impl DetectorFitter {
         }
     }
 
+    /// Adds what a fitter of the same detector saw on the part that follows `self`'s
+    /// ([`GaussianFitter::merge`], [`KnnFitter::merge`]).
+    pub fn merge(&mut self, other: &DetectorFitter) -> Result<()> {
+        match (self, other) {
+            (DetectorFitter::Gaussian(a), DetectorFitter::Gaussian(b)) => a.merge(b),
+            (DetectorFitter::Knn(a), DetectorFitter::Knn(b)) => a.merge(b),
+            _ => Err(Error::InvalidOption(
+                "cannot merge fitters of different detectors".into(),
+            )),
+        }
+    }
+
+    /// A fitter of the same detector and width that has seen nothing.
+    pub fn emptied(&self) -> DetectorFitter {
+        match self {
+            DetectorFitter::Gaussian(f) => {
+                DetectorFitter::Gaussian(GaussianFitter::new(f.dim(), f.options().clone()))
+            }
+            DetectorFitter::Knn(f) => DetectorFitter::Knn(KnnFitter::new(f.dim(), f.options().clone())),
+        }
+    }
+
     pub fn finish(self) -> Result<FittedDetector> {
         Ok(match self {
             DetectorFitter::Gaussian(f) => FittedDetector::Gaussian(f.finish()?),

@@ -12,7 +12,7 @@ use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use actwatch_detect::monitor::MonitorFitter;
+use actwatch_detect::monitor::{CalibrationPart, MonitorFitter};
 use bincode::Options;
 use sha2::{Digest, Sha256};
 
@@ -21,9 +21,10 @@ use crate::{Error, Result};
 
 const MAGIC: &[u8; 16] = b"actwatch-fitter\0";
 /// Bumped whenever the payload encoding changes incompatibly. Version 2: the fitter records
-/// each site's provenance. Version 3: it holds the probes' labelled examples. (An older
-/// checkpoint is refused, and a served fit then refits from scratch.)
-pub const CHECKPOINT_VERSION: u32 = 3;
+/// each site's provenance. Version 3: it holds the probes' labelled examples. Version 4: Gaussian
+/// fitters hold their pending grid rows, kNN fitters sample by key. (An older checkpoint is
+/// refused, and a served fit then refits from scratch.)
+pub const CHECKPOINT_VERSION: u32 = 4;
 const TRAILER: u64 = 32;
 
 /// A fitter and, in order, the reference files (as the caller names them) folded into it.
@@ -121,6 +122,72 @@ pub fn load_checkpoint(path: &Path) -> Result<FitCheckpoint> {
         .with_limit(len)
         .deserialize_from(f.take(len - header - TRAILER))
         .map_err(|e| corrupt(path, format!("cannot be decoded: {e}")))
+}
+
+const FIT_STATE_MAGIC: &[u8; 16] = b"actwatch-fitpart";
+const CALIBRATION_MAGIC: &[u8; 16] = b"actwatch-calpart";
+
+/// `value` framed for another process (a fit in parts: a fit state, a calibration part): magic,
+/// the checkpoint format version, bincode, SHA-256 of all that.
+fn encode_framed<T: serde::Serialize>(magic: &[u8; 16], value: &T) -> Result<Vec<u8>> {
+    let mut out = magic.to_vec();
+    out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
+    codec()
+        .serialize_into(&mut out, value)
+        .map_err(|e| Error::Artifact(format!("cannot encode: {e}")))?;
+    let digest = Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    Ok(out)
+}
+
+/// Reads what [`encode_framed`] wrote, verified before a byte is decoded.
+fn decode_framed<T: serde::de::DeserializeOwned>(
+    magic: &[u8; 16],
+    bytes: &[u8],
+    what: &str,
+) -> Result<T> {
+    let bad = |m: String| Error::Artifact(format!("{what}: {m}"));
+    let header = magic.len() + 4;
+    if bytes.len() < header + TRAILER as usize {
+        return Err(bad(format!("truncated ({} bytes)", bytes.len())));
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - TRAILER as usize);
+    if Sha256::digest(body).as_slice() != trailer {
+        return Err(bad("checksum mismatch: corrupt or cut short".into()));
+    }
+    if &body[..16] != magic {
+        return Err(bad(format!("wrong magic: not a {what}")));
+    }
+    let version = u32::from_le_bytes(body[16..20].try_into().expect("4 bytes"));
+    if version != CHECKPOINT_VERSION {
+        return Err(bad(format!(
+            "version {version} is not supported (this build reads {CHECKPOINT_VERSION})"
+        )));
+    }
+    codec()
+        .with_limit(bytes.len() as u64)
+        .deserialize(&body[header..])
+        .map_err(|e| bad(format!("cannot be decoded: {e}")))
+}
+
+/// A fit state (a [`MonitorFitter`] of one part, or of merged parts) as bytes for another process.
+pub fn fitter_to_bytes(fitter: &MonitorFitter) -> Result<Vec<u8>> {
+    encode_framed(FIT_STATE_MAGIC, fitter)
+}
+
+/// The fit state [`fitter_to_bytes`] wrote; damaged or foreign bytes are refused.
+pub fn fitter_from_bytes(bytes: &[u8]) -> Result<MonitorFitter> {
+    decode_framed(FIT_STATE_MAGIC, bytes, "fit state")
+}
+
+/// A calibration part as bytes for another process.
+pub fn calibration_part_to_bytes(part: &CalibrationPart) -> Result<Vec<u8>> {
+    encode_framed(CALIBRATION_MAGIC, part)
+}
+
+/// The calibration part [`calibration_part_to_bytes`] wrote; damaged or foreign bytes are refused.
+pub fn calibration_part_from_bytes(bytes: &[u8]) -> Result<CalibrationPart> {
+    decode_framed(CALIBRATION_MAGIC, bytes, "calibration part")
 }
 
 #[cfg(test)]

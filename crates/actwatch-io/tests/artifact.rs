@@ -244,3 +244,119 @@ fn format_1_monitors_still_load_as_one_stratum() {
     let b = score_computations(&loaded, &input, &r, &NoProgress).unwrap();
     assert_eq!(a.results, b.results);
 }
+
+/// A fit in parts, as Ray or Spark workers run it: each file folded into its own fit state on a
+/// "worker", the states shipped as bytes and merged in file order; each worker then scores its
+/// file's calibration part against the merged fit, and the parts are absorbed in order. The
+/// monitor equals `fit_monitor` over the same files to the bit (same scores, same calibration),
+/// for the Gaussian statistics and the kNN sample alike, including one that samples.
+#[test]
+fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
+    use actwatch_detect::monitor::MonitorFitter;
+    use actwatch_io::checkpoint::{
+        calibration_part_from_bytes, calibration_part_to_bytes, fitter_from_bytes,
+        fitter_to_bytes,
+    };
+    use actwatch_io::pipeline::{calibrate_batch, calibrate_joint_batch, fold_batch};
+    use actwatch_io::reader::TraceReader;
+
+    let r = read(None);
+    let files = [
+        data("train.parquet"),
+        data("dev_ood_non_english.parquet"),
+        data("dev_ood_code.parquet"),
+        data("dev_id.parquet"),
+    ];
+    for detectors in ["gaussian,knn", "knn:max_references=3000"] {
+        let options = MonitorOptions {
+            detectors: DetectorSpec::parse_list(detectors).unwrap(),
+            ..MonitorOptions::default()
+        };
+        let (full, _) = fit_monitor(&files, &r, options.clone(), &NoProgress).unwrap();
+
+        // Pass 1: a fit state per file (read in batches of another size than fit_monitor's:
+        // the statistics do not depend on batching), merged in file order.
+        let worker_read = ReadOptions {
+            batch_rows: 1000,
+            ..r.clone()
+        };
+        let states: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| {
+                let mut part = MonitorFitter::new(options.clone()).unwrap();
+                for batch in TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
+                {
+                    fold_batch(&mut part, &batch.unwrap()).unwrap();
+                }
+                fitter_to_bytes(&part).unwrap()
+            })
+            .collect();
+        let mut merged = MonitorFitter::new(options.clone()).unwrap();
+        for s in &states {
+            merged.merge(fitter_from_bytes(s).unwrap()).unwrap();
+        }
+        let merged = fitter_to_bytes(&merged).unwrap();
+
+        // Pass 2: each worker scores its file's calibration part against the merged fit.
+        let parts: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| {
+                let mut cal = fitter_from_bytes(&merged).unwrap().finish_fit().unwrap();
+                for batch in TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
+                {
+                    calibrate_batch(&mut cal, &batch.unwrap()).unwrap();
+                }
+                calibration_part_to_bytes(&cal.take_part().unwrap()).unwrap()
+            })
+            .collect();
+        let mut cal = fitter_from_bytes(&merged).unwrap().finish_fit().unwrap();
+        for p in &parts {
+            cal.absorb(calibration_part_from_bytes(p).unwrap()).unwrap();
+        }
+        // Pass 3 (the default joint detector): each worker scores its file's joint vectors
+        // against the joint fit merged from pass 2.
+        assert!(cal.joint_wanted());
+        let joint_fit = calibration_part_to_bytes(&cal.joint_fit_part().unwrap()).unwrap();
+        cal.finish_joint_fit().unwrap();
+        assert!(cal.joint_calibrating());
+        let joint_parts: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| {
+                let mut w = fitter_from_bytes(&merged).unwrap().finish_fit().unwrap();
+                w.absorb(calibration_part_from_bytes(&joint_fit).unwrap())
+                    .unwrap();
+                w.finish_joint_fit().unwrap();
+                for batch in TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
+                {
+                    calibrate_joint_batch(&mut w, &batch.unwrap()).unwrap();
+                }
+                calibration_part_to_bytes(&w.take_part().unwrap()).unwrap()
+            })
+            .collect();
+        for p in &joint_parts {
+            cal.absorb(calibration_part_from_bytes(p).unwrap()).unwrap();
+        }
+        let sharded = cal.finish().unwrap();
+        assert_eq!(sharded.summary().joint, full.summary().joint);
+
+        assert_eq!(
+            sharded.summary().calibration_fpr,
+            full.summary().calibration_fpr
+        );
+        let input = [data("dev_ood_code.parquet"), data("dev_id.parquet")];
+        let a = score_computations(&full, &input, &r, &NoProgress).unwrap();
+        let b = score_computations(&sharded, &input, &r, &NoProgress).unwrap();
+        assert_eq!(a.ids, b.ids);
+        assert_eq!(
+            a.results, b.results,
+            "{detectors}: the fit in parts scores differently"
+        );
+    }
+    // Damaged or foreign bytes are refused, never decoded.
+    let f = MonitorFitter::new(MonitorOptions::default()).unwrap();
+    let mut bytes = fitter_to_bytes(&f).unwrap();
+    let last = bytes.len() - 40;
+    bytes[last] ^= 1;
+    assert!(fitter_from_bytes(&bytes).is_err());
+    assert!(calibration_part_from_bytes(&fitter_to_bytes(&f).unwrap()).is_err());
+}

@@ -32,7 +32,8 @@ pub const DEFAULT_METRIC: Metric = Metric::Cosine;
 pub const DEFAULT_EXACT_MAX: usize = 500_000;
 /// References kept per site (1.5 GB of f32 at d = 384); a uniform reservoir sample beyond.
 pub const DEFAULT_MAX_REFERENCES: usize = 1_000_000;
-/// Seed of the reservoir sample: fixed, so a fit is reproducible for a given input order.
+/// Seed of the sample keys: fixed, so a fit is reproducible (and independent of input order
+/// beyond the cap).
 const RESERVOIR_SEED: u64 = 0x6163_7477_6174_6368;
 /// HNSW: links per node and layer (hnsw_rs `max_nb_connection`, at most 256).
 pub const DEFAULT_HNSW_M: usize = 16;
@@ -129,7 +130,14 @@ impl KnnOptions {
 }
 
 /// Collects reference vectors (copied; L2-normalised when the metric is cosine), keeping a
-/// uniform reservoir sample of `max_references` of them when more are pushed.
+/// uniform sample of `max_references` of them when more are pushed.
+///
+/// The sample is a bottom-k sketch: every row gets a key, a seeded 64-bit hash of its (stored)
+/// values, and beyond the cap the `max_references` rows of smallest key are kept, in key order.
+/// It is a function of the set of rows, not of their order or of how they were split, so fitters
+/// of different parts merge ([`KnnFitter::merge`]) into exactly the sample one fitter over all of
+/// them keeps. Within the cap every row is kept in arrival order (parts merged in order append).
+/// Identical rows share a key; which copy is kept cannot change any score.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KnnFitter {
     dim: usize,
@@ -137,8 +145,29 @@ pub struct KnnFitter {
     refs: Vec<f32>,
     /// Rows pushed so far (kept or not).
     seen: u64,
-    /// SplitMix64 state of the reservoir sampler.
-    rng: u64,
+    /// Key of every kept row once more than `max_references` were seen (empty before).
+    keys: Vec<u64>,
+    /// Max-heap of (key, slot) over `keys`, rebuilt when needed.
+    #[serde(skip)]
+    heap: std::collections::BinaryHeap<(u64, usize)>,
+}
+
+/// The sample key of a stored row: a seeded hash of its bits (SplitMix64 finaliser per word).
+fn row_key(row: &[f32]) -> u64 {
+    let mut h = RESERVOIR_SEED;
+    for pair in row.chunks(2) {
+        let lo = u64::from(pair[0].to_bits());
+        let hi = pair.get(1).map_or(0, |x| u64::from(x.to_bits()));
+        h = mix64(h ^ (lo | (hi << 32)));
+    }
+    mix64(h ^ row.len() as u64)
+}
+
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl KnnFitter {
@@ -150,16 +179,24 @@ impl KnnFitter {
             options,
             refs: Vec::new(),
             seen: 0,
-            rng: RESERVOIR_SEED,
+            keys: Vec::new(),
+            heap: std::collections::BinaryHeap::new(),
         }
     }
 
-    fn next_random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn cap(&self) -> usize {
+        self.options.max_references.max(1)
+    }
+
+    /// Keys every kept row (the first time the cap is passed) and rebuilds the heap.
+    fn ensure_keys(&mut self) {
+        let d = self.dim;
+        if self.keys.len() != self.count() {
+            self.keys = self.refs.chunks_exact(d).map(row_key).collect();
+        }
+        if self.heap.len() != self.keys.len() {
+            self.heap = self.keys.iter().copied().zip(0..).collect();
+        }
     }
 
     /// Appends a row-major batch of references. Rejects a batch whose length is not a whole
@@ -167,30 +204,90 @@ impl KnnFitter {
     pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
         check_rows(self.dim, rows)?;
         let d = self.dim;
-        let cap = self.options.max_references.max(1);
+        let cap = self.cap();
+        let mut row_buf = vec![0f32; d];
         for row in rows.chunks_exact(d) {
             self.seen += 1;
-            // Algorithm R: the i-th row replaces a random kept one with probability cap / i.
-            let slot = if self.count() < cap {
-                self.refs.extend_from_slice(row);
-                self.count() - 1
-            } else {
-                let j = self.next_random() % self.seen;
-                if j >= cap as u64 {
-                    continue;
-                }
-                let j = j as usize;
-                self.refs[j * d..(j + 1) * d].copy_from_slice(row);
-                j
-            };
+            row_buf.copy_from_slice(row);
             if self.options.metric == Metric::Cosine {
-                l2_normalize_rows(&mut self.refs[slot * d..(slot + 1) * d], d);
+                l2_normalize_rows(&mut row_buf, d);
+            }
+            if self.keys.is_empty() && self.count() < cap {
+                self.refs.extend_from_slice(&row_buf);
+                continue;
+            }
+            self.ensure_keys();
+            let key = row_key(&row_buf);
+            let &(top, slot) = self.heap.peek().expect("the cap is at least 1");
+            if key < top {
+                self.refs[slot * d..(slot + 1) * d].copy_from_slice(&row_buf);
+                self.keys[slot] = key;
+                self.heap.pop();
+                self.heap.push((key, slot));
             }
         }
         Ok(())
     }
 
-    /// Rows pushed so far, including those the reservoir did not keep.
+    /// Adds the references another fitter has kept, as the part that follows `self`'s: within
+    /// the cap they are appended; beyond it both samples are cut to the `max_references` rows of
+    /// smallest key, which is the sample one fitter over both parts keeps (see the type's docs).
+    /// Both must have the same width and metric (`InvalidOption` otherwise).
+    pub fn merge(&mut self, other: &KnnFitter) -> Result<()> {
+        if self.dim != other.dim {
+            return Err(CoreError::WidthMismatch {
+                expected: self.dim,
+                got: other.dim,
+            }
+            .into());
+        }
+        if self.options.metric != other.options.metric
+            || self.options.max_references != other.options.max_references
+        {
+            return Err(Error::InvalidOption(
+                "cannot merge kNN fitters with different metrics or max_references".into(),
+            ));
+        }
+        let d = self.dim;
+        let cap = self.cap();
+        self.seen += other.seen;
+        if self.keys.is_empty() && other.keys.is_empty() && self.count() + other.count() <= cap {
+            self.refs.extend_from_slice(&other.refs);
+            return Ok(());
+        }
+        let mut all: Vec<(u64, &[f32])> = Vec::with_capacity(self.count() + other.count());
+        let mine = std::mem::take(&mut self.refs);
+        let theirs: Vec<u64>;
+        let other_keys = if other.keys.len() == other.count() {
+            &other.keys
+        } else {
+            theirs = other.refs.chunks_exact(d).map(row_key).collect();
+            &theirs
+        };
+        let my_keys: Vec<u64> = if self.keys.len() * d == mine.len() {
+            std::mem::take(&mut self.keys)
+        } else {
+            mine.chunks_exact(d).map(row_key).collect()
+        };
+        all.extend(my_keys.into_iter().zip(mine.chunks_exact(d)));
+        all.extend(other_keys.iter().copied().zip(other.refs.chunks_exact(d)));
+        all.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| total_order(a.1, b.1)));
+        all.truncate(cap);
+        self.keys = all.iter().map(|(k, _)| *k).collect();
+        self.refs = all.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        self.heap.clear();
+        Ok(())
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn options(&self) -> &KnnOptions {
+        &self.options
+    }
+
+    /// Rows pushed so far, including those the sample did not keep.
     pub fn seen(&self) -> u64 {
         self.seen
     }
@@ -214,16 +311,37 @@ impl KnnFitter {
                 self.options.k
             )));
         }
+        let refs = if self.keys.is_empty() {
+            self.refs
+        } else {
+            // A sample: in key order, so that it does not depend on arrival order.
+            let d = self.dim;
+            let mut order: Vec<usize> = (0..self.keys.len()).collect();
+            let rows = |i: usize| &self.refs[i * d..(i + 1) * d];
+            order.sort_by(|&a, &b| {
+                self.keys[a]
+                    .cmp(&self.keys[b])
+                    .then_with(|| total_order(rows(a), rows(b)))
+            });
+            order.iter().flat_map(|&i| rows(i).iter().copied()).collect()
+        };
         let mut det = KnnDetector {
             dim: self.dim,
             options: self.options,
-            refs: self.refs,
+            refs,
             half_sq_norms: OnceLock::new(),
             index: None,
         };
         det.prepare()?;
         Ok(det)
     }
+}
+
+/// A total order on rows (by their values' bits), breaking ties between equal sample keys.
+fn total_order(a: &[f32], b: &[f32]) -> std::cmp::Ordering {
+    a.iter()
+        .map(|x| x.to_bits())
+        .cmp(b.iter().map(|x| x.to_bits()))
 }
 
 /// The hnsw_rs index (owns copies of the references). Not serialised: rebuilt by
@@ -595,6 +713,39 @@ mod tests {
         let mut f = KnnFitter::new(dim, o.clone());
         f.push_batch(&rows[..2 * 500]).unwrap();
         assert_eq!(f.count(), 500);
+    }
+
+    /// Parts fitted apart and merged in order keep exactly the references one fitter keeps,
+    /// within the cap (in arrival order) and beyond it (the same sample, in key order).
+    #[test]
+    fn parts_merge_into_the_single_fitters_references() {
+        let dim = 3;
+        let rows = Rng::new(8).gaussian_rows(3000, dim, 0.1);
+        for cap in [10_000, 700] {
+            let o = KnnOptions {
+                max_references: cap,
+                ..opts(5, Metric::Cosine)
+            };
+            let single = {
+                let mut f = KnnFitter::new(dim, o.clone());
+                for c in rows.chunks(dim * 111) {
+                    f.push_batch(c).unwrap();
+                }
+                f.finish().unwrap().refs
+            };
+            for cuts in [[1, 2], [500, 2999], [1000, 2000]] {
+                let bounds = [0, cuts[0], cuts[1], 3000];
+                let mut merged = KnnFitter::new(dim, o.clone());
+                for w in bounds.windows(2) {
+                    let mut part = KnnFitter::new(dim, o.clone());
+                    part.push_batch(&rows[w[0] * dim..w[1] * dim]).unwrap();
+                    merged.merge(&part).unwrap();
+                }
+                assert_eq!(merged.seen(), 3000);
+                assert_eq!(merged.count(), cap.min(3000));
+                assert_eq!(merged.finish().unwrap().refs, single, "cap {cap}, cuts {cuts:?}");
+            }
+        }
     }
 
     /// HNSW from the first reference on, with few links and short candidate lists: cheap to build,

@@ -324,6 +324,64 @@ impl MonitorFitter {
         Ok(())
     }
 
+    /// An empty fitter with the same options, for one part of the reference traces: fit parts
+    /// apart (on other threads, processes or machines), then [`MonitorFitter::merge`] them in
+    /// order.
+    pub fn part(&self) -> Self {
+        Self {
+            split: self.split,
+            options: self.options.clone(),
+            sites: BTreeMap::new(),
+            provenance: BTreeMap::new(),
+            examples: ProbeExamples::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Adds everything a fitter of the same options saw on the part of the traces that follows
+    /// `self`'s. Merging parts in order gives, to the bit, the fitter that folds the same parts
+    /// one after the other: the Gaussian statistics fold on a fixed grid of rows within a part
+    /// and merge exactly across parts ([`crate::gaussian::GaussianFitter`]), the kNN sample is a
+    /// function of the rows kept ([`crate::knn::KnnFitter`]), examples and provenance append.
+    /// Fitters of other options are refused ([`Error::InvalidOption`]).
+    pub fn merge(&mut self, other: MonitorFitter) -> Result<()> {
+        let json = |o: &MonitorOptions| serde_json::to_string(o).unwrap_or_default();
+        if json(&self.options) != json(&other.options) {
+            return Err(Error::InvalidOption(
+                "cannot merge fit states of monitors with different options".into(),
+            ));
+        }
+        for (name, s) in &other.sites {
+            if let Some(mine) = self.sites.get(name) {
+                if mine.dim != s.dim {
+                    return Err(Error::SiteWidth {
+                        site: name.clone(),
+                        expected: mine.dim,
+                        got: s.dim,
+                    });
+                }
+            }
+        }
+        for (name, p) in &other.provenance {
+            self.record_provenance(name, p)?;
+        }
+        self.examples.merge(&other.examples)?;
+        for (name, s) in other.sites {
+            match self.sites.get_mut(&name) {
+                None => {
+                    self.sites.insert(name, s);
+                }
+                Some(mine) => {
+                    for (a, b) in mine.fitters.iter_mut().zip(&s.fitters) {
+                        a.merge(b)?;
+                    }
+                    mine.traces += s.traces;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Fit-part traces pushed so far, over all sites.
     pub fn fit_traces(&self) -> u64 {
         self.sites.values().map(|s| s.traces).sum()
@@ -538,7 +596,10 @@ enum JointPhase {
     Off(Option<JointSummary>),
     Fitting {
         summary: JointSummary,
+        /// Every part ended so far, merged in order.
         fitters: Vec<DetectorFitter>,
+        /// The current part ([`MonitorCalibrator::end_part`] merges it into `fitters`).
+        part: Vec<DetectorFitter>,
         joins: Joins,
         map: JointMap,
     },
@@ -639,6 +700,7 @@ impl JointPhase {
             .collect::<Result<Vec<_>>>()?;
         Ok(JointPhase::Fitting {
             summary,
+            part: fitters.clone(),
             fitters,
             joins: Joins::default(),
             map,
@@ -687,6 +749,211 @@ pub struct MonitorCalibrator {
     computations: HashMap<String, u32>,
     fit_seconds: f64,
     started: Instant,
+}
+
+/// What the calibration pass over one part of the reference traces found: per site and detector
+/// the raw score of every calibration trace, with its computation. Calibrators of the same fit
+/// each score a part ([`MonitorCalibrator::take_part`]); one of them absorbs the parts in order
+/// ([`MonitorCalibrator::absorb`]) and finishes, which gives the monitor one calibrator over all
+/// the parts gives, to the bit (a computation's traces must lie in one part, or in parts
+/// absorbed in order, since its aggregate follows arrival order).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CalibrationPart {
+    /// Computation ids in order of first appearance (the part's computation indices).
+    computations: Vec<String>,
+    /// Per site: per detector, (computation index, raw score) of every calibration trace.
+    sites: BTreeMap<String, Vec<Vec<(u32, f64)>>>,
+    /// Per site: per detector, (queries measured, sum of recall x queries) for HNSW detectors.
+    recall: BTreeMap<String, Vec<(usize, f64)>>,
+    /// The joint detectors' fit statistics of the part (the calibration pass's fit rows).
+    joint_fit: Option<Vec<DetectorFitter>>,
+    /// Per joint detector, (computation index, raw score) of the part's joint calibration vectors.
+    joint_scores: Option<Vec<Vec<(u32, f64)>>>,
+    /// Joint vectors fitted / scored, and positions left without one, in the part.
+    joint_rows: u64,
+    joint_incomplete: u64,
+}
+
+impl CalibrationPart {
+    /// Calibration computations seen in this part.
+    pub fn computations(&self) -> usize {
+        self.computations.len()
+    }
+}
+
+impl MonitorCalibrator {
+    /// Refuses what a calibration in parts cannot do yet: concept probes (their calibration
+    /// examples are held by one calibrator).
+    fn check_partable(&self) -> Result<()> {
+        if !self.options.probes.is_empty() {
+            return Err(Error::InvalidOption(
+                "a fit in parts cannot fit concept probes yet: fit monitors with probes in one \
+                 process (actwatch fit --examples)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands out what this calibrator gathered so far, as a part to
+    /// [`MonitorCalibrator::absorb`] elsewhere, and starts over empty: the raw scores of the
+    /// calibration traces ([`MonitorCalibrator::push_calibration`]), and with a joint detector the
+    /// statistics of its fit rows ([`MonitorCalibrator::push_joint_fit`]) or, once it is fitted,
+    /// its raw scores ([`MonitorCalibrator::push_joint_calibration`]). A joint vector needs every
+    /// site of its computation: a computation whose traces span parts has none.
+    pub fn take_part(&mut self) -> Result<CalibrationPart> {
+        self.check_partable()?;
+        self.end_part()?;
+        let mut computations = vec![String::new(); self.computations.len()];
+        for (id, c) in self.computations.drain() {
+            computations[c as usize] = id;
+        }
+        let mut part = CalibrationPart {
+            computations,
+            ..CalibrationPart::default()
+        };
+        for s in &mut self.sites {
+            let k = s.detectors.len();
+            let scores = std::mem::replace(&mut s.cal_scores, vec![Vec::new(); k]);
+            if scores.iter().any(|v| !v.is_empty()) {
+                part.sites.insert(s.name.clone(), scores);
+            }
+            let recall = std::mem::replace(&mut s.recall, vec![(0, 0.0); k]);
+            if recall.iter().any(|r| r.0 > 0) {
+                part.recall.insert(s.name.clone(), recall);
+            }
+        }
+        match &mut self.joint {
+            JointPhase::Off(_) => {}
+            JointPhase::Fitting {
+                summary,
+                fitters,
+                joins,
+                ..
+            } => {
+                let fresh: Vec<DetectorFitter> = fitters.iter().map(|f| f.emptied()).collect();
+                part.joint_fit = Some(std::mem::replace(fitters, fresh));
+                part.joint_rows = std::mem::take(&mut summary.fit_rows);
+                part.joint_incomplete = std::mem::take(&mut summary.incomplete)
+                    + std::mem::take(joins).incomplete();
+            }
+            JointPhase::Calibrating {
+                summary,
+                site,
+                joins,
+                ..
+            } => {
+                let k = site.detectors.len();
+                part.joint_scores =
+                    Some(std::mem::replace(&mut site.cal_scores, vec![Vec::new(); k]));
+                part.joint_rows = std::mem::take(&mut summary.calibration_rows);
+                part.joint_incomplete = std::mem::take(joins).incomplete();
+            }
+        }
+        Ok(part)
+    }
+
+    /// The joint detectors' fit statistics gathered so far (absorbed parts included), as a part
+    /// for the workers of the joint calibration pass: each absorbs it, calls
+    /// [`MonitorCalibrator::finish_joint_fit`] and scores its calibration traces with
+    /// [`MonitorCalibrator::push_joint_calibration`].
+    pub fn joint_fit_part(&mut self) -> Result<CalibrationPart> {
+        self.end_part()?;
+        match &self.joint {
+            JointPhase::Fitting {
+                summary, fitters, ..
+            } => Ok(CalibrationPart {
+                joint_fit: Some(fitters.clone()),
+                joint_rows: summary.fit_rows,
+                ..CalibrationPart::default()
+            }),
+            _ => Err(Error::InvalidOption(
+                "no joint detector is being fitted".into(),
+            )),
+        }
+    }
+
+    /// Adds a part after those gathered so far (see [`CalibrationPart`]). A part of another fit
+    /// (unknown site, other detector count, a joint phase this calibrator is not in) is refused.
+    pub fn absorb(&mut self, part: CalibrationPart) -> Result<()> {
+        self.check_partable()?;
+        let foreign = |what: &str| {
+            Error::InvalidOption(format!(
+                "the calibration part {what} (a part of another fit, or of another pass?)"
+            ))
+        };
+        for (name, scores) in &part.sites {
+            let ok = self
+                .site_index
+                .get(name)
+                .is_some_and(|&si| self.sites[si].detectors.len() == scores.len());
+            if !ok {
+                return Err(foreign(&format!("has scores of a site {name:?} this fit lacks")));
+            }
+        }
+        let n = part.computations.len();
+        let bad_index = part
+            .sites
+            .values()
+            .flatten()
+            .chain(part.joint_scores.iter().flatten())
+            .flatten()
+            .any(|&(c, _)| c as usize >= n);
+        if bad_index {
+            return Err(foreign("refers to a computation it does not list"));
+        }
+        match (&mut self.joint, &part.joint_fit, &part.joint_scores) {
+            (_, None, None) => {}
+            (JointPhase::Fitting { fitters, .. }, Some(theirs), None)
+                if fitters.len() == theirs.len() => {}
+            (JointPhase::Calibrating { site, .. }, None, Some(theirs))
+                if site.detectors.len() == theirs.len() => {}
+            _ => return Err(foreign("is of a joint phase this calibrator is not in")),
+        }
+        let map: Vec<u32> = part
+            .computations
+            .iter()
+            .map(|id| computation_index(&mut self.computations, id))
+            .collect();
+        for (name, scores) in part.sites {
+            let s = &mut self.sites[self.site_index[&name]];
+            for (mine, theirs) in s.cal_scores.iter_mut().zip(scores) {
+                mine.extend(theirs.into_iter().map(|(c, x)| (map[c as usize], x)));
+            }
+        }
+        for (name, recall) in part.recall {
+            if let Some(&si) = self.site_index.get(&name) {
+                for (mine, (done, sum)) in self.sites[si].recall.iter_mut().zip(recall) {
+                    mine.0 += done;
+                    mine.1 += sum;
+                }
+            }
+        }
+        match &mut self.joint {
+            JointPhase::Fitting {
+                summary, fitters, ..
+            } => {
+                if let Some(theirs) = part.joint_fit {
+                    for (f, t) in fitters.iter_mut().zip(&theirs) {
+                        f.merge(t)?;
+                    }
+                    summary.fit_rows += part.joint_rows;
+                    summary.incomplete += part.joint_incomplete;
+                }
+            }
+            JointPhase::Calibrating { summary, site, .. } => {
+                if let Some(theirs) = part.joint_scores {
+                    for (mine, t) in site.cal_scores.iter_mut().zip(theirs) {
+                        mine.extend(t.into_iter().map(|(c, x)| (map[c as usize], x)));
+                    }
+                    summary.calibration_rows += part.joint_rows;
+                    summary.incomplete += part.joint_incomplete;
+                }
+            }
+            JointPhase::Off(_) => {}
+        }
+        Ok(())
+    }
 }
 
 impl MonitorCalibrator {
@@ -814,16 +1081,17 @@ impl MonitorCalibrator {
         let (n_sites, si) = self.site_of(site, rows, trace_ids.len())?;
         let JointPhase::Fitting {
             summary,
-            fitters,
+            part,
             joins,
             map,
+            ..
         } = &mut self.joint
         else {
             return Ok(());
         };
         let (ids, joint) = joins.add(map, n_sites, si, trace_ids, rows)?;
         if !ids.is_empty() {
-            for f in fitters.iter_mut() {
+            for f in part.iter_mut() {
                 f.push_batch(&joint)?;
             }
             summary.fit_rows += ids.len() as u64;
@@ -831,9 +1099,25 @@ impl MonitorCalibrator {
         Ok(())
     }
 
+    /// Ends a part of the calibration pass (call it after each file): the joint detector's fit
+    /// statistics of the part are merged into those of the parts before it, as
+    /// [`MonitorCalibrator::absorb`] merges the parts of other workers, so that a fit in parts
+    /// and a fit in one process fold the same parts the same way. A no-op without a joint
+    /// detector in its fit pass.
+    pub fn end_part(&mut self) -> Result<()> {
+        if let JointPhase::Fitting { fitters, part, .. } = &mut self.joint {
+            for (f, p) in fitters.iter_mut().zip(part.iter_mut()) {
+                let fresh = p.emptied();
+                f.merge(&std::mem::replace(p, fresh))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Fits the joint detectors on what [`MonitorCalibrator::push_joint_fit`] joined; a fit part
     /// with no complete joint vector skips the joint detector (and the fit says why).
     pub fn finish_joint_fit(&mut self) -> Result<()> {
+        self.end_part()?;
         let phase = std::mem::replace(&mut self.joint, JointPhase::Off(None));
         self.joint = match phase {
             JointPhase::Fitting {
@@ -841,8 +1125,9 @@ impl MonitorCalibrator {
                 fitters,
                 joins,
                 map,
+                ..
             } => {
-                summary.incomplete = joins.incomplete();
+                summary.incomplete += joins.incomplete();
                 if summary.fit_rows == 0 {
                     summary.skipped = Some(
                         "no fit computation has a trace at every site at the same position".into(),

@@ -100,9 +100,38 @@ impl Rows {
     }
 }
 
+impl Rows {
+    /// Appends `other`'s rows, as the part that follows `self`'s.
+    fn merge(&mut self, other: &Rows) -> Result<()> {
+        let mut ids = vec![""; other.labels.len()];
+        for (id, &c) in &other.index {
+            ids[c as usize] = id;
+        }
+        let map = ids
+            .iter()
+            .zip(&other.labels)
+            .map(|(id, &l)| self.computation(id, l))
+            .collect::<Result<Vec<u32>>>()?;
+        for (site, ex) in &other.sites {
+            let comps: Vec<u32> = ex.computations.iter().map(|&c| map[c as usize]).collect();
+            push(self, site, &comps, &ex.rows, ex.dim)?;
+        }
+        Ok(())
+    }
+}
+
 impl ProbeExamples {
     pub(crate) fn is_empty(&self) -> bool {
         self.labelled.labels.is_empty()
+    }
+
+    /// Appends the examples another fitter kept, as the part that follows `self`'s.
+    pub(crate) fn merge(&mut self, other: &ProbeExamples) -> Result<()> {
+        self.check_room(other.values)?;
+        self.labelled.merge(&other.labelled)?;
+        self.reference.merge(&other.reference)?;
+        self.values += other.values;
+        Ok(())
     }
 
     /// Adds fit-part labelled traces of one site; `labels[i]` is row `i`'s computation's label.

@@ -3,12 +3,12 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use actwatch_detect::monitor::{Monitor, MonitorFitter, MonitorOptions};
+use actwatch_detect::monitor::{Monitor, MonitorCalibrator, MonitorFitter, MonitorOptions};
 use sha2::{Digest, Sha256};
 
 use super::Progress;
 use crate::artifact::ReferenceSummary;
-use crate::reader::{expand_inputs, ReadOptions, TraceReader};
+use crate::reader::{expand_inputs, ReadOptions, TraceBatch, TraceReader};
 use crate::{Error, Result};
 
 /// Fits a monitor on the reference traces in `inputs` (files or directories of Parquet):
@@ -104,7 +104,7 @@ pub fn fold_examples(
 }
 
 /// An error about examples, naming their file.
-fn example_error(batch: &crate::reader::TraceBatch, e: actwatch_detect::Error) -> Error {
+fn example_error(batch: &TraceBatch, e: actwatch_detect::Error) -> Error {
     Error::Examples {
         path: batch.path.as_ref().clone(),
         source: e,
@@ -112,9 +112,11 @@ fn example_error(batch: &crate::reader::TraceBatch, e: actwatch_detect::Error) -
 }
 
 /// The fit pass: pushes the fit part of the traces in `files` into `fitter` and returns the rows
-/// read. Files are read in order, one batch never spans two files, so folding files one call at
-/// a time (or resuming a checkpointed fitter with the files that arrived since) leaves the fitter
-/// in exactly the state one call over all of them does.
+/// read. Each file is folded into its own part ([`MonitorFitter::part`]) and merged into `fitter`
+/// in order ([`MonitorFitter::merge`]), so folding files one call at a time, resuming a
+/// checkpointed fitter with the files that arrived since, or folding each file on another
+/// worker and merging the parts in file order all leave the fitter in exactly the state one
+/// call over all of them does.
 pub fn fold_reference(
     fitter: &mut MonitorFitter,
     files: &[PathBuf],
@@ -132,31 +134,61 @@ pub fn fold_reference(
     let reader = TraceReader::open(files, read)?;
     progress.start("fit", reader.total_rows());
     let mut rows = 0u64;
+    let mut part: Option<(std::sync::Arc<PathBuf>, MonitorFitter)> = None;
     for batch in reader {
         let batch = batch?;
-        for (site, idx) in batch.site_groups() {
-            if let Some(p) = batch.provenance(&site) {
-                // Every reference row's provenance, calibration part included.
-                fitter
-                    .record_provenance(&site, p)
-                    .map_err(|e| batch.provenance_error(e))?;
+        if part.as_ref().is_none_or(|(p, _)| p != &batch.path) {
+            if let Some((path, done)) = part.take() {
+                merge_part(fitter, done, &path)?;
             }
-            let fit_rows: Vec<usize> = idx
-                .into_iter()
-                .filter(|&i| !fitter.is_calibration(&batch.trace_ids[i]))
-                .collect();
-            if fit_rows.is_empty() {
-                continue;
-            }
-            let (ids, v) = gather(&batch, &fit_rows)?;
-            fitter.push_fit(&site, v.as_slice(), v.dim())?;
-            fitter.push_reference_negatives(&site, &ids, v.as_slice(), v.dim())?;
+            part = Some((batch.path.clone(), fitter.part()));
         }
+        let (_, part) = part.as_mut().expect("set above");
+        fold_batch(part, &batch)?;
         rows += batch.trace_ids.len() as u64;
         progress.advance(batch.trace_ids.len() as u64);
     }
+    if let Some((path, done)) = part {
+        merge_part(fitter, done, &path)?;
+    }
     progress.finish();
     Ok(rows)
+}
+
+/// Merges the part of one file; a provenance that contradicts the earlier files' names the file.
+fn merge_part(fitter: &mut MonitorFitter, part: MonitorFitter, path: &std::path::Path) -> Result<()> {
+    fitter.merge(part).map_err(|e| match e {
+        e @ actwatch_detect::Error::Provenance { .. } => Error::Metadata {
+            path: path.to_path_buf(),
+            key: crate::provenance::PROVENANCE_KEY,
+            message: e.to_string(),
+        },
+        e => e.into(),
+    })
+}
+
+/// Pushes the fit part of one batch of reference traces into `fitter` (the provenance of every
+/// row, calibration part included, is recorded).
+pub fn fold_batch(fitter: &mut MonitorFitter, batch: &TraceBatch) -> Result<()> {
+    for (site, idx) in batch.site_groups() {
+        if let Some(p) = batch.provenance(&site) {
+            // Every reference row's provenance, calibration part included.
+            fitter
+                .record_provenance(&site, p)
+                .map_err(|e| batch.provenance_error(e))?;
+        }
+        let fit_rows: Vec<usize> = idx
+            .into_iter()
+            .filter(|&i| !fitter.is_calibration(&batch.trace_ids[i]))
+            .collect();
+        if fit_rows.is_empty() {
+            continue;
+        }
+        let (ids, v) = gather(batch, &fit_rows)?;
+        fitter.push_fit(&site, v.as_slice(), v.dim())?;
+        fitter.push_reference_negatives(&site, &ids, v.as_slice(), v.dim())?;
+    }
+    Ok(())
 }
 
 /// The calibration pass over all the reference `files` (every file the fitter has folded): fits
@@ -197,8 +229,14 @@ pub fn calibrate_reference_with(
     // fewer calls.
     let mut row_bytes: Vec<u8> = Vec::new();
     progress.start("calibrate", reader.total_rows());
+    let mut current: Option<std::sync::Arc<PathBuf>> = None;
     for batch in reader {
         let batch = batch?;
+        if current.as_ref().is_some_and(|p| p != &batch.path) {
+            // Each file is a part, as in a fit in parts (`MonitorCalibrator::end_part`).
+            calibrator.end_part()?;
+        }
+        current = Some(batch.path.clone());
         for (i, id) in batch.trace_ids.iter().enumerate() {
             row_bytes.clear();
             row_bytes.extend_from_slice(batch.sites[i].as_bytes());
@@ -213,20 +251,7 @@ pub fn calibrate_reference_with(
                 computations.insert(id.clone());
             }
         }
-        for (site, idx) in batch.site_groups() {
-            let (cal_rows, fit_rows): (Vec<usize>, Vec<usize>) = idx
-                .into_iter()
-                .partition(|&i| calibrator.is_calibration(&batch.trace_ids[i]));
-            if calibrator.joint_wanted() && !fit_rows.is_empty() {
-                let (ids, v) = gather(&batch, &fit_rows)?;
-                calibrator.push_joint_fit(&ids, &site, v.as_slice())?;
-            }
-            if cal_rows.is_empty() {
-                continue;
-            }
-            let (ids, v) = gather(&batch, &cal_rows)?;
-            calibrator.push_calibration(&ids, &site, v.as_slice())?;
-        }
+        calibrate_batch(&mut calibrator, &batch)?;
         rows += batch.trace_ids.len() as u64;
         progress.advance(batch.trace_ids.len() as u64);
     }
@@ -239,16 +264,7 @@ pub fn calibrate_reference_with(
         progress.start("calibrate_joint", reader.total_rows());
         for batch in reader {
             let batch = batch?;
-            for (site, idx) in batch.site_groups() {
-                let cal_rows: Vec<usize> = idx
-                    .into_iter()
-                    .filter(|&i| calibrator.is_calibration(&batch.trace_ids[i]))
-                    .collect();
-                if !cal_rows.is_empty() {
-                    let (ids, v) = gather(&batch, &cal_rows)?;
-                    calibrator.push_joint_calibration(&ids, &site, v.as_slice())?;
-                }
-            }
+            calibrate_joint_batch(&mut calibrator, &batch)?;
             progress.advance(batch.trace_ids.len() as u64);
         }
         progress.finish();
@@ -292,9 +308,45 @@ pub fn calibrate_reference_with(
     Ok((monitor, summary))
 }
 
+/// The calibration pass over one batch of reference traces: scores its calibration part (and,
+/// for a joint detector, pushes its fit part, whose joint vectors need every site).
+pub fn calibrate_batch(calibrator: &mut MonitorCalibrator, batch: &TraceBatch) -> Result<()> {
+    for (site, idx) in batch.site_groups() {
+        let (cal_rows, fit_rows): (Vec<usize>, Vec<usize>) = idx
+            .into_iter()
+            .partition(|&i| calibrator.is_calibration(&batch.trace_ids[i]));
+        if calibrator.joint_wanted() && !fit_rows.is_empty() {
+            let (ids, v) = gather(batch, &fit_rows)?;
+            calibrator.push_joint_fit(&ids, &site, v.as_slice())?;
+        }
+        if cal_rows.is_empty() {
+            continue;
+        }
+        let (ids, v) = gather(batch, &cal_rows)?;
+        calibrator.push_calibration(&ids, &site, v.as_slice())?;
+    }
+    Ok(())
+}
+
+/// The joint detector's calibration pass over one batch of reference traces (after
+/// [`MonitorCalibrator::finish_joint_fit`]): scores the joint vectors of its calibration part.
+pub fn calibrate_joint_batch(calibrator: &mut MonitorCalibrator, batch: &TraceBatch) -> Result<()> {
+    for (site, idx) in batch.site_groups() {
+        let cal_rows: Vec<usize> = idx
+            .into_iter()
+            .filter(|&i| calibrator.is_calibration(&batch.trace_ids[i]))
+            .collect();
+        if !cal_rows.is_empty() {
+            let (ids, v) = gather(batch, &cal_rows)?;
+            calibrator.push_joint_calibration(&ids, &site, v.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
 /// The trace ids and vectors of `rows` of `batch`.
 fn gather<'a>(
-    batch: &'a crate::reader::TraceBatch,
+    batch: &'a TraceBatch,
     rows: &[usize],
 ) -> Result<(Vec<&'a str>, actwatch_core::Vectors)> {
     let ids = rows.iter().map(|&i| batch.trace_ids[i].as_str()).collect();

@@ -14,7 +14,8 @@ mod table;
 
 pub use fit::{
     calibrate_reference, calibrate_reference_with, fit_monitor, fit_monitor_with_examples,
-    fold_examples, fold_reference, ExampleInput,
+    calibrate_batch, calibrate_joint_batch, fold_batch, fold_examples, fold_reference,
+    ExampleInput,
 };
 pub use score::{score_computations, score_to_parquet, Level, ProvenanceConflicts, ScoreSummary};
 pub use table::ComputationTable;

@@ -264,6 +264,57 @@ impl TraceReader {
         })
     }
 
+    /// A reader without files, to decode record batches handed over in memory with
+    /// [`TraceReader::decode_batch`] (the door for in-process callers such as the Python
+    /// bindings): the same checks, site filter and per-site widths as for files.
+    pub fn for_batches(opts: ReadOptions) -> Self {
+        let site_filter = opts
+            .sites
+            .as_ref()
+            .map(|s| s.iter().cloned().collect::<HashSet<_>>());
+        Self {
+            files: Vec::new(),
+            inputs: Vec::new(),
+            opts,
+            site_filter,
+            next_file: 0,
+            current: None,
+            interned: HashSet::new(),
+            site_widths: HashMap::new(),
+            total_rows: 0,
+            rows_read: 0,
+            done: true,
+        }
+    }
+
+    /// Decodes one record batch of traces held in memory, its schema checked as a file's would
+    /// be, `source` naming it in errors and `first_row` numbering its rows; a provenance in the
+    /// schema's metadata (as a Parquet footer written by actwatch carries it) is kept. `None`
+    /// when the site filter drops every row.
+    pub fn decode_batch(
+        &mut self,
+        source: &Arc<PathBuf>,
+        batch: RecordBatch,
+        first_row: u64,
+    ) -> Result<Option<TraceBatch>> {
+        check_schema(source, batch.schema_ref(), &self.opts.columns)?;
+        let provenance = batch
+            .schema_ref()
+            .metadata()
+            .get(PROVENANCE_KEY)
+            .map(|json| FileProvenance::parse(source, json).map(Arc::new))
+            .transpose()?;
+        self.rows_read += batch.num_rows() as u64;
+        if batch.num_rows() == 0 {
+            return Ok(None);
+        }
+        let mut decoded = self.decode(source, batch, first_row)?;
+        if let Some(b) = decoded.as_mut() {
+            b.provenance = provenance;
+        }
+        Ok(decoded)
+    }
+
     /// Rows in all files, from the Parquet footers (before any site filter).
     pub fn total_rows(&self) -> u64 {
         self.total_rows
