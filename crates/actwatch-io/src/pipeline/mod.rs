@@ -17,7 +17,10 @@ pub use fit::{
     calibrate_batch, calibrate_joint_batch, fold_batch, fold_examples, fold_reference,
     ExampleInput,
 };
-pub use score::{score_computations, score_to_parquet, Level, ProvenanceConflicts, ScoreSummary};
+pub use score::{
+    score_computations, score_to_parquet, score_trace_batch, ComputationScorer, Level,
+    ProvenanceConflicts, ScoreSummary,
+};
 pub use table::ComputationTable;
 
 /// Receives progress of long work (the CLI draws bars with it).

@@ -44,53 +44,104 @@ pub fn score_computations(
     progress: &dyn Progress,
 ) -> Result<ComputationTable> {
     let files = expand_inputs(inputs)?;
-    let read = ReadOptions {
-        sites: Some(monitor.site_names()),
-        keep_other_columns: true,
-        ..read.clone()
-    };
-    let skip = [read.columns.trace.clone(), read.columns.site.clone()];
+    let read = ComputationScorer::read_options(monitor, read);
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("score", reader.total_rows());
-    // Unbounded: a batch run holds every computation until the end (small accumulators).
-    let mut open = OpenComputations::default();
-    let mut pass: Vec<PassColumn> = Vec::new();
-    let mut pass_index: HashMap<String, usize> = HashMap::new();
-    let mut input_rows = 0u64;
-    let mut conflicts = ProvenanceConflicts::new();
+    let mut scorer = ComputationScorer::new(monitor, &read);
     for batch in reader {
         let batch = batch?;
+        scorer.push(&batch)?;
+        progress.advance(batch.trace_ids.len() as u64);
+    }
+    progress.finish();
+    Ok(scorer.finish())
+}
+
+/// Computation-level scoring of batches of traces, wherever they come from (Parquet files, or
+/// Arrow batches handed over in memory): every batch goes through the one scoring door, each
+/// computation stays open until [`ComputationScorer::finish`], and the other input columns are
+/// carried through per computation.
+pub struct ComputationScorer<'m> {
+    monitor: &'m Monitor,
+    trace_column: String,
+    skip: [String; 2],
+    // Unbounded: a batch run holds every computation until the end (small accumulators).
+    open: OpenComputations,
+    pass: Vec<PassColumn>,
+    pass_index: HashMap<String, usize>,
+    input_rows: u64,
+    conflicts: ProvenanceConflicts,
+}
+
+impl<'m> ComputationScorer<'m> {
+    /// `read` restricted to the monitor's sites, keeping the other columns to carry them through.
+    pub fn read_options(monitor: &Monitor, read: &ReadOptions) -> ReadOptions {
+        ReadOptions {
+            sites: Some(monitor.site_names()),
+            keep_other_columns: true,
+            ..read.clone()
+        }
+    }
+
+    /// A scorer of batches read with `read` (see [`ComputationScorer::read_options`]).
+    pub fn new(monitor: &'m Monitor, read: &ReadOptions) -> Self {
+        Self {
+            monitor,
+            trace_column: read.columns.trace.clone(),
+            skip: [read.columns.trace.clone(), read.columns.site.clone()],
+            open: OpenComputations::default(),
+            pass: Vec::new(),
+            pass_index: HashMap::new(),
+            input_rows: 0,
+            conflicts: ProvenanceConflicts::new(),
+        }
+    }
+
+    /// Scores one batch; its computations stay open.
+    pub fn push(&mut self, batch: &TraceBatch) -> Result<()> {
+        let monitor = self.monitor;
         // Computations are numbered in order of first appearance, row by row.
         let comps = batch
             .trace_ids
             .iter()
-            .map(|id| Ok(open.open(monitor, id)? as usize))
+            .map(|id| Ok(self.open.open(monitor, id)? as usize))
             .collect::<Result<Vec<usize>>>()?;
-        score_batch_sites(&batch, &mut conflicts, |site_batch| {
+        let open = &mut self.open;
+        score_batch_sites(batch, &mut self.conflicts, |site_batch| {
             open.score(monitor, site_batch)
         })?;
         if let Some(other) = &batch.other {
-            track_passthrough(other, &skip, &comps, &mut pass, &mut pass_index)?;
+            track_passthrough(
+                other,
+                &self.skip,
+                &comps,
+                &mut self.pass,
+                &mut self.pass_index,
+            )?;
         }
-        input_rows += batch.trace_ids.len() as u64;
-        progress.advance(batch.trace_ids.len() as u64);
+        self.input_rows += batch.trace_ids.len() as u64;
+        Ok(())
     }
-    progress.finish();
-    let (ids, results) = open.complete_all(monitor).into_iter().unzip();
-    Ok(ComputationTable {
-        trace_column: read.columns.trace.clone(),
-        ids,
-        results,
-        slot_names: slot_column_names(monitor),
-        probe_names: monitor
-            .probes()
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect(),
-        passthrough: pass,
-        input_rows,
-        provenance_conflicts: conflicts,
-    })
+
+    /// Completes every computation: one result each, in order of first appearance.
+    pub fn finish(mut self) -> ComputationTable {
+        let (ids, results) = self.open.complete_all(self.monitor).into_iter().unzip();
+        ComputationTable {
+            trace_column: self.trace_column,
+            ids,
+            results,
+            slot_names: slot_column_names(self.monitor),
+            probe_names: self
+                .monitor
+                .probes()
+                .iter()
+                .map(|p| p.name().to_string())
+                .collect(),
+            passthrough: std::mem::take(&mut self.pass),
+            input_rows: self.input_rows,
+            provenance_conflicts: self.conflicts,
+        }
+    }
 }
 
 /// Scores each site of `batch` with `score` (the one scoring door, [`Monitor::score`], or
@@ -176,7 +227,7 @@ fn score_traces_to_parquet(
     for batch in reader {
         let batch = batch?;
         let n = batch.trace_ids.len();
-        let out = trace_level_batch(monitor, &batch, &mut summary)?;
+        let out = score_trace_batch(monitor, &batch, &mut summary)?;
         let w = match &mut writer {
             Some(w) => w,
             None => writer.insert(AtomicParquetWriter::create(output, out.schema())?),
@@ -200,9 +251,10 @@ fn score_traces_to_parquet(
     Ok(summary)
 }
 
-/// One input batch with its trace-level results appended: the input's columns (but the vector),
-/// then score, p_value, flagged, and per detector its raw score and p-value.
-fn trace_level_batch(
+/// One input batch (read with `keep_other_columns`) with its trace-level results appended: the
+/// input's columns (but the vector), then score, p_value, flagged, and per detector its raw score
+/// and p-value. `summary` counts the flags and notes provenance conflicts.
+pub fn score_trace_batch(
     monitor: &Monitor,
     batch: &TraceBatch,
     summary: &mut ScoreSummary,
