@@ -242,7 +242,9 @@ impl DetectorFitter {
             DetectorFitter::Gaussian(f) => {
                 DetectorFitter::Gaussian(GaussianFitter::new(f.dim(), f.options().clone()))
             }
-            DetectorFitter::Knn(f) => DetectorFitter::Knn(KnnFitter::new(f.dim(), f.options().clone())),
+            DetectorFitter::Knn(f) => {
+                DetectorFitter::Knn(KnnFitter::new(f.dim(), f.options().clone()))
+            }
         }
     }
 

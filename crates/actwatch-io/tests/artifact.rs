@@ -254,8 +254,7 @@ fn format_1_monitors_still_load_as_one_stratum() {
 fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
     use actwatch_detect::monitor::MonitorFitter;
     use actwatch_io::checkpoint::{
-        calibration_part_from_bytes, calibration_part_to_bytes, fitter_from_bytes,
-        fitter_to_bytes,
+        calibration_part_from_bytes, calibration_part_to_bytes, fitter_from_bytes, fitter_to_bytes,
     };
     use actwatch_io::pipeline::{calibrate_batch, calibrate_joint_batch, fold_batch};
     use actwatch_io::reader::TraceReader;
@@ -284,7 +283,8 @@ fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
             .iter()
             .map(|f| {
                 let mut part = MonitorFitter::new(options.clone()).unwrap();
-                for batch in TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
+                for batch in
+                    TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
                 {
                     fold_batch(&mut part, &batch.unwrap()).unwrap();
                 }
@@ -302,7 +302,8 @@ fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
             .iter()
             .map(|f| {
                 let mut cal = fitter_from_bytes(&merged).unwrap().finish_fit().unwrap();
-                for batch in TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
+                for batch in
+                    TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
                 {
                     calibrate_batch(&mut cal, &batch.unwrap()).unwrap();
                 }
@@ -326,7 +327,8 @@ fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
                 w.absorb(calibration_part_from_bytes(&joint_fit).unwrap())
                     .unwrap();
                 w.finish_joint_fit().unwrap();
-                for batch in TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
+                for batch in
+                    TraceReader::open(std::slice::from_ref(f), worker_read.clone()).unwrap()
                 {
                     calibrate_joint_batch(&mut w, &batch.unwrap()).unwrap();
                 }

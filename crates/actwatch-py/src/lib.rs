@@ -65,7 +65,11 @@ fn batches_of(data: &Bound<'_, PyAny>) -> PyResult<Vec<RecordBatch>> {
 }
 
 /// Decodes `batches` as traces named `source` in errors, with `read`'s columns.
-fn decode(read: &ReadOptions, source: &str, batches: Vec<RecordBatch>) -> PyResult<Vec<TraceBatch>> {
+fn decode(
+    read: &ReadOptions,
+    source: &str,
+    batches: Vec<RecordBatch>,
+) -> PyResult<Vec<TraceBatch>> {
     let source = Arc::new(PathBuf::from(source));
     let mut reader = TraceReader::for_batches(read.clone());
     let mut first_row = 0u64;
@@ -80,7 +84,12 @@ fn decode(read: &ReadOptions, source: &str, batches: Vec<RecordBatch>) -> PyResu
     Ok(out)
 }
 
-fn columns(trace: Option<String>, site: Option<String>, vector: Option<String>, base: &TraceColumns) -> TraceColumns {
+fn columns(
+    trace: Option<String>,
+    site: Option<String>,
+    vector: Option<String>,
+    base: &TraceColumns,
+) -> TraceColumns {
     TraceColumns {
         trace: trace.unwrap_or_else(|| base.trace.clone()),
         site: site.unwrap_or_else(|| base.site.clone()),
@@ -162,7 +171,12 @@ impl MonitorHandle {
         site_column: Option<String>,
         vector_column: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let cols = columns(trace_column, site_column, vector_column, &self.reference.columns);
+        let cols = columns(
+            trace_column,
+            site_column,
+            vector_column,
+            &self.reference.columns,
+        );
         let read = ComputationScorer::read_options(
             &self.monitor,
             &ReadOptions {
@@ -276,7 +290,12 @@ impl FitState {
         let fitter = MonitorFitter::new(options).map_err(err)?;
         Ok(Self {
             fitter,
-            columns: columns(trace_column, site_column, vector_column, &TraceColumns::default()),
+            columns: columns(
+                trace_column,
+                site_column,
+                vector_column,
+                &TraceColumns::default(),
+            ),
             rows: 0,
         })
     }
@@ -359,9 +378,11 @@ impl FitState {
 
 fn state_from_bytes(data: &[u8]) -> PyResult<FitState> {
     let bad = || err("fit state: truncated or not a fit state");
-    let n = u32::from_le_bytes(data.get(..4).ok_or_else(bad)?.try_into().expect("4 bytes")) as usize;
+    let n =
+        u32::from_le_bytes(data.get(..4).ok_or_else(bad)?.try_into().expect("4 bytes")) as usize;
     let header = data.get(4..4 + n).ok_or_else(bad)?;
-    let header: StateHeader = serde_json::from_slice(header).map_err(|e| err(format!("fit state: {e}")))?;
+    let header: StateHeader =
+        serde_json::from_slice(header).map_err(|e| err(format!("fit state: {e}")))?;
     Ok(FitState {
         fitter: fitter_from_bytes(&data[4 + n..]).map_err(err)?,
         columns: header.columns,

@@ -323,7 +323,10 @@ impl KnnFitter {
                     .cmp(&self.keys[b])
                     .then_with(|| total_order(rows(a), rows(b)))
             });
-            order.iter().flat_map(|&i| rows(i).iter().copied()).collect()
+            order
+                .iter()
+                .flat_map(|&i| rows(i).iter().copied())
+                .collect()
         };
         let mut det = KnnDetector {
             dim: self.dim,
@@ -743,7 +746,11 @@ mod tests {
                 }
                 assert_eq!(merged.seen(), 3000);
                 assert_eq!(merged.count(), cap.min(3000));
-                assert_eq!(merged.finish().unwrap().refs, single, "cap {cap}, cuts {cuts:?}");
+                assert_eq!(
+                    merged.finish().unwrap().refs,
+                    single,
+                    "cap {cap}, cuts {cuts:?}"
+                );
             }
         }
     }

@@ -834,8 +834,8 @@ impl MonitorCalibrator {
                 let fresh: Vec<DetectorFitter> = fitters.iter().map(|f| f.emptied()).collect();
                 part.joint_fit = Some(std::mem::replace(fitters, fresh));
                 part.joint_rows = std::mem::take(&mut summary.fit_rows);
-                part.joint_incomplete = std::mem::take(&mut summary.incomplete)
-                    + std::mem::take(joins).incomplete();
+                part.joint_incomplete =
+                    std::mem::take(&mut summary.incomplete) + std::mem::take(joins).incomplete();
             }
             JointPhase::Calibrating {
                 summary,
@@ -888,7 +888,9 @@ impl MonitorCalibrator {
                 .get(name)
                 .is_some_and(|&si| self.sites[si].detectors.len() == scores.len());
             if !ok {
-                return Err(foreign(&format!("has scores of a site {name:?} this fit lacks")));
+                return Err(foreign(&format!(
+                    "has scores of a site {name:?} this fit lacks"
+                )));
             }
         }
         let n = part.computations.len();

@@ -156,7 +156,11 @@ pub fn fold_reference(
 }
 
 /// Merges the part of one file; a provenance that contradicts the earlier files' names the file.
-fn merge_part(fitter: &mut MonitorFitter, part: MonitorFitter, path: &std::path::Path) -> Result<()> {
+fn merge_part(
+    fitter: &mut MonitorFitter,
+    part: MonitorFitter,
+    path: &std::path::Path,
+) -> Result<()> {
     fitter.merge(part).map_err(|e| match e {
         e @ actwatch_detect::Error::Provenance { .. } => Error::Metadata {
             path: path.to_path_buf(),

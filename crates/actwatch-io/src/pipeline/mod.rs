@@ -13,8 +13,8 @@ mod score;
 mod table;
 
 pub use fit::{
-    calibrate_reference, calibrate_reference_with, fit_monitor, fit_monitor_with_examples,
-    calibrate_batch, calibrate_joint_batch, fold_batch, fold_examples, fold_reference,
+    calibrate_batch, calibrate_joint_batch, calibrate_reference, calibrate_reference_with,
+    fit_monitor, fit_monitor_with_examples, fold_batch, fold_examples, fold_reference,
     ExampleInput,
 };
 pub use score::{
