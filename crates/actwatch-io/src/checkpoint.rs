@@ -1,4 +1,4 @@
-//! Fit checkpoints: a [`MonitorFitter`] (sufficient statistics, kNN reservoirs) saved with the
+//! Fit checkpoints: a [`MonitorFitter`] (sufficient statistics, kNN samples) saved with the
 //! list of reference files folded into it, so a later fit folds only the files that arrived since
 //! and recalibrates: an incremental update that gives exactly what a full refit gives.
 //!

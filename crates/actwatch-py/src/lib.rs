@@ -30,12 +30,13 @@ use actwatch_io::checkpoint::{
     calibration_part_from_bytes, calibration_part_to_bytes, fitter_from_bytes, fitter_to_bytes,
 };
 use actwatch_io::pipeline::{
-    calibrate_batch, calibrate_joint_batch, fold_batch, score_trace_batch, ComputationScorer,
-    ScoreSummary,
+    calibrate_batch, calibrate_joint_batch, fold_batch, score_trace_batch, trace_level_schema,
+    ComputationScorer, ScoreSummary,
 };
 use actwatch_io::reader::{ReadOptions, TraceBatch, TraceColumns, TraceReader};
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow::pyarrow::{FromPyArrow, ToPyArrow};
-use arrow::record_batch::RecordBatch;
+use arrow::record_batch::{RecordBatch, RecordBatchReader};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -51,17 +52,20 @@ fn err(e: impl std::fmt::Display) -> PyErr {
     ActwatchError::new_err(e.to_string())
 }
 
-/// The record batches of an Arrow object: a C stream (Table, RecordBatchReader, ...) or a C
-/// array (RecordBatch). Imported without copying the buffers.
-fn batches_of(data: &Bound<'_, PyAny>) -> PyResult<Vec<RecordBatch>> {
+/// The schema and record batches of an Arrow object: a C stream (Table, RecordBatchReader, ...)
+/// or a C array (RecordBatch). Imported without copying the buffers.
+fn batches_of(data: &Bound<'_, PyAny>) -> PyResult<(SchemaRef, Vec<RecordBatch>)> {
     if data.hasattr("__arrow_c_stream__")? {
         let reader = arrow::ffi_stream::RecordBatchStreamReader::from_pyarrow_bound(data)?;
-        return reader
+        let schema = reader.schema();
+        let batches = reader
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
-            .map_err(err);
+            .map_err(err)?;
+        return Ok((schema, batches));
     }
-    Ok(vec![RecordBatch::from_pyarrow_bound(data)?])
+    let batch = RecordBatch::from_pyarrow_bound(data)?;
+    Ok((batch.schema(), vec![batch]))
 }
 
 /// Decodes `batches` as traces named `source` in errors, with `read`'s columns.
@@ -184,7 +188,7 @@ impl MonitorHandle {
                 ..ReadOptions::default()
             },
         );
-        let batches = batches_of(data)?;
+        let (schema, batches) = batches_of(data)?;
         let monitor = self.monitor.clone();
         let out = py
             .detach(move || -> Result<RecordBatch, String> {
@@ -205,11 +209,16 @@ impl MonitorHandle {
                             .map(|t| score_trace_batch(&m, t, &mut summary))
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| e.to_string())?;
-                        match parts.first() {
-                            None => Err("no traces of the monitor's sites in the input".into()),
-                            Some(first) => arrow::compute::concat_batches(&first.schema(), &parts)
-                                .map_err(|e| e.to_string()),
-                        }
+                        // A batch without traces of the monitor's sites scores to no rows (a map
+                        // over batches must not fail on one), with the schema it would have.
+                        let other: Vec<_> = schema
+                            .fields()
+                            .iter()
+                            .filter(|f| f.name() != &read.columns.vector)
+                            .cloned()
+                            .collect();
+                        let out = trace_level_schema(&m, &Schema::new(other));
+                        arrow::compute::concat_batches(&out, &parts).map_err(|e| e.to_string())
                     }
                     other => Err(format!(
                         "level must be \"computation\" or \"trace\", got {other:?}"
@@ -303,7 +312,7 @@ impl FitState {
     /// Folds the fit part of `data` (reference traces; the seeded split by computation id routes
     /// each computation). Within a part the result does not depend on how `data` is batched.
     fn fold(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let batches = batches_of(data)?;
+        let (_, batches) = batches_of(data)?;
         let read = ReadOptions {
             columns: self.columns.clone(),
             ..ReadOptions::default()
@@ -407,7 +416,7 @@ impl Calibrator {
     }
 
     fn push(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>, joint: bool) -> PyResult<()> {
-        let batches = batches_of(data)?;
+        let (_, batches) = batches_of(data)?;
         let read = ReadOptions {
             columns: self.columns.clone(),
             ..ReadOptions::default()

@@ -70,6 +70,15 @@ def test_scores_equal_the_binarys(cli_monitor: Path, tmp_path: Path, level: str)
         one = table.combine_chunks().to_batches()[0]
         assert pa.Table.from_batches([monitor.score(one, level=level)]).equals(want)
     assert (want.column("p_value").to_numpy() > 0).all()
+    # A batch without traces of the monitor's sites (here: none at all) scores to no rows: a map
+    # over batches never fails on one. At trace level it has the schema a full batch has; at
+    # computation level the other input columns, carried per computation, are absent.
+    empty = monitor.score(table.slice(0, 0), level=level)
+    assert empty.num_rows == 0
+    if level == "trace":
+        assert empty.schema == want.schema
+    else:
+        assert set(empty.schema.names) < set(want.schema.names)
 
 
 def test_a_fit_in_four_parts_equals_the_binarys_fit(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def assert_same_rows(got: pa.Table, want: pa.Table, keys: list[str]) -> None:
             w_bits = w.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False).view(np.uint64)
             bad = np.flatnonzero((g_null != w_null) | (g_bits != w_bits))
             assert bad.size == 0, (
-                f"column {name}: {bad.size} of {w.length()} rows differ, first at {key_rows[bad[0]]}: "
+                f"column {name}: {bad.size} of {len(w)} rows differ, first at {key_rows[bad[0]]}: "
                 f"got {g[int(bad[0])].as_py()!r} want {w[int(bad[0])].as_py()!r}"
             )
         else:

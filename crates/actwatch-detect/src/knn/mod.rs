@@ -30,7 +30,7 @@ pub const DEFAULT_METRIC: Metric = Metric::Cosine;
 /// d = 384): against 100k references exact search answers 4.7k queries/s, hnsw_rs at ef 64 only
 /// 2.1k/s at recall@10 0.84, so the index pays off only well beyond that.
 pub const DEFAULT_EXACT_MAX: usize = 500_000;
-/// References kept per site (1.5 GB of f32 at d = 384); a uniform reservoir sample beyond.
+/// References kept per site (1.5 GB of f32 at d = 384); a seeded uniform sample beyond.
 pub const DEFAULT_MAX_REFERENCES: usize = 1_000_000;
 /// Seed of the sample keys: fixed, so a fit is reproducible (and independent of input order
 /// beyond the cap).
@@ -78,7 +78,7 @@ pub struct KnnOptions {
     /// HNSW candidate list size while searching (>= 1; raised to k when smaller). Raise it when
     /// [`KnnDetector::measure_recall`] reports poor recall.
     pub hnsw_ef_search: usize,
-    /// At most this many references are kept: beyond it, a seeded reservoir sample (uniform over
+    /// At most this many references are kept: beyond it, a seeded sample (uniform over
     /// everything pushed), so fitting memory stays bounded however large the reference set.
     #[serde(default = "default_max_references")]
     pub max_references: usize,
@@ -686,7 +686,7 @@ mod tests {
     }
 
     #[test]
-    fn reservoir_keeps_a_bounded_uniform_reproducible_sample() {
+    fn the_sample_is_bounded_uniform_and_reproducible() {
         let dim = 2;
         let rows: Vec<f32> = (0..10_000).flat_map(|i| [i as f32, 1.0]).collect();
         let o = KnnOptions {
@@ -702,7 +702,7 @@ mod tests {
             f.refs.clone()
         };
         let kept = run();
-        assert_eq!(kept, run(), "the reservoir is seeded");
+        assert_eq!(kept, run(), "the sample is seeded");
         let ids: Vec<f64> = kept.chunks_exact(dim).map(|r| f64::from(r[0])).collect();
         let mean = ids.iter().sum::<f64>() / ids.len() as f64;
         // Uniform over 0..10000: mean 5000, standard error 2887 / sqrt(1000) = 91.

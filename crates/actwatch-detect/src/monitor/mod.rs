@@ -183,10 +183,9 @@ struct SiteFitter {
 /// the fit part here, then [`MonitorFitter::finish_fit`].
 ///
 /// A fitter serialises (options and per-site detector fitters: sufficient statistics, the kNN
-/// reservoir), so a fit can be checkpointed and resumed later with newly arrived traces: pushing
-/// the old traces, then the new ones, into one fitter gives exactly the state that resuming the
-/// checkpoint of the old ones and pushing the new ones gives (same batches, same order, same
-/// floating-point sums).
+/// sample), so a fit can be checkpointed and resumed later with newly arrived traces, or run in
+/// parts on other machines: fitters of consecutive parts ([`MonitorFitter::part`]) merged in order
+/// ([`MonitorFitter::merge`]) give exactly the fitter that folds the parts one after the other.
 pub struct MonitorFitter {
     options: MonitorOptions,
     split: SplitHasher,

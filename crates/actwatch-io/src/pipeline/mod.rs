@@ -18,8 +18,8 @@ pub use fit::{
     ExampleInput,
 };
 pub use score::{
-    score_computations, score_to_parquet, score_trace_batch, ComputationScorer, Level,
-    ProvenanceConflicts, ScoreSummary,
+    score_computations, score_to_parquet, score_trace_batch, trace_level_schema, ComputationScorer,
+    Level, ProvenanceConflicts, ScoreSummary,
 };
 pub use table::ComputationTable;
 

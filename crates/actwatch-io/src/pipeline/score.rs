@@ -259,14 +259,8 @@ pub fn score_trace_batch(
     batch: &TraceBatch,
     summary: &mut ScoreSummary,
 ) -> Result<RecordBatch> {
-    let det_names: Vec<&str> = monitor
-        .options()
-        .detectors
-        .iter()
-        .map(|d| d.name())
-        .collect();
     let n = batch.trace_ids.len();
-    let nd = det_names.len();
+    let nd = monitor.options().detectors.len();
     let mut score = vec![0.0; n];
     let mut p = vec![0.0; n];
     let mut raw = vec![vec![0.0; n]; nd];
@@ -284,29 +278,35 @@ pub fn score_trace_batch(
         }
     }
     let other = batch.other.as_ref().expect("keep_other_columns was set");
-    let mut fields: Vec<Field> = other
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
+    let schema = trace_level_schema(monitor, &other.schema());
     let mut cols: Vec<ArrayRef> = other.columns().to_vec();
     let flagged: BooleanArray = p
         .iter()
         .map(|&x| Some(x <= monitor.options().fpr))
         .collect();
     summary.flagged += flagged.true_count() as u64;
-    fields.push(Field::new("score", DataType::Float64, false));
     cols.push(Arc::new(Float64Array::from(score)));
-    fields.push(Field::new("p_value", DataType::Float64, false));
     cols.push(Arc::new(Float64Array::from(p)));
-    fields.push(Field::new("flagged", DataType::Boolean, false));
     cols.push(Arc::new(flagged));
-    for (j, name) in det_names.iter().enumerate() {
-        fields.push(Field::new(format!("raw_{name}"), DataType::Float64, false));
+    for j in 0..nd {
         cols.push(Arc::new(Float64Array::from(std::mem::take(&mut raw[j]))));
-        fields.push(Field::new(format!("p_{name}"), DataType::Float64, false));
         cols.push(Arc::new(Float64Array::from(std::mem::take(&mut det_p[j]))));
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+/// The schema of [`score_trace_batch`]'s output for input columns `other` (every input column
+/// but the vector): those, then score, p_value, flagged, and per detector `raw_<name>`,
+/// `p_<name>`.
+pub fn trace_level_schema(monitor: &Monitor, other: &Schema) -> Arc<Schema> {
+    let mut fields: Vec<Field> = other.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("score", DataType::Float64, false));
+    fields.push(Field::new("p_value", DataType::Float64, false));
+    fields.push(Field::new("flagged", DataType::Boolean, false));
+    for d in &monitor.options().detectors {
+        let name = d.name();
+        fields.push(Field::new(format!("raw_{name}"), DataType::Float64, false));
+        fields.push(Field::new(format!("p_{name}"), DataType::Float64, false));
+    }
+    Arc::new(Schema::new(fields))
 }

@@ -245,22 +245,12 @@ impl TraceReader {
                 provenance,
             });
         }
-        let site_filter = opts
-            .sites
-            .as_ref()
-            .map(|s| s.iter().cloned().collect::<HashSet<_>>());
         Ok(Self {
             files,
             inputs,
-            opts,
-            site_filter,
-            next_file: 0,
-            current: None,
-            interned: HashSet::new(),
-            site_widths: HashMap::new(),
             total_rows,
-            rows_read: 0,
             done: false,
+            ..Self::for_batches(opts)
         })
     }
 
