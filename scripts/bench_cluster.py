@@ -20,7 +20,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -206,7 +205,18 @@ def main() -> None:
     for name in a.runs.split(","):
         target = str(out / f"scores-{name}.parquet")
         if name == "actwatch":
-            argv = [a.bin, "score", "--monitor", a.monitor, "--input", a.archive, "--output", target, "--level", "trace"]
+            argv = [
+                a.bin,
+                "score",
+                "--monitor",
+                a.monitor,
+                "--input",
+                a.archive,
+                "--output",
+                target,
+                "--level",
+                "trace",
+            ]
             t = time.perf_counter()
             r = run_child(argv, env)
             r.update(seconds=time.perf_counter() - t, startup=0.0)
@@ -217,10 +227,13 @@ def main() -> None:
             r = run_child([py, "-c", textwrap.dedent(script), a.archive, third, target], env)
         r.pop("stdout", None)
         results[name] = r
-        print(f"{name:9s} {r['rows']} rows in {r['seconds']:.1f} s "
-              f"({float(r['rows']) / float(r['seconds']):,.0f} rows/s; start-up {float(r['startup']):.1f} s); "
-              f"peak RSS driver {r['driver_peak_mib']:.0f} MiB, worker {r['worker_peak_mib'] or 0:.0f} MiB",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name:9s} {r['rows']} rows in {r['seconds']:.1f} s "
+            f"({float(r['rows']) / float(r['seconds']):,.0f} rows/s; start-up {float(r['startup']):.1f} s); "
+            f"peak RSS driver {r['driver_peak_mib']:.0f} MiB, worker {r['worker_peak_mib'] or 0:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
     check(out, results)
     report(a, results, out)
 

@@ -8,48 +8,15 @@ engine's message; threads score concurrently (the GIL is released).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import threading
 from pathlib import Path
 
+import actwatch_engine as ae
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
-import actwatch_engine as ae
-
-ROOT = Path(__file__).resolve().parents[3]
-DATA = ROOT.parent / "shared" / "data" / "minilm"
-BIN = Path(os.environ.get("ACTWATCH_BIN", ROOT / "target" / "debug" / "actwatch"))
-COLUMNS = ["--trace-column", "id", "--site-column", "layer", "--vector-column", "activation"]
-OPTIONS = dict(trace_column="id", site_column="layer", vector_column="activation")
-FOUR = ["train", "dev_ood_non_english", "dev_ood_code", "dev_id"]
-# The manifest's model: options, sites (with their blobs' SHA-256), joint detector, calibration.
-MODEL_KEYS = ["options", "sites", "joint", "calibration"]
-
-
-def data(name: str) -> Path:
-    return DATA / f"{name}.parquet"
-
-
-def run(*args: object) -> None:
-    assert BIN.exists(), f"the actwatch binary is missing at {BIN} (set ACTWATCH_BIN)"
-    subprocess.run([str(BIN), *map(str, args)], check=True, capture_output=True)
-
-
-def model(monitor_dir: Path) -> dict:
-    manifest = json.loads((monitor_dir / "manifest.json").read_text())
-    return {k: manifest[k] for k in MODEL_KEYS}
-
-
-@pytest.fixture(scope="module")
-def cli_monitor(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "monitor"
-    run("fit", "--input", data("train"), "--out", out, *COLUMNS)
-    return out
+from support import COLUMNS, FIT_FILES, cli_fit, cli_score, data, monitor_keys
 
 
 @pytest.mark.parametrize("level", ["computation", "trace"])
@@ -58,9 +25,7 @@ def test_scores_equal_the_binarys(cli_monitor: Path, tmp_path: Path, level: str)
     assert monitor.sites == ["2", "4", "6"]
     assert monitor.columns == ("id", "layer", "activation")
     for name in ["dev_id", "dev_ood_code"]:
-        out = tmp_path / f"{name}-{level}.parquet"
-        run("score", "--monitor", cli_monitor, "--input", data(name), "--output", out, "--level", level)
-        want = pq.read_table(out)
+        want = cli_score(cli_monitor, name, tmp_path, level)
         table = pq.read_table(data(name))
         got = pa.Table.from_batches([monitor.score(table, level=level)])
         assert got.equals(want), f"{name} at {level} level differs from actwatch score"
@@ -82,12 +47,11 @@ def test_scores_equal_the_binarys(cli_monitor: Path, tmp_path: Path, level: str)
 
 
 def test_a_fit_in_four_parts_equals_the_binarys_fit(tmp_path: Path) -> None:
-    cli = tmp_path / "cli"
-    run("fit", "--input", *[data(n) for n in FOUR], "--out", cli, *COLUMNS)
-    parts = [str(data(n)) for n in FOUR]
-    monitor = ae.fit_parts(parts, pq.read_table, files=parts, **OPTIONS)
+    cli = cli_fit(tmp_path / "cli", FIT_FILES)
+    parts = [data(n) for n in FIT_FILES]
+    monitor = ae.fit_parts(parts, pq.read_table, files=parts, **COLUMNS)
     monitor.save(str(tmp_path / "parts"))
-    assert model(tmp_path / "parts") == model(cli), "the fit in parts is another model"
+    assert monitor_keys(tmp_path / "parts") == monitor_keys(cli), "the fit in parts is another model"
     # Same scores, through a reload of what the fit in parts saved.
     reloaded = ae.Monitor.load(str(tmp_path / "parts"))
     table = pq.read_table(data("dev_ood_base64"))
@@ -96,9 +60,9 @@ def test_a_fit_in_four_parts_equals_the_binarys_fit(tmp_path: Path) -> None:
 
 def test_fit_states_do_not_depend_on_batching_and_merge_in_order(tmp_path: Path) -> None:
     table = pq.read_table(data("train"))
-    whole = ae.FitState(**OPTIONS)
+    whole = ae.FitState(**COLUMNS)
     whole.fold(table)
-    cut = ae.FitState(**OPTIONS)
+    cut = ae.FitState(**COLUMNS)
     for batch in table.to_batches(max_chunksize=333):
         cut.fold(batch)
     assert cut.to_bytes() == whole.to_bytes()
@@ -109,7 +73,7 @@ def test_fit_states_do_not_depend_on_batching_and_merge_in_order(tmp_path: Path)
     b[len(b) // 2] ^= 1
     with pytest.raises(ae.ActwatchError, match="checksum"):
         ae.FitState.from_bytes(bytes(b))
-    other = ae.FitState(detectors="gaussian", **OPTIONS)
+    other = ae.FitState(detectors="gaussian", **COLUMNS)
     with pytest.raises(ae.ActwatchError, match="different options"):
         other.merge(whole)
 
@@ -126,7 +90,7 @@ def test_bad_input_is_an_error_with_the_engines_message(cli_monitor: Path) -> No
         "activation",
         pa.FixedSizeListArray.from_arrays(values, 384),
     )
-    with pytest.raises(ae.ActwatchError, match="(?i)non-finite|nan"):
+    with pytest.raises(ae.ActwatchError, match=r"(?i)non-finite|nan"):
         monitor.score(nan)
     with pytest.raises(ae.ActwatchError, match="level"):
         monitor.score(table, level="token")
@@ -146,7 +110,7 @@ def test_threads_score_concurrently(cli_monitor: Path) -> None:
     def work() -> None:
         try:
             results.append(monitor.score(table))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=work) for _ in range(4)]

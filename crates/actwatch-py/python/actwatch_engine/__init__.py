@@ -18,7 +18,8 @@ files in order and no computation spans two parts; see :func:`fit_parts`.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Callable, Optional
 
 from ._engine import ActwatchError, Calibrator, FitState
 from ._engine import MonitorHandle as Monitor

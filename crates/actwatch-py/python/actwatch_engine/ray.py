@@ -26,23 +26,17 @@ readable from every node (shared file system or a URI pyarrow understands).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import Monitor, fit_parts
+from ._recipes import _check_columns, _check_files_level, _fit_columns, _paths, _read_columns, _refuse_level
 
-__all__ = ["score_dataset", "score_files", "fit"]
-
-_COLUMN_KEYS = ("trace_column", "site_column", "vector_column")
-
-
-def _check_columns(columns: Dict[str, Any]) -> Dict[str, Any]:
-    bad = sorted(set(columns) - set(_COLUMN_KEYS))
-    if bad:
-        raise TypeError(f"unexpected keyword argument(s) {bad}; column options are {list(_COLUMN_KEYS)}")
-    return {k: v for k, v in columns.items() if v is not None}
+__all__ = ["fit", "score_dataset", "score_files"]
 
 
 def _as_table(batch: pa.RecordBatch) -> pa.Table:
@@ -52,7 +46,7 @@ def _as_table(batch: pa.RecordBatch) -> pa.Table:
 class _TraceScorer:
     """Ray Data callable class: one per actor, loads the monitor once, scores batches at trace level."""
 
-    def __init__(self, monitor_dir: str, columns: Dict[str, Any], provenance_policy: str = "refuse"):
+    def __init__(self, monitor_dir: str, columns: dict[str, Any], provenance_policy: str = "refuse"):
         self.monitor = Monitor.load(monitor_dir, provenance_policy=provenance_policy)
         self.columns = columns
 
@@ -64,9 +58,7 @@ class _FileScorer:
     """Ray Data callable class: one per actor, loads the monitor once, reads and scores whole files
     (the ``path`` column of each batch)."""
 
-    def __init__(
-        self, monitor_dir: str, level: str, columns: Dict[str, Any], provenance_policy: str = "refuse"
-    ):
+    def __init__(self, monitor_dir: str, level: str, columns: dict[str, Any], provenance_policy: str = "refuse"):
         self.monitor = Monitor.load(monitor_dir, provenance_policy=provenance_policy)
         self.level = level
         self.columns = columns
@@ -104,14 +96,7 @@ def score_dataset(
     """
     import ray
 
-    if level != "trace":
-        if level == "computation":
-            raise ValueError(
-                "score_dataset scores at trace level only: computation-level scores need every "
-                "trace of a computation in one call, and a Dataset's blocks and batches can split "
-                "a computation; use actwatch_engine.ray.score_files, which scores each file whole"
-            )
-        raise ValueError(f'level must be "trace" (or "computation" via score_files), got {level!r}')
+    _refuse_level(level, "score_dataset", "ray", "a Dataset's blocks and batches")
     return ds.map_batches(
         _TraceScorer,
         batch_format="pyarrow",
@@ -147,11 +132,8 @@ def score_files(
     """
     import ray
 
-    if level not in ("computation", "trace"):
-        raise ValueError(f'level must be "computation" or "trace", got {level!r}')
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise ValueError("score_files needs at least one path")
+    _check_files_level(level)
+    paths = _paths(paths, "score_files")
     items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     return items.map_batches(
         _FileScorer,
@@ -168,7 +150,7 @@ def score_files(
     )
 
 
-def _run_group(fn: Any, group: List[Any]) -> List[Any]:
+def _run_group(fn: Any, group: list[Any]) -> list[Any]:
     return [fn(part) for part in group]
 
 
@@ -192,27 +174,15 @@ def fit(paths: Sequence[str], *, files_per_task: int = 1, **options: Any) -> Mon
 
     if files_per_task < 1:
         raise ValueError(f"files_per_task must be at least 1, got {files_per_task}")
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise ValueError("fit needs at least one path")
-    wanted = [
-        options.get("trace_column") or "trace_id",
-        options.get("site_column") or "site",
-        options.get("vector_column") or "activation",
-    ]
-
-    def read(path: str) -> pa.Table:
-        return pq.read_table(path, columns=wanted)
+    paths = _paths(paths, "fit")
+    read = functools.partial(_read_columns, wanted=_fit_columns(options))
 
     run_group = ray.remote(_run_group)
 
-    def map_parts(fn: Any, parts: Sequence[Any]) -> List[Any]:
+    def map_parts(fn: Any, parts: Sequence[Any]) -> list[Any]:
         parts = list(parts)
         fn_ref = ray.put(fn)
-        refs = [
-            run_group.remote(fn_ref, parts[i : i + files_per_task])
-            for i in range(0, len(parts), files_per_task)
-        ]
+        refs = [run_group.remote(fn_ref, parts[i : i + files_per_task]) for i in range(0, len(parts), files_per_task)]
         return [r for group in ray.get(refs) for r in group]
 
     return fit_parts(paths, read, map_parts=map_parts, files=paths, **options)

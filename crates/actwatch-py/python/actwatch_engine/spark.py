@@ -23,23 +23,16 @@ What is exact, and why:
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import ActwatchError, Monitor, fit_parts
+from ._recipes import _check_columns, _check_files_level, _fit_columns, _paths, _read_columns, _refuse_level
 
-__all__ = ["score_dataframe", "score_files", "fit"]
-
-_COLUMN_KEYS = ("trace_column", "site_column", "vector_column")
-
-
-def _check_columns(columns: Dict[str, Any]) -> Dict[str, Any]:
-    bad = sorted(set(columns) - set(_COLUMN_KEYS))
-    if bad:
-        raise TypeError(f"unexpected keyword argument(s) {bad}; column options are {list(_COLUMN_KEYS)}")
-    return {k: v for k, v in columns.items() if v is not None}
+__all__ = ["fit", "score_dataframe", "score_files"]
 
 
 def _listify_type(t: pa.DataType) -> pa.DataType:
@@ -56,22 +49,11 @@ def _listify_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(_listify_type(f.type)) for f in schema], metadata=schema.metadata)
 
 
-def _refuse_level(level: str) -> None:
-    if level == "computation":
-        raise ValueError(
-            "score_dataframe scores at trace level only: computation-level scores need every trace "
-            "of a computation in one call, and a DataFrame's partitions and Arrow batches can split "
-            "a computation; use actwatch_engine.spark.score_files, which scores each file whole"
-        )
-    if level != "trace":
-        raise ValueError(f'level must be "trace" (or "computation" via score_files), got {level!r}')
-
-
 def _score_partition(
     batches: Iterator[pa.RecordBatch],
     monitor_dir: str,
     provenance_policy: str,
-    columns: Dict[str, Any],
+    columns: dict[str, Any],
     schema: pa.Schema,
 ) -> Iterator[pa.RecordBatch]:
     monitor = None
@@ -106,7 +88,7 @@ def score_dataframe(
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    _refuse_level(level)
+    _refuse_level(level, "score_dataframe", "spark", "a DataFrame's partitions and Arrow batches")
     cols = _check_columns(columns)
     monitor_dir = str(monitor_dir)
     monitor = Monitor.load(monitor_dir, provenance_policy=provenance_policy)
@@ -133,7 +115,7 @@ def score_dataframe(
 
 
 def _score_file(
-    path: str, monitor_dir: str, level: str, provenance_policy: str, columns: Dict[str, Any]
+    path: str, monitor_dir: str, level: str, provenance_policy: str, columns: dict[str, Any]
 ) -> pa.RecordBatch:
     monitor = Monitor.load(monitor_dir, provenance_policy=provenance_policy)
     return monitor.score(pq.read_table(path), level=level, **columns)
@@ -147,7 +129,7 @@ def score_files(
     level: str = "computation",
     provenance_policy: str = "refuse",
     **columns: Any,
-) -> List[pa.RecordBatch]:
+) -> list[pa.RecordBatch]:
     """Scores Parquet files, each read whole (every column) and scored in one Spark task; returns a
     list of ``pyarrow.RecordBatch``, one per file, in the order of ``paths`` (collected to the driver).
 
@@ -155,11 +137,8 @@ def score_files(
     equals ``actwatch score`` on that file, to the bit (including the ``uint64`` ``traces`` column,
     which Spark SQL has no type for: hence batches, not a DataFrame). ``level="trace"`` also works.
     """
-    if level not in ("computation", "trace"):
-        raise ValueError(f'level must be "computation" or "trace", got {level!r}')
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise ValueError("score_files needs at least one path")
+    _check_files_level(level)
+    paths = _paths(paths, "score_files")
     fn = functools.partial(
         _score_file,
         monitor_dir=str(monitor_dir),
@@ -170,11 +149,7 @@ def score_files(
     return spark.sparkContext.parallelize(paths, len(paths)).map(fn).collect()
 
 
-def _read_columns(path: str, wanted: List[str]) -> pa.Table:
-    return pq.read_table(path, columns=wanted)
-
-
-def _indexed(fn: Any, item: Tuple[int, Any]) -> Tuple[int, Any]:
+def _indexed(fn: Any, item: tuple[int, Any]) -> tuple[int, Any]:
     return item[0], fn(item[1])
 
 
@@ -190,18 +165,11 @@ def fit(spark: Any, paths: Sequence[str], **options: Any) -> Monitor:
     the same order, to the bit (its manifest's ``summary`` and ``reference`` aside), provided no
     computation spans two files. ``options`` are :class:`actwatch_engine.FitState`'s.
     """
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise ValueError("fit needs at least one path")
+    paths = _paths(paths, "fit")
     sc = spark.sparkContext
-    wanted = [
-        options.get("trace_column") or "trace_id",
-        options.get("site_column") or "site",
-        options.get("vector_column") or "activation",
-    ]
-    read = functools.partial(_read_columns, wanted=wanted)
+    read = functools.partial(_read_columns, wanted=_fit_columns(options))
 
-    def map_parts(fn: Any, parts: Sequence[Any]) -> List[Any]:
+    def map_parts(fn: Any, parts: Sequence[Any]) -> list[Any]:
         parts = list(parts)
         # PySpark broadcasts a large pickled task function (fn carries the merged fit state) itself.
         got = sc.parallelize(list(enumerate(parts)), len(parts)).map(functools.partial(_indexed, fn)).collect()
