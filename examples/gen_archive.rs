@@ -1,7 +1,11 @@
 //! Writes a synthetic long-format archive for the batch-scoring benchmark:
-//! `cargo run --release --example gen_archive -- OUT.parquet ROWS DIM SITES [SEED]`.
-//! Rows cycle through `SITES` sites ("0", "1", ...), so a computation has SITES traces; vectors are a
-//! seeded Gaussian (SplitMix64 + Box-Muller). Written in batches: memory stays flat.
+//! `cargo run --release --example gen_archive -- OUT.parquet ROWS DIM SITES [SEED [FIRST_ID]]`.
+//! Rows cycle through `SITES` sites ("0", "1", ...), so a computation has SITES traces; computation
+//! ids are `c<FIRST_ID + row / SITES>` (FIRST_ID: 0 by default; give each file of a multi-file
+//! archive its own range); vectors are a seeded Gaussian (SplitMix64 + Box-Muller). Written in
+//! batches, in row groups of at most 65,536 rows (as a capture writes them, so that readers which
+//! load a row group at a time, and engines that split files by row group, stay bounded and
+//! parallel): memory stays flat.
 
 use std::sync::Arc;
 
@@ -33,13 +37,14 @@ impl SplitMix {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        eprintln!("usage: gen_archive OUT.parquet ROWS DIM SITES [SEED]");
+        eprintln!("usage: gen_archive OUT.parquet ROWS DIM SITES [SEED [FIRST_ID]]");
         std::process::exit(2);
     }
     let rows: usize = args[2].parse().expect("ROWS");
     let dim: usize = args[3].parse().expect("DIM");
     let sites: usize = args[4].parse().expect("SITES");
     let mut rng = SplitMix(args.get(5).map_or(7, |s| s.parse().expect("SEED")));
+    let first_id: usize = args.get(6).map_or(0, |s| s.parse().expect("FIRST_ID"));
     let item = Arc::new(Field::new("item", DataType::Float32, true));
     let schema = Arc::new(Schema::new(vec![
         Field::new("trace_id", DataType::Utf8, false),
@@ -52,6 +57,7 @@ fn main() {
     ]));
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level")))
+        .set_max_row_group_row_count(Some(65_536))
         .build();
     let file = std::fs::File::create(&args[1]).expect("create output");
     let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props)).expect("writer");
@@ -59,8 +65,9 @@ fn main() {
     let mut start = 0;
     while start < rows {
         let n = batch.min(rows - start);
-        let ids =
-            StringArray::from_iter_values((start..start + n).map(|r| format!("c{}", r / sites)));
+        let ids = StringArray::from_iter_values(
+            (start..start + n).map(|r| format!("c{}", first_id + r / sites)),
+        );
         let site =
             StringArray::from_iter_values((start..start + n).map(|r| format!("{}", r % sites)));
         let values: Vec<f32> = (0..n * dim).map(|_| rng.normal()).collect();

@@ -8,7 +8,7 @@ every worker process is sampled every 50 ms). Every run scores the same archive 
 with the same Gaussian monitor and writes Parquet; the scores are checked equal to `actwatch
 score`'s (numpy: its raw scores within 1e-3 relative; it is another implementation of the math).
 
-    python scripts/bench_cluster.py --bin target/release/actwatch --archive A.parquet \
+    python scripts/bench_cluster.py --bin target/release/actwatch --archive DIR_OF_PARQUET \
         --monitor DIR --reference R.parquet --out target/bench-cluster [--runs ray,spark,...]
 """
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,20 +30,20 @@ RUNS = ["actwatch", "bindings", "numpy", "ray", "spark"]
 
 # Each run is a script in a child interpreter: it prints one JSON line {rows, seconds, startup}.
 BINDINGS = """
-import json, sys, time
+import glob, json, sys, time
 import pyarrow.parquet as pq
 import actwatch_engine as ae
 archive, monitor, out = sys.argv[1:4]
 t = time.perf_counter()
 m = ae.Monitor.load(monitor)
-f = pq.ParquetFile(archive)
 w = None
 rows = 0
-for batch in f.iter_batches(batch_size=65536):
-    r = m.score(batch, level="trace")
-    w = w or pq.ParquetWriter(out, r.schema)
-    w.write_batch(r)
-    rows += batch.num_rows
+for path in sorted(glob.glob(f"{archive}/*.parquet")):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
+        r = m.score(batch, level="trace")
+        w = w or pq.ParquetWriter(out, r.schema)
+        w.write_batch(r)
+        rows += batch.num_rows
 w.close()
 print(json.dumps({"rows": rows, "seconds": time.perf_counter() - t, "startup": 0.0}))
 """
@@ -52,13 +53,14 @@ print(json.dumps({"rows": rows, "seconds": time.perf_counter() - t, "startup": 0
 # score), plain conformal p-values against the calibration part's scores. Fitted here (not timed
 # apart: fitting 45k x 384 is a small share of the run).
 NUMPY = """
-import json, sys, time
+import glob, json, sys, time
 import numpy as np
 import pyarrow as pa, pyarrow.parquet as pq
 archive, reference, out = sys.argv[1:4]
 t = time.perf_counter()
 def vectors(batch):
     col = batch.column("activation")
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     x = col.values.to_numpy(zero_copy_only=False).reshape(len(batch), -1).astype(np.float32, copy=False)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(n > 0, n, 1)
@@ -92,10 +94,11 @@ def score(x):
     z = (x - mu32) @ w
     return np.einsum("ij,ij->i", z, z)
 cal_scores = np.sort(score(calx))
-f = pq.ParquetFile(archive)
 wr = None
 rows = 0
-for batch in f.iter_batches(batch_size=65536):
+files = sorted(glob.glob(f"{archive}/*.parquet"))
+batches = (b for path in files for b in pq.ParquetFile(path).iter_batches(batch_size=65536))
+for batch in batches:
     sc = score(vectors(batch))
     above = len(cal_scores) - np.searchsorted(cal_scores, sc, side="left")
     p = (above + 1) / (len(cal_scores) + 1)
@@ -145,23 +148,32 @@ spark.stop()
 
 
 def tree_peak(proc: subprocess.Popen[str], stop: threading.Event, peaks: dict[int, tuple[str, int]]) -> None:
-    """Samples the RSS of `proc` and every descendant every 50 ms (psutil comes with Ray)."""
-    import psutil
-
-    root = psutil.Process(proc.pid)
+    """Samples, every 50 ms, the RSS of `proc` and of every process descending from it (from /proc)."""
+    page = os.sysconf("SC_PAGE_SIZE")
     while not stop.is_set():
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for p in procs:
-            try:
-                rss = p.memory_info().rss
-                name = " ".join(p.cmdline()[:3])[:60]
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+        parent: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        for pid in parent:
+            p, hops = pid, 0
+            while p not in (proc.pid, 0, 1) and p in parent and hops < 64:
+                p, hops = parent[p], hops + 1
+            if p != proc.pid:
                 continue
-            if rss > peaks.get(p.pid, ("", 0))[1]:
-                peaks[p.pid] = (name, rss)
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    rss = int(f.read().split()[1]) * page
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    name = f.read().replace(b"\0", b" ").decode(errors="replace")[:60]
+            except (OSError, IndexError, ValueError):
+                continue
+            if rss > peaks.get(pid, ("", 0))[1]:
+                peaks[pid] = (name, rss)
         time.sleep(0.05)
 
 
@@ -204,6 +216,9 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     for name in a.runs.split(","):
         target = str(out / f"scores-{name}.parquet")
+        # Ray and Spark write a directory and add to one that exists: start from nothing.
+        shutil.rmtree(target, ignore_errors=True)
+        Path(target).unlink(missing_ok=True)
         if name == "actwatch":
             argv = [
                 a.bin,
