@@ -167,6 +167,10 @@ impl GaussianFitter {
             }
             .into());
         }
+        if other.count() == 0 {
+            // An empty part changes nothing (not even where the pending rows are folded).
+            return Ok(());
+        }
         self.flush()?;
         self.stats.merge(&other.stats)?;
         self.pending.clone_from(&other.pending);
@@ -205,7 +209,11 @@ impl GaussianFitter {
     }
 
     pub fn finish(&self) -> Result<GaussianDetector> {
-        GaussianDetector::fit(&self.stats()?, &self.opts)
+        if self.pending.is_empty() {
+            GaussianDetector::fit(&self.stats, &self.opts)
+        } else {
+            GaussianDetector::fit(&self.stats()?, &self.opts)
+        }
     }
 }
 

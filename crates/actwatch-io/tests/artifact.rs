@@ -256,7 +256,9 @@ fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
     use actwatch_io::checkpoint::{
         calibration_part_from_bytes, calibration_part_to_bytes, fitter_from_bytes, fitter_to_bytes,
     };
-    use actwatch_io::pipeline::{calibrate_batch, calibrate_joint_batch, fold_batch};
+    use actwatch_io::pipeline::{
+        calibrate_batch, calibrate_joint_batch, fold_batch, fold_reference,
+    };
     use actwatch_io::reader::TraceReader;
 
     let r = read(None);
@@ -296,6 +298,15 @@ fn a_fit_in_parts_equals_one_fit_over_the_same_files() {
             merged.merge(fitter_from_bytes(s).unwrap()).unwrap();
         }
         let merged = fitter_to_bytes(&merged).unwrap();
+        // The fit states themselves (f64 sufficient statistics, kNN samples) are bit-identical to
+        // the fit pass of `fit_monitor` (the model's f32 parameters would hide a last-bit
+        // difference in the statistics).
+        let mut single = MonitorFitter::new(options.clone()).unwrap();
+        fold_reference(&mut single, &files, &r, &NoProgress).unwrap();
+        assert!(
+            fitter_to_bytes(&single).unwrap() == merged,
+            "{detectors}: the merged fit state differs from the fit pass over the same files"
+        );
 
         // Pass 2: each worker scores its file's calibration part against the merged fit.
         let parts: Vec<Vec<u8>> = files

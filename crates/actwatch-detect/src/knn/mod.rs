@@ -248,6 +248,9 @@ impl KnnFitter {
                 "cannot merge kNN fitters with different metrics or max_references".into(),
             ));
         }
+        if other.seen == 0 {
+            return Ok(());
+        }
         let d = self.dim;
         let cap = self.cap();
         self.seen += other.seen;
