@@ -120,3 +120,37 @@ def test_threads_score_concurrently(cli_monitor: Path) -> None:
         t.join()
     assert not errors
     assert all(r.equals(want) for r in results) and len(results) == 4
+
+
+def test_traces_from_numpy_score_like_the_table(cli_monitor: Path) -> None:
+    """`traces(ids, sites, vectors)` wraps numpy arrays: scoring them equals scoring the file."""
+    import numpy as np
+
+    monitor = ae.Monitor.load(str(cli_monitor))
+    table = pq.read_table(data("dev_ood_code"))
+    vectors = table.column("activation").combine_chunks()
+    x = vectors.flatten().to_numpy().reshape(len(vectors), -1)
+    batch = ae.traces(
+        table.column("id").to_pylist(),
+        table.column("layer").to_pylist(),
+        x,
+        trace_column="id",
+        site_column="layer",
+    )
+    want = monitor.score(table.select(["id", "layer", "activation"]))
+    assert monitor.score(batch).equals(want)
+    # float64 is decoded by the engine (to the same f32 values here), one site for all rows.
+    rows = table.filter(pc.equal(table.column("layer"), 2))
+    x2 = rows.column("activation").combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
+    sites = rows.column("layer").to_pylist()
+    a = monitor.score(ae.traces(rows.column("id").to_pylist(), sites, x2, trace_column="id", site_column="layer"))
+    b = monitor.score(
+        ae.traces(rows.column("id").to_pylist(), sites, x2.astype(np.float64), trace_column="id", site_column="layer")
+    )
+    assert a.equals(b) and a.num_rows == rows.num_rows
+    one_site = monitor.score(ae.traces(rows.column("id").to_pylist(), "2", x2, trace_column="id", site_column="layer"))
+    assert one_site.column("p_value").equals(a.column("p_value"))
+    with pytest.raises(ValueError, match="2-D"):
+        ae.traces(["a"], "s", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="ids"):
+        ae.traces(["a"], "s", np.zeros((2, 3), np.float32))

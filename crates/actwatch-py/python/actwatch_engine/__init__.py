@@ -8,6 +8,7 @@ columns ``actwatch score`` writes. The GIL is released while Rust works.
 Scoring::
 
     m = Monitor.load("monitor/")
+    out = m.score(traces(ids, "layer.6", hidden_states))   # from numpy
     out = m.score(table)                    # one row per computation
     out = m.score(table, level="trace")     # one row per trace
 
@@ -21,10 +22,51 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Callable, Optional
 
+import pyarrow as pa
+
 from ._engine import ActwatchError, Calibrator, FitState
 from ._engine import MonitorHandle as Monitor
 
-__all__ = ["ActwatchError", "Calibrator", "FitState", "Monitor", "fit_parts"]
+__all__ = ["ActwatchError", "Calibrator", "FitState", "Monitor", "fit_parts", "traces"]
+
+
+def traces(
+    ids: Sequence[object],
+    sites: object,
+    vectors: object,
+    *,
+    trace_column: str = "trace_id",
+    site_column: str = "site",
+    vector_column: str = "activation",
+) -> pa.RecordBatch:
+    """Traces from numpy: a ``RecordBatch`` in the long format that :meth:`Monitor.score` and
+    :meth:`FitState.fold` take. ``vectors`` is a 2-D array (rows x width; float32 is wrapped
+    without a copy when C-contiguous, float16/float64 are kept as they are and decoded by the
+    engine), ``ids`` one computation id per row (strings or integers), ``sites`` one site name for
+    every row or one per row.
+    """
+    import numpy as np
+
+    v = np.asarray(vectors)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (rows x width), got shape {v.shape}")
+    if v.dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"vectors must be float16, float32 or float64, got {v.dtype}")
+    n, d = v.shape
+    flat = pa.array(np.ascontiguousarray(v).reshape(-1))
+    ids_array = pa.array(ids)
+    if len(ids_array) != n:
+        raise ValueError(f"{len(ids_array)} ids for {n} vectors")
+    if isinstance(sites, str):
+        site_array = pa.array([sites] * n, pa.string()).dictionary_encode()
+    else:
+        site_array = pa.array(sites)
+        if len(site_array) != n:
+            raise ValueError(f"{len(site_array)} sites for {n} vectors")
+    return pa.record_batch(
+        [ids_array, site_array, pa.FixedSizeListArray.from_arrays(flat, d)],
+        names=[trace_column, site_column, vector_column],
+    )
 
 
 def fit_parts(
