@@ -332,12 +332,7 @@ impl FitState {
 
     /// Adds the state of the part that follows this one's (a `FitState` or its bytes).
     fn merge(&mut self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<()> {
-        let other = if let Ok(b) = other.cast::<PyBytes>() {
-            state_from_bytes(b.as_bytes())?
-        } else {
-            let o = other.extract::<PyRef<'_, FitState>>()?;
-            state_from_bytes(&o.to_bytes_inner()?)?
-        };
+        let other = state_of(other)?;
         if other.columns != self.columns {
             return Err(err("cannot merge fit states read with different columns"));
         }
@@ -383,6 +378,19 @@ impl FitState {
         out.extend_from_slice(&fitter_to_bytes(&self.fitter).map_err(err)?);
         Ok(out)
     }
+}
+
+/// A copy of a fit state given as a `FitState` or as its bytes.
+fn state_of(value: &Bound<'_, PyAny>) -> PyResult<FitState> {
+    if let Ok(b) = value.cast::<PyBytes>() {
+        return state_from_bytes(b.as_bytes());
+    }
+    let o = value.extract::<PyRef<'_, FitState>>()?;
+    Ok(FitState {
+        fitter: o.fitter.clone(),
+        columns: o.columns.clone(),
+        rows: o.rows,
+    })
 }
 
 fn state_from_bytes(data: &[u8]) -> PyResult<FitState> {
@@ -441,12 +449,7 @@ impl Calibrator {
     /// the driver get the same detectors.
     #[new]
     fn new(py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let state = if let Ok(b) = state.cast::<PyBytes>() {
-            state_from_bytes(b.as_bytes())?
-        } else {
-            let o = state.extract::<PyRef<'_, FitState>>()?;
-            state_from_bytes(&o.to_bytes_inner()?)?
-        };
+        let state = state_of(state)?;
         let FitState {
             fitter,
             columns,

@@ -186,6 +186,7 @@ struct SiteFitter {
 /// sample), so a fit can be checkpointed and resumed later with newly arrived traces, or run in
 /// parts on other machines: fitters of consecutive parts ([`MonitorFitter::part`]) merged in order
 /// ([`MonitorFitter::merge`]) give exactly the fitter that folds the parts one after the other.
+#[derive(Clone)]
 pub struct MonitorFitter {
     options: MonitorOptions,
     split: SplitHasher,
