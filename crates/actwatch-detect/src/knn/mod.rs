@@ -258,26 +258,24 @@ impl KnnFitter {
             self.refs.extend_from_slice(&other.refs);
             return Ok(());
         }
-        let mut all: Vec<(u64, &[f32])> = Vec::with_capacity(self.count() + other.count());
-        let mine = std::mem::take(&mut self.refs);
-        let theirs: Vec<u64>;
-        let other_keys = if other.keys.len() == other.count() {
-            &other.keys
-        } else {
-            theirs = other.refs.chunks_exact(d).map(row_key).collect();
-            &theirs
-        };
-        let my_keys: Vec<u64> = if self.keys.len() * d == mine.len() {
+        let my_keys: Vec<u64> = if self.keys.len() == self.count() {
             std::mem::take(&mut self.keys)
         } else {
-            mine.chunks_exact(d).map(row_key).collect()
+            self.refs.chunks_exact(d).map(row_key).collect()
         };
-        all.extend(my_keys.into_iter().zip(mine.chunks_exact(d)));
-        all.extend(other_keys.iter().copied().zip(other.refs.chunks_exact(d)));
-        all.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| total_order(a.1, b.1)));
-        all.truncate(cap);
-        self.keys = all.iter().map(|(k, _)| *k).collect();
-        self.refs = all.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        let mut keys = my_keys;
+        if other.keys.len() == other.count() {
+            keys.extend_from_slice(&other.keys);
+        } else {
+            keys.extend(other.refs.chunks_exact(d).map(row_key));
+        }
+        let mut refs = std::mem::take(&mut self.refs);
+        refs.extend_from_slice(&other.refs);
+        let (mut keys, mut refs) = in_key_order(keys, &refs, d);
+        keys.truncate(cap);
+        refs.truncate(cap * d);
+        self.keys = keys;
+        self.refs = refs;
         self.heap.clear();
         Ok(())
     }
@@ -318,18 +316,7 @@ impl KnnFitter {
             self.refs
         } else {
             // A sample: in key order, so that it does not depend on arrival order.
-            let d = self.dim;
-            let mut order: Vec<usize> = (0..self.keys.len()).collect();
-            let rows = |i: usize| &self.refs[i * d..(i + 1) * d];
-            order.sort_by(|&a, &b| {
-                self.keys[a]
-                    .cmp(&self.keys[b])
-                    .then_with(|| total_order(rows(a), rows(b)))
-            });
-            order
-                .iter()
-                .flat_map(|&i| rows(i).iter().copied())
-                .collect()
+            in_key_order(self.keys, &self.refs, self.dim).1
         };
         let mut det = KnnDetector {
             dim: self.dim,
@@ -341,6 +328,23 @@ impl KnnFitter {
         det.prepare()?;
         Ok(det)
     }
+}
+
+/// Rows (`d` wide) and their sample keys sorted by key, ties broken by [`total_order`]: the
+/// canonical order of a sample, whatever order its rows arrived in.
+fn in_key_order(keys: Vec<u64>, refs: &[f32], d: usize) -> (Vec<u64>, Vec<f32>) {
+    let rows = |i: usize| &refs[i * d..(i + 1) * d];
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by(|&a, &b| {
+        keys[a]
+            .cmp(&keys[b])
+            .then_with(|| total_order(rows(a), rows(b)))
+    });
+    let sorted_refs = order
+        .iter()
+        .flat_map(|&i| rows(i).iter().copied())
+        .collect();
+    (order.iter().map(|&i| keys[i]).collect(), sorted_refs)
 }
 
 /// A total order on rows (by their values' bits), breaking ties between equal sample keys.
