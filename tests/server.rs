@@ -1073,13 +1073,29 @@ struct ServeProcess {
 
 impl ServeProcess {
     async fn start(dir: &Path) -> Self {
+        Self::start_limited(dir, None).await
+    }
+
+    /// Starts the binary, under an address-space limit (`ulimit -v`, in bytes) when one is given.
+    async fn start_limited(dir: &Path, address_space: Option<u64>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_actwatch"))
+        let mut command = match address_space {
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_actwatch")),
+            Some(bytes) => {
+                // exec: the child's pid is the server's
+                let mut sh = std::process::Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -v {} && exec \"$0\" \"$@\"", bytes >> 10))
+                    .arg(env!("CARGO_BIN_EXE_actwatch"));
+                sh
+            }
+        };
+        let child = command
             .args(["serve", "--data-dir"])
             .arg(dir)
             .args(["--listen", &addr, "--metrics-listen", "off"])
@@ -1137,6 +1153,81 @@ impl Drop for ServeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The peak virtual memory (`VmPeak`, bytes) of a running process.
+fn vm_peak(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPeak:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmPeak in /proc/PID/status");
+    kib << 10
+}
+
+/// The address space the README says `actwatch serve` runs in on this machine class (2 cores;
+/// its measured peak here is 0.74 GiB).
+const SERVE_ADDRESS_SPACE: u64 = 2 << 30;
+
+/// The server's address space does not grow with its concurrency (reliability issue: every thread
+/// that ran a matrix product kept twice the L3 size the VM reports as scratch for its life, and
+/// each call ran on a thread of its own, so 32 concurrent calls reached 35 GB of virtual memory
+/// and under an address-space limit 4 concurrent scoring calls aborted the process). Here 32
+/// concurrent Score calls of 256 vectors at d = 384, and a fit, run under `ulimit -v`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scoring_runs_under_an_address_space_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProcess::start_limited(dir.path(), Some(SERVE_ADDRESS_SPACE)).await;
+    let mut client = server.client().await;
+    create(&mut client, "wide").await;
+    let (d, n) = (384, 3000);
+    let mut rng = Rng::new(41);
+    let rows = |rng: &mut Rng, prefix: &str, n: usize| {
+        let ids = (0..n).map(|i| format!("{prefix}{i}")).collect();
+        encode_trace_batch(
+            "h",
+            ids,
+            vec![],
+            d,
+            &rng.gaussian_rows(n, d, 0.0),
+            Dtype::F32,
+        )
+    };
+    let reference = rows(&mut rng, "r", n);
+    ingest(&mut client, "wide", vec![reference]).await.unwrap();
+    let (_, report) = fit(&mut client, "wide").await;
+    assert_eq!(report.reference_rows, n as u64);
+    let calls: Vec<_> = (0..32)
+        .map(|c| {
+            let mut client = client.clone();
+            let batch = rows(&mut rng, &format!("q{c}-"), 256);
+            tokio::spawn(async move {
+                client
+                    .score(v1::ScoreRequest {
+                        monitor: "wide".into(),
+                        batches: vec![batch],
+                        complete: true,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let r = call.await.unwrap().expect("a scoring call under the limit");
+        assert_eq!(r.get_ref().computations.len(), 256);
+    }
+    let peak = vm_peak(server.child.id());
+    eprintln!("VmPeak {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
+    let listed = client
+        .list_monitors(v1::ListMonitorsRequest {})
+        .await
+        .expect("the server is alive")
+        .into_inner();
+    assert_eq!(listed.monitors.len(), 1);
+    drop(client);
+    server.sigterm();
+    assert!(server.exit_ok().await);
 }
 
 /// SIGTERM to the real binary: a fit in progress runs to the end and is installed (its client gets

@@ -5,10 +5,16 @@ use anyhow::{Context, Result};
 use crate::cli::ServeArgs;
 use crate::config::ServeConfig;
 
+/// Most threads for disk work (tokio's default is 512); work beyond waits for one. Decoding and
+/// scoring run on the compute pool (one thread per core), fits on at most `max_concurrent_fits`
+/// of these. Each thread reserves a 2 MiB stack, so this bounds the server's address space too.
+const BLOCKING_THREADS: usize = 64;
+
 /// Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish.
 pub fn run(a: ServeArgs) -> Result<()> {
     let config = ServeConfig::resolve(a)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

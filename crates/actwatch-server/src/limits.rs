@@ -13,6 +13,9 @@ pub const DEFAULT_MAX_SITE_NAME_BYTES: usize = 128;
 pub const DEFAULT_MAX_TRACE_ID_BYTES: usize = 256;
 /// Most streaming calls (IngestReference, Fit, StreamScores, WatchFlags) open at once.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: usize = 64;
+/// Most fits that run at once (each on a thread of its own, beside the compute pool); a fit
+/// beyond waits for one to finish before it starts.
+pub const DEFAULT_MAX_CONCURRENT_FITS: usize = 2;
 /// Most computations a StreamScores stream may hold open (seen, not yet completed).
 pub const DEFAULT_MAX_OPEN_COMPUTATIONS: usize = 100_000;
 /// Bytes of traces one scoring stream (or Score request) may hold while they wait for the other
@@ -51,6 +54,8 @@ pub struct Limits {
     pub max_trace_id_bytes: usize,
     /// [`DEFAULT_MAX_CONCURRENT_STREAMS`].
     pub max_concurrent_streams: usize,
+    /// [`DEFAULT_MAX_CONCURRENT_FITS`].
+    pub max_concurrent_fits: usize,
     /// [`DEFAULT_MAX_OPEN_COMPUTATIONS`].
     pub max_open_computations: usize,
     /// [`DEFAULT_MAX_JOINT_PENDING_BYTES`].
@@ -77,6 +82,7 @@ impl Default for Limits {
             max_site_name_bytes: DEFAULT_MAX_SITE_NAME_BYTES,
             max_trace_id_bytes: DEFAULT_MAX_TRACE_ID_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_concurrent_fits: DEFAULT_MAX_CONCURRENT_FITS,
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
             max_joint_pending_bytes: DEFAULT_MAX_JOINT_PENDING_BYTES,
             max_score_log_bytes: DEFAULT_MAX_SCORE_LOG_BYTES,

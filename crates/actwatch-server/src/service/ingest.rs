@@ -3,7 +3,7 @@
 use actwatch_proto::v1;
 use tokio::task::JoinHandle;
 
-use super::{blocking, ActivationMonitorService};
+use super::{blocking, compute, ActivationMonitorService};
 use crate::storage::IngestSession;
 use crate::{Error, Result};
 
@@ -74,7 +74,7 @@ impl IngestStream {
             .activations
             .as_ref()
             .map_or(0, |t| t.data.len() as u64);
-        let decoded = blocking(move || Ok(actwatch_proto::decode_trace_batch(batch)?)).await?;
+        let decoded = compute(move || Ok(actwatch_proto::decode_trace_batch(batch)?)).await?;
         let mut session = self.take_session().await?;
         self.state = State::Writing(tokio::task::spawn_blocking(move || {
             session.add(decoded, payload, labels)?;

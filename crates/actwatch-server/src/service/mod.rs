@@ -1,5 +1,6 @@
-//! The `ActivationMonitor` service: every handler validates, converts, delegates (CPU and disk
-//! work in `spawn_blocking`), and maps the error through the one `From<Error> for Status`.
+//! The `ActivationMonitor` service: every handler validates, converts, delegates (decoding and
+//! scoring on the one compute pool, [`compute`]; disk work in `spawn_blocking`, [`blocking`]; fits
+//! on threads of their own, at most `max_concurrent_fits`), and maps the error through the one `From<Error> for Status`.
 //! Every handler runs inside [`ActivationMonitorService::observed`], which logs and counts the
 //! call when it is rejected; errors that end a stream later go through
 //! [`ActivationMonitorService::reject`]. The client-driven streams are small session types
@@ -50,6 +51,8 @@ pub struct ActivationMonitorService {
     limits: Arc<Limits>,
     /// One permit per open streaming call; a call that finds none is refused, never queued.
     streams: Arc<Semaphore>,
+    /// One permit per running fit; a fit that finds none waits for one.
+    fits: Arc<Semaphore>,
     /// Flagged computations, fanned out to watchers.
     flags: broadcast::Sender<Arc<v1::ComputationScore>>,
     /// Becomes true when the server starts shutting down, so that watchers (which never end by
@@ -59,6 +62,7 @@ pub struct ActivationMonitorService {
     metrics: Arc<Metrics>,
 }
 
+/// Disk work (and fits, under their own semaphore) on tokio's blocking threads.
 async fn blocking<T, F>(f: F) -> Result<T>
 where
     F: FnOnce() -> Result<T> + Send + 'static,
@@ -67,6 +71,36 @@ where
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Task(e.to_string()))?
+}
+
+/// CPU work of a call (decoding, scoring) on the process's one compute pool: rayon's global pool,
+/// one thread per core, which the matrix products inside use as well. Calls beyond the pool's
+/// threads queue instead of each taking a thread of its own: every thread that runs a matrix
+/// product keeps a packing buffer for its life (64 MiB, see `vendor/private-gemm-x86`), so
+/// threads per call made the server's virtual memory grow with its concurrency. A panic in `f`
+/// fails the call (INTERNAL), never the pool.
+async fn compute<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(result);
+    });
+    match rx.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(Error::Task(format!("compute task failed: {what}")))
+        }
+        Err(_) => Err(Error::Task("compute task ended without a result".into())),
+    }
 }
 
 impl ActivationMonitorService {
@@ -80,6 +114,7 @@ impl ActivationMonitorService {
         Self {
             data,
             streams: Arc::new(Semaphore::new(limits.max_concurrent_streams)),
+            fits: Arc::new(Semaphore::new(limits.max_concurrent_fits.max(1))),
             limits: Arc::new(limits),
             flags,
             shutdown,
@@ -428,14 +463,22 @@ impl ActivationMonitor for ActivationMonitorService {
                 "fit started"
             );
             let this = self.clone();
+            let fits = self.fits.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _guard = guard;
                 let started = Instant::now();
                 let progress = ChannelProgress::new(tx.clone());
-                let result =
-                    blocking(move || fit_and_install(&entry, &segments, incremental, &progress))
-                        .await;
+                let result = match fits.acquire_owned().await {
+                    Err(_) => Err(Error::Task("the fit semaphore was closed".into())),
+                    Ok(running) => {
+                        blocking(move || {
+                            let _running = running;
+                            fit_and_install(&entry, &segments, incremental, &progress)
+                        })
+                        .await
+                    }
+                };
                 let last = match result {
                     Err(e) => Err(this.reject("Fit", e.into())),
                     Ok(fitted) => {
@@ -486,7 +529,7 @@ impl ActivationMonitor for ActivationMonitorService {
             );
             let started = Instant::now();
             let scorer = fitted.clone();
-            let (traces, logged, warnings) = blocking(move || {
+            let (traces, logged, warnings) = compute(move || {
                 let mut open = OpenComputations::with_limits(max_open, max_joint);
                 let mut traces = Vec::new();
                 let mut warnings: Vec<v1::ProvenanceWarning> = Vec::new();
@@ -497,14 +540,23 @@ impl ActivationMonitor for ActivationMonitorService {
                     // one per site
                     warnings.extend(warning.filter(|w| warnings.iter().all(|o| o.site != w.site)));
                 }
-                let mut logged = Vec::new();
-                if complete_all {
-                    logged = complete(&scorer, &mut open, None)?;
-                    entry.log_scores(&logged)?;
-                }
+                let logged = if complete_all {
+                    complete(&scorer, &mut open, None)?
+                } else {
+                    Vec::new()
+                };
                 Ok((traces, logged, warnings))
             })
             .await?;
+            let logged = if logged.is_empty() {
+                logged
+            } else {
+                blocking(move || {
+                    entry.log_scores(&logged)?;
+                    Ok(logged)
+                })
+                .await?
+            };
             self.note_provenance_warnings(&monitor, &fitted, &warnings);
             self.metrics
                 .observe_score_latency(ScoreRpc::Score, started.elapsed());

@@ -8,7 +8,7 @@ use actwatch_proto::v1;
 use v1::stream_scores_request::Event as In;
 use v1::stream_scores_response::Event as Out;
 
-use super::{blocking, ActivationMonitorService};
+use super::{blocking, compute, ActivationMonitorService};
 use crate::convert::computation_score;
 use crate::metrics::ScoreRpc;
 use crate::score::{complete, early_flags, score_batch};
@@ -22,7 +22,7 @@ pub(super) struct ScoreStream {
     service: ActivationMonitorService,
     entry: Arc<MonitorEntry>,
     fitted: Arc<FittedMonitor>,
-    /// Only ever locked by this stream's one blocking task at a time (uncontended); shared so that
+    /// Only ever locked by this stream's one compute task at a time (uncontended); shared so that
     /// the task can borrow it without moving it out.
     open: Arc<Mutex<OpenComputations>>,
 }
@@ -64,7 +64,7 @@ impl ScoreStream {
                 let started = Instant::now();
                 // Early flags are not logged: the final result, flagged too, is, with the
                 // position where the computation was first flagged.
-                let (traces, warning, early) = blocking(move || {
+                let (traces, warning, early) = compute(move || {
                     let decoded = actwatch_proto::decode_trace_batch(batch)?;
                     let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
                     let (traces, warning) = score_batch(&fitted, &decoded, &mut open)?;
@@ -92,9 +92,12 @@ impl ScoreStream {
             Some(In::Complete(v1::CompleteComputations { trace_ids })) => {
                 let (fitted, open, entry) =
                     (self.fitted.clone(), self.open.clone(), self.entry.clone());
-                let logged = blocking(move || {
+                let logged = compute(move || {
                     let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
-                    let logged = complete(&fitted, &mut open, Some(&trace_ids))?;
+                    complete(&fitted, &mut open, Some(&trace_ids))
+                })
+                .await?;
+                let logged = blocking(move || {
                     entry.log_scores(&logged)?;
                     Ok(logged)
                 })
