@@ -36,6 +36,9 @@ pub enum Command {
     Demo,
     /// Serve the gRPC API (actwatch.v1, with health and reflection) over one data directory.
     Serve(ServeArgs),
+    /// Make a bearer token for `actwatch serve`: prints the token (for the client) and the
+    /// `[[tokens]]` entry holding its SHA-256 (for the server's config file).
+    Token(TokenArgs),
     /// Run a TorchScript model over token ids from Parquet and write its hidden states as traces
     /// (needs the `torch` feature).
     #[cfg(feature = "torch")]
@@ -50,7 +53,9 @@ pub enum Command {
     after_long_help = "Logs go to stderr, filtered by RUST_LOG (default: info), e.g. RUST_LOG=actwatch_server=debug.\n\nMetrics (Prometheus text format 0.0.4, GET /metrics): actwatch_ingest_rows_total, actwatch_ingest_bytes_total, actwatch_scored_traces_total, actwatch_scored_computations_total, actwatch_flags_total, actwatch_observed_flag_rate, actwatch_target_fpr (label monitor); actwatch_score_latency_seconds (histogram, label rpc); actwatch_rejected_calls_total (label code)."
 )]
 pub struct ServeArgs {
-    /// TOML config file. Keys: data_dir, listen, metrics_listen, and a [limits] table with any of
+    /// TOML config file. Keys: data_dir, listen, metrics_listen, allow_insecure; a [tls] table
+    /// (cert, key, client_ca); [[tokens]] entries (name, role = "read" | "admin", sha256: see
+    /// `actwatch token`); and a [limits] table with any of
     /// max_message_bytes, max_batch_rows, max_vector_width, max_sites_per_monitor,
     /// max_site_name_bytes, max_trace_id_bytes, max_concurrent_streams, max_concurrent_fits,
     /// max_open_computations, max_joint_pending_bytes, max_score_log_bytes, flag_buffer,
@@ -68,6 +73,29 @@ pub struct ServeArgs {
     /// Address of the Prometheus endpoint (GET /metrics), or `off` [default: 127.0.0.1:9464].
     #[arg(long, env = "ACTWATCH_METRICS_LISTEN", value_name = "ADDR|off")]
     pub metrics_listen: Option<String>,
+    /// PEM certificate chain: serve over TLS (with --tls-key).
+    #[arg(
+        long,
+        env = "ACTWATCH_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "ACTWATCH_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: clients must present a certificate it signed (mutual TLS; needs --tls-cert).
+    #[arg(long, env = "ACTWATCH_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Listen beyond loopback without TLS or without tokens (logged as a warning). Without it,
+    /// such an address is refused at start.
+    #[arg(long)]
+    pub allow_insecure: bool,
 }
 
 #[derive(Args, Clone)]
@@ -271,4 +299,15 @@ impl ProvenanceArgs {
             ProvenancePolicyArg::Warn => ProvenancePolicy::Warn,
         }
     }
+}
+
+/// `actwatch token`.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// Who will hold the token (logged with its calls).
+    #[arg(long)]
+    pub name: String,
+    /// What it may do: read (query and score) or admin (also create, delete, ingest, fit).
+    #[arg(long, value_parser = ["read", "admin"])]
+    pub role: String,
 }

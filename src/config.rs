@@ -23,6 +23,11 @@ struct ConfigFile {
     listen: Option<String>,
     metrics_listen: Option<String>,
     #[serde(default)]
+    allow_insecure: bool,
+    tls: Option<actwatch_server::Tls>,
+    #[serde(default)]
+    tokens: Vec<actwatch_server::TokenEntry>,
+    #[serde(default)]
     limits: actwatch_server::Limits,
 }
 
@@ -33,6 +38,12 @@ pub struct ServeConfig {
     pub listen: String,
     /// `None`: no metrics endpoint.
     pub metrics_listen: Option<String>,
+    /// TLS identity (`[tls]`, or --tls-cert/--tls-key/--tls-client-ca over it).
+    pub tls: Option<actwatch_server::Tls>,
+    /// `[[tokens]]` (only in the file: a token's digest is not a flag).
+    pub tokens: Vec<actwatch_server::TokenEntry>,
+    /// Listen beyond loopback without TLS or tokens.
+    pub allow_insecure: bool,
     pub limits: actwatch_server::Limits,
 }
 
@@ -47,15 +58,30 @@ impl ServeConfig {
                 toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?
             }
         };
-        Ok(Self::layer(a, file))
+        Self::layer(a, file)
     }
 
-    fn layer(a: ServeArgs, file: ConfigFile) -> Self {
+    fn layer(a: ServeArgs, file: ConfigFile) -> Result<Self> {
         let metrics = a
             .metrics_listen
             .or(file.metrics_listen)
             .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
-        Self {
+        let mut tls = match (a.tls_cert, a.tls_key) {
+            (Some(cert), Some(key)) => Some(actwatch_server::Tls {
+                cert,
+                key,
+                client_ca: file.tls.and_then(|t| t.client_ca),
+            }),
+            (None, None) => file.tls,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
+        if let Some(ca) = a.tls_client_ca {
+            match &mut tls {
+                Some(t) => t.client_ca = Some(ca),
+                None => anyhow::bail!("--tls-client-ca needs a server certificate (--tls-cert)"),
+            }
+        }
+        Ok(Self {
             data_dir: a
                 .data_dir
                 .or(file.data_dir)
@@ -65,8 +91,19 @@ impl ServeConfig {
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.into()),
             metrics_listen: (!metrics.eq_ignore_ascii_case(METRICS_OFF)).then_some(metrics),
+            tls,
+            tokens: file.tokens,
+            allow_insecure: a.allow_insecure || file.allow_insecure,
             limits: file.limits,
-        }
+        })
+    }
+
+    /// TLS and tokens as the server takes them (token entries checked).
+    pub fn access(&self) -> Result<actwatch_server::Access> {
+        Ok(actwatch_server::Access {
+            tls: self.tls.clone(),
+            tokens: actwatch_server::Tokens::new(&self.tokens)?,
+        })
     }
 }
 
@@ -74,10 +111,13 @@ impl ServeConfig {
 mod tests {
     use super::*;
 
-    const ENV: [&str; 3] = [
+    const ENV: [&str; 6] = [
         "ACTWATCH_DATA_DIR",
         "ACTWATCH_LISTEN",
         "ACTWATCH_METRICS_LISTEN",
+        "ACTWATCH_TLS_CERT",
+        "ACTWATCH_TLS_KEY",
+        "ACTWATCH_TLS_CLIENT_CA",
     ];
 
     fn serve_args(argv: &[&str]) -> ServeArgs {
@@ -113,6 +153,9 @@ mod tests {
                 data_dir: DEFAULT_DATA_DIR.into(),
                 listen: DEFAULT_LISTEN.into(),
                 metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
+                tls: None,
+                tokens: Vec::new(),
+                allow_insecure: false,
                 limits: actwatch_server::Limits::default(),
             }
         );
@@ -157,6 +200,46 @@ mod tests {
 
         let flag_off = ServeConfig::resolve(serve_args(&["--metrics-listen", "off"])).unwrap();
         assert_eq!(flag_off.metrics_listen, None);
+
+        // [tls] and [[tokens]] from the file; TLS flags over the file's, the client CA kept.
+        let secure = dir.path().join("secure.toml");
+        let digest = actwatch_server::token_digest("t");
+        std::fs::write(
+            &secure,
+            format!(
+                "[tls]\ncert = \"/f/cert.pem\"\nkey = \"/f/key.pem\"\nclient_ca = \"/f/ca.pem\"\n\
+                 [[tokens]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{digest}\"\n"
+            ),
+        )
+        .unwrap();
+        let secure = secure.to_str().unwrap();
+        let from_file = ServeConfig::resolve(serve_args(&["--config", secure])).unwrap();
+        let tls = from_file.tls.as_ref().unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/f/cert.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/f/ca.pem")));
+        assert_eq!(from_file.tokens.len(), 1);
+        assert_eq!(from_file.tokens[0].role, actwatch_server::Role::Admin);
+        assert!(!from_file.access().unwrap().tokens.is_empty());
+        let flags = ServeConfig::resolve(serve_args(&[
+            "--config",
+            secure,
+            "--tls-cert",
+            "/g/cert.pem",
+            "--tls-key",
+            "/g/key.pem",
+        ]))
+        .unwrap();
+        let tls = flags.tls.unwrap();
+        assert_eq!(
+            (tls.cert, tls.key, tls.client_ca),
+            (
+                PathBuf::from("/g/cert.pem"),
+                PathBuf::from("/g/key.pem"),
+                Some(PathBuf::from("/f/ca.pem"))
+            )
+        );
+        let ca_alone = ServeConfig::resolve(serve_args(&["--tls-client-ca", "/g/ca.pem"]));
+        assert!(ca_alone.is_err());
         for v in ENV {
             std::env::remove_var(v);
         }

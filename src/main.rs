@@ -33,6 +33,7 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Demo => commands::demo::run(),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Token(a) => commands::token::run(a),
         #[cfg(feature = "torch")]
         Command::Capture(a) => torch::capture(a),
     };

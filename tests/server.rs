@@ -1073,11 +1073,12 @@ struct ServeProcess {
 
 impl ServeProcess {
     async fn start(dir: &Path) -> Self {
-        Self::start_limited(dir, None).await
+        Self::start_with(dir, &[], None).await
     }
 
-    /// Starts the binary, under an address-space limit (`ulimit -v`, in bytes) when one is given.
-    async fn start_limited(dir: &Path, address_space: Option<u64>) -> Self {
+    /// Starts the binary with more arguments, under an address-space limit (`ulimit -v`, in
+    /// bytes) when one is given.
+    async fn start_with(dir: &Path, args: &[&str], address_space: Option<u64>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -1099,6 +1100,7 @@ impl ServeProcess {
             .args(["serve", "--data-dir"])
             .arg(dir)
             .args(["--listen", &addr, "--metrics-listen", "off"])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -1178,7 +1180,7 @@ const SERVE_ADDRESS_SPACE: u64 = 2 << 30;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_scoring_runs_under_an_address_space_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServeProcess::start_limited(dir.path(), Some(SERVE_ADDRESS_SPACE)).await;
+    let server = ServeProcess::start_with(dir.path(), &[], Some(SERVE_ADDRESS_SPACE)).await;
     let mut client = server.client().await;
     create(&mut client, "wide").await;
     let (d, n) = (384, 3000);
@@ -2350,4 +2352,385 @@ async fn info_rows(client: &mut Client, name: &str) -> (u64, u64) {
         .unwrap()
         .into_inner();
     (i.reference_rows, i.example_rows)
+}
+
+fn tls_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tls")
+        .join(name)
+}
+
+/// A client of a server started with `[tls]` (mutual) and `[[tokens]]`: TLS with the test CA,
+/// the client certificate when `client_cert`, and `authorization: Bearer <token>` when `token`.
+async fn secure_client(
+    addr: &str,
+    client_cert: bool,
+    token: Option<&str>,
+) -> Result<
+    v1::activation_monitor_client::ActivationMonitorClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor,
+        >,
+    >,
+    tonic::transport::Error,
+> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let pem = |name: &str| std::fs::read(tls_file(name)).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem("ca.pem")))
+        .domain_name("localhost");
+    if client_cert {
+        tls = tls.identity(Identity::from_pem(pem("client.pem"), pem("client.key")));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await?;
+    let header = token.map(|t| {
+        format!("Bearer {t}")
+            .parse::<tonic::metadata::AsciiMetadataValue>()
+            .unwrap()
+    });
+    Ok(
+        v1::activation_monitor_client::ActivationMonitorClient::with_interceptor(
+            channel,
+            move |mut request: tonic::Request<()>| {
+                if let Some(h) = &header {
+                    request.metadata_mut().insert("authorization", h.clone());
+                }
+                Ok(request)
+            },
+        )
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20),
+    )
+}
+
+/// Access control over real TLS on loopback (reliability and security issue: "no TLS, no
+/// authentication; any client can delete any monitor or poison one; data files 0644"). The real
+/// binary with mutual TLS and two tokens: no token or a wrong one is UNAUTHENTICATED, a read token
+/// may query and score but not create, ingest, fit or delete (PERMISSION_DENIED, nothing
+/// changed), an admin token may do everything, health answers anyone, a client without a
+/// certificate or without TLS gets no answer at all; every file the server wrote is its owner's
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_tokens_and_roles_guard_every_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (admin_token, read_token) = ("admin-token-0123456789", "read-token-9876543210");
+    let config = dir.path().join("actwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n\
+             [[tokens]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"\n\n\
+             [[tokens]]\nname = \"dashboard\"\nrole = \"read\"\nsha256 = \"{}\"\n",
+            tls_file("server.pem"),
+            tls_file("server.key"),
+            tls_file("ca.pem"),
+            actwatch_server::token_digest(admin_token),
+            actwatch_server::token_digest(read_token),
+        ),
+    )
+    .unwrap();
+    let server =
+        ServeProcess::start_with(&data, &["--config", config.to_str().unwrap()], None).await;
+    let addr = server.addr.clone();
+    let list = v1::ListMonitorsRequest {};
+
+    let mut anonymous = secure_client(&addr, true, None).await.unwrap();
+    let s = status_of(anonymous.list_monitors(list).await);
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let mut wrong = secure_client(&addr, true, Some("not-a-token"))
+        .await
+        .unwrap();
+    let s = status_of(wrong.list_monitors(list).await);
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let s = status_of(
+        wrong
+            .delete_monitor(v1::DeleteMonitorRequest { name: "m".into() })
+            .await,
+    );
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+
+    // The admin builds a monitor.
+    let mut admin = secure_client(&addr, true, Some(admin_token)).await.unwrap();
+    admin
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "m".into(),
+            spec: None,
+        })
+        .await
+        .unwrap();
+    let batches = |seed: u64| -> Vec<v1::IngestReferenceRequest> {
+        synthetic(600, seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (site, ids, d, v))| v1::IngestReferenceRequest {
+                monitor: if i == 0 { "m".into() } else { String::new() },
+                batch: Some(encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32)),
+                labels: vec![],
+            })
+            .collect()
+    };
+    admin
+        .ingest_reference(tokio_stream::iter(batches(1)))
+        .await
+        .unwrap();
+    let mut progress = admin
+        .fit(v1::FitRequest {
+            monitor: "m".into(),
+            incremental: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fitted = false;
+    while let Some(p) = progress.message().await.unwrap() {
+        fitted |= matches!(p.event, Some(fit_progress::Event::Report(_)));
+    }
+    assert!(fitted);
+
+    // The reader queries and scores, and is refused everything that changes a monitor.
+    let mut reader = secure_client(&addr, true, Some(read_token)).await.unwrap();
+    let listed = reader.list_monitors(list).await.unwrap().into_inner();
+    assert_eq!(listed.monitors.len(), 1);
+    let score = v1::ScoreRequest {
+        monitor: "m".into(),
+        batches: synthetic(5, 9)
+            .into_iter()
+            .map(|(site, ids, d, v)| encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+            .collect(),
+        complete: true,
+    };
+    let scored = reader.score(score).await.unwrap().into_inner();
+    assert_eq!(scored.computations.len(), 5);
+    let denied = |s: tonic::Status, rpc: &str| {
+        assert_eq!(s.code(), Code::PermissionDenied, "{rpc}: {s:?}");
+        assert!(
+            s.message().contains(rpc) && s.message().contains("dashboard"),
+            "{s:?}"
+        );
+    };
+    denied(
+        status_of(
+            reader
+                .delete_monitor(v1::DeleteMonitorRequest { name: "m".into() })
+                .await,
+        ),
+        "DeleteMonitor",
+    );
+    denied(
+        status_of(
+            reader
+                .create_monitor(v1::CreateMonitorRequest {
+                    name: "n".into(),
+                    spec: None,
+                })
+                .await,
+        ),
+        "CreateMonitor",
+    );
+    denied(
+        status_of(
+            reader
+                .ingest_reference(tokio_stream::iter(batches(2)))
+                .await,
+        ),
+        "IngestReference",
+    );
+    denied(
+        status_of(
+            reader
+                .fit(v1::FitRequest {
+                    monitor: "m".into(),
+                    incremental: false,
+                })
+                .await,
+        ),
+        "Fit",
+    );
+    let info = admin
+        .get_monitor(v1::GetMonitorRequest { name: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.reference_rows, 1200, "a refused ingest stored nothing");
+    assert_eq!(
+        admin
+            .list_monitors(list)
+            .await
+            .unwrap()
+            .into_inner()
+            .monitors
+            .len(),
+        1,
+        "a refused create or delete changed nothing"
+    );
+
+    // Health answers without a token (orchestrators probe it).
+    {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let pem = |name: &str| std::fs::read(tls_file(name)).unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(pem("ca.pem")))
+                    .domain_name("localhost")
+                    .identity(Identity::from_pem(pem("client.pem"), pem("client.key"))),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let health = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "actwatch.v1.ActivationMonitor".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            health.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+
+    // No client certificate (mutual TLS) or no TLS: no call goes through, even with a token.
+    let without_cert = match secure_client(&addr, false, Some(admin_token)).await {
+        Err(_) => None,
+        Ok(mut c) => Some(status_of(c.list_monitors(list).await)),
+    };
+    if let Some(s) = without_cert {
+        // TLS 1.3: the client's handshake ends before the server checks its (absent) certificate;
+        // the server then closes the connection, a transport error to the client (which one
+        // depends on timing: a reset, a broken pipe, a cancelled request), never an answer.
+        assert!(
+            matches!(
+                s.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+            "{s:?}"
+        );
+    }
+    let plaintext = async {
+        let mut c = v1::activation_monitor_client::ActivationMonitorClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await?;
+        c.list_monitors(list)
+            .await
+            .map_err(|s| Box::new(s) as Box<dyn std::error::Error + Send + Sync>)
+    };
+    let plaintext = tokio::time::timeout(Duration::from_secs(20), plaintext)
+        .await
+        .expect("a plaintext client gets an answer or an error, not a hang");
+    assert!(plaintext.is_err(), "a plaintext call went through");
+
+    // Files 0600, directories 0700.
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![data.clone()];
+    let mut files = 0;
+    while let Some(p) = stack.pop() {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        if p.is_dir() {
+            assert_eq!(mode, 0o700, "{}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode, 0o600, "{}", p.display());
+            files += 1;
+        }
+    }
+    assert!(files > 3, "the server wrote its files ({files})");
+
+    assert_eq!(
+        admin
+            .list_monitors(list)
+            .await
+            .unwrap()
+            .into_inner()
+            .monitors
+            .len(),
+        1,
+        "the server is alive"
+    );
+    drop((anonymous, wrong, admin, reader));
+    server.sigterm();
+    assert!(server.exit_ok().await);
+}
+
+/// Beyond loopback the binary refuses to serve without TLS and tokens, unless told to; then it
+/// warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_beyond_loopback_needs_tls_and_tokens_or_an_explicit_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let any = format!("0.0.0.0:{port}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_actwatch"))
+        .args([
+            "serve",
+            "--listen",
+            &any,
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to listen") && stderr.contains("--allow-insecure"),
+        "{stderr}"
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_actwatch"))
+        .args([
+            "serve",
+            "--listen",
+            &any,
+            "--metrics-listen",
+            "off",
+            "--allow-insecure",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut served = false;
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = {
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{err}");
+        err
+    };
+    assert!(served, "{out}");
+    assert!(
+        out.contains("WARN") && out.contains("--allow-insecure"),
+        "{out}"
+    );
 }

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod fit;
 pub mod score;
 pub mod serve;
+pub mod token;
 
 use std::path::Path;
 

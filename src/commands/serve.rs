@@ -13,6 +13,10 @@ const BLOCKING_THREADS: usize = 64;
 /// Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish.
 pub fn run(a: ServeArgs) -> Result<()> {
     let config = ServeConfig::resolve(a)?;
+    let access = config.access()?;
+    // Everything the server creates (data directory, segments, artifacts, score logs) is the
+    // owner's alone: 0700 directories, 0600 files, whatever the caller's umask.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
@@ -22,6 +26,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        check_exposure(&listener, &access, config.allow_insecure)?;
         let metrics_listener = match &config.metrics_listen {
             None => None,
             Some(addr) => Some(
@@ -30,17 +35,51 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     .with_context(|| format!("cannot listen for metrics on {addr}"))?,
             ),
         };
-        actwatch_server::serve(
+        actwatch_server::serve_with_access(
             listener,
             metrics_listener,
             config.data_dir.clone(),
             config.limits.clone(),
+            access,
             shutdown_signal(),
         )
         .await
         .with_context(|| format!("serving {}", config.data_dir.display()))?;
         Ok(())
     })
+}
+
+/// On loopback anything goes. Beyond it, the API needs TLS and tokens, or `allow_insecure`
+/// (then a warning says what is missing).
+fn check_exposure(
+    listener: &tokio::net::TcpListener,
+    access: &actwatch_server::Access,
+    allow_insecure: bool,
+) -> Result<()> {
+    let addr = listener.local_addr().context("the listening address")?;
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    if access.tls.is_none() {
+        missing.push("TLS (--tls-cert, --tls-key)");
+    }
+    if access.tokens.is_empty() {
+        missing.push("tokens ([[tokens]] in --config; see `actwatch token`)");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let missing = missing.join(" and ");
+    if !allow_insecure {
+        anyhow::bail!(
+            "refusing to listen on {addr}, beyond loopback, without {missing}: anyone who can \
+             reach it could read, delete or poison every monitor. Configure them, or pass \
+             --allow-insecure to do it anyway"
+        );
+    }
+    tracing::warn!(%addr, missing = %missing, "listening beyond loopback without {missing} (--allow-insecure)");
+    Ok(())
 }
 
 /// Completes on the first SIGINT (Ctrl-C) or SIGTERM.

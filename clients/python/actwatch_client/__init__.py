@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ._streams import FlagWatch, IngestSession, ScoreStream
 from .client import Client
-from .errors import ActwatchError, ProvenanceMismatchWarning
+from .errors import ActwatchError, InsecureTokenWarning, ProvenanceMismatchWarning
 from .results import (
     ComputationScore,
     DetectorScore,
@@ -64,6 +64,7 @@ __all__ = [
     "FlagWatch",
     "IngestSession",
     "IngestSummary",
+    "InsecureTokenWarning",
     "JointFit",
     "KnnRecall",
     "LengthStratum",

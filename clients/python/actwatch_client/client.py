@@ -3,23 +3,27 @@
 Every call maps to one RPC of ``actwatch.v1.ActivationMonitor`` (see proto/actwatch/v1/actwatch.proto).
 Results come back as frozen dataclasses (``actwatch_client.results``); ``ScoreResult.traces_table()`` /
 ``computations_table()`` give numpy columns. Every gRPC failure is raised as :class:`ActwatchError`
-carrying the status code and the server's message. The streams (``ingest_session``, ``stream_scores``,
-``watch_flags``) are in ``actwatch_client._streams``.
+carrying the status code and the server's message (UNAUTHENTICATED: no token or an unknown one;
+PERMISSION_DENIED: a ``read`` token calling an admin RPC). The streams (``ingest_session``,
+``stream_scores``, ``watch_flags``) are in ``actwatch_client._streams``; TLS and the bearer token in
+``actwatch_client._channel``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import warnings
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Callable, Optional, TypeVar, Union
 
 import grpc
 
+from ._channel import BearerTokenInterceptor, TlsConfig, is_loopback
 from ._proto.actwatch.v1 import actwatch_pb2 as pb
 from ._rpc import ActivationMonitorStub, stub
 from ._streams import EarlyFlagCallback, FlagWatch, IngestSession, ScoreStream
-from .errors import ActwatchError, warn_provenance_conflicts
+from .errors import ActwatchError, InsecureTokenWarning, warn_provenance_conflicts
 from .results import (
     ComputationScore,
     FitPhase,
@@ -31,7 +35,7 @@ from .results import (
     ScoreResult,
 )
 from .tensors import as_batches, coerce_batch, trace_id_strings
-from .types import BatchesLike, ChannelOption, Labels, Timestamp, TraceId, TraceIds
+from .types import BatchesLike, ChannelOption, Labels, PemLike, Timestamp, TraceId, TraceIds
 
 __all__ = ["DEFAULT_ADDRESS", "DEFAULT_MAX_BATCH_BYTES", "Client"]
 
@@ -64,6 +68,22 @@ class Client:
 
     ``timeout`` is the deadline in seconds for unary calls (None: no deadline). Streams have none
     by default; pass ``timeout=`` to the stream methods. Use as a context manager or ``close()``.
+
+    Access control (see the README's "TLS and tokens"): ``token`` is sent as ``authorization: Bearer
+    <token>`` on every call (a server with tokens configured answers a missing or unknown one with
+    UNAUTHENTICATED, and a ``read`` token calling an admin RPC, CreateMonitor, DeleteMonitor,
+    IngestReference or Fit, with PERMISSION_DENIED; both raised as :class:`ActwatchError`). Sending it
+    without TLS to an address that is not loopback emits an :class:`InsecureTokenWarning`.
+
+    TLS is used with ``tls=True`` or when any of ``root_certificates`` (the CA to trust; None: grpc's
+    default roots), ``client_certificate`` and ``client_key`` (together: a client certificate, for
+    servers that require one) or ``server_name`` is given; each certificate or key is PEM, as bytes or
+    a file's path. ``server_name`` is the name the server's certificate is checked against when it
+    differs from the address's host (the ``grpc.ssl_target_name_override`` channel option).
+
+    ``channel``: a channel of the caller's to use instead (not closed by ``close()``); the token is
+    added to its calls, and TLS options are a ValueError (the channel has decided). ``options``:
+    further gRPC channel options.
     """
 
     def __init__(
@@ -74,33 +94,66 @@ class Client:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         channel: Optional[grpc.Channel] = None,
         options: Sequence[ChannelOption] = (),
+        token: Optional[str] = None,
+        tls: Optional[bool] = None,
+        root_certificates: Optional[PemLike] = None,
+        client_certificate: Optional[PemLike] = None,
+        client_key: Optional[PemLike] = None,
+        server_name: Optional[str] = None,
     ):
+        tls_config = TlsConfig(
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            server_name=server_name,
+        )
+        if channel is not None and (tls is not None or tls_config.given):
+            given = (["tls"] if tls is not None else []) + tls_config.given
+            raise ValueError(f"{', '.join(given)} cannot be used with channel= (the channel's credentials decide)")
+        interceptor = None if token is None else BearerTokenInterceptor(token)
+        if interceptor is not None and channel is None and not tls_config.enabled and not is_loopback(address):
+            warnings.warn(
+                f"the token is sent without TLS to {address}, which is not a loopback address; "
+                "pass tls=True or root_certificates= to encrypt it",
+                InsecureTokenWarning,
+                stacklevel=2,
+            )
         self.address = address
         self.timeout = timeout
         self.max_batch_bytes = max_batch_bytes
+        #: Whether this client made the channel (then ``close()`` closes it).
         self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(
-            address,
-            options=[
+        if channel is None:
+            opts: list[ChannelOption] = [
                 ("grpc.max_send_message_length", _MAX_MESSAGE),
                 ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                *tls_config.options(),
                 *options,
-            ],
-        )
+            ]
+            if tls_config.enabled:
+                channel = grpc.secure_channel(address, tls_config.credentials(), options=opts)
+            else:
+                channel = grpc.insecure_channel(address, options=opts)
+        #: The channel as made (or given), without the token: connectivity and ``close()``.
+        self._raw_channel: grpc.Channel = channel
+        #: The channel the calls go through (with the token's interceptor when there is a token).
+        self.channel: grpc.Channel = channel if interceptor is None else grpc.intercept_channel(channel, interceptor)
         self.stub: ActivationMonitorStub = stub(self.channel)
 
     # -- lifecycle
 
     def wait_ready(self, *, timeout: float = 10.0) -> None:
-        """Waits until the channel is connected (TimeoutError otherwise)."""
+        """Waits until the channel is connected (TimeoutError otherwise). With TLS, a failed handshake
+        (an untrusted server certificate, or a client certificate the server refuses) never connects."""
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+            grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise TimeoutError(f"actwatch server at {self.address} not reachable within {timeout} s") from None
 
     def close(self) -> None:
         if self._own_channel:
-            self.channel.close()
+            self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self

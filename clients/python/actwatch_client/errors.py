@@ -9,7 +9,7 @@ import grpc
 
 from .results import ProvenanceConflict
 
-__all__ = ["ActwatchError", "ProvenanceMismatchWarning"]
+__all__ = ["ActwatchError", "InsecureTokenWarning", "ProvenanceMismatchWarning"]
 
 
 class ActwatchError(Exception):
@@ -33,6 +33,13 @@ class ProvenanceMismatchWarning(UserWarning):
     with what its reference batches declared (``ScoreResult`` / ``TraceResults.provenance_warnings``
     say which site and field). Emitted once per site per ``score`` call or score stream; make it an
     error with ``warnings.simplefilter("error", ProvenanceMismatchWarning)``."""
+
+
+class InsecureTokenWarning(UserWarning):
+    """A ``Client`` sends its bearer token without TLS to an address that is not loopback: anyone on
+    the path can read it. Emitted once, when the client is built; pass ``tls=True`` (or
+    ``root_certificates=``) to the client, or make it an error with
+    ``warnings.simplefilter("error", InsecureTokenWarning)``."""
 
 
 def warn_provenance_conflicts(

@@ -8,6 +8,7 @@ a tensor is described structurally by :class:`TensorLike`, which ``torch.Tensor`
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional, Protocol, TypedDict, Union
 
@@ -25,6 +26,7 @@ __all__ = [
     "BatchesLike",
     "ChannelOption",
     "Labels",
+    "PemLike",
     "Positions",
     "Site",
     "TensorLike",
@@ -105,3 +107,7 @@ Timestamp = Union[int, float, _dt.datetime]
 
 #: A gRPC channel option, e.g. ``("grpc.keepalive_time_ms", 30000)``.
 ChannelOption = tuple[str, Union[str, int]]
+
+#: A PEM certificate or key (TLS options of ``Client``): its bytes, or the path of a PEM file (a str
+#: starting with ``-----BEGIN`` is taken as the PEM text itself).
+PemLike = Union[bytes, str, os.PathLike[str]]

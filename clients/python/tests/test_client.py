@@ -1,9 +1,10 @@
 """End-to-end tests of the client against the real server (`actwatch serve`) on loopback.
 
 The server binary is $ACTWATCH_BIN, default ../../target/debug/actwatch relative to clients/python
-(i.e. `cargo build` in the repository root). The tests skip, saying why, when that binary does not
-exist or has no `serve` subcommand yet; set ACTWATCH_REQUIRE_SERVER=1 to make that a failure. A
-binary that has `serve` but does not report SERVING on the gRPC health service is a failure.
+(i.e. `cargo build` in the repository root; started by tests/_server.py). The tests skip, saying why,
+when that binary does not exist or has no `serve` subcommand yet; set ACTWATCH_REQUIRE_SERVER=1 to make
+that a failure. A binary that has `serve` but does not report SERVING on the gRPC health service is a
+failure.
 
 Data: the MiniLM activations in ../../../shared/data/minilm (override: $ACTWATCH_MINILM_DIR).
 """
@@ -11,8 +12,6 @@ Data: the MiniLM activations in ../../../shared/data/minilm (override: $ACTWATCH
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import threading
 import time
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from _server import HERE, require_binary, running_server
 
 from actwatch_client import (
     ActwatchError,
@@ -34,97 +34,20 @@ from actwatch_client import (
     TraceResults,
 )
 
-HERE = Path(__file__).resolve().parent.parent  # clients/python
-BIN = Path(os.environ.get("ACTWATCH_BIN", HERE / "../../target/debug/actwatch")).resolve()
 DATA = Path(os.environ.get("ACTWATCH_MINILM_DIR", HERE / "../../../shared/data/minilm")).resolve()
-SERVICE = "actwatch.v1.ActivationMonitor"
 DEFAULT_FPR = 0.01  # MonitorSpec.fpr: 0 means 0.01
-STARTUP_TIMEOUT_S = 60
 FIT_TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------------------ the server
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _skip_or_fail(reason: str):
-    if os.environ.get("ACTWATCH_REQUIRE_SERVER"):
-        pytest.fail(reason + " (ACTWATCH_REQUIRE_SERVER is set)")
-    pytest.skip(reason)
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    last = "no answer"
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"actwatch serve exited with {proc.returncode} before serving:\n{_tail(log_path)}")
-            try:
-                resp = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            except grpc.RpcError as e:
-                last = f"{e.code().name}: {e.details()}"
-            time.sleep(0.2)
-    raise RuntimeError(
-        f"actwatch serve at {address} did not report {SERVICE!r} SERVING on grpc.health.v1.Health "
-        f"within {STARTUP_TIMEOUT_S} s (last: {last}):\n{_tail(log_path)}"
-    )
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "(no log)"
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """Starts `actwatch serve` on a free loopback port with an empty data directory; yields its address."""
-    if not BIN.exists():
-        _skip_or_fail(f"actwatch binary not found at {BIN}: run `cargo build` or set ACTWATCH_BIN")
-    try:
-        help_ = subprocess.run([str(BIN), "serve", "--help"], capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        _skip_or_fail(f"cannot run {BIN}: {e}")
-    if help_.returncode != 0:
-        _skip_or_fail(
-            f"{BIN} has no `serve` subcommand yet (the gRPC server is not built): "
-            f"{(help_.stderr.decode(errors='replace').strip().splitlines() or [''])[0][:200]}"
-        )
-
-    root = tmp_path_factory.mktemp("actwatch")
-    data_dir = root / "data"
-    data_dir.mkdir()
-    log_path = root / "server.log"
-    address = f"127.0.0.1:{_free_port()}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN), "serve", "--data-dir", str(data_dir), "--listen", address, "--metrics-listen", "off"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_serving(address, proc, log_path)
+    require_binary()
+    with running_server(tmp_path_factory.mktemp("actwatch")) as address:
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Optional
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -24,6 +26,7 @@ from actwatch_client import (
     FitReport,
     FlagEvent,
     IngestSummary,
+    InsecureTokenWarning,
     JointFit,
     MonitorInfo,
     ProbeFit,
@@ -152,6 +155,26 @@ def usage(client: Client, acts: npt.NDArray[np.float32], ids: list[str], id_arra
         print(e.code.name, e.message)
 
 
+def connect(ca: Path, token: str) -> list[Client]:
+    """TLS and tokens: PEM as bytes or paths (str, os.PathLike), a given channel with a token."""
+    warnings.simplefilter("error", InsecureTokenWarning)
+    return [
+        Client("127.0.0.1:50051", token=token),
+        Client("actwatch.internal:50051", token=token, root_certificates=ca),
+        Client("actwatch.internal:50051", token=token, root_certificates=str(ca), timeout=5.0),
+        Client(
+            "10.0.0.7:50051",
+            token=token,
+            root_certificates=ca.read_bytes(),
+            client_certificate="client.pem",
+            client_key=Path("client.key"),
+            server_name="actwatch.internal",
+        ),
+        Client("actwatch.example.com:443", tls=True, token=token),
+        Client(channel=grpc.insecure_channel("127.0.0.1:50051"), token=token),
+    ]
+
+
 def misuse(client: Client, acts: npt.NDArray[np.float32]) -> None:
     client.create_monitor("m", None, None, 0.01)  # type: ignore[call-arg]
     client.fit("m", print)  # type: ignore[call-arg]
@@ -169,6 +192,10 @@ def misuse(client: Client, acts: npt.NDArray[np.float32]) -> None:
     client.create_monitor("m", probes=[1])  # type: ignore[list-item]
     client.ingest_reference("m", [("2", acts, ["a"])], labels=0.5)  # type: ignore[arg-type]
     client.query_scores("m", flagged_by=True)  # type: ignore[arg-type]
+    Client("127.0.0.1:50051", token=b"secret")  # type: ignore[arg-type]
+    Client("127.0.0.1:50051", root_certificates=1)  # type: ignore[arg-type]
+    Client("127.0.0.1:50051", tls="yes")  # type: ignore[arg-type]
+    Client("127.0.0.1:50051", None, 2 << 20, None, (), "token")  # type: ignore[call-arg]
     info = client.get_monitor("m")
     info.fitted = True  # type: ignore[misc]
     info.sites[0].provenance.dtype = "float32"  # type: ignore[misc]

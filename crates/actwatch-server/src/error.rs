@@ -88,6 +88,9 @@ pub enum Error {
     /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The server's access configuration (TLS files, tokens) is unusable; it does not start.
+    #[error("access configuration: {0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -219,7 +222,9 @@ impl From<Error> for Status {
             Error::Pipeline(p) => pipeline_code(p),
             Error::Storage { source, .. } => io_code(source),
             Error::Corrupt { .. } | Error::MonitorDamaged { .. } => Code::DataLoss,
-            Error::Task(_) | Error::Transport(_) | Error::Reflection(_) => Code::Internal,
+            Error::Task(_) | Error::Transport(_) | Error::Reflection(_) | Error::Config(_) => {
+                Code::Internal
+            }
         };
         Status::new(code, e.to_string())
     }

@@ -12,6 +12,7 @@
 //! event and per rejected call, never per trace) and Prometheus counters in [`metrics`], served on
 //! a separate listener by [`serve`].
 
+mod access;
 mod convert;
 mod error;
 mod fit;
@@ -31,6 +32,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
+pub use access::{
+    token_digest, Access, Principal, Role, Tls, TokenEntry, Tokens, TLS_HANDSHAKE_TIMEOUT,
+};
 pub use error::{Error, Result, MAX_STATUS_MESSAGE_BYTES};
 pub use limits::*;
 
@@ -52,6 +56,29 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with_access(
+        listener,
+        metrics_listener,
+        data_dir,
+        limits,
+        Access::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`], with TLS and tokens as `access` says: every call but gRPC health then needs a
+/// token of the role it calls for ([`access`]), and connections are TLS (mutual TLS with a client
+/// CA), the handshake bounded by [`TLS_HANDSHAKE_TIMEOUT`].
+pub async fn serve_with_access(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    data_dir: impl Into<PathBuf>,
+    limits: Limits,
+    access: Access,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let tls = access.tls.as_ref().map(Tls::server_config).transpose()?;
     let (data, metrics) = open_data(data_dir.into(), limits.max_score_log_bytes).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let max_message_bytes = limits.max_message_bytes;
@@ -83,7 +110,13 @@ pub async fn serve(
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving actwatch.v1 (with health and reflection)");
+        tracing::info!(
+            %addr,
+            tls = access.tls.is_some(),
+            mutual_tls = access.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            tokens = !access.tokens.is_empty(),
+            "serving actwatch.v1 (with health and reflection)"
+        );
     }
 
     let signal = async move {
@@ -103,7 +136,15 @@ pub async fn serve(
         }
         conn
     });
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
+        .layer(access::AuthorizeLayer::new(
+            access.tokens,
+            rejections.clone(),
+        ))
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted(max_message_bytes, rejections),
         ))
