@@ -4,6 +4,8 @@
 //! artifact; restart and get the same answers; bad input answered with precise statuses while
 //! another stream keeps working.
 
+mod serve_process;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use actwatch_proto::encode_trace_batch;
 use actwatch_proto::v1::{self, fit_progress, stream_scores_request, stream_scores_response};
 use actwatch_server::Limits;
 use actwatch_testkit::server::{Client, TestServer};
+use serve_process::ServeProcess;
 use actwatch_testkit::{minilm, Rng};
 use arrow::array::AsArray;
 use tokio::net::TcpListener;
@@ -1065,97 +1068,6 @@ async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
     server.stop().await;
 }
 
-/// `actwatch serve`, the real binary, on a free loopback port.
-struct ServeProcess {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl ServeProcess {
-    async fn start(dir: &Path) -> Self {
-        Self::start_with(dir, &[], None).await
-    }
-
-    /// Starts the binary with more arguments, under an address-space limit (`ulimit -v`, in
-    /// bytes) when one is given.
-    async fn start_with(dir: &Path, args: &[&str], address_space: Option<u64>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut command = match address_space {
-            None => std::process::Command::new(env!("CARGO_BIN_EXE_actwatch")),
-            Some(bytes) => {
-                // exec: the child's pid is the server's
-                let mut sh = std::process::Command::new("sh");
-                sh.arg("-c")
-                    .arg(format!("ulimit -v {} && exec \"$0\" \"$@\"", bytes >> 10))
-                    .arg(env!("CARGO_BIN_EXE_actwatch"));
-                sh
-            }
-        };
-        let child = command
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", &addr, "--metrics-listen", "off"])
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..300 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                return Self { child, addr };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut child = child;
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("actwatch serve did not listen on {addr}");
-    }
-
-    async fn client(&self) -> Client {
-        actwatch_proto::v1::activation_monitor_client::ActivationMonitorClient::connect(format!(
-            "http://{}",
-            self.addr
-        ))
-        .await
-        .unwrap()
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20)
-    }
-
-    fn sigterm(&self) {
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
-    }
-
-    /// Waits for the process to exit and returns whether it exited cleanly.
-    async fn exit_ok(mut self) -> bool {
-        for _ in 0..1200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.success();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("actwatch serve did not exit within 60 s of SIGTERM");
-    }
-}
-
-impl Drop for ServeProcess {
-    /// A failing test never leaves a server running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The peak virtual memory (`VmPeak`, bytes) of a running process.
 fn vm_peak(pid: u32) -> u64 {
