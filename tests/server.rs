@@ -19,9 +19,9 @@ use actwatch_proto::encode_trace_batch;
 use actwatch_proto::v1::{self, fit_progress, stream_scores_request, stream_scores_response};
 use actwatch_server::Limits;
 use actwatch_testkit::server::{Client, TestServer};
-use serve_process::ServeProcess;
 use actwatch_testkit::{minilm, Rng};
 use arrow::array::AsArray;
+use serve_process::ServeProcess;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -1067,7 +1067,6 @@ async fn metrics_endpoint_counts_ingest_scores_flags_and_rejections() {
     drop(client);
     server.stop().await;
 }
-
 
 /// The peak virtual memory (`VmPeak`, bytes) of a running process.
 fn vm_peak(pid: u32) -> u64 {
