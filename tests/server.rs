@@ -2645,3 +2645,90 @@ async fn listening_beyond_loopback_needs_tls_and_tokens_or_an_explicit_flag() {
         "{out}"
     );
 }
+
+/// One client cannot starve the others (reliability issue: "one client holding 64 idle WatchFlags
+/// streams makes every other client's Fit, ingest and scoring fail; idle connections are never
+/// closed; 16 idle connections delay /metrics by 5 s each"). A client (one connection) is
+/// refused beyond `max_streams_per_client` naming it, while another client still watches,
+/// ingests and fits; a slot comes back when a stream ends; a connection that says nothing is
+/// closed after `handshake_timeout_seconds`; and /metrics answers at once beside 20 silent
+/// connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_starve_the_others() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_concurrent_streams: 8,
+        max_streams_per_client: 2,
+        handshake_timeout_seconds: 1,
+        ..Limits::default()
+    };
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    let server = TestServer::start_with_metrics(dir.path(), limits, Some(metrics_listener)).await;
+    let mut greedy = server.client().await;
+    let watch = || v1::WatchFlagsRequest::default();
+    let mut held = vec![
+        greedy.watch_flags(watch()).await.unwrap(),
+        greedy.watch_flags(watch()).await.unwrap(),
+    ];
+    let s = status_of(greedy.watch_flags(watch()).await);
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("max_streams_per_client"), "{s:?}");
+
+    // Another client, on its own connection, is not affected.
+    let mut other = server.client().await;
+    let _watching = other.watch_flags(watch()).await.unwrap();
+    create(&mut other, "m").await;
+    let reference = synthetic(600, 4)
+        .into_iter()
+        .map(|(site, ids, d, v)| encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+        .collect();
+    ingest(&mut other, "m", reference).await.unwrap();
+    let (_, report) = fit(&mut other, "m").await;
+    assert_eq!(report.reference_rows, 1200);
+
+    // A stream that ends gives its slot back.
+    drop(held.pop());
+    let mut reopened = None;
+    for _ in 0..100 {
+        match greedy.watch_flags(watch()).await {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(s) => {
+                assert!(s.message().contains("max_streams_per_client"), "{s:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert!(
+        reopened.is_some(),
+        "the ended stream's slot never came back"
+    );
+
+    // A connection that sends nothing is closed after the handshake timeout.
+    // (The server speaks first, its HTTP/2 settings: read until it closes.)
+    let mut silent = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut sink))
+        .await
+        .expect("the server closes a silent connection");
+    assert!(sink.len() < 1024, "{closed:?}, {} bytes", sink.len());
+
+    // Silent connections cannot keep a scrape waiting.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(metrics_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (head, body) =
+        tokio::time::timeout(Duration::from_secs(3), http_get(metrics_addr, "/metrics"))
+            .await
+            .expect("/metrics answers beside silent connections");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("actwatch_rejected_calls_total"), "{body}");
+    drop((idle, held, reopened, greedy, other));
+    server.stop().await;
+}

@@ -17,6 +17,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // Everything the server creates (data directory, segments, artifacts, score logs) is the
     // owner's alone: 0700 directories, 0600 files, whatever the caller's umask.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    raise_file_limit(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
@@ -80,6 +81,32 @@ fn check_exposure(
     }
     tracing::warn!(%addr, missing = %missing, "listening beyond loopback without {missing} (--allow-insecure)");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: every connection, segment and log is a
+/// descriptor, and `max_connections` must be reachable before the process runs out of them.
+/// Warns when it cannot be (the limit bounds connections then, and accepts fail and are logged).
+fn raise_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    // connections, plus room for the data directory's files and the runtime
+    let needed = max_connections as u64 + 256;
+    if let Some(files) = getrlimit(Resource::Nofile).current.filter(|&n| n < needed) {
+        tracing::warn!(
+            open_file_limit = files,
+            max_connections,
+            "the open-file limit is below max_connections + 256: it bounds connections first"
+        );
+    }
 }
 
 /// Completes on the first SIGINT (Ctrl-C) or SIGTERM.

@@ -174,13 +174,10 @@ pub struct Tls {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Seconds a TLS handshake may take before the connection is dropped: a client that connects
-/// and sends nothing holds a socket for at most this long.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl Tls {
-    /// Reads the PEM files into tonic's configuration.
-    pub fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig> {
+    /// Reads the PEM files into tonic's configuration; a handshake that takes longer than
+    /// `handshake` is dropped (`Limits::handshake_timeout_seconds`).
+    pub fn server_config(&self, handshake: Duration) -> Result<tonic::transport::ServerTlsConfig> {
         let read = |what: &str, path: &PathBuf| {
             std::fs::read(path).map_err(|e| {
                 Error::Config(format!("cannot read TLS {what} {}: {e}", path.display()))
@@ -192,7 +189,7 @@ impl Tls {
         );
         let mut config = tonic::transport::ServerTlsConfig::new()
             .identity(identity)
-            .timeout(TLS_HANDSHAKE_TIMEOUT);
+            .timeout(handshake);
         if let Some(ca) = &self.client_ca {
             config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
                 "client_ca",

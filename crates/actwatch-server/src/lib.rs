@@ -13,6 +13,7 @@
 //! a separate listener by [`serve`].
 
 mod access;
+mod connections;
 mod convert;
 mod error;
 mod fit;
@@ -29,18 +30,20 @@ use std::time::Duration;
 
 use actwatch_proto::v1::activation_monitor_server::ActivationMonitorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 
-pub use access::{
-    token_digest, Access, Principal, Role, Tls, TokenEntry, Tokens, TLS_HANDSHAKE_TIMEOUT,
-};
+pub use access::{token_digest, Access, Principal, Role, Tls, TokenEntry, Tokens};
 pub use error::{Error, Result, MAX_STATUS_MESSAGE_BYTES};
 pub use limits::*;
 
 use crate::metrics::Metrics;
 use crate::service::ActivationMonitorService;
 use crate::storage::DataDir;
+
+/// How often the server pings an HTTP/2 connection, and how long it waits for the answer before
+/// closing it: a peer that vanished (no FIN, no RST) frees its connection and streams within
+/// about a minute.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves the API, gRPC health (`grpc.health.v1`, SERVING) and reflection (v1 and v1alpha) on
 /// `listener`, and Prometheus metrics (`GET /metrics`, text format 0.0.4) on `metrics_listener`
@@ -69,7 +72,9 @@ pub async fn serve(
 
 /// [`serve`], with TLS and tokens as `access` says: every call but gRPC health then needs a
 /// token of the role it calls for ([`access`]), and connections are TLS (mutual TLS with a client
-/// CA), the handshake bounded by [`TLS_HANDSHAKE_TIMEOUT`].
+/// CA). Either way, connections are bounded ([`connections`]): at most `max_connections`, each
+/// closed if it says nothing (or does not finish its TLS handshake) within
+/// `handshake_timeout_seconds`, and HTTP/2 keepalive pings drop peers that stopped answering.
 pub async fn serve_with_access(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -78,7 +83,13 @@ pub async fn serve_with_access(
     access: Access,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let tls = access.tls.as_ref().map(Tls::server_config).transpose()?;
+    let handshake = Duration::from_secs(limits.handshake_timeout_seconds.max(1));
+    let max_connections = limits.max_connections.max(1);
+    let tls = access
+        .tls
+        .as_ref()
+        .map(|t| t.server_config(handshake))
+        .transpose()?;
     let (data, metrics) = open_data(data_dir.into(), limits.max_score_log_bytes).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let max_message_bytes = limits.max_message_bytes;
@@ -127,16 +138,10 @@ pub async fn serve_with_access(
             .await;
         let _ = stop_tx.send(true);
     };
-    // Small responses must not wait for the peer's delayed ACK (Nagle): score latency is the product.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            if let Err(e) = c.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
-            }
-        }
-        conn
-    });
-    let mut builder = tonic::transport::Server::builder();
+    let incoming = connections::bounded(listener, max_connections, handshake);
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

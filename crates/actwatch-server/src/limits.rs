@@ -13,6 +13,16 @@ pub const DEFAULT_MAX_SITE_NAME_BYTES: usize = 128;
 pub const DEFAULT_MAX_TRACE_ID_BYTES: usize = 256;
 /// Most streaming calls (IngestReference, Fit, StreamScores, WatchFlags) open at once.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: usize = 64;
+/// Most streaming calls one client holds open at once: the token's principal when tokens are
+/// configured, else one connection. A quarter of the server's, so one client cannot starve the rest.
+pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 16;
+/// Seconds a new connection has to complete its TLS handshake, or without TLS to send its first
+/// bytes (the HTTP/2 preface), before it is closed: a client that connects and says nothing holds
+/// a socket for at most this long.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECONDS: u64 = 10;
+/// Most connections open at once; a connection beyond is closed at accept and logged. `actwatch
+/// serve` raises its file-descriptor limit to the hard limit and warns when that is below this.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Most fits that run at once (each on a thread of its own, beside the compute pool); a fit
 /// beyond waits for one to finish before it starts.
 pub const DEFAULT_MAX_CONCURRENT_FITS: usize = 2;
@@ -54,6 +64,12 @@ pub struct Limits {
     pub max_trace_id_bytes: usize,
     /// [`DEFAULT_MAX_CONCURRENT_STREAMS`].
     pub max_concurrent_streams: usize,
+    /// [`DEFAULT_MAX_STREAMS_PER_CLIENT`].
+    pub max_streams_per_client: usize,
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT_SECONDS`].
+    pub handshake_timeout_seconds: u64,
+    /// [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
     /// [`DEFAULT_MAX_CONCURRENT_FITS`].
     pub max_concurrent_fits: usize,
     /// [`DEFAULT_MAX_OPEN_COMPUTATIONS`].
@@ -82,6 +98,9 @@ impl Default for Limits {
             max_site_name_bytes: DEFAULT_MAX_SITE_NAME_BYTES,
             max_trace_id_bytes: DEFAULT_MAX_TRACE_ID_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
+            handshake_timeout_seconds: DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_fits: DEFAULT_MAX_CONCURRENT_FITS,
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
             max_joint_pending_bytes: DEFAULT_MAX_JOINT_PENDING_BYTES,

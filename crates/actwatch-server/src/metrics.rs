@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tonic::Code;
 
 /// Upper bounds (seconds) of the `actwatch_score_latency_seconds` buckets: 100 µs to 10 s.
@@ -27,7 +27,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// How long a scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Metrics connections served at once; more wait in the listen backlog.
+/// Metrics connections open at once; beyond, the oldest still silent one is closed.
 const MAX_CONNECTIONS: usize = 16;
 
 /// Counters of one monitor.
@@ -377,24 +377,42 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Each open connection, and whether its request has arrived. When all MAX_CONNECTIONS are
+    // open, the oldest one still waiting for its request is closed to make room: connections
+    // that say nothing cannot keep a scrape waiting.
+    let mut open: std::collections::VecDeque<(tokio::task::AbortHandle, Arc<AtomicBool>)> =
+        std::collections::VecDeque::new();
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         match accepted {
             Ok((stream, _)) => {
+                open.retain(|(task, _)| !task.is_finished());
+                if open.len() >= MAX_CONNECTIONS {
+                    match open
+                        .iter()
+                        .position(|(_, asked)| !asked.load(Ordering::Relaxed))
+                    {
+                        Some(idle) => {
+                            if let Some((task, _)) = open.remove(idle) {
+                                task.abort();
+                            }
+                        }
+                        // every connection is being answered: this one waits its turn elsewhere
+                        None => continue,
+                    }
+                }
+                let asked = Arc::new(AtomicBool::new(false));
                 let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = respond(stream, &metrics).await {
+                let flag = asked.clone();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = respond(stream, &metrics, &flag).await {
                         tracing::debug!(error = %e, "metrics request failed");
                     }
                 });
+                open.push_back((task.abort_handle(), asked));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -405,7 +423,11 @@ pub async fn serve_metrics(
     }
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    asked: &AtomicBool,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let read_head = async {
         let mut chunk = [0u8; 1024];
@@ -422,6 +444,7 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
         Ok(r) => r?,
         Err(_) => return Ok(()),
     }
+    asked.store(true, Ordering::Relaxed);
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));

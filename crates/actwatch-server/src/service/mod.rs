@@ -51,6 +51,8 @@ pub struct ActivationMonitorService {
     limits: Arc<Limits>,
     /// One permit per open streaming call; a call that finds none is refused, never queued.
     streams: Arc<Semaphore>,
+    /// Streaming calls open per client, bounded by `max_streams_per_client`.
+    clients: ClientStreams,
     /// One permit per running fit; a fit that finds none waits for one.
     fits: Arc<Semaphore>,
     /// Flagged computations, fanned out to watchers.
@@ -60,6 +62,65 @@ pub struct ActivationMonitorService {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Counters scraped on `/metrics`.
     metrics: Arc<Metrics>,
+}
+
+/// Who a streaming call counts against for `max_streams_per_client`: the token's principal when
+/// tokens are configured, else the connection (its peer address).
+fn client_of<T>(request: &Request<T>) -> String {
+    match request.extensions().get::<crate::access::Principal>() {
+        Some(p) => format!("token {}", p.name),
+        None => request
+            .remote_addr()
+            .map_or_else(|| "an unknown peer".into(), |a| format!("connection {a}")),
+    }
+}
+
+/// Streaming calls open per client ([`client_of`]); an entry is removed when its last call ends,
+/// so the map holds at most `max_concurrent_streams` entries.
+type ClientStreams = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// One of a client's `max_streams_per_client`, given back on drop.
+#[derive(Debug)]
+struct ClientSlot {
+    clients: ClientStreams,
+    client: String,
+}
+
+impl ClientSlot {
+    fn take(clients: &ClientStreams, client: String, max: usize) -> Option<Self> {
+        let mut open = clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(client.clone()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                open.remove(&client);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            clients: clients.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Held for the life of a streaming call.
+#[derive(Debug)]
+pub(super) struct StreamPermit {
+    _global: OwnedSemaphorePermit,
+    _client: ClientSlot,
 }
 
 /// Disk work (and fits, under their own semaphore) on tokio's blocking threads.
@@ -114,6 +175,7 @@ impl ActivationMonitorService {
         Self {
             data,
             streams: Arc::new(Semaphore::new(limits.max_concurrent_streams)),
+            clients: ClientStreams::default(),
             fits: Arc::new(Semaphore::new(limits.max_concurrent_fits.max(1))),
             limits: Arc::new(limits),
             flags,
@@ -203,15 +265,30 @@ impl ActivationMonitorService {
         }
     }
 
-    fn stream_permit(&self) -> Result<OwnedSemaphorePermit> {
-        self.streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::LimitExceeded {
-                limit: "max_concurrent_streams",
-                max: self.limits.max_concurrent_streams as u64,
-                detail: "too many streaming calls are open; retry later".into(),
-            })
+    /// A permit for one streaming call of `client` ([`client_of`]): one of the server's
+    /// `max_concurrent_streams`, and one of the client's `max_streams_per_client`, so one client
+    /// holding idle streams cannot take every slot from the others. Refused, never queued.
+    fn stream_permit(&self, client: String) -> Result<StreamPermit> {
+        let slot = ClientSlot::take(&self.clients, client, self.limits.max_streams_per_client)
+            .ok_or_else(|| Error::LimitExceeded {
+                limit: "max_streams_per_client",
+                max: self.limits.max_streams_per_client as u64,
+                detail: "this client has too many streaming calls open; close one or retry later"
+                    .into(),
+            })?;
+        let global =
+            self.streams
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Error::LimitExceeded {
+                    limit: "max_concurrent_streams",
+                    max: self.limits.max_concurrent_streams as u64,
+                    detail: "too many streaming calls are open; retry later".into(),
+                })?;
+        Ok(StreamPermit {
+            _global: global,
+            _client: slot,
+        })
     }
 
     /// Checks what a batch declares against the limits before it is decoded (before any memory is
@@ -408,7 +485,7 @@ impl ActivationMonitor for ActivationMonitorService {
         request: Request<Streaming<v1::IngestReferenceRequest>>,
     ) -> Result<Response<v1::IngestReferenceSummary>, Status> {
         self.observed("IngestReference", async move {
-            let _permit = self.stream_permit()?;
+            let _permit = self.stream_permit(client_of(&request))?;
             let mut inbound = request.into_inner();
             let mut shutdown = self.shutdown.clone();
             let mut stream = IngestStream::default();
@@ -440,12 +517,13 @@ impl ActivationMonitor for ActivationMonitorService {
         request: Request<v1::FitRequest>,
     ) -> Result<Response<Self::FitStream>, Status> {
         self.observed("Fit", async move {
+            let client = client_of(&request);
             let v1::FitRequest {
                 monitor,
                 incremental,
             } = request.into_inner();
             let entry = self.data.get(&monitor)?;
-            let permit = self.stream_permit()?;
+            let permit = self.stream_permit(client)?;
             let guard = entry
                 .fit_lock
                 .clone()
@@ -586,7 +664,7 @@ impl ActivationMonitor for ActivationMonitorService {
     ) -> Result<Response<Self::StreamScoresStream>, Status> {
         self.observed("StreamScores", async move {
             use v1::stream_scores_request::Event as In;
-            let permit = self.stream_permit()?;
+            let permit = self.stream_permit(client_of(&request))?;
             let mut inbound = request.into_inner();
             let mut shutdown = self.shutdown.clone();
             let first = self
@@ -642,11 +720,12 @@ impl ActivationMonitor for ActivationMonitorService {
         request: Request<v1::WatchFlagsRequest>,
     ) -> Result<Response<Self::WatchFlagsStream>, Status> {
         self.observed("WatchFlags", async move {
+            let client = client_of(&request);
             let v1::WatchFlagsRequest {
                 monitors,
                 max_p_value,
             } = request.into_inner();
-            let permit = self.stream_permit()?;
+            let permit = self.stream_permit(client)?;
             let filter = watch::FlagFilter {
                 monitors: monitors.into_iter().collect(),
                 max_p_value,
