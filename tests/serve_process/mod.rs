@@ -1,5 +1,8 @@
 //! Shared by the integration tests: `actwatch serve`, the real binary, as a child process.
 
+// Each test file that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::time::Duration;
 
