@@ -2005,6 +2005,25 @@ async fn hostile_specs_are_refused_at_create_and_echoes_are_capped() {
         st.message().len()
     );
     assert!(st.message().ends_with("more bytes cut)"));
+    // specs that could never fit, or only at absurd cost, are refused at create, naming the bound
+    for (spec, needle) in [
+        ("knn:k=1000000", "k must be in 1..=1024"),
+        ("knn:m=100000", "hnsw_m must be in 2..=256"),
+        (
+            "knn:ef_search=10000000",
+            "hnsw_ef_search must be in 1..=65536",
+        ),
+        (
+            "knn:ef_construction=10000000",
+            "hnsw_ef_construction must be in 1..=65536",
+        ),
+    ] {
+        let st = status_of(create(vec![spec.into()]).await);
+        assert_eq!(st.code(), Code::InvalidArgument, "{spec}: {st:?}");
+        assert!(st.message().contains(needle), "{spec}: {}", st.message());
+    }
+    let st = status_of(create(vec!["knn:k=5".into(), "knn:k=5".into()]).await);
+    assert!(st.message().contains("listed twice"), "{}", st.message());
     // and the server is fine
     let ok = create(vec!["gaussian".into()]).await.unwrap().into_inner();
     assert_eq!(ok.name, "hostile");

@@ -44,6 +44,12 @@ pub const DEFAULT_HNSW_EF_SEARCH: usize = 64;
 
 /// Largest `hnsw_m` hnsw_rs accepts (it exits the process beyond that, so we refuse first).
 const HNSW_M_MAX: usize = 256;
+/// Largest `k`: kNN scores in the literature use k of 1 to 50; a k in the thousands measures the
+/// density of the whole reference set, not a neighbourhood, and costs k per query.
+pub const K_MAX: usize = 1024;
+/// Largest `hnsw_ef_construction` / `hnsw_ef_search`: the candidate list of one insertion or
+/// query; beyond a few thousand an exact search is cheaper.
+pub const HNSW_EF_MAX: usize = 65_536;
 /// hnsw_rs layer count (its own cap).
 const HNSW_MAX_LAYER: usize = 16;
 /// Queries per GEMM tile (fewer when a batch is small, so that every core gets a block).
@@ -105,8 +111,11 @@ impl Default for KnnOptions {
 impl KnnOptions {
     /// Checks every option is in range ([`Error::InvalidOption`] otherwise).
     pub fn validate(&self) -> Result<()> {
-        if self.k == 0 {
-            return Err(Error::InvalidOption("knn: k must be at least 1".into()));
+        if !(1..=K_MAX).contains(&self.k) {
+            return Err(Error::InvalidOption(format!(
+                "knn: k must be in 1..={K_MAX}, got {}",
+                self.k
+            )));
         }
         if !(2..=HNSW_M_MAX).contains(&self.hnsw_m) {
             return Err(Error::InvalidOption(format!(
@@ -120,10 +129,15 @@ impl KnnOptions {
                 self.max_references, self.k
             )));
         }
-        if self.hnsw_ef_construction == 0 || self.hnsw_ef_search == 0 {
-            return Err(Error::InvalidOption(
-                "knn: hnsw_ef_construction and hnsw_ef_search must be at least 1".into(),
-            ));
+        for (name, ef) in [
+            ("hnsw_ef_construction", self.hnsw_ef_construction),
+            ("hnsw_ef_search", self.hnsw_ef_search),
+        ] {
+            if !(1..=HNSW_EF_MAX).contains(&ef) {
+                return Err(Error::InvalidOption(format!(
+                    "knn: {name} must be in 1..={HNSW_EF_MAX}, got {ef}"
+                )));
+            }
         }
         Ok(())
     }
