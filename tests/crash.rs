@@ -230,31 +230,6 @@ async fn sigkill_loses_nothing_acknowledged() {
             .unwrap()
             .into_inner();
         assert!(info.damaged.is_empty(), "kill {kill}: {}", info.damaged);
-        let mut l = ledger.lock().unwrap();
-
-        // Reference rows: the acknowledged ones, plus at most the ingest in flight.
-        let rows = info.reference_rows;
-        assert!(
-            rows == l.acked_rows || rows == l.acked_rows + l.inflight_rows,
-            "kill {kill}: {rows} reference rows, {} acknowledged, {} in flight",
-            l.acked_rows,
-            l.inflight_rows
-        );
-        l.acked_rows = rows;
-        l.inflight_rows = 0;
-
-        // Fit version: the last acknowledged one, or the fit in flight.
-        let served = info.fit_version;
-        assert!(
-            served == l.acked_fit_version || (l.fit_inflight && served > l.acked_fit_version),
-            "kill {kill}: fit version {served} served, {} acknowledged (a fit in flight: {})",
-            l.acked_fit_version,
-            l.fit_inflight
-        );
-        l.acked_fit_version = served;
-        l.fit_inflight = false;
-
-        // Every acknowledged result reads back whole and equal; only the call in flight adds.
         let logged = client
             .query_scores(v1::QueryScoresRequest {
                 monitor: MONITOR.into(),
@@ -265,40 +240,67 @@ async fn sigkill_loses_nothing_acknowledged() {
             .unwrap()
             .into_inner()
             .results;
-        let mut read_back: HashMap<&str, &v1::ComputationScore> = HashMap::new();
-        for r in &logged {
-            read_back.insert(r.trace_id.as_str(), r);
-        }
-        for (id, &(p, flagged, version)) in &l.scores {
-            let r = read_back
-                .get(id.as_str())
-                .unwrap_or_else(|| panic!("kill {kill}: acknowledged result {id} lost"));
-            assert_eq!(
-                (r.p_value, r.flagged, r.fit_version),
-                (p, flagged, version),
-                "kill {kill}: {id}"
-            );
-        }
-        let probe_ids: Vec<&str> = logged
-            .iter()
-            .map(|r| r.trace_id.as_str())
-            .filter(|id| id.starts_with("probe-"))
-            .collect();
-        for r in &logged {
-            let id = r.trace_id.as_str();
+        let served = {
+            let mut l = ledger.lock().unwrap();
+
+            // Reference rows: the acknowledged ones, plus at most the ingest in flight.
+            let rows = info.reference_rows;
             assert!(
-                l.scores.contains_key(id)
-                    || l.inflight_scores.iter().any(|i| i == id)
-                    || probe_ids.contains(&id),
-                "kill {kill}: {id} read back but never acknowledged"
+                rows == l.acked_rows || rows == l.acked_rows + l.inflight_rows,
+                "kill {kill}: {rows} reference rows, {} acknowledged, {} in flight",
+                l.acked_rows,
+                l.inflight_rows
             );
-        }
-        for id in std::mem::take(&mut l.inflight_scores) {
-            if let Some(r) = read_back.get(id.as_str()) {
-                l.scores.insert(id, (r.p_value, r.flagged, r.fit_version));
+            l.acked_rows = rows;
+            l.inflight_rows = 0;
+
+            // Fit version: the last acknowledged one, or the fit in flight.
+            let served = info.fit_version;
+            assert!(
+                served == l.acked_fit_version || (l.fit_inflight && served > l.acked_fit_version),
+                "kill {kill}: fit version {served} served, {} acknowledged (a fit in flight: {})",
+                l.acked_fit_version,
+                l.fit_inflight
+            );
+            l.acked_fit_version = served;
+            l.fit_inflight = false;
+
+            // Every acknowledged result reads back whole and equal; only the call in flight adds.
+            let mut read_back: HashMap<&str, &v1::ComputationScore> = HashMap::new();
+            for r in &logged {
+                read_back.insert(r.trace_id.as_str(), r);
             }
-        }
-        drop(l);
+            for (id, &(p, flagged, version)) in &l.scores {
+                let r = read_back
+                    .get(id.as_str())
+                    .unwrap_or_else(|| panic!("kill {kill}: acknowledged result {id} lost"));
+                assert_eq!(
+                    (r.p_value, r.flagged, r.fit_version),
+                    (p, flagged, version),
+                    "kill {kill}: {id}"
+                );
+            }
+            let probe_ids: Vec<&str> = logged
+                .iter()
+                .map(|r| r.trace_id.as_str())
+                .filter(|id| id.starts_with("probe-"))
+                .collect();
+            for r in &logged {
+                let id = r.trace_id.as_str();
+                assert!(
+                    l.scores.contains_key(id)
+                        || l.inflight_scores.iter().any(|i| i == id)
+                        || probe_ids.contains(&id),
+                    "kill {kill}: {id} read back but never acknowledged"
+                );
+            }
+            for id in std::mem::take(&mut l.inflight_scores) {
+                if let Some(r) = read_back.get(id.as_str()) {
+                    l.scores.insert(id, (r.p_value, r.flagged, r.fit_version));
+                }
+            }
+            served
+        };
 
         // The served model is the one fitted as the served version.
         let mut probe_now = probe.clone();
@@ -326,8 +328,9 @@ async fn sigkill_loses_nothing_acknowledged() {
     }
 
     restarts.sort_by(f64::total_cmp);
-    let l = ledger.lock().unwrap();
-    eprintln!(
+    {
+        let l = ledger.lock().unwrap();
+        eprintln!(
         "crash loop (seed {seed}): {kills} SIGKILLs survived; {} reference rows, fit version {}, \
          {} fit versions checked, {} acknowledged results read back equal; restart median \
          {:.2} s, max {:.2} s",
@@ -338,7 +341,7 @@ async fn sigkill_loses_nothing_acknowledged() {
         restarts[restarts.len() / 2],
         restarts[restarts.len() - 1],
     );
-    drop(l);
+    }
     server.sigterm();
     assert!(server.exit_ok().await);
 }
