@@ -2562,6 +2562,47 @@ async fn tls_tokens_and_roles_guard_every_call() {
         .expect("a plaintext client gets an answer or an error, not a hang");
     assert!(plaintext.is_err(), "a plaintext call went through");
 
+    // The audit log: who did what to which monitor, with the data's digest; a failed admin call
+    // too; nothing for the calls refused before any handler (they changed nothing).
+    let status = admin
+        .create_monitor(v1::CreateMonitorRequest {
+            name: "bad name".into(),
+            spec: None,
+        })
+        .await;
+    assert_eq!(status_of(status).code(), Code::InvalidArgument);
+    let audit = std::fs::read_to_string(data.join(actwatch_server::AUDIT_FILE)).unwrap();
+    let entries: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary: Vec<(String, String, String, String)> = entries
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("action"), s("principal"), s("monitor"), s("outcome"))
+        })
+        .collect();
+    let row = |a: &str, m: &str, o: &str| (a.into(), "ops".into(), m.into(), o.into());
+    assert_eq!(
+        summary,
+        [
+            row("create", "m", "OK"),
+            row("ingest", "m", "OK"),
+            row("fit", "m", "OK"),
+            row("create", "bad name", "INVALID_ARGUMENT"),
+        ],
+        "{audit}"
+    );
+    let ingest = &entries[1];
+    assert_eq!(ingest["rows"], 1200);
+    assert_eq!(ingest["role"], "admin");
+    assert_eq!(ingest["sha256"].as_str().unwrap().len(), 64);
+    assert!(ingest["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(ingest["at_unix_ms"].as_i64().unwrap() > 1_700_000_000_000);
+    assert_eq!(entries[2]["fit_version"], 1);
+    assert!(entries[3]["error"].as_str().unwrap().contains("bad name"));
+
     // Files 0600, directories 0700.
     use std::os::unix::fs::PermissionsExt;
     let mut stack = vec![data.clone()];

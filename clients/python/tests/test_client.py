@@ -1082,3 +1082,22 @@ def test_torch_hook_ingests_labelled_examples(client, torch):
     finally:
         for n in (name, tokens_name):
             client.delete_monitor(n)
+
+
+def test_bytes_that_are_no_request_are_invalid_argument(client):
+    """Bytes that do not decode as the call's protobuf message are the client's fault: INVALID_ARGUMENT
+    on unary and streaming calls alike (tonic's own answer, INTERNAL, blamed the server), and the server
+    keeps serving."""
+    garbage = b"\xff\xff\xff\x0f\x01"  # wire type 7 does not exist
+    calls = {
+        "GetMonitor": lambda m: client.channel.unary_unary(m)(garbage, timeout=10),
+        "Score": lambda m: client.channel.unary_unary(m)(garbage, timeout=10),
+        "IngestReference": lambda m: client.channel.stream_unary(m)(iter([garbage]), timeout=10),
+        "StreamScores": lambda m: list(client.channel.stream_stream(m)(iter([garbage]), timeout=10)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            call(f"/actwatch.v1.ActivationMonitor/{name}")
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, raised.value.details())
+        assert "malformed request" in raised.value.details(), (name, raised.value.details())
+    assert isinstance(client.list_monitors(), list)

@@ -136,6 +136,32 @@ pub fn save_monitor(
     reference: &ReferenceSummary,
     out: &Path,
 ) -> Result<Manifest> {
+    save_monitor_with(monitor, reference, out, &[])
+}
+
+/// [`save_monitor`], with `extra` files (name, bytes) written into the directory before it is
+/// renamed into place, so they are installed in the same atomic step as the monitor: what a
+/// caller records about the fit (the server's fit version) can never be older or newer than the
+/// monitor beside it. The loader ignores them; a name must be a plain file name other than the
+/// manifest's and the blobs'.
+pub fn save_monitor_with(
+    monitor: &Monitor,
+    reference: &ReferenceSummary,
+    out: &Path,
+    extra: &[(&str, &[u8])],
+) -> Result<Manifest> {
+    for (name, _) in extra {
+        if name.is_empty()
+            || name.contains(['/', '\\'])
+            || name.starts_with('.')
+            || *name == MANIFEST
+            || name.ends_with(".bin")
+        {
+            return Err(Error::Artifact(format!(
+                "{name:?} cannot be an extra file of a monitor directory"
+            )));
+        }
+    }
     let parent = durable::parent_dir(out);
     fs::create_dir_all(parent).map_err(io_err(parent))?;
     if out.file_name().is_none() {
@@ -196,6 +222,9 @@ pub fn save_monitor(
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        for (name, bytes) in extra {
+            write_synced(&tmp.join(name), bytes)?;
+        }
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
             format_version: if probes.is_empty() {
@@ -244,17 +273,28 @@ fn read_blob(dir: &Path, entry: &BlobEntry) -> Result<Vec<u8>> {
         )));
     }
     let path = dir.join(&entry.file);
-    let mut bytes = Vec::with_capacity(entry.bytes as usize);
-    File::open(&path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| Error::Artifact(format!("{}: cannot read blob: {e}", path.display())))?;
-    if bytes.len() as u64 != entry.bytes || sha256_hex(&bytes) != entry.sha256 {
-        return Err(Error::Artifact(format!(
-            "{}: checksum mismatch ({} bytes, expected {}): the monitor is corrupt or half-written; refit it",
+    let unreadable =
+        |e: std::io::Error| Error::Artifact(format!("{}: cannot read blob: {e}", path.display()));
+    let mismatch = |got: u64| {
+        Error::Artifact(format!(
+            "{}: checksum mismatch ({got} bytes, expected {}): the monitor is corrupt or half-written; refit it",
             path.display(),
-            bytes.len(),
             entry.bytes
-        )));
+        ))
+    };
+    let file = File::open(&path).map_err(unreadable)?;
+    // The manifest's size is believed only once the file agrees with it (it may say anything:
+    // nothing is allocated for it before), and reading stops just past it.
+    let len = file.metadata().map_err(unreadable)?.len();
+    if len != entry.bytes {
+        return Err(mismatch(len));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(entry.bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 != entry.bytes || sha256_hex(&bytes) != entry.sha256 {
+        return Err(mismatch(bytes.len() as u64));
     }
     Ok(bytes)
 }

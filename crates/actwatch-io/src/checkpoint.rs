@@ -77,7 +77,11 @@ pub fn save_checkpoint(checkpoint: &FitCheckpoint, path: &Path) -> Result<()> {
     w.write_all(&CHECKPOINT_VERSION.to_le_bytes()).map_err(io)?;
     codec()
         .serialize_into(&mut w, checkpoint)
-        .map_err(|e| Error::Artifact(format!("cannot encode the fit checkpoint: {e}")))?;
+        .map_err(|e| match *e {
+            // The file could not be written (a full disk, say): an io error, not a bad checkpoint.
+            bincode::ErrorKind::Io(source) => io(source),
+            e => Error::Artifact(format!("cannot encode the fit checkpoint: {e}")),
+        })?;
     let digest = w.hasher.finalize_reset();
     let mut file = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
     file.write_all(&digest).map_err(io)?;

@@ -3,6 +3,7 @@
 //! captured traces alike).
 
 use std::collections::BTreeMap;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
+use sha2::{Digest, Sha256};
 
 use crate::durable::AtomicFile;
 use crate::provenance::{FileProvenance, PROVENANCE_KEY};
@@ -35,13 +37,40 @@ pub fn default_writer_properties() -> WriterProperties {
         .build()
 }
 
+/// The file under an [`AtomicParquetWriter`], hashing what goes into it when asked to: the
+/// Parquet writer only appends, so the bytes written here are the file's bytes, in order, and
+/// the file's checksum costs no second read.
+struct HashedFile {
+    file: AtomicFile,
+    hasher: Option<Sha256>,
+}
+
+impl Write for HashedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Lowercase hex of a SHA-256 digest.
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Writes a Parquet file atomically through [`AtomicFile`]: under a temporary name, then fsync,
 /// rename onto `path` and fsync of the directory in [`AtomicParquetWriter::finish`]. Dropped
 /// without `finish`, it removes the temporary file and leaves `path` untouched. Schema-agnostic:
 /// writes whatever batches it is given (they must match the schema it was created with).
 pub struct AtomicParquetWriter {
     path: PathBuf,
-    writer: ArrowWriter<AtomicFile>,
+    writer: ArrowWriter<HashedFile>,
     rows: u64,
 }
 
@@ -66,8 +95,29 @@ impl AtomicParquetWriter {
         schema: SchemaRef,
         props: WriterProperties,
     ) -> Result<Self> {
-        let path = path.into();
-        let file = AtomicFile::create(&path)?;
+        Self::create_inner(path.into(), schema, props, false)
+    }
+
+    /// [`AtomicParquetWriter::create_with_properties`], hashing the file's bytes as they are
+    /// written: [`AtomicParquetWriter::finish_hashed`] returns their SHA-256.
+    pub fn create_hashed(
+        path: impl Into<PathBuf>,
+        schema: SchemaRef,
+        props: WriterProperties,
+    ) -> Result<Self> {
+        Self::create_inner(path.into(), schema, props, true)
+    }
+
+    fn create_inner(
+        path: PathBuf,
+        schema: SchemaRef,
+        props: WriterProperties,
+        hash: bool,
+    ) -> Result<Self> {
+        let file = HashedFile {
+            file: AtomicFile::create(&path)?,
+            hasher: hash.then(Sha256::new),
+        };
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| Error::parquet(&path, e))?;
         Ok(Self {
@@ -104,12 +154,31 @@ impl AtomicParquetWriter {
 
     /// Writes the footer and commits the file ([`AtomicFile::commit`]). Returns the rows written.
     pub fn finish(self) -> Result<u64> {
+        self.finish_inner().map(|(rows, _)| rows)
+    }
+
+    /// [`AtomicParquetWriter::finish`] for a writer made by
+    /// [`AtomicParquetWriter::create_hashed`]: the rows written and the SHA-256 (lowercase hex)
+    /// of the committed file's bytes.
+    pub fn finish_hashed(self) -> Result<(u64, String)> {
+        let path = self.path.clone();
+        match self.finish_inner()? {
+            (rows, Some(sha256)) => Ok((rows, sha256)),
+            (_, None) => Err(Error::Write {
+                path,
+                message: "the writer was not created to hash the file (create_hashed)".into(),
+            }),
+        }
+    }
+
+    fn finish_inner(self) -> Result<(u64, Option<String>)> {
         let file = self
             .writer
             .into_inner()
             .map_err(|e| Error::parquet(&self.path, e))?;
-        file.commit()?;
-        Ok(self.rows)
+        let sha256 = file.hasher.map(|h| hex(&h.finalize()));
+        file.file.commit()?;
+        Ok((self.rows, sha256))
     }
 }
 
@@ -148,7 +217,7 @@ impl TraceWriter {
         columns: &TraceColumns,
         positions: Option<&str>,
     ) -> Result<Self> {
-        Self::create_with(path.into(), width, columns, positions, None)
+        Self::create_with(path.into(), width, columns, positions, None, false)
     }
 
     /// [`TraceWriter::create`] for labelled examples: the file also has a boolean column
@@ -160,7 +229,28 @@ impl TraceWriter {
         positions: Option<&str>,
         label_column: &str,
     ) -> Result<Self> {
-        Self::create_with(path.into(), width, columns, positions, Some(label_column))
+        Self::create_with(
+            path.into(),
+            width,
+            columns,
+            positions,
+            Some(label_column),
+            false,
+        )
+    }
+
+    /// [`TraceWriter::create`], or with `label_column` [`TraceWriter::create_labelled`], hashing
+    /// the file's bytes as they are written, so that [`TraceWriter::finish_hashed`] returns their
+    /// SHA-256 without reading the file back (the server's reference segments: it records the
+    /// checksum and verifies it before every fit).
+    pub fn create_hashed(
+        path: impl Into<PathBuf>,
+        width: usize,
+        columns: &TraceColumns,
+        positions: Option<&str>,
+        label_column: Option<&str>,
+    ) -> Result<Self> {
+        Self::create_with(path.into(), width, columns, positions, label_column, true)
     }
 
     fn create_with(
@@ -169,6 +259,7 @@ impl TraceWriter {
         columns: &TraceColumns,
         positions: Option<&str>,
         label_column: Option<&str>,
+        hash: bool,
     ) -> Result<Self> {
         if width == 0 || i32::try_from(width).is_err() {
             return Err(Error::Write {
@@ -199,8 +290,13 @@ impl TraceWriter {
             .set_column_dictionary_enabled(vectors.clone(), false)
             .set_column_statistics_enabled(vectors, EnabledStatistics::None)
             .build();
+        let writer = if hash {
+            AtomicParquetWriter::create_hashed(path, schema.clone(), props)?
+        } else {
+            AtomicParquetWriter::create_with_properties(path, schema.clone(), props)?
+        };
         Ok(Self {
-            writer: AtomicParquetWriter::create_with_properties(path, schema.clone(), props)?,
+            writer,
             schema,
             width,
             positions: positions.is_some(),
@@ -313,11 +409,23 @@ impl TraceWriter {
 
     /// Commits the file (with the provenance its batches declared); returns the rows written.
     pub fn finish(mut self) -> Result<u64> {
+        self.add_provenance()?;
+        self.writer.finish()
+    }
+
+    /// [`TraceWriter::finish`] for a writer made by [`TraceWriter::create_hashed`]: the rows
+    /// written and the SHA-256 (lowercase hex) of the committed file's bytes.
+    pub fn finish_hashed(mut self) -> Result<(u64, String)> {
+        self.add_provenance()?;
+        self.writer.finish_hashed()
+    }
+
+    fn add_provenance(&mut self) -> Result<()> {
         if self.provenance.values().any(|p| !p.is_empty()) {
             let json = FileProvenance::encode(&self.provenance)?;
             self.writer.append_metadata(PROVENANCE_KEY, json);
         }
-        self.writer.finish()
+        Ok(())
     }
 }
 
@@ -328,4 +436,33 @@ fn site_type() -> DataType {
 
 fn vector_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Float32, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use actwatch_core::Vectors;
+
+    use super::*;
+
+    /// The checksum a hashing writer returns is the SHA-256 of the file it committed.
+    #[test]
+    fn a_hashing_writer_returns_the_committed_files_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.parquet");
+        let columns = TraceColumns::default();
+        let mut w = TraceWriter::create_hashed(&path, 2, &columns, None, None).unwrap();
+        let rows = (0..100).map(|i| format!("c{i}")).collect();
+        let values = (0..200).map(|i| i as f32 / 7.0).collect();
+        w.write(SiteBatch::new("s", rows, None, Vectors::new(2, values).unwrap()).unwrap())
+            .unwrap();
+        let (rows, sha256) = w.finish_hashed().unwrap();
+        assert_eq!(rows, 100);
+        assert_eq!(sha256, hex(&Sha256::digest(std::fs::read(&path).unwrap())));
+
+        let w = TraceWriter::create(dir.path().join("plain.parquet"), 2, &columns, None).unwrap();
+        assert!(
+            w.finish_hashed().is_err(),
+            "a writer that did not hash has no checksum"
+        );
+    }
 }

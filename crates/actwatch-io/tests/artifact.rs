@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use actwatch_detect::monitor::MonitorOptions;
 use actwatch_detect::spec::DetectorSpec;
-use actwatch_io::artifact::{load_monitor, read_manifest, save_monitor, FORMAT_VERSION, MANIFEST};
+use actwatch_io::artifact::{
+    load_monitor, read_manifest, save_monitor, save_monitor_with, FORMAT_VERSION, MANIFEST,
+};
 use actwatch_io::pipeline::{fit_monitor, score_computations, NoProgress};
 use actwatch_io::reader::ReadOptions;
 use actwatch_io::Error;
@@ -156,6 +158,25 @@ fn damaged_monitors_are_refused() {
     std::fs::write(other.join("precious.txt"), "keep me").unwrap();
     assert!(save_monitor(&fitted, &reference, &other).is_err());
     assert!(other.join("precious.txt").exists());
+}
+
+/// Extra files (the server's fit record) are installed with the monitor in its one rename, and
+/// the loader ignores them; names that could clash with the monitor's own files are refused.
+#[test]
+fn extra_files_are_installed_with_the_monitor() {
+    let r = read(Some(vec!["4".into()]));
+    let (fitted, reference) = fixture::fit_minilm(MonitorOptions::default(), &r);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    save_monitor_with(&fitted, &reference, &out, &[("fit.json", b"{\"v\": 2}")]).unwrap();
+    assert_eq!(std::fs::read(out.join("fit.json")).unwrap(), b"{\"v\": 2}");
+    load_monitor(&out).unwrap();
+    for bad in ["manifest.json", "site-0.bin", "../x.json", ".hidden", ""] {
+        let e = save_monitor_with(&fitted, &reference, &out, &[(bad, b"x")]).unwrap_err();
+        assert!(matches!(e, Error::Artifact(_)), "{bad:?}: {e}");
+    }
+    // A refused save changed nothing.
+    assert_eq!(std::fs::read(out.join("fit.json")).unwrap(), b"{\"v\": 2}");
 }
 
 /// Incremental fitting: folding one file, checkpointing, reloading and folding a second file gives

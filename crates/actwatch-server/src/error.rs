@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use actwatch_proto::ConversionError;
 use tonic::{Code, Status};
@@ -79,6 +79,26 @@ pub enum Error {
     /// A stored file (spec, state) is corrupt.
     #[error("{}: corrupt: {message}", path.display())]
     Corrupt { path: PathBuf, message: String },
+    /// Reference segments failed verification before a fit (their bytes no longer match the
+    /// checksum recorded when they were committed) and were quarantined: moved into the
+    /// monitor's `quarantine/` folder (`folder`) and dropped from `state.json`. Nothing was
+    /// fitted; the data is lost to the monitor, and a new Fit uses what remains.
+    #[error(
+        "monitor {monitor:?}: reference segment{} {} failed verification ({}) and {} quarantined \
+         (moved to {}, no longer listed in state.json); nothing was fitted, and a new Fit uses the \
+         remaining data",
+        if segments.len() == 1 { "" } else { "s" },
+        segments.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>().join(", "),
+        segments.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; "),
+        if segments.len() == 1 { "was" } else { "were" },
+        folder.display()
+    )]
+    SegmentsQuarantined {
+        monitor: String,
+        /// (file name, why it failed)
+        segments: Vec<(String, String)>,
+        folder: PathBuf,
+    },
     /// A blocking task panicked or was cancelled (a bug, never input).
     #[error("internal task failed: {0}")]
     Task(String),
@@ -103,6 +123,27 @@ impl Error {
         }
     }
 
+    /// The full disk (ENOSPC, or EDQUOT: a quota) behind this error, however it is wrapped (the
+    /// Parquet writer wraps the io error of a write it could not make in its own External
+    /// error), and the file being written where the error names one.
+    fn full_disk(&self) -> Option<(Option<&Path>, &std::io::Error)> {
+        let path = match self {
+            Error::Storage { path, .. } => Some(path.as_path()),
+            Error::Pipeline(e) => e.path(),
+            _ => None,
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if is_full_disk(io) {
+                    return Some((path, io));
+                }
+            }
+            next = e.source();
+        }
+        None
+    }
+
     /// Maps a status that tonic raised while decoding a request: an over-long message becomes the
     /// `max_message_bytes` limit; anything else (client cancelled, broken stream) is passed on.
     /// tonic's decoder raises OUT_OF_RANGE for an over-long message and for nothing else, and no
@@ -117,16 +158,35 @@ impl Error {
             }
             .into();
         }
+        // tonic answers bytes that are not the request's protobuf message with INTERNAL, which
+        // blames the server for the client's input.
+        if status.code() == Code::Internal
+            && status.message().starts_with("failed to decode Protobuf message")
+        {
+            return Status::invalid_argument(format!(
+                "malformed request: {}",
+                status.message()
+            ));
+        }
         status
     }
 }
 
+/// ENOSPC (28) or EDQUOT (122, Linux's number), by code or by kind.
+fn is_full_disk(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122))
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+}
+
 fn io_code(e: &std::io::Error) -> Code {
-    match e.kind() {
-        // A full disk or too many open files passes; the client may retry later.
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Code::Unavailable,
-        _ => Code::Internal,
+    if is_full_disk(e) {
+        // Nothing was acknowledged; the same call succeeds once space is freed.
+        return Code::ResourceExhausted;
     }
+    Code::Internal
 }
 
 fn core_code(e: &actwatch_core::Error) -> Code {
@@ -204,6 +264,21 @@ pub(crate) fn capped(status: Status) -> Status {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        // A full disk is the disk's, whichever write met it and however that write wraps it
+        // (the Parquet writer's error would otherwise say "invalid or unreadable Parquet").
+        if let Some((path, io)) = e.full_disk() {
+            let place = path.map_or_else(
+                || "the data directory".to_string(),
+                |p| p.display().to_string(),
+            );
+            return Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "the disk is full: writing {place} failed ({io}); the call was not \
+                     applied: free space and retry"
+                ),
+            );
+        }
         let code = match &e {
             Error::BadMessage(_)
             | Error::BadName(_)
@@ -221,7 +296,9 @@ impl From<Error> for Status {
             Error::Detect(d) => detect_code(d),
             Error::Pipeline(p) => pipeline_code(p),
             Error::Storage { source, .. } => io_code(source),
-            Error::Corrupt { .. } | Error::MonitorDamaged { .. } => Code::DataLoss,
+            Error::Corrupt { .. }
+            | Error::MonitorDamaged { .. }
+            | Error::SegmentsQuarantined { .. } => Code::DataLoss,
             Error::Task(_) | Error::Transport(_) | Error::Reflection(_) | Error::Config(_) => {
                 Code::Internal
             }
@@ -283,5 +360,61 @@ mod tests {
         assert!(s.message().contains("max_message_bytes"), "{}", s.message());
         let s = Error::from_inbound(Status::cancelled("gone"), 8);
         assert_eq!(s.code(), Code::Cancelled);
+    }
+
+    /// ENOSPC and EDQUOT are RESOURCE_EXHAUSTED saying the disk is full and where, however
+    /// they are wrapped: a plain io error, or the Parquet writer's External error around it
+    /// (which used to read "invalid or unreadable Parquet" and answer INTERNAL). Other io
+    /// errors keep their codes.
+    #[test]
+    fn a_full_disk_is_resource_exhausted_however_it_is_wrapped() {
+        use std::io;
+
+        use parquet::errors::ParquetError;
+
+        let full = || io::Error::from_raw_os_error(28);
+        let parquet = |source: io::Error| {
+            Error::Pipeline(actwatch_io::Error::Parquet {
+                path: "/data/monitors/m/reference/seg-00000001-d8.parquet".into(),
+                source: ParquetError::External(Box::new(source)),
+            })
+        };
+        let full_cases: Vec<(Error, &str)> = vec![
+            (
+                Error::storage("/data/monitors/m/state.json", full()),
+                "state.json",
+            ),
+            (parquet(full()), "seg-00000001-d8.parquet"),
+            (
+                parquet(io::Error::from_raw_os_error(122)),
+                "seg-00000001-d8.parquet",
+            ),
+            (
+                Error::Pipeline(actwatch_io::Error::Io {
+                    path: "/data/monitors/m/fitter.bin".into(),
+                    source: io::Error::new(io::ErrorKind::StorageFull, "no room"),
+                }),
+                "fitter.bin",
+            ),
+            (
+                Error::storage(
+                    "/data/monitors/m/scores/log-00000001.jsonl",
+                    io::Error::from_raw_os_error(122),
+                ),
+                "log-00000001.jsonl",
+            ),
+        ];
+        for (e, path) in full_cases {
+            let s = Status::from(e);
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            assert!(s.message().contains("disk is full"), "{s:?}");
+            assert!(s.message().contains(path), "{s:?}");
+            assert!(!s.message().contains("invalid or unreadable"), "{s:?}");
+        }
+        let eio = || io::Error::from_raw_os_error(5);
+        for e in [parquet(eio()), Error::storage("/data/x", eio())] {
+            let s = Status::from(e);
+            assert_eq!(s.code(), Code::Internal, "{s:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use actwatch_detect::monitor::MonitorFitter;
-use actwatch_io::artifact::{load_monitor, save_monitor};
+use actwatch_io::artifact::save_monitor_with;
 use actwatch_io::checkpoint::{load_checkpoint, save_checkpoint, FitCheckpoint};
 use actwatch_io::pipeline::{
     calibrate_reference_with, fold_examples, fold_reference, ExampleInput, Progress,
@@ -15,8 +15,10 @@ use actwatch_proto::v1;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::storage::{FitRun, FittedMonitor, MonitorEntry, LABEL_COLUMN};
-use crate::Result;
+use crate::storage::{
+    load_fitted, FitRecord, FitRun, FittedMonitor, MonitorEntry, FIT_RECORD_FILE, LABEL_COLUMN,
+};
+use crate::{Error, Result};
 
 /// Fit progress into a bounded channel; lossy, so a slow client never stalls the fit.
 pub(crate) struct ChannelProgress {
@@ -82,21 +84,44 @@ fn resumable(entry: &MonitorEntry, segments: &[String]) -> Option<(MonitorFitter
     None
 }
 
-/// Fits on the committed segments (from scratch, or, when `incremental`, by folding only the
-/// segments the checkpoint has not seen), checkpoints the fitter, calibrates on all segments,
-/// saves the artifact (atomically replacing the old one), loads it back (so the served fit is
-/// exactly what a restart loads) and swaps it in. Segments of labelled examples (`labelled`)
-/// go to the probes: their fit part is folded after the reference segments, their
-/// calibration part scored after the reference's.
+/// Verifies every segment against its checksum (quarantining those that fail, and then failing
+/// with DATA_LOSS before anything is folded: [`MonitorEntry::verify_segments`]), fits on the
+/// committed segments (from scratch, or, when `incremental`, by folding only the segments the
+/// checkpoint has not seen), checkpoints the fitter, calibrates on all segments, saves the
+/// artifact with its version (`fit.json`) in one atomic rename replacing the old one, loads it
+/// back (so the served fit is exactly what a restart loads) and swaps it in. Segments of
+/// labelled examples (`labelled`) go to the probes: their fit part is folded after the reference
+/// segments, their calibration part scored after the reference's.
 ///
 /// The checkpoint is written before calibration and names the segments it holds, so it is
-/// consistent on its own whatever happens next: a later incremental fit resumes from it.
+/// consistent on its own whatever happens next: a later incremental fit resumes from it (a
+/// checkpoint that folded a segment since quarantined is not a prefix of the segments left, so
+/// the next fit starts over).
 pub(crate) fn fit_and_install(
     entry: &MonitorEntry,
     segments: &[(String, PathBuf, bool)],
     incremental: bool,
     progress: &dyn Progress,
 ) -> Result<Arc<FittedMonitor>> {
+    let saved = fit_and_save(entry, segments, incremental, progress)?;
+    install_saved(entry, saved)
+}
+
+/// A fit saved in `fitted/` and not yet served.
+pub(crate) struct SavedFit {
+    record: FitRecord,
+}
+
+/// The first part of [`fit_and_install`]: everything up to and including the artifact's
+/// installation in `fitted/`, with its version; a crash after it serves the new fit under that
+/// version at restart.
+pub(crate) fn fit_and_save(
+    entry: &MonitorEntry,
+    segments: &[(String, PathBuf, bool)],
+    incremental: bool,
+    progress: &dyn Progress,
+) -> Result<SavedFit> {
+    entry.verify_segments(segments)?;
     let read = ReadOptions::default();
     let names: Vec<String> = segments.iter().map(|(n, _, _)| n.clone()).collect();
     let paths = |labelled: bool, from: usize| -> Vec<PathBuf> {
@@ -138,16 +163,39 @@ pub(crate) fn fit_and_install(
         examples(0)?.as_ref(),
         progress,
     )?;
-    let dir = entry.fitted_dir();
-    save_monitor(&monitor, &reference, &dir)?;
-    drop(monitor);
-    let (monitor, manifest) = load_monitor(&dir)?;
-    entry.install_fit(
-        monitor,
-        manifest.reference.rows,
+    let record = FitRecord::new(
+        entry.next_fit_version(),
         FitRun {
             incremental: run_incremental,
             rows_folded,
         },
-    )
+    );
+    let record_json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Corrupt {
+        path: entry.fitted_dir().join(FIT_RECORD_FILE),
+        message: format!("cannot encode the fit record: {e}"),
+    })?;
+    save_monitor_with(
+        &monitor,
+        &reference,
+        &entry.fitted_dir(),
+        &[(FIT_RECORD_FILE, &record_json)],
+    )?;
+    Ok(SavedFit { record })
+}
+
+/// The second part of [`fit_and_install`]: the saved fit loaded back, with its record, and
+/// served.
+pub(crate) fn install_saved(entry: &MonitorEntry, saved: SavedFit) -> Result<Arc<FittedMonitor>> {
+    let dir = entry.fitted_dir();
+    let (monitor, manifest, record) = load_fitted(&dir)?;
+    if record != Some(saved.record) {
+        return Err(Error::Corrupt {
+            path: dir.join(FIT_RECORD_FILE),
+            message: format!(
+                "the fit just saved reads back as {record:?}, not as {:?}",
+                saved.record
+            ),
+        });
+    }
+    entry.install_fit(monitor, manifest.reference.rows, saved.record)
 }

@@ -13,6 +13,7 @@
 //! a separate listener by [`serve`].
 
 mod access;
+mod audit;
 mod connections;
 mod convert;
 mod error;
@@ -32,6 +33,7 @@ use actwatch_proto::v1::activation_monitor_server::ActivationMonitorServer;
 use tokio::net::TcpListener;
 
 pub use access::{token_digest, Access, Principal, Role, Tls, TokenEntry, Tokens};
+pub use audit::AUDIT_FILE;
 pub use error::{Error, Result, MAX_STATUS_MESSAGE_BYTES};
 pub use limits::*;
 
@@ -95,8 +97,17 @@ pub async fn serve_with_access(
     let max_message_bytes = limits.max_message_bytes;
     let grace = Duration::from_secs(limits.shutdown_grace_seconds);
     let stopping = stop_rx.clone();
-    let service =
-        ActivationMonitorService::new(Arc::new(data), limits, metrics.clone(), stop_rx.clone());
+    let root = data.root().to_path_buf();
+    let audit = tokio::task::spawn_blocking(move || audit::AuditLog::open(&root))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let service = ActivationMonitorService::new(
+        Arc::new(data),
+        limits,
+        metrics.clone(),
+        stop_rx.clone(),
+        Arc::new(audit),
+    );
 
     let rejections = metrics.clone();
     let metrics_task = metrics_listener.map(|l| spawn_metrics(l, metrics, stop_rx));
@@ -225,9 +236,10 @@ async fn open_data(root: PathBuf, max_score_log_bytes: u64) -> Result<(DataDir, 
 }
 
 /// tonic rejects an over-long *unary* request before any handler runs, with OUT_OF_RANGE in a
-/// trailers-only response. This rewrites that one status into the RESOURCE_EXHAUSTED naming the
-/// `max_message_bytes` limit that streaming calls answer ([`Error::from_inbound`]), so every call
-/// answers an oversized message the same way. Other responses pass untouched (a successful unary
+/// trailers-only response, and one that is not its protobuf message with INTERNAL. This rewrites
+/// those statuses as streaming calls answer them ([`Error::from_inbound`]): RESOURCE_EXHAUSTED
+/// naming the `max_message_bytes` limit, INVALID_ARGUMENT "malformed request", so every call
+/// answers the same input the same way. Other responses pass untouched (a successful unary
 /// response carries its status in trailers, not headers, so it is never even parsed).
 fn oversized_is_resource_exhausted<B>(
     max_message_bytes: usize,
@@ -237,11 +249,11 @@ fn oversized_is_resource_exhausted<B>(
         let Some(status) = tonic::Status::from_header_map(response.headers()) else {
             return response;
         };
-        if status.code() != tonic::Code::OutOfRange {
+        if !matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Internal) {
             return response;
         }
-        let mapped = Error::from_inbound(status, max_message_bytes);
-        if mapped.code() != tonic::Code::OutOfRange {
+        let mapped = Error::from_inbound(status.clone(), max_message_bytes);
+        if mapped.code() != status.code() {
             // Counted and logged like every other rejection (no handler ran to do it).
             metrics.reject(mapped.code());
             tracing::info!(

@@ -28,9 +28,27 @@ pub(super) struct IngestStream {
     state: State,
     /// The monitor the first message named.
     monitor: Option<String>,
+    /// SHA-256 of each batch's activation bytes, in order (for the audit log).
+    batch_digests: Vec<[u8; 32]>,
 }
 
 impl IngestStream {
+    /// The monitor the stream's first message named, once it has.
+    pub(super) fn monitor(&self) -> Option<&str> {
+        self.monitor.as_deref()
+    }
+
+    /// SHA-256 over the SHA-256 of each batch's activation bytes, in order: what the audit log
+    /// records of the data.
+    pub(super) fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for d in &self.batch_digests {
+            h.update(d);
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Takes one message: checks the monitor it names, decodes its batch (blocking) and starts
     /// writing it once the previous write is done.
     pub(super) async fn accept(
@@ -74,7 +92,17 @@ impl IngestStream {
             .activations
             .as_ref()
             .map_or(0, |t| t.data.len() as u64);
-        let decoded = compute(move || Ok(actwatch_proto::decode_trace_batch(batch)?)).await?;
+        let (decoded, digest) = compute(move || {
+            use sha2::{Digest, Sha256};
+            let digest: [u8; 32] = batch
+                .activations
+                .as_ref()
+                .map_or_else(|| Sha256::digest(b""), |t| Sha256::digest(&t.data))
+                .into();
+            Ok((actwatch_proto::decode_trace_batch(batch)?, digest))
+        })
+        .await?;
+        self.batch_digests.push(digest);
         let mut session = self.take_session().await?;
         self.state = State::Writing(tokio::task::spawn_blocking(move || {
             session.add(decoded, payload, labels)?;

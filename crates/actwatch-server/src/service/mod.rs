@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::audit::{Actor, AuditLog, Details};
 use crate::convert::{
     check_name, check_site_name, computation_score, damaged_info, excerpt, fit_report,
     monitor_info, StoredSpec,
@@ -62,6 +63,8 @@ pub struct ActivationMonitorService {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Counters scraped on `/metrics`.
     metrics: Arc<Metrics>,
+    /// Who changed which monitor ([`crate::audit`]).
+    audit: Arc<AuditLog>,
 }
 
 /// Who a streaming call counts against for `max_streams_per_client`: the token's principal when
@@ -170,6 +173,7 @@ impl ActivationMonitorService {
         limits: Limits,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        audit: Arc<AuditLog>,
     ) -> Self {
         let (flags, _) = broadcast::channel(limits.flag_buffer.max(1));
         Self {
@@ -181,7 +185,43 @@ impl ActivationMonitorService {
             flags,
             shutdown,
             metrics,
+            audit,
         }
+    }
+
+    /// Runs an admin call and records it in the audit log, whatever its outcome: `call` gives
+    /// its answer and what the entry says of it; `monitor` names the monitor (an ingest learns it
+    /// from its first message, hence a shared slot).
+    async fn audited<T>(
+        &self,
+        actor: Actor,
+        action: &'static str,
+        monitor: Arc<std::sync::Mutex<String>>,
+        call: impl Future<Output = Result<(T, Details), Status>>,
+    ) -> Result<T, Status> {
+        let (result, code, details) = match call.await {
+            Ok((t, d)) => (Ok(t), Code::Ok, d),
+            Err(s) => {
+                let error = crate::error::capped(s.clone()).message().to_string();
+                let code = s.code();
+                let d = Details {
+                    error: Some(error),
+                    ..Details::default()
+                };
+                (Err(s), code, d)
+            }
+        };
+        let audit = self.audit.clone();
+        let monitor = monitor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let _ = blocking(move || {
+            audit.record(&actor, action, &monitor, code, &details);
+            Ok(())
+        })
+        .await;
+        result
     }
 
     /// Runs one handler; a call it rejects is counted and logged (one line, with its code).
@@ -404,20 +444,26 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<v1::CreateMonitorRequest>,
     ) -> Result<Response<v1::MonitorInfo>, Status> {
+        let actor = Actor::of(&request);
         self.observed("CreateMonitor", async move {
             let v1::CreateMonitorRequest { name, spec } = request.into_inner();
-            check_name(&name)?;
-            let spec = StoredSpec::from_proto(spec)?;
-            let data = self.data.clone();
-            let entry = blocking(move || data.create(&name, spec)).await?;
-            self.metrics
-                .register_monitor(&entry.name, entry.options.fpr);
-            tracing::info!(
-                monitor = %entry.name,
-                target_fpr = entry.options.fpr,
-                "monitor created"
-            );
-            Ok(Response::new(monitor_info(&entry)))
+            // (a client's name, bounded: the check that refuses a bad one runs inside)
+            let monitor = Arc::new(std::sync::Mutex::new(name.chars().take(128).collect()));
+            self.audited(actor, "create", monitor, async move {
+                check_name(&name)?;
+                let spec = StoredSpec::from_proto(spec)?;
+                let data = self.data.clone();
+                let entry = blocking(move || data.create(&name, spec)).await?;
+                self.metrics
+                    .register_monitor(&entry.name, entry.options.fpr);
+                tracing::info!(
+                    monitor = %entry.name,
+                    target_fpr = entry.options.fpr,
+                    "monitor created"
+                );
+                Ok((Response::new(monitor_info(&entry)), Details::default()))
+            })
+            .await
         })
         .await
     }
@@ -458,21 +504,30 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<v1::DeleteMonitorRequest>,
     ) -> Result<Response<v1::DeleteMonitorResponse>, Status> {
+        let actor = Actor::of(&request);
         self.observed("DeleteMonitor", async move {
             let v1::DeleteMonitorRequest { name } = request.into_inner();
-            // Wait for a running fit, so it never writes into a deleted monitor's folder (a damaged
-            // monitor has none).
-            let _fit = match self.data.get(&name) {
-                Ok(entry) => Some(entry.fit_lock.clone().lock_owned().await),
-                Err(Error::MonitorDamaged { .. }) => None,
-                Err(e) => return Err(e.into()),
-            };
-            let data = self.data.clone();
-            let deleted = name.clone();
-            blocking(move || data.delete(&name)).await?;
-            self.metrics.remove_monitor(&deleted);
-            tracing::info!(monitor = %deleted, "monitor deleted");
-            Ok(Response::new(v1::DeleteMonitorResponse {}))
+            // (a client's name, bounded: the check that refuses a bad one runs inside)
+            let monitor = Arc::new(std::sync::Mutex::new(name.chars().take(128).collect()));
+            self.audited(actor, "delete", monitor, async move {
+                // Wait for a running fit, so it never writes into a deleted monitor's folder (a
+                // damaged monitor has none).
+                let _fit = match self.data.get(&name) {
+                    Ok(entry) => Some(entry.fit_lock.clone().lock_owned().await),
+                    Err(Error::MonitorDamaged { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let data = self.data.clone();
+                let deleted = name.clone();
+                blocking(move || data.delete(&name)).await?;
+                self.metrics.remove_monitor(&deleted);
+                tracing::info!(monitor = %deleted, "monitor deleted");
+                Ok((
+                    Response::new(v1::DeleteMonitorResponse {}),
+                    Details::default(),
+                ))
+            })
+            .await
         })
         .await
     }
@@ -484,27 +539,43 @@ impl ActivationMonitor for ActivationMonitorService {
         &self,
         request: Request<Streaming<v1::IngestReferenceRequest>>,
     ) -> Result<Response<v1::IngestReferenceSummary>, Status> {
+        let actor = Actor::of(&request);
         self.observed("IngestReference", async move {
-            let _permit = self.stream_permit(client_of(&request))?;
-            let mut inbound = request.into_inner();
-            let mut shutdown = self.shutdown.clone();
-            let mut stream = IngestStream::default();
-            while let Some(msg) = self.next_message(&mut inbound, &mut shutdown).await? {
-                stream.accept(self, msg).await?;
-            }
-            let (monitor, summary) = stream.commit().await?;
-            let c = self.metrics.monitor(&monitor);
-            MonitorCounters::add(&c.ingest_rows, summary.rows);
-            MonitorCounters::add(&c.ingest_bytes, summary.bytes);
-            tracing::info!(
-                monitor = %monitor,
-                rows = summary.rows,
-                bytes = summary.bytes,
-                batches = summary.batches,
-                total_rows = summary.total_rows,
-                "reference ingest committed"
-            );
-            Ok(Response::new(summary))
+            let named = Arc::new(std::sync::Mutex::new(String::new()));
+            let slot = named.clone();
+            self.audited(actor, "ingest", named, async move {
+                let _permit = self.stream_permit(client_of(&request))?;
+                let mut inbound = request.into_inner();
+                let mut shutdown = self.shutdown.clone();
+                let mut stream = IngestStream::default();
+                while let Some(msg) = self.next_message(&mut inbound, &mut shutdown).await? {
+                    stream.accept(self, msg).await?;
+                    if let Some(m) = stream.monitor() {
+                        m.clone_into(&mut slot.lock().unwrap_or_else(PoisonError::into_inner));
+                    }
+                }
+                let digest = stream.digest();
+                let (monitor, summary) = stream.commit().await?;
+                let c = self.metrics.monitor(&monitor);
+                MonitorCounters::add(&c.ingest_rows, summary.rows);
+                MonitorCounters::add(&c.ingest_bytes, summary.bytes);
+                tracing::info!(
+                    monitor = %monitor,
+                    rows = summary.rows,
+                    bytes = summary.bytes,
+                    batches = summary.batches,
+                    total_rows = summary.total_rows,
+                    "reference ingest committed"
+                );
+                let details = Details {
+                    rows: Some(summary.rows),
+                    bytes: Some(summary.bytes),
+                    sha256: Some(digest),
+                    ..Details::default()
+                };
+                Ok((Response::new(summary), details))
+            })
+            .await
         })
         .await
     }
@@ -518,6 +589,7 @@ impl ActivationMonitor for ActivationMonitorService {
     ) -> Result<Response<Self::FitStream>, Status> {
         self.observed("Fit", async move {
             let client = client_of(&request);
+            let actor = Actor::of(&request);
             let v1::FitRequest {
                 monitor,
                 incremental,
@@ -547,6 +619,10 @@ impl ActivationMonitor for ActivationMonitorService {
                 let _guard = guard;
                 let started = Instant::now();
                 let progress = ChannelProgress::new(tx.clone());
+                let mut audit_details = Details {
+                    incremental: Some(incremental),
+                    ..Details::default()
+                };
                 let result = match fits.acquire_owned().await {
                     Err(_) => Err(Error::Task("the fit semaphore was closed".into())),
                     Ok(running) => {
@@ -561,6 +637,12 @@ impl ActivationMonitor for ActivationMonitorService {
                     Err(e) => Err(this.reject("Fit", e.into())),
                     Ok(fitted) => {
                         let r = fit_report(&fitted);
+                        audit_details = Details {
+                            rows: Some(r.reference_rows),
+                            fit_version: Some(r.fit_version),
+                            incremental: Some(r.incremental),
+                            ..Details::default()
+                        };
                         tracing::info!(
                             monitor = %monitor,
                             fit_version = r.fit_version,
@@ -579,6 +661,19 @@ impl ActivationMonitor for ActivationMonitorService {
                         })
                     }
                 };
+                let code = match &last {
+                    Ok(_) => Code::Ok,
+                    Err(s) => {
+                        audit_details.error = Some(s.message().to_string());
+                        s.code()
+                    }
+                };
+                let audit = this.audit.clone();
+                let _ = blocking(move || {
+                    audit.record(&actor, "fit", &monitor, code, &audit_details);
+                    Ok(())
+                })
+                .await;
                 let _ = tx.send(last).await;
             });
             Ok(Response::new(ReceiverStream::new(rx)))

@@ -31,6 +31,9 @@ pub struct IngestSession {
     seq: u64,
     /// Per width: (reference traffic, labelled examples).
     writers: BTreeMap<(usize, bool), TraceWriter>,
+    /// Per segment (keyed as `writers`), the rows written of each site (recorded with it, so a
+    /// quarantine can take them off the right sites).
+    segment_sites: BTreeMap<(usize, bool), BTreeMap<String, u64>>,
     /// The label of each labelled computation of this stream (one label per computation).
     labels: std::collections::HashMap<String, bool>,
     /// Per site of this stream: width, rows and declared provenance.
@@ -51,6 +54,7 @@ impl IngestSession {
             max_sites,
             seq,
             writers: BTreeMap::new(),
+            segment_sites: BTreeMap::new(),
             labels: std::collections::HashMap::new(),
             sites: BTreeMap::new(),
             rows: 0,
@@ -181,19 +185,27 @@ impl IngestSession {
                 let dir = self.entry.dir.join(REFERENCE_DIR);
                 let columns = TraceColumns::default();
                 let position = Some(DEFAULT_POSITION_COLUMN);
+                // Hashed as written: the checksum state.json records with the segment.
                 v.insert(if labelled {
                     let path = dir.join(format!("seg-{:08}-d{width}-labelled.parquet", self.seq));
-                    TraceWriter::create_labelled(path, width, &columns, position, LABEL_COLUMN)?
+                    TraceWriter::create_hashed(path, width, &columns, position, Some(LABEL_COLUMN))?
                 } else {
                     let path = dir.join(format!("seg-{:08}-d{width}.parquet", self.seq));
-                    TraceWriter::create(path, width, &columns, position)?
+                    TraceWriter::create_hashed(path, width, &columns, position, None)?
                 })
             }
         };
+        let site_name = batch.site().to_string();
         match labels {
             Some(l) => writer.write_labelled(batch, l)?,
             None => writer.write(batch)?,
         }
+        *self
+            .segment_sites
+            .entry((width, labelled))
+            .or_default()
+            .entry(site_name)
+            .or_default() += rows;
         if labelled {
             self.example_rows += rows;
         }
@@ -203,20 +215,36 @@ impl IngestSession {
         Ok(())
     }
 
-    /// Makes every segment durable (fsync, rename) and commits them in `state.json` (blocking).
-    /// Returns the monitor's reference rows and labelled example rows after the commit.
+    /// Makes every segment durable (fsync, rename) and commits them in `state.json` (blocking),
+    /// each with the SHA-256 of its bytes and its rows per site. Returns the monitor's reference
+    /// rows and labelled example rows after the commit.
     pub fn commit(mut self) -> Result<(u64, u64)> {
         let writers = std::mem::take(&mut self.writers);
-        let mut done: Vec<(PathBuf, u64, bool)> = Vec::new();
-        let remove = |done: &[(PathBuf, u64, bool)]| {
-            for (p, _, _) in done {
+        let mut done: Vec<(PathBuf, SegmentEntry)> = Vec::new();
+        let remove = |done: &[(PathBuf, SegmentEntry)]| {
+            for (p, _) in done {
                 let _ = fs::remove_file(p);
             }
         };
-        for ((_, labelled), w) in writers {
+        for ((width, labelled), w) in writers {
             let path = w.path().to_path_buf();
-            match w.finish() {
-                Ok(rows) => done.push((path, rows, labelled)),
+            match w.finish_hashed() {
+                Ok((rows, sha256)) => {
+                    let entry = SegmentEntry {
+                        file: path
+                            .file_name()
+                            .map(|f| f.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        rows,
+                        labelled,
+                        sha256: Some(sha256),
+                        site_rows: self
+                            .segment_sites
+                            .remove(&(width, labelled))
+                            .unwrap_or_default(),
+                    };
+                    done.push((path, entry));
+                }
                 Err(e) => {
                     // The writers not yet finished remove their temporary files when dropped.
                     remove(&done);
@@ -224,17 +252,7 @@ impl IngestSession {
                 }
             }
         }
-        let entries = done
-            .iter()
-            .map(|(p, rows, labelled)| SegmentEntry {
-                file: p
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                rows: *rows,
-                labelled: *labelled,
-            })
-            .collect();
+        let entries = done.iter().map(|(_, e)| e.clone()).collect();
         self.entry
             .commit_segments(entries, &self.sites, self.max_sites)
             .inspect_err(|_| remove(&done))

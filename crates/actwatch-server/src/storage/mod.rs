@@ -2,22 +2,32 @@
 //!
 //! ```text
 //! <data-dir>/monitors/<name>/spec.json          what the monitor is (written once, atomically)
-//! <data-dir>/monitors/<name>/state.json         sites and widths, committed segments, fit version
+//! <data-dir>/monitors/<name>/state.json         sites and widths, committed segments (with their
+//!                                               SHA-256 and rows per site), fit version (a cache)
 //! <data-dir>/monitors/<name>/reference/seg-<seq>-d<width>.parquet
+//! <data-dir>/monitors/<name>/quarantine/        segments that failed verification, each with a
+//!                                               `<segment>.reason.json`; never read again
 //! <data-dir>/monitors/<name>/fitted/            the offline core's monitor artifact (`save_monitor`)
+//!                                               plus `fit.json`: the fit's version, installed with it
 //! <data-dir>/monitors/<name>/fitter.bin         fit checkpoint: fitter state + segments folded in
 //! <data-dir>/monitors/<name>/scores/log-<seq>.jsonl   the bounded score log
 //! ```
 //!
-//! The decision a reader must know: `state.json` is the commit point. A reference segment is
-//! written by a `TraceWriter` (temporary name, fsync, rename, directory fsync: the one durable
-//! write of `actwatch_io::durable`), and only then listed in `state.json` (written the same way);
-//! the ingest summary is sent after that. At start, segment files that `state.json` does not list belong to ingests that were
-//! never acknowledged and are deleted, so a client's retry cannot double them.
+//! The decision a reader must know: `state.json` is the commit point of an ingest. A reference
+//! segment is written by a `TraceWriter` (temporary name, fsync, rename, directory fsync: the one
+//! durable write of `actwatch_io::durable`), hashed as it is written, and only then listed in
+//! `state.json` with its checksum (written the same way); the ingest summary is sent after that.
+//! At start, segment files that `state.json` does not list belong to ingests that were never
+//! acknowledged and are deleted, so a client's retry cannot double them. Every fit first checks
+//! each segment against its checksum and quarantines those that fail
+//! ([`MonitorEntry::verify_segments`]). A fit's commit point is the rename of `fitted/`, which
+//! holds its version (`fit.json`), so `state.json` only caches that version.
 
 mod ingest;
 mod monitor;
 mod score_log;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -25,13 +35,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use actwatch_io::artifact::load_monitor;
 use actwatch_io::durable;
 use serde::{Deserialize, Serialize};
 
 pub use ingest::{IngestSession, LABEL_COLUMN};
+pub(crate) use monitor::load_fitted;
 use monitor::SpecFile;
-pub use monitor::{FitRun, FittedMonitor, MonitorEntry, MonitorState};
+pub use monitor::{FitRecord, FitRun, FittedMonitor, MonitorEntry, MonitorState};
 pub use score_log::{LoggedProbe, LoggedScore, LoggedSlot, ScoreFilter, ScoreLog, ANOMALY};
 
 use crate::convert::{options_from_spec, StoredSpec};
@@ -44,6 +54,11 @@ const REFERENCE_DIR: &str = "reference";
 const FITTED_DIR: &str = "fitted";
 const CHECKPOINT_FILE: &str = "fitter.bin";
 const SCORES_DIR: &str = "scores";
+const QUARANTINE_DIR: &str = "quarantine";
+/// Beside a quarantined segment: why it was quarantined (`<segment>.reason.json`).
+const QUARANTINE_REASON_SUFFIX: &str = ".reason.json";
+/// Inside `fitted/`: the fit's version and run ([`FitRecord`]).
+pub(crate) const FIT_RECORD_FILE: &str = "fit.json";
 /// Version of `spec.json` and `state.json`.
 const STORAGE_FORMAT_VERSION: u32 = 1;
 
@@ -280,19 +295,44 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
     }
     let options = options_from_spec(&spec_file.spec)?;
 
-    reconcile_segments(dir, &mut state)?;
+    // Whether `state.json` must be rewritten (a quarantine or a fit whose recording a crash
+    // interrupted).
+    let mut repaired = reconcile_segments(dir, &mut state)?;
 
     remove_temporaries(dir);
+    remove_temporaries(&dir.join(QUARANTINE_DIR));
     let fitted_dir = dir.join(FITTED_DIR);
     let fitted = if fitted_dir.exists() {
-        match load_monitor(&fitted_dir) {
-            Ok((monitor, manifest)) => Some(Arc::new(FittedMonitor::new(
-                monitor,
-                &spec_file.spec,
-                state.fit_version.max(1),
-                manifest.reference.rows,
-                state.last_fit,
-            )?)),
+        match load_fitted(&fitted_dir) {
+            Ok((monitor, manifest, record)) => {
+                // The version is the fit's own; a fit saved before it carried one has
+                // state.json's.
+                let record = match record {
+                    Some(r) => {
+                        if r.fit_version > state.fit_version {
+                            tracing::warn!(
+                                monitor = %spec_file.name,
+                                fit_version = r.fit_version,
+                                recorded = state.fit_version,
+                                "the fit was installed but its version not recorded in \
+                                 state.json (a crash); serving it as fitted, repairing state.json"
+                            );
+                            state.fit_version = r.fit_version;
+                            state.last_fit = r.run;
+                            repaired = true;
+                        }
+                        r
+                    }
+                    None => FitRecord::new(state.fit_version.max(1), state.last_fit),
+                };
+                Some(Arc::new(FittedMonitor::new(
+                    monitor,
+                    &spec_file.spec,
+                    record.fit_version,
+                    manifest.reference.rows,
+                    record.run,
+                )?))
+            }
             Err(e) => {
                 // Never serve a damaged fit; the monitor stays usable and a refit repairs it.
                 tracing::warn!(
@@ -306,6 +346,17 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
     } else {
         None
     };
+    if repaired {
+        // What is served is already right (and the next write of state.json records it from
+        // memory); failing to write the repair now only means repeating it at the next start.
+        if let Err(e) = write_json_atomic(&dir.join(STATE_FILE), &state) {
+            tracing::warn!(
+                monitor = %spec_file.name,
+                error = %e,
+                "cannot write the repaired state.json; the next start repairs it again"
+            );
+        }
+    }
     let scores = dir.join(SCORES_DIR);
     Ok(MonitorEntry {
         name: spec_file.name,
@@ -321,9 +372,11 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
 }
 
 /// Deletes the segments `state.json` does not list (ingests that were never acknowledged), keeping
-/// their sequence numbers from being reused, leaves (and logs) files that are not segments, and
-/// checks that every listed segment is there.
-fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
+/// their sequence numbers from being reused, leaves (and logs) files that are not segments,
+/// finishes quarantines that a crash interrupted (a listed segment found in `quarantine/` is
+/// dropped from `state`), and checks that every other listed segment is there. Returns whether
+/// `state` changed in a way `state.json` must record.
+fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<bool> {
     let reference = dir.join(REFERENCE_DIR);
     fs::create_dir_all(&reference).map_err(|e| Error::storage(&reference, e))?;
     let listed: HashSet<&str> = state.segments.iter().map(|s| s.file.as_str()).collect();
@@ -351,8 +404,13 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
     // and the segments hold the rows the sites add up to: a monitor whose files disagree is
     // quarantined, never fitted.
     let mut total = 0u64;
+    let mut quarantined = Vec::new();
     for s in &state.segments {
         let p = reference.join(&s.file);
+        if !p.is_file() && dir.join(QUARANTINE_DIR).join(&s.file).is_file() {
+            quarantined.push(s.file.clone());
+            continue;
+        }
         if !p.is_file() {
             return Err(Error::Corrupt {
                 path: dir.join(STATE_FILE),
@@ -374,6 +432,16 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
         }
         total += rows;
     }
+    for file in &quarantined {
+        state.drop_segment(file).map_err(|message| Error::Corrupt {
+            path: dir.join(STATE_FILE),
+            message: format!("cannot finish quarantining segment {file}: {message}"),
+        })?;
+        tracing::warn!(
+            file = %file,
+            "finishing a quarantine a crash interrupted: the segment is dropped from state.json"
+        );
+    }
     let sites_total = state.reference_rows() + state.example_rows();
     if total != sites_total {
         return Err(Error::Corrupt {
@@ -384,7 +452,7 @@ fn reconcile_segments(dir: &Path, state: &mut MonitorState) -> Result<()> {
         });
     }
 
-    Ok(())
+    Ok(!quarantined.is_empty())
 }
 
 /// Removes what durable writes that did not finish left in `dir` (state, checkpoint, a fit

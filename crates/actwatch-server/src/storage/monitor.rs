@@ -1,18 +1,23 @@
 //! One monitor's files and served state: its spec, `state.json` (sites, committed segments, fit
 //! version), the fit being served and its score log.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use actwatch_core::{Provenance, ProvenanceConflict};
 use actwatch_detect::monitor::{Monitor, MonitorOptions};
+use actwatch_io::artifact::{load_monitor, Manifest};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::score_log::{LoggedScore, ScoreFilter, ScoreLog};
 use super::{
-    lock, write_json_atomic, CHECKPOINT_FILE, FITTED_DIR, REFERENCE_DIR, STATE_FILE,
+    lock, now_unix_ms, read_json, sync_dir, write_json_atomic, CHECKPOINT_FILE, FITTED_DIR,
+    FIT_RECORD_FILE, QUARANTINE_DIR, QUARANTINE_REASON_SUFFIX, REFERENCE_DIR, STATE_FILE,
     STORAGE_FORMAT_VERSION,
 };
 use crate::convert::StoredSpec;
@@ -59,6 +64,29 @@ pub struct SegmentEntry {
     /// A segment of labelled examples (with a `label` column) for the monitor's probes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub labelled: bool,
+    /// SHA-256 (lowercase hex) of the file's bytes, computed as the ingest wrote them
+    /// (`TraceWriter::finish_hashed`) and checked before every fit reads the segment
+    /// ([`MonitorEntry::verify_segments`]). `None` in a `state.json` written before checksums
+    /// were recorded: such a segment is read unverified, as it was then (only the start-up check
+    /// of its footer's row count covers it), and never quarantined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The segment's rows per site, recorded with the checksum, so that quarantining it takes
+    /// them from the right sites' counts (empty where no checksum was recorded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub site_rows: BTreeMap<String, u64>,
+}
+
+/// What `quarantine/<segment>.reason.json` says of a segment taken out of the fit.
+#[derive(Debug, Serialize)]
+struct QuarantineReason<'a> {
+    segment: &'a str,
+    reason: &'a str,
+    rows: u64,
+    labelled: bool,
+    site_rows: &'a BTreeMap<String, u64>,
+    sha256_recorded: Option<&'a str>,
+    quarantined_unix_ms: i64,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -117,6 +145,98 @@ impl MonitorState {
     pub fn example_rows(&self) -> u64 {
         self.sites.iter().map(|s| s.example_rows).sum()
     }
+
+    /// Takes the segment `file` off the list, and its rows off its sites' counts (a
+    /// quarantine). Fails, saying why, when the segment is not listed or its rows per site are
+    /// not recorded or do not fit the sites' counts; `self` is then unchanged.
+    pub(super) fn drop_segment(&mut self, file: &str) -> Result<SegmentEntry, String> {
+        let i = self
+            .segments
+            .iter()
+            .position(|s| s.file == file)
+            .ok_or_else(|| format!("segment {file} is not listed"))?;
+        let segment = &self.segments[i];
+        if segment.site_rows.values().sum::<u64>() != segment.rows {
+            return Err(format!(
+                "state.json does not record the rows of segment {file} per site, so they cannot \
+                 be taken off the counts"
+            ));
+        }
+        let mut sites = self.sites.clone();
+        for (site, &rows) in &segment.site_rows {
+            let s = sites
+                .iter_mut()
+                .find(|s| &s.name == site)
+                .ok_or_else(|| format!("segment {file} holds rows of an unknown site {site:?}"))?;
+            let count = if segment.labelled {
+                &mut s.example_rows
+            } else {
+                &mut s.reference_rows
+            };
+            *count = count.checked_sub(rows).ok_or_else(|| {
+                format!("segment {file} holds {rows} rows of site {site:?}, more than it counts")
+            })?;
+        }
+        self.sites = sites;
+        Ok(self.segments.remove(i))
+    }
+}
+
+/// What `fitted/fit.json` holds: the version the fit was made as, and how it ran. It is written
+/// into the artifact directory before that directory is renamed into place
+/// (`actwatch_io::artifact::save_monitor_with`), so a fit and its version are installed in one
+/// atomic step and the served version is always read from the fit it names. `state.json`'s
+/// `fit_version` and `last_fit` are a cache of it (repaired at start when a crash left them
+/// behind) and the counter the next fit's version comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FitRecord {
+    pub format_version: u32,
+    pub fit_version: u64,
+    pub run: FitRun,
+}
+
+impl FitRecord {
+    pub fn new(fit_version: u64, run: FitRun) -> Self {
+        Self {
+            format_version: STORAGE_FORMAT_VERSION,
+            fit_version,
+            run,
+        }
+    }
+}
+
+/// Loads the fit saved in `dir` (a monitor's `fitted/`) with its [`FitRecord`]; the record is
+/// `None` for a fit saved before records were written with the fit (its version is then
+/// `state.json`'s).
+pub(crate) fn load_fitted(dir: &Path) -> Result<(Monitor, Manifest, Option<FitRecord>)> {
+    let (monitor, manifest) = load_monitor(dir)?;
+    let path = dir.join(FIT_RECORD_FILE);
+    if !path.exists() {
+        return Ok((monitor, manifest, None));
+    }
+    let record: FitRecord = read_json(&path)?;
+    if record.format_version != STORAGE_FORMAT_VERSION {
+        return Err(Error::Corrupt {
+            path,
+            message: format!(
+                "format version {}; this build reads {STORAGE_FORMAT_VERSION}",
+                record.format_version
+            ),
+        });
+    }
+    Ok((monitor, manifest, Some(record)))
+}
+
+/// SHA-256 (lowercase hex) and length of the file at `path`, streamed.
+fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let len = std::io::copy(&mut BufReader::new(File::open(path)?), &mut hasher)?;
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hex, len))
 }
 
 /// A fitted monitor as served: immutable, shared by every scoring call that started with it.
@@ -283,29 +403,155 @@ impl MonitorEntry {
         Ok(total)
     }
 
-    /// Records a new fit (already saved in `fitted/`) and serves it.
+    /// The version the next fit is made as (one fit of a monitor runs at a time: `fit_lock`).
+    pub fn next_fit_version(&self) -> u64 {
+        lock(&self.state).fit_version + 1
+    }
+
+    /// Serves a new fit, already installed in `fitted/` with its `record` (`fit.json`, renamed
+    /// into place with the fit: the commit point of a fit), and caches its version in
+    /// `state.json`. Failing to write that cache is logged, not returned: the fit is installed
+    /// and is what a restart serves, and the start repairs the cache from the record (as does
+    /// the next write of `state.json`, from memory).
     pub fn install_fit(
         &self,
         monitor: Monitor,
         reference_rows: u64,
-        run: FitRun,
+        record: FitRecord,
     ) -> Result<Arc<FittedMonitor>> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
-        let mut next = st.clone();
-        next.fit_version += 1;
-        next.last_fit = run;
-        write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
         let fitted = Arc::new(FittedMonitor::new(
             monitor,
             &self.spec,
-            next.fit_version,
+            record.fit_version,
             reference_rows,
-            run,
+            record.run,
         )?);
+        let mut next = st.clone();
+        next.fit_version = next.fit_version.max(record.fit_version);
+        next.last_fit = record.run;
+        if let Err(e) = write_json_atomic(&self.dir.join(STATE_FILE), &next) {
+            tracing::warn!(
+                monitor = %self.name,
+                fit_version = record.fit_version,
+                error = %e,
+                "the fit is installed and served, but state.json could not cache its version; \
+                 the next start repairs it"
+            );
+        }
         *st = next;
         *self.fitted.write().unwrap_or_else(PoisonError::into_inner) = Some(fitted.clone());
         Ok(fitted)
+    }
+
+    /// Checks each of `segments` (those a fit is about to read) against the checksum recorded
+    /// when it was committed, before any of its rows is folded. Each that fails (corrupt, cut
+    /// short) is quarantined: moved into `quarantine/` with a reason file beside it and dropped
+    /// from `state.json`, its rows taken off the counts; the result is then
+    /// [`Error::SegmentsQuarantined`] (DATA_LOSS) naming them, so the fit stops and a new one
+    /// uses the remaining data. Segments without a recorded checksum are not checked (see
+    /// [`SegmentEntry::sha256`]). Blocking: reads each checked segment once.
+    pub fn verify_segments(&self, segments: &[(String, PathBuf, bool)]) -> Result<()> {
+        let recorded: HashMap<String, Option<String>> = lock(&self.state)
+            .segments
+            .iter()
+            .map(|s| (s.file.clone(), s.sha256.clone()))
+            .collect();
+        let quarantine = self.dir.join(QUARANTINE_DIR);
+        let mut failed = Vec::new();
+        for (file, path, _) in segments {
+            let expected = match recorded.get(file) {
+                None => {
+                    return Err(Error::Corrupt {
+                        path: self.dir.join(STATE_FILE),
+                        message: format!("segment {file} is no longer listed"),
+                    })
+                }
+                Some(None) => continue,
+                Some(Some(sha256)) => sha256,
+            };
+            let why = match file_sha256(path) {
+                Ok((sha256, _)) if &sha256 == expected => continue,
+                Ok((_, len)) => format!(
+                    "its {len} bytes do not match the SHA-256 recorded when it was committed: \
+                     the file is corrupt or cut short"
+                ),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && quarantine.join(file).is_file() =>
+                {
+                    // A quarantine that stopped before state.json dropped the segment.
+                    "already moved to quarantine by a fit that stopped before dropping it from \
+                     state.json"
+                        .to_string()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::Corrupt {
+                        path: self.dir.join(STATE_FILE),
+                        message: format!("listed segment {} is missing", path.display()),
+                    })
+                }
+                Err(e) => return Err(Error::storage(path, e)),
+            };
+            self.quarantine_segment(file, &why)?;
+            failed.push((file.clone(), why));
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::SegmentsQuarantined {
+            monitor: self.name.clone(),
+            segments: failed,
+            folder: quarantine,
+        })
+    }
+
+    /// Moves the segment `file` into `quarantine/` (a reason file first, then the segment,
+    /// both folders fsynced) and only then drops it from `state.json`: a crash in between
+    /// leaves a listed segment found in `quarantine/`, which the start (and the next fit)
+    /// finish dropping, never a monitor that lists what it lost.
+    fn quarantine_segment(&self, file: &str, why: &str) -> Result<()> {
+        let mut st = lock(&self.state);
+        self.check_not_deleted()?;
+        let mut next = st.clone();
+        let segment = next.drop_segment(file).map_err(|message| Error::Corrupt {
+            path: self.dir.join(STATE_FILE),
+            message,
+        })?;
+        let reference = self.dir.join(REFERENCE_DIR);
+        let from = reference.join(file);
+        let folder = self.dir.join(QUARANTINE_DIR);
+        if from.exists() {
+            fs::create_dir_all(&folder).map_err(|e| Error::storage(&folder, e))?;
+            sync_dir(&self.dir)?;
+            write_json_atomic(
+                &folder.join(format!("{file}{QUARANTINE_REASON_SUFFIX}")),
+                &QuarantineReason {
+                    segment: file,
+                    reason: why,
+                    rows: segment.rows,
+                    labelled: segment.labelled,
+                    site_rows: &segment.site_rows,
+                    sha256_recorded: segment.sha256.as_deref(),
+                    quarantined_unix_ms: now_unix_ms(),
+                },
+            )?;
+            fs::rename(&from, folder.join(file)).map_err(|e| Error::storage(&from, e))?;
+            sync_dir(&folder)?;
+            sync_dir(&reference)?;
+        }
+        write_json_atomic(&self.dir.join(STATE_FILE), &next)?;
+        *st = next;
+        tracing::warn!(
+            monitor = %self.name,
+            segment = %file,
+            rows = segment.rows,
+            reason = %why,
+            "reference segment quarantined (moved to quarantine/, dropped from state.json); \
+             it is never fitted"
+        );
+        Ok(())
     }
 
     /// Appends computation results to the score log (fsynced before returning).
@@ -318,8 +564,8 @@ impl MonitorEntry {
 
     /// Reads the score log, newest first.
     pub fn query_scores(&self, filter: &ScoreFilter, limit: usize) -> Result<Vec<LoggedScore>> {
-        let paths = lock(&self.log).paths_newest_first();
-        ScoreLog::read(&paths, filter, limit)
+        let files = lock(&self.log).files_newest_first();
+        ScoreLog::read(&files, filter, limit)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -103,16 +103,24 @@ impl ScoreFilter {
     }
 }
 
-/// Append-only JSON lines in numbered files, fsynced per append, at most `max_bytes` in all: the
-/// oldest file is deleted when the budget is exceeded. A torn last line (a crash mid-append) is
-/// skipped when read; every start opens a new file, so nothing is appended after a torn line.
+/// Append-only JSON lines in numbered files, at most `max_bytes` in all: the oldest file is
+/// deleted when the budget is exceeded. Each append (one call's results) is all or nothing: one
+/// buffer, written and fsynced, or on any failure cut back off the file ([`ScoreLog::append`]).
+/// Reads take only whole lines, up to the length acknowledged when they started: a torn last
+/// line (a crash mid-append) is never read, and every start opens a new file, so nothing is
+/// appended after one.
 #[derive(Debug)]
 pub struct ScoreLog {
     dir: PathBuf,
     max_bytes: u64,
     /// (sequence number, size) of every file, oldest first; the last one is being appended to.
+    /// The size of the current file counts acknowledged appends only.
     files: VecDeque<(u64, u64)>,
     current: Option<File>,
+    /// Test-only failure injection: the next append writes this many bytes of its buffer, then
+    /// fails as a full disk would.
+    #[cfg(test)]
+    fail_after: Option<usize>,
 }
 
 impl ScoreLog {
@@ -137,6 +145,8 @@ impl ScoreLog {
             max_bytes,
             files: files.into(),
             current: None,
+            #[cfg(test)]
+            fail_after: None,
         })
     }
 
@@ -148,6 +158,12 @@ impl ScoreLog {
         (self.max_bytes / SCORE_LOG_FILES).max(1)
     }
 
+    /// Appends one call's results, all or nothing: they are encoded into one buffer, written and
+    /// fsynced; if the write or the fsync fails, the file is cut back to its length before the
+    /// append (and that fsynced) and the error returned, so a failed call leaves nothing of its
+    /// results and the next append starts on a clean line. If even the cut fails, the file is
+    /// left to readers (who read only up to its acknowledged length) and the next append opens a
+    /// new one.
     pub fn append(&mut self, entries: &[LoggedScore]) -> Result<()> {
         let mut buf = Vec::new();
         for e in entries {
@@ -174,41 +190,97 @@ impl ScoreLog {
             self.current = Some(f);
             self.files.push_back((seq, 0));
         }
+        #[cfg(test)]
+        let fail_after = self.fail_after.take();
         let (seq, size) = self.files.back_mut().expect("a current file exists");
         let path = self.dir.join(format!("log-{seq:08}.jsonl"));
         let f = self.current.as_mut().expect("a current file is open");
-        f.write_all(&buf)
-            .and_then(|()| f.sync_data())
-            .map_err(|e| Error::storage(&path, e))?;
+        let before = *size;
+        let write = |f: &mut File| -> std::io::Result<()> {
+            #[cfg(test)]
+            if let Some(n) = fail_after {
+                f.write_all(&buf[..n.min(buf.len())])?;
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            f.write_all(&buf)?;
+            f.sync_data()
+        };
+        if let Err(e) = write(f) {
+            // The file is opened to append, so the next write lands at the cut.
+            if let Err(cut) = f.set_len(before).and_then(|()| f.sync_data()) {
+                tracing::error!(
+                    file = %path.display(),
+                    error = %cut,
+                    "cannot cut a failed score-log append back off; the next append opens a \
+                     new file (readers skip the torn tail)"
+                );
+                self.current = None;
+            }
+            return Err(Error::storage(&path, e));
+        }
         *size += len;
         while self.files.len() > 1 && self.files.iter().map(|f| f.1).sum::<u64>() > self.max_bytes {
-            let (old, _) = self.files.pop_front().expect("more than one file");
+            let old = self.files.front().expect("more than one file").0;
             let p = self.path(old);
-            fs::remove_file(&p).map_err(|e| Error::storage(&p, e))?;
+            // The append is durable and acknowledged whatever happens here: a file that cannot
+            // be deleted is kept (and tried again at the next append), not reported as the
+            // call's failure.
+            match fs::remove_file(&p) {
+                Ok(()) => {
+                    self.files.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.files.pop_front();
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        file = %p.display(),
+                        error = %e,
+                        "cannot delete the oldest score-log file; the log exceeds its budget"
+                    );
+                    break;
+                }
+            }
         }
         Ok(())
     }
 
-    pub fn paths_newest_first(&self) -> Vec<PathBuf> {
+    /// Every file, newest first, with the length acknowledged so far: what a read may take.
+    pub fn files_newest_first(&self) -> Vec<(PathBuf, u64)> {
         self.files
             .iter()
             .rev()
-            .map(|&(s, _)| self.path(s))
+            .map(|&(s, size)| (self.path(s), size))
             .collect()
     }
 
-    /// Reads logged results newest first (no lock needed: files are append-only, and a file
-    /// deleted meanwhile is skipped).
-    pub fn read(paths: &[PathBuf], filter: &ScoreFilter, limit: usize) -> Result<Vec<LoggedScore>> {
+    /// Reads logged results newest first, from `files` as [`ScoreLog::files_newest_first`]
+    /// gave them (no lock needed: files are append-only, each is read only up to its
+    /// acknowledged length, so an append in progress is never seen, and a file deleted
+    /// meanwhile is skipped). Only whole lines are read: what follows a file's last newline is
+    /// a torn tail (an append a crash cut short), never returned.
+    pub fn read(
+        files: &[(PathBuf, u64)],
+        filter: &ScoreFilter,
+        limit: usize,
+    ) -> Result<Vec<LoggedScore>> {
         let mut out = Vec::new();
-        for p in paths {
-            let text = match fs::read_to_string(p) {
-                Ok(t) => t,
+        for (p, acknowledged) in files {
+            let mut bytes = Vec::new();
+            match File::open(p) {
+                Ok(f) => f
+                    .take(*acknowledged)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| Error::storage(p, e))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::storage(p, e)),
             };
-            for line in text.lines().rev() {
-                let Ok(s) = serde_json::from_str::<LoggedScore>(line) else {
+            let Some(end) = bytes.iter().rposition(|&b| b == b'\n') else {
+                continue;
+            };
+            for line in bytes[..end].split(|&b| b == b'\n').rev() {
+                // (A line torn by a crash before appends were all or nothing does not parse.)
+                let Ok(s) = serde_json::from_slice::<LoggedScore>(line) else {
                     continue;
                 };
                 if filter.accepts(&s) {
@@ -260,7 +332,7 @@ mod tests {
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
         assert!(total <= 4096, "{total} bytes kept");
-        let got = ScoreLog::read(&log.paths_newest_first(), &ScoreFilter::default(), 5).unwrap();
+        let got = ScoreLog::read(&log.files_newest_first(), &ScoreFilter::default(), 5).unwrap();
         let ids: Vec<_> = got.iter().map(|s| s.trace_id.as_str()).collect();
         assert_eq!(ids, ["c199", "c198", "c197", "c196", "c195"]);
         drop(log);
@@ -268,7 +340,7 @@ mod tests {
         let mut log = ScoreLog::open(dir.path(), 4096).unwrap();
         log.append(&[score("after", true, 1000)]).unwrap();
         // A torn line in an older file is skipped.
-        let oldest = log.paths_newest_first().pop().unwrap();
+        let oldest = log.files_newest_first().pop().unwrap().0;
         OpenOptions::new()
             .append(true)
             .open(&oldest)
@@ -279,8 +351,70 @@ mod tests {
             flagged_only: true,
             ..Default::default()
         };
-        let got = ScoreLog::read(&log.paths_newest_first(), &filter, 3).unwrap();
+        let got = ScoreLog::read(&log.files_newest_first(), &filter, 3).unwrap();
         let ids: Vec<_> = got.iter().map(|s| s.trace_id.as_str()).collect();
         assert_eq!(ids, ["after", "c190", "c180"]);
+    }
+
+    fn ids(log: &ScoreLog) -> Vec<String> {
+        ScoreLog::read(
+            &log.files_newest_first(),
+            &ScoreFilter::default(),
+            usize::MAX,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|s| s.trace_id)
+        .collect()
+    }
+
+    /// A write that fails part-way (here after three and a half of the call's four results, as a
+    /// full disk does) leaves nothing of the call, and the next acknowledged append reads back
+    /// whole (reliability issue: "a failed score-log write left one acknowledged result unreadable
+    /// and stored 3 results of the failed call").
+    #[test]
+    fn a_failed_append_leaves_nothing_of_its_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ScoreLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(&[score("a", false, 1)]).unwrap();
+        log.append(&[score("b", true, 2)]).unwrap();
+        let failed: Vec<_> = (0..4).map(|i| score(&format!("f{i}"), false, 3)).collect();
+        let line = serde_json::to_vec(&failed[0]).unwrap().len() + 1;
+        log.fail_after = Some(3 * line + line / 2);
+        let e = log.append(&failed).unwrap_err();
+        assert!(e.to_string().contains("os error 28"), "{e}");
+        assert_eq!(ids(&log), ["b", "a"]);
+        log.append(&[score("c", false, 4)]).unwrap();
+        assert_eq!(ids(&log), ["c", "b", "a"]);
+        drop(log);
+        let log = ScoreLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(ids(&log), ["c", "b", "a"]);
+    }
+
+    /// A torn last line (a crash mid-append, possibly from a build before appends were
+    /// all-or-nothing) is never read back, whether it happens to parse (only its newline is
+    /// missing) or ends inside a UTF-8 character, and the log accepts new appends after it.
+    #[test]
+    fn a_torn_last_line_is_never_read_and_appends_continue() {
+        for torn in [
+            // A whole result whose newline never made it: part of a call that did not return.
+            serde_json::to_vec(&score("torn", true, 3)).unwrap(),
+            // Cut inside the two bytes of an "é".
+            b"{\"trace_id\":\"caf\xc3".to_vec(),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = Vec::new();
+            for s in [score("a", false, 1), score("b", true, 2)] {
+                serde_json::to_writer(&mut bytes, &s).unwrap();
+                bytes.push(b'\n');
+            }
+            bytes.extend_from_slice(&torn);
+            fs::write(dir.path().join("log-00000001.jsonl"), &bytes).unwrap();
+            let mut log = ScoreLog::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(ids(&log), ["b", "a"]);
+            log.append(&[score("c", false, 4)]).unwrap();
+            log.append(&[score("d", true, 5)]).unwrap();
+            assert_eq!(ids(&log), ["d", "c", "b", "a"]);
+        }
     }
 }
