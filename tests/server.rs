@@ -1317,6 +1317,7 @@ async fn hostile_sizes_are_refused_by_named_limits() {
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits {
         max_sites_per_monitor: 3,
+        max_fit_bytes: 64 << 20,
         ..Limits::default()
     };
     let server = TestServer::start(dir.path(), limits).await;
@@ -1389,6 +1390,28 @@ async fn hostile_sizes_are_refused_by_named_limits() {
     let m = info(&mut client).await;
     assert_eq!((m.sites.len(), m.reference_rows), (3, 4));
     assert_no_temporary_segments(dir.path(), "m");
+
+    // A fit that would need more memory than max_fit_bytes is refused before it allocates: two
+    // rows 4096 wide ask a Gaussian for 5 x 4096^2 doubles (670 MB).
+    create(&mut client, "wide").await;
+    let rows = encode_trace_batch(
+        "w",
+        vec!["c0".into(), "c1".into()],
+        vec![],
+        4096,
+        &vec![0.25; 2 * 4096],
+        Dtype::F32,
+    );
+    ingest(&mut client, "wide", vec![rows]).await.unwrap();
+    let s = status_of(
+        client
+            .fit(v1::FitRequest {
+                monitor: "wide".into(),
+                incremental: false,
+            })
+            .await,
+    );
+    refused(s, Code::ResourceExhausted, "max_fit_bytes");
     drop(client);
     server.stop().await;
 }

@@ -10,6 +10,7 @@ mod error;
 
 pub mod aggregate;
 pub mod backend;
+pub mod budget;
 pub mod calibration;
 pub mod fusion;
 pub mod gaussian;

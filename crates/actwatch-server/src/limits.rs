@@ -23,6 +23,19 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_SECONDS: u64 = 10;
 /// Most connections open at once; a connection beyond is closed at accept and logged. `actwatch
 /// serve` raises its file-descriptor limit to the hard limit and warns when that is below this.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The most memory one fit may hold at its peak, as estimated before it starts
+/// (`actwatch_detect::budget::fit_bytes`): half the machine's physical memory (`MemTotal` in
+/// /proc/meminfo), so that a fit never takes what serving needs; 8 GiB where that is unknown.
+pub fn default_max_fit_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kib| kib * 1024 / 2)
+}
 /// Most fits that run at once (each on a thread of its own, beside the compute pool); a fit
 /// beyond waits for one to finish before it starts.
 pub const DEFAULT_MAX_CONCURRENT_FITS: usize = 2;
@@ -70,6 +83,8 @@ pub struct Limits {
     pub handshake_timeout_seconds: u64,
     /// [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// [`default_max_fit_bytes`].
+    pub max_fit_bytes: u64,
     /// [`DEFAULT_MAX_CONCURRENT_FITS`].
     pub max_concurrent_fits: usize,
     /// [`DEFAULT_MAX_OPEN_COMPUTATIONS`].
@@ -101,6 +116,7 @@ impl Default for Limits {
             max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             handshake_timeout_seconds: DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_fit_bytes: default_max_fit_bytes(),
             max_concurrent_fits: DEFAULT_MAX_CONCURRENT_FITS,
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,
             max_joint_pending_bytes: DEFAULT_MAX_JOINT_PENDING_BYTES,

@@ -331,6 +331,34 @@ impl ActivationMonitorService {
         })
     }
 
+    /// Refuses a fit whose estimated peak memory (`actwatch_detect::budget::fit_bytes`, from the
+    /// sites' widths and rows) is over `max_fit_bytes`, before anything is allocated.
+    fn check_fit_memory(&self, entry: &MonitorEntry) -> Result<()> {
+        let state = entry.state();
+        let sites: Vec<(usize, u64)> = state
+            .sites
+            .iter()
+            .map(|s| (s.width, s.reference_rows))
+            .collect();
+        let needed = actwatch_detect::budget::fit_bytes(&entry.options, &sites);
+        let max = self.limits.max_fit_bytes;
+        if needed > max {
+            let widest = sites.iter().map(|s| s.0).max().unwrap_or(0);
+            return Err(Error::LimitExceeded {
+                limit: "max_fit_bytes",
+                max,
+                detail: format!(
+                    "this fit would hold about {:.1} GiB ({} sites, the widest {widest} wide); \
+                     fewer or narrower sites, a lower kNN max_references or a Gaussian rank \
+                     would fit",
+                    needed as f64 / (1u64 << 30) as f64,
+                    sites.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks what a batch declares against the limits before it is decoded (before any memory is
     /// committed to it): rows, vector width, site name (length, then characters) and trace id
     /// lengths. Messages quote client strings only as a short excerpt.
@@ -605,6 +633,7 @@ impl ActivationMonitor for ActivationMonitorService {
             if segments.iter().all(|(_, _, labelled)| *labelled) {
                 return Err(Error::NoReferenceData(monitor).into());
             }
+            self.check_fit_memory(&entry)?;
             let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
             tracing::info!(
                 monitor = %monitor,
