@@ -52,7 +52,11 @@ pub fn fit_bytes(options: &MonitorOptions, sites: &[(usize, u64)]) -> u64 {
         }
     }
     if !options.joint.is_empty() && sites.len() > 1 {
-        let width = sites.iter().map(|s| s.0).sum::<usize>().min(JOINT_MAX_WIDTH);
+        let width = sites
+            .iter()
+            .map(|s| s.0)
+            .sum::<usize>()
+            .min(JOINT_MAX_WIDTH);
         let rows = sites.iter().map(|s| s.1).max().unwrap_or(0);
         for spec in &options.joint {
             total = total
