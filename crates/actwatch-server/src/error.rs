@@ -161,12 +161,11 @@ impl Error {
         // tonic answers bytes that are not the request's protobuf message with INTERNAL, which
         // blames the server for the client's input.
         if status.code() == Code::Internal
-            && status.message().starts_with("failed to decode Protobuf message")
+            && status
+                .message()
+                .starts_with("failed to decode Protobuf message")
         {
-            return Status::invalid_argument(format!(
-                "malformed request: {}",
-                status.message()
-            ));
+            return Status::invalid_argument(format!("malformed request: {}", status.message()));
         }
         status
     }

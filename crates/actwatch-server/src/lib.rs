@@ -249,7 +249,10 @@ fn oversized_is_resource_exhausted<B>(
         let Some(status) = tonic::Status::from_header_map(response.headers()) else {
             return response;
         };
-        if !matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Internal) {
+        if !matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::Internal
+        ) {
             return response;
         }
         let mapped = Error::from_inbound(status.clone(), max_message_bytes);
