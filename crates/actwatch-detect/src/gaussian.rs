@@ -190,6 +190,29 @@ impl GaussianFitter {
         self.stats.dim()
     }
 
+    /// Checks that a deserialised fitter holds buffers of width `dim`: statistics of that width,
+    /// pending rows finite, whole and fewer than one grid chunk (what folding assumes).
+    pub(crate) fn check_state(&self, dim: usize) -> Result<()> {
+        self.stats.validate()?;
+        let d = self.stats.dim();
+        if d != dim {
+            return Err(CoreError::WidthMismatch {
+                expected: dim,
+                got: d,
+            }
+            .into());
+        }
+        let rows = check_rows(d, &self.pending)?;
+        if rows >= grid_rows(d) {
+            return Err(CoreError::Malformed(format!(
+                "corrupt Gaussian fitter: {rows} pending rows, at most {} expected",
+                grid_rows(d) - 1
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Vectors seen, pending ones included.
     pub fn count(&self) -> u64 {
         self.stats.count() + (self.pending.len() / self.stats.dim().max(1)) as u64

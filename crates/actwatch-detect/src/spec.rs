@@ -236,6 +236,29 @@ impl DetectorFitter {
         }
     }
 
+    /// Checks that a deserialised fitter is one of `spec`'s detector, of width `dim`, with
+    /// buffers of that shape.
+    pub(crate) fn check_state(&self, spec: &DetectorSpec, dim: usize) -> Result<()> {
+        match (self, spec) {
+            (DetectorFitter::Gaussian(f), DetectorSpec::Gaussian(_)) => f.check_state(dim),
+            (DetectorFitter::Knn(f), DetectorSpec::Knn(_)) => f.check_state(dim),
+            _ => Err(Error::InvalidOption(format!(
+                "a fitter of another detector than {}",
+                spec.name()
+            ))),
+        }
+    }
+
+    /// Checks that a deserialised fitter is of `like`'s detector and width, with buffers of
+    /// that shape (before it is merged into `like`).
+    pub(crate) fn check_as(&self, like: &DetectorFitter) -> Result<()> {
+        match (self, like) {
+            (DetectorFitter::Gaussian(f), DetectorFitter::Gaussian(l)) => f.check_state(l.dim()),
+            (DetectorFitter::Knn(f), DetectorFitter::Knn(l)) => f.check_state(l.dim()),
+            _ => Err(Error::InvalidOption("a fitter of another detector".into())),
+        }
+    }
+
     /// A fitter of the same detector and width that has seen nothing.
     pub fn emptied(&self) -> DetectorFitter {
         match self {
@@ -298,6 +321,33 @@ impl FittedDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by the fuzz suite, `crates/actwatch-io/tests/fuzz.rs`): fitters decoded
+    /// from a checksummed but hostile fit state (or calibration part) were merged and folded
+    /// into unchecked: a pending block of a whole grid chunk underflowed `fold`, rows of another
+    /// width indexed out of bounds. They are now checked before use.
+    #[test]
+    fn decoded_fitters_are_checked_before_use() {
+        let gaussian = DetectorSpec::parse("gaussian").unwrap();
+        let good = gaussian.fitter(3).unwrap();
+        assert!(good.check_state(&gaussian, 3).is_ok());
+        assert!(good.check_state(&gaussian, 4).is_err());
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["Gaussian"]["pending"] = vec![0.5f32; 3 * crate::gaussian::grid_rows(3)].into();
+        let bad: DetectorFitter = serde_json::from_value(v).unwrap();
+        assert!(bad.check_state(&gaussian, 3).is_err());
+        assert!(bad.check_as(&good).is_err());
+
+        let knn = DetectorSpec::parse("knn").unwrap();
+        let good = knn.fitter(2).unwrap();
+        assert!(good.check_state(&knn, 2).is_ok());
+        assert!(good.check_state(&gaussian, 2).is_err(), "another detector");
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["Knn"]["refs"] = vec![1.0f32; 3].into();
+        v["Knn"]["seen"] = 3.into();
+        let bad: DetectorFitter = serde_json::from_value(v).unwrap();
+        assert!(bad.check_as(&good).is_err(), "not whole rows");
+    }
 
     #[test]
     fn parses_specs_and_rejects_nonsense() {

@@ -17,12 +17,46 @@ use crate::calibration::Calibration;
 use crate::{Error, Result};
 
 /// Calibrations of the fused statistic per length stratum.
+///
+/// Deserialisation checks the shape (one calibration per stratum, bounds ascending): an artifact
+/// that decodes is one that scores.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "LengthStrataRepr")]
 pub struct LengthStrata {
     /// Inclusive upper bound of every stratum's lengths but the last one's, ascending.
     upper: Vec<u64>,
     /// One per stratum, shortest first.
     calibrations: Vec<Calibration>,
+}
+
+/// What [`LengthStrata`] serialises as (the same fields), checked on the way in.
+#[derive(serde::Deserialize)]
+struct LengthStrataRepr {
+    upper: Vec<u64>,
+    calibrations: Vec<Calibration>,
+}
+
+impl TryFrom<LengthStrataRepr> for LengthStrata {
+    type Error = Error;
+
+    fn try_from(r: LengthStrataRepr) -> Result<Self> {
+        if r.calibrations.len() != r.upper.len() + 1 {
+            return Err(Error::InvalidOption(format!(
+                "corrupt length strata: {} calibrations for {} bounds",
+                r.calibrations.len(),
+                r.upper.len()
+            )));
+        }
+        if r.upper.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidOption(
+                "corrupt length strata: bounds not ascending".into(),
+            ));
+        }
+        Ok(Self {
+            upper: r.upper,
+            calibrations: r.calibrations,
+        })
+    }
 }
 
 impl LengthStrata {
@@ -186,6 +220,25 @@ mod tests {
         assert_eq!(s.calibrations()[0].len(), 300);
         let s = LengthStrata::fit(&scores, &lengths, 4, 120).unwrap();
         assert_eq!(s.len(), 1);
+    }
+
+    /// Regression (found by the fuzz suite, `crates/actwatch-io/tests/fuzz.rs`): strata decoded
+    /// from a checksummed but hostile artifact with no calibration (or one too few) panicked
+    /// when a computation was scored; now they are refused when decoded.
+    #[test]
+    fn decoding_checks_the_shape() {
+        let s = LengthStrata::fit(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2], 2, 2).unwrap();
+        assert_eq!(s.len(), 2);
+        let bytes = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<LengthStrata>(&bytes).unwrap(), s);
+        for bad in [
+            r#"{"upper": [], "calibrations": []}"#,
+            r#"{"upper": [1], "calibrations": [{"scores": [1.0]}]}"#,
+            r#"{"upper": [2, 1], "calibrations": [{"scores": [1.0]}, {"scores": [1.0]}, {"scores": [1.0]}]}"#,
+        ] {
+            let e = serde_json::from_str::<LengthStrata>(bad).unwrap_err();
+            assert!(e.to_string().contains("corrupt length strata"), "{e}");
+        }
     }
 
     #[test]

@@ -121,10 +121,16 @@ pub fn decode_trace_batch(batch: v1::TraceBatch) -> Result<SiteBatch, Conversion
         activations.ok_or(ConversionError::Missing("activations"))?;
     let dtype = dtype_from_proto(dtype)?;
     let [rows, cols] = shape[..] else {
+        // Quoted as an excerpt: the client chose its length.
+        let quoted = if shape.len() <= 4 {
+            format!("{shape:?}")
+        } else {
+            format!("{:?} ...", &shape[..4])
+        };
         return Err(ConversionError::invalid(
             "activations.shape",
             format!(
-                "shape must be [rows, cols], got {shape:?} ({} dimensions)",
+                "shape must be [rows, cols], got {quoted} ({} dimensions)",
                 shape.len()
             ),
         ));

@@ -5,12 +5,17 @@
 //! seed and no crate grows its own copy. The heavier fixtures sit behind features so that the
 //! compute crates' tests stay free of I/O and transport: `io` ([`minilm`], [`fixture`]: the shared
 //! MiniLM activations and a fitted monitor) and `server` ([`server::TestServer`], a real gRPC
-//! server on a loopback port that stops when dropped).
+//! server on a loopback port that stops when dropped). The fuzz suites and targets share their
+//! harnesses ([`fuzz`], feature `fuzz`) and an allocator that measures what decoding asks for
+//! ([`alloc`]).
 
+pub mod alloc;
 mod rng;
 
 #[cfg(feature = "io")]
 pub mod fixture;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 #[cfg(feature = "io")]
 pub mod minilm;
 #[cfg(feature = "server")]

@@ -298,6 +298,28 @@ impl KnnFitter {
         self.dim
     }
 
+    /// Checks that a deserialised fitter holds buffers of width `dim`: whole, finite rows, a key
+    /// per row once it samples, at least as many rows seen as kept (what sampling assumes).
+    pub(crate) fn check_state(&self, dim: usize) -> Result<()> {
+        if self.dim != dim {
+            return Err(CoreError::WidthMismatch {
+                expected: dim,
+                got: self.dim,
+            }
+            .into());
+        }
+        let rows = check_rows(dim, &self.refs)?;
+        if (!self.keys.is_empty() && self.keys.len() != rows) || self.seen < rows as u64 {
+            return Err(CoreError::Malformed(format!(
+                "corrupt kNN fitter: {rows} rows, {} keys, {} seen",
+                self.keys.len(),
+                self.seen
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     pub fn options(&self) -> &KnnOptions {
         &self.options
     }

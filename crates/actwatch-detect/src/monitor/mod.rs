@@ -504,7 +504,36 @@ impl<'de> serde::Deserialize<'de> for MonitorFitter {
         fitter.sites = state.sites;
         fitter.provenance = state.provenance;
         fitter.examples = state.examples;
+        fitter.check_state().map_err(D::Error::custom)?;
         Ok(fitter)
+    }
+}
+
+impl MonitorFitter {
+    /// Checks a deserialised fitter (bytes from another process or a checkpoint, checksummed but
+    /// not necessarily written by a fitter): every site's detector fitters are the options' own,
+    /// of the site's width, with buffers of that shape; provenance and examples valid. What
+    /// decodes can then be merged, folded into and finished without a panic.
+    fn check_state(&self) -> Result<()> {
+        for (name, s) in &self.sites {
+            let bad = |why: String| {
+                Error::InvalidOption(format!("corrupt fit state of site {name:?}: {why}"))
+            };
+            if s.fitters.len() != self.options.detectors.len() {
+                return Err(bad(format!(
+                    "{} fitters for {} detectors",
+                    s.fitters.len(),
+                    self.options.detectors.len()
+                )));
+            }
+            for (f, spec) in s.fitters.iter().zip(&self.options.detectors) {
+                f.check_state(spec, s.dim).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        for p in self.provenance.values() {
+            p.validate()?;
+        }
+        self.examples.check_state()
     }
 }
 
@@ -891,6 +920,26 @@ impl MonitorCalibrator {
                 return Err(foreign(&format!(
                     "has scores of a site {name:?} this fit lacks"
                 )));
+            }
+        }
+        // Every detector of a site scored the same traces (calibration reads them in lockstep).
+        let aligned = |scores: &[Vec<(u32, f64)>]| {
+            scores.windows(2).all(|w| {
+                w[0].len() == w[1].len() && w[0].iter().zip(&w[1]).all(|(a, b)| a.0 == b.0)
+            })
+        };
+        if !part.sites.values().all(|s| aligned(s))
+            || !part.joint_scores.as_deref().is_none_or(aligned)
+        {
+            return Err(foreign(
+                "has detectors that scored different traces (corrupt)",
+            ));
+        }
+        if let (JointPhase::Fitting { fitters, .. }, Some(theirs)) = (&self.joint, &part.joint_fit)
+        {
+            for (mine, t) in fitters.iter().zip(theirs) {
+                t.check_as(mine)
+                    .map_err(|e| foreign(&format!("holds a corrupt joint fitter ({e})")))?;
             }
         }
         let n = part.computations.len();

@@ -55,8 +55,9 @@ pub(crate) struct ProbeExamples {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Rows {
     sites: BTreeMap<String, SiteExamples>,
-    /// Computation id -> index into `labels`.
-    index: HashMap<String, u32>,
+    /// Computation id -> index into `labels`. Ordered, so that a fit state encodes to the same
+    /// bytes every time (a hash map serialises in a random order).
+    index: BTreeMap<String, u32>,
     /// Per computation its label (reference computations: false).
     labels: Vec<bool>,
 }
@@ -101,6 +102,32 @@ impl Rows {
 }
 
 impl Rows {
+    /// Checks a deserialised value: every computation indexed once (indices `0..n`, one label
+    /// each), every site's rows whole and finite with one known computation per row. Returns the
+    /// number of vector values held.
+    fn check_state(&self) -> Result<usize> {
+        let n = self.labels.len();
+        let mut seen = vec![false; n];
+        for &c in self.index.values() {
+            match seen.get_mut(c as usize) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(corrupt("a computation index out of range or repeated")),
+            }
+        }
+        if self.index.len() != n {
+            return Err(corrupt("labels and computations disagree"));
+        }
+        let mut values = 0usize;
+        for ex in self.sites.values() {
+            let rows = actwatch_core::check_rows(ex.dim, &ex.rows)?;
+            if rows != ex.computations.len() || ex.computations.iter().any(|&c| c as usize >= n) {
+                return Err(corrupt("rows and their computations disagree"));
+            }
+            values += ex.rows.len();
+        }
+        Ok(values)
+    }
+
     /// Appends `other`'s rows, as the part that follows `self`'s.
     fn merge(&mut self, other: &Rows) -> Result<()> {
         let mut ids = vec![""; other.labels.len()];
@@ -120,7 +147,22 @@ impl Rows {
     }
 }
 
+/// A deserialised fit state whose probe examples do not hold together.
+fn corrupt(why: &str) -> Error {
+    Error::InvalidOption(format!("corrupt probe examples in a fit state: {why}"))
+}
+
 impl ProbeExamples {
+    /// Checks a deserialised value (see `Rows::check_state`), and that it counts the values it
+    /// holds.
+    pub(crate) fn check_state(&self) -> Result<()> {
+        let held = self.labelled.check_state()? + self.reference.check_state()?;
+        if held != self.values || held > MAX_PROBE_EXAMPLE_VALUES {
+            return Err(corrupt("the count of values held is wrong"));
+        }
+        Ok(())
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.labelled.labels.is_empty()
     }
@@ -641,5 +683,50 @@ impl PendingProbe {
             fused,
             summary,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(ids: &[String]) -> ProbeExamples {
+        let mut ex = ProbeExamples::default();
+        let labels: Vec<bool> = (0..ids.len()).map(|i| i % 2 == 0).collect();
+        let rows: Vec<f32> = (0..ids.len() * 2).map(|i| i as f32).collect();
+        ex.push_labelled("a", ids, &rows, 2, &labels).unwrap();
+        ex
+    }
+
+    /// Regression (found by the fuzz suite, `crates/actwatch-io/tests/fuzz.rs`): the examples'
+    /// computation index was a hash map, serialised in a random order, so one fit state encoded
+    /// to different bytes each time.
+    #[test]
+    fn examples_encode_to_the_same_bytes_every_time() {
+        let ids: Vec<String> = (0..64).map(|i| format!("c{i}")).collect();
+        let a = serde_json::to_string(&examples(&ids)).unwrap();
+        let b = serde_json::to_string(&examples(&ids)).unwrap();
+        assert_eq!(a, b);
+    }
+
+    /// Regression (found by the fuzz suite): decoded examples whose computations point past their
+    /// labels made a merge or a probe fit index out of bounds; they are refused when checked.
+    #[test]
+    fn decoded_examples_are_checked() {
+        let ids: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
+        let good = examples(&ids);
+        assert!(good.check_state().is_ok());
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["labelled"]["sites"]["a"]["computations"][0] = 9.into();
+        let bad: ProbeExamples = serde_json::from_value(v).unwrap();
+        assert!(bad.check_state().is_err());
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["labelled"]["index"]["c0"] = 1.into();
+        let bad: ProbeExamples = serde_json::from_value(v).unwrap();
+        assert!(bad.check_state().is_err(), "an index repeated");
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["values"] = 3.into();
+        let bad: ProbeExamples = serde_json::from_value(v).unwrap();
+        assert!(bad.check_state().is_err(), "a wrong count");
     }
 }

@@ -34,6 +34,28 @@ use columns::{
 use crate::provenance::{FileProvenance, PROVENANCE_KEY};
 use crate::{Error, Result};
 
+/// Runs a call into the Parquet decoder, turning a panic into an error naming the file. The
+/// decoder (arrow-rs 60) still panics on some corrupt pages instead of returning an error (the
+/// fuzz suite found one: definition levels that claim more bits than their buffer holds,
+/// `arrow-buffer`'s `bit_util` "slice must not be empty"), and one corrupt input must not take
+/// down a fit or the server. Only the decoder's calls are guarded: a panic in actwatch's own code
+/// stays a bug.
+fn guarded<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Error::parquet(
+            path,
+            ParquetError::General(format!(
+                "the Parquet decoder failed on corrupt data: {what}"
+            )),
+        )
+    })
+}
+
 /// Default name of the computation-id column.
 pub const DEFAULT_TRACE_COLUMN: &str = "trace_id";
 /// Default name of the site column.
@@ -104,8 +126,10 @@ impl Default for ReadOptions {
 /// The number of rows a Parquet file's footer records (only the footer is read).
 pub fn file_rows(path: &Path) -> Result<u64> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-        .map_err(|e| Error::parquet(path, e))?;
+    let meta = guarded(path, || {
+        ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+    })?
+    .map_err(|e| Error::parquet(path, e))?;
     Ok(u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0))
 }
 
@@ -226,8 +250,10 @@ impl TraceReader {
         let mut total_rows = 0u64;
         for path in &files {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-                .map_err(|e| Error::parquet(path, e))?;
+            let meta = guarded(path, || {
+                ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+            })?
+            .map_err(|e| Error::parquet(path, e))?;
             let columns = check_schema(path, meta.schema(), &opts.columns)?;
             total_rows += u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0);
             let provenance = meta
@@ -349,7 +375,7 @@ impl TraceReader {
             let mask = ProjectionMask::roots(input.meta.parquet_schema(), roots);
             builder = builder.with_projection(mask);
         }
-        let reader = builder.build().map_err(|e| Error::parquet(path, e))?;
+        let reader = guarded(path, || builder.build())?.map_err(|e| Error::parquet(path, e))?;
         Ok(Current {
             path: input.path.clone(),
             provenance: input.provenance.clone(),
@@ -551,7 +577,11 @@ impl Iterator for TraceReader {
                 self.next_file += 1;
             }
             let cur = self.current.as_mut().expect("a file is open");
-            let batch = match cur.reader.next() {
+            let next = match guarded(cur.path.as_path(), || cur.reader.next()) {
+                Ok(next) => next,
+                Err(e) => return self.fail(e),
+            };
+            let batch = match next {
                 None => {
                     self.current = None;
                     continue;
