@@ -290,7 +290,7 @@ mod tests {
             value: 0x0102_0304,
         }
         .apply(&mut v, &[]);
-        assert_eq!(v, [0, 0, 4, 3, 2, 1]);
+        assert_eq!(v, [4, 3, 2, 1, 0, 0], "a 6-byte input is all tail");
         let mut v = vec![1u8, 2, 3];
         Mutation::Splice {
             region: Region::Anywhere,
