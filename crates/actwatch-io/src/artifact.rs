@@ -299,6 +299,18 @@ fn read_blob(dir: &Path, entry: &BlobEntry) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Decodes a verified blob: `bincode::deserialize`'s encoding (so every artifact reads as
+/// before), with the blob's length as the limit, as the checkpoints' frames are decoded: no
+/// length inside it can make the decoder read (or allocate for) more than the blob holds.
+fn decode_blob<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> bincode::Result<T> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(bytes.len() as u64)
+        .deserialize(bytes)
+}
+
 /// Reads only the manifest of the monitor in `dir`.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
@@ -328,7 +340,7 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
     let manifest = read_manifest(dir)?;
     let read_site = |entry: &SiteEntry| -> Result<SiteModel> {
         let bytes = read_blob(dir, &entry.blob)?;
-        let mut site: SiteModel = bincode::deserialize(&bytes).map_err(|e| {
+        let mut site: SiteModel = decode_blob(&bytes).map_err(|e| {
             Error::Artifact(format!(
                 "{}: cannot decode site {}: {e}",
                 dir.display(),
@@ -355,9 +367,9 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
     let joint = manifest.joint.as_ref().map(read_site).transpose()?;
     let bytes = read_blob(dir, &manifest.calibration)?;
     let fused = if manifest.format_version == 1 {
-        bincode::deserialize::<Calibration>(&bytes).map(LengthStrata::single)
+        decode_blob::<Calibration>(&bytes).map(LengthStrata::single)
     } else {
-        bincode::deserialize::<LengthStrata>(&bytes)
+        decode_blob::<LengthStrata>(&bytes)
     }
     .map_err(|e| Error::Artifact(format!("{}: cannot decode calibration: {e}", dir.display())))?;
     if manifest.probes.len() != manifest.options.probes.len() {
@@ -382,7 +394,7 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
                 )));
             }
             let bytes = read_blob(dir, &entry.blob)?;
-            let blob: ProbeBlob = bincode::deserialize(&bytes).map_err(|e| {
+            let blob: ProbeBlob = decode_blob(&bytes).map_err(|e| {
                 Error::Artifact(format!(
                     "{}: cannot decode probe {}: {e}",
                     dir.display(),

@@ -35,11 +35,10 @@ use crate::provenance::{FileProvenance, PROVENANCE_KEY};
 use crate::{Error, Result};
 
 /// Runs a call into the Parquet decoder, turning a panic into an error naming the file. The
-/// decoder (arrow-rs 60) still panics on some corrupt pages instead of returning an error (the
-/// fuzz suite found one: definition levels that claim more bits than their buffer holds,
-/// `arrow-buffer`'s `bit_util` "slice must not be empty"), and one corrupt input must not take
-/// down a fit or the server. Only the decoder's calls are guarded: a panic in actwatch's own code
-/// stays a bug.
+/// decoder (parquet / arrow 60) still panics on some corrupt footers and pages instead of
+/// returning an error (the fuzz suite found five: see `docs/fuzzing.md`), and one corrupt input
+/// must not take down a fit or the server. Only the decoder's calls are guarded: a panic in
+/// actwatch's own code stays a bug.
 fn guarded<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
         let what = panic
