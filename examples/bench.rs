@@ -152,7 +152,7 @@ fn main() {
     let hnsw = f.finish().expect("hnsw");
     emit_seconds(
         "hnsw_build",
-        "actwatch-hnsw_rs",
+        "actwatch-hnsw",
         n_ref,
         d,
         1,
@@ -174,7 +174,7 @@ fn main() {
             });
             emit(
                 "hnsw_query",
-                &format!("actwatch-hnsw_rs-ef{ef}"),
+                &format!("actwatch-hnsw-ef{ef}"),
                 n_bq,
                 d,
                 threads,
