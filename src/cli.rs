@@ -57,8 +57,9 @@ pub struct ServeArgs {
     /// (cert, key, client_ca); [[tokens]] entries (name, role = "read" | "admin", sha256: see
     /// `actwatch token`); and a [limits] table with any of
     /// max_message_bytes, max_batch_rows, max_vector_width, max_sites_per_monitor,
-    /// max_site_name_bytes, max_trace_id_bytes, max_concurrent_streams, max_streams_per_client,
-    /// max_connections, handshake_timeout_seconds, max_fit_bytes, max_concurrent_fits,
+    /// max_ingests_per_monitor, max_site_name_bytes, max_trace_id_bytes, max_concurrent_streams,
+    /// max_streams_per_client, max_connections, handshake_timeout_seconds,
+    /// max_connection_age_seconds, max_fit_bytes, max_concurrent_fits,
     /// max_open_computations, max_joint_pending_bytes, max_score_log_bytes, flag_buffer,
     /// shutdown_grace_seconds, query_limit, max_query_limit. An unknown key is an error.
     /// Environment variables and flags override the file.

@@ -91,6 +91,7 @@ async fn fit(client: &mut Client, incremental: bool) -> Result<u64, tonic::Statu
         .fit(v1::FitRequest {
             monitor: MONITOR.into(),
             incremental,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -136,6 +136,7 @@ async fn sixty_four_streams_slow_readers_and_silent_connections() {
         .fit(v1::FitRequest {
             monitor: "load".into(),
             incremental: false,
+            ..Default::default()
         })
         .await
         .unwrap()

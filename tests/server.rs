@@ -132,6 +132,7 @@ async fn fit_with(client: &mut Client, monitor: &str, incremental: bool) -> (usi
         .fit(v1::FitRequest {
             monitor: monitor.into(),
             incremental,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -148,7 +149,8 @@ async fn fit_with(client: &mut Client, monitor: &str, incremental: bool) -> (usi
                         "examples",
                         "calibrate",
                         "calibrate_joint",
-                        "calibrate_examples"
+                        "calibrate_examples",
+                        "check"
                     ]
                     .contains(&p.name.as_str()),
                     "{p:?}"
@@ -1190,6 +1192,7 @@ async fn sigterm_finishes_acknowledged_work_and_ends_open_streams() {
         .fit(v1::FitRequest {
             monitor: "m".into(),
             incremental: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1318,6 +1321,7 @@ async fn hostile_sizes_are_refused_by_named_limits() {
     let limits = Limits {
         max_sites_per_monitor: 3,
         max_fit_bytes: 64 << 20,
+        max_ingests_per_monitor: 3,
         ..Limits::default()
     };
     let server = TestServer::start(dir.path(), limits).await;
@@ -1391,6 +1395,17 @@ async fn hostile_sizes_are_refused_by_named_limits() {
     assert_eq!((m.sites.len(), m.reference_rows), (3, 4));
     assert_no_temporary_segments(dir.path(), "m");
 
+    // Ingests: two committed, a third is the last one accepted (each stream is listed in
+    // state.json and compared by the reference check).
+    ingest(&mut client, "m", vec![batch("s2", "c2", 4)])
+        .await
+        .unwrap();
+    let s = status_of(ingest(&mut client, "m", vec![batch("s2", "c3", 4)]).await);
+    refused(s, Code::ResourceExhausted, "max_ingests_per_monitor");
+    let m = info(&mut client).await;
+    assert_eq!((m.ingests.len(), m.reference_rows), (3, 5));
+    assert_no_temporary_segments(dir.path(), "m");
+
     // A fit that would need more memory than max_fit_bytes is refused before it allocates: two
     // rows 4096 wide ask a Gaussian for 5 x 4096^2 doubles (670 MB).
     create(&mut client, "wide").await;
@@ -1408,6 +1423,7 @@ async fn hostile_sizes_are_refused_by_named_limits() {
             .fit(v1::FitRequest {
                 monitor: "wide".into(),
                 incremental: false,
+                ..Default::default()
             })
             .await,
     );
@@ -2438,6 +2454,7 @@ async fn tls_tokens_and_roles_guard_every_call() {
         .fit(v1::FitRequest {
             monitor: "m".into(),
             incremental: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -2502,6 +2519,7 @@ async fn tls_tokens_and_roles_guard_every_call() {
                 .fit(v1::FitRequest {
                     monitor: "m".into(),
                     incremental: false,
+                    ..Default::default()
                 })
                 .await,
         ),
@@ -2813,5 +2831,666 @@ async fn one_client_cannot_starve_the_others() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("actwatch_rejected_calls_total"), "{body}");
     drop((idle, held, reopened, greedy, other));
+    server.stop().await;
+}
+
+/// The computations of `path` dealt into `parts` ingests by `part(id)`, each as its batches.
+fn dealt_batches(
+    path: &Path,
+    parts: usize,
+    part: impl Fn(&str) -> usize,
+) -> Vec<Vec<v1::TraceBatch>> {
+    let reader = TraceReader::open(&[path.to_path_buf()], minilm_read_options()).unwrap();
+    let mut out = vec![Vec::new(); parts];
+    for batch in reader {
+        let batch = batch.unwrap();
+        for (site, rows) in batch.site_groups() {
+            let mut by_part = vec![Vec::new(); parts];
+            for r in rows {
+                by_part[part(&batch.trace_ids[r])].push(r);
+            }
+            for (p, rows) in by_part.into_iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let v = batch.gather(&rows).unwrap();
+                let ids = rows.iter().map(|&r| batch.trace_ids[r].clone()).collect();
+                out[p].push(encode_trace_batch(
+                    &site,
+                    ids,
+                    Vec::new(),
+                    v.dim(),
+                    v.as_slice(),
+                    Dtype::F32,
+                ));
+            }
+        }
+    }
+    out
+}
+
+async fn fit_request(
+    client: &mut Client,
+    request: v1::FitRequest,
+) -> Result<v1::FitReport, tonic::Status> {
+    let mut stream = client.fit(request).await?.into_inner();
+    let mut report = None;
+    while let Some(msg) = stream.message().await? {
+        if let fit_progress::Event::Report(r) = msg.event.unwrap() {
+            report = Some(r);
+        }
+    }
+    Ok(report.expect("a report"))
+}
+
+fn flagged_share(scores: &[(String, f64, f64)]) -> f64 {
+    scores.iter().filter(|s| s.2 <= 0.01).count() as f64 / scores.len() as f64
+}
+
+/// Poisoning (issue 10): an ingest of out-of-distribution text among four clean ones is named
+/// by the fit's reference check (a leave-out model per ingest), the clean ingests are not, and a
+/// fit that leaves the named ingest out (by id, or by commit time) restores the monitor's recall
+/// on that kind of text. Unknown ids and empty selections get precise statuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_check_names_a_poisoned_ingest_and_a_fit_can_leave_it_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), Limits::default()).await;
+    let mut client = server.client().await;
+    create(&mut client, "m").await;
+    // Trusted prose dealt into four ingests by a hash of the id.
+    let clean = dealt_batches(&data(minilm::TRAIN), 4, |id| {
+        (actwatch_core::split_unit(99, id) * 4.0) as usize
+    });
+    let mut ids = Vec::new();
+    for batches in clean {
+        ids.push(ingest(&mut client, "m", batches).await.unwrap().ingest);
+    }
+    // The poison: half the code lines (the other half is held out to measure recall), sent as
+    // reference data.
+    let poison = dealt_batches(&data("dev_ood_code.parquet"), 2, |id| {
+        usize::from(actwatch_core::split_unit(7, id) < 0.5)
+    });
+    let [held_out, poison]: [Vec<v1::TraceBatch>; 2] = poison.try_into().unwrap();
+    let poisoned = ingest(&mut client, "m", poison).await.unwrap().ingest;
+    let mut all = ids.clone();
+    all.push(poisoned);
+    let listed: Vec<u64> = info(&mut client, "m")
+        .await
+        .ingests
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(listed, all);
+
+    let report = fit_request(
+        &mut client,
+        v1::FitRequest {
+            monitor: "m".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.ingests, all);
+    let check = report.reference_check.clone().expect("the check ran");
+    eprintln!("{check:#?}");
+    assert!(check.skipped.is_empty(), "{check:?}");
+    assert_eq!(check.ingests.len(), 5);
+    for c in &check.ingests {
+        assert_eq!(c.first_ingest, c.last_ingest);
+        assert_eq!(
+            c.suspect,
+            c.first_ingest == poisoned,
+            "ingest {}: {c:?}",
+            c.first_ingest
+        );
+    }
+    let named = check.ingests.iter().find(|c| c.suspect).unwrap();
+    assert!(named.flagged_share > 0.5, "{named:?}");
+    // GetMonitor serves the same report.
+    let served = info(&mut client, "m").await.report.unwrap();
+    assert_eq!(served.reference_check, Some(check));
+
+    let score_held_out = |client: &mut Client| {
+        let mut client = client.clone();
+        let batches = held_out.clone();
+        async move {
+            let r = client
+                .score(v1::ScoreRequest {
+                    monitor: "m".into(),
+                    batches,
+                    complete: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let scores: Vec<(String, f64, f64)> = r
+                .computations
+                .into_iter()
+                .map(|c| (c.trace_id, c.score, c.p_value))
+                .collect();
+            flagged_share(&scores)
+        }
+    };
+    let recall_poisoned = score_held_out(&mut client).await;
+
+    // Left out by id: the fit uses the four clean ingests and flags held-out code again.
+    let report = fit_request(
+        &mut client,
+        v1::FitRequest {
+            monitor: "m".into(),
+            select: Some(v1::FitSelection {
+                exclude_ingests: vec![poisoned],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.ingests, ids);
+    let check = report.reference_check.unwrap();
+    assert!(check.ingests.iter().all(|c| !c.suspect), "{check:?}");
+    let recall_clean = score_held_out(&mut client).await;
+    eprintln!("held-out code flagged: {recall_poisoned:.3} poisoned, {recall_clean:.3} clean");
+    assert!(
+        recall_clean > recall_poisoned + 0.3,
+        "{recall_poisoned} -> {recall_clean}"
+    );
+
+    // By commit time: everything before the poison.
+    let at = info(&mut client, "m")
+        .await
+        .ingests
+        .iter()
+        .find(|i| i.id == poisoned)
+        .unwrap()
+        .committed_unix_ms;
+    assert!(at > 0);
+    let report = fit_request(
+        &mut client,
+        v1::FitRequest {
+            monitor: "m".into(),
+            select: Some(v1::FitSelection {
+                committed_to_unix_ms: at,
+                ..Default::default()
+            }),
+            skip_reference_check: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // (Commit times are in ms: an ingest committed in the poison's millisecond would be left
+    // out too; these ingests are seconds apart in practice but not by construction.)
+    assert!(
+        report.ingests.iter().all(|i| ids.contains(i)),
+        "{:?}",
+        report.ingests
+    );
+    assert!(report.reference_check.is_none());
+
+    // Precise statuses.
+    let fit_status = |select: v1::FitSelection| {
+        let mut client = client.clone();
+        async move {
+            fit_request(
+                &mut client,
+                v1::FitRequest {
+                    monitor: "m".into(),
+                    select: Some(select),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err()
+        }
+    };
+    let s = fit_status(v1::FitSelection {
+        ingests: vec![9999],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    assert!(s.message().contains("9999"), "{s:?}");
+    let s = fit_status(v1::FitSelection {
+        exclude_ingests: all.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    let s = fit_status(v1::FitSelection {
+        committed_from_unix_ms: 10,
+        committed_to_unix_ms: 5,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+}
+
+/// Creates `name` and fits it on 600 synthetic computations (sites "a" and "b").
+async fn fitted_synthetic(client: &mut Client, name: &str) {
+    create(client, name).await;
+    let reference: Vec<v1::TraceBatch> = synthetic(600, 1)
+        .into_iter()
+        .map(|(site, ids, d, v)| encode_trace_batch(&site, ids, vec![], d, &v, Dtype::F32))
+        .collect();
+    ingest(client, name, reference).await.unwrap();
+    fit(client, name).await;
+}
+
+type Hostile =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
+
+/// The hostile-input table (issue 10): every hostile request the reliability issue lists, in one
+/// place, each with the status it must get and the part of the message that names the limit or
+/// the fault; after each, the server is alive (health), another client's open scoring stream
+/// answers the same batch with the same p-values, and the monitor it uses is unchanged.
+/// docs/hostile-inputs.md lists the same rows with the test that covers each beyond this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_batch_rows: 1000,
+        max_message_bytes: 1 << 20,
+        max_sites_per_monitor: 8,
+        max_fit_bytes: 64 << 20,
+        max_ingests_per_monitor: 100,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    fitted_synthetic(&mut client, "good").await;
+    let probe_set = synthetic(8, 2);
+    let probe = || {
+        let (s, ids, d, v) = &probe_set[0];
+        encode_trace_batch(s, ids.clone(), vec![], *d, v, Dtype::F32)
+    };
+    // Another client, its stream open throughout.
+    let mut other = server.client().await;
+    let mut watch = ScoreStream::open(&mut other, "good").await.unwrap();
+    let p = |t: Vec<v1::TraceScore>| -> Vec<Vec<f64>> {
+        t.iter()
+            .map(|t| t.detectors.iter().map(|d| d.p_value).collect())
+            .collect()
+    };
+    let expected = p(watch.batch(probe()).await.unwrap());
+    let before = info(&mut client, "good").await;
+
+    create(&mut client, "target").await;
+    create(&mut client, "wide").await;
+    ingest(
+        &mut client,
+        "wide",
+        vec![encode_trace_batch(
+            "w",
+            vec!["c0".into(), "c1".into()],
+            vec![],
+            4096,
+            &vec![0.25; 2 * 4096],
+            Dtype::F32,
+        )],
+    )
+    .await
+    .unwrap();
+    let batch = |site: &str, id: &str, width: usize| {
+        encode_trace_batch(
+            site,
+            vec![id.into()],
+            vec![],
+            width,
+            &vec![0.5; width],
+            Dtype::F32,
+        )
+    };
+    let ingest_into = |monitor: &'static str, batches: Vec<v1::TraceBatch>| -> Hostile {
+        let mut c = client.clone();
+        Box::pin(async move { ingest(&mut c, monitor, batches).await.map(|_| ()) })
+    };
+    let score = |monitor: &'static str, batch: v1::TraceBatch| -> Hostile {
+        let mut c = client.clone();
+        Box::pin(async move {
+            c.score(v1::ScoreRequest {
+                monitor: monitor.into(),
+                batches: vec![batch],
+                complete: true,
+            })
+            .await
+            .map(|_| ())
+        })
+    };
+    let create_with = |name: &'static str, detectors: &'static str| -> Hostile {
+        let mut c = client.clone();
+        Box::pin(async move {
+            c.create_monitor(v1::CreateMonitorRequest {
+                name: name.into(),
+                spec: Some(v1::MonitorSpec {
+                    detectors: detectors.split(',').map(String::from).collect(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(|_| ())
+        })
+    };
+    let fit_of = |monitor: &'static str, select: Option<v1::FitSelection>| -> Hostile {
+        let mut c = client.clone();
+        Box::pin(async move {
+            fit_request(
+                &mut c,
+                v1::FitRequest {
+                    monitor: monitor.into(),
+                    select,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(|_| ())
+        })
+    };
+    let mut nan = vec![0.5f32; 8];
+    nan[3] = f32::NAN;
+    let mut short = batch("a", "c0", 8);
+    short.activations.as_mut().unwrap().data.truncate(20);
+    let rows = 1001;
+    let too_many_rows = encode_trace_batch(
+        "a",
+        (0..rows).map(|i| format!("r{i}")).collect(),
+        vec![],
+        4,
+        &vec![0.5; rows * 4],
+        Dtype::F32,
+    );
+    let huge = encode_trace_batch(
+        "a",
+        (0..900).map(|i| format!("r{i}")).collect(),
+        vec![],
+        400,
+        &vec![0.5; 900 * 400],
+        Dtype::F32,
+    );
+
+    let table: Vec<(&str, Hostile, Code, &str)> = vec![
+        (
+            "10 x 100,000 columns",
+            ingest_into("target", vec![batch("a", "c0", 100_000)]),
+            Code::ResourceExhausted,
+            "max_vector_width",
+        ),
+        (
+            "9 sites in one stream",
+            ingest_into(
+                "target",
+                (0..9).map(|i| batch(&format!("s{i}"), "c0", 4)).collect(),
+            ),
+            Code::ResourceExhausted,
+            "max_sites_per_monitor",
+        ),
+        (
+            "a 100,000-byte site name",
+            ingest_into("target", vec![batch(&"s".repeat(100_000), "c0", 4)]),
+            Code::ResourceExhausted,
+            "max_site_name_bytes",
+        ),
+        (
+            "site ../../etc/passwd",
+            ingest_into("target", vec![batch("../../etc/passwd", "c0", 4)]),
+            Code::InvalidArgument,
+            "invalid site name",
+        ),
+        (
+            "a control character in a site",
+            ingest_into("target", vec![batch("a\u{7}b", "c0", 4)]),
+            Code::InvalidArgument,
+            "invalid site name",
+        ),
+        (
+            "a 300-byte trace id",
+            ingest_into("target", vec![batch("a", &"i".repeat(300), 4)]),
+            Code::ResourceExhausted,
+            "max_trace_id_bytes",
+        ),
+        (
+            "a long trace id, scoring",
+            score("good", batch("a", &"i".repeat(300), 8)),
+            Code::ResourceExhausted,
+            "max_trace_id_bytes",
+        ),
+        (
+            "1,001 rows in a batch",
+            ingest_into("target", vec![too_many_rows]),
+            Code::ResourceExhausted,
+            "max_batch_rows",
+        ),
+        (
+            "a 1.4 MB message",
+            ingest_into("target", vec![huge]),
+            Code::ResourceExhausted,
+            "max_message_bytes",
+        ),
+        (
+            "NaN",
+            score(
+                "good",
+                encode_trace_batch("a", vec!["c0".into()], vec![], 8, &nan, Dtype::F32),
+            ),
+            Code::InvalidArgument,
+            "non-finite",
+        ),
+        (
+            "bytes short of the shape",
+            score("good", short),
+            Code::InvalidArgument,
+            "bytes",
+        ),
+        (
+            "the wrong width for a site",
+            score("good", batch("a", "c0", 4)),
+            Code::InvalidArgument,
+            "width 8",
+        ),
+        (
+            "an unknown monitor",
+            score("nope", batch("a", "c0", 8)),
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "a path as a monitor name",
+            create_with("../x", "gaussian"),
+            Code::InvalidArgument,
+            "invalid monitor name",
+        ),
+        (
+            "knn:k=1000000",
+            create_with("k", "knn:k=1000000"),
+            Code::InvalidArgument,
+            "k",
+        ),
+        (
+            "knn:m=100000",
+            create_with("m", "knn:m=100000"),
+            Code::InvalidArgument,
+            "m",
+        ),
+        (
+            "knn:ef_search=10000000",
+            create_with("e", "knn:ef_search=10000000"),
+            Code::InvalidArgument,
+            "ef_search",
+        ),
+        (
+            "gaussian:rank=999999 (never fits: rank > width)",
+            create_with("r", "gaussian:rank=999999"),
+            Code::InvalidArgument,
+            "rank",
+        ),
+        (
+            "a duplicate detector",
+            create_with("d", "gaussian,gaussian"),
+            Code::InvalidArgument,
+            "listed twice",
+        ),
+        (
+            "a fit over the memory budget",
+            fit_of("wide", None),
+            Code::ResourceExhausted,
+            "max_fit_bytes",
+        ),
+        (
+            "a fit of an unknown ingest",
+            fit_of(
+                "good",
+                Some(v1::FitSelection {
+                    ingests: vec![777],
+                    ..Default::default()
+                }),
+            ),
+            Code::NotFound,
+            "777",
+        ),
+    ];
+    for (what, call, code, needle) in table {
+        let Err(s) = call.await else {
+            panic!("{what}: accepted")
+        };
+        assert_eq!(s.code(), code, "{what}: {s:?}");
+        assert!(
+            s.message().contains(needle),
+            "{what}: {:?} lacks {needle:?}",
+            s.message()
+        );
+        assert!(
+            s.message().len() <= 1100,
+            "{what}: a {}-byte message",
+            s.message().len()
+        );
+        // Alive, and nobody else noticed.
+        assert_eq!(
+            p(watch.batch(probe()).await.unwrap()),
+            expected,
+            "after {what}"
+        );
+        let now = info(&mut other, "good").await;
+        assert_eq!(
+            (now.fit_version, now.reference_rows),
+            (before.fit_version, before.reference_rows),
+            "after {what}"
+        );
+        assert_eq!(
+            info(&mut other, "target").await.reference_rows,
+            0,
+            "after {what}"
+        );
+    }
+    assert_no_temporary_segments(dir.path(), "target");
+    drop(watch);
+    drop(client);
+    drop(other);
+    server.stop().await;
+}
+
+/// An idle connection does not hold its slot forever (issue 10, "idle connections are never
+/// closed"): past `max_connection_age_seconds` the server sends GOAWAY and a connection without
+/// streams closes, while a stream open across that age runs on to its end, and the client's next
+/// call reconnects transparently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_sent_away_at_its_age_and_open_streams_run_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_connection_age_seconds: 1,
+        handshake_timeout_seconds: 60,
+        ..Limits::default()
+    };
+    let server = TestServer::start(dir.path(), limits).await;
+    let mut client = server.client().await;
+    fitted_synthetic(&mut client, "m").await;
+    let probe_set = synthetic(8, 2);
+    let probe = || {
+        let (s, ids, d, v) = &probe_set[0];
+        encode_trace_batch(s, ids.clone(), vec![], *d, v, Dtype::F32)
+    };
+    let mut stream = ScoreStream::open(&mut client, "m").await.unwrap();
+    let first = stream.batch(probe()).await.unwrap();
+
+    // A raw HTTP/2 connection that says hello (so the handshake timeout is not what closes it),
+    // answers the server's SETTINGS and PINGs as any live client does (so keepalive is not what
+    // closes it either), and sends nothing else.
+    let mut raw = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut goaway = false;
+        loop {
+            let mut head = [0u8; 9];
+            if raw.read_exact(&mut head).await.is_err() {
+                return goaway;
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let (kind, flags) = (head[3], head[4]);
+            let mut payload = vec![0u8; len];
+            if raw.read_exact(&mut payload).await.is_err() {
+                return goaway;
+            }
+            let reply: Option<Vec<u8>> = match kind {
+                // SETTINGS, not an ACK: acknowledge.
+                4 if flags & 1 == 0 => Some(vec![0, 0, 0, 4, 1, 0, 0, 0, 0]),
+                // PING, not an ACK: answer with the same payload.
+                6 if flags & 1 == 0 => {
+                    let mut r = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                    r.extend_from_slice(&payload);
+                    Some(r)
+                }
+                7 => {
+                    goaway = true;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(r) = reply {
+                if raw.write_all(&r).await.is_err() {
+                    return goaway;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        closed,
+        Ok(true),
+        "an idle connection was not sent away and closed within 20 s"
+    );
+    eprintln!("idle connection closed after {:?}", started.elapsed());
+
+    // The stream opened before the age still answers, the same.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = stream.batch(probe()).await.unwrap();
+    assert_eq!(first, again);
+    drop(stream);
+    // The client's next calls reconnect. (A call racing the close of the old connection can
+    // fail once with CANCELLED or UNAVAILABLE in tonic's client; count them.)
+    let mut failed = 0;
+    for _ in 0..6 {
+        match client
+            .get_monitor(v1::GetMonitorRequest { name: "m".into() })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::Cancelled | Code::Unavailable),
+                    "{s:?}"
+                );
+                failed += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    eprintln!("calls failed by a connection going away: {failed} of 6");
+    assert!(failed <= 2, "{failed} of 6 calls failed");
+    drop(client);
     server.stop().await;
 }

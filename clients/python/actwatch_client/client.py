@@ -292,15 +292,39 @@ class Client:
         on_progress: Optional[Callable[[FitPhase], object]] = None,
         timeout: Optional[float] = None,
         incremental: bool = False,
+        ingests: Optional[Sequence[int]] = None,
+        exclude_ingests: Optional[Sequence[int]] = None,
+        committed_from_unix_ms: int = 0,
+        committed_to_unix_ms: int = 0,
+        reference_check: bool = True,
     ) -> FitReport:
         """Fits and calibrates the monitor; calls ``on_progress(FitPhase)`` as phases advance and
         returns the final report. With ``incremental=True`` only the reference data ingested since
         the last fit is folded into the saved fit state before recalibrating (the same monitor as a
         full fit, faster); without saved state it fits in full, and ``report.incremental`` says
         which one ran. Progress messages may be skipped when the caller reads slowly (the server
-        never waits for them); the report always arrives."""
+        never waits for them); the report always arrives.
+
+        ``ingests``, ``exclude_ingests`` and ``committed_from_unix_ms``/``committed_to_unix_ms`` (0:
+        unbounded) fit on part of the reference data only, by ingest id (``IngestSummary.ingest``,
+        ``MonitorInfo.ingests``) or commit time; the selection holds for this fit only and
+        ``report.ingests`` says which were used. ``reference_check=False`` skips the reference check
+        (``report.reference_check``), which reads the reference data three more times."""
         report = None
-        req = pb.FitRequest(monitor=_name(monitor), incremental=incremental)
+        req = pb.FitRequest(
+            monitor=_name(monitor),
+            incremental=incremental,
+            skip_reference_check=not reference_check,
+        )
+        if ingests is not None or exclude_ingests is not None or committed_from_unix_ms or committed_to_unix_ms:
+            req.select.CopyFrom(
+                pb.FitSelection(
+                    ingests=list(ingests or []),
+                    exclude_ingests=list(exclude_ingests or []),
+                    committed_from_unix_ms=committed_from_unix_ms,
+                    committed_to_unix_ms=committed_to_unix_ms,
+                )
+            )
         try:
             for ev in self.stub.Fit(req, timeout=timeout):
                 kind = ev.WhichOneof("event")

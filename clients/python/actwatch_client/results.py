@@ -27,6 +27,8 @@ __all__ = [
     "FitPhase",
     "FitReport",
     "FlagEvent",
+    "IngestCheck",
+    "IngestInfo",
     "IngestSummary",
     "JointFit",
     "KnnRecall",
@@ -39,6 +41,7 @@ __all__ = [
     "ProbeSiteFit",
     "Provenance",
     "ProvenanceConflict",
+    "ReferenceCheck",
     "ScoreResult",
     "SiteInfo",
     "SlotPValue",
@@ -327,6 +330,87 @@ class ProbeFit:
 
 
 @dataclass(frozen=True)
+class IngestCheck:
+    """One ingest (or block of consecutive ingests, beyond 32) in the reference check: the share of its
+    rows that are outliers, at level ``ReferenceCheck.alpha``, of a model fitted on the other ingests
+    only (``flagged_share``, at ``site``, its worst site), the p-value of that share (binomial over its
+    computations, Bonferroni-adjusted; None when no site could be checked) and whether it is
+    ``suspect`` (p < 0.001 and a share of at least 5 alpha): look at it before trusting the fit."""
+
+    first_ingest: int
+    last_ingest: int
+    principals: list[str]
+    rows: int
+    computations: int
+    site: str
+    flagged_share: float
+    p_value: Optional[float]
+    suspect: bool
+
+    @classmethod
+    def _from_pb(cls, c: pb.IngestCheck) -> IngestCheck:
+        return cls(
+            first_ingest=c.first_ingest,
+            last_ingest=c.last_ingest,
+            principals=list(c.principals),
+            rows=c.rows,
+            computations=c.computations,
+            site=c.site,
+            flagged_share=c.flagged_share,
+            p_value=c.p_value if c.HasField("p_value") else None,
+            suspect=c.suspect,
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """Whether each ingest of the reference data looks unlike the others (``FitReport.reference_check``);
+    ``skipped`` says why it did not run, when it did not."""
+
+    skipped: str
+    alpha: float
+    ingests: list[IngestCheck]
+    seconds: float
+
+    @classmethod
+    def _from_pb(cls, r: pb.ReferenceCheck) -> ReferenceCheck:
+        return cls(
+            skipped=r.skipped,
+            alpha=r.alpha,
+            ingests=[IngestCheck._from_pb(i) for i in r.ingests],
+            seconds=r.seconds,
+        )
+
+    @property
+    def suspects(self) -> list[IngestCheck]:
+        """The suspect ingests."""
+        return [i for i in self.ingests if i.suspect]
+
+
+@dataclass(frozen=True)
+class IngestInfo:
+    """One committed ingest of a monitor (``MonitorInfo.ingests``): its id (what ``Client.fit(select=...)``
+    and the reference check name it by), rows, commit time (Unix ms; 0 when not recorded) and the
+    token principal that sent it (empty without tokens)."""
+
+    id: int
+    rows: int
+    example_rows: int
+    committed_unix_ms: int
+    principal: str
+
+    @classmethod
+    def _from_pb(cls, i: pb.IngestInfo) -> IngestInfo:
+        return cls(
+            id=i.id,
+            rows=i.rows,
+            example_rows=i.example_rows,
+            committed_unix_ms=i.committed_unix_ms,
+            principal=i.principal,
+        )
+
+
+@dataclass(frozen=True)
 class FitReport:
     fit_version: int
     reference_rows: int
@@ -345,6 +429,10 @@ class FitReport:
     length_strata: list[LengthStratum] = field(default_factory=list)
     #: The concept probes of this fit, in ``MonitorSpec.probes`` order.
     probes: list[ProbeFit] = field(default_factory=list)
+    #: The ingests this fit used, in commit order.
+    ingests: list[int] = field(default_factory=list)
+    #: Whether each ingest looks unlike the others; None when skipped (``skip_reference_check``).
+    reference_check: Optional[ReferenceCheck] = None
 
     @classmethod
     def _from_pb(cls, r: pb.FitReport) -> FitReport:
@@ -361,6 +449,8 @@ class FitReport:
             joint=JointFit._from_pb(r.joint) if r.HasField("joint") else None,
             length_strata=[LengthStratum._from_pb(s) for s in r.length_strata],
             probes=[ProbeFit._from_pb(p) for p in r.probes],
+            ingests=list(r.ingests),
+            reference_check=ReferenceCheck._from_pb(r.reference_check) if r.HasField("reference_check") else None,
         )
 
     def probe(self, name: str) -> Optional[ProbeFit]:
@@ -372,7 +462,8 @@ class FitReport:
 class FitPhase:
     """Progress of a fit: ``name`` is "fit", "calibrate", then "calibrate_joint" when the monitor has a
     joint detector; a monitor with probes also has "examples" (fitting them on the labelled examples)
-    after "fit", and "calibrate_examples" last."""
+    after "fit", and "calibrate_examples" after the calibration; "check" (the reference check) is
+    last unless skipped."""
 
     name: str
     rows_done: int
@@ -398,6 +489,8 @@ class MonitorInfo:
     #: Labelled example rows stored for the monitor's probes, over all sites (not in
     #: ``reference_rows``).
     example_rows: int = 0
+    #: Its committed ingests, oldest first.
+    ingests: list[IngestInfo] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, m: pb.MonitorInfo) -> MonitorInfo:
@@ -411,6 +504,7 @@ class MonitorInfo:
             report=FitReport._from_pb(m.report) if m.HasField("report") else None,
             damaged=m.damaged,
             example_rows=m.example_rows,
+            ingests=[IngestInfo._from_pb(i) for i in m.ingests],
         )
 
     def site(self, name: str) -> Optional[SiteInfo]:
@@ -425,7 +519,8 @@ MonitorRef = Union[str, MonitorInfo]
 class IngestSummary:
     """``rows`` (all rows sent, labelled examples included), ``bytes``, ``batches``; ``total_rows``: the
     monitor's reference rows after this ingest. ``example_rows``: of ``rows``, the labelled examples;
-    ``total_example_rows``: the monitor's labelled rows after this ingest (not in ``total_rows``)."""
+    ``total_example_rows``: the monitor's labelled rows after this ingest (not in ``total_rows``).
+    ``ingest``: this ingest's id (``MonitorInfo.ingests``, ``Client.fit(select=...)``)."""
 
     rows: int
     bytes: int
@@ -433,6 +528,7 @@ class IngestSummary:
     total_rows: int
     example_rows: int = 0
     total_example_rows: int = 0
+    ingest: int = 0
 
     @classmethod
     def _from_pb(cls, s: pb.IngestReferenceSummary) -> IngestSummary:
@@ -443,6 +539,7 @@ class IngestSummary:
             total_rows=s.total_rows,
             example_rows=s.example_rows,
             total_example_rows=s.total_example_rows,
+            ingest=s.ingest,
         )
 
 

@@ -518,6 +518,42 @@ def _rows(client, name):
     return info.reference_rows, {s.name: s.reference_rows for s in info.sites}
 
 
+def test_reference_check_names_an_odd_ingest_and_fit_can_leave_it_out(client):
+    name = "poison-check"
+    client.create_monitor(name, detectors="gaussian", joint="none")
+    clean = [
+        client.ingest_reference(name, _gaussian_batches(f"c{i}", 300, seed=i)).ingest
+        for i in range(4)
+    ]
+    rng = np.random.default_rng(9)
+    odd_ids = [f"odd-{i}" for i in range(80)]
+    shifted = [
+        (site, (rng.normal(size=(80, 8)) + 6.0 * np.eye(8)[3]).astype(np.float32), odd_ids)
+        for site in ("a", "b")
+    ]
+    odd = client.ingest_reference(name, shifted).ingest
+    info = client.get_monitor(name)
+    assert [i.id for i in info.ingests] == [*clean, odd]
+    assert all(i.committed_unix_ms > 0 and i.rows == 600 for i in info.ingests[:4])
+
+    report = client.fit(name, timeout=FIT_TIMEOUT_S)
+    assert report.ingests == [*clean, odd]
+    check = report.reference_check
+    assert check is not None and check.skipped == "" and check.alpha == 0.01
+    assert [c.first_ingest for c in check.suspects] == [odd]
+    assert check.suspects[0].flagged_share > 0.5 and check.suspects[0].p_value is not None
+
+    report = client.fit(name, exclude_ingests=[odd], timeout=FIT_TIMEOUT_S)
+    assert report.ingests == clean and report.reference_check is not None
+    assert report.reference_check.suspects == []
+    report = client.fit(name, ingests=clean[:2], reference_check=False, timeout=FIT_TIMEOUT_S)
+    assert report.ingests == clean[:2] and report.reference_check is None
+    with pytest.raises(ActwatchError) as e:
+        client.fit(name, ingests=[12345], timeout=FIT_TIMEOUT_S)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "12345" in str(e.value)
+    client.delete_monitor(name)
+
+
 def test_ingest_records_provenance_per_site_and_refuses_conflicts(client):
     name = "provenance-ingest-test"
     client.create_monitor(name)

@@ -12,6 +12,7 @@ pub mod aggregate;
 pub mod backend;
 pub mod budget;
 pub mod calibration;
+pub mod check;
 pub mod fusion;
 pub mod gaussian;
 pub mod joint;

@@ -38,6 +38,11 @@ impl Actor {
             peer: request.remote_addr().map(|a| a.to_string()),
         }
     }
+
+    /// The token's principal, when tokens are configured.
+    pub(crate) fn principal_name(&self) -> Option<String> {
+        self.principal.as_ref().map(|p| p.name.to_string())
+    }
 }
 
 /// What an entry says beyond who, when, what and on which monitor.

@@ -18,7 +18,9 @@ use actwatch_detect::{Aggregation, DetectorSpec, Fusion, Monitor, SiteScores};
 use actwatch_proto::v1;
 use serde::{Deserialize, Serialize};
 
-use crate::storage::{FittedMonitor, LoggedProbe, LoggedScore, LoggedSlot, MonitorEntry};
+use crate::storage::{
+    FittedMonitor, LoggedProbe, LoggedScore, LoggedSlot, MonitorEntry, ReferenceCheckRecord,
+};
 use crate::{Error, Result};
 
 /// Longest monitor name.
@@ -235,6 +237,17 @@ pub fn monitor_info(entry: &MonitorEntry) -> v1::MonitorInfo {
         fit_version: fitted.as_ref().map_or(0, |f| f.fit_version),
         report: fitted.as_deref().map(fit_report),
         damaged: String::new(),
+        ingests: entry
+            .ingests()
+            .iter()
+            .map(|i| v1::IngestInfo {
+                id: i.id,
+                rows: i.rows,
+                example_rows: i.example_rows,
+                committed_unix_ms: i.committed_unix_ms.unwrap_or(0),
+                principal: i.principal.clone().unwrap_or_default(),
+            })
+            .collect(),
     }
 }
 
@@ -254,6 +267,7 @@ pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
         fit_version,
         reference_rows,
         run,
+        details,
         provenance_logged: _,
     } = fitted;
     let s = monitor.summary();
@@ -296,6 +310,31 @@ pub fn fit_report(fitted: &FittedMonitor) -> v1::FitReport {
             .probes()
             .iter()
             .map(|p| probe_fit(&p.summary))
+            .collect(),
+        ingests: details.ingests.clone(),
+        reference_check: details.reference_check.as_ref().map(reference_check),
+    }
+}
+
+fn reference_check(r: &ReferenceCheckRecord) -> v1::ReferenceCheck {
+    v1::ReferenceCheck {
+        skipped: r.skipped.clone().unwrap_or_default(),
+        alpha: r.alpha,
+        seconds: r.seconds,
+        ingests: r
+            .ingests
+            .iter()
+            .map(|i| v1::IngestCheck {
+                first_ingest: i.first_ingest,
+                last_ingest: i.last_ingest,
+                principals: i.principals.clone(),
+                rows: i.rows,
+                computations: i.computations,
+                site: i.site.clone().unwrap_or_default(),
+                flagged_share: i.flagged_share,
+                p_value: i.p_value,
+                suspect: i.suspect,
+            })
             .collect(),
     }
 }

@@ -51,6 +51,13 @@ pub enum Error {
     /// Fit was asked of a monitor without reference data.
     #[error("monitor {0:?} has no reference data: call IngestReference first")]
     NoReferenceData(String),
+    /// A FitSelection names an ingest the monitor does not hold.
+    #[error("monitor {monitor:?} has no ingest {ingest} (GetMonitor lists its ingests)")]
+    IngestNotFound { monitor: String, ingest: u64 },
+    /// A FitSelection that cannot be applied (a time bound over ingests whose commit time is not
+    /// recorded; nothing left to fit).
+    #[error("fit selection: {0}")]
+    BadSelection(String),
     /// Another Fit of the same monitor is running.
     #[error("a fit of monitor {0:?} is already running")]
     FitInProgress(String),
@@ -286,9 +293,11 @@ impl From<Error> for Status {
             | Error::WidthMismatch { .. }
             | Error::BadStream(_)
             | Error::BadLabels(_) => Code::InvalidArgument,
-            Error::MonitorNotFound(_) => Code::NotFound,
+            Error::MonitorNotFound(_) | Error::IngestNotFound { .. } => Code::NotFound,
             Error::MonitorExists(_) => Code::AlreadyExists,
-            Error::NotFitted(_) | Error::NoReferenceData(_) => Code::FailedPrecondition,
+            Error::NotFitted(_) | Error::NoReferenceData(_) | Error::BadSelection(_) => {
+                Code::FailedPrecondition
+            }
             Error::FitInProgress(_) => Code::Aborted,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,

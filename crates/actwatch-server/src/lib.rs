@@ -76,7 +76,9 @@ pub async fn serve(
 /// token of the role it calls for ([`access`]), and connections are TLS (mutual TLS with a client
 /// CA). Either way, connections are bounded ([`connections`]): at most `max_connections`, each
 /// closed if it says nothing (or does not finish its TLS handshake) within
-/// `handshake_timeout_seconds`, and HTTP/2 keepalive pings drop peers that stopped answering.
+/// `handshake_timeout_seconds`, HTTP/2 keepalive pings drop peers that stopped answering, and a
+/// connection older than `max_connection_age_seconds` is sent GOAWAY (it closes once its open
+/// streams end; clients reconnect for their next call).
 pub async fn serve_with_access(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -86,6 +88,7 @@ pub async fn serve_with_access(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let handshake = Duration::from_secs(limits.handshake_timeout_seconds.max(1));
+    let max_connection_age = Duration::from_secs(limits.max_connection_age_seconds.max(1));
     let max_connections = limits.max_connections.max(1);
     let tls = access
         .tls
@@ -152,7 +155,8 @@ pub async fn serve_with_access(
     let incoming = connections::bounded(listener, max_connections, handshake);
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(max_connection_age);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

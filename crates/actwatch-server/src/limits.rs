@@ -7,6 +7,10 @@ pub const DEFAULT_MAX_BATCH_ROWS: usize = 65_536;
 pub const DEFAULT_MAX_VECTOR_WIDTH: usize = 16_384;
 /// Most sites one monitor may have (e.g. 128 layers with two hook points each).
 pub const DEFAULT_MAX_SITES_PER_MONITOR: usize = 256;
+/// Most ingests (IngestReference streams committed) one monitor may hold. Each is listed in
+/// `state.json`, which is rewritten at every commit, and compared by the reference check; send
+/// reference data in fewer, larger streams beyond.
+pub const DEFAULT_MAX_INGESTS_PER_MONITOR: usize = 10_000;
 /// Longest site name, in bytes.
 pub const DEFAULT_MAX_SITE_NAME_BYTES: usize = 128;
 /// Longest trace (computation) id, in bytes.
@@ -20,6 +24,13 @@ pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 16;
 /// bytes (the HTTP/2 preface), before it is closed: a client that connects and says nothing holds
 /// a socket for at most this long.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECONDS: u64 = 10;
+/// Seconds after which a connection is asked to go away (HTTP/2 GOAWAY): it takes no new calls,
+/// its open streams run to their end, and it closes once they have (at once when it has none).
+/// gRPC-core clients reconnect for their next call by themselves (a tonic channel may fail one
+/// call that races the close, with CANCELLED, and reconnects on the next), so an idle connection
+/// never holds a slot for longer than this, and long watches are never cut by it. (gRPC's `MAX_CONNECTION_AGE`; tonic
+/// has no idle timer, and HTTP/2 keepalive pings would keep any such timer from firing.)
+pub const DEFAULT_MAX_CONNECTION_AGE_SECONDS: u64 = 1800;
 /// Most connections open at once; a connection beyond is closed at accept and logged. `actwatch
 /// serve` raises its file-descriptor limit to the hard limit and warns when that is below this.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -71,6 +82,8 @@ pub struct Limits {
     pub max_vector_width: usize,
     /// [`DEFAULT_MAX_SITES_PER_MONITOR`].
     pub max_sites_per_monitor: usize,
+    /// [`DEFAULT_MAX_INGESTS_PER_MONITOR`].
+    pub max_ingests_per_monitor: usize,
     /// [`DEFAULT_MAX_SITE_NAME_BYTES`].
     pub max_site_name_bytes: usize,
     /// [`DEFAULT_MAX_TRACE_ID_BYTES`].
@@ -83,6 +96,8 @@ pub struct Limits {
     pub handshake_timeout_seconds: u64,
     /// [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// [`DEFAULT_MAX_CONNECTION_AGE_SECONDS`].
+    pub max_connection_age_seconds: u64,
     /// [`default_max_fit_bytes`].
     pub max_fit_bytes: u64,
     /// [`DEFAULT_MAX_CONCURRENT_FITS`].
@@ -110,12 +125,14 @@ impl Default for Limits {
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_vector_width: DEFAULT_MAX_VECTOR_WIDTH,
             max_sites_per_monitor: DEFAULT_MAX_SITES_PER_MONITOR,
+            max_ingests_per_monitor: DEFAULT_MAX_INGESTS_PER_MONITOR,
             max_site_name_bytes: DEFAULT_MAX_SITE_NAME_BYTES,
             max_trace_id_bytes: DEFAULT_MAX_TRACE_ID_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             handshake_timeout_seconds: DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connection_age_seconds: DEFAULT_MAX_CONNECTION_AGE_SECONDS,
             max_fit_bytes: default_max_fit_bytes(),
             max_concurrent_fits: DEFAULT_MAX_CONCURRENT_FITS,
             max_open_computations: DEFAULT_MAX_OPEN_COMPUTATIONS,

@@ -8,10 +8,12 @@
 //! first pass fits, the second scores the calibration part with the fitted detectors, so the
 //! calibration vectors are never held in memory.
 
+mod check;
 mod fit;
 mod score;
 mod table;
 
+pub use check::check_reference;
 pub use fit::{
     calibrate_batch, calibrate_joint_batch, calibrate_reference, calibrate_reference_with,
     fit_monitor, fit_monitor_with_examples, fold_batch, fold_examples, fold_reference,

@@ -30,9 +30,19 @@ pub(super) struct IngestStream {
     monitor: Option<String>,
     /// SHA-256 of each batch's activation bytes, in order (for the audit log).
     batch_digests: Vec<[u8; 32]>,
+    /// The token principal sending the stream (recorded with its segments).
+    principal: Option<String>,
 }
 
 impl IngestStream {
+    /// A stream sent by `principal`.
+    pub(super) fn new(principal: Option<String>) -> Self {
+        Self {
+            principal,
+            ..Self::default()
+        }
+    }
+
     /// The monitor the stream's first message named, once it has.
     pub(super) fn monitor(&self) -> Option<&str> {
         self.monitor.as_deref()
@@ -69,8 +79,14 @@ impl IngestStream {
             }
             None => {
                 let entry = service.data.get(&monitor)?;
-                let max_sites = service.limits.max_sites_per_monitor;
-                self.state = State::Idle(IngestSession::new(entry, max_sites));
+                let limits = &service.limits;
+                entry.check_room_for_ingest(limits.max_ingests_per_monitor)?;
+                self.state = State::Idle(IngestSession::new(
+                    entry,
+                    limits.max_sites_per_monitor,
+                    limits.max_ingests_per_monitor,
+                    self.principal.clone(),
+                ));
                 self.monitor = Some(monitor);
             }
             Some(n) if !monitor.is_empty() && &monitor != n => {
@@ -130,6 +146,7 @@ impl IngestStream {
         let summary = blocking(move || {
             let (rows, bytes, batches) = (session.rows, session.bytes, session.batches);
             let example_rows = session.example_rows;
+            let ingest = session.ingest();
             let (total_rows, total_example_rows) = session.commit()?;
             Ok(v1::IngestReferenceSummary {
                 rows,
@@ -138,6 +155,7 @@ impl IngestStream {
                 total_rows,
                 example_rows,
                 total_example_rows,
+                ingest,
             })
         })
         .await?;

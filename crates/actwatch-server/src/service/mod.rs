@@ -28,7 +28,7 @@ use crate::convert::{
     check_name, check_site_name, computation_score, damaged_info, excerpt, fit_report,
     monitor_info, StoredSpec,
 };
-use crate::fit::{fit_and_install, ChannelProgress};
+use crate::fit::{fit_and_install, ChannelProgress, FitPlan};
 use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
 use crate::score::{complete, score_batch};
 use crate::storage::{DataDir, FittedMonitor, MonitorEntry, ScoreFilter};
@@ -480,6 +480,7 @@ impl ActivationMonitor for ActivationMonitorService {
             self.audited(actor, "create", monitor, async move {
                 check_name(&name)?;
                 let spec = StoredSpec::from_proto(spec)?;
+                check_ranks(&spec, self.limits.max_vector_width)?;
                 let data = self.data.clone();
                 let entry = blocking(move || data.create(&name, spec)).await?;
                 self.metrics
@@ -568,6 +569,7 @@ impl ActivationMonitor for ActivationMonitorService {
         request: Request<Streaming<v1::IngestReferenceRequest>>,
     ) -> Result<Response<v1::IngestReferenceSummary>, Status> {
         let actor = Actor::of(&request);
+        let principal = actor.principal_name();
         self.observed("IngestReference", async move {
             let named = Arc::new(std::sync::Mutex::new(String::new()));
             let slot = named.clone();
@@ -575,7 +577,7 @@ impl ActivationMonitor for ActivationMonitorService {
                 let _permit = self.stream_permit(client_of(&request))?;
                 let mut inbound = request.into_inner();
                 let mut shutdown = self.shutdown.clone();
-                let mut stream = IngestStream::default();
+                let mut stream = IngestStream::new(principal);
                 while let Some(msg) = self.next_message(&mut inbound, &mut shutdown).await? {
                     stream.accept(self, msg).await?;
                     if let Some(m) = stream.monitor() {
@@ -621,6 +623,8 @@ impl ActivationMonitor for ActivationMonitorService {
             let v1::FitRequest {
                 monitor,
                 incremental,
+                select,
+                skip_reference_check,
             } = request.into_inner();
             let entry = self.data.get(&monitor)?;
             let permit = self.stream_permit(client)?;
@@ -629,15 +633,21 @@ impl ActivationMonitor for ActivationMonitorService {
                 .clone()
                 .try_lock_owned()
                 .map_err(|_| Error::FitInProgress(monitor.clone()))?;
-            let segments = entry.segments();
-            if segments.iter().all(|(_, _, labelled)| *labelled) {
+            let check = !skip_reference_check;
+            let plan = match &select {
+                None => FitPlan::all(&entry, check),
+                Some(s) => FitPlan::select(&entry, s, check, &self.limits)?,
+            };
+            if plan.reference_rows() == 0 {
                 return Err(Error::NoReferenceData(monitor).into());
             }
+            let segments = plan.ingests.iter().map(|i| i.segments.len()).sum::<usize>();
             self.check_fit_memory(&entry)?;
             let (tx, rx) = mpsc::channel(FIT_PROGRESS_BUFFER);
             tracing::info!(
                 monitor = %monitor,
-                segments = segments.len(),
+                segments,
+                ingests = plan.ingests.len(),
                 incremental,
                 "fit started"
             );
@@ -657,7 +667,7 @@ impl ActivationMonitor for ActivationMonitorService {
                     Ok(running) => {
                         blocking(move || {
                             let _running = running;
-                            fit_and_install(&entry, &segments, incremental, &progress)
+                            fit_and_install(&entry, &plan, incremental, &progress)
                         })
                         .await
                     }
@@ -901,4 +911,22 @@ impl ActivationMonitor for ActivationMonitorService {
         })
         .await
     }
+}
+
+/// A Gaussian rank wider than `max_vector_width` can never be fitted (no site is that wide):
+/// refused at create instead of at every Fit.
+fn check_ranks(spec: &StoredSpec, max_vector_width: usize) -> Result<()> {
+    let options = crate::convert::options_from_spec(spec)?;
+    let detectors = options.detectors.iter().chain(options.joint.iter());
+    for d in detectors {
+        if let actwatch_detect::DetectorSpec::Gaussian(g) = d {
+            if let Some(r) = g.rank.filter(|&r| r > max_vector_width) {
+                return Err(Error::BadSpec(format!(
+                    "gaussian rank {r} is wider than any site can be (max_vector_width \
+                     {max_vector_width})"
+                )));
+            }
+        }
+    }
+    Ok(())
 }

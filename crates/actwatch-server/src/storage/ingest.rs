@@ -26,8 +26,11 @@ pub const MAX_LABELLED_COMPUTATIONS_PER_STREAM: usize = 1 << 20;
 #[derive(Debug)]
 pub struct IngestSession {
     entry: Arc<MonitorEntry>,
-    /// `Limits::max_sites_per_monitor`.
+    /// `Limits::max_sites_per_monitor` and `Limits::max_ingests_per_monitor`.
     max_sites: usize,
+    max_ingests: usize,
+    /// The token principal sending the stream, recorded with its segments.
+    principal: Option<String>,
     seq: u64,
     /// Per width: (reference traffic, labelled examples).
     writers: BTreeMap<(usize, bool), TraceWriter>,
@@ -46,12 +49,20 @@ pub struct IngestSession {
 }
 
 impl IngestSession {
-    /// A session for one stream into `entry`, which may have at most `max_sites` sites.
-    pub fn new(entry: Arc<MonitorEntry>, max_sites: usize) -> Self {
+    /// A session for one stream into `entry`, which may have at most `max_sites` sites and
+    /// `max_ingests` ingests, sent by `principal`.
+    pub fn new(
+        entry: Arc<MonitorEntry>,
+        max_sites: usize,
+        max_ingests: usize,
+        principal: Option<String>,
+    ) -> Self {
         let seq = entry.reserve_segment();
         Self {
             entry,
             max_sites,
+            max_ingests,
+            principal,
             seq,
             writers: BTreeMap::new(),
             segment_sites: BTreeMap::new(),
@@ -66,6 +77,11 @@ impl IngestSession {
 
     pub fn entry(&self) -> &Arc<MonitorEntry> {
         &self.entry
+    }
+
+    /// The id of the ingest this stream commits (`IngestReferenceSummary.ingest`).
+    pub fn ingest(&self) -> u64 {
+        self.seq
     }
 
     /// Checks a batch's width and provenance against its site (and its labels, if any: labelled
@@ -242,6 +258,8 @@ impl IngestSession {
                             .segment_sites
                             .remove(&(width, labelled))
                             .unwrap_or_default(),
+                        committed_unix_ms: None, // stamped at the commit
+                        principal: self.principal.clone(),
                     };
                     done.push((path, entry));
                 }
@@ -254,7 +272,7 @@ impl IngestSession {
         }
         let entries = done.iter().map(|(_, e)| e.clone()).collect();
         self.entry
-            .commit_segments(entries, &self.sites, self.max_sites)
+            .commit_segments(entries, &self.sites, self.max_sites, self.max_ingests)
             .inspect_err(|_| remove(&done))
     }
 }

@@ -41,7 +41,10 @@ use serde::{Deserialize, Serialize};
 pub use ingest::{IngestSession, LABEL_COLUMN};
 pub(crate) use monitor::load_fitted;
 use monitor::SpecFile;
-pub use monitor::{FitRecord, FitRun, FittedMonitor, MonitorEntry, MonitorState};
+pub use monitor::{
+    FitDetails, FitRecord, FitRun, FittedMonitor, Ingest, IngestCheckRecord, MonitorEntry,
+    MonitorState, ReferenceCheckRecord,
+};
 pub use score_log::{LoggedProbe, LoggedScore, LoggedSlot, ScoreFilter, ScoreLog, ANOMALY};
 
 use crate::convert::{options_from_spec, StoredSpec};
@@ -328,9 +331,8 @@ fn load_entry(dir: &Path, max_score_log_bytes: u64) -> Result<MonitorEntry> {
                 Some(Arc::new(FittedMonitor::new(
                     monitor,
                     &spec_file.spec,
-                    record.fit_version,
+                    record,
                     manifest.reference.rows,
-                    record.run,
                 )?))
             }
             Err(e) => {

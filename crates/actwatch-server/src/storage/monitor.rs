@@ -75,6 +75,38 @@ pub struct SegmentEntry {
     /// them from the right sites' counts (empty where no checksum was recorded).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub site_rows: BTreeMap<String, u64>,
+    /// When the ingest that wrote it was committed (Unix ms); `None` in a `state.json` written
+    /// before commit times were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_unix_ms: Option<i64>,
+    /// The token principal that sent the ingest (`None` without tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+}
+
+impl SegmentEntry {
+    /// The ingest (IngestReference stream) that wrote it: the sequence number in its name
+    /// (`seg-<ingest>-d<width>[-labelled].parquet`).
+    pub fn ingest(&self) -> Option<u64> {
+        self.file
+            .strip_prefix("seg-")?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+/// One committed ingest (one IngestReference stream): its segments, in commit order.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    pub id: u64,
+    pub rows: u64,
+    pub example_rows: u64,
+    pub committed_unix_ms: Option<i64>,
+    pub principal: Option<String>,
+    /// (file name, path, labelled), as [`MonitorEntry::segments`].
+    pub segments: Vec<(String, PathBuf, bool)>,
 }
 
 /// What `quarantine/<segment>.reason.json` says of a segment taken out of the fit.
@@ -188,11 +220,51 @@ impl MonitorState {
 /// atomic step and the served version is always read from the fit it names. `state.json`'s
 /// `fit_version` and `last_fit` are a cache of it (repaired at start when a crash left them
 /// behind) and the counter the next fit's version comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FitRecord {
     pub format_version: u32,
     pub fit_version: u64,
     pub run: FitRun,
+    #[serde(default)]
+    pub details: FitDetails,
+}
+
+/// What a fit used and what its reference check found (in `fit.json`, served in the report).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FitDetails {
+    /// The ingests fitted, in commit order (empty for a fit recorded before ingests were).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingests: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_check: Option<ReferenceCheckRecord>,
+}
+
+/// The reference check of a fit (`actwatch_detect::check`), by ingest.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceCheckRecord {
+    /// Why it did not run, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    pub alpha: f64,
+    pub seconds: f64,
+    pub ingests: Vec<IngestCheckRecord>,
+}
+
+/// One ingest (or block of consecutive ingests) in the reference check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestCheckRecord {
+    pub first_ingest: u64,
+    pub last_ingest: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    pub rows: u64,
+    pub computations: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    pub flagged_share: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+    pub suspect: bool,
 }
 
 impl FitRecord {
@@ -201,6 +273,7 @@ impl FitRecord {
             format_version: STORAGE_FORMAT_VERSION,
             fit_version,
             run,
+            details: FitDetails::default(),
         }
     }
 }
@@ -227,6 +300,27 @@ pub(crate) fn load_fitted(dir: &Path) -> Result<(Monitor, Manifest, Option<FitRe
     Ok((monitor, manifest, Some(record)))
 }
 
+/// The `max_ingests_per_monitor` limit: `state` may take one more ingest.
+fn check_ingests(name: &str, state: &MonitorState, max_ingests: usize) -> Result<()> {
+    let ingests = state
+        .segments
+        .iter()
+        .map(SegmentEntry::ingest)
+        .collect::<HashSet<_>>()
+        .len();
+    if ingests >= max_ingests {
+        return Err(Error::LimitExceeded {
+            limit: "max_ingests_per_monitor",
+            max: max_ingests as u64,
+            detail: format!(
+                "monitor {name:?} holds {ingests} ingests; send reference data in fewer, larger \
+                 IngestReference streams"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// SHA-256 (lowercase hex) and length of the file at `path`, streamed.
 fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
@@ -247,6 +341,8 @@ pub struct FittedMonitor {
     /// Reference rows the fit was made on (every committed segment).
     pub reference_rows: u64,
     pub run: FitRun,
+    /// The ingests fitted and the reference check.
+    pub details: FitDetails,
     /// Sites whose conflicting provenance has been logged (once per site and fit: a client
     /// that keeps sending such batches is counted in the metrics, not logged each time).
     pub provenance_logged: Mutex<HashSet<String>>,
@@ -257,16 +353,16 @@ impl FittedMonitor {
     pub fn new(
         mut monitor: Monitor,
         spec: &StoredSpec,
-        fit_version: u64,
+        record: FitRecord,
         reference_rows: u64,
-        run: FitRun,
     ) -> Result<Self> {
         monitor.set_provenance_policy(spec.provenance_policy()?);
         Ok(Self {
             monitor,
-            fit_version,
+            fit_version: record.fit_version,
             reference_rows,
-            run,
+            run: record.run,
+            details: record.details,
             provenance_logged: Mutex::new(HashSet::new()),
         })
     }
@@ -324,15 +420,43 @@ impl MonitorEntry {
         self.dir.join(FITTED_DIR)
     }
 
-    /// The committed segments, reference traffic and labelled examples, in commit order:
-    /// (file name, path, labelled).
-    pub fn segments(&self) -> Vec<(String, PathBuf, bool)> {
+    /// Fails (`max_ingests_per_monitor`) when the monitor holds `max_ingests` ingests already.
+    pub fn check_room_for_ingest(&self, max_ingests: usize) -> Result<()> {
+        check_ingests(&self.name, &lock(&self.state), max_ingests)
+    }
+
+    /// The committed ingests, oldest first, each with its segments.
+    pub fn ingests(&self) -> Vec<Ingest> {
         let dir = self.dir.join(REFERENCE_DIR);
-        lock(&self.state)
-            .segments
-            .iter()
-            .map(|s| (s.file.clone(), dir.join(&s.file), s.labelled))
-            .collect()
+        let st = lock(&self.state);
+        let mut out: Vec<Ingest> = Vec::new();
+        for s in &st.segments {
+            // A name that does not parse (never written by this server) is an ingest of its own.
+            let id = s.ingest().unwrap_or(0);
+            let ingest = match out.last_mut() {
+                Some(last) if last.id == id && id != 0 => last,
+                _ => {
+                    out.push(Ingest {
+                        id,
+                        rows: 0,
+                        example_rows: 0,
+                        committed_unix_ms: s.committed_unix_ms,
+                        principal: s.principal.clone(),
+                        segments: Vec::new(),
+                    });
+                    out.last_mut().expect("just pushed")
+                }
+            };
+            if s.labelled {
+                ingest.example_rows += s.rows;
+            } else {
+                ingest.rows += s.rows;
+            }
+            ingest
+                .segments
+                .push((s.file.clone(), dir.join(&s.file), s.labelled));
+        }
+        out
     }
 
     /// Where the fit checkpoint lives (see [`actwatch_io::checkpoint`]).
@@ -355,15 +479,26 @@ impl MonitorEntry {
         seq
     }
 
-    /// Lists finished segments and their sites in `state.json`: the commit point of an ingest.
+    /// Lists finished segments and their sites in `state.json`, stamped with the commit time:
+    /// the commit point of an ingest. Fails when the monitor would then hold more than
+    /// `max_ingests` ingests.
     pub(super) fn commit_segments(
         &self,
-        files: Vec<SegmentEntry>,
+        mut files: Vec<SegmentEntry>,
         sites: &BTreeMap<String, SiteDelta>,
         max_sites: usize,
+        max_ingests: usize,
     ) -> Result<(u64, u64)> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
+        if !files.is_empty() {
+            // Checked when the stream opened too; concurrent streams are caught here.
+            check_ingests(&self.name, &st, max_ingests)?;
+        }
+        let now = now_unix_ms();
+        for f in &mut files {
+            f.committed_unix_ms = Some(now);
+        }
         let mut next = st.clone();
         for (site, d) in sites {
             match next.sites.iter_mut().find(|s| &s.name == site) {
@@ -421,20 +556,20 @@ impl MonitorEntry {
     ) -> Result<Arc<FittedMonitor>> {
         let mut st = lock(&self.state);
         self.check_not_deleted()?;
+        let (fit_version, run) = (record.fit_version, record.run);
         let fitted = Arc::new(FittedMonitor::new(
             monitor,
             &self.spec,
-            record.fit_version,
+            record,
             reference_rows,
-            record.run,
         )?);
         let mut next = st.clone();
-        next.fit_version = next.fit_version.max(record.fit_version);
-        next.last_fit = record.run;
+        next.fit_version = next.fit_version.max(fit_version);
+        next.last_fit = run;
         if let Err(e) = write_json_atomic(&self.dir.join(STATE_FILE), &next) {
             tracing::warn!(
                 monitor = %self.name,
-                fit_version = record.fit_version,
+                fit_version,
                 error = %e,
                 "the fit is installed and served, but state.json could not cache its version; \
                  the next start repairs it"

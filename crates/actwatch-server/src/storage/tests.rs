@@ -13,7 +13,7 @@ use actwatch_testkit::Rng;
 use tonic::{Code, Status};
 
 use super::*;
-use crate::fit::{fit_and_install, fit_and_save};
+use crate::fit::{fit_and_install, fit_and_save, FitPlan};
 
 const WIDTH: usize = 8;
 /// Rows per site per ingest; every ingest writes one segment holding both sites.
@@ -47,7 +47,7 @@ fn batch(site: &str, seed: u64) -> SiteBatch {
 
 /// One IngestReference stream of both sites: one segment of `2 * ROWS` rows.
 fn ingest(entry: &Arc<MonitorEntry>, seed: u64) -> Result<(u64, u64)> {
-    let mut s = IngestSession::new(entry.clone(), 16);
+    let mut s = IngestSession::new(entry.clone(), 16, 1 << 20, None);
     for site in SITES {
         s.add(batch(site, seed), 0, None)?;
     }
@@ -55,7 +55,7 @@ fn ingest(entry: &Arc<MonitorEntry>, seed: u64) -> Result<(u64, u64)> {
 }
 
 fn fit(entry: &MonitorEntry) -> Result<Arc<FittedMonitor>> {
-    fit_and_install(entry, &entry.segments(), false, &NoProgress)
+    fit_and_install(entry, &FitPlan::all(entry, false), false, &NoProgress)
 }
 
 fn monitor_dir(root: &Path, name: &str) -> PathBuf {
@@ -129,7 +129,7 @@ fn fit_with_damaged_segment(damage: impl FnOnce(&Path)) {
     for seed in 1..=3 {
         ingest(&entry, seed).unwrap();
     }
-    let (victim, path, _) = entry.segments()[1].clone();
+    let (victim, path, _) = FitPlan::all(&entry, false).segments()[1].clone();
     damage(&path);
     let Err(e) = fit(&entry) else {
         panic!("a damaged segment was fitted");
@@ -176,7 +176,7 @@ fn a_quarantine_interrupted_by_a_crash_is_finished_at_start() {
     for seed in 1..=3 {
         ingest(&entry, seed).unwrap();
     }
-    let (victim, path, _) = entry.segments()[1].clone();
+    let (victim, path, _) = FitPlan::all(&entry, false).segments()[1].clone();
     drop((entry, data));
     let quarantine = monitor_dir(root.path(), "m").join(QUARANTINE_DIR);
     fs::create_dir_all(&quarantine).unwrap();
@@ -234,7 +234,7 @@ fn a_crash_after_installing_a_fit_serves_it_under_its_own_version() {
     assert_eq!(fit(&entry).unwrap().fit_version, 1);
     ingest(&entry, 2).unwrap();
     // The crash: the artifact is installed, the process stops before it is served or recorded.
-    let saved = fit_and_save(&entry, &entry.segments(), false, &NoProgress).unwrap();
+    let saved = fit_and_save(&entry, &FitPlan::all(&entry, false), false, &NoProgress).unwrap();
     drop((saved, entry, data));
 
     let data = open(root.path());

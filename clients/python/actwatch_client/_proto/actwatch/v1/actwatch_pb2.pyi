@@ -139,7 +139,7 @@ class SiteInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., reference_rows: _Optional[int] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
 
 class MonitorInfo(_message.Message):
-    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report", "damaged", "example_rows")
+    __slots__ = ("name", "spec", "sites", "reference_rows", "fitted", "fit_version", "report", "damaged", "example_rows", "ingests")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class MonitorInfo(_message.Message):
     REPORT_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    INGESTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: MonitorSpec
     sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
@@ -158,7 +159,8 @@ class MonitorInfo(_message.Message):
     report: FitReport
     damaged: str
     example_rows: int
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ..., damaged: _Optional[str] = ..., example_rows: _Optional[int] = ...) -> None: ...
+    ingests: _containers.RepeatedCompositeFieldContainer[IngestInfo]
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[MonitorSpec, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., fitted: _Optional[bool] = ..., fit_version: _Optional[int] = ..., report: _Optional[_Union[FitReport, _Mapping]] = ..., damaged: _Optional[str] = ..., example_rows: _Optional[int] = ..., ingests: _Optional[_Iterable[_Union[IngestInfo, _Mapping]]] = ...) -> None: ...
 
 class IngestReferenceRequest(_message.Message):
     __slots__ = ("monitor", "batch", "labels")
@@ -171,28 +173,60 @@ class IngestReferenceRequest(_message.Message):
     def __init__(self, monitor: _Optional[str] = ..., batch: _Optional[_Union[TraceBatch, _Mapping]] = ..., labels: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class IngestReferenceSummary(_message.Message):
-    __slots__ = ("rows", "bytes", "batches", "total_rows", "example_rows", "total_example_rows")
+    __slots__ = ("rows", "bytes", "batches", "total_rows", "example_rows", "total_example_rows", "ingest")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    INGEST_FIELD_NUMBER: _ClassVar[int]
     rows: int
     bytes: int
     batches: int
     total_rows: int
     example_rows: int
     total_example_rows: int
-    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., batches: _Optional[int] = ..., total_rows: _Optional[int] = ..., example_rows: _Optional[int] = ..., total_example_rows: _Optional[int] = ...) -> None: ...
+    ingest: int
+    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., batches: _Optional[int] = ..., total_rows: _Optional[int] = ..., example_rows: _Optional[int] = ..., total_example_rows: _Optional[int] = ..., ingest: _Optional[int] = ...) -> None: ...
+
+class IngestInfo(_message.Message):
+    __slots__ = ("id", "rows", "example_rows", "committed_unix_ms", "principal")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    rows: int
+    example_rows: int
+    committed_unix_ms: int
+    principal: str
+    def __init__(self, id: _Optional[int] = ..., rows: _Optional[int] = ..., example_rows: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class FitRequest(_message.Message):
-    __slots__ = ("monitor", "incremental")
+    __slots__ = ("monitor", "incremental", "select", "skip_reference_check")
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     INCREMENTAL_FIELD_NUMBER: _ClassVar[int]
+    SELECT_FIELD_NUMBER: _ClassVar[int]
+    SKIP_REFERENCE_CHECK_FIELD_NUMBER: _ClassVar[int]
     monitor: str
     incremental: bool
-    def __init__(self, monitor: _Optional[str] = ..., incremental: _Optional[bool] = ...) -> None: ...
+    select: FitSelection
+    skip_reference_check: bool
+    def __init__(self, monitor: _Optional[str] = ..., incremental: _Optional[bool] = ..., select: _Optional[_Union[FitSelection, _Mapping]] = ..., skip_reference_check: _Optional[bool] = ...) -> None: ...
+
+class FitSelection(_message.Message):
+    __slots__ = ("ingests", "exclude_ingests", "committed_from_unix_ms", "committed_to_unix_ms")
+    INGESTS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_INGESTS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FROM_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_TO_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ingests: _containers.RepeatedScalarFieldContainer[int]
+    exclude_ingests: _containers.RepeatedScalarFieldContainer[int]
+    committed_from_unix_ms: int
+    committed_to_unix_ms: int
+    def __init__(self, ingests: _Optional[_Iterable[int]] = ..., exclude_ingests: _Optional[_Iterable[int]] = ..., committed_from_unix_ms: _Optional[int] = ..., committed_to_unix_ms: _Optional[int] = ...) -> None: ...
 
 class FitProgress(_message.Message):
     __slots__ = ("phase", "report")
@@ -227,7 +261,7 @@ class KnnRecall(_message.Message):
     def __init__(self, site: _Optional[str] = ..., detector: _Optional[str] = ..., queries: _Optional[int] = ..., k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
 
 class FitReport(_message.Message):
-    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded", "joint", "length_strata", "probes")
+    __slots__ = ("fit_version", "reference_rows", "calibration_computations", "calibration_fpr", "fit_seconds", "calibration_seconds", "knn_recall", "incremental", "rows_folded", "joint", "length_strata", "probes", "ingests", "reference_check")
     FIT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +274,8 @@ class FitReport(_message.Message):
     JOINT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_STRATA_FIELD_NUMBER: _ClassVar[int]
     PROBES_FIELD_NUMBER: _ClassVar[int]
+    INGESTS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_CHECK_FIELD_NUMBER: _ClassVar[int]
     fit_version: int
     reference_rows: int
     calibration_computations: int
@@ -252,7 +288,43 @@ class FitReport(_message.Message):
     joint: JointFit
     length_strata: _containers.RepeatedCompositeFieldContainer[LengthStratum]
     probes: _containers.RepeatedCompositeFieldContainer[ProbeFit]
-    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ..., joint: _Optional[_Union[JointFit, _Mapping]] = ..., length_strata: _Optional[_Iterable[_Union[LengthStratum, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[ProbeFit, _Mapping]]] = ...) -> None: ...
+    ingests: _containers.RepeatedScalarFieldContainer[int]
+    reference_check: ReferenceCheck
+    def __init__(self, fit_version: _Optional[int] = ..., reference_rows: _Optional[int] = ..., calibration_computations: _Optional[int] = ..., calibration_fpr: _Optional[float] = ..., fit_seconds: _Optional[float] = ..., calibration_seconds: _Optional[float] = ..., knn_recall: _Optional[_Iterable[_Union[KnnRecall, _Mapping]]] = ..., incremental: _Optional[bool] = ..., rows_folded: _Optional[int] = ..., joint: _Optional[_Union[JointFit, _Mapping]] = ..., length_strata: _Optional[_Iterable[_Union[LengthStratum, _Mapping]]] = ..., probes: _Optional[_Iterable[_Union[ProbeFit, _Mapping]]] = ..., ingests: _Optional[_Iterable[int]] = ..., reference_check: _Optional[_Union[ReferenceCheck, _Mapping]] = ...) -> None: ...
+
+class ReferenceCheck(_message.Message):
+    __slots__ = ("skipped", "alpha", "ingests", "seconds")
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    INGESTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    skipped: str
+    alpha: float
+    ingests: _containers.RepeatedCompositeFieldContainer[IngestCheck]
+    seconds: float
+    def __init__(self, skipped: _Optional[str] = ..., alpha: _Optional[float] = ..., ingests: _Optional[_Iterable[_Union[IngestCheck, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class IngestCheck(_message.Message):
+    __slots__ = ("first_ingest", "last_ingest", "principals", "rows", "computations", "site", "flagged_share", "p_value", "suspect")
+    FIRST_INGEST_FIELD_NUMBER: _ClassVar[int]
+    LAST_INGEST_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPALS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SUSPECT_FIELD_NUMBER: _ClassVar[int]
+    first_ingest: int
+    last_ingest: int
+    principals: _containers.RepeatedScalarFieldContainer[str]
+    rows: int
+    computations: int
+    site: str
+    flagged_share: float
+    p_value: float
+    suspect: bool
+    def __init__(self, first_ingest: _Optional[int] = ..., last_ingest: _Optional[int] = ..., principals: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., computations: _Optional[int] = ..., site: _Optional[str] = ..., flagged_share: _Optional[float] = ..., p_value: _Optional[float] = ..., suspect: _Optional[bool] = ...) -> None: ...
 
 class ProbeFit(_message.Message):
     __slots__ = ("name", "kind", "sites", "calibration_reference", "calibration_negatives", "calibration_fpr", "negatives_fpr", "heldout_positives", "recall", "deferred_benign", "deferred_positives")
