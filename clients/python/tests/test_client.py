@@ -521,17 +521,17 @@ def _rows(client, name):
 def test_reference_check_names_an_odd_ingest_and_fit_can_leave_it_out(client):
     name = "poison-check"
     client.create_monitor(name, detectors="gaussian", joint="none")
-    clean = [
-        client.ingest_reference(name, _gaussian_batches(f"c{i}", 300, seed=i)).ingest
-        for i in range(4)
-    ]
     rng = np.random.default_rng(9)
-    odd_ids = [f"odd-{i}" for i in range(80)]
-    shifted = [
-        (site, (rng.normal(size=(80, 8)) + 6.0 * np.eye(8)[3]).astype(np.float32), odd_ids)
-        for site in ("a", "b")
-    ]
-    odd = client.ingest_reference(name, shifted).ingest
+
+    def cloud(prefix: str, n: int, axis: int):
+        # Around 4 e_axis, as activations sit around a mean direction (the check, like the
+        # default detectors, compares L2-normalised rows).
+        ids = [f"{prefix}-{i}" for i in range(n)]
+        centre = 4.0 * np.eye(8)[axis]
+        return [(site, (rng.normal(size=(n, 8)) + centre).astype(np.float32), ids) for site in ("a", "b")]
+
+    clean = [client.ingest_reference(name, cloud(f"c{i}", 300, 0)).ingest for i in range(4)]
+    odd = client.ingest_reference(name, cloud("odd", 80, 3)).ingest
     info = client.get_monitor(name)
     assert [i.id for i in info.ingests] == [*clean, odd]
     assert all(i.committed_unix_ms > 0 and i.rows == 600 for i in info.ingests[:4])
