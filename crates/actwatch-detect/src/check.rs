@@ -44,8 +44,9 @@ use actwatch_core::{check_rows, l2_normalize_rows, split_unit};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Side};
 
-use crate::gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
+use crate::gaussian::{GaussianDetector, GaussianOptions};
 use crate::stats::par_for;
+use crate::stats::SufficientStats;
 use crate::{Error, Result};
 
 /// Per-row level: a row is flagged when its conformal p-value among the null is at most this.
@@ -208,9 +209,7 @@ impl BasisSampler {
             .into_iter()
             .map(|(site, basis)| {
                 let f = basis.features();
-                let fit = (0..self.groups)
-                    .map(|_| GaussianFitter::new(f, feature_options()))
-                    .collect();
+                let fit = (0..self.groups).map(|_| SufficientStats::new(f)).collect();
                 (
                     site,
                     SiteFeatures {
@@ -368,7 +367,8 @@ impl SiteBasis {
 struct SiteFeatures {
     basis: SiteBasis,
     /// Per group: the features of its fit half.
-    fit: Vec<GaussianFitter>,
+    /// (Plain statistics, not a `GaussianFitter`: no grid buffer per group and site.)
+    fit: Vec<SufficientStats>,
     /// (group, features) of null-half rows.
     null: BottomK<(usize, Vec<f32>)>,
 }
@@ -468,11 +468,11 @@ fn check_group(group: usize, groups: usize) -> Result<()> {
 /// rows for a p-value of `α`).
 fn leave_out_model(
     g: usize,
-    fit: &[GaussianFitter],
+    fit: &[SufficientStats],
     null: &[(usize, Vec<f32>)],
 ) -> Result<Option<(GaussianDetector, f64)>> {
     let f = fit[0].dim();
-    let mut merged = GaussianFitter::new(f, feature_options());
+    let mut merged = SufficientStats::new(f);
     for (h, part) in fit.iter().enumerate() {
         if h != g {
             merged.merge(part)?;
@@ -490,7 +490,7 @@ fn leave_out_model(
     let (Some(m), true) = (m, merged.count() >= MIN_FIT_ROWS) else {
         return Ok(None);
     };
-    let model = match merged.finish() {
+    let model = match GaussianDetector::fit(&merged, &feature_options()) {
         Ok(model) => model,
         Err(Error::NotEnoughData(_)) => return Ok(None),
         Err(e) => return Err(e),
