@@ -31,7 +31,7 @@ pub use calibration::Calibration;
 pub use error::{Error, Result};
 pub use fusion::Fusion;
 pub use gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
-pub use knn::{KnnDetector, KnnFitter, KnnOptions, Metric};
+pub use knn::{KnnDetector, KnnFitter, KnnIndex, KnnOptions, Metric};
 pub use monitor::{Monitor, MonitorOptions};
 pub use score::{ComputationResult, OpenComputations, ProbeResult, ProbeTraceScores, SiteScores};
 pub use shrinkage::Shrinkage;

@@ -2,8 +2,9 @@
 //!
 //! Layout: `manifest.json` (format version, options, sites and widths, detectors, calibration
 //! summary, reference hash, and for every blob its size and SHA-256) plus binary blobs: one per
-//! site (its fitted detectors and calibrations) and `calibration.bin` (the computation-level
-//! calibration). The directory is built under a temporary name next to the destination, every file
+//! site (its fitted detectors and calibrations), one per site whose kNN detector searches an HNSW
+//! graph (the graph, so that loading does not rebuild it), and `calibration.bin` (the
+//! computation-level calibration). The directory is built under a temporary name next to the destination, every file
 //! fsynced, then renamed into place, so a reader sees the old monitor or the new one, never half
 //! of either. Loading checks the format version, every blob's size and checksum, and that blobs
 //! agree with the manifest; any mismatch is [`Error::Artifact`] and nothing is served.
@@ -16,8 +17,10 @@ use actwatch_core::Provenance;
 use actwatch_detect::monitor::{
     FitSummary, Monitor, MonitorOptions, ProbeModel, ProbeSite, ProbeSummary, SiteModel,
 };
+use actwatch_detect::spec::FittedDetector;
 use actwatch_detect::strata::LengthStrata;
 use actwatch_detect::Calibration;
+use actwatch_detect::KnnIndex;
 use sha2::{Digest, Sha256};
 
 use crate::durable::{self, sync_dir, write_synced};
@@ -38,8 +41,8 @@ const FORMAT_VERSION_WITHOUT_PROBES: u32 = 2;
 const OLDEST_FORMAT_VERSION: u32 = 1;
 const FORMAT_NAME: &str = "actwatch-monitor";
 const FUSED_BLOB: &str = "calibration.bin";
-/// The joint detectors' blob (see `actwatch_detect::joint`).
-const JOINT_BLOB: &str = "joint.bin";
+/// The joint detectors' blob (see `actwatch_detect::joint`), less its `.bin`.
+const JOINT_BLOB: &str = "joint";
 
 /// Where the reference data came from, recorded for provenance.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -68,6 +71,11 @@ pub struct SiteEntry {
     pub fit_traces: u64,
     pub calibration_traces: u64,
     pub blob: BlobEntry,
+    /// The HNSW graphs of the site's kNN detectors (one `Option<KnnIndex>` per detector, in the
+    /// detectors' order), when any searches one. Absent in monitors saved before graphs were kept
+    /// (and ignored by the builds that predate it): the graph is then rebuilt at load, as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<BlobEntry>,
     /// What produced the site's reference traces (`SiteModel::provenance`; empty when they
     /// declared nothing, and in monitors saved before provenance was recorded).
     #[serde(default, skip_serializing_if = "Provenance::is_empty")]
@@ -179,15 +187,30 @@ pub fn save_monitor_with(
     let tmp = durable::temporary_path(out)?;
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let result = (|| {
-        let entry = |s: &SiteModel, file: String| -> Result<SiteEntry> {
+        let entry = |s: &SiteModel, file: &str| -> Result<SiteEntry> {
             let bytes = bincode::serialize(s)?;
+            let indexes: Vec<Option<&KnnIndex>> = s
+                .detectors
+                .iter()
+                .map(|d| match d {
+                    FittedDetector::Knn(k) => k.index(),
+                    FittedDetector::Gaussian(_) => None,
+                })
+                .collect();
+            let index = if indexes.iter().any(Option::is_some) {
+                let bytes = bincode::serialize(&indexes)?;
+                Some(blob(&tmp, format!("{file}-index.bin"), &bytes)?)
+            } else {
+                None
+            };
             Ok(SiteEntry {
                 name: s.name.clone(),
                 dim: s.dim,
                 detectors: s.detectors.iter().map(|d| d.name().to_string()).collect(),
                 fit_traces: s.fit_traces,
                 calibration_traces: s.calibration_traces,
-                blob: blob(&tmp, file, &bytes)?,
+                blob: blob(&tmp, format!("{file}.bin"), &bytes)?,
+                index,
                 provenance: s.provenance.clone(),
             })
         };
@@ -195,12 +218,9 @@ pub fn save_monitor_with(
             .sites()
             .iter()
             .enumerate()
-            .map(|(i, s)| entry(s, format!("site-{i}.bin")))
+            .map(|(i, s)| entry(s, &format!("site-{i}")))
             .collect::<Result<Vec<_>>>()?;
-        let joint = monitor
-            .joint()
-            .map(|j| entry(j, JOINT_BLOB.into()))
-            .transpose()?;
+        let joint = monitor.joint().map(|j| entry(j, JOINT_BLOB)).transpose()?;
         let calibration = blob(
             &tmp,
             FUSED_BLOB.into(),
@@ -357,6 +377,32 @@ pub fn load_monitor(dir: &Path) -> Result<(Monitor, Manifest)> {
         }
         entry.provenance.validate()?;
         site.provenance = entry.provenance.clone();
+        if let Some(index) = &entry.index {
+            // Verified like every blob; a graph that then does not fit its detector (a writer's
+            // bug, or a hand-edited artifact) is refused by the detector and rebuilt.
+            let bytes = read_blob(dir, index)?;
+            let indexes: Vec<Option<KnnIndex>> = decode_blob(&bytes).map_err(|e| {
+                Error::Artifact(format!(
+                    "{}: cannot decode the index of site {}: {e}",
+                    dir.display(),
+                    entry.name
+                ))
+            })?;
+            if indexes.len() != site.detectors.len() {
+                return Err(Error::Artifact(format!(
+                    "{}: the index of site {} holds {} detectors, the site {}",
+                    dir.display(),
+                    entry.name,
+                    indexes.len(),
+                    site.detectors.len()
+                )));
+            }
+            for (d, index) in site.detectors.iter_mut().zip(indexes) {
+                if let (FittedDetector::Knn(k), Some(index)) = (d, index) {
+                    let _refused_then_rebuilt = k.offer_index(index);
+                }
+            }
+        }
         Ok(site)
     };
     let sites = manifest

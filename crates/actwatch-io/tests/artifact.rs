@@ -110,7 +110,40 @@ fn hnsw_monitor_round_trips_to_identical_scores() {
         "recall@10 {} below 0.9",
         recall[0].recall
     );
-    round_trip(options, Some(vec!["2".into()]));
+    round_trip(options.clone(), Some(vec!["2".into()]));
+
+    // The graph is kept with the monitor and loaded as it was built, not rebuilt; a monitor
+    // without it (as saved before graphs were kept) rebuilds the same graph; a damaged one is
+    // refused like any blob.
+    let graph = |m: &actwatch_detect::Monitor| -> actwatch_detect::KnnIndex {
+        match &m.sites()[0].detectors[0] {
+            actwatch_detect::spec::FittedDetector::Knn(k) => k.index().unwrap().clone(),
+            other => panic!("not a kNN detector: {other:?}"),
+        }
+    };
+    let (fitted, reference) = fixture::fit_minilm(options, &r);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("monitor");
+    let manifest = save_monitor(&fitted, &reference, &out).unwrap();
+    let index = manifest.sites[0].index.clone().expect("the graph is saved");
+    assert_eq!(index.file, "site-0-index.bin");
+    let (loaded, _) = load_monitor(&out).unwrap();
+    assert!(graph(&loaded) == graph(&fitted));
+
+    let manifest_path = out.join(MANIFEST);
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+    old["sites"][0].as_object_mut().unwrap().remove("index");
+    std::fs::write(&manifest_path, serde_json::to_vec(&old).unwrap()).unwrap();
+    let (rebuilt, _) = load_monitor(&out).unwrap();
+    assert!(graph(&rebuilt) == graph(&fitted));
+    std::fs::write(&manifest_path, &text).unwrap();
+
+    let blob = out.join(&index.file);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    assert!(matches!(load_monitor(&out), Err(Error::Artifact(m)) if m.contains("checksum")));
 }
 
 #[test]

@@ -12,15 +12,42 @@
 //! every upper layer, then runs the `ef` beam search on layer 0.
 //!
 //! The graph holds node indices only (the vectors stay in the detector). Distances are squared
-//! Euclidean in f32, which ranks like cosine distance on the L2-normalised references. The build
-//! is sequential and every tie is broken by node index, so a graph is a function of the
-//! references, their order and the options: node levels come from a fixed-seed generator drawn in
-//! reference order.
+//! Euclidean in f32, which ranks like cosine distance on the L2-normalised references.
+//!
+//! The build is parallel and deterministic: nodes are inserted in batches whose boundaries depend
+//! only on how many nodes are already in (never on the thread count), and every step that runs in
+//! parallel reads only the graph as it stood at the start of the batch:
+//! 1. each node of the batch searches the frozen graph, layer by layer, as a sequential insert
+//!    would (in parallel);
+//! 2. each node's candidates are joined by the nodes inserted before it in the same batch, at their
+//!    exact distances (which a sequential insert could only have found by search), and its links
+//!    are chosen by the heuristic (in parallel);
+//! 3. the reverse links are applied per target node in node order, a full list re-selected as in
+//!    a sequential insert (in parallel over targets, written back in target order).
+//!
+//! Every tie is broken by node index, so a graph is a function of the references, their order and
+//! the options: node levels come from a fixed-seed generator drawn in reference order. Batches
+//! grow with the graph (one node at a time at first, [`MAX_BATCH`] once the graph holds
+//! `MAX_BATCH * BATCH_DIVISOR` nodes), so a batch is always a small share of what it searches.
+//!
+//! A built graph is kept with the monitor (see `KnnIndex`) and checked when loaded
+//! ([`HnswGraph::check`]) so that a damaged one is rebuilt rather than followed out of bounds.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
 
 use super::mix64;
+
+/// Most nodes inserted per batch of the parallel build. Each batch node also measures its
+/// distance to the batch nodes before it (on average `MAX_BATCH / 2` distances, against the
+/// thousands a search of `ef_construction = 200` computes).
+const MAX_BATCH: usize = 256;
+/// A batch is at most this fraction of the nodes already inserted (1/16), so the frozen graph each
+/// batch searches is at least 16 times larger than the batch.
+const BATCH_DIVISOR: usize = 16;
 
 /// Seed of the node-level generator: fixed, so that a build is reproducible.
 const LEVEL_SEED: u64 = 0x686e_7377_6c65_7665;
@@ -55,6 +82,8 @@ pub(super) struct SearchScratch {
     stamp: u32,
     candidates: BinaryHeap<Reverse<Candidate>>,
     results: BinaryHeap<Candidate>,
+    /// The unvisited links of the node being expanded.
+    fresh: Vec<u32>,
 }
 
 impl SearchScratch {
@@ -64,6 +93,7 @@ impl SearchScratch {
             stamp: 0,
             candidates: BinaryHeap::new(),
             results: BinaryHeap::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -88,7 +118,68 @@ impl SearchScratch {
     }
 }
 
+/// Search scratches kept between calls, so that a search does not allocate (and zero) a visit
+/// array of one u32 per node: a scoring call takes one per rayon job and gives it back when done.
+#[derive(Default)]
+pub(super) struct ScratchPool {
+    free: Mutex<Vec<SearchScratch>>,
+}
+
+impl std::fmt::Debug for ScratchPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScratchPool").finish_non_exhaustive()
+    }
+}
+
+impl ScratchPool {
+    /// A scratch for a graph of `nodes` nodes: a pooled one when there is one (of that size).
+    pub(super) fn take(&self, nodes: usize) -> PooledScratch<'_> {
+        let pooled = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .filter(|s| s.visited.len() == nodes);
+        PooledScratch {
+            pool: self,
+            scratch: Some(pooled.unwrap_or_else(|| SearchScratch::new(nodes))),
+        }
+    }
+}
+
+/// A scratch on loan from a [`ScratchPool`]; goes back to it when dropped.
+pub(super) struct PooledScratch<'a> {
+    pool: &'a ScratchPool,
+    scratch: Option<SearchScratch>,
+}
+
+impl std::ops::Deref for PooledScratch<'_> {
+    type Target = SearchScratch;
+    fn deref(&self) -> &SearchScratch {
+        self.scratch.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledScratch<'_> {
+    fn deref_mut(&mut self) -> &mut SearchScratch {
+        self.scratch.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledScratch<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.scratch.take() {
+            self.pool
+                .free
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(s);
+        }
+    }
+}
+
 /// The HNSW graph: links per node and layer, the entry node and the top layer.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) struct HnswGraph {
     dim: usize,
     /// Links per node on layers >= 1.
@@ -107,13 +198,15 @@ pub(super) struct HnswGraph {
 impl HnswGraph {
     /// Builds the graph over `refs` (row-major, `dim` wide, at most `u32::MAX` rows): `m` links
     /// per node and layer (`2 m` on layer 0), candidate lists of `ef_construction`, at most
-    /// `max_layers` layers. Inserts in row order, one at a time.
+    /// `max_layers` layers. Inserts in row order, in batches (see the module's documentation):
+    /// the same graph on any number of threads.
     pub(super) fn build(
         refs: &[f32],
         dim: usize,
         m: usize,
         ef_construction: usize,
         max_layers: usize,
+        pool: &ScratchPool,
     ) -> Self {
         let n = refs.len() / dim;
         assert!(u32::try_from(n).is_ok(), "HNSW node ids are u32");
@@ -129,11 +222,199 @@ impl HnswGraph {
             entry: 0,
             top: levels.first().copied().unwrap_or(0),
         };
-        let mut scratch = SearchScratch::new(n);
-        for (node, &level) in levels.iter().enumerate().skip(1) {
-            graph.insert(refs, node as u32, level, ef_construction, &mut scratch);
+        let mut start = 1.min(n);
+        while start < n {
+            let len = (start / BATCH_DIVISOR).clamp(1, MAX_BATCH).min(n - start);
+            graph.insert_batch(
+                refs,
+                start,
+                &levels[start..start + len],
+                ef_construction,
+                pool,
+            );
+            start += len;
         }
         graph
+    }
+
+    /// Inserts nodes `first..first + levels.len()` (steps 1 to 3 of the module's documentation).
+    fn insert_batch(
+        &mut self,
+        refs: &[f32],
+        first: usize,
+        levels: &[usize],
+        ef_construction: usize,
+        pool: &ScratchPool,
+    ) {
+        let n_nodes = self.base_len.len();
+        let this = &*self;
+        // 1 and 2: per node, its chosen links per layer (index = layer), from the frozen graph.
+        let chosen: Vec<Vec<Vec<Candidate>>> = (0..levels.len())
+            .into_par_iter()
+            .map_init(
+                || pool.take(n_nodes),
+                |scratch, b| {
+                    let node = (first + b) as u32;
+                    let level = levels[b];
+                    let mut found = this.search_frozen(refs, node, level, ef_construction, scratch);
+                    let q = this.vector(refs, node);
+                    for (e, &le) in levels[..b].iter().enumerate() {
+                        let other = (first + e) as u32;
+                        let c = Candidate {
+                            dist: squared_l2(q, this.vector(refs, other)),
+                            node: other,
+                        };
+                        for list in found.iter_mut().take(le.min(level) + 1) {
+                            list.push(c);
+                        }
+                    }
+                    found
+                        .iter_mut()
+                        .map(|list| {
+                            list.sort_unstable();
+                            this.select(refs, list, this.m)
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        for (b, lists) in chosen.iter().enumerate() {
+            for (layer, list) in lists.iter().enumerate() {
+                self.set_links((first + b) as u32, layer, list.iter().map(|c| c.node));
+            }
+        }
+        // 3: reverse links, grouped by (target, layer), each group in node order.
+        let mut back: Vec<(u32, usize, Candidate)> = chosen
+            .iter()
+            .enumerate()
+            .flat_map(|(b, lists)| {
+                lists.iter().enumerate().flat_map(move |(layer, list)| {
+                    list.iter().map(move |c| {
+                        let new = Candidate {
+                            dist: c.dist,
+                            node: (first + b) as u32,
+                        };
+                        (c.node, layer, new)
+                    })
+                })
+            })
+            .collect();
+        back.sort_by_key(|&(target, layer, new)| (target, layer, new.node));
+        let groups: Vec<&[(u32, usize, Candidate)]> =
+            back.chunk_by(|a, b| a.0 == b.0 && a.1 == b.1).collect();
+        let this = &*self;
+        let relinked: Vec<Vec<u32>> = groups
+            .par_iter()
+            .map(|g| {
+                let (target, layer) = (g[0].0, g[0].1);
+                let mut links = this.links(target, layer).to_vec();
+                for &(_, _, new) in g.iter() {
+                    this.link_back(refs, target, &mut links, new, layer);
+                }
+                links
+            })
+            .collect();
+        for (g, links) in groups.iter().zip(relinked) {
+            self.set_links(g[0].0, g[0].1, links.into_iter());
+        }
+        // The entry: the first node of the highest level above the old top, as sequential
+        // inserts would have left it.
+        for (b, &level) in levels.iter().enumerate() {
+            if level > self.top {
+                self.top = level;
+                self.entry = (first + b) as u32;
+            }
+        }
+    }
+
+    /// The candidates of a sequential insert of `node` at `level` into the graph as it stands:
+    /// one list per layer `0..=level` (nearest first; empty above the graph's top).
+    fn search_frozen(
+        &self,
+        refs: &[f32],
+        node: u32,
+        level: usize,
+        ef_construction: usize,
+        scratch: &mut SearchScratch,
+    ) -> Vec<Vec<Candidate>> {
+        let q = self.vector(refs, node);
+        let mut found = vec![Vec::new(); level + 1];
+        let mut ep = Candidate {
+            dist: squared_l2(q, self.vector(refs, self.entry)),
+            node: self.entry,
+        };
+        for layer in (level + 1..=self.top).rev() {
+            ep = self.greedy(refs, q, ep, layer);
+        }
+        for layer in (0..=level.min(self.top)).rev() {
+            let list = self.search_layer(refs, q, ep, ef_construction, layer, scratch);
+            ep = list[0];
+            found[layer] = list;
+        }
+        found
+    }
+
+    /// Whether this (loaded) graph is one that [`Self::build`] could have made over `n` nodes of
+    /// width `dim` with `m` links and at most `max_layers` layers: every list within its capacity
+    /// and pointing at existing nodes that reach that layer, the entry on the top layer. A graph
+    /// that passes can be searched without going out of bounds; which graph it is, is the
+    /// artifact's checksum's business.
+    pub(super) fn check(
+        &self,
+        n: usize,
+        dim: usize,
+        m: usize,
+        max_layers: usize,
+    ) -> Result<(), String> {
+        if self.dim != dim || self.m != m || self.m0 != 2 * m {
+            return Err(format!(
+                "built for width {} and m {} ({} on layer 0), not {dim} and {m}",
+                self.dim, self.m, self.m0
+            ));
+        }
+        if self.base.len() != n.saturating_mul(self.m0)
+            || self.base_len.len() != n
+            || self.upper.len() != n
+        {
+            return Err(format!("holds {} nodes, not {n}", self.base_len.len()));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let entry = self.entry as usize;
+        if entry >= n || self.upper[entry].len() != self.top || self.top >= max_layers {
+            return Err(format!(
+                "entry {entry} at top layer {} does not fit",
+                self.top
+            ));
+        }
+        for (i, (&len, upper)) in self.base_len.iter().zip(&self.upper).enumerate() {
+            if usize::from(len) > self.m0 || upper.len() > self.top {
+                return Err(format!(
+                    "node {i} has {len} links or {} layers",
+                    upper.len()
+                ));
+            }
+            let base = &self.base[i * self.m0..i * self.m0 + usize::from(len)];
+            let lists = std::iter::once(base).chain(upper.iter().map(Vec::as_slice));
+            for (layer, links) in lists.enumerate() {
+                if layer > 0 && links.len() > self.m {
+                    return Err(format!(
+                        "node {i} has {} links on layer {layer}",
+                        links.len()
+                    ));
+                }
+                if let Some(&bad) = links
+                    .iter()
+                    .find(|&&l| (l as usize) >= n || self.upper[l as usize].len() < layer)
+                {
+                    return Err(format!(
+                        "node {i} links to {bad}, not a node of layer {layer}"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The `k` nearest nodes to `q` found with a layer-0 candidate list of `ef` (at least `k`),
@@ -191,45 +472,19 @@ impl HnswGraph {
         }
     }
 
-    fn insert(
-        &mut self,
+    /// Adds `new` to `node`'s links on `layer` (`links`, updated in place); a full list is
+    /// re-selected by the heuristic over its links and `new`.
+    fn link_back(
+        &self,
         refs: &[f32],
         node: u32,
-        level: usize,
-        ef_construction: usize,
-        scratch: &mut SearchScratch,
+        links: &mut Vec<u32>,
+        new: Candidate,
+        layer: usize,
     ) {
-        let q = self.vector(refs, node);
-        let mut ep = Candidate {
-            dist: squared_l2(q, self.vector(refs, self.entry)),
-            node: self.entry,
-        };
-        for layer in (level + 1..=self.top).rev() {
-            ep = self.greedy(refs, q, ep, layer);
-        }
-        for layer in (0..=level.min(self.top)).rev() {
-            let found = self.search_layer(refs, q, ep, ef_construction, layer, scratch);
-            let chosen = self.select(refs, &found, self.m);
-            self.set_links(node, layer, chosen.iter().map(|c| c.node));
-            for c in &chosen {
-                self.link_back(refs, c.node, node, c.dist, layer);
-            }
-            ep = found[0];
-        }
-        if level > self.top {
-            self.top = level;
-            self.entry = node;
-        }
-    }
-
-    /// Adds `new` (at squared distance `dist`) to `node`'s links on `layer`; a full list is
-    /// re-selected by the heuristic over its links and `new`.
-    fn link_back(&mut self, refs: &[f32], node: u32, new: u32, dist: f32, layer: usize) {
         let cap = if layer == 0 { self.m0 } else { self.m };
-        let links = self.links(node, layer);
         if links.len() < cap {
-            let links: Vec<u32> = links.iter().copied().chain([new]).collect();
-            self.set_links(node, layer, links.into_iter());
+            links.push(new.node);
             return;
         }
         let v = self.vector(refs, node);
@@ -239,11 +494,12 @@ impl HnswGraph {
                 dist: squared_l2(v, self.vector(refs, l)),
                 node: l,
             })
-            .chain([Candidate { dist, node: new }])
+            .chain([new])
             .collect();
         cands.sort_unstable();
         let chosen = self.select(refs, &cands, cap);
-        self.set_links(node, layer, chosen.iter().map(|c| c.node));
+        links.clear();
+        links.extend(chosen.iter().map(|c| c.node));
     }
 
     /// The neighbour-selection heuristic: candidates (nearest first) are taken in order, each
@@ -304,10 +560,17 @@ impl HnswGraph {
             if c.dist > worst.dist {
                 break;
             }
+            // The unvisited neighbours first, their vectors requested from memory as they are
+            // found, then their distances: the loads overlap instead of waiting one by one.
+            scratch.fresh.clear();
             for &l in self.links(c.node, layer) {
-                if !scratch.visit(l) {
-                    continue;
+                if scratch.visit(l) {
+                    prefetch(self.vector(refs, l));
+                    scratch.fresh.push(l);
                 }
+            }
+            for i in 0..scratch.fresh.len() {
+                let l = scratch.fresh[i];
                 let e = Candidate {
                     dist: squared_l2(q, self.vector(refs, l)),
                     node: l,
@@ -342,9 +605,65 @@ fn node_levels(n: usize, m: usize, max_layers: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Squared Euclidean distance in f32, in 16 independent lanes so that it vectorises.
+/// Cache lines of a vector asked for ahead of its distance (the hardware prefetcher follows on
+/// from there).
+const PREFETCH_LINES: usize = 4;
+
+/// Asks for the first [`PREFETCH_LINES`] cache lines of `v` (a hint; no effect on results).
+#[inline(always)]
+#[allow(unsafe_code)]
+fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in v.chunks(16).take(PREFETCH_LINES) {
+            // SAFETY: SSE is part of x86_64, and a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// Squared Euclidean distance in f32, in [`LANES`] independent lanes summed in a fixed order at
+/// the end, so that it vectorises and gives the same bits on every CPU: the AVX-512 and AVX2
+/// builds of the same loop (picked at run time) only change how many lanes one instruction holds,
+/// and nothing is fused into an FMA. (One of this crate's two `unsafe`s, with [`prefetch`]: calling a
+/// function compiled for a CPU feature after checking that the CPU has it.)
+#[allow(unsafe_code)]
 fn squared_l2(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+            return unsafe { squared_l2_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the only feature the function is compiled for.
+            return unsafe { squared_l2_avx2(a, b) };
+        }
+    }
+    squared_l2_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn squared_l2_avx512(a: &[f32], b: &[f32]) -> f32 {
+    squared_l2_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn squared_l2_avx2(a: &[f32], b: &[f32]) -> f32 {
+    squared_l2_lanes(a, b)
+}
+
+/// Lanes of [`squared_l2`]: two AVX-512 registers (four AVX2 ones), so that consecutive adds do
+/// not wait on each other.
+const LANES: usize = 32;
+
+#[inline(always)]
+fn squared_l2_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ac

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 mod exact;
 mod hnsw;
 
-use hnsw::{HnswGraph, SearchScratch};
+use hnsw::{HnswGraph, ScratchPool};
 
 use crate::{Error, Result};
 
@@ -363,6 +363,7 @@ impl KnnFitter {
             refs,
             half_sq_norms: OnceLock::new(),
             index: None,
+            scratch: ScratchPool::default(),
         };
         det.prepare()?;
         Ok(det)
@@ -393,13 +394,18 @@ fn total_order(a: &[f32], b: &[f32]) -> std::cmp::Ordering {
         .cmp(b.iter().map(|x| x.to_bits()))
 }
 
-/// The HNSW graph over the references (their indices only). Not serialised: rebuilt by
-/// [`KnnDetector::prepare`].
-struct HnswIndex(HnswGraph);
+/// The HNSW graph over a detector's references (their indices only). Not part of the detector's
+/// serialised form (which stays what it was before graphs were kept): a monitor artifact stores it
+/// beside the detector ([`KnnDetector::index`]) and hands it back at load
+/// ([`KnnDetector::offer_index`]), so that loading does not rebuild it (the build is by far the
+/// slowest part of loading a large kNN monitor).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct KnnIndex(HnswGraph);
 
-impl fmt::Debug for HnswIndex {
+impl fmt::Debug for KnnIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HnswIndex").finish_non_exhaustive()
+        f.debug_struct("KnnIndex").finish_non_exhaustive()
     }
 }
 
@@ -411,8 +417,9 @@ impl fmt::Debug for HnswIndex {
 /// inserts sequentially in reference order: node levels come from a fixed-seed generator drawn in
 /// reference order and each node is linked to whatever is already inserted, so a parallel build
 /// (hnsw_rs's `parallel_insert` included) would make the graph, hence recall and scores, depend
-/// on thread timing. The price is a build about half as fast as a two-thread one; the graph is
-/// rebuilt identically at load, so a saved monitor scores exactly as the one that was fitted.
+/// on thread timing. The build is parallel in batches that make the same graph on any number of
+/// threads (see `hnsw.rs`), so a graph rebuilt at load (when the artifact kept none) is the one
+/// that was fitted, and a saved monitor scores exactly as the one that was fitted.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct KnnDetector {
     dim: usize,
@@ -423,9 +430,12 @@ pub struct KnnDetector {
     #[serde(skip)]
     half_sq_norms: OnceLock<Vec<f32>>,
     /// HNSW index when `len() > exact_max`; built by `prepare()` (never lazily: a lazy build
-    /// inside a rayon task could re-enter itself through work stealing).
+    /// inside a rayon task could re-enter itself through work stealing) unless one was offered.
     #[serde(skip)]
-    index: Option<HnswIndex>,
+    index: Option<KnnIndex>,
+    /// Visit arrays of past searches, reused (one u32 per reference each).
+    #[serde(skip)]
+    scratch: ScratchPool,
 }
 
 impl KnnDetector {
@@ -469,27 +479,66 @@ impl KnnDetector {
     }
 
     /// After deserialisation: checks the stored detector (shape, finiteness, options), and
-    /// (re)builds the HNSW index when `len() > exact_max`; for exact search it only precomputes
-    /// reference norms. A deserialised detector that needs an index and was not prepared refuses
-    /// to score ([`Error::InvalidOption`]) rather than silently switching to exact search (whose
-    /// scores differ slightly from the ones it was calibrated with).
+    /// builds the HNSW index when `len() > exact_max` and none is held (an index offered by
+    /// [`Self::offer_index`], or built by an earlier call, is checked and kept); for exact search
+    /// it only precomputes reference norms. A deserialised detector that needs an index and was
+    /// not prepared refuses to score ([`Error::InvalidOption`]) rather than silently switching to
+    /// exact search (whose scores differ slightly from the ones it was calibrated with).
     pub fn prepare(&mut self) -> Result<()> {
         self.check_structure()?;
         check_rows(self.dim, &self.refs)?;
         self.half_sq_norms = OnceLock::new();
         self.half_sq_norms();
-        self.index = None;
-        if !self.is_exact() {
-            if u32::try_from(self.len()).is_err() {
-                return Err(Error::InvalidOption(format!(
-                    "knn: an HNSW index holds at most {} references, got {}",
-                    u32::MAX,
-                    self.len()
-                )));
-            }
+        if self.is_exact() {
+            self.index = None;
+            return Ok(());
+        }
+        if u32::try_from(self.len()).is_err() {
+            return Err(Error::InvalidOption(format!(
+                "knn: an HNSW index holds at most {} references, got {}",
+                u32::MAX,
+                self.len()
+            )));
+        }
+        if self
+            .index
+            .as_ref()
+            .is_some_and(|i| self.check_index(i).is_err())
+        {
+            self.index = None;
+        }
+        if self.index.is_none() {
             self.index = Some(self.build_index());
         }
         Ok(())
+    }
+
+    /// The HNSW index, when search uses one and it is built.
+    pub fn index(&self) -> Option<&KnnIndex> {
+        self.index.as_ref()
+    }
+
+    /// Hands over an index built earlier over these references with these options (kept with a
+    /// saved monitor), for [`Self::prepare`] to keep instead of building one. An index that does
+    /// not fit them is refused with the reason ([`Error::InvalidOption`]), and nothing changes.
+    pub fn offer_index(&mut self, index: KnnIndex) -> Result<()> {
+        self.check_structure()?;
+        if self.is_exact() {
+            return Err(Error::InvalidOption(format!(
+                "knn: {} references are searched exactly; an HNSW index is not used",
+                self.len()
+            )));
+        }
+        self.check_index(&index)
+            .map_err(|e| Error::InvalidOption(format!("knn: the HNSW index offered {e}")))?;
+        self.index = Some(index);
+        Ok(())
+    }
+
+    fn check_index(&self, index: &KnnIndex) -> std::result::Result<(), String> {
+        index
+            .0
+            .check(self.len(), self.dim, self.options.hnsw_m, HNSW_MAX_LAYER)
     }
 
     /// Distance to the k-th nearest reference, one per row (row-major `rows`); higher = more
@@ -510,13 +559,13 @@ impl KnnDetector {
                     .fold(0.0, f64::max)
             }))
         } else {
-            let index = self.index()?;
+            let index = self.graph()?;
             let ef = self.options.hnsw_ef_search.max(k);
             let dim = self.dim;
             Ok(rows
                 .par_chunks(dim)
                 .map_init(
-                    || (vec![0f32; dim], SearchScratch::new(self.len())),
+                    || (vec![0f32; dim], self.scratch.take(self.len())),
                     |(buf, scratch), row| {
                         let q = self.prepared_query(row, buf);
                         let found = index.0.search(&self.refs, q, k, ef, scratch);
@@ -570,7 +619,7 @@ impl KnnDetector {
             return Err(CoreError::Empty("no queries to measure recall on".into()).into());
         }
         let k = k.min(self.len());
-        let index = self.index()?;
+        let index = self.graph()?;
         let exact = self.exact_neighbours(rows, k)?;
         let ef = self.options.hnsw_ef_search.max(k);
         let dim = self.dim;
@@ -578,7 +627,7 @@ impl KnnDetector {
             .par_chunks(dim)
             .zip(exact.par_iter())
             .map_init(
-                || (vec![0f32; dim], SearchScratch::new(self.len())),
+                || (vec![0f32; dim], self.scratch.take(self.len())),
                 |(buf, scratch), (row, truth)| {
                     let q = self.prepared_query(row, buf);
                     let found = index.0.search(&self.refs, q, k, ef, scratch);
@@ -628,7 +677,7 @@ impl KnnDetector {
         })
     }
 
-    fn index(&self) -> Result<&HnswIndex> {
+    fn graph(&self) -> Result<&KnnIndex> {
         self.index.as_ref().ok_or_else(|| {
             Error::InvalidOption(
                 "knn: the HNSW index is not built; call prepare() after deserialisation".into(),
@@ -636,14 +685,15 @@ impl KnnDetector {
         })
     }
 
-    /// Inserts every reference (node = its index), sequentially, so the graph is reproducible.
-    fn build_index(&self) -> HnswIndex {
-        HnswIndex(HnswGraph::build(
+    /// Inserts every reference (node = its index); the same graph on any number of threads.
+    fn build_index(&self) -> KnnIndex {
+        KnnIndex(HnswGraph::build(
             &self.refs,
             self.dim,
             self.options.hnsw_m,
             self.options.hnsw_ef_construction,
             HNSW_MAX_LAYER,
+            &self.scratch,
         ))
     }
 
@@ -1063,6 +1113,7 @@ mod tests {
             refs: det.refs.clone(),
             half_sq_norms: OnceLock::new(),
             index: None,
+            scratch: ScratchPool::default(),
         };
         let q = rng.gaussian_rows(20, dim, 0.0);
         assert!(matches!(
@@ -1090,21 +1141,108 @@ mod tests {
             refs: vec![0.0; 17],
             half_sq_norms: OnceLock::new(),
             index: None,
+            scratch: ScratchPool::default(),
         };
         assert!(broken.prepare().is_err());
         assert!(broken.score_batch(&q).is_err());
     }
 
+    /// The build runs in parallel batches; the graph must not depend on the thread count.
     #[test]
-    fn hnsw_build_is_reproducible() {
+    fn hnsw_build_is_the_same_on_any_number_of_threads() {
         let mut rng = Rng::new(17);
         let dim = 32;
-        let refs = rng.gaussian_rows(1500, dim, 0.0);
+        let refs = rng.gaussian_rows(3000, dim, 0.0);
         let queries = rng.gaussian_rows(100, dim, 0.0);
         let o = small_hnsw(Metric::Cosine);
-        // On the default (multi-threaded) pool: the build is sequential by design.
-        let run = || fit(dim, o.clone(), &refs).score_batch(&queries).unwrap();
-        assert_eq!(run(), run());
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let det = fit(dim, o.clone(), &refs);
+                (
+                    det.index().unwrap().clone(),
+                    det.score_batch(&queries).unwrap(),
+                )
+            })
+        };
+        let (one, scores_one) = on(1);
+        for threads in [2, 5] {
+            let (many, scores_many) = on(threads);
+            assert!(one == many, "{threads} threads built another graph");
+            assert_eq!(scores_one, scores_many);
+        }
+    }
+
+    /// A saved monitor keeps its graph: offered back, it is checked and used as it is; one that
+    /// does not fit (damaged, or built for other references or options) is refused, never
+    /// followed out of bounds.
+    #[test]
+    fn an_offered_index_is_checked_and_kept() {
+        let mut rng = Rng::new(23);
+        let dim = 16;
+        let refs = rng.gaussian_rows(600, dim, 0.0);
+        let q = rng.gaussian_rows(50, dim, 0.0);
+        let o = small_hnsw(Metric::Cosine);
+        let det = fit(dim, o.clone(), &refs);
+        let index = det.index().unwrap().clone();
+        let stored = serde_json::to_value(&index).unwrap();
+        let loaded = || -> KnnDetector {
+            // what a saved monitor's detector is before prepare(): its serialised fields
+            serde_json::from_value(serde_json::to_value(&det).unwrap()).unwrap()
+        };
+
+        let mut back = loaded();
+        back.offer_index(serde_json::from_value(stored.clone()).unwrap())
+            .unwrap();
+        back.prepare().unwrap();
+        assert!(back.index() == Some(&index));
+        assert_eq!(back.score_batch(&q).unwrap(), det.score_batch(&q).unwrap());
+
+        let damaged = |edit: &dyn Fn(&mut serde_json::Value)| -> KnnIndex {
+            let mut v = stored.clone();
+            edit(&mut v);
+            serde_json::from_value(v).unwrap()
+        };
+        let bad = [
+            damaged(&|v| v["base"][0] = 600.into()),
+            damaged(&|v| v["entry"] = 599.into()),
+            damaged(&|v| v["m"] = 5.into()),
+            damaged(&|v| v["base_len"][3] = 999.into()),
+            damaged(&|v| {
+                v["base_len"].as_array_mut().unwrap().pop();
+            }),
+            damaged(&|v| {
+                // a layer-1 link to a node that only lives on layer 0
+                let top_node = v["entry"].as_u64().unwrap() as usize;
+                let low = v["upper"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .position(|u| u.as_array().unwrap().is_empty())
+                    .unwrap();
+                v["upper"][top_node][0][0] = low.into();
+            }),
+        ];
+        for (i, index) in bad.into_iter().enumerate() {
+            let mut back = loaded();
+            let err = back.offer_index(index).unwrap_err();
+            assert!(matches!(err, Error::InvalidOption(_)), "case {i}: {err}");
+            // refused: prepare() builds its own, the same as the fitted one
+            back.prepare().unwrap();
+            assert!(back.index() == Some(&index_of(&det)), "case {i}");
+        }
+        // exact search takes no index
+        let small = fit(dim, opts(5, Metric::Cosine), &refs);
+        let mut small_back: KnnDetector =
+            serde_json::from_value(serde_json::to_value(&small).unwrap()).unwrap();
+        assert!(small_back.offer_index(index.clone()).is_err());
+    }
+
+    fn index_of(det: &KnnDetector) -> KnnIndex {
+        det.index().unwrap().clone()
     }
 
     #[test]
