@@ -139,28 +139,57 @@ fn main() {
                 std::hint::black_box(exact.score_batch(&big_query).expect("knn"));
             })
         });
-        emit("knn_exact_100k", "actwatch", n_bq, d, threads, secs, "");
+        emit(
+            "knn_exact_big",
+            "actwatch",
+            n_bq,
+            d,
+            threads,
+            secs,
+            &format!(",\"refs\":{n_ref}"),
+        );
     }
     drop(exact);
+    // HNSW: built on one thread and on all (the same graph: the build is deterministic), then
+    // a recall/speed curve over ef, recall against exact search.
     let hnsw_opts = KnnOptions {
         exact_max: 0,
         ..KnnOptions::default()
     };
-    let started = Instant::now();
-    let mut f = KnnFitter::new(d, hnsw_opts);
-    f.push_batch(&big_ref).expect("refs");
-    let hnsw = f.finish().expect("hnsw");
-    emit_seconds(
-        "hnsw_build",
-        "actwatch-hnsw",
-        n_ref,
-        d,
-        1,
-        started.elapsed().as_secs_f64(),
-        ",\"note\":\"sequential insertion: reproducible graph\"",
-    );
-    let mut hnsw = hnsw;
-    for ef in [64, 128, 256] {
+    let mut built = Vec::new();
+    for threads in [1, cores] {
+        let started = Instant::now();
+        let hnsw = with_threads(threads, || {
+            let mut f = KnnFitter::new(d, hnsw_opts.clone());
+            f.push_batch(&big_ref).expect("refs");
+            f.finish().expect("hnsw")
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        let same = built
+            .first()
+            .map(|first: &actwatch_detect::KnnDetector| first.index() == hnsw.index());
+        emit_seconds(
+            "hnsw_build",
+            "actwatch-hnsw",
+            n_ref,
+            d,
+            threads,
+            seconds,
+            &format!(
+                ",\"inserts_per_s\":{:.1},\"M\":{},\"ef_construction\":{}{}",
+                n_ref as f64 / seconds,
+                hnsw_opts.hnsw_m,
+                hnsw_opts.hnsw_ef_construction,
+                same.map_or(String::new(), |s| format!(
+                    ",\"same_graph_as_1_thread\":{s}"
+                ))
+            ),
+        );
+        built.push(hnsw);
+    }
+    let mut hnsw = built.pop().expect("built");
+    drop(built);
+    for ef in [16, 32, 64, 128, 256] {
         hnsw.set_ef_search(ef).expect("ef");
         let recall = hnsw
             .measure_recall(&big_query, 10)
@@ -174,12 +203,12 @@ fn main() {
             });
             emit(
                 "hnsw_query",
-                &format!("actwatch-hnsw-ef{ef}"),
+                "actwatch-hnsw",
                 n_bq,
                 d,
                 threads,
                 secs,
-                &format!(",\"recall_at_10\":{recall:.4}"),
+                &format!(",\"refs\":{n_ref},\"ef\":{ef},\"recall_at_10\":{recall:.4}"),
             );
         }
     }

@@ -2,13 +2,15 @@
 """Time the peer tools on the data the Rust benchmark (`--example bench`) uses.
 
     python scripts/bench_peers.py OUT_DIR [--quick] [--threads N] [--src DIR] [--no-export]
+                                  [--big-refs N]
 
 1. Writes the inputs into OUT_DIR as raw little-endian float32, row-major, each with a
    `NAME.shape` JSON sidecar {"rows": R, "cols": C}, so Rust reads the exact same bytes:
      fit.f32        layer-2 rows of train.parquet, sorted by id            (6000 x 384)
      query.f32      layer-2 rows of dev_id + dev_ood_* (2500 unique, in that
                     file order, each sorted by id), repeated to 100,000 rows (10,000 with --quick)
-     big_ref.f32    synthetic Gaussian mixture, L2-normalised             (100,000 x 384; 10,000 --quick)
+     big_ref.f32    synthetic Gaussian mixture, L2-normalised             (100,000 x 384; 10,000 --quick;
+                                                                           --big-refs N)
      big_query.f32  fresh draws from the same mixture, L2-normalised        (2,000 x 384; 500 --quick)
    plus manifest.json (how each was made, sha256 of each file).
 2. Times the peers and prints one JSON object per line on stdout, e.g.
@@ -23,9 +25,11 @@ Tasks (the Rust bench should use the same task names):
   gaussian_fit     seconds   Ledoit-Wolf fit on fit.f32 + eigendecomposition -> whitening matrix
   gaussian_score   per_s     squared Mahalanobis distance of each query.f32 row (vectors/s)
   knn_exact_6k     per_s     exact cosine k=10, refs = fit.f32 (6000), queries = first 20,000 of query.f32
-  knn_exact_100k   per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
-  hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32
-  hnsw_query       per_s     HNSW search ef=64, k=10, queries = big_query.f32; "recall_at_10" vs exact
+  knn_exact_big    per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
+  hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32: hnswlib, faiss
+                             IndexHNSWFlat (inner product)
+  hnsw_query       per_s     HNSW search at ef = 16, 32, 64, 128, 256 ("ef"), k=10, queries =
+                             big_query.f32; "recall_at_10" against faiss's exact search
 Rows carry "threads"; the kNN tasks and the HNSW build and query are also run with threads=1.
 "per_thread" = per_s / threads.
 
@@ -68,6 +72,8 @@ DEFAULT_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..
 D = 384
 SEED = 20240611
 LAYER = 2
+# The HNSW search breadths of the recall/speed curve (the same list in examples/bench.rs).
+HNSW_EFS = (16, 32, 64, 128, 256)
 
 
 # ---- data export ----------------------------------------------------------------------------
@@ -131,10 +137,10 @@ def read_matrix(out_dir: str, name: str) -> np.ndarray:
     return x.reshape(s["rows"], s["cols"]).astype(np.float32, copy=False)
 
 
-def export(out_dir: str, src: str, quick: bool) -> None:
+def export(out_dir: str, src: str, quick: bool, big_refs: int | None = None) -> None:
     os.makedirs(out_dir, exist_ok=True)
     n_query = 10_000 if quick else 100_000
-    n_big = 10_000 if quick else 100_000
+    n_big = big_refs or (10_000 if quick else 100_000)
     n_big_q = 500 if quick else 2_000
     manifest: dict = {"quick": quick, "seed": SEED, "layer": LAYER, "source": src}
 
@@ -314,28 +320,54 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
         return exact
 
     knn_runs("knn_exact_6k", ref6k, q20k, "fit.f32 refs, first rows of query.f32, both L2-normalised")
-    exact_big = knn_runs("knn_exact_100k", big_ref, big_query, "big_ref refs, big_query queries")
+    exact_big = knn_runs("knn_exact_big", big_ref, big_query, "big_ref refs, big_query queries")
 
-    # -- HNSW (hnswlib), inner product on L2-normalised vectors (= cosine)
-    M, efc, ef = 16, 200, 64
+    # -- HNSW: hnswlib and faiss IndexHNSWFlat, inner product on L2-normalised vectors (= cosine),
+    # the same M and ef_construction as actwatch's defaults; a recall/speed curve over ef.
+    M, efc = 16, 200
+    n_big = big_ref.shape[0]
+    build_repeats = 1 if n_big > 200_000 else 3
 
-    def build(thr):
+    def recall_of(labels) -> float:
+        return round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(labels, exact_big)])), 4)
+
+    def hnswlib_build(thr):
         idx = hnswlib.Index(space="ip", dim=D)
-        idx.init_index(max_elements=big_ref.shape[0], ef_construction=efc, M=M, random_seed=100)
-        idx.add_items(big_ref, np.arange(big_ref.shape[0]), num_threads=thr)
+        idx.init_index(max_elements=n_big, ef_construction=efc, M=M, random_seed=100)
+        idx.add_items(big_ref, np.arange(n_big), num_threads=thr)
         return idx
 
-    # the single-thread build first (comparable with a sequential build), then the one kept
-    for thr in sorted({threads, 1}):
-        sec, index, times = timed(lambda: build(thr), repeats=3, warmup=False)
-        emit("hnsw_build", "hnswlib", n=big_ref.shape[0], seconds=sec, times=times, threads=thr,
-             per_s=False, inserts_per_s=big_ref.shape[0] / sec, M=M, ef_construction=efc)
-    index.set_ef(ef)
-    for thr in sorted({threads, 1}, reverse=True):
-        sec, (labels, _), times = timed(lambda: index.knn_query(big_query, k=k, num_threads=thr))
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(labels, exact_big)]))
-        emit("hnsw_query", "hnswlib", n=big_query.shape[0], seconds=sec, times=times, threads=thr,
-             refs=big_ref.shape[0], k=k, ef=ef, M=M, recall_at_10=round(recall, 4))
+    def faiss_build(thr):
+        faiss.omp_set_num_threads(thr)
+        idx = faiss.IndexHNSWFlat(D, M, faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efConstruction = efc
+        idx.add(big_ref)
+        return idx
+
+    def hnswlib_search(index, ef, thr):
+        index.set_ef(ef)
+        return index.knn_query(big_query, k=k, num_threads=thr)[0]
+
+    def faiss_search(index, ef, thr):
+        faiss.omp_set_num_threads(thr)
+        index.hnsw.efSearch = ef
+        return index.search(big_query, k)[1]
+
+    for tool, build, search in (("hnswlib", hnswlib_build, hnswlib_search),
+                                ("faiss-hnsw", faiss_build, faiss_search)):
+        # the single-thread build first, then the all-thread one, which is kept
+        for thr in sorted({threads, 1}):
+            sec, index, times = timed(lambda: build(thr), repeats=build_repeats, warmup=False)
+            emit("hnsw_build", tool, n=n_big, seconds=sec, times=times, threads=thr,
+                 per_s=False, inserts_per_s=n_big / sec, M=M, ef_construction=efc)
+        for ef in HNSW_EFS:
+            recall = recall_of(search(index, ef, threads))
+            for thr in sorted({threads, 1}, reverse=True):
+                sec, _, times = timed(lambda: search(index, ef, thr))
+                emit("hnsw_query", tool, n=big_query.shape[0], seconds=sec, times=times, threads=thr,
+                     refs=n_big, k=k, ef=ef, M=M, recall_at_10=recall)
+        del index
+    faiss.omp_set_num_threads(threads)
 
     human_table()
     end = {"task": "_meta_end", "tool": "env", "cpu_idle_pct_after": cpu_idle_pct(),
@@ -354,11 +386,13 @@ def main() -> int:
     ap.add_argument("--src", default=DEFAULT_SRC, help="directory with the MiniLM parquet files")
     ap.add_argument("--no-export", action="store_true", help="reuse matrices already in out_dir")
     ap.add_argument("--export-only", action="store_true", help="write the matrices, time nothing")
+    ap.add_argument("--big-refs", type=int, default=None,
+                    help="rows of big_ref (the large kNN and HNSW reference set; default 100,000)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
     if not args.no_export:
-        export(args.out_dir, args.src, args.quick)
+        export(args.out_dir, args.src, args.quick, args.big_refs)
         print(f"# wrote matrices to {args.out_dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if not args.export_only:
         bench(args.out_dir, args.quick, args.threads)

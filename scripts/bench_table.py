@@ -135,7 +135,9 @@ def build(peers: list[dict], mine: list[dict]) -> list[list[str]]:
         max_thr = max((threads(r) or 0 for r in P), default=0)
         for p in P:
             tp = threads(p)
-            same = [i for i, a in enumerate(A) if threads(a) == tp or threads(a) is None or tp is None]
+            same = [i for i, a in enumerate(A)
+                    if (threads(a) == tp or threads(a) is None or tp is None)
+                    and (a.get("ef") is None or p.get("ef") is None or a.get("ef") == p.get("ef"))]
             extra: list[str] = []
             if not same and A and (tp or 0) == max_thr:
                 same = list(range(len(A)))
@@ -158,6 +160,33 @@ def row(task: str, a: dict | None, p: dict | None, extra: list[str]) -> list[str
             ratio(a, p), cell(notes(a, p, extra)) or ""]
 
 
+RECALL_TARGET = 0.98
+
+
+def equal_recall(rows: list[dict], target: float = RECALL_TARGET) -> list[str]:
+    """HNSW speed at equal recall: per tool and thread count, the smallest ef whose recall@10
+    reaches `target`, its queries/s, and actwatch's speed over it at the same thread count."""
+    best: dict[tuple[str, int | None], dict] = {}
+    for r in rows:
+        if r["task"] != "hnsw_query" or num(r.get("recall_at_10")) is None or num(r.get("per_s")) is None:
+            continue
+        if num(r["recall_at_10"]) < target:
+            continue
+        key = (str(r.get("tool")), threads(r))
+        if key not in best or (num(r.get("ef")) or 0) < (num(best[key].get("ef")) or 0):
+            best[key] = r
+    if not best:
+        return []
+    out = [f"HNSW at recall@10 >= {target} (the smallest ef of the curve that reaches it):", "",
+           "| tool | thr | ef | recall@10 | queries/s | actwatch/tool |", "|---|---:|---:|---:|---:|---:|"]
+    for (tool, thr), r in sorted(best.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+        mine = next((v for (t, th), v in best.items() if t.startswith("actwatch") and th == thr), None)
+        rel = f"{num(mine['per_s']) / num(r['per_s']):.2f}×" if mine else "—"
+        out.append(f"| {tool} | {cell(thr)} | {cell(r.get('ef'))} | {num(r['recall_at_10']):.4f} | "
+                   f"{num(r['per_s']):,.0f} | {rel} |")
+    return out
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__, file=sys.stderr)
@@ -174,6 +203,10 @@ def main(argv: list[str]) -> int:
     print()
     print("Speed ratio > 1: actwatch faster (throughput ratio for per-second figures, inverse time ratio "
           "for durations).")
+    curve = equal_recall(peers + mine)
+    if curve:
+        print()
+        print("\n".join(curve))
     for who, meta in (("peers", pmeta), ("actwatch", ameta)):
         for m in meta:
             kv = ", ".join(f"{k}={v}" for k, v in m.items() if k not in ("task", "tool"))

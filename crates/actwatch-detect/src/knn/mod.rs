@@ -31,7 +31,10 @@ pub const DEFAULT_METRIC: Metric = Metric::Cosine;
 /// Exact search up to this many references, HNSW beyond. Measured (scripts/bench.sh, 2 cores,
 /// d = 384) with the hnsw_rs index this module used before `hnsw.rs`: against 100k references
 /// exact search answered 4.7k queries/s, hnsw_rs at ef 64 only 2.1k/s at recall@10 0.84, so the
-/// index paid off only well beyond that. Not re-measured since (hnsw.rs: recall@10 0.997 at ef 64).
+/// index paid off only well beyond that. With `hnsw.rs` (docs/benchmarks.md, 2 threads, 100k
+/// references): exact 3.0k queries/s, the graph at ef 64 7.4k/s at recall@10 0.997 after a 25 s
+/// build, so the graph is faster per query well below this size; the default is unchanged until the
+/// 1M-reference curve is measured, since exact search costs no build at fit and no recall.
 pub const DEFAULT_EXACT_MAX: usize = 500_000;
 /// References kept per site (1.5 GB of f32 at d = 384); a seeded uniform sample beyond.
 pub const DEFAULT_MAX_REFERENCES: usize = 1_000_000;
