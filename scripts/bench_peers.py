@@ -253,6 +253,17 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
         print(f"warning: CPUs only {idle}% idle before the run: other work on this machine will "
               "distort the timings", file=sys.stderr)
 
+    # -- this CPU's FP32 peak as a large GEMM reaches it (OpenBLAS through numpy), so that kernel
+    # figures can be read as a share of what the hardware does
+    peak_n = 1024 if quick else 4096
+    a = np.random.default_rng([SEED, 9]).standard_normal((peak_n, peak_n), dtype=np.float32)
+    for thr in sorted({threads, 1}, reverse=True):
+        with threadpool_limits(thr):
+            sec, _, times = timed(lambda: a @ a)
+        print(json.dumps({"task": "_peak", "tool": "numpy-sgemm", "threads": thr, "n": peak_n,
+                          "gflops": round(2 * peak_n**3 / min(times) / 1e9, 1)}), flush=True)
+    del a
+
     fit = read_matrix(out_dir, "fit")
     query = read_matrix(out_dir, "query")
     big_ref = read_matrix(out_dir, "big_ref")

@@ -163,6 +163,22 @@ def row(task: str, a: dict | None, p: dict | None, extra: list[str]) -> list[str
 RECALL_TARGET = 0.98
 
 
+def peak_share(meta: list[dict], rows: list[dict]) -> list[str]:
+    """Gaussian scoring (2 d^2 flops per vector: one whitening product) as a share of the FP32 peak
+    a large GEMM reached in the same run, per thread count."""
+    peaks = {threads(m): m for m in meta if m.get("task") == "_peak" and num(m.get("gflops"))}
+    out = []
+    for r in rows:
+        peak = peaks.get(threads(r))
+        if r["task"] != "gaussian_score" or peak is None or num(r.get("per_s")) is None or num(r.get("d")) is None:
+            continue
+        gflops = num(r["per_s"]) * 2 * num(r["d"]) ** 2 / 1e9
+        out.append(f"- {r['tool']}, {threads(r)} thread(s): {gflops:.0f} GFLOP/s, {100 * gflops / num(peak['gflops']):.0f}% "
+                   f"of the {num(peak['gflops']):.0f} GFLOP/s a {peak.get('n')}² SGEMM reached")
+    return ["", "Gaussian scoring against this CPU's FP32 peak (counting only the whitening product):", ""] + out \
+        if out else []
+
+
 def equal_recall(rows: list[dict], target: float = RECALL_TARGET) -> list[str]:
     """HNSW speed at equal recall: per tool and thread count, the smallest ef whose recall@10
     reaches `target`, its queries/s, and actwatch's speed over it at the same thread count."""
@@ -203,6 +219,8 @@ def main(argv: list[str]) -> int:
     print()
     print("Speed ratio > 1: actwatch faster (throughput ratio for per-second figures, inverse time ratio "
           "for durations).")
+    for line in peak_share(pmeta, peers + mine):
+        print(line)
     curve = equal_recall(peers + mine)
     if curve:
         print()
