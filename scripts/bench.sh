@@ -132,8 +132,8 @@ if [[ $DOCS -eq 1 ]]; then
     echo "\`target/bench-results/results.json\` holds every row."
     echo
     echo "Not in this command yet: ingest and \`StreamScores\` latency (\`scripts/bench_service.sh\`), batch"
-    echo "scoring of a 1M-trace archive (\`scripts/bench_archive.sh\`), Gaussian scoring at d = 1024 and 4096,"
-    echo "and the FP32 peak of this CPU. HNSW at 1M references: \`scripts/bench.sh --big-refs 1000000\`."
+    echo "scoring of a 1M-trace archive (\`scripts/bench_archive.sh\`), and Gaussian scoring at d = 1024"
+    echo "and 4096. HNSW at 1M references: \`scripts/bench.sh --big-refs 1000000\`."
     echo
     cat "$RESULTS/table.md"
   } > docs/benchmarks.md
