@@ -20,8 +20,8 @@ impl TopK {
     fn new(k: usize) -> Self {
         Self {
             k,
-            keys: Vec::with_capacity(k + 1),
-            idx: Vec::with_capacity(k + 1),
+            keys: Vec::with_capacity(k),
+            idx: Vec::with_capacity(k),
         }
     }
 
@@ -34,33 +34,50 @@ impl TopK {
         }
     }
 
-    /// Inserts when `key` beats the current k-th best; equal keys keep the earlier index.
+    /// Inserts when `key` beats the current k-th best; equal keys keep the earlier index. An
+    /// insertion-sort step in place (the last entry falls off when full): most inserts move a
+    /// few entries, and a call into `memmove` for each of two vectors cost more than that.
     #[inline]
     fn insert(&mut self, key: f32, i: usize) {
         let thr = self.threshold();
         if key.is_nan() || key <= thr {
             return;
         }
-        let pos = self.keys.partition_point(|&x| x >= key);
-        self.keys.insert(pos, key);
-        self.idx.insert(pos, i);
-        if self.keys.len() > self.k {
-            self.keys.pop();
-            self.idx.pop();
+        if self.keys.len() < self.k {
+            self.keys.push(key);
+            self.idx.push(i);
         }
+        let mut pos = self.keys.len() - 1;
+        while pos > 0 && self.keys[pos - 1] < key {
+            self.keys[pos] = self.keys[pos - 1];
+            self.idx[pos] = self.idx[pos - 1];
+            pos -= 1;
+        }
+        self.keys[pos] = key;
+        self.idx[pos] = i;
     }
 
-    /// Offers `keys[j]` for reference `base + j`, skipping whole chunks none of which can enter.
-    fn scan(&mut self, keys: &[f32], base: usize) {
+    /// Offers reference `base + j` with key `sims[j] - half[j]` (`half` absent: `sims[j]`),
+    /// skipping whole chunks none of which can enter. One pass over the tile column: a chunk's
+    /// keys are formed and compared with the threshold in registers (an or-reduction, so it
+    /// vectorises), and only a chunk holding a candidate is walked again.
+    fn scan(&mut self, sims: &[f32], half: Option<&[f32]>, base: usize) {
         let mut thr = self.threshold();
-        for (c, chunk) in keys.chunks(SCAN_CHUNK).enumerate() {
-            let mx = chunk
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            if mx > thr {
-                for (j, &v) in chunk.iter().enumerate() {
+        for (c, chunk) in sims.chunks(SCAN_CHUNK).enumerate() {
+            let start = c * SCAN_CHUNK;
+            let half = half.map(|h| &h[start..start + chunk.len()]);
+            let hit = match half {
+                Some(h) => chunk
+                    .iter()
+                    .zip(h)
+                    .fold(false, |any, (&s, &hr)| any | (s - hr > thr)),
+                None => chunk.iter().fold(false, |any, &s| any | (s > thr)),
+            };
+            if hit {
+                for (j, &s) in chunk.iter().enumerate() {
+                    let v = half.map_or(s, |h| s - h[j]);
                     if v > thr {
-                        self.insert(v, base + c * SCAN_CHUNK + j);
+                        self.insert(v, base + start + j);
                         thr = self.threshold();
                     }
                 }
@@ -121,14 +138,10 @@ impl KnnDetector {
                 1.0f32,
                 Par::Seq,
             );
-            for (col, top) in tile.chunks_exact_mut(br).zip(tops.iter_mut()) {
-                if let Some(h) = half {
-                    // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2).
-                    for (s, &hr) in col.iter_mut().zip(&h[base..base + br]) {
-                        *s -= hr;
-                    }
-                }
-                top.scan(col, base);
+            // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2), formed in the scan.
+            let half = half.map(|h| &h[base..base + br]);
+            for (col, top) in tile.chunks_exact(br).zip(tops.iter_mut()) {
+                top.scan(col, half, base);
             }
         }
         queries

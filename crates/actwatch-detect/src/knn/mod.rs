@@ -59,9 +59,12 @@ pub const HNSW_EF_MAX: usize = 65_536;
 /// Most HNSW layers: with `m` >= 2, a 17th layer is drawn with probability at most 2^-16 per node.
 const HNSW_MAX_LAYER: usize = 16;
 /// Queries per GEMM tile (fewer when a batch is small, so that every core gets a block).
-const QUERY_BLOCK: usize = 256;
-/// References per GEMM tile; a tile is `REF_BLOCK x QUERY_BLOCK` f32 = 2 MiB per thread.
-const REF_BLOCK: usize = 2048;
+const QUERY_BLOCK: usize = 512;
+/// References per GEMM tile; a tile is `REF_BLOCK x QUERY_BLOCK` f32 = 1 MiB per thread, so it
+/// stays in a core's L2 between the product that writes it and the scan that reads it. Measured
+/// on 6k references x 384 and 20k queries, 1 and 2 threads: 512 x 512 and 256 x 512 the fastest,
+/// 2048 x 256 (the earlier 2 MiB tile) 8% slower, 1024 x 512 about 20% slower.
+const REF_BLOCK: usize = 512;
 /// Width of the chunks the top-k scan skips at once when none beats the current k-th best.
 const SCAN_CHUNK: usize = 16;
 
@@ -711,23 +714,8 @@ impl KnnDetector {
     fn exact_distance(&self, q: &[f32], i: usize) -> f64 {
         let r = self.reference(i);
         match self.options.metric {
-            Metric::Cosine => {
-                let dot: f64 = q
-                    .iter()
-                    .zip(r)
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
-                (1.0 - dot).clamp(0.0, 2.0)
-            }
-            Metric::L2 => q
-                .iter()
-                .zip(r)
-                .map(|(&a, &b)| {
-                    let d = f64::from(a) - f64::from(b);
-                    d * d
-                })
-                .sum::<f64>()
-                .sqrt(),
+            Metric::Cosine => (1.0 - sum_f64_lanes(q, r, |a, b| a * b)).clamp(0.0, 2.0),
+            Metric::L2 => sum_f64_lanes(q, r, |a, b| (a - b) * (a - b)).sqrt(),
         }
     }
 
@@ -745,6 +733,35 @@ impl KnnDetector {
         with_d.into_iter().map(|(_, i)| i).collect()
     }
 }
+
+/// `Σ term(a[j], b[j])` in f64 over [`F64_LANES`] independent partial sums combined in a fixed
+/// order: the same bits on every machine, and the loop vectorises (one running sum would be a
+/// chain of dependent additions, a few microseconds per 384-wide row).
+#[inline]
+fn sum_f64_lanes(a: &[f32], b: &[f32], term: impl Fn(f64, f64) -> f64) -> f64 {
+    let mut acc = [0f64; F64_LANES];
+    let (ca, cb) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..F64_LANES {
+            acc[j] += term(f64::from(x[j]), f64::from(y[j]));
+        }
+    }
+    for (j, (&x, &y)) in ta.iter().zip(tb).enumerate() {
+        acc[j] += term(f64::from(x), f64::from(y));
+    }
+    let mut width = F64_LANES;
+    while width > 1 {
+        width /= 2;
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+    }
+    acc[0]
+}
+
+/// Partial sums of [`sum_f64_lanes`] (a power of two).
+const F64_LANES: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -897,7 +914,8 @@ mod tests {
     fn exact_scores_and_neighbours_match_brute_force() {
         let mut rng = Rng::new(7);
         let dim = 24;
-        // 5000 references: more than one reference tile; 300 queries: several query blocks.
+        // 5000 references: several reference tiles (the last one partial); 300 queries: one query
+        // block per thread.
         let refs = rng.gaussian_rows(5000, dim, 0.3);
         let queries = rng.gaussian_rows(300, dim, 0.3);
         for metric in [Metric::Cosine, Metric::L2] {
@@ -938,6 +956,22 @@ mod tests {
         let n = det.exact_neighbours(&q, 100).unwrap();
         assert_eq!(n[0], naive_order(&d));
         assert_eq!(det.score_batch(&[]).unwrap(), Vec::<f64>::new());
+    }
+
+    #[test]
+    fn tied_references_enter_the_top_k_in_index_order() {
+        // 1200 copies of one row (ties across three reference tiles) after one far row: the k
+        // nearest are the first k copies, whichever tile and chunk they sit in.
+        let dim = 4;
+        let mut refs = vec![9.0f32, 9.0, 9.0, 9.0];
+        for _ in 0..1200 {
+            refs.extend_from_slice(&[1.0, 0.5, 0.25, 0.0]);
+        }
+        for metric in [Metric::Cosine, Metric::L2] {
+            let det = fit(dim, opts(7, metric), &refs);
+            let nbrs = det.exact_neighbours(&[1.0, 0.5, 0.25, 0.0], 7).unwrap();
+            assert_eq!(nbrs[0], (1..8).collect::<Vec<_>>(), "{metric:?}");
+        }
     }
 
     #[test]
