@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use actwatch_detect::gaussian::{GaussianFitter, GaussianOptions};
+use actwatch_detect::gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
 use actwatch_detect::knn::{KnnFitter, KnnOptions};
 
 fn load(dir: &Path, name: &str) -> (Vec<f32>, usize, usize) {
@@ -41,6 +41,19 @@ fn median_seconds(repeats: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
+}
+
+/// Wall seconds of one run of `f`, no warm-up (for fits that take many seconds).
+fn once_seconds(f: impl FnOnce()) -> f64 {
+    let s = Instant::now();
+    f();
+    s.elapsed().as_secs_f64()
+}
+
+fn fit_gaussian(rows: &[f32], d: usize, opts: &GaussianOptions) -> GaussianDetector {
+    let mut f = GaussianFitter::new(d, opts.clone());
+    f.push_batch(rows).expect("fit batch");
+    f.finish().expect("fit")
 }
 
 fn emit(task: &str, tool: &str, n: usize, d: usize, threads: usize, seconds: f64, extra: &str) {
@@ -105,6 +118,73 @@ fn main() {
     });
     emit("gaussian_score", "actwatch", n_query, d, 1, secs, "");
 
+    // Gaussian fit at n = 100k (big_ref), then fit and scoring at d = 1024 / 4096 (the peer
+    // script's wide matrices) in calls of 1 (the first 256 rows), 64 and 4096 rows; full whitening
+    // and, at 4096, rank 256 + residual (the default there).
+    let (big_ref, n_ref, _) = load(dir, "big_ref");
+    let secs = median_seconds(3, || {
+        std::hint::black_box(fit_gaussian(&big_ref, d, &opts));
+    });
+    emit_seconds("gaussian_fit_100k", "actwatch", n_ref, d, cores, secs, "");
+    for wd in [1024usize, 4096] {
+        if !dir.join(format!("wide_fit_{wd}.f32")).exists() {
+            continue; // --quick writes d = 1024 only
+        }
+        let (wfit, n_wfit, _) = load(dir, &format!("wide_fit_{wd}"));
+        let (wq, _, _) = load(dir, &format!("wide_query_{wd}"));
+        let big = wd >= 4096;
+        let mut models = vec![("", wd)];
+        if big {
+            models.push(("lr", 256));
+        }
+        for (tag, rank) in models {
+            let wopts = GaussianOptions {
+                normalize: false,
+                rank: Some(rank),
+                ..GaussianOptions::default()
+            };
+            let mut wdet = None;
+            let fit_once = || fit_gaussian(&wfit, wd, &wopts);
+            let secs = if big {
+                once_seconds(|| wdet = Some(fit_once()))
+            } else {
+                median_seconds(3, || wdet = Some(fit_once()))
+            };
+            let extra = format!(",\"rank\":{rank}");
+            emit_seconds(
+                &format!("gaussian_fit_d{wd}{tag}"),
+                "actwatch",
+                n_wfit,
+                wd,
+                cores,
+                secs,
+                &extra,
+            );
+            let wdet = wdet.expect("fitted");
+            for b in [1usize, 64, 4096] {
+                let rows = if b == 1 { &wq[..256 * wd] } else { &wq[..] };
+                for threads in [cores, 1] {
+                    let secs = with_threads(threads, || {
+                        median_seconds(3, || {
+                            for call in rows.chunks(b * wd) {
+                                std::hint::black_box(wdet.score_batch(call).expect("score"));
+                            }
+                        })
+                    });
+                    emit(
+                        &format!("gaussian_score_d{wd}{tag}_b{b}"),
+                        "actwatch",
+                        rows.len() / wd,
+                        wd,
+                        threads,
+                        secs,
+                        &format!(",\"batch\":{b},\"rank\":{rank}"),
+                    );
+                }
+            }
+        }
+    }
+
     // Exact kNN against the 6,000 real references.
     let mut f = KnnFitter::new(d, KnnOptions::default());
     f.push_batch(&fit).expect("refs");
@@ -128,7 +208,6 @@ fn main() {
     }
 
     // 100k synthetic references: exact, and HNSW with recall against exact.
-    let (big_ref, n_ref, _) = load(dir, "big_ref");
     let (big_query, n_bq, _) = load(dir, "big_query");
     let mut f = KnnFitter::new(d, KnnOptions::default());
     f.push_batch(&big_ref).expect("refs");

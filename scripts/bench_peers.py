@@ -12,6 +12,8 @@
      big_ref.f32    synthetic Gaussian mixture, L2-normalised             (100,000 x 384; 10,000 --quick;
                                                                            --big-refs N)
      big_query.f32  fresh draws from the same mixture, L2-normalised        (2,000 x 384; 500 --quick)
+     wide_fit_D.f32, wide_query_D.f32   synthetic correlated Gaussian rows, D = 1024 (16,384 and
+                    4,096 rows) and 4096 (8,192 and 4,096 rows); --quick: D = 1024 only, 2,048 / 512
    plus manifest.json (how each was made, sha256 of each file).
 2. Times the peers and prints one JSON object per line on stdout, e.g.
      {"task": "gaussian_score", "tool": "numpy-blas-whitening", "n": 100000, "d": 384,
@@ -24,6 +26,12 @@
 Tasks (the Rust bench should use the same task names):
   gaussian_fit     seconds   Ledoit-Wolf fit on fit.f32 + eigendecomposition -> whitening matrix
   gaussian_score   per_s     squared Mahalanobis distance of each query.f32 row (vectors/s)
+  gaussian_fit_100k       seconds   the same fit on big_ref.f32 (100,000 x 384 with the default sizes)
+  gaussian_fit_dD         seconds   the same fit on wide_fit_D.f32 (all threads)
+  gaussian_score_dD[lr]_bB per_s    scoring wide_query_D.f32 in calls of B rows (B = 1: the first 256
+                                    rows; 64 and 4096: all), 1 and all threads; "lr": low rank
+                                    (r = 256 + isotropic residual, actwatch's default at d = 4096),
+                                    otherwise full whitening
   knn_exact_6k     per_s     exact cosine k=10, refs = fit.f32 (6000), queries = first 20,000 of query.f32
   knn_exact_big    per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
   hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32: hnswlib, faiss
@@ -161,9 +169,41 @@ def export(out_dir: str, src: str, quick: bool, big_refs: int | None = None) -> 
     write_matrix(out_dir, "big_query", big_query, manifest,
                  "synthetic, fresh draws from the same mixture as big_ref")
 
+    for d in wide_dims(quick):
+        n_fit, n_q = (2_048, 512) if quick else WIDE_ROWS[d]
+        rng = np.random.default_rng([SEED, 4, d])
+        both = correlated_rows(n_fit + n_q, d, rng)
+        write_matrix(out_dir, f"wide_fit_{d}", both[:n_fit], manifest,
+                     f"synthetic correlated Gaussian, d = {d}, spectrum ~ 1/j")
+        write_matrix(out_dir, f"wide_query_{d}", both[n_fit:], manifest,
+                     f"fresh rows of the same distribution as wide_fit_{d}")
+        del both
+
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
+
+
+WIDE_DIMS = (1024, 4096)
+WIDE_ROWS = {1024: (16_384, 4_096), 4096: (8_192, 4_096)}
+WIDE_RANK = 256
+WIDE_BATCHES = (1, 64, 4096)
+
+
+def wide_dims(quick: bool) -> tuple[int, ...]:
+    return (1024,) if quick else WIDE_DIMS
+
+
+def correlated_rows(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """n x d float32 rows of a zero-mean Gaussian with a dense covariance whose spectrum decays
+    like 1/j (g @ M, M a random d x d matrix with rows scaled by (1 + j)^-1/2)."""
+    m = rng.standard_normal((d, d), dtype=np.float32)
+    m *= (1.0 / np.sqrt(1.0 + np.arange(d, dtype=np.float32)))[:, None] / np.sqrt(d)
+    out = np.empty((n, d), dtype=np.float32)
+    for i in range(0, n, 2048):
+        g = rng.standard_normal((min(2048, n - i), d), dtype=np.float32)
+        out[i:i + len(g)] = g @ m
+    return out
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -201,6 +241,15 @@ def cpu_idle_pct(window: float = 2.0) -> float | None:
 
 
 ROWS: list[dict] = []
+
+
+def gaussian_fit_of(x: np.ndarray, LedoitWolf):
+    """The fit being timed: Ledoit-Wolf, then the eigendecomposition of the shrunk covariance."""
+    def fit():
+        lw = LedoitWolf().fit(x)
+        evals, evecs = np.linalg.eigh(lw.covariance_)
+        return lw, evals, evecs
+    return fit
 
 
 def emit(task: str, tool: str, *, n: int, seconds: float, times: list[float], threads: int,
@@ -309,6 +358,46 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
     rel = float(np.max(np.abs(s32[:2000] - ref_maha) / np.maximum(ref_maha, 1e-9)))
     if rel > 1e-2:
         print(f"warning: f32 whitening differs from sklearn by {rel:.3g} (relative)", file=sys.stderr)
+
+    # -- Gaussian fit at n = 100k (big_ref), and fit + scoring at d = 1024 / 4096, batches 1 / 64 /
+    # 4096: numpy BLAS whitening, full (W = V L^-1/2) and, at 4096, low rank (top r eigenvectors
+    # plus an isotropic residual, sigma^2 = the mean of the discarded eigenvalues)
+    sec, _, times = timed(gaussian_fit_of(big_ref, LedoitWolf), repeats=3, warmup=False)
+    emit("gaussian_fit_100k", "sklearn-ledoitwolf+numpy-eigh", n=big_ref.shape[0], seconds=sec,
+         times=times, threads=threads, per_s=False)
+    for d in wide_dims(quick):
+        wfit, wq = read_matrix(out_dir, f"wide_fit_{d}"), read_matrix(out_dir, f"wide_query_{d}")
+        big = d >= 4096
+        sec, (wlw, evals, evecs), times = timed(gaussian_fit_of(wfit, LedoitWolf),
+                                                 repeats=1 if big else 3, warmup=not big)
+        emit(f"gaussian_fit_d{d}", "sklearn-ledoitwolf+numpy-eigh", n=wfit.shape[0], seconds=sec,
+             times=times, threads=threads, per_s=False, d=d)
+        mu = wlw.location_.astype(np.float32)
+        models = [("", None, (evecs / np.sqrt(evals)[None, :]).astype(np.float32))]
+        if big:
+            top = np.argsort(evals)[::-1]
+            keep, rest = top[:WIDE_RANK], top[WIDE_RANK:]
+            sigma2 = float(np.mean(evals[rest]))
+            coef = (1.0 / evals[keep] - 1.0 / sigma2).astype(np.float32)
+            models.append(("lr", (coef, np.float32(1.0 / sigma2)), evecs[:, keep].astype(np.float32)))
+        for tag, low, w in models:
+            def score(x, w=w, low=low):
+                xc = x - mu
+                z = xc @ w
+                if low is None:
+                    return np.einsum("ij,ij->i", z, z)
+                coef, inv_s2 = low
+                return (z * z) @ coef + np.einsum("ij,ij->i", xc, xc) * inv_s2
+            for b in WIDE_BATCHES:
+                rows = wq[:256] if b == 1 else wq
+                calls = [rows[i:i + b] for i in range(0, len(rows), b)]
+                for thr in sorted({threads, 1}, reverse=True):
+                    with threadpool_limits(thr):
+                        sec, _, times = timed(lambda: [score(c) for c in calls])
+                    emit(f"gaussian_score_d{d}{tag}_b{b}", "numpy-blas-whitening", n=len(rows),
+                         seconds=sec, times=times, threads=thr, d=d, batch=b,
+                         rank=WIDE_RANK if low is not None else d)
+        del wfit, wq, models
 
     # -- exact kNN, faiss IndexFlatIP on L2-normalised vectors (queries normalised beforehand)
     k = 10

@@ -139,10 +139,10 @@ class Actwatch:
     def create(self, name):
         self.stub.CreateMonitor(self.pb.CreateMonitorRequest(name=name))
 
-    def ingest(self, name, arr, prefix):
+    def ingest(self, name, arr, prefix, site="s"):
         reqs = [self.pb.IngestReferenceRequest(
                     monitor=name,
-                    batch=self.batch("s", arr[i:i + ROWS_PER_BATCH],
+                    batch=self.batch(site, arr[i:i + ROWS_PER_BATCH],
                                      [f"{prefix}{j}" for j in range(i, min(i + ROWS_PER_BATCH, len(arr)))]))
                 for i in range(0, len(arr), ROWS_PER_BATCH)]
         t0 = time.perf_counter()
@@ -169,6 +169,36 @@ class Actwatch:
             resp = next(call)
             t = time.perf_counter() - t0
             assert resp.WhichOneof("event") == "traces" and len(resp.traces.traces) == len(r.batch.trace_ids)
+            if i >= warmup:
+                lat.append(t)
+        q.put(None)
+        for _ in call:
+            pass
+        return lat
+
+    def token_latency(self, name, tokens, sites, warmup):
+        """One computation per step: one row at each site, then `complete`; timed from the first
+        send to its ComputationScore (the trace answers of the sites arrive before it)."""
+        pb = self.pb
+        q: queue.Queue = queue.Queue()
+        q.put(pb.StreamScoresRequest(monitor=name))
+        call = self.stub.StreamScores(iter(q.get, None))
+        lat = []
+        for i, rows in enumerate(tokens):
+            tid = f"tok{i}"
+            reqs = [pb.StreamScoresRequest(batch=self.batch(site, row[None, :], [tid]))
+                    for site, row in zip(sites, rows)]
+            done = pb.StreamScoresRequest(complete=pb.CompleteComputations(trace_ids=[tid]))
+            t0 = time.perf_counter()
+            for r in reqs:
+                q.put(r)
+            q.put(done)
+            while True:
+                resp = next(call)
+                if resp.WhichOneof("event") == "computation":
+                    break
+            t = time.perf_counter() - t0
+            assert resp.computation.trace_id == tid and resp.computation.traces == len(sites), resp
             if i >= warmup:
                 lat.append(t)
         q.put(None)
@@ -271,6 +301,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="ingest repetitions per case (median reported)")
     ap.add_argument("--lat-batches", type=int, default=300, help="timed batches per latency case")
     ap.add_argument("--ref-rows", type=int, default=6000, help="reference vectors of the latency monitor")
+    ap.add_argument("--wide-ref-rows", type=int, default=2000,
+                    help="reference computations of the 4-site d=4096 token-latency monitor")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--flight-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -281,7 +313,7 @@ def main() -> int:
     cases = [("f32", 384, 50_000), ("bf16", 384, 50_000), ("f32", 4096, 5_000), ("bf16", 4096, 5_000)]
     if args.quick:
         cases = [(t, d, n // 10) for t, d, n in cases]
-        args.reps, args.lat_batches, args.ref_rows = 1, 40, 1500
+        args.reps, args.lat_batches, args.ref_rows, args.wide_ref_rows = 1, 40, 1500, 600
     warmup = 20 if not args.quick else 5
     rng = np.random.default_rng(0)
 
@@ -327,6 +359,24 @@ def main() -> int:
             for q in (50, 99):
                 rows.append((f"latency p{q} ms", f"StreamScores batch={b:<3} f32 d=384",
                              pct(la, q) * 1e3, pct(lp, q) * 1e3, pct(lx, q) * 1e3))
+
+        # ---- one token at 4 sites of width 4096 (a live monitor on a 4096-wide model)
+        sites, dw = ["l8", "l16", "l24", "l32"], 4096
+        aw.create("tok")
+        for site in sites:
+            aw.ingest("tok", wire(args.wide_ref_rows, dw, "f32", rng), "c", site=site)
+        t0 = time.perf_counter()
+        wide_report = aw.fit("tok")
+        wide_fit_s = time.perf_counter() - t0
+        n = args.lat_batches + warmup
+        tokens = [wire(len(sites), dw, "f32", rng) for _ in range(n)]
+        lt = aw.token_latency("tok", tokens, sites, warmup)
+        fl_rbs = [fl.record_batch(t, [f"t{i}"] * len(sites)) for i, t in enumerate(tokens)]
+        lp = fl.put_ack_latency(fl_rbs, warmup)
+        lx = fl.exchange_latency(fl_rbs, warmup)
+        for q in (50, 99):
+            rows.append((f"latency p{q} ms", "StreamScores 1 token x 4 sites f32 d=4096",
+                         pct(lt, q) * 1e3, pct(lp, q) * 1e3, pct(lx, q) * 1e3))
     finally:
         fl.close()
         aw.close()
@@ -356,7 +406,10 @@ def main() -> int:
           f"Flight server only reads and drops the batches (no disk). Flight carries bf16 as uint16.")
     print(f"Latency: one batch in flight at a time, {args.lat_batches} timed batches after {warmup} warm-up; monitor "
           f"fitted on {args.ref_rows} random f32 d=384 vectors, default detectors (fit {fit_s:.1f} s, "
-          f"fit_version {report.fit_version}). actwatch: send batch -> TraceScores received; DoPut: write_batch -> "
+          f"fit_version {report.fit_version}). Token case: {len(sites)} sites of d={dw}, each fitted on "
+          f"{args.wide_ref_rows} random f32 vectors with the default detectors (fit {wide_fit_s:.1f} s, fit_version "
+          f"{wide_report.fit_version}); actwatch: one row per site, then complete -> ComputationScore received; Flight: "
+          f"the same 4 rows as one record batch. actwatch: send batch -> TraceScores received; DoPut: write_batch -> "
           f"1-byte ack; DoExchange: write_batch -> same batch echoed back. Ratio column: actwatch / Flight DoPut "
           f"(throughput: <1 is slower; latency: >1 is slower).")
     return 0

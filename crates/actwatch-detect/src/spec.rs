@@ -309,10 +309,14 @@ impl FittedDetector {
         }
     }
 
-    /// Rebuilds derived state after loading (the HNSW graph); cheap no-op otherwise.
+    /// Builds derived state after a fit or a load (the HNSW graph, the Gaussian's triangular
+    /// precision factor), so that the first scores do not pay for it.
     pub fn prepare(&mut self) -> Result<()> {
         match self {
-            FittedDetector::Gaussian(_) => Ok(()),
+            FittedDetector::Gaussian(d) => {
+                d.prepare();
+                Ok(())
+            }
             FittedDetector::Knn(d) => d.prepare(),
         }
     }
