@@ -2,7 +2,8 @@
 # Side-by-side benchmark: actwatch against its peers (numpy/scikit-learn, faiss, hnswlib) on the
 # same bytes.
 #
-#   scripts/bench.sh [--quick] [--threads N] [--big-refs N] [--skip-peers] [--skip-rust] [--no-docs]
+#   scripts/bench.sh [--quick] [--threads N] [--big-refs N] [--skip-peers] [--skip-rust]
+#                    [--skip-service] [--no-docs]
 #
 # 1. creates or reuses the venv .venv-bench (gitignored) with the peer packages;
 # 2. scripts/bench_peers.py writes the input matrices to target/bench-data/ and times the peers
@@ -11,7 +12,9 @@
 #    -> target/bench-results/actwatch.jsonl;
 # 4. scripts/bench_table.py joins both into target/bench-results/table.md (also printed), and
 #    target/bench-results/results.json holds every row of both with the machine's description;
-# 5. unless --quick or --no-docs: docs/benchmarks.md is rewritten (date, CPU, cores, command, table).
+# 5. unless --skip-service: scripts/bench_service.sh (ingest against Arrow Flight, StreamScores
+#    latency) -> target/bench-results/service.md;
+# 6. unless --quick or --no-docs: docs/benchmarks.md is rewritten (date, CPU, cores, command, tables).
 #
 # --big-refs N sets the size of the large kNN/HNSW reference set (default 100,000; the HNSW
 # case is --big-refs 1000000, which takes about an hour on 2 cores, most of it in the builds).
@@ -27,6 +30,7 @@ RESULTS=target/bench-results
 QUICK=()
 SKIP_PEERS=0
 SKIP_RUST=0
+SKIP_SERVICE=0
 DOCS=1
 BIG=()
 ARGS="$*"
@@ -41,6 +45,7 @@ while [[ $# -gt 0 ]]; do
     --threads=*) THREADS="${1#*=}" ;;
     --skip-peers) SKIP_PEERS=1 ;;
     --skip-rust) SKIP_RUST=1 ;;
+    --skip-service) SKIP_SERVICE=1 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -120,7 +125,17 @@ with open(f"{out}/results.json", "w") as f:
 PY
 echo "== $RESULTS/results.json" >&2
 
-# 5. docs/benchmarks.md
+# 5. the service: ingest and StreamScores latency over gRPC on loopback, against Arrow Flight
+rm -f "$RESULTS/service.md"
+if [[ $SKIP_SERVICE -eq 0 ]]; then
+  echo "== service (scripts/bench_service.sh) -> $RESULTS/service.md" >&2
+  if ! scripts/bench_service.sh "${QUICK[@]}" | tee "$RESULTS/service.md"; then
+    echo "bench.sh: warning: scripts/bench_service.sh failed; no service table" >&2
+    rm -f "$RESULTS/service.md"
+  fi
+fi
+
+# 6. docs/benchmarks.md
 if [[ $DOCS -eq 1 ]]; then
   {
     echo "# Benchmarks"
@@ -131,11 +146,20 @@ if [[ $DOCS -eq 1 ]]; then
     echo "environment lines under the table for how idle it was). Rerun the command to regenerate this page;"
     echo "\`target/bench-results/results.json\` holds every row."
     echo
-    echo "Not in this command yet: ingest and \`StreamScores\` latency (\`scripts/bench_service.sh\`), batch"
-    echo "scoring of a 1M-trace archive (\`scripts/bench_archive.sh\`), and Gaussian scoring at d = 1024"
-    echo "and 4096. HNSW at 1M references: \`scripts/bench.sh --big-refs 1000000\`."
+    echo "Not in this command yet: batch scoring of a 1M-trace archive (\`scripts/bench_archive.sh\`,"
+    echo "without a peer). HNSW at 1M references: \`scripts/bench.sh --big-refs 1000000\`."
+    echo
+    echo "## Detectors"
     echo
     cat "$RESULTS/table.md"
+    if [[ -f "$RESULTS/service.md" ]]; then
+      echo
+      echo "## Service: ingest and StreamScores latency"
+      echo
+      echo "From \`scripts/bench_service.sh\` in the same run (the release server on loopback; Python"
+      echo "clients on both sides)."
+      cat "$RESULTS/service.md"
+    fi
   } > docs/benchmarks.md
   echo "== docs/benchmarks.md" >&2
 fi

@@ -24,6 +24,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Before the port opens: a SIGTERM that arrives while monitors load must shut down
+        // gracefully, not kill the process with the signal's default action.
+        let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -42,7 +45,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             config.data_dir.clone(),
             config.limits.clone(),
             access,
-            shutdown_signal(),
+            shutdown,
         )
         .await
         .with_context(|| format!("serving {}", config.data_dir.display()))?;
@@ -109,25 +112,25 @@ fn raise_file_limit(max_connections: usize) {
     }
 }
 
-/// Completes on the first SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
+/// Registers the SIGINT (Ctrl-C) and SIGTERM handlers now (inside the runtime) and returns a
+/// future that completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let handlers = {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        signal(SignalKind::terminate())
+            .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+            .ok()
+    };
+    async move {
+        #[cfg(unix)]
+        if let Some((mut term, mut int)) = handlers {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

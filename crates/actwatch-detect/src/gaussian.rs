@@ -951,7 +951,10 @@ mod tests {
         // A row scores the same bits alone, in a small batch (blocks on the thread pool) and in
         // a large one (tiles).
         for i in [0, 1, SCORE_TILE_ROWS, 3 * SCORE_TILE_ROWS - 1] {
-            assert_eq!(det.score_batch(&test[i * d..(i + 1) * d]).unwrap()[0], got[i]);
+            assert_eq!(
+                det.score_batch(&test[i * d..(i + 1) * d]).unwrap()[0],
+                got[i]
+            );
         }
         assert_eq!(det.score_batch(&test[..64 * d]).unwrap(), got[..64]);
         // The factor is derived, not stored: a detector rebuilt from the same fields (as a
