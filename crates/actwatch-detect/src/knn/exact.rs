@@ -89,7 +89,10 @@ impl TopK {
 impl KnnDetector {
     /// For every query, `finish(prepared query, indices of its k nearest references by the f32
     /// GEMM ranking)` (`k <= len()`). Query blocks run in parallel, each GEMM on one thread; memory
-    /// is one tile and one prepared query block per thread.
+    /// is one tile and one prepared query block per thread. When there are fewer query blocks
+    /// than threads (a few queries: a live token), each block's reference tiles are spread over
+    /// the threads instead and their top-k lists merged, so one query uses every core's memory
+    /// bandwidth; the result is the same either way.
     pub(super) fn exact_search<T: Send>(
         &self,
         rows: &[f32],
@@ -100,13 +103,44 @@ impl KnnDetector {
         let nq = rows.len() / dim;
         let threads = rayon::current_num_threads().max(1);
         let qb = nq.div_ceil(threads).clamp(1, QUERY_BLOCK);
+        let split_refs = nq.div_ceil(qb) < threads && self.len() > REF_BLOCK;
         let half = match self.options.metric {
             Metric::L2 => Some(self.half_sq_norms()),
             Metric::Cosine => None,
         };
         rows.par_chunks(qb * dim)
-            .flat_map_iter(|block| self.search_block(block, k, half, finish))
+            .flat_map_iter(|block| self.search_block(block, k, half, split_refs, finish))
             .collect()
+    }
+
+    /// Offers every reference of tile `b` (`rblock`, its rows) to the queries' top-k lists.
+    fn scan_ref_block(
+        &self,
+        qmat: MatRef<'_, f32>,
+        b: usize,
+        rblock: &[f32],
+        half: Option<&[f32]>,
+        tile: &mut [f32],
+        tops: &mut [TopK],
+    ) {
+        let (dim, bq) = (self.dim, qmat.nrows());
+        let br = rblock.len() / dim;
+        let base = b * REF_BLOCK;
+        let tile = &mut tile[..br * bq];
+        // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's similarities.
+        matmul(
+            MatMut::from_column_major_slice_mut(tile, br, bq),
+            Accum::Replace,
+            MatRef::from_row_major_slice(rblock, br, dim),
+            qmat.transpose(),
+            1.0f32,
+            Par::Seq,
+        );
+        // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2), formed in the scan.
+        let half = half.map(|h| &h[base..base + br]);
+        for (col, top) in tile.chunks_exact(br).zip(tops.iter_mut()) {
+            top.scan(col, half, base);
+        }
     }
 
     fn search_block<T>(
@@ -114,6 +148,7 @@ impl KnnDetector {
         block: &[f32],
         k: usize,
         half: Option<&[f32]>,
+        split_refs: bool,
         finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
     ) -> Vec<T> {
         let dim = self.dim;
@@ -122,28 +157,42 @@ impl KnnDetector {
         if self.options.metric == Metric::Cosine {
             l2_normalize_rows(&mut queries, dim);
         }
-        let mut tops: Vec<TopK> = (0..bq).map(|_| TopK::new(k)).collect();
-        let mut tile = vec![0f32; REF_BLOCK.min(self.len()) * bq];
         let qmat = MatRef::from_row_major_slice(&queries, bq, dim);
-        for (b, rblock) in self.refs.chunks(REF_BLOCK * dim).enumerate() {
-            let br = rblock.len() / dim;
-            let base = b * REF_BLOCK;
-            let tile = &mut tile[..br * bq];
-            // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's similarities.
-            matmul(
-                MatMut::from_column_major_slice_mut(tile, br, bq),
-                Accum::Replace,
-                MatRef::from_row_major_slice(rblock, br, dim),
-                qmat.transpose(),
-                1.0f32,
-                Par::Seq,
-            );
-            // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2), formed in the scan.
-            let half = half.map(|h| &h[base..base + br]);
-            for (col, top) in tile.chunks_exact(br).zip(tops.iter_mut()) {
-                top.scan(col, half, base);
+        let new_tops = || (0..bq).map(|_| TopK::new(k)).collect::<Vec<_>>();
+        let tile_len = REF_BLOCK.min(self.len()) * bq;
+        let tops = if split_refs {
+            // Every tile on its own (the same products as below), then its lists offered in
+            // reference order: equal keys keep the earlier index, as in one sequential scan.
+            let parts: Vec<Vec<TopK>> = self
+                .refs
+                .par_chunks(REF_BLOCK * dim)
+                .enumerate()
+                .map_init(
+                    || vec![0f32; tile_len],
+                    |tile, (b, rblock)| {
+                        let mut tops = new_tops();
+                        self.scan_ref_block(qmat, b, rblock, half, tile, &mut tops);
+                        tops
+                    },
+                )
+                .collect();
+            let mut tops = new_tops();
+            for part in parts {
+                for (top, p) in tops.iter_mut().zip(part) {
+                    for (&key, &i) in p.keys.iter().zip(&p.idx) {
+                        top.insert(key, i);
+                    }
+                }
             }
-        }
+            tops
+        } else {
+            let mut tops = new_tops();
+            let mut tile = vec![0f32; tile_len];
+            for (b, rblock) in self.refs.chunks(REF_BLOCK * dim).enumerate() {
+                self.scan_ref_block(qmat, b, rblock, half, &mut tile, &mut tops);
+            }
+            tops
+        };
         queries
             .chunks_exact(dim)
             .zip(tops)

@@ -969,8 +969,49 @@ mod tests {
         }
         for metric in [Metric::Cosine, Metric::L2] {
             let det = fit(dim, opts(7, metric), &refs);
-            let nbrs = det.exact_neighbours(&[1.0, 0.5, 0.25, 0.0], 7).unwrap();
-            assert_eq!(nbrs[0], (1..8).collect::<Vec<_>>(), "{metric:?}");
+            // 1 thread: one sequential scan; 4 threads: the tiles split over them and merged.
+            for threads in [1, 4] {
+                let nbrs = in_pool(threads, || {
+                    det.exact_neighbours(&[1.0, 0.5, 0.25, 0.0], 7).unwrap()
+                });
+                assert_eq!(nbrs[0], (1..8).collect::<Vec<_>>(), "{metric:?} {threads}");
+            }
+        }
+    }
+
+    fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
+    #[test]
+    fn a_few_queries_split_over_the_reference_tiles_match_brute_force() {
+        let mut rng = Rng::new(13);
+        let dim = 24;
+        let refs = rng.gaussian_rows(5000, dim, 0.3);
+        let queries = rng.gaussian_rows(3, dim, 0.3);
+        for metric in [Metric::Cosine, Metric::L2] {
+            let det = fit(dim, opts(10, metric), &refs);
+            // 8 threads, 1 or 3 queries: fewer query blocks than threads, so the tiles split.
+            for nq in [1, 3] {
+                let q = &queries[..nq * dim];
+                let (scores, nbrs) = in_pool(8, || {
+                    (
+                        det.score_batch(q).unwrap(),
+                        det.exact_neighbours(q, 10).unwrap(),
+                    )
+                });
+                let seq = in_pool(1, || det.score_batch(q).unwrap());
+                assert_eq!(scores, seq, "{metric:?}: split and sequential scans differ");
+                for (qi, q) in q.chunks_exact(dim).enumerate() {
+                    let d = naive_distances(metric, dim, &refs, q);
+                    let order = naive_order(&d);
+                    assert_eq!(nbrs[qi], order[..10].to_vec(), "{metric:?} query {qi}");
+                }
+            }
         }
     }
 
