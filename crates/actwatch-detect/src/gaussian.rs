@@ -974,6 +974,23 @@ mod tests {
             },
         );
         assert!(low.precision_factor().is_none());
+        // At low rank too: the same bits in any batch.
+        let low = fit_rows(
+            &train,
+            d,
+            &GaussianOptions {
+                rank: Some(100),
+                ..GaussianOptions::default()
+            },
+        );
+        let all = low.score_batch(&test).unwrap();
+        for i in [0, SCORE_TILE_ROWS, 3 * SCORE_TILE_ROWS - 1] {
+            assert_eq!(
+                low.score_batch(&test[i * d..(i + 1) * d]).unwrap()[0],
+                all[i]
+            );
+        }
+        assert_eq!(low.score_batch(&test[..64 * d]).unwrap(), all[..64]);
     }
 
     #[test]
