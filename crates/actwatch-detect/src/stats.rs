@@ -19,7 +19,7 @@
 //! `S = S_A + S_B + n_A n_B / n (m_B - m_A)(m_B - m_A)ᵀ`.
 
 use actwatch_core::{check_rows, Error as CoreError};
-use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::{Error, Result};
@@ -138,11 +138,22 @@ impl SufficientStats {
                     *t += s * v;
                 }
             }
+            // Only the lower triangle (the scatter is symmetric): half the multiply-adds.
             let ym = MatRef::from_row_major_slice(&y, m, d);
             let sm = MatMut::from_row_major_slice_mut(&mut scatter, d, d);
-            matmul(sm, Accum::Add, ym.transpose(), ym, 1.0, par_for(m * d * d));
+            triangular::matmul(
+                sm,
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                ym.transpose(),
+                BlockStructure::Rectangular,
+                ym,
+                BlockStructure::Rectangular,
+                1.0,
+                par_for(m * d * d / 2),
+            );
         }
-        symmetrize(&mut scatter, d);
+        mirror_lower(&mut scatter, d);
         Self {
             n: k as u64,
             mean,
@@ -264,13 +275,11 @@ impl SufficientStats {
     }
 }
 
-/// Makes a row-major d×d matrix exactly symmetric (a GEMM of `YᵀY` need not be bitwise).
-fn symmetrize(m: &mut [f64], d: usize) {
+/// Copies the lower triangle of a row-major d×d matrix onto its upper triangle.
+fn mirror_lower(m: &mut [f64], d: usize) {
     for i in 0..d {
-        for j in (i + 1)..d {
-            let v = 0.5 * (m[i * d + j] + m[j * d + i]);
-            m[i * d + j] = v;
-            m[j * d + i] = v;
+        for j in 0..i {
+            m[j * d + i] = m[i * d + j];
         }
     }
 }
@@ -280,6 +289,35 @@ mod tests {
     use super::*;
     use actwatch_testkit::Rng;
     use proptest::prelude::*;
+
+    #[test]
+    fn statistics_are_the_same_bits_on_any_number_of_threads() {
+        // Wide and long enough that the scatter product runs in parallel (PAR_MIN_FLOPS).
+        let (n, d) = (3000, 200);
+        let rows = Rng::new(5).gaussian_rows(n, d, 0.5);
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    let mut st = SufficientStats::new(d);
+                    st.push_batch(&rows).unwrap();
+                    st
+                })
+        };
+        let one = on(1);
+        assert!(n.min(STATS_CHUNK_ROWS) * d * d / 2 >= PAR_MIN_FLOPS);
+        for threads in [2, 3, 8] {
+            assert!(on(threads) == one, "{threads} threads");
+        }
+        // and the scatter is exactly symmetric
+        for i in 0..d {
+            for j in 0..i {
+                assert_eq!(one.scatter[i * d + j], one.scatter[j * d + i]);
+            }
+        }
+    }
 
     /// Naive two-pass statistics: (mean, scatter, third, fourth).
     fn naive(rows: &[f32], d: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
