@@ -497,24 +497,35 @@ impl GaussianDetector {
         };
         let weights = weights.as_deref();
         out.resize(k, 0.0);
-        if k >= 2 * SCORE_TILE_ROWS {
+        let threads = rayon::current_num_threads();
+        // A small low-rank batch is split over the threads by rows too (faer's own split of a
+        // thin product was slower than one thread: d = 4096, r = 256, 64 rows); a full-rank one
+        // runs its triangular blocks in parallel instead, and one row is a single tile.
+        let tile = if k >= 2 * SCORE_TILE_ROWS {
+            Some(SCORE_TILE_ROWS)
+        } else if matches!(wt, Whitening::Dense(_)) && k >= 2 * threads && threads > 1 {
+            Some(k.div_ceil(threads))
+        } else {
+            None
+        };
+        if let Some(tile) = tile {
             // Tiles in parallel, each prepared, multiplied and reduced on one thread while it is
             // in that core's cache (a sequential product per tile: no synchronisation inside it).
-            rows.par_chunks(SCORE_TILE_ROWS * d)
-                .zip(out.par_chunks_mut(SCORE_TILE_ROWS))
+            rows.par_chunks(tile * d)
+                .zip(out.par_chunks_mut(tile))
                 .for_each_init(
-                    || {
-                        let cap = SCORE_TILE_ROWS;
-                        (vec![0.0f32; cap * d], vec![0.0f32; cap * r])
-                    },
+                    || (vec![0.0f32; tile * d], vec![0.0f32; tile * r]),
                     |(buf, pbuf), (block, acc)| {
                         self.score_tile(block, acc, buf, pbuf, wt, weights, resid_inv, Par::Seq);
                     },
                 );
         } else {
-            // A small batch: one tile, the product split over the threads.
+            // A small batch: one tile; at full rank its triangular blocks on the threads.
             let (mut buf, mut pbuf) = (vec![0.0f32; k * d], vec![0.0f32; k * r]);
-            let par = par_for(k * d * r);
+            let par = match wt {
+                Whitening::Upper(_) => par_for(k * d * r),
+                Whitening::Dense(_) => Par::Seq,
+            };
             self.score_tile(
                 rows, &mut out, &mut buf, &mut pbuf, wt, weights, resid_inv, par,
             );
