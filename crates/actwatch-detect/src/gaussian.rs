@@ -640,8 +640,6 @@ fn weighted_sum_sq(x: &[f32], w: &[f64]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// Writes `src` (L2-normalised if `normalize`; a zero row stays zero) minus `mean` into `dst`;
-/// returns `||dst||² · resid_inv` (0 without computing the norm when `resid_inv` is 0).
 /// What a tile's rows are multiplied by: `Wᵀ` (r×d), or at full rank the upper-triangular `Rᵀ`.
 #[derive(Clone, Copy)]
 enum Whitening<'a> {
@@ -704,6 +702,8 @@ pub(crate) fn centre_rows(rows: &[f32], mean: &[f32], normalize: bool) -> Vec<f3
     out
 }
 
+/// Writes `src` (L2-normalised if `normalize`; a zero row stays zero) minus `mean` into `dst`;
+/// returns `||dst||² · resid_inv` (0 without computing the norm when `resid_inv` is 0).
 fn prepare_row(src: &[f32], dst: &mut [f32], mean: &[f32], normalize: bool, resid_inv: f64) -> f64 {
     let scale = if normalize {
         let mut n2 = f64::from(sum_sq(src));
