@@ -4,6 +4,9 @@
 Not a test: prints one table. Run it through scripts/bench_service.sh (builds the release binary,
 prepares the venv). What it measures, in one run:
 
+* the disk's sequential write bandwidth with fsync, the same bytes in the same batches written to a
+  file beside the server's data directory (the physical limit of an ingest that fsyncs what it
+  acknowledges);
 * ingest throughput of ``IngestReference`` (MB/s of activation bytes, vectors/s), f32 and bf16,
   d = 384 and d = 4096, batches of 256 rows, timed from the first send to the summary (which the
   server sends once every batch is fsynced), against the same payloads sent with Flight ``DoPut`` to
@@ -94,6 +97,31 @@ def wire(n: int, d: int, dtype: str, rng: np.random.Generator) -> np.ndarray:
     if dtype == "f32":
         return a
     return (a.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def disk_write(directory: Path, arr: np.ndarray, rows: int) -> float:
+    """Seconds to write `arr`'s bytes to a new file beside the server's data directory, one
+    `rows`-row batch per write, and fsync it (file and directory): the disk's sequential write
+    bandwidth with fsync, the limit an ingest that keeps every acknowledged byte can reach."""
+    path = directory / "disk-probe.bin"
+    data = arr.tobytes()
+    step = rows * arr.shape[1] * arr.itemsize
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for i in range(0, len(data), step):
+            os.write(fd, data[i:i + step])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return dt
 
 
 def pct(xs, q):
@@ -333,10 +361,12 @@ def main() -> int:
                 aw.create(name)
                 t_aw.append(aw.ingest(name, arr, "r"))
                 t_fl.append(fl.put(fl_rbs))
-            ta, tf = statistics.median(t_aw), statistics.median(t_fl)
+            t_disk = [disk_write(aw.tmp, arr, ROWS_PER_BATCH) for _ in range(args.reps)]
+            ta, tf, td = statistics.median(t_aw), statistics.median(t_fl), statistics.median(t_disk)
             case = f"ingest {dtype:>4} d={d:<4} {n} vec, {mb:.0f} MB"
             rows.append(("ingest MB/s", case, mb / ta, mb / tf, None))
             rows.append(("ingest vectors/s", case, n / ta, n / tf, None))
+            rows.append(("disk MB/s (write + fsync)", case, mb / td, None, None))
             del fl_rbs, arr
 
         # ---- StreamScores latency
@@ -389,8 +419,7 @@ def main() -> int:
     hdr = ("metric", "case", "actwatch gRPC", "Flight DoPut", "Flight DoExchange echo", "actwatch / DoPut")
     body = []
     for metric, case, a, f, x in rows:
-        ratio = a / f if f else float("nan")
-        body.append((metric, case, fmt(a), fmt(f), fmt(x), f"{ratio:.2f}x"))
+        body.append((metric, case, fmt(a), fmt(f), fmt(x), f"{a / f:.2f}x" if f else "-"))
     widths = [max(len(r[i]) for r in [hdr] + body) for i in range(len(hdr))]
     line = lambda r: "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
     print()
@@ -402,7 +431,8 @@ def main() -> int:
     print(f"Loopback, one client, {os.cpu_count()} CPUs; server: {args.bin} . Both sides driven from Python "
           f"(grpcio raw stubs / pyarrow.flight, payloads prebuilt), so the numbers include Python client overhead on both.")
     print(f"Ingest: {ROWS_PER_BATCH}-row batches, one stream per run, median of {args.reps}; MB = 1e6 bytes of "
-          f"activations; actwatch time ends at the summary, sent after the rows are fsynced to Parquet segments; the "
+          f"activations; actwatch time ends at the summary, sent after the rows are fsynced to Parquet segments; disk: "
+          f"the same bytes written in the same batches to one file beside the data directory, then fsynced; the "
           f"Flight server only reads and drops the batches (no disk). Flight carries bf16 as uint16.")
     print(f"Latency: one batch in flight at a time, {args.lat_batches} timed batches after {warmup} warm-up; monitor "
           f"fitted on {args.ref_rows} random f32 d=384 vectors, default detectors (fit {fit_s:.1f} s, "
