@@ -146,8 +146,9 @@ if [[ $DOCS -eq 1 ]]; then
     echo "environment lines under the table for how idle it was). Rerun the command to regenerate this page;"
     echo "\`target/bench-results/results.json\` holds every row."
     echo
-    echo "Not in this command yet: batch scoring of a 1M-trace archive (\`scripts/bench_archive.sh\`,"
-    echo "without a peer). HNSW at 1M references: \`scripts/bench.sh --big-refs 1000000\`."
+    echo "Not in this command: batch scoring of a 1M-trace archive against the same model in pyarrow +"
+    echo "numpy (\`scripts/bench_archive.sh\`, about 4 minutes more). HNSW at 1M references:"
+    echo "\`scripts/bench.sh --big-refs 1000000\`."
     echo
     echo "## Detectors"
     echo
