@@ -184,12 +184,22 @@ class Actwatch:
             if ev.WhichOneof("event") == "report":
                 return ev.report
 
+    def open_stream(self, name):
+        """A StreamScores call fed from a queue: (queue, responses)."""
+        q: queue.Queue = queue.Queue()
+        q.put(self.pb.StreamScoresRequest(monitor=name))
+        return q, self.stub.StreamScores(iter(q.get, None))
+
+    @staticmethod
+    def close_stream(q, call):
+        q.put(None)
+        for _ in call:
+            pass
+
     def stream_latency(self, name, batches, warmup):
         pb = self.pb
-        q: queue.Queue = queue.Queue()
-        q.put(pb.StreamScoresRequest(monitor=name))
         reqs = [pb.StreamScoresRequest(batch=b) for b in batches]
-        call = self.stub.StreamScores(iter(q.get, None))
+        q, call = self.open_stream(name)
         lat = []
         for i, r in enumerate(reqs):
             t0 = time.perf_counter()
@@ -199,18 +209,14 @@ class Actwatch:
             assert resp.WhichOneof("event") == "traces" and len(resp.traces.traces) == len(r.batch.trace_ids)
             if i >= warmup:
                 lat.append(t)
-        q.put(None)
-        for _ in call:
-            pass
+        self.close_stream(q, call)
         return lat
 
     def token_latency(self, name, tokens, sites, warmup):
         """One computation per step: one row at each site, then `complete`; timed from the first
         send to its ComputationScore (the trace answers of the sites arrive before it)."""
         pb = self.pb
-        q: queue.Queue = queue.Queue()
-        q.put(pb.StreamScoresRequest(monitor=name))
-        call = self.stub.StreamScores(iter(q.get, None))
+        q, call = self.open_stream(name)
         lat = []
         for i, rows in enumerate(tokens):
             tid = f"tok{i}"
@@ -229,9 +235,7 @@ class Actwatch:
             assert resp.computation.trace_id == tid and resp.computation.traces == len(sites), resp
             if i >= warmup:
                 lat.append(t)
-        q.put(None)
-        for _ in call:
-            pass
+        self.close_stream(q, call)
         return lat
 
     def close(self):
