@@ -161,10 +161,10 @@ impl KnnDetector {
         let new_tops = || (0..bq).map(|_| TopK::new(k)).collect::<Vec<_>>();
         let tile_len = REF_BLOCK.min(self.len()) * bq;
         let tops = if split_refs {
-            // Every tile on its own (the same products as below), then its lists offered in
-            // reference order: equal keys keep the earlier index, as in one sequential scan.
-            let parts: Vec<Vec<TopK>> = self
-                .refs
+            // Every tile on its own (the same products as below), and lists merged two
+            // neighbours at a time, the later one offered to the earlier: equal keys keep the
+            // earlier index, as in one sequential scan, and only a few lists are alive at once.
+            self.refs
                 .par_chunks(REF_BLOCK * dim)
                 .enumerate()
                 .map_init(
@@ -175,16 +175,14 @@ impl KnnDetector {
                         tops
                     },
                 )
-                .collect();
-            let mut tops = new_tops();
-            for part in parts {
-                for (top, p) in tops.iter_mut().zip(part) {
-                    for (&key, &i) in p.keys.iter().zip(&p.idx) {
-                        top.insert(key, i);
+                .reduce(new_tops, |mut earlier, later| {
+                    for (top, p) in earlier.iter_mut().zip(later) {
+                        for (&key, &i) in p.keys.iter().zip(&p.idx) {
+                            top.insert(key, i);
+                        }
                     }
-                }
-            }
-            tops
+                    earlier
+                })
         } else {
             let mut tops = new_tops();
             let mut tile = vec![0f32; tile_len];
