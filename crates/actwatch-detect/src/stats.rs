@@ -287,7 +287,7 @@ fn mirror_lower(m: &mut [f64], d: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actwatch_testkit::Rng;
+    use actwatch_testkit::{on_threads, Rng};
     use proptest::prelude::*;
 
     #[test]
@@ -296,15 +296,11 @@ mod tests {
         let (n, d) = (3000, 200);
         let rows = Rng::new(5).gaussian_rows(n, d, 0.5);
         let on = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| {
-                    let mut st = SufficientStats::new(d);
-                    st.push_batch(&rows).unwrap();
-                    st
-                })
+            on_threads(threads, || {
+                let mut st = SufficientStats::new(d);
+                st.push_batch(&rows).unwrap();
+                st
+            })
         };
         let one = on(1);
         assert!(n.min(STATS_CHUNK_ROWS) * d * d / 2 >= PAR_MIN_FLOPS);

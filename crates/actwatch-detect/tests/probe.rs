@@ -12,7 +12,7 @@ use actwatch_detect::probe::{
     choose_c, default_c_grid, difference_of_means, fit_logistic, folds, OwnedExamples, Standardizer,
 };
 use actwatch_detect::Error;
-use actwatch_testkit::Rng;
+use actwatch_testkit::{on_threads, Rng};
 
 type Owned = OwnedExamples;
 
@@ -347,13 +347,7 @@ fn fits_are_identical_whatever_the_thread_count() {
         .map(|i| rows[i * d] + rows[i * d + 1] > 0.3)
         .collect();
     let ex = unweighted(rows, d, labels);
-    let fit_in = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| fit_logistic(&ex.view(), 0.5).unwrap())
-    };
+    let fit_in = |threads: usize| on_threads(threads, || fit_logistic(&ex.view(), 0.5).unwrap());
     let (a, b) = (fit_in(1), fit_in(3));
     assert_eq!(a.beta, b.beta);
     assert_eq!(a.intercept.to_bits(), b.intercept.to_bits());

@@ -22,3 +22,13 @@ pub mod minilm;
 pub mod server;
 
 pub use rng::Rng;
+
+/// Runs `f` on a fresh rayon pool of `threads` threads (for tests that a result is the same on
+/// any number of threads).
+pub fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon pool")
+        .install(f)
+}

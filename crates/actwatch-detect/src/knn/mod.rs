@@ -767,7 +767,7 @@ const F64_LANES: usize = 8;
 mod tests {
     use super::*;
 
-    use actwatch_testkit::Rng;
+    use actwatch_testkit::{on_threads, Rng};
 
     /// Clustered data: `clusters` random centres, points = centre + `spread` * noise.
     fn clustered(rng: &mut Rng, n: usize, dim: usize, clusters: usize, spread: f64) -> Vec<f32> {
@@ -971,20 +971,12 @@ mod tests {
             let det = fit(dim, opts(7, metric), &refs);
             // 1 thread: one sequential scan; 4 threads: the tiles split over them and merged.
             for threads in [1, 4] {
-                let nbrs = in_pool(threads, || {
+                let nbrs = on_threads(threads, || {
                     det.exact_neighbours(&[1.0, 0.5, 0.25, 0.0], 7).unwrap()
                 });
                 assert_eq!(nbrs[0], (1..8).collect::<Vec<_>>(), "{metric:?} {threads}");
             }
         }
-    }
-
-    fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(f)
     }
 
     #[test]
@@ -998,13 +990,13 @@ mod tests {
             // 8 threads, 1 or 3 queries: fewer query blocks than threads, so the tiles split.
             for nq in [1, 3] {
                 let q = &queries[..nq * dim];
-                let (scores, nbrs) = in_pool(8, || {
+                let (scores, nbrs) = on_threads(8, || {
                     (
                         det.score_batch(q).unwrap(),
                         det.exact_neighbours(q, 10).unwrap(),
                     )
                 });
-                let seq = in_pool(1, || det.score_batch(q).unwrap());
+                let seq = on_threads(1, || det.score_batch(q).unwrap());
                 assert_eq!(scores, seq, "{metric:?}: split and sequential scans differ");
                 for (qi, q) in q.chunks_exact(dim).enumerate() {
                     let d = naive_distances(metric, dim, &refs, q);
@@ -1229,11 +1221,7 @@ mod tests {
         let queries = rng.gaussian_rows(100, dim, 0.0);
         let o = small_hnsw(Metric::Cosine);
         let on = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let det = fit(dim, o.clone(), &refs);
                 (
                     det.index().unwrap().clone(),
