@@ -28,12 +28,24 @@ use crate::{Error, Result};
 /// Default name of the token-position column.
 pub const DEFAULT_POSITION_COLUMN: &str = "position";
 
-/// Writer properties used by [`AtomicParquetWriter::create`]: zstd (level 3).
+/// The most encoded bytes a Parquet file written here holds in memory before it writes them out
+/// as a row group. The Parquet writer buffers a whole row group's pages until the group is done,
+/// and by default a group ends only at 1,048,576 rows (16 GiB of vectors at width 4,096), so an
+/// IngestReference stream held all it had sent until its commit and then wrote and hashed
+/// everything at once, after the last message. Bounded by bytes, a stream's segment costs at
+/// most this much memory (plus the two batches in flight), and its disk writes overlap the
+/// messages still arriving. 16 MiB is about 1,000 vectors at width 4,096 and 11,000 at 384: far
+/// above the page sizes a reader fetches, so readers lose nothing.
+pub const ROW_GROUP_BYTES: usize = 16 << 20;
+
+/// Writer properties used by [`AtomicParquetWriter::create`]: zstd (level 3), row groups of at
+/// most [`ROW_GROUP_BYTES`].
 pub fn default_writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).expect("valid zstd level"),
         ))
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
         .build()
 }
 
@@ -289,6 +301,7 @@ impl TraceWriter {
             .set_column_compression(vectors.clone(), Compression::UNCOMPRESSED)
             .set_column_dictionary_enabled(vectors.clone(), false)
             .set_column_statistics_enabled(vectors, EnabledStatistics::None)
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .build();
         let writer = if hash {
             AtomicParquetWriter::create_hashed(path, schema.clone(), props)?
@@ -464,5 +477,59 @@ mod tests {
             w.finish_hashed().is_err(),
             "a writer that did not hash has no checksum"
         );
+    }
+
+    /// A file longer than [`ROW_GROUP_BYTES`] is written out in row groups as its batches come,
+    /// not held in memory until it is finished (an ingest stream's memory is bounded by it), and
+    /// reads back whole.
+    #[test]
+    fn a_long_file_is_written_out_in_bounded_row_groups_as_it_goes() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.parquet");
+        let columns = TraceColumns::default();
+        let (width, rows_per_batch, batches) = (1024, 256, 40); // 1 MiB a batch, 40 MiB in all
+        let mut w = TraceWriter::create_hashed(&path, width, &columns, None, None).unwrap();
+        for b in 0..batches {
+            let ids = (0..rows_per_batch).map(|i| format!("c{b}-{i}")).collect();
+            let values = (0..rows_per_batch * width)
+                .map(|i| (b * 7 + i % 13) as f32)
+                .collect();
+            let batch = SiteBatch::new("s", ids, None, Vectors::new(width, values).unwrap());
+            w.write(batch.unwrap()).unwrap();
+        }
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            on_disk >= ROW_GROUP_BYTES as u64,
+            "only {on_disk} bytes on disk before the file is finished"
+        );
+        let (rows, _) = w.finish_hashed().unwrap();
+        assert_eq!(rows, (rows_per_batch * batches) as u64);
+        let meta = SerializedFileReader::new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .metadata()
+            .clone();
+        assert!(
+            meta.num_row_groups() >= 2,
+            "{} row groups",
+            meta.num_row_groups()
+        );
+        for g in meta.row_groups() {
+            // A group closes at the first batch that takes it past the bound.
+            let bound = ROW_GROUP_BYTES + rows_per_batch * width * 4;
+            assert!(
+                g.total_byte_size() as usize <= bound,
+                "{}",
+                g.total_byte_size()
+            );
+        }
+        let read: usize = crate::reader::TraceReader::open(&[path], Default::default())
+            .unwrap()
+            .map(|b| b.unwrap().trace_ids.len())
+            .sum();
+        assert_eq!(read, rows_per_batch * batches);
     }
 }
