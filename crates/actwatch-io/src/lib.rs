@@ -10,6 +10,7 @@
 
 pub mod artifact;
 pub mod checkpoint;
+pub mod checksum;
 pub mod durable;
 mod error;
 pub mod pipeline;

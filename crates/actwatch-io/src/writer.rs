@@ -18,8 +18,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
-use sha2::{Digest, Sha256};
 
+use crate::checksum;
 use crate::durable::AtomicFile;
 use crate::provenance::{FileProvenance, PROVENANCE_KEY};
 use crate::reader::TraceColumns;
@@ -51,10 +51,10 @@ pub fn default_writer_properties() -> WriterProperties {
 
 /// The file under an [`AtomicParquetWriter`], hashing what goes into it when asked to: the
 /// Parquet writer only appends, so the bytes written here are the file's bytes, in order, and
-/// the file's checksum costs no second read.
+/// the file's checksum ([`crate::checksum`]) costs no second read.
 struct HashedFile {
     file: AtomicFile,
-    hasher: Option<Sha256>,
+    hasher: Option<checksum::Hasher>,
 }
 
 impl Write for HashedFile {
@@ -69,11 +69,6 @@ impl Write for HashedFile {
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
     }
-}
-
-/// Lowercase hex of a SHA-256 digest.
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes a Parquet file atomically through [`AtomicFile`]: under a temporary name, then fsync,
@@ -111,7 +106,8 @@ impl AtomicParquetWriter {
     }
 
     /// [`AtomicParquetWriter::create_with_properties`], hashing the file's bytes as they are
-    /// written: [`AtomicParquetWriter::finish_hashed`] returns their SHA-256.
+    /// written: [`AtomicParquetWriter::finish_hashed`] returns their checksum
+    /// ([`crate::checksum`]).
     pub fn create_hashed(
         path: impl Into<PathBuf>,
         schema: SchemaRef,
@@ -128,7 +124,7 @@ impl AtomicParquetWriter {
     ) -> Result<Self> {
         let file = HashedFile {
             file: AtomicFile::create(&path)?,
-            hasher: hash.then(Sha256::new),
+            hasher: hash.then(checksum::Hasher::default),
         };
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| Error::parquet(&path, e))?;
@@ -170,12 +166,12 @@ impl AtomicParquetWriter {
     }
 
     /// [`AtomicParquetWriter::finish`] for a writer made by
-    /// [`AtomicParquetWriter::create_hashed`]: the rows written and the SHA-256 (lowercase hex)
-    /// of the committed file's bytes.
+    /// [`AtomicParquetWriter::create_hashed`]: the rows written and the checksum
+    /// ([`crate::checksum`]) of the committed file's bytes.
     pub fn finish_hashed(self) -> Result<(u64, String)> {
         let path = self.path.clone();
         match self.finish_inner()? {
-            (rows, Some(sha256)) => Ok((rows, sha256)),
+            (rows, Some(sum)) => Ok((rows, sum)),
             (_, None) => Err(Error::Write {
                 path,
                 message: "the writer was not created to hash the file (create_hashed)".into(),
@@ -188,9 +184,9 @@ impl AtomicParquetWriter {
             .writer
             .into_inner()
             .map_err(|e| Error::parquet(&self.path, e))?;
-        let sha256 = file.hasher.map(|h| hex(&h.finalize()));
+        let sum = file.hasher.map(|h| h.hex());
         file.file.commit()?;
-        Ok((self.rows, sha256))
+        Ok((self.rows, sum))
     }
 }
 
@@ -253,7 +249,7 @@ impl TraceWriter {
 
     /// [`TraceWriter::create`], or with `label_column` [`TraceWriter::create_labelled`], hashing
     /// the file's bytes as they are written, so that [`TraceWriter::finish_hashed`] returns their
-    /// SHA-256 without reading the file back (the server's reference segments: it records the
+    /// checksum ([`crate::checksum`]) without reading the file back (the server's reference segments: it records the
     /// checksum and verifies it before every fit).
     pub fn create_hashed(
         path: impl Into<PathBuf>,
@@ -427,7 +423,7 @@ impl TraceWriter {
     }
 
     /// [`TraceWriter::finish`] for a writer made by [`TraceWriter::create_hashed`]: the rows
-    /// written and the SHA-256 (lowercase hex) of the committed file's bytes.
+    /// written and the checksum ([`crate::checksum`]) of the committed file's bytes.
     pub fn finish_hashed(mut self) -> Result<(u64, String)> {
         self.add_provenance()?;
         self.writer.finish_hashed()
@@ -457,9 +453,9 @@ mod tests {
 
     use super::*;
 
-    /// The checksum a hashing writer returns is the SHA-256 of the file it committed.
+    /// The checksum a hashing writer returns is the checksum of the file it committed.
     #[test]
-    fn a_hashing_writer_returns_the_committed_files_sha256() {
+    fn a_hashing_writer_returns_the_committed_files_checksum() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seg.parquet");
         let columns = TraceColumns::default();
@@ -468,9 +464,9 @@ mod tests {
         let values = (0..200).map(|i| i as f32 / 7.0).collect();
         w.write(SiteBatch::new("s", rows, None, Vectors::new(2, values).unwrap()).unwrap())
             .unwrap();
-        let (rows, sha256) = w.finish_hashed().unwrap();
+        let (rows, sum) = w.finish_hashed().unwrap();
         assert_eq!(rows, 100);
-        assert_eq!(sha256, hex(&Sha256::digest(std::fs::read(&path).unwrap())));
+        assert_eq!(sum, checksum::of(&std::fs::read(&path).unwrap()));
 
         let w = TraceWriter::create(dir.path().join("plain.parquet"), 2, &columns, None).unwrap();
         assert!(

@@ -3,13 +3,16 @@
 use actwatch_proto::v1;
 use tokio::task::JoinHandle;
 
-use super::{blocking, compute, ActivationMonitorService};
+use super::{blocking, ActivationMonitorService};
 use crate::storage::IngestSession;
 use crate::{Error, Result};
 
-/// Where a stream's segments are. Batch N is written (in a blocking task) while batch N + 1 is
-/// received and decoded, and writes stay in order, so at most two batches are held whatever the
-/// client sends. Dropped before [`IngestStream::commit`] (an error, a client gone, shutdown), the
+/// Where a stream's segments are. Batch N is decoded and written in one blocking task (its audit
+/// digest computed beside it on the compute pool) while batch N + 1 is received, and writes stay
+/// in order, so at most two batches are held whatever the client sends. The decode is in the
+/// write's task, not a task of its own awaited first: a hand-over between threads cost about
+/// 0.3 ms here, ten times the decode of a 256 x 384 batch. A batch that fails to decode fails the
+/// stream at the next message or at its end, and nothing of the stream is stored. Dropped before [`IngestStream::commit`] (an error, a client gone, shutdown), the
 /// session removes its temporary files and nothing of the stream is stored.
 #[derive(Debug, Default)]
 enum State {
@@ -18,8 +21,9 @@ enum State {
     Unopened,
     /// No write in flight.
     Idle(IngestSession),
-    /// The session is inside the one write in flight.
-    Writing(JoinHandle<Result<IngestSession>>),
+    /// The session is inside the one write in flight, which also returns the SHA-256 of the
+    /// batch's activation bytes.
+    Writing(JoinHandle<Result<(IngestSession, [u8; 32])>>),
 }
 
 /// The reference traces one IngestReference stream has sent so far.
@@ -108,21 +112,29 @@ impl IngestStream {
             .activations
             .as_ref()
             .map_or(0, |t| t.data.len() as u64);
-        let (decoded, digest) = compute(move || {
-            use sha2::{Digest, Sha256};
-            let digest: [u8; 32] = batch
-                .activations
-                .as_ref()
-                .map_or_else(|| Sha256::digest(b""), |t| Sha256::digest(&t.data))
-                .into();
-            Ok((actwatch_proto::decode_trace_batch(batch)?, digest))
-        })
-        .await?;
-        self.batch_digests.push(digest);
         let mut session = self.take_session().await?;
         self.state = State::Writing(tokio::task::spawn_blocking(move || {
+            // The audit's SHA-256 of the bytes runs on the compute pool while this thread
+            // decodes and writes them (it costs about as much as the write; one in flight).
+            let data = batch
+                .activations
+                .as_ref()
+                .map(|t| t.data.clone())
+                .unwrap_or_default();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            rayon::spawn(move || {
+                use sha2::{Digest, Sha256};
+                let digest = std::panic::catch_unwind(|| <[u8; 32]>::from(Sha256::digest(&data)));
+                if let Ok(d) = digest {
+                    let _ = tx.send(d);
+                }
+            });
+            let decoded = actwatch_proto::decode_trace_batch(batch)?;
             session.add(decoded, payload, labels)?;
-            Ok(session)
+            let digest = rx
+                .recv()
+                .map_err(|_| Error::Task("hashing a batch for the audit log failed".into()))?;
+            Ok((session, digest))
         }));
         Ok(())
     }
@@ -134,7 +146,11 @@ impl IngestStream {
                 "empty IngestReference stream: the first message must name the monitor".into(),
             )),
             State::Idle(session) => Ok(session),
-            State::Writing(write) => write.await.map_err(|e| Error::Task(e.to_string()))?,
+            State::Writing(write) => {
+                let (session, digest) = write.await.map_err(|e| Error::Task(e.to_string()))??;
+                self.batch_digests.push(digest);
+                Ok(session)
+            }
         }
     }
 

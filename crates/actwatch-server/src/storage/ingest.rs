@@ -232,7 +232,7 @@ impl IngestSession {
     }
 
     /// Makes every segment durable (fsync, rename) and commits them in `state.json` (blocking),
-    /// each with the SHA-256 of its bytes and its rows per site. Returns the monitor's reference
+    /// each with the checksum of its bytes (`actwatch_io::checksum`) and its rows per site. Returns the monitor's reference
     /// rows and labelled example rows after the commit.
     pub fn commit(mut self) -> Result<(u64, u64)> {
         let writers = std::mem::take(&mut self.writers);
@@ -245,7 +245,7 @@ impl IngestSession {
         for ((width, labelled), w) in writers {
             let path = w.path().to_path_buf();
             match w.finish_hashed() {
-                Ok((rows, sha256)) => {
+                Ok((rows, sum)) => {
                     let entry = SegmentEntry {
                         file: path
                             .file_name()
@@ -253,7 +253,8 @@ impl IngestSession {
                             .unwrap_or_default(),
                         rows,
                         labelled,
-                        sha256: Some(sha256),
+                        xxh3_128: Some(sum),
+                        sha256: None,
                         site_rows: self
                             .segment_sites
                             .remove(&(width, labelled))

@@ -2,8 +2,7 @@
 //! version), the fit being served and its score log.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::BufReader;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -11,8 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use actwatch_core::{Provenance, ProvenanceConflict};
 use actwatch_detect::monitor::{Monitor, MonitorOptions};
 use actwatch_io::artifact::{load_monitor, Manifest};
+use actwatch_io::checksum;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::score_log::{LoggedScore, ScoreFilter, ScoreLog};
 use super::{
@@ -64,11 +63,15 @@ pub struct SegmentEntry {
     /// A segment of labelled examples (with a `label` column) for the monitor's probes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub labelled: bool,
-    /// SHA-256 (lowercase hex) of the file's bytes, computed as the ingest wrote them
-    /// (`TraceWriter::finish_hashed`) and checked before every fit reads the segment
-    /// ([`MonitorEntry::verify_segments`]). `None` in a `state.json` written before checksums
-    /// were recorded: such a segment is read unverified, as it was then (only the start-up check
-    /// of its footer's row count covers it), and never quarantined.
+    /// The checksum of the file's bytes (`actwatch_io::checksum`, XXH3-128 in lowercase hex),
+    /// computed as the ingest wrote them (`TraceWriter::finish_hashed`) and checked before every
+    /// fit reads the segment ([`MonitorEntry::verify_segments`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3_128: Option<String>,
+    /// The SHA-256 (lowercase hex) that segments committed before XXH3 recorded instead, still
+    /// verified. A segment with neither (a `state.json` written before checksums were recorded)
+    /// is read unverified, as it was then (only the start-up check of its footer's row count
+    /// covers it), and never quarantined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// The segment's rows per site, recorded with the checksum, so that quarantining it takes
@@ -117,6 +120,9 @@ struct QuarantineReason<'a> {
     rows: u64,
     labelled: bool,
     site_rows: &'a BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xxh3_128_recorded: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     sha256_recorded: Option<&'a str>,
     quarantined_unix_ms: i64,
 }
@@ -319,18 +325,6 @@ fn check_ingests(name: &str, state: &MonitorState, max_ingests: usize) -> Result
         });
     }
     Ok(())
-}
-
-/// SHA-256 (lowercase hex) and length of the file at `path`, streamed.
-fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let len = std::io::copy(&mut BufReader::new(File::open(path)?), &mut hasher)?;
-    let hex = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((hex, len))
 }
 
 /// A fitted monitor as served: immutable, shared by every scoring call that started with it.
@@ -588,10 +582,23 @@ impl MonitorEntry {
     /// uses the remaining data. Segments without a recorded checksum are not checked (see
     /// [`SegmentEntry::sha256`]). Blocking: reads each checked segment once.
     pub fn verify_segments(&self, segments: &[(String, PathBuf, bool)]) -> Result<()> {
-        let recorded: HashMap<String, Option<String>> = lock(&self.state)
+        // Per file: the checksum recorded, and the function that computes it.
+        type Check = (
+            String,
+            fn(&Path) -> std::io::Result<(String, u64)>,
+            &'static str,
+        );
+        let recorded: HashMap<String, Option<Check>> = lock(&self.state)
             .segments
             .iter()
-            .map(|s| (s.file.clone(), s.sha256.clone()))
+            .map(|s| {
+                let check: Option<Check> = match (&s.xxh3_128, &s.sha256) {
+                    (Some(x), _) => Some((x.clone(), checksum::file, "XXH3-128")),
+                    (None, Some(sha)) => Some((sha.clone(), checksum::sha256_file, "SHA-256")),
+                    (None, None) => None,
+                };
+                (s.file.clone(), check)
+            })
             .collect();
         let quarantine = self.dir.join(QUARANTINE_DIR);
         let mut failed = Vec::new();
@@ -604,12 +611,13 @@ impl MonitorEntry {
                     })
                 }
                 Some(None) => continue,
-                Some(Some(sha256)) => sha256,
+                Some(Some(check)) => check,
             };
-            let why = match file_sha256(path) {
-                Ok((sha256, _)) if &sha256 == expected => continue,
+            let (expected, compute, name) = expected;
+            let why = match compute(path) {
+                Ok((sum, _)) if &sum == expected => continue,
                 Ok((_, len)) => format!(
-                    "its {len} bytes do not match the SHA-256 recorded when it was committed: \
+                    "its {len} bytes do not match the {name} recorded when it was committed: \
                      the file is corrupt or cut short"
                 ),
                 Err(e)
@@ -668,6 +676,7 @@ impl MonitorEntry {
                     rows: segment.rows,
                     labelled: segment.labelled,
                     site_rows: &segment.site_rows,
+                    xxh3_128_recorded: segment.xxh3_128.as_deref(),
                     sha256_recorded: segment.sha256.as_deref(),
                     quarantined_unix_ms: now_unix_ms(),
                 },

@@ -208,18 +208,76 @@ fn segments_listed_without_a_checksum_are_read_unverified() {
     let mut state: serde_json::Value = read_json(&state_path).unwrap();
     for s in state["segments"].as_array_mut().unwrap() {
         let s = s.as_object_mut().unwrap();
-        assert!(s.remove("sha256").is_some(), "no checksum recorded: {s:?}");
+        assert!(
+            s.remove("xxh3_128").is_some(),
+            "no checksum recorded: {s:?}"
+        );
         s.remove("site_rows");
     }
     fs::write(&state_path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
 
     let data = open(root.path());
     let entry = data.get("m").unwrap();
-    assert!(entry.state().segments.iter().all(|s| s.sha256.is_none()));
+    assert!(entry.state().segments.iter().all(|s| s.xxh3_128.is_none()));
     assert_eq!(fit(&entry).unwrap().reference_rows, 4 * ROWS as u64);
     ingest(&entry, 3).unwrap();
-    assert!(entry.state().segments[2].sha256.is_some());
+    assert!(entry.state().segments[2].xxh3_128.is_some());
     assert_eq!(fit(&entry).unwrap().reference_rows, 6 * ROWS as u64);
+}
+
+/// Segments committed when checksums were SHA-256 (`state.json` records `sha256`) are still
+/// verified with it: intact ones are fitted, one with flipped bytes is quarantined.
+#[test]
+fn segments_with_a_recorded_sha256_are_still_verified() {
+    let root = tempfile::tempdir().unwrap();
+    let data = open(root.path());
+    let entry = create(&data, "m");
+    for seed in 1..=3 {
+        ingest(&entry, seed).unwrap();
+    }
+    let segments = FitPlan::all(&entry, false).segments().to_vec();
+    drop((entry, data));
+    let state_path = monitor_dir(root.path(), "m").join(STATE_FILE);
+    let mut state: serde_json::Value = read_json(&state_path).unwrap();
+    for (s, (_, path, _)) in state["segments"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .zip(&segments)
+    {
+        let s = s.as_object_mut().unwrap();
+        assert!(
+            s.remove("xxh3_128").is_some(),
+            "no checksum recorded: {s:?}"
+        );
+        let (sha256, _) = actwatch_io::checksum::sha256_file(path).unwrap();
+        s.insert("sha256".into(), sha256.into());
+    }
+    fs::write(&state_path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+
+    let data = open(root.path());
+    let entry = data.get("m").unwrap();
+    assert!(entry.state().segments.iter().all(|s| s.sha256.is_some()));
+    assert_eq!(fit(&entry).unwrap().reference_rows, 6 * ROWS as u64);
+    let (victim, path, _) = &segments[1];
+    let mut bytes = fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(path, bytes).unwrap();
+    let Err(e) = fit(&entry) else {
+        panic!("a damaged segment was fitted");
+    };
+    let status = Status::from(e);
+    assert!(status.message().contains("SHA-256"), "{status:?}");
+    drop(entry);
+    let reason = monitor_dir(root.path(), "m")
+        .join(QUARANTINE_DIR)
+        .join(format!("{victim}{QUARANTINE_REASON_SUFFIX}"));
+    let reason: serde_json::Value = read_json(&reason).unwrap();
+    assert!(reason["sha256_recorded"].is_string(), "{reason}");
+    // The last fit succeeded on all three; the fit after the quarantine uses the other two.
+    let entry = data.get("m").unwrap();
+    assert_eq!(fit(&entry).unwrap().reference_rows, 4 * ROWS as u64);
 }
 
 /// A crash after the new fit's artifact was renamed into `fitted/` and before anything else was
