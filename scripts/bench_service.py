@@ -10,7 +10,8 @@ prepares the venv). What it measures, in one run:
 * ingest throughput of ``IngestReference`` (MB/s of activation bytes, vectors/s), f32 and bf16,
   d = 384 and d = 4096, batches of 256 rows, timed from the first send to the summary (which the
   server sends once every batch is fsynced), against the same payloads sent with Flight ``DoPut`` to
-  a minimal ``FlightServerBase`` (in a subprocess) that just reads the stream and drops it (no disk);
+  a minimal ``FlightServerBase`` (in a subprocess) that reads the stream and drops it (no disk), and
+  that appends it to an Arrow IPC file and fsyncs it (the same durability as the ingest);
 * ``StreamScores`` latency (p50/p99 per batch of 1, 16, 256 vectors, one batch in flight at a time)
   on a monitor fitted on random d=384 vectors with the default detectors, against a Flight
   ``DoPut`` round trip with a per-batch ack (small answer, like the scores) and a ``DoExchange``
@@ -57,6 +58,8 @@ def flight_server_main() -> None:
 
     class Server(flight.FlightServerBase):
         def do_put(self, context, descriptor, reader, writer):
+            if descriptor.command.startswith(b"file:"):
+                return self.put_to_file(descriptor.command[5:].decode(), reader)
             ack = descriptor.command == b"ack"
             token = pa.py_buffer(b"k")
             while True:
@@ -66,6 +69,31 @@ def flight_server_main() -> None:
                     break
                 if ack:
                     writer.write(token)
+
+        @staticmethod
+        def put_to_file(path, reader):
+            """The stream's batches appended to an Arrow IPC file as they arrive, then the file
+            and its directory fsynced before the call returns (the client's close waits for it):
+            what an ingest that acknowledges only durable bytes does, with no re-encoding."""
+            sink = pa.OSFile(path, "wb")
+            out = None
+            try:
+                for chunk in reader:
+                    if out is None:
+                        out = pa.ipc.new_file(sink, chunk.data.schema)
+                    out.write_batch(chunk.data)
+                if out is not None:
+                    out.close()
+                sink.flush()
+                os.fsync(sink.fileno())
+            finally:
+                sink.close()
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            os.unlink(path)
 
         def do_exchange(self, context, descriptor, reader, writer):
             started = False
@@ -273,8 +301,11 @@ class Flight:
                                   [f"{prefix}{j}" for j in range(i, min(i + ROWS_PER_BATCH, len(arr)))])
                 for i in range(0, len(arr), ROWS_PER_BATCH)]
 
-    def put(self, rbs):
-        desc = self.flight.FlightDescriptor.for_command(b"sink")
+    def put(self, rbs, path=None):
+        """Seconds to DoPut `rbs`: dropped by the server, or with `path` written to that Arrow
+        IPC file and fsynced before the call ends."""
+        cmd = b"sink" if path is None else b"file:" + str(path).encode()
+        desc = self.flight.FlightDescriptor.for_command(cmd)
         t0 = time.perf_counter()
         writer, _ = self.client.do_put(desc, rbs[0].schema)
         for rb in rbs:
@@ -359,17 +390,20 @@ def main() -> int:
             mb = arr.nbytes / 1e6
             fl_rbs = fl.batches(arr, "r")
             fl.put(fl_rbs[:4])  # warm the connection
-            t_aw, t_fl = [], []
+            t_aw, t_fl, t_ipc = [], [], []
             for rep in range(args.reps):
                 name = f"ingest-{dtype}-{d}-{rep}"
                 aw.create(name)
                 t_aw.append(aw.ingest(name, arr, "r"))
                 t_fl.append(fl.put(fl_rbs))
+                t_ipc.append(fl.put(fl_rbs, aw.tmp / "flight-probe.arrow"))
             t_disk = [disk_write(aw.tmp, arr, ROWS_PER_BATCH) for _ in range(args.reps)]
             ta, tf, td = statistics.median(t_aw), statistics.median(t_fl), statistics.median(t_disk)
+            ti = statistics.median(t_ipc)
             case = f"ingest {dtype:>4} d={d:<4} {n} vec, {mb:.0f} MB"
             rows.append(("ingest MB/s", case, mb / ta, mb / tf, None))
             rows.append(("ingest vectors/s", case, n / ta, n / tf, None))
+            rows.append(("ingest MB/s vs DoPut to a fsynced IPC file", case, mb / ta, mb / ti, None))
             rows.append(("disk MB/s (write + fsync)", case, mb / td, None, None))
             del fl_rbs, arr
 
@@ -437,7 +471,8 @@ def main() -> int:
     print(f"Ingest: {ROWS_PER_BATCH}-row batches, one stream per run, median of {args.reps}; MB = 1e6 bytes of "
           f"activations; actwatch time ends at the summary, sent after the rows are fsynced to Parquet segments; disk: "
           f"the same bytes written in the same batches to one file beside the data directory, then fsynced; the "
-          f"Flight server only reads and drops the batches (no disk). Flight carries bf16 as uint16.")
+          f"Flight server reads and drops the batches (no disk), or in the 'fsynced IPC file' rows appends them to an "
+          f"Arrow IPC file beside the data directory and fsyncs it before DoPut returns. Flight carries bf16 as uint16.")
     print(f"Latency: one batch in flight at a time, {args.lat_batches} timed batches after {warmup} warm-up; monitor "
           f"fitted on {args.ref_rows} random f32 d=384 vectors, default detectors (fit {fit_s:.1f} s, "
           f"fit_version {report.fit_version}). Token case: {len(sites)} sites of d={dw}, each fitted on "
