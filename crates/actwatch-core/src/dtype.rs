@@ -1,7 +1,9 @@
 use crate::{Error, Result};
 
 /// Element type of an activation tensor on the wire or on disk. Converted to `f32` once, at the edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F32,

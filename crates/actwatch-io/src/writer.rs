@@ -7,9 +7,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_core::{Provenance, SiteBatch};
+use actwatch_core::{Dtype, Provenance, SiteBatch};
 use arrow::array::{
-    ArrayRef, DictionaryArray, FixedSizeListArray, Float32Array, Int32Array, StringArray,
+    ArrayRef, DictionaryArray, FixedSizeBinaryArray, FixedSizeListArray, Float16Array,
+    Float32Array, Int32Array, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -208,6 +209,8 @@ pub struct TraceWriter {
     writer: AtomicParquetWriter,
     schema: SchemaRef,
     width: usize,
+    /// How the vectors are stored ([`TraceWriter::with_dtype`]).
+    dtype: Dtype,
     positions: bool,
     /// A file of labelled examples ([`TraceWriter::create_labelled`]) has a boolean label
     /// column after the vectors.
@@ -225,7 +228,15 @@ impl TraceWriter {
         columns: &TraceColumns,
         positions: Option<&str>,
     ) -> Result<Self> {
-        Self::create_with(path.into(), width, columns, positions, None, false)
+        Self::create_with(
+            path.into(),
+            width,
+            columns,
+            positions,
+            None,
+            false,
+            Dtype::F32,
+        )
     }
 
     /// [`TraceWriter::create`] for labelled examples: the file also has a boolean column
@@ -244,21 +255,29 @@ impl TraceWriter {
             positions,
             Some(label_column),
             false,
+            Dtype::F32,
         )
     }
 
     /// [`TraceWriter::create`], or with `label_column` [`TraceWriter::create_labelled`], hashing
     /// the file's bytes as they are written, so that [`TraceWriter::finish_hashed`] returns their
-    /// checksum ([`crate::checksum`]) without reading the file back (the server's reference segments: it records the
-    /// checksum and verifies it before every fit).
+    /// checksum ([`crate::checksum`]) without reading the file back (the server's reference
+    /// segments: it records the checksum and verifies it before every fit), its vectors stored
+    /// as `dtype` ([`vector_field`]).
+    ///
+    /// The values are rounded to `dtype` as they are written (to nearest, ties to even), so a
+    /// writer of `F16` or `Bf16` keeps them exactly only when they came in that type: the server
+    /// stores each batch in the type it arrived in, half the bytes of `f32` for the half types.
     pub fn create_hashed(
         path: impl Into<PathBuf>,
         width: usize,
         columns: &TraceColumns,
         positions: Option<&str>,
         label_column: Option<&str>,
+        dtype: Dtype,
     ) -> Result<Self> {
-        Self::create_with(path.into(), width, columns, positions, label_column, true)
+        let path = path.into();
+        Self::create_with(path, width, columns, positions, label_column, true, dtype)
     }
 
     fn create_with(
@@ -268,6 +287,7 @@ impl TraceWriter {
         positions: Option<&str>,
         label_column: Option<&str>,
         hash: bool,
+        dtype: Dtype,
     ) -> Result<Self> {
         if width == 0 || i32::try_from(width).is_err() {
             return Err(Error::Write {
@@ -282,16 +302,23 @@ impl TraceWriter {
         if let Some(name) = positions {
             fields.push(Field::new(name, DataType::Int32, true));
         }
-        fields.push(Field::new(
-            &columns.vector,
-            DataType::FixedSizeList(vector_item(), width as i32),
-            false,
-        ));
+        if i32::try_from(2 * width).is_err() {
+            return Err(Error::Write {
+                path,
+                message: format!("cannot write vectors of width {width}"),
+            });
+        }
+        fields.push(vector_field(&columns.vector, width, dtype));
         if let Some(name) = label_column {
             fields.push(Field::new(name, DataType::Boolean, false));
         }
         let schema = Arc::new(Schema::new(fields));
-        let vectors = ColumnPath::new(vec![columns.vector.clone(), "list".into(), "item".into()]);
+        let vectors = match dtype {
+            Dtype::F32 | Dtype::F16 => {
+                ColumnPath::new(vec![columns.vector.clone(), "list".into(), "item".into()])
+            }
+            Dtype::Bf16 => ColumnPath::new(vec![columns.vector.clone()]),
+        };
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_column_compression(vectors.clone(), Compression::UNCOMPRESSED)
@@ -308,6 +335,7 @@ impl TraceWriter {
             writer,
             schema,
             width,
+            dtype,
             positions: positions.is_some(),
             labelled: label_column.is_some(),
             provenance: BTreeMap::new(),
@@ -391,9 +419,42 @@ impl TraceWriter {
         }
         let rows = batch.rows();
         let (site, trace_ids, positions, vectors) = batch.into_parts();
-        let values = Float32Array::from(vectors.into_inner());
-        let vectors =
-            FixedSizeListArray::try_new(vector_item(), self.width as i32, Arc::new(values), None)?;
+        let width = self.width as i32;
+        let item = |dt| Arc::new(Field::new("item", dt, false));
+        let vectors: ArrayRef = match self.dtype {
+            Dtype::F32 => {
+                let values = Arc::new(Float32Array::from(vectors.into_inner()));
+                Arc::new(FixedSizeListArray::try_new(
+                    item(DataType::Float32),
+                    width,
+                    values,
+                    None,
+                )?)
+            }
+            Dtype::F16 => {
+                let values = Arc::new(Float16Array::from_iter_values(
+                    vectors.as_slice().iter().map(|&x| half::f16::from_f32(x)),
+                ));
+                Arc::new(FixedSizeListArray::try_new(
+                    item(DataType::Float16),
+                    width,
+                    values,
+                    None,
+                )?)
+            }
+            Dtype::Bf16 => {
+                let words: Vec<u8> = vectors
+                    .as_slice()
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect();
+                Arc::new(FixedSizeBinaryArray::try_new(
+                    2 * width,
+                    words.into(),
+                    None,
+                )?)
+            }
+        };
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(trace_ids)),
             // The site once per batch (a one-value dictionary), not once per row.
@@ -443,8 +504,30 @@ fn site_type() -> DataType {
     DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
 
-fn vector_item() -> Arc<Field> {
-    Arc::new(Field::new("item", DataType::Float32, false))
+/// The metadata key, on a vector column's field, that says how its values are encoded when the
+/// Arrow type does not: `"bfloat16"` on a `FixedSizeBinary(2 d)` column, each row the
+/// little-endian bfloat16 words of one vector (Arrow has no bfloat16 type).
+pub const VECTOR_DTYPE_KEY: &str = "actwatch.dtype";
+/// [`VECTOR_DTYPE_KEY`]'s value for bfloat16.
+pub const BFLOAT16: &str = "bfloat16";
+
+/// The vector column's field for vectors of `width` stored as `dtype`: `FixedSizeList<Float32>`
+/// or `FixedSizeList<Float16>`, and for bfloat16 one `FixedSizeBinary(2 width)` per row marked
+/// with [`VECTOR_DTYPE_KEY`]. Not a list of 16-bit integers: Parquet stores those as 32-bit
+/// (as large as `f32`), and a binary row costs one copy instead of one repetition level per
+/// value.
+pub fn vector_field(name: &str, width: usize, dtype: Dtype) -> Field {
+    let list =
+        |item| DataType::FixedSizeList(Arc::new(Field::new("item", item, false)), width as i32);
+    match dtype {
+        Dtype::F32 => Field::new(name, list(DataType::Float32), false),
+        Dtype::F16 => Field::new(name, list(DataType::Float16), false),
+        Dtype::Bf16 => Field::new(name, DataType::FixedSizeBinary(2 * width as i32), false)
+            .with_metadata(std::collections::HashMap::from([(
+                VECTOR_DTYPE_KEY.to_string(),
+                BFLOAT16.to_string(),
+            )])),
+    }
 }
 
 #[cfg(test)]
@@ -459,7 +542,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seg.parquet");
         let columns = TraceColumns::default();
-        let mut w = TraceWriter::create_hashed(&path, 2, &columns, None, None).unwrap();
+        let mut w = TraceWriter::create_hashed(&path, 2, &columns, None, None, Dtype::F32).unwrap();
         let rows = (0..100).map(|i| format!("c{i}")).collect();
         let values = (0..200).map(|i| i as f32 / 7.0).collect();
         w.write(SiteBatch::new("s", rows, None, Vectors::new(2, values).unwrap()).unwrap())
@@ -475,6 +558,79 @@ mod tests {
         );
     }
 
+    /// Vectors stored as f16 or bfloat16 read back as the same f32 values when they came in
+    /// that type, in about half the bytes; bfloat16 is marked on the item field, and the same
+    /// UInt16 column without the marker is refused rather than read as numbers.
+    #[test]
+    fn half_precision_segments_read_back_exactly_in_half_the_bytes() {
+        use crate::reader::{ReadOptions, TraceReader};
+        let dir = tempfile::tempdir().unwrap();
+        let columns = TraceColumns::default();
+        let (width, rows) = (64, 500);
+        let mut rng = actwatch_testkit::Rng::new(7);
+        let raw: Vec<f32> = (0..rows * width)
+            .map(|_| rng.normal() as f32 * 3.0)
+            .collect();
+        let mut sizes = Vec::new();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            // Values as they arrive in `dtype` (decoded to f32 at the edge).
+            let values: Vec<f32> = match dtype {
+                Dtype::F32 => raw.clone(),
+                Dtype::F16 => raw
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_f32())
+                    .collect(),
+                Dtype::Bf16 => raw
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect(),
+            };
+            let path = dir.path().join(format!("{dtype:?}.parquet"));
+            let mut w =
+                TraceWriter::create_hashed(&path, width, &columns, None, None, dtype).unwrap();
+            let ids = (0..rows).map(|i| format!("c{i}")).collect();
+            let batch =
+                SiteBatch::new("s", ids, None, Vectors::new(width, values.clone()).unwrap());
+            w.write(batch.unwrap()).unwrap();
+            w.finish_hashed().unwrap();
+            sizes.push(std::fs::metadata(&path).unwrap().len());
+            let read: Vec<f32> = TraceReader::open(&[path], ReadOptions::default())
+                .unwrap()
+                .flat_map(|b| b.unwrap().vectors)
+                .collect();
+            assert_eq!(
+                read.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{dtype:?}"
+            );
+        }
+        let vector_bytes = (rows * width * 2) as u64;
+        assert!(sizes[0] - sizes[1] >= vector_bytes * 9 / 10, "{sizes:?}");
+        assert!(sizes[0] - sizes[2] >= vector_bytes * 9 / 10, "{sizes:?}");
+
+        // The same words without the marker are not vectors.
+        let words = vec![1u8; 2 * 2 * width];
+        let list = FixedSizeBinaryArray::try_new(2 * width as i32, words.into(), None).unwrap();
+        let batch = RecordBatch::try_from_iter([
+            (
+                "trace_id",
+                Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+            ),
+            (
+                "site",
+                Arc::new(StringArray::from(vec!["s", "s"])) as ArrayRef,
+            ),
+            ("activation", Arc::new(list) as ArrayRef),
+        ])
+        .unwrap();
+        let path = dir.path().join("unmarked.parquet");
+        let mut w = AtomicParquetWriter::create(&path, batch.schema()).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        let err = TraceReader::open(&[path], ReadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("bfloat16"), "{err}");
+    }
+
     /// A file longer than [`ROW_GROUP_BYTES`] is written out in row groups as its batches come,
     /// not held in memory until it is finished (an ingest stream's memory is bounded by it), and
     /// reads back whole.
@@ -485,7 +641,8 @@ mod tests {
         let path = dir.path().join("seg.parquet");
         let columns = TraceColumns::default();
         let (width, rows_per_batch, batches) = (1024, 256, 40); // 1 MiB a batch, 40 MiB in all
-        let mut w = TraceWriter::create_hashed(&path, width, &columns, None, None).unwrap();
+        let mut w =
+            TraceWriter::create_hashed(&path, width, &columns, None, None, Dtype::F32).unwrap();
         for b in 0..batches {
             let ids = (0..rows_per_batch).map(|i| format!("c{b}-{i}")).collect();
             let values = (0..rows_per_batch * width)

@@ -4,16 +4,18 @@ use std::path::Path;
 
 use arrow::array::{Array, ArrayRef, AsArray, GenericListArray, OffsetSizeTrait};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float16Type, Float32Type, Float64Type, Schema};
+use arrow::datatypes::{DataType, Field, Float16Type, Float32Type, Float64Type, Schema};
 use arrow::record_batch::RecordBatch;
 
 use super::TraceColumns;
+use crate::writer::{BFLOAT16, VECTOR_DTYPE_KEY};
 use crate::{Error, Result};
 
 const LABEL_TYPES: &str =
     "a string (Utf8, LargeUtf8, Utf8View, or dictionary of strings) or integer column";
 const VECTOR_TYPES: &str = "FixedSizeList<Float32|Float16|Float64>[d > 0], \
-     List<Float32|Float16|Float64> or LargeList<Float32|Float16|Float64>";
+     List<Float32|Float16|Float64>, LargeList<Float32|Float16|Float64>, or FixedSizeBinary[2 d] \
+     whose field metadata has actwatch.dtype = bfloat16";
 
 /// Where the needed columns are in one file's Arrow schema (top-level field indices).
 #[derive(Debug, Clone, Copy)]
@@ -110,17 +112,28 @@ fn is_vector_type(dt: &DataType) -> bool {
     }
 }
 
+/// A column of bfloat16 vectors, one `FixedSizeBinary(2 d)` per row, marked as such
+/// ([`crate::writer::vector_field`]).
+fn is_bfloat16_rows(f: &Field) -> bool {
+    matches!(f.data_type(), DataType::FixedSizeBinary(n) if *n > 0 && n % 2 == 0)
+        && f.metadata().get(VECTOR_DTYPE_KEY).map(String::as_str) == Some(BFLOAT16)
+}
+
+fn is_vector_field(f: &Field) -> bool {
+    is_vector_type(f.data_type()) || is_bfloat16_rows(f)
+}
+
 pub(super) fn check_schema(
     path: &Path,
     schema: &Schema,
     cols: &TraceColumns,
 ) -> Result<FileColumns> {
-    let find = |name: &str, ok: fn(&DataType) -> bool, expected: &str| -> Result<usize> {
+    let find = |name: &str, ok: fn(&Field) -> bool, expected: &str| -> Result<usize> {
         let i = schema
             .index_of(name)
             .map_err(|_| missing_column(path, schema, name))?;
         let dt = schema.field(i).data_type();
-        if !ok(dt) {
+        if !ok(schema.field(i)) {
             return Err(Error::BadColumnType {
                 path: path.to_path_buf(),
                 column: name.to_owned(),
@@ -131,9 +144,9 @@ pub(super) fn check_schema(
         Ok(i)
     };
     Ok(FileColumns {
-        trace: find(&cols.trace, is_label_type, LABEL_TYPES)?,
-        site: find(&cols.site, is_label_type, LABEL_TYPES)?,
-        vector: find(&cols.vector, is_vector_type, VECTOR_TYPES)?,
+        trace: find(&cols.trace, |f| is_label_type(f.data_type()), LABEL_TYPES)?,
+        site: find(&cols.site, |f| is_label_type(f.data_type()), LABEL_TYPES)?,
+        vector: find(&cols.vector, is_vector_field, VECTOR_TYPES)?,
         position: match schema.index_of(POSITION_COLUMN) {
             Ok(i) if schema.field(i).data_type().is_integer() => Some(i),
             Ok(i) => {
@@ -188,14 +201,30 @@ fn list_offsets<O: OffsetSizeTrait>(list: &GenericListArray<O>) -> Vec<usize> {
     list.value_offsets().iter().map(|o| o.as_usize()).collect()
 }
 
-/// Decodes a vector column into row-after-row `f32` and `rows + 1` offsets starting at 0.
+/// Decodes a vector column (its schema field `field`) into row-after-row `f32` and `rows + 1`
+/// offsets starting at 0.
 pub(super) fn decode_vectors(
     path: &Path,
-    name: &str,
+    field: &Field,
     col: &ArrayRef,
     file_row: impl Fn(usize) -> u64,
 ) -> Result<(Vec<f32>, Vec<usize>)> {
+    let name = field.name();
     let n = col.len();
+    if is_bfloat16_rows(field) {
+        check_no_nulls(path, name, col.as_ref(), &file_row)?;
+        let rows = col.as_fixed_size_binary();
+        let width = rows.value_length() as usize / 2;
+        let mut out = Vec::with_capacity(n * width);
+        for i in 0..n {
+            out.extend(
+                rows.value(i)
+                    .chunks_exact(2)
+                    .map(|w| half::bf16::from_le_bytes([w[0], w[1]]).to_f32()),
+            );
+        }
+        return Ok((out, (0..=n).map(|i| i * width).collect()));
+    }
     // Absolute offsets of each row's first value in the child array.
     let (values, abs): (&ArrayRef, Vec<usize>) = match col.data_type() {
         DataType::FixedSizeList(_, _) if is_vector_type(col.data_type()) => {
@@ -289,5 +318,10 @@ mod tests {
         )));
         assert!(is_vector_type(&DataType::LargeList(f(DataType::Float64))));
         assert!(!is_vector_type(&DataType::List(f(DataType::Int32))));
+        // Binary rows are vectors only when marked as bfloat16.
+        let bf16 = crate::writer::vector_field("v", 4, actwatch_core::Dtype::Bf16);
+        assert!(is_vector_field(&bf16));
+        let unmarked = arrow::datatypes::Field::new("v", DataType::FixedSizeBinary(8), false);
+        assert!(!is_vector_field(&unmarked));
     }
 }

@@ -423,7 +423,11 @@ impl TraceReader {
 
         let positions = decode_positions(p, &batch)?;
         let vec_col = column(p, &batch, &cols.vector)?;
-        let (vectors, offsets) = decode_vectors(p, &cols.vector, &vec_col, file_row)?;
+        let schema = batch.schema();
+        let vec_field = schema
+            .field_with_name(&cols.vector)
+            .map_err(|_| columns::missing_column(p, &schema, &cols.vector))?;
+        let (vectors, offsets) = decode_vectors(p, vec_field, &vec_col, file_row)?;
         self.check_widths(p, &sites, &offsets, file_row)?;
         if let Some(pos) = vectors.iter().position(|x| !x.is_finite()) {
             let row = offsets.partition_point(|&o| o <= pos) - 1;

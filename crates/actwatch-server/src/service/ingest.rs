@@ -112,6 +112,13 @@ impl IngestStream {
             .activations
             .as_ref()
             .map_or(0, |t| t.data.len() as u64);
+        // The type the values arrive in is the type they are stored in (a bad one is refused by
+        // the decode below).
+        let dtype = batch
+            .activations
+            .as_ref()
+            .and_then(|t| actwatch_proto::dtype_from_proto(t.dtype).ok())
+            .unwrap_or(actwatch_core::Dtype::F32);
         let mut session = self.take_session().await?;
         self.state = State::Writing(tokio::task::spawn_blocking(move || {
             // The audit's SHA-256 of the bytes runs on the compute pool while this thread
@@ -130,7 +137,7 @@ impl IngestStream {
                 }
             });
             let decoded = actwatch_proto::decode_trace_batch(batch)?;
-            session.add(decoded, payload, labels)?;
+            session.add(decoded, dtype, payload, labels)?;
             let digest = rx
                 .recv()
                 .map_err(|_| Error::Task("hashing a batch for the audit log failed".into()))?;

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use actwatch_core::SiteBatch;
+use actwatch_core::{Dtype, SiteBatch};
 use actwatch_io::reader::TraceColumns;
 use actwatch_io::writer::{TraceWriter, DEFAULT_POSITION_COLUMN};
 
@@ -21,7 +21,13 @@ pub const LABEL_COLUMN: &str = "label";
 /// at 100-byte ids). Send more in further streams.
 pub const MAX_LABELLED_COMPUTATIONS_PER_STREAM: usize = 1 << 20;
 
-/// The segments one IngestReference stream is writing: one Parquet file per vector width.
+/// What one segment of a stream holds: a width, labelled examples or not, and the type its
+/// vectors arrived (and are stored) in.
+type SegmentKey = (usize, bool, Dtype);
+
+/// The segments one IngestReference stream is writing: one Parquet file per vector width (and
+/// per wire type: a batch is stored in the type it arrived in, bf16 and f16 in half the bytes of
+/// f32, and decoded to f32 when read).
 /// Dropped without [`IngestSession::commit`], it removes its temporary files and stores nothing.
 #[derive(Debug)]
 pub struct IngestSession {
@@ -32,11 +38,11 @@ pub struct IngestSession {
     /// The token principal sending the stream, recorded with its segments.
     principal: Option<String>,
     seq: u64,
-    /// Per width: (reference traffic, labelled examples).
-    writers: BTreeMap<(usize, bool), TraceWriter>,
+    /// Per (width, labelled examples or reference traffic, storage type).
+    writers: BTreeMap<SegmentKey, TraceWriter>,
     /// Per segment (keyed as `writers`), the rows written of each site (recorded with it, so a
     /// quarantine can take them off the right sites).
-    segment_sites: BTreeMap<(usize, bool), BTreeMap<String, u64>>,
+    segment_sites: BTreeMap<SegmentKey, BTreeMap<String, u64>>,
     /// The label of each labelled computation of this stream (one label per computation).
     labels: std::collections::HashMap<String, bool>,
     /// Per site of this stream: width, rows and declared provenance.
@@ -85,10 +91,12 @@ impl IngestSession {
     }
 
     /// Checks a batch's width and provenance against its site (and its labels, if any: labelled
-    /// examples for the monitor's probes) and writes it (blocking).
+    /// examples for the monitor's probes) and writes it (blocking), stored as `dtype`: the type
+    /// its values arrived in (they are exact in it).
     pub fn add(
         &mut self,
         batch: SiteBatch,
+        dtype: Dtype,
         payload_bytes: u64,
         labels: Option<Vec<bool>>,
     ) -> Result<()> {
@@ -195,20 +203,28 @@ impl IngestSession {
                 .map_err(|c| reference_conflict(batch.site(), c))?;
         }
         let labelled = labels.is_some();
-        let writer = match self.writers.entry((width, labelled)) {
+        let key = (width, labelled, dtype);
+        let writer = match self.writers.entry(key) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
                 let dir = self.entry.dir.join(REFERENCE_DIR);
                 let columns = TraceColumns::default();
                 let position = Some(DEFAULT_POSITION_COLUMN);
+                let stored = match dtype {
+                    Dtype::F32 => "",
+                    Dtype::F16 => "-f16",
+                    Dtype::Bf16 => "-bf16",
+                };
+                let (suffix, label) = match labelled {
+                    true => ("-labelled", Some(LABEL_COLUMN)),
+                    false => ("", None),
+                };
+                let file = format!("seg-{:08}-d{width}{stored}{suffix}.parquet", self.seq);
                 // Hashed as written: the checksum state.json records with the segment.
-                v.insert(if labelled {
-                    let path = dir.join(format!("seg-{:08}-d{width}-labelled.parquet", self.seq));
-                    TraceWriter::create_hashed(path, width, &columns, position, Some(LABEL_COLUMN))?
-                } else {
-                    let path = dir.join(format!("seg-{:08}-d{width}.parquet", self.seq));
-                    TraceWriter::create_hashed(path, width, &columns, position, None)?
-                })
+                let path = dir.join(file);
+                v.insert(TraceWriter::create_hashed(
+                    path, width, &columns, position, label, dtype,
+                )?)
             }
         };
         let site_name = batch.site().to_string();
@@ -218,7 +234,7 @@ impl IngestSession {
         }
         *self
             .segment_sites
-            .entry((width, labelled))
+            .entry(key)
             .or_default()
             .entry(site_name)
             .or_default() += rows;
@@ -242,7 +258,7 @@ impl IngestSession {
                 let _ = fs::remove_file(p);
             }
         };
-        for ((width, labelled), w) in writers {
+        for (key @ (_, labelled, _), w) in writers {
             let path = w.path().to_path_buf();
             match w.finish_hashed() {
                 Ok((rows, sum)) => {
@@ -255,10 +271,7 @@ impl IngestSession {
                         labelled,
                         xxh3_128: Some(sum),
                         sha256: None,
-                        site_rows: self
-                            .segment_sites
-                            .remove(&(width, labelled))
-                            .unwrap_or_default(),
+                        site_rows: self.segment_sites.remove(&key).unwrap_or_default(),
                         committed_unix_ms: None, // stamped at the commit
                         principal: self.principal.clone(),
                     };

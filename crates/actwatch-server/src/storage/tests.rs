@@ -49,7 +49,7 @@ fn batch(site: &str, seed: u64) -> SiteBatch {
 fn ingest(entry: &Arc<MonitorEntry>, seed: u64) -> Result<(u64, u64)> {
     let mut s = IngestSession::new(entry.clone(), 16, 1 << 20, None);
     for site in SITES {
-        s.add(batch(site, seed), 0, None)?;
+        s.add(batch(site, seed), actwatch_core::Dtype::F32, 0, None)?;
     }
     s.commit()
 }
@@ -223,6 +223,76 @@ fn segments_listed_without_a_checksum_are_read_unverified() {
     ingest(&entry, 3).unwrap();
     assert!(entry.state().segments[2].xxh3_128.is_some());
     assert_eq!(fit(&entry).unwrap().reference_rows, 6 * ROWS as u64);
+}
+
+/// Batches that arrive as bf16 or f16 are stored in that type (a segment of about half the
+/// bytes), and fit the same monitor, to the bit, as the same values sent as f32.
+#[test]
+fn half_precision_batches_are_stored_as_they_came_and_fit_the_same_monitor() {
+    use actwatch_core::Dtype;
+    // Values exact in bf16 and in f16 alike.
+    let exact = |b: SiteBatch| {
+        let (site, ids, _, v) = b.into_parts();
+        let values = v
+            .into_inner()
+            .into_iter()
+            .map(|x| {
+                let y = half::bf16::from_f32(x).to_f32();
+                if half::f16::from_f32(y).to_f32() == y {
+                    y
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        SiteBatch::new(site, ids, None, Vectors::new(WIDTH, values).unwrap()).unwrap()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let data = open(root.path());
+    let mut runs = Vec::new();
+    for (name, dtype) in [
+        ("f32", Dtype::F32),
+        ("bf16", Dtype::Bf16),
+        ("f16", Dtype::F16),
+    ] {
+        let entry = create(&data, name);
+        for seed in 1..=3 {
+            let mut s = IngestSession::new(entry.clone(), 16, 1 << 20, None);
+            for site in SITES {
+                s.add(exact(batch(site, seed)), dtype, 0, None).unwrap();
+            }
+            s.commit().unwrap();
+        }
+        let segments = FitPlan::all(&entry, false).segments().to_vec();
+        let bytes: u64 = segments
+            .iter()
+            .map(|(_, p, _)| fs::metadata(p).unwrap().len())
+            .sum();
+        let files: Vec<String> = segments.into_iter().map(|(f, _, _)| f).collect();
+        let fitted = fit(&entry).unwrap();
+        let scores = fitted.monitor.score(&exact(batch("a", 99))).unwrap();
+        runs.push((files, bytes, scores.raw, scores.p));
+    }
+    let vector_bytes = (3 * SITES.len() * ROWS * WIDTH * 2) as u64;
+    for (files, bytes, raw, p) in &runs[1..] {
+        assert!(
+            runs[0].1 - bytes >= vector_bytes * 9 / 10,
+            "{} vs {bytes}",
+            runs[0].1
+        );
+        assert_eq!(raw, &runs[0].2, "{files:?}");
+        assert_eq!(p, &runs[0].3, "{files:?}");
+    }
+    assert!(
+        runs[1].0.iter().all(|f| f.ends_with("-bf16.parquet")),
+        "{:?}",
+        runs[1].0
+    );
+    assert!(
+        runs[2].0.iter().all(|f| f.ends_with("-f16.parquet")),
+        "{:?}",
+        runs[2].0
+    );
 }
 
 /// Segments committed when checksums were SHA-256 (`state.json` records `sha256`) are still

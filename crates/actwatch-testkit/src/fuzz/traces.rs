@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actwatch_core::{Provenance, SiteBatch, Vectors};
+use actwatch_core::{Dtype, Provenance, SiteBatch, Vectors};
 use actwatch_io::reader::{file_rows, ReadOptions, TraceBatch, TraceColumns, TraceReader};
 use actwatch_io::writer::{AtomicParquetWriter, TraceWriter};
 use arrow::array::{
@@ -95,6 +95,8 @@ fn item(dt: DataType) -> Arc<Field> {
 /// (or arrow's, for layouts ours never write) into a temporary directory and read back:
 /// - `segment`: [`TraceWriter`]'s own (dictionary sites, Utf8 ids, positions, `FixedSizeList<f32>`,
 ///   provenance in the footer), two sites;
+/// - `segment-bf16`: the same for batches that arrived as bf16 (`FixedSizeBinary(2 d)` rows marked
+///   `actwatch.dtype = bfloat16`), one batch without positions;
 /// - `list-f16`: integer ids and sites, nullable positions, `List<Float16>`, snappy, several row
 ///   groups and pages, page statistics and indexes;
 /// - `large-list-f64`: `Utf8View` ids, `Dictionary<Int8, Utf8>` sites, `LargeList<Float64>`, a
@@ -128,6 +130,18 @@ pub fn seed_trace_files() -> Vec<SeedFile> {
         .expect("writing");
     w.finish().expect("finishing");
     keep("segment", 0, path);
+
+    // segment-bf16: the server's segment of batches that arrived as bf16
+    let path = dir.path().join("segment-bf16.parquet");
+    let columns = TraceColumns::default();
+    let mut w = TraceWriter::create_hashed(&path, 4, &columns, Some("position"), None, Dtype::Bf16)
+        .expect("a trace writer");
+    w.write(sites_batch("a", 0..4, 4, &mut rng, true))
+        .expect("writing");
+    w.write(sites_batch("b", 0..3, 4, &mut rng, false))
+        .expect("writing");
+    w.finish_hashed().expect("finishing");
+    keep("segment-bf16", 0, path);
 
     // list-f16
     let n = 10;
