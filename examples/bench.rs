@@ -268,7 +268,7 @@ fn main() {
     }
     let mut hnsw = built.pop().expect("built");
     drop(built);
-    for ef in [16, 32, 64, 128, 256] {
+    for ef in [16, 32, 48, 64, 96, 128, 256] {
         hnsw.set_ef_search(ef).expect("ef");
         let recall = hnsw
             .measure_recall(&big_query, 10)

@@ -36,7 +36,7 @@ Tasks (the Rust bench should use the same task names):
   knn_exact_big    per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
   hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32: hnswlib, faiss
                              IndexHNSWFlat (inner product)
-  hnsw_query       per_s     HNSW search at ef = 16, 32, 64, 128, 256 ("ef"), k=10, queries =
+  hnsw_query       per_s     HNSW search at ef = 16, 32, 48, 64, 96, 128, 256 ("ef"), k=10, queries =
                              big_query.f32; "recall_at_10" against faiss's exact search
 Rows carry "threads"; the kNN tasks and the HNSW build and query are also run with threads=1.
 "per_thread" = per_s / threads.
@@ -81,7 +81,7 @@ D = 384
 SEED = 20240611
 LAYER = 2
 # The HNSW search breadths of the recall/speed curve (the same list in examples/bench.rs).
-HNSW_EFS = (16, 32, 64, 128, 256)
+HNSW_EFS = (16, 32, 48, 64, 96, 128, 256)
 
 
 # ---- data export ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 mod exact;
 mod hnsw;
 
-use hnsw::{HnswGraph, ScratchPool};
+use hnsw::{Distance, HnswGraph, Refs, ScratchPool};
 
 use crate::{Error, Result};
 
@@ -569,7 +569,7 @@ impl KnnDetector {
                     || (vec![0f32; dim], self.scratch.take(self.len())),
                     |(buf, scratch), row| {
                         let q = self.prepared_query(row, buf);
-                        let found = index.0.search(&self.refs, q, k, ef, scratch);
+                        let found = index.0.search(self.graph_refs(), q, k, ef, scratch);
                         if found.len() < k {
                             // the graph search found too few (possible on tiny or degenerate sets):
                             // answer this query exactly.
@@ -631,7 +631,7 @@ impl KnnDetector {
                 || (vec![0f32; dim], self.scratch.take(self.len())),
                 |(buf, scratch), (row, truth)| {
                     let q = self.prepared_query(row, buf);
-                    let found = index.0.search(&self.refs, q, k, ef, scratch);
+                    let found = index.0.search(self.graph_refs(), q, k, ef, scratch);
                     found.iter().filter(|i| truth.contains(i)).count()
                 },
             )
@@ -686,10 +686,23 @@ impl KnnDetector {
         })
     }
 
+    /// The references as the graph sees them: cosine ranks by `1 - dot` of the normalised
+    /// vectors, L2 by the squared distance.
+    fn graph_refs(&self) -> Refs<'_> {
+        let kind = match self.options.metric {
+            Metric::Cosine => Distance::OneMinusDot,
+            Metric::L2 => Distance::SquaredL2,
+        };
+        Refs {
+            data: &self.refs,
+            kind,
+        }
+    }
+
     /// Inserts every reference (node = its index); the same graph on any number of threads.
     fn build_index(&self) -> KnnIndex {
         KnnIndex(HnswGraph::build(
-            &self.refs,
+            self.graph_refs(),
             self.dim,
             self.options.hnsw_m,
             self.options.hnsw_ef_construction,
