@@ -590,17 +590,28 @@ impl HnswGraph {
             if c.dist > worst.dist {
                 break;
             }
-            // The unvisited neighbours first, their vectors requested from memory as they are
-            // found, then their distances: the loads overlap instead of waiting one by one.
+            // Memory, not arithmetic, sets the pace here (a vector is 24 cache lines at width
+            // 384, mostly not in cache), so loads are asked for ahead of their use: the link
+            // list of the candidate expanded next; the first line of each unvisited neighbour
+            // as it is found; and the rest of the neighbour [`LOOKAHEAD`] places on while this
+            // one's distance is computed. One A/B (100k x 384, ef 48, same binary, 2 / 1
+            // threads): 12.1k / 6.0k queries/s with four lines of each neighbour asked for as
+            // found and nothing else, 16.7k / 8.0k with this; the build 20.2 -> about 16.5 s.
+            if let Some(Reverse(next)) = scratch.candidates.peek() {
+                prefetch(self.links(next.node, layer), usize::MAX);
+            }
             scratch.fresh.clear();
             for &l in self.links(c.node, layer) {
                 if scratch.visit(l) {
-                    prefetch(self.vector(refs, l));
+                    prefetch(self.vector(refs, l), 1);
                     scratch.fresh.push(l);
                 }
             }
             for i in 0..scratch.fresh.len() {
                 let l = scratch.fresh[i];
+                if let Some(&ahead) = scratch.fresh.get(i + LOOKAHEAD) {
+                    prefetch(self.vector(refs, ahead), PREFETCH_LINES);
+                }
                 let e = Candidate {
                     dist: refs.distance(q, self.vector(refs, l)),
                     node: l,
@@ -635,24 +646,33 @@ fn node_levels(n: usize, m: usize, max_layers: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Cache lines of a vector asked for ahead of its distance (the hardware prefetcher follows on
-/// from there).
-const PREFETCH_LINES: usize = 4;
+/// How many neighbours ahead of the distance being computed a vector is asked for. Measured
+/// (100k x 384, ef 48): 1 ahead 14.8k queries/s, 2 ahead 16.1k, 3 ahead 16.7k, 4 ahead 16.4k.
+const LOOKAHEAD: usize = 3;
 
-/// Asks for the first [`PREFETCH_LINES`] cache lines of `v` (a hint; no effect on results).
+/// Most cache lines of a vector asked for ahead (2 KiB, all of a vector up to width 512): the
+/// hardware's own prefetcher follows a wider vector on from there, and asking for more would
+/// fill the core's queue of outstanding misses with lines needed later.
+const PREFETCH_LINES: usize = 32;
+
+/// Asks for the first `lines` cache lines of `s` (at most all of it) to be brought into the
+/// cache: a hint, with no effect on results.
 #[inline(always)]
 #[allow(unsafe_code)]
-fn prefetch(v: &[f32]) {
+fn prefetch<T>(s: &[T], lines: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for line in v.chunks(16).take(PREFETCH_LINES) {
-            // SAFETY: SSE is part of x86_64, and a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        let start = s.as_ptr().cast::<i8>();
+        let bytes = std::mem::size_of_val(s);
+        for offset in (0..bytes).step_by(64).take(lines) {
+            // SAFETY: `offset` is within `s`, so the pointer stays inside one allocation; SSE is
+            // part of x86_64, and a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
+    let _ = (s, lines);
 }
 
 /// Squared Euclidean distance in f32 ([`lanes`]).
