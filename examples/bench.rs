@@ -1,8 +1,9 @@
 //! Benchmark of actwatch's detectors on the exact bytes `scripts/bench_peers.py` times the peers on.
 //!
-//! `cargo run --release --example bench -- target/bench-data` prints one JSON object per line, with
-//! the same task names as the peer script, so `scripts/bench_table.py` can join them. Wall clock,
-//! median of repeats after a warm-up. Not a test: nothing here asserts a timing.
+//! `cargo run --release --example bench -- target/bench-data [--knn-only]` prints one JSON object per
+//! line, with the same task names as the peer script, so `scripts/bench_table.py` can join them.
+//! Wall clock, median of repeats after a warm-up. Not a test: nothing here asserts a timing.
+//! `--knn-only` runs the exact kNN and HNSW cases alone.
 
 use std::path::Path;
 use std::time::Instant;
@@ -90,96 +91,100 @@ fn main() {
         .nth(1)
         .unwrap_or_else(|| "target/bench-data".into());
     let dir = Path::new(&dir);
+    let knn_only = std::env::args().skip(2).any(|a| a == "--knn-only");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (fit, n_fit, d) = load(dir, "fit");
     let (query, n_query, _) = load(dir, "query");
 
-    // Gaussian: fit (statistics + Ledoit-Wolf + eigendecomposition) and scoring.
-    let opts = GaussianOptions {
-        normalize: false,
-        ..GaussianOptions::default()
-    };
-    let mut det = None;
-    let secs = median_seconds(3, || {
-        let mut f = GaussianFitter::new(d, opts.clone());
-        f.push_batch(&fit).expect("fit batch");
-        det = Some(f.finish().expect("fit"));
-    });
-    emit_seconds("gaussian_fit", "actwatch", n_fit, d, cores, secs, "");
-    let det = det.expect("fitted");
-    let secs = median_seconds(5, || {
-        std::hint::black_box(det.score_batch(&query).expect("score"));
-    });
-    emit("gaussian_score", "actwatch", n_query, d, cores, secs, "");
-    let secs = with_threads(1, || {
-        median_seconds(3, || {
-            std::hint::black_box(det.score_batch(&query).expect("score"));
-        })
-    });
-    emit("gaussian_score", "actwatch", n_query, d, 1, secs, "");
-
-    // Gaussian fit at n = 100k (big_ref), then fit and scoring at d = 1024 / 4096 (the peer
-    // script's wide matrices) in calls of 1 (the first 256 rows), 64 and 4096 rows; full whitening
-    // and, at 4096, rank 256 + residual (the default there).
     let (big_ref, n_ref, _) = load(dir, "big_ref");
-    let secs = median_seconds(3, || {
-        std::hint::black_box(fit_gaussian(&big_ref, d, &opts));
-    });
-    emit_seconds("gaussian_fit_100k", "actwatch", n_ref, d, cores, secs, "");
-    for wd in [1024usize, 4096] {
-        if !dir.join(format!("wide_fit_{wd}.f32")).exists() {
-            continue; // --quick writes d = 1024 only
-        }
-        let (wfit, n_wfit, _) = load(dir, &format!("wide_fit_{wd}"));
-        let (wq, _, _) = load(dir, &format!("wide_query_{wd}"));
-        let big = wd >= 4096;
-        let mut models = vec![("", wd)];
-        if big {
-            models.push(("lr", 256));
-        }
-        for (tag, rank) in models {
-            let wopts = GaussianOptions {
-                normalize: false,
-                rank: Some(rank),
-                ..GaussianOptions::default()
-            };
-            let mut wdet = None;
-            let fit_once = || fit_gaussian(&wfit, wd, &wopts);
-            let secs = if big {
-                once_seconds(|| wdet = Some(fit_once()))
-            } else {
-                median_seconds(3, || wdet = Some(fit_once()))
-            };
-            let extra = format!(",\"rank\":{rank}");
-            emit_seconds(
-                &format!("gaussian_fit_d{wd}{tag}"),
-                "actwatch",
-                n_wfit,
-                wd,
-                cores,
-                secs,
-                &extra,
-            );
-            let wdet = wdet.expect("fitted");
-            for b in [1usize, 64, 4096] {
-                let rows = if b == 1 { &wq[..256 * wd] } else { &wq[..] };
-                for threads in [cores, 1] {
-                    let secs = with_threads(threads, || {
-                        median_seconds(3, || {
-                            for call in rows.chunks(b * wd) {
-                                std::hint::black_box(wdet.score_batch(call).expect("score"));
-                            }
-                        })
-                    });
-                    emit(
-                        &format!("gaussian_score_d{wd}{tag}_b{b}"),
-                        "actwatch",
-                        rows.len() / wd,
-                        wd,
-                        threads,
-                        secs,
-                        &format!(",\"batch\":{b},\"rank\":{rank}"),
-                    );
+    // `--knn-only` (after the data directory): the kNN and HNSW cases alone.
+    if !knn_only {
+        // Gaussian: fit (statistics + Ledoit-Wolf + eigendecomposition) and scoring.
+        let opts = GaussianOptions {
+            normalize: false,
+            ..GaussianOptions::default()
+        };
+        let mut det = None;
+        let secs = median_seconds(3, || {
+            let mut f = GaussianFitter::new(d, opts.clone());
+            f.push_batch(&fit).expect("fit batch");
+            det = Some(f.finish().expect("fit"));
+        });
+        emit_seconds("gaussian_fit", "actwatch", n_fit, d, cores, secs, "");
+        let det = det.expect("fitted");
+        let secs = median_seconds(5, || {
+            std::hint::black_box(det.score_batch(&query).expect("score"));
+        });
+        emit("gaussian_score", "actwatch", n_query, d, cores, secs, "");
+        let secs = with_threads(1, || {
+            median_seconds(3, || {
+                std::hint::black_box(det.score_batch(&query).expect("score"));
+            })
+        });
+        emit("gaussian_score", "actwatch", n_query, d, 1, secs, "");
+
+        // Gaussian fit at n = 100k (big_ref), then fit and scoring at d = 1024 / 4096 (the peer
+        // script's wide matrices) in calls of 1 (the first 256 rows), 64 and 4096 rows; full whitening
+        // and, at 4096, rank 256 + residual (the default there).
+        let secs = median_seconds(3, || {
+            std::hint::black_box(fit_gaussian(&big_ref, d, &opts));
+        });
+        emit_seconds("gaussian_fit_100k", "actwatch", n_ref, d, cores, secs, "");
+        for wd in [1024usize, 4096] {
+            if !dir.join(format!("wide_fit_{wd}.f32")).exists() {
+                continue; // --quick writes d = 1024 only
+            }
+            let (wfit, n_wfit, _) = load(dir, &format!("wide_fit_{wd}"));
+            let (wq, _, _) = load(dir, &format!("wide_query_{wd}"));
+            let big = wd >= 4096;
+            let mut models = vec![("", wd)];
+            if big {
+                models.push(("lr", 256));
+            }
+            for (tag, rank) in models {
+                let wopts = GaussianOptions {
+                    normalize: false,
+                    rank: Some(rank),
+                    ..GaussianOptions::default()
+                };
+                let mut wdet = None;
+                let fit_once = || fit_gaussian(&wfit, wd, &wopts);
+                let secs = if big {
+                    once_seconds(|| wdet = Some(fit_once()))
+                } else {
+                    median_seconds(3, || wdet = Some(fit_once()))
+                };
+                let extra = format!(",\"rank\":{rank}");
+                emit_seconds(
+                    &format!("gaussian_fit_d{wd}{tag}"),
+                    "actwatch",
+                    n_wfit,
+                    wd,
+                    cores,
+                    secs,
+                    &extra,
+                );
+                let wdet = wdet.expect("fitted");
+                for b in [1usize, 64, 4096] {
+                    let rows = if b == 1 { &wq[..256 * wd] } else { &wq[..] };
+                    for threads in [cores, 1] {
+                        let secs = with_threads(threads, || {
+                            median_seconds(3, || {
+                                for call in rows.chunks(b * wd) {
+                                    std::hint::black_box(wdet.score_batch(call).expect("score"));
+                                }
+                            })
+                        });
+                        emit(
+                            &format!("gaussian_score_d{wd}{tag}_b{b}"),
+                            "actwatch",
+                            rows.len() / wd,
+                            wd,
+                            threads,
+                            secs,
+                            &format!(",\"batch\":{b},\"rank\":{rank}"),
+                        );
+                    }
                 }
             }
         }
@@ -236,7 +241,14 @@ fn main() {
         ..KnnOptions::default()
     };
     let mut built = Vec::new();
-    for threads in [1, cores] {
+    // One build beyond 200k references (on one thread a 1M build takes 15 minutes or more), as
+    // the peer script does; the query curve still runs on 1 and all threads.
+    let build_threads = if n_ref > 200_000 {
+        vec![cores]
+    } else {
+        vec![1, cores]
+    };
+    for threads in build_threads {
         let started = Instant::now();
         let hnsw = with_threads(threads, || {
             let mut f = KnnFitter::new(d, hnsw_opts.clone());

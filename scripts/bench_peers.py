@@ -2,7 +2,7 @@
 """Time the peer tools on the data the Rust benchmark (`--example bench`) uses.
 
     python scripts/bench_peers.py OUT_DIR [--quick] [--threads N] [--src DIR] [--no-export]
-                                  [--big-refs N]
+                                  [--big-refs N] [--knn-only]
 
 1. Writes the inputs into OUT_DIR as raw little-endian float32, row-major, each with a
    `NAME.shape` JSON sidecar {"rows": R, "cols": C}, so Rust reads the exact same bytes:
@@ -278,7 +278,7 @@ def human_table() -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def bench(out_dir: str, quick: bool, threads: int) -> None:
+def bench(out_dir: str, quick: bool, threads: int, knn_only: bool = False) -> None:
     import faiss
     import hnswlib
     import sklearn
@@ -318,86 +318,88 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
     big_ref = read_matrix(out_dir, "big_ref")
     big_query = read_matrix(out_dir, "big_query")
 
-    # -- Gaussian fit: Ledoit-Wolf + eigendecomposition -> whitening matrix W, |(x-mu) W|^2 = d_M^2
-    def gaussian_fit():
-        lw = LedoitWolf().fit(fit)
-        evals, evecs = np.linalg.eigh(lw.covariance_)
-        w = evecs / np.sqrt(evals)[None, :]
-        return lw, w
+    # --knn-only: the kNN and HNSW cases alone (e.g. at --big-refs 1000000)
+    if not knn_only:
+        # -- Gaussian fit: Ledoit-Wolf + eigendecomposition -> whitening matrix W, |(x-mu) W|^2 = d_M^2
+        def gaussian_fit():
+            lw = LedoitWolf().fit(fit)
+            evals, evecs = np.linalg.eigh(lw.covariance_)
+            w = evecs / np.sqrt(evals)[None, :]
+            return lw, w
 
-    sec, (lw, w64), times = timed(gaussian_fit)
-    emit("gaussian_fit", "sklearn-ledoitwolf+numpy-eigh", n=fit.shape[0], seconds=sec, times=times,
-         threads=threads, per_s=False, shrinkage=float(lw.shrinkage_))
+        sec, (lw, w64), times = timed(gaussian_fit)
+        emit("gaussian_fit", "sklearn-ledoitwolf+numpy-eigh", n=fit.shape[0], seconds=sec, times=times,
+             threads=threads, per_s=False, shrinkage=float(lw.shrinkage_))
 
-    # -- Gaussian score
-    mu32 = lw.location_.astype(np.float32)
-    w32 = w64.astype(np.float32)
-    mu64 = lw.location_
+        # -- Gaussian score
+        mu32 = lw.location_.astype(np.float32)
+        w32 = w64.astype(np.float32)
+        mu64 = lw.location_
 
-    def score_f32():
-        z = (query - mu32) @ w32
-        return np.einsum("ij,ij->i", z, z)
+        def score_f32():
+            z = (query - mu32) @ w32
+            return np.einsum("ij,ij->i", z, z)
 
-    q64 = query.astype(np.float64)
+        q64 = query.astype(np.float64)
 
-    def score_f64():
-        z = (q64 - mu64) @ w64
-        return np.einsum("ij,ij->i", z, z)
+        def score_f64():
+            z = (q64 - mu64) @ w64
+            return np.einsum("ij,ij->i", z, z)
 
-    sec, s32, times = timed(score_f32)
-    emit("gaussian_score", "numpy-blas-whitening", n=query.shape[0], seconds=sec, times=times,
-         threads=threads, dtype="f32")
-    sec, s64, times = timed(score_f64)
-    emit("gaussian_score", "numpy-blas-whitening-f64", n=query.shape[0], seconds=sec, times=times,
-         threads=threads, dtype="f64")
+        sec, s32, times = timed(score_f32)
+        emit("gaussian_score", "numpy-blas-whitening", n=query.shape[0], seconds=sec, times=times,
+             threads=threads, dtype="f32")
+        sec, s64, times = timed(score_f64)
+        emit("gaussian_score", "numpy-blas-whitening-f64", n=query.shape[0], seconds=sec, times=times,
+             threads=threads, dtype="f64")
 
-    ref_maha = lw.mahalanobis(query[:2000])
-    sec, s_sk, times = timed(lambda: lw.mahalanobis(query))
-    emit("gaussian_score", "sklearn-ledoitwolf-mahalanobis", n=query.shape[0], seconds=sec, times=times,
-         threads=threads, dtype="f64")
-    rel = float(np.max(np.abs(s32[:2000] - ref_maha) / np.maximum(ref_maha, 1e-9)))
-    if rel > 1e-2:
-        print(f"warning: f32 whitening differs from sklearn by {rel:.3g} (relative)", file=sys.stderr)
+        ref_maha = lw.mahalanobis(query[:2000])
+        sec, s_sk, times = timed(lambda: lw.mahalanobis(query))
+        emit("gaussian_score", "sklearn-ledoitwolf-mahalanobis", n=query.shape[0], seconds=sec, times=times,
+             threads=threads, dtype="f64")
+        rel = float(np.max(np.abs(s32[:2000] - ref_maha) / np.maximum(ref_maha, 1e-9)))
+        if rel > 1e-2:
+            print(f"warning: f32 whitening differs from sklearn by {rel:.3g} (relative)", file=sys.stderr)
 
-    # -- Gaussian fit at n = 100k (big_ref), and fit + scoring at d = 1024 / 4096, batches 1 / 64 /
-    # 4096: numpy BLAS whitening, full (W = V L^-1/2) and, at 4096, low rank (top r eigenvectors
-    # plus an isotropic residual, sigma^2 = the mean of the discarded eigenvalues)
-    sec, _, times = timed(gaussian_fit_of(big_ref, LedoitWolf), repeats=3, warmup=False)
-    emit("gaussian_fit_100k", "sklearn-ledoitwolf+numpy-eigh", n=big_ref.shape[0], seconds=sec,
-         times=times, threads=threads, per_s=False)
-    for d in wide_dims(quick):
-        wfit, wq = read_matrix(out_dir, f"wide_fit_{d}"), read_matrix(out_dir, f"wide_query_{d}")
-        big = d >= 4096
-        sec, (wlw, evals, evecs), times = timed(gaussian_fit_of(wfit, LedoitWolf),
-                                                 repeats=1 if big else 3, warmup=not big)
-        emit(f"gaussian_fit_d{d}", "sklearn-ledoitwolf+numpy-eigh", n=wfit.shape[0], seconds=sec,
-             times=times, threads=threads, per_s=False, d=d)
-        mu = wlw.location_.astype(np.float32)
-        models = [("", None, (evecs / np.sqrt(evals)[None, :]).astype(np.float32))]
-        if big:
-            top = np.argsort(evals)[::-1]
-            keep, rest = top[:WIDE_RANK], top[WIDE_RANK:]
-            sigma2 = float(np.mean(evals[rest]))
-            coef = (1.0 / evals[keep] - 1.0 / sigma2).astype(np.float32)
-            models.append(("lr", (coef, np.float32(1.0 / sigma2)), evecs[:, keep].astype(np.float32)))
-        for tag, low, w in models:
-            def score(x, w=w, low=low):
-                xc = x - mu
-                z = xc @ w
-                if low is None:
-                    return np.einsum("ij,ij->i", z, z)
-                coef, inv_s2 = low
-                return (z * z) @ coef + np.einsum("ij,ij->i", xc, xc) * inv_s2
-            for b in WIDE_BATCHES:
-                rows = wq[:256] if b == 1 else wq
-                calls = [rows[i:i + b] for i in range(0, len(rows), b)]
-                for thr in sorted({threads, 1}, reverse=True):
-                    with threadpool_limits(thr):
-                        sec, _, times = timed(lambda: [score(c) for c in calls])
-                    emit(f"gaussian_score_d{d}{tag}_b{b}", "numpy-blas-whitening", n=len(rows),
-                         seconds=sec, times=times, threads=thr, d=d, batch=b,
-                         rank=WIDE_RANK if low is not None else d)
-        del wfit, wq, models
+        # -- Gaussian fit at n = 100k (big_ref), and fit + scoring at d = 1024 / 4096, batches 1 / 64 /
+        # 4096: numpy BLAS whitening, full (W = V L^-1/2) and, at 4096, low rank (top r eigenvectors
+        # plus an isotropic residual, sigma^2 = the mean of the discarded eigenvalues)
+        sec, _, times = timed(gaussian_fit_of(big_ref, LedoitWolf), repeats=3, warmup=False)
+        emit("gaussian_fit_100k", "sklearn-ledoitwolf+numpy-eigh", n=big_ref.shape[0], seconds=sec,
+             times=times, threads=threads, per_s=False)
+        for d in wide_dims(quick):
+            wfit, wq = read_matrix(out_dir, f"wide_fit_{d}"), read_matrix(out_dir, f"wide_query_{d}")
+            big = d >= 4096
+            sec, (wlw, evals, evecs), times = timed(gaussian_fit_of(wfit, LedoitWolf),
+                                                     repeats=1 if big else 3, warmup=not big)
+            emit(f"gaussian_fit_d{d}", "sklearn-ledoitwolf+numpy-eigh", n=wfit.shape[0], seconds=sec,
+                 times=times, threads=threads, per_s=False, d=d)
+            mu = wlw.location_.astype(np.float32)
+            models = [("", None, (evecs / np.sqrt(evals)[None, :]).astype(np.float32))]
+            if big:
+                top = np.argsort(evals)[::-1]
+                keep, rest = top[:WIDE_RANK], top[WIDE_RANK:]
+                sigma2 = float(np.mean(evals[rest]))
+                coef = (1.0 / evals[keep] - 1.0 / sigma2).astype(np.float32)
+                models.append(("lr", (coef, np.float32(1.0 / sigma2)), evecs[:, keep].astype(np.float32)))
+            for tag, low, w in models:
+                def score(x, w=w, low=low):
+                    xc = x - mu
+                    z = xc @ w
+                    if low is None:
+                        return np.einsum("ij,ij->i", z, z)
+                    coef, inv_s2 = low
+                    return (z * z) @ coef + np.einsum("ij,ij->i", xc, xc) * inv_s2
+                for b in WIDE_BATCHES:
+                    rows = wq[:256] if b == 1 else wq
+                    calls = [rows[i:i + b] for i in range(0, len(rows), b)]
+                    for thr in sorted({threads, 1}, reverse=True):
+                        with threadpool_limits(thr):
+                            sec, _, times = timed(lambda: [score(c) for c in calls])
+                        emit(f"gaussian_score_d{d}{tag}_b{b}", "numpy-blas-whitening", n=len(rows),
+                             seconds=sec, times=times, threads=thr, d=d, batch=b,
+                             rank=WIDE_RANK if low is not None else d)
+            del wfit, wq, models
 
     # -- exact kNN, faiss IndexFlatIP on L2-normalised vectors (queries normalised beforehand)
     k = 10
@@ -427,6 +429,9 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
     M, efc = 16, 200
     n_big = big_ref.shape[0]
     build_repeats = 1 if n_big > 200_000 else 3
+    # one build per tool beyond 200k references (a 1M build on one thread takes 10-20 minutes); the
+    # query curve still runs on 1 and all threads
+    build_threads = [threads] if n_big > 200_000 else sorted({threads, 1})
 
     def recall_of(labels) -> float:
         return round(float(np.mean([len(set(a) & set(b)) / k for a, b in zip(labels, exact_big)])), 4)
@@ -456,7 +461,7 @@ def bench(out_dir: str, quick: bool, threads: int) -> None:
     for tool, build, search in (("hnswlib", hnswlib_build, hnswlib_search),
                                 ("faiss-hnsw", faiss_build, faiss_search)):
         # the single-thread build first, then the all-thread one, which is kept
-        for thr in sorted({threads, 1}):
+        for thr in build_threads:
             sec, index, times = timed(lambda: build(thr), repeats=build_repeats, warmup=False)
             emit("hnsw_build", tool, n=n_big, seconds=sec, times=times, threads=thr,
                  per_s=False, inserts_per_s=n_big / sec, M=M, ef_construction=efc)
@@ -488,6 +493,8 @@ def main() -> int:
     ap.add_argument("--export-only", action="store_true", help="write the matrices, time nothing")
     ap.add_argument("--big-refs", type=int, default=None,
                     help="rows of big_ref (the large kNN and HNSW reference set; default 100,000)")
+    ap.add_argument("--knn-only", action="store_true",
+                    help="time the exact kNN and HNSW cases only (no Gaussian fits or scoring)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -495,7 +502,7 @@ def main() -> int:
         export(args.out_dir, args.src, args.quick, args.big_refs)
         print(f"# wrote matrices to {args.out_dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if not args.export_only:
-        bench(args.out_dir, args.quick, args.threads)
+        bench(args.out_dir, args.quick, args.threads, args.knn_only)
     return 0
 
 
