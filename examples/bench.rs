@@ -214,7 +214,12 @@ fn main() {
 
     // 100k synthetic references: exact, and HNSW with recall against exact.
     let (big_query, n_bq, _) = load(dir, "big_query");
-    let mut f = KnnFitter::new(d, KnnOptions::default());
+    // Exact at any size (the default switches to HNSW beyond `exact_max` references).
+    let exact_opts = KnnOptions {
+        exact_max: usize::MAX,
+        ..KnnOptions::default()
+    };
+    let mut f = KnnFitter::new(d, exact_opts);
     f.push_batch(&big_ref).expect("refs");
     let exact = f.finish().expect("knn");
     for threads in [cores, 1] {
@@ -280,7 +285,13 @@ fn main() {
     }
     let mut hnsw = built.pop().expect("built");
     drop(built);
-    for ef in [16, 32, 48, 64, 96, 128, 256] {
+    // The peer script's ef curve: on to 512 beyond 200k references.
+    let efs: &[usize] = if n_ref > 200_000 {
+        &[16, 32, 48, 64, 96, 128, 256, 384, 512]
+    } else {
+        &[16, 32, 48, 64, 96, 128, 256]
+    };
+    for &ef in efs {
         hnsw.set_ef_search(ef).expect("ef");
         let recall = hnsw
             .measure_recall(&big_query, 10)
