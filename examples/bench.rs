@@ -99,95 +99,14 @@ fn main() {
     let (big_ref, n_ref, _) = load(dir, "big_ref");
     // `--knn-only` (after the data directory): the kNN and HNSW cases alone.
     if !knn_only {
-        // Gaussian: fit (statistics + Ledoit-Wolf + eigendecomposition) and scoring.
-        let opts = GaussianOptions {
-            normalize: false,
-            ..GaussianOptions::default()
-        };
-        let mut det = None;
-        let secs = median_seconds(3, || {
-            let mut f = GaussianFitter::new(d, opts.clone());
-            f.push_batch(&fit).expect("fit batch");
-            det = Some(f.finish().expect("fit"));
-        });
-        emit_seconds("gaussian_fit", "actwatch", n_fit, d, cores, secs, "");
-        let det = det.expect("fitted");
-        let secs = median_seconds(5, || {
-            std::hint::black_box(det.score_batch(&query).expect("score"));
-        });
-        emit("gaussian_score", "actwatch", n_query, d, cores, secs, "");
-        let secs = with_threads(1, || {
-            median_seconds(3, || {
-                std::hint::black_box(det.score_batch(&query).expect("score"));
-            })
-        });
-        emit("gaussian_score", "actwatch", n_query, d, 1, secs, "");
-
-        // Gaussian fit at n = 100k (big_ref), then fit and scoring at d = 1024 / 4096 (the peer
-        // script's wide matrices) in calls of 1 (the first 256 rows), 64 and 4096 rows; full whitening
-        // and, at 4096, rank 256 + residual (the default there).
-        let secs = median_seconds(3, || {
-            std::hint::black_box(fit_gaussian(&big_ref, d, &opts));
-        });
-        emit_seconds("gaussian_fit_100k", "actwatch", n_ref, d, cores, secs, "");
-        for wd in [1024usize, 4096] {
-            if !dir.join(format!("wide_fit_{wd}.f32")).exists() {
-                continue; // --quick writes d = 1024 only
-            }
-            let (wfit, n_wfit, _) = load(dir, &format!("wide_fit_{wd}"));
-            let (wq, _, _) = load(dir, &format!("wide_query_{wd}"));
-            let big = wd >= 4096;
-            let mut models = vec![("", wd)];
-            if big {
-                models.push(("lr", 256));
-            }
-            for (tag, rank) in models {
-                let wopts = GaussianOptions {
-                    normalize: false,
-                    rank: Some(rank),
-                    ..GaussianOptions::default()
-                };
-                let mut wdet = None;
-                let fit_once = || fit_gaussian(&wfit, wd, &wopts);
-                let secs = if big {
-                    once_seconds(|| wdet = Some(fit_once()))
-                } else {
-                    median_seconds(3, || wdet = Some(fit_once()))
-                };
-                let extra = format!(",\"rank\":{rank}");
-                emit_seconds(
-                    &format!("gaussian_fit_d{wd}{tag}"),
-                    "actwatch",
-                    n_wfit,
-                    wd,
-                    cores,
-                    secs,
-                    &extra,
-                );
-                let wdet = wdet.expect("fitted");
-                for b in [1usize, 64, 4096] {
-                    let rows = if b == 1 { &wq[..256 * wd] } else { &wq[..] };
-                    for threads in [cores, 1] {
-                        let secs = with_threads(threads, || {
-                            median_seconds(3, || {
-                                for call in rows.chunks(b * wd) {
-                                    std::hint::black_box(wdet.score_batch(call).expect("score"));
-                                }
-                            })
-                        });
-                        emit(
-                            &format!("gaussian_score_d{wd}{tag}_b{b}"),
-                            "actwatch",
-                            rows.len() / wd,
-                            wd,
-                            threads,
-                            secs,
-                            &format!(",\"batch\":{b},\"rank\":{rank}"),
-                        );
-                    }
-                }
-            }
-        }
+        gaussian_cases(
+            dir,
+            (&fit, n_fit),
+            (&query, n_query),
+            (&big_ref, n_ref),
+            d,
+            cores,
+        );
     }
 
     // Exact kNN against the 6,000 real references.
@@ -312,6 +231,107 @@ fn main() {
                 secs,
                 &format!(",\"refs\":{n_ref},\"ef\":{ef},\"recall_at_10\":{recall:.4}"),
             );
+        }
+    }
+}
+
+/// The Gaussian cases: fit and scoring at d = 384 (`fit`, `query`), the fit at n = 100k
+/// (`big_ref`), and fit and scoring at d = 1024 / 4096 (the peer script's wide matrices).
+fn gaussian_cases(
+    dir: &Path,
+    (fit, n_fit): (&[f32], usize),
+    (query, n_query): (&[f32], usize),
+    (big_ref, n_ref): (&[f32], usize),
+    d: usize,
+    cores: usize,
+) {
+    // Gaussian: fit (statistics + Ledoit-Wolf + eigendecomposition) and scoring.
+    let opts = GaussianOptions {
+        normalize: false,
+        ..GaussianOptions::default()
+    };
+    let mut det = None;
+    let secs = median_seconds(3, || {
+        let mut f = GaussianFitter::new(d, opts.clone());
+        f.push_batch(fit).expect("fit batch");
+        det = Some(f.finish().expect("fit"));
+    });
+    emit_seconds("gaussian_fit", "actwatch", n_fit, d, cores, secs, "");
+    let det = det.expect("fitted");
+    let secs = median_seconds(5, || {
+        std::hint::black_box(det.score_batch(query).expect("score"));
+    });
+    emit("gaussian_score", "actwatch", n_query, d, cores, secs, "");
+    let secs = with_threads(1, || {
+        median_seconds(3, || {
+            std::hint::black_box(det.score_batch(query).expect("score"));
+        })
+    });
+    emit("gaussian_score", "actwatch", n_query, d, 1, secs, "");
+
+    // Gaussian fit at n = 100k (big_ref), then fit and scoring at d = 1024 / 4096 (the peer
+    // script's wide matrices) in calls of 1 (the first 256 rows), 64 and 4096 rows; full whitening
+    // and, at 4096, rank 256 + residual (the default there).
+    let secs = median_seconds(3, || {
+        std::hint::black_box(fit_gaussian(big_ref, d, &opts));
+    });
+    emit_seconds("gaussian_fit_100k", "actwatch", n_ref, d, cores, secs, "");
+    for wd in [1024usize, 4096] {
+        if !dir.join(format!("wide_fit_{wd}.f32")).exists() {
+            continue; // --quick writes d = 1024 only
+        }
+        let (wfit, n_wfit, _) = load(dir, &format!("wide_fit_{wd}"));
+        let (wq, _, _) = load(dir, &format!("wide_query_{wd}"));
+        let big = wd >= 4096;
+        let mut models = vec![("", wd)];
+        if big {
+            models.push(("lr", 256));
+        }
+        for (tag, rank) in models {
+            let wopts = GaussianOptions {
+                normalize: false,
+                rank: Some(rank),
+                ..GaussianOptions::default()
+            };
+            let mut wdet = None;
+            let fit_once = || fit_gaussian(&wfit, wd, &wopts);
+            let secs = if big {
+                once_seconds(|| wdet = Some(fit_once()))
+            } else {
+                median_seconds(3, || wdet = Some(fit_once()))
+            };
+            let extra = format!(",\"rank\":{rank}");
+            emit_seconds(
+                &format!("gaussian_fit_d{wd}{tag}"),
+                "actwatch",
+                n_wfit,
+                wd,
+                cores,
+                secs,
+                &extra,
+            );
+            let wdet = wdet.expect("fitted");
+            for b in [1usize, 64, 4096] {
+                let rows = if b == 1 { &wq[..256 * wd] } else { &wq[..] };
+                for threads in [cores, 1] {
+                    let secs = with_threads(threads, || {
+                        median_seconds(3, || {
+                            for call in rows.chunks(b * wd) {
+                                std::hint::black_box(wdet.score_batch(call).expect("score"));
+                            }
+                        })
+                    });
+                    emit(
+                        &format!("gaussian_score_d{wd}{tag}_b{b}"),
+                        "actwatch",
+                        rows.len() / wd,
+                        wd,
+                        threads,
+                        secs,
+                        &format!(",\"batch\":{b},\"rank\":{rank}"),
+                    );
+                }
+            }
         }
     }
 }

@@ -14,13 +14,14 @@
 #    target/bench-results/results.json holds every row of both with the machine's description;
 # 5. unless --skip-service: scripts/bench_service.sh (ingest against Arrow Flight, StreamScores
 #    latency) -> target/bench-results/service.md;
-# 6. unless --quick or --no-docs: docs/benchmarks.md is rewritten (date, CPU, cores, command, tables).
+# 6. unless --quick or --no-docs: docs/benchmarks.md (with --knn-only: docs/benchmarks-knn.md) is
+#    rewritten (date, CPU, cores, command, tables).
 #
 # --big-refs N sets the size of the large kNN/HNSW reference set (default 100,000). Beyond 200,000
 # each HNSW is built once, on all threads (queries still run on 1 and all).
 # --knn-only times the exact kNN and HNSW cases alone, skips the service, and writes
 # docs/benchmarks-knn.md instead of docs/benchmarks.md: `scripts/bench.sh --knn-only --big-refs
-# 1000000` is the HNSW case at 1M references (about 30 minutes on 2 cores, most of it the builds).
+# 1000000` is the HNSW case at 1M references (about 35 minutes on 2 cores, most of it the builds).
 #
 # Run it on a quiet machine: builds or other jobs running alongside distort every figure.
 # --skip-peers reuses the matrices and peers.jsonl already there (e.g. while iterating on Rust).
