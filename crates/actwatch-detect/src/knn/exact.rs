@@ -1,155 +1,356 @@
-//! Exact search as a blocked f32 GEMM: a block of queries times a block of references gives a
-//! similarity tile, scanned into a per-query top-k ([`TopK`]), so memory is bounded by the tile
-//! sizes and the arithmetic runs at matrix-product speed.
+//! Exact search in blocks: a block of queries against a tile of references gives approximate
+//! keys with a proven error bound (`bounds.rs`: an int8 product where the CPU has AVX-512 VNNI,
+//! else the f32 GEMM), scanned into each query's threshold (the k-th largest lower bound) and the
+//! references whose upper bound reaches it; only those are ranked by the exact f64 distance. Memory
+//! is bounded by the tile sizes and [`CANDIDATES_MAX`] per query.
 
 use actwatch_core::l2_normalize_rows;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use super::bounds::{int8_available, int8_tile, Bounds, QueryBlock, Tiles, QUAD};
+use super::hnsw::prefetch;
 use super::{KnnDetector, Metric, QUERY_BLOCK, REF_BLOCK, SCAN_CHUNK};
 
-/// Candidate neighbours of one query: ranking key (higher = nearer) and reference index.
-struct TopK {
+/// A query's k nearest references, (exact distance before clamping, index), nearest first.
+pub(super) type Nearest = Vec<(f64, usize)>;
+/// What exact search does with each prepared query and its [`Nearest`].
+pub(super) type Finish<'a, T> = dyn Fn(&[f32], Nearest) -> T + Sync + 'a;
+
+/// Most references one query holds for ranking again. Beyond it (thousands of references tied
+/// within the bound: duplicates, a degenerate set) the query is ranked by brute force in f64,
+/// which is exact too; memory per query block stays bounded either way.
+const CANDIDATES_MAX: usize = 8192;
+
+/// One query's scan state: the k largest lower bounds seen (descending) and the references whose
+/// upper bound reached the threshold when they were seen.
+struct Found {
     k: usize,
-    keys: Vec<f32>,
-    idx: Vec<usize>,
+    lows: Vec<f32>,
+    cands: Vec<(u32, f32)>,
+    cap: usize,
+    /// More than [`CANDIDATES_MAX`] candidates stayed: rank by brute force.
+    overflow: bool,
 }
 
-impl TopK {
+impl Found {
     fn new(k: usize) -> Self {
         Self {
             k,
-            keys: Vec::with_capacity(k),
-            idx: Vec::with_capacity(k),
+            lows: Vec::with_capacity(k),
+            cands: Vec::new(),
+            cap: (4 * k).max(256),
+            overflow: false,
         }
     }
 
+    /// No true k-nearest neighbour has a key below this.
     #[inline]
     fn threshold(&self) -> f32 {
-        if self.keys.len() < self.k {
+        if self.lows.len() < self.k {
             f32::NEG_INFINITY
         } else {
-            self.keys[self.k - 1]
+            self.lows[self.k - 1]
         }
     }
 
-    /// Inserts when `key` beats the current k-th best; equal keys keep the earlier index. An
-    /// insertion-sort step in place (the last entry falls off when full): most inserts move a
-    /// few entries, and a call into `memmove` for each of two vectors cost more than that.
     #[inline]
-    fn insert(&mut self, key: f32, i: usize) {
-        let thr = self.threshold();
-        if key.is_nan() || key <= thr {
+    fn offer_low(&mut self, low: f32) {
+        if low <= self.threshold() {
             return;
         }
-        if self.keys.len() < self.k {
-            self.keys.push(key);
-            self.idx.push(i);
+        if self.lows.len() < self.k {
+            self.lows.push(low);
         }
-        let mut pos = self.keys.len() - 1;
-        while pos > 0 && self.keys[pos - 1] < key {
-            self.keys[pos] = self.keys[pos - 1];
-            self.idx[pos] = self.idx[pos - 1];
+        let mut pos = self.lows.len() - 1;
+        while pos > 0 && self.lows[pos - 1] < low {
+            self.lows[pos] = self.lows[pos - 1];
             pos -= 1;
         }
-        self.keys[pos] = key;
-        self.idx[pos] = i;
+        self.lows[pos] = low;
     }
 
-    /// Offers reference `base + j` with key `sims[j] - half[j]` (`half` absent: `sims[j]`),
-    /// skipping whole chunks none of which can enter. One pass over the tile column: a chunk's
-    /// keys are formed and compared with the threshold in registers (an or-reduction, so it
-    /// vectorises), and only a chunk holding a candidate is walked again.
-    fn scan(&mut self, sims: &[f32], half: Option<&[f32]>, base: usize) {
+    #[inline]
+    fn push(&mut self, i: usize, high: f32) {
+        if self.overflow {
+            return;
+        }
+        if self.cands.len() >= self.cap {
+            let thr = self.threshold();
+            self.cands.retain(|c| c.1 >= thr);
+            if self.cands.len() > self.cap / 2 {
+                if self.cap >= CANDIDATES_MAX.max(4 * self.k) {
+                    self.overflow = true;
+                    self.cands = Vec::new();
+                    return;
+                }
+                self.cap *= 2;
+            }
+        }
+        // Reference indices fit u32: exact search is for sets far below 4 billion rows.
+        self.cands.push((i as u32, high));
+    }
+
+    fn merge(&mut self, other: Found) {
+        for low in other.lows {
+            self.offer_low(low);
+        }
+        self.overflow |= other.overflow;
+        for (i, high) in other.cands {
+            self.push(i as usize, high);
+        }
+    }
+
+    /// Offers references `base + j` with approximate keys `a[j]` (offsets and bound columns from
+    /// `cols`, starting at `base`); whole chunks none of whose upper bounds reaches the threshold
+    /// are skipped after one vectorised pass.
+    #[inline(always)]
+    fn scan(&mut self, a: &[f32], b: &Bounds, base: usize, alpha: f32, beta: f32) {
+        let end = base + a.len();
+        let (off, x, y, z) = (
+            &b.off[base..end],
+            &b.x[base..end],
+            &b.y[base..end],
+            &b.z[base..end],
+        );
         let mut thr = self.threshold();
-        for (c, chunk) in sims.chunks(SCAN_CHUNK).enumerate() {
-            let start = c * SCAN_CHUNK;
-            let half = half.map(|h| &h[start..start + chunk.len()]);
-            let hit = match half {
-                Some(h) => chunk
-                    .iter()
-                    .zip(h)
-                    .fold(false, |any, (&s, &hr)| any | (s - hr > thr)),
-                None => chunk.iter().fold(false, |any, &s| any | (s > thr)),
-            };
-            if hit {
-                for (j, &s) in chunk.iter().enumerate() {
-                    let v = half.map_or(s, |h| s - h[j]);
-                    if v > thr {
-                        self.insert(v, base + start + j);
-                        thr = self.threshold();
-                    }
+        let mut high = [0f32; SCAN_CHUNK];
+        for (c, chunk) in a.chunks(SCAN_CHUNK).enumerate() {
+            let s = c * SCAN_CHUNK;
+            let e = s + chunk.len();
+            // Upper bounds of the chunk and which reach the threshold, as a bit mask (vectorised).
+            let mut mask = 0u32;
+            for (j, ((((h, &a), &o), &x), (&y, &z))) in high
+                .iter_mut()
+                .zip(chunk)
+                .zip(&off[s..e])
+                .zip(&x[s..e])
+                .zip(y[s..e].iter().zip(&z[s..e]))
+                .enumerate()
+            {
+                *h = a + o + (alpha * x + beta * y + z);
+                mask |= u32::from(*h >= thr) << j;
+            }
+            while mask != 0 {
+                let j = mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                if high[j] >= thr {
+                    let bound = alpha * x[s + j] + beta * y[s + j] + z[s + j];
+                    self.push(base + s + j, high[j]);
+                    self.offer_low(chunk[j] + off[s + j] - bound);
+                    thr = self.threshold();
                 }
             }
         }
     }
 }
 
+/// Each query's approximate keys from its column of the int8 tile (`a = s_q s_r (t - corr)`),
+/// scanned into its state. Compiled for AVX-512, which the int8 kernel needs anyway (checked when
+/// its bounds were built); the scan is as long as the product, so it runs 16 keys a compare.
+#[allow(clippy::too_many_arguments)]
+#[allow(unsafe_code)]
+fn scan_int8(
+    found: &mut [Found],
+    tile: &[i32],
+    ld: usize,
+    scale: &[f32],
+    qblock: &QueryBlock,
+    bounds: &Bounds,
+    base: usize,
+    col: &mut [f32],
+) {
+    assert!(int8_available() && col.len() == scale.len() && tile.len() >= found.len() * ld);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F/BW (asserted), the features `avx512::scan_int8` is compiled
+    // for; it reads `tile` and the columns within the lengths asserted here and in `scan`.
+    unsafe {
+        avx512::scan_int8(found, tile, ld, scale, qblock, bounds, base, col)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Bounds, Found, QueryBlock};
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn scan_int8(
+        found: &mut [Found],
+        tile: &[i32],
+        ld: usize,
+        scale: &[f32],
+        qblock: &QueryBlock,
+        bounds: &Bounds,
+        base: usize,
+        col: &mut [f32],
+    ) {
+        let n = col.len();
+        let end = base + n;
+        let (off, x, y, z) = (
+            &bounds.off[base..end],
+            &bounds.x[base..end],
+            &bounds.y[base..end],
+            &bounds.z[base..end],
+        );
+        for (qi, top) in found.iter_mut().enumerate() {
+            let (sq, corr) = (qblock.scale[qi], qblock.corr[qi]);
+            for ((c, &t), &sr) in col.iter_mut().zip(&tile[qi * ld..qi * ld + n]).zip(scale) {
+                *c = sq * (sr * (t - corr) as f32);
+            }
+            let (alpha, beta) = (qblock.alpha[qi], qblock.beta[qi]);
+            let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+            let mut thr = top.threshold();
+            let mut high = [0f32; 16];
+            let full = n / 16 * 16;
+            let mut s = 0;
+            while s < n {
+                let mut mask: u32 = if s < full {
+                    let ld = |v: &[f32]| _mm512_loadu_ps(v.as_ptr().add(s));
+                    let h = _mm512_add_ps(
+                        _mm512_add_ps(ld(col), ld(off)),
+                        _mm512_fmadd_ps(va, ld(x), _mm512_fmadd_ps(vb, ld(y), ld(z))),
+                    );
+                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(h, _mm512_set1_ps(thr));
+                    if m != 0 {
+                        _mm512_storeu_ps(high.as_mut_ptr(), h);
+                    }
+                    u32::from(m)
+                } else {
+                    let mut m = 0;
+                    for (j, h) in high.iter_mut().enumerate().take(n - s) {
+                        let i = s + j;
+                        *h = col[i] + off[i] + (alpha * x[i] + beta * y[i] + z[i]);
+                        m |= u32::from(*h >= thr) << j;
+                    }
+                    m
+                };
+                while mask != 0 {
+                    let j = mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    if high[j] >= thr {
+                        let i = s + j;
+                        let bound = alpha * x[i] + beta * y[i] + z[i];
+                        top.push(base + i, high[j]);
+                        top.offer_low(col[i] + off[i] - bound);
+                        thr = top.threshold();
+                    }
+                }
+                s += 16;
+            }
+        }
+    }
+}
+
+/// Per-thread buffers of one query block's scan.
+struct Scratch {
+    f32_tile: Vec<f32>,
+    i32_tile: Vec<i32>,
+    col: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(b: &Bounds, tile_len: usize) -> Self {
+        match b.tiles {
+            Tiles::Int8 { .. } => Self {
+                f32_tile: Vec::new(),
+                i32_tile: vec![0; tile_len],
+                col: vec![0.0; REF_BLOCK],
+            },
+            Tiles::F32 => Self {
+                f32_tile: vec![0.0; tile_len],
+                i32_tile: Vec::new(),
+                col: Vec::new(),
+            },
+        }
+    }
+}
+
 impl KnnDetector {
-    /// For every query, `finish(prepared query, indices of its k nearest references by the f32
-    /// GEMM ranking)` (`k <= len()`). Query blocks run in parallel, each GEMM on one thread; memory
-    /// is one tile and one prepared query block per thread. When there are fewer query blocks
-    /// than threads (a few queries: a live token), each block's reference tiles are spread over
-    /// the threads instead and their top-k lists merged, so one query uses every core's memory
-    /// bandwidth; the result is the same either way.
+    /// For every query, `finish(prepared query, its k nearest references as (exact f64 distance
+    /// before clamping, index), nearest first, ties to the lower index)` (`k <= len()`). Query blocks run in
+    /// parallel, each on one thread; memory is one tile and one prepared query block per thread.
+    /// When there are fewer query blocks than threads (a few queries: a live token), each block's
+    /// reference tiles are spread over the threads instead and their scans merged, so one query
+    /// uses every core's memory bandwidth; the result is the same either way.
     pub(super) fn exact_search<T: Send>(
         &self,
         rows: &[f32],
         k: usize,
-        finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
+        finish: &Finish<'_, T>,
     ) -> Vec<T> {
         let dim = self.dim;
         let nq = rows.len() / dim;
         let threads = rayon::current_num_threads().max(1);
         let qb = nq.div_ceil(threads).clamp(1, QUERY_BLOCK);
         let split_refs = nq.div_ceil(qb) < threads && self.len() > REF_BLOCK;
-        let half = match self.options.metric {
-            Metric::L2 => Some(self.half_sq_norms()),
-            Metric::Cosine => None,
-        };
+        let bounds = self.bounds();
         rows.par_chunks(qb * dim)
-            .flat_map_iter(|block| self.search_block(block, k, half, split_refs, finish))
+            .flat_map_iter(|block| self.search_block(bounds, block, k, split_refs, finish))
             .collect()
     }
 
-    /// Offers every reference of tile `b` (`rblock`, its rows) to the queries' top-k lists.
+    /// Scans reference tile `b` (`rblock`, its rows) into the queries' states.
+    #[allow(clippy::too_many_arguments)]
     fn scan_ref_block(
         &self,
-        qmat: MatRef<'_, f32>,
+        bounds: &Bounds,
+        queries: &[f32],
+        qblock: &QueryBlock,
         b: usize,
         rblock: &[f32],
-        half: Option<&[f32]>,
-        tile: &mut [f32],
-        tops: &mut [TopK],
+        scratch: &mut Scratch,
+        found: &mut [Found],
     ) {
-        let (dim, bq) = (self.dim, qmat.nrows());
+        let (dim, bq) = (self.dim, queries.len() / self.dim);
         let br = rblock.len() / dim;
         let base = b * REF_BLOCK;
-        let tile = &mut tile[..br * bq];
-        // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's similarities.
-        matmul(
-            MatMut::from_column_major_slice_mut(tile, br, bq),
-            Accum::Replace,
-            MatRef::from_row_major_slice(rblock, br, dim),
-            qmat.transpose(),
-            1.0f32,
-            Par::Seq,
-        );
-        // L2 ranking key: q·r - ||r||²/2 (= (||q||² - ||q - r||²) / 2), formed in the scan.
-        let half = half.map(|h| &h[base..base + br]);
-        for (col, top) in tile.chunks_exact(br).zip(tops.iter_mut()) {
-            top.scan(col, half, base);
+        match &bounds.tiles {
+            Tiles::Int8 {
+                packed,
+                groups,
+                scale,
+                ..
+            } => {
+                let quad_bytes = QUAD * groups * 4;
+                let first = base / QUAD * quad_bytes;
+                let last = (base + br).div_ceil(QUAD) * quad_bytes;
+                let ld = br.div_ceil(QUAD) * QUAD;
+                let tile = &mut scratch.i32_tile[..ld * bq];
+                int8_tile(&packed[first..last], *groups, &qblock.words, bq, tile, ld);
+                let scale = &scale[base..base + br];
+                let col = &mut scratch.col[..br];
+                scan_int8(found, tile, ld, scale, qblock, bounds, base, col);
+            }
+            Tiles::F32 => {
+                let tile = &mut scratch.f32_tile[..br * bq];
+                // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's products.
+                matmul(
+                    MatMut::from_column_major_slice_mut(tile, br, bq),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(rblock, br, dim),
+                    MatRef::from_row_major_slice(queries, bq, dim).transpose(),
+                    1.0f32,
+                    Par::Seq,
+                );
+                for (qi, (col, top)) in tile.chunks_exact(br).zip(found.iter_mut()).enumerate() {
+                    top.scan(col, bounds, base, qblock.alpha[qi], qblock.beta[qi]);
+                }
+            }
         }
     }
 
     fn search_block<T>(
         &self,
+        bounds: &Bounds,
         block: &[f32],
         k: usize,
-        half: Option<&[f32]>,
         split_refs: bool,
-        finish: &(dyn Fn(&[f32], Vec<usize>) -> T + Sync),
+        finish: &Finish<'_, T>,
     ) -> Vec<T> {
         let dim = self.dim;
         let bq = block.len() / dim;
@@ -157,55 +358,91 @@ impl KnnDetector {
         if self.options.metric == Metric::Cosine {
             l2_normalize_rows(&mut queries, dim);
         }
-        let qmat = MatRef::from_row_major_slice(&queries, bq, dim);
-        let new_tops = || (0..bq).map(|_| TopK::new(k)).collect::<Vec<_>>();
-        let tile_len = REF_BLOCK.min(self.len()) * bq;
-        let tops = if split_refs {
-            // Every tile on its own (the same products as below), and lists merged two
-            // neighbours at a time, the later one offered to the earlier: equal keys keep the
-            // earlier index, as in one sequential scan, and only a few lists are alive at once.
+        let mut qblock = QueryBlock::default();
+        bounds.prepare_queries(&queries, dim, &mut qblock);
+        let new_found = || (0..bq).map(|_| Found::new(k)).collect::<Vec<_>>();
+        let tile_len = REF_BLOCK.min(self.len()).div_ceil(QUAD) * QUAD * bq;
+        let found = if !bounds.usable {
+            new_found()
+        } else if split_refs {
+            // Every tile on its own (the same products as below), states merged; the result is
+            // exact either way, so the merge order does not matter.
             self.refs
                 .par_chunks(REF_BLOCK * dim)
                 .enumerate()
                 .map_init(
-                    || vec![0f32; tile_len],
-                    |tile, (b, rblock)| {
-                        let mut tops = new_tops();
-                        self.scan_ref_block(qmat, b, rblock, half, tile, &mut tops);
-                        tops
+                    || Scratch::new(bounds, tile_len),
+                    |scratch, (b, rblock)| {
+                        let mut found = new_found();
+                        self.scan_ref_block(
+                            bounds, &queries, &qblock, b, rblock, scratch, &mut found,
+                        );
+                        found
                     },
                 )
-                .reduce(new_tops, |mut earlier, later| {
-                    for (top, p) in earlier.iter_mut().zip(later) {
-                        for (&key, &i) in p.keys.iter().zip(&p.idx) {
-                            top.insert(key, i);
-                        }
+                .reduce(new_found, |mut earlier, later| {
+                    for (f, l) in earlier.iter_mut().zip(later) {
+                        f.merge(l);
                     }
                     earlier
                 })
         } else {
-            let mut tops = new_tops();
-            let mut tile = vec![0f32; tile_len];
+            let mut found = new_found();
+            let mut scratch = Scratch::new(bounds, tile_len);
             for (b, rblock) in self.refs.chunks(REF_BLOCK * dim).enumerate() {
-                self.scan_ref_block(qmat, b, rblock, half, &mut tile, &mut tops);
+                self.scan_ref_block(
+                    bounds,
+                    &queries,
+                    &qblock,
+                    b,
+                    rblock,
+                    &mut scratch,
+                    &mut found,
+                );
             }
-            tops
+            found
         };
         queries
             .chunks_exact(dim)
-            .zip(tops)
-            .map(|(q, top)| {
-                let mut idx = top.idx;
-                if idx.len() < k {
-                    // Only when f32 keys overflowed to NaN (values beyond ~1e18): rank exactly.
-                    let d = self.brute_force_distances(q);
-                    let mut order: Vec<usize> = (0..d.len()).collect();
-                    order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then(a.cmp(&b)));
-                    order.truncate(k);
-                    idx = order;
-                }
-                finish(q, idx)
-            })
+            .zip(found)
+            .zip(&qblock.ok)
+            .map(|((q, f), &ok)| finish(q, self.rank(q, f, k, ok && bounds.usable)))
             .collect()
+    }
+
+    /// The k nearest of the candidates by exact distance (ties to the lower index); every
+    /// reference by brute force when the bounds could not be used or held too many.
+    fn rank(&self, q: &[f32], f: Found, k: usize, bounded: bool) -> Nearest {
+        let thr = f.threshold();
+        let mut ranked: Vec<(f64, usize)> = Vec::new();
+        if bounded && !f.overflow && f.lows.len() == k {
+            let cands: Vec<usize> = f
+                .cands
+                .iter()
+                .filter(|c| c.1 >= thr)
+                .map(|c| c.0 as usize)
+                .collect();
+            // The rows are scattered and rarely cached: ask for all of them before the first
+            // is needed, so their misses overlap.
+            for &i in &cands {
+                prefetch(self.reference(i), usize::MAX);
+            }
+            ranked = cands
+                .into_iter()
+                .map(|i| (self.rank_distance(q, i), i))
+                .collect();
+        }
+        if ranked.len() < k {
+            ranked = (0..self.len())
+                .map(|i| (self.rank_distance(q, i), i))
+                .collect();
+        }
+        let by = |a: &(f64, usize), b: &(f64, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if ranked.len() > k {
+            ranked.select_nth_unstable_by(k - 1, by);
+            ranked.truncate(k);
+        }
+        ranked.sort_unstable_by(by);
+        ranked
     }
 }

@@ -659,7 +659,7 @@ const PREFETCH_LINES: usize = 32;
 /// cache: a hint, with no effect on results.
 #[inline(always)]
 #[allow(unsafe_code)]
-fn prefetch<T>(s: &[T], lines: usize) {
+pub(super) fn prefetch<T>(s: &[T], lines: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

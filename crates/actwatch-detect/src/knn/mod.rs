@@ -2,14 +2,15 @@
 //! vector (deep k-NN OOD), by default on L2-normalised vectors with cosine distance `1 - cos`.
 //!
 //! Key decision: search is *exact* while the reference set is small (up to
-//! [`KnnOptions::exact_max`] references) and done as a blocked f32 GEMM (faer): a block of queries
-//! times a block of references gives a similarity tile, scanned into a per-query top-k, so memory
-//! is bounded by the tile sizes and the arithmetic runs at matrix-product speed. Beyond that size
-//! an HNSW graph (`hnsw.rs`, squared Euclidean distance, on normalised vectors for cosine) answers
+//! [`KnnOptions::exact_max`] references) and done in blocks: a block of queries against a tile of
+//! references gives approximate keys with a proven error bound (an int8 product where the CPU
+//! has AVX-512 VNNI, else the f32 GEMM; `bounds.rs`), and only the few references whose bound
+//! reaches the k-th best are ranked by the exact f64 distance, so the k nearest are exact (ties to
+//! the lower index) on every CPU and memory is bounded by the tile sizes. Beyond that size an HNSW
+//! graph (`hnsw.rs`, squared Euclidean distance, on normalised vectors for cosine) answers
 //! instead, with its recall against exact search measurable through
-//! [`KnnDetector::measure_recall`]. Either way the
-//! k candidate neighbours' distances are recomputed in f64 before the k-th is taken, so scores do
-//! not carry the cancellation error of `||q||² + ||r||² - 2 q·r` in f32.
+//! [`KnnDetector::measure_recall`], and its k candidates' distances recomputed in f64. Either way
+//! scores do not carry the cancellation error of `||q||² + ||r||² - 2 q·r` in f32.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -17,9 +18,11 @@ use std::sync::OnceLock;
 use actwatch_core::{check_rows, l2_normalize_rows, Error as CoreError};
 use rayon::prelude::*;
 
+mod bounds;
 mod exact;
 mod hnsw;
 
+use bounds::{int8_available, Bounds};
 use hnsw::{Distance, HnswGraph, Refs, ScratchPool};
 
 use crate::{Error, Result};
@@ -367,7 +370,7 @@ impl KnnFitter {
             dim: self.dim,
             options: self.options,
             refs,
-            half_sq_norms: OnceLock::new(),
+            bounds: OnceLock::new(),
             index: None,
             scratch: ScratchPool::default(),
         };
@@ -432,9 +435,9 @@ pub struct KnnDetector {
     options: KnnOptions,
     /// Row-major references, normalised when the metric is cosine.
     refs: Vec<f32>,
-    /// `||r||² / 2` per reference (L2 ranking key); computed on first use.
+    /// Exact search's bound columns (`bounds.rs`); built by `prepare()` or on first use.
     #[serde(skip)]
-    half_sq_norms: OnceLock<Vec<f32>>,
+    bounds: OnceLock<Box<Bounds>>,
     /// HNSW index when `len() > exact_max`; built by `prepare()` (never lazily: a lazy build
     /// inside a rayon task could re-enter itself through work stealing) unless one was offered.
     #[serde(skip)]
@@ -493,10 +496,10 @@ impl KnnDetector {
     pub fn prepare(&mut self) -> Result<()> {
         self.check_structure()?;
         check_rows(self.dim, &self.refs)?;
-        self.half_sq_norms = OnceLock::new();
-        self.half_sq_norms();
+        self.bounds = OnceLock::new();
         if self.is_exact() {
             self.index = None;
+            self.bounds();
             return Ok(());
         }
         if u32::try_from(self.len()).is_err() {
@@ -553,12 +556,11 @@ impl KnnDetector {
         }
         let k = self.options.k;
         if self.is_exact() {
-            Ok(self.exact_search(rows, k, &|q: &[f32], cands: Vec<usize>| {
-                cands
-                    .iter()
-                    .map(|&i| self.exact_distance(q, i))
-                    .fold(0.0, f64::max)
-            }))
+            Ok(
+                self.exact_search(rows, k, &|_: &[f32], nearest: Vec<(f64, usize)>| {
+                    self.distance_from_rank(nearest[k - 1].0)
+                }),
+            )
         } else {
             let index = self.graph()?;
             let ef = self.options.hnsw_ef_search.max(k);
@@ -588,7 +590,7 @@ impl KnnDetector {
         }
     }
 
-    /// The k nearest reference indices per query, nearest first, by exact search (blocked GEMM,
+    /// The k nearest reference indices per query, nearest first, by exact search (bounded keys,
     /// then f64 distances; ties go to the lower index). k is capped at `len()`.
     pub fn exact_neighbours(&self, rows: &[f32], k: usize) -> Result<Vec<Vec<usize>>> {
         self.check_structure()?;
@@ -600,9 +602,11 @@ impl KnnDetector {
         if k == 0 {
             return Ok(vec![Vec::new(); nq]);
         }
-        Ok(self.exact_search(rows, k, &|q: &[f32], cands: Vec<usize>| {
-            self.sorted_by_distance(q, cands)
-        }))
+        Ok(
+            self.exact_search(rows, k, &|_: &[f32], nearest: Vec<(f64, usize)>| {
+                nearest.into_iter().map(|(_, i)| i).collect()
+            }),
+        )
     }
 
     /// recall@k of the HNSW index against exact search on these queries (share of the exact k
@@ -669,12 +673,16 @@ impl KnnDetector {
         &self.refs[i * self.dim..(i + 1) * self.dim]
     }
 
-    fn half_sq_norms(&self) -> &[f32] {
-        self.half_sq_norms.get_or_init(|| {
-            self.refs
-                .chunks_exact(self.dim)
-                .map(|r| (0.5 * r.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()) as f32)
-                .collect()
+    /// Exact search's bound columns, the int8 kernel's when this CPU has it. Built once, on one
+    /// thread (a build inside `get_or_init` must not wait on rayon work that could re-enter it).
+    fn bounds(&self) -> &Bounds {
+        self.bounds.get_or_init(|| {
+            Box::new(Bounds::build(
+                &self.refs,
+                self.dim,
+                self.options.metric,
+                int8_available(),
+            ))
         })
     }
 
@@ -736,14 +744,41 @@ impl KnnDetector {
         (0..self.len()).map(|i| self.exact_distance(q, i)).collect()
     }
 
-    /// Candidates sorted by exact f64 distance, ties to the lower index.
-    fn sorted_by_distance(&self, q: &[f32], cands: Vec<usize>) -> Vec<usize> {
-        let mut with_d: Vec<(f64, usize)> = cands
-            .into_iter()
-            .map(|i| (self.exact_distance(q, i), i))
-            .collect();
-        with_d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        with_d.into_iter().map(|(_, i)| i).collect()
+    /// Test hook: a query as exact search prepares it.
+    #[cfg(test)]
+    fn prepared(&self, row: &[f32]) -> Vec<f32> {
+        let mut buf = vec![0f32; self.dim];
+        self.prepared_query(row, &mut buf).to_vec()
+    }
+
+    /// Test hook: the bounds of one kernel (int8 only where the CPU has it).
+    #[cfg(test)]
+    fn force_bounds(&mut self, int8: bool) {
+        let b = Bounds::build(
+            &self.refs,
+            self.dim,
+            self.options.metric,
+            int8 && int8_available(),
+        );
+        self.bounds = OnceLock::from(Box::new(b));
+    }
+
+    /// [`Self::exact_distance`] from [`Self::rank_distance`] (the same bits).
+    fn distance_from_rank(&self, rank: f64) -> f64 {
+        match self.options.metric {
+            Metric::Cosine => rank.clamp(0.0, 2.0),
+            Metric::L2 => rank.sqrt(),
+        }
+    }
+
+    /// The exact f64 distance before any clamping (cosine `1 - q·r`, L2 the squared distance):
+    /// exact search ranks by it, ties to the lower index.
+    fn rank_distance(&self, q: &[f32], i: usize) -> f64 {
+        let r = self.reference(i);
+        match self.options.metric {
+            Metric::Cosine => 1.0 - sum_f64_lanes(q, r, |a, b| a * b),
+            Metric::L2 => sum_f64_lanes(q, r, |a, b| (a - b) * (a - b)),
+        }
     }
 }
 
@@ -972,6 +1007,84 @@ mod tests {
     }
 
     #[test]
+    fn both_bound_kernels_find_the_exact_neighbours_on_hard_sets() {
+        // Anisotropic data (a large shared direction, as transformer states have), exact
+        // duplicates and near-duplicates (ties and near-ties within the bounds), at a width that
+        // is not a multiple of 4 and reference counts that leave partial tiles; every query's
+        // neighbours must be brute force's, by either kernel, on 1 and 4 threads.
+        let mut rng = Rng::new(17);
+        let dim = 37;
+        let mut refs = clustered(&mut rng, 1500, dim, 6, 0.05);
+        for r in refs.chunks_exact_mut(dim) {
+            r[0] += 3.0;
+        }
+        let dup = refs[..dim].to_vec();
+        for t in 0..40 {
+            refs.extend_from_slice(&dup);
+            let mut near = dup.clone();
+            near[t % dim] += 1e-6 * (t as f32);
+            refs.extend_from_slice(&near);
+        }
+        let mut queries = clustered(&mut rng, 60, dim, 6, 0.08);
+        queries.extend_from_slice(&dup);
+        queries.extend(std::iter::repeat_n(0.0, dim));
+        let far: Vec<f32> = (0..dim)
+            .map(|j| if j % 2 == 0 { 50.0 } else { -50.0 })
+            .collect();
+        queries.extend_from_slice(&far);
+        for metric in [Metric::Cosine, Metric::L2] {
+            for k in [1, 10, 45] {
+                let mut det = fit(dim, opts(k, metric), &refs);
+                for int8 in [true, false] {
+                    det.force_bounds(int8);
+                    for threads in [1, 4] {
+                        let (nbrs, scores) = on_threads(threads, || {
+                            (
+                                det.exact_neighbours(&queries, k).unwrap(),
+                                det.score_batch(&queries).unwrap(),
+                            )
+                        });
+                        for (qi, q) in queries.chunks_exact(dim).enumerate() {
+                            let mut d: Vec<(f64, usize)> = (0..det.len())
+                                .map(|i| (det.rank_distance(&det.prepared(q), i), i))
+                                .collect();
+                            d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                            let want: Vec<usize> = d[..k].iter().map(|p| p.1).collect();
+                            let ctx = format!("{metric:?} k={k} int8={int8} thr={threads} q={qi}");
+                            assert_eq!(nbrs[qi], want, "{ctx}");
+                            assert_eq!(scores[qi], det.distance_from_rank(d[k - 1].0), "{ctx}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thousands_of_tied_references_fall_back_to_brute_force() {
+        // More references tied within the bound than a query may hold (10,000 copies): the query
+        // is ranked by brute force and still gets the first k copies.
+        let dim = 8;
+        let row: Vec<f32> = (0..dim).map(|j| j as f32 * 0.1 + 0.3).collect();
+        let mut refs = vec![-1.0f32; dim];
+        for _ in 0..10_000 {
+            refs.extend_from_slice(&row);
+        }
+        for metric in [Metric::Cosine, Metric::L2] {
+            let mut det = fit(dim, opts(5, metric), &refs);
+            for int8 in [true, false] {
+                det.force_bounds(int8);
+                let nbrs = det.exact_neighbours(&row, 5).unwrap();
+                assert_eq!(
+                    nbrs[0],
+                    (1..6).collect::<Vec<_>>(),
+                    "{metric:?} int8={int8}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn tied_references_enter_the_top_k_in_index_order() {
         // 1200 copies of one row (ties across three reference tiles) after one far row: the k
         // nearest are the first k copies, whichever tile and chunk they sit in.
@@ -1189,7 +1302,7 @@ mod tests {
             dim: det.dim,
             options: o,
             refs: det.refs.clone(),
-            half_sq_norms: OnceLock::new(),
+            bounds: OnceLock::new(),
             index: None,
             scratch: ScratchPool::default(),
         };
@@ -1217,7 +1330,7 @@ mod tests {
             dim: 16,
             options: opts(5, Metric::L2),
             refs: vec![0.0; 17],
-            half_sq_norms: OnceLock::new(),
+            bounds: OnceLock::new(),
             index: None,
             scratch: ScratchPool::default(),
         };
