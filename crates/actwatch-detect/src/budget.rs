@@ -10,7 +10,7 @@
 //!   f64 in all, plus its whitening matrix (d x rank f32);
 //! - a kNN detector: its reference sample (min(rows, max_references) x d f32) held by the fitter,
 //!   the copy its index is built from, and for HNSW the graph (2 m neighbour ids a row, with
-//!   their distances);
+//!   their distances), for exact search the bound columns (the int8 rows and 5 f32 a row);
 //! - calibration: one raw score (f64) and computation index (u32) per calibration trace and
 //!   detector;
 //! - the joint detectors, at the joint width (the sum of the sites' widths, at most
@@ -30,12 +30,12 @@ pub fn detector_fit_bytes(spec: &DetectorSpec, d: usize, rows: u64) -> u64 {
         }
         DetectorSpec::Knn(o) => {
             let kept = rows.min(o.max_references as u64);
-            let graph = if kept > o.exact_max as u64 {
+            let index = if kept > o.exact_max as u64 {
                 kept * (o.hnsw_m as u64) * 2 * (4 + 4)
             } else {
-                0
+                kept * (d.div_ceil(4) * 4 + 5 * 4)
             };
-            2 * kept * d * 4 + kept * 8 + graph
+            2 * kept * d * 4 + kept * 8 + index
         }
     }
 }
