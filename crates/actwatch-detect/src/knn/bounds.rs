@@ -66,10 +66,7 @@ pub(super) struct Bounds {
 
 impl fmt::Debug for Bounds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.tiles {
-            Tiles::Int8 { .. } => "int8",
-            Tiles::F32 => "f32",
-        };
+        let kind = if self.is_int8() { "int8" } else { "f32" };
         f.debug_struct("Bounds")
             .field("tiles", &kind)
             .field("rows", &self.off.len())
@@ -129,6 +126,11 @@ fn quantise(c: &[f64], out: &mut [i8]) -> (f32, f64, f64) {
 }
 
 impl Bounds {
+    /// Whether tiles come from the int8 kernel.
+    pub(super) fn is_int8(&self) -> bool {
+        matches!(self.tiles, Tiles::Int8 { .. })
+    }
+
     /// The columns for `refs` (row-major, `dim` wide, as stored: normalised for cosine); the int8
     /// kernel when `int8` and the width allows it.
     pub(super) fn build(refs: &[f32], dim: usize, metric: Metric, int8: bool) -> Self {

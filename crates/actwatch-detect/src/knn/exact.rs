@@ -23,6 +23,14 @@ pub(super) type Finish<'a, T> = dyn Fn(&[f32], Nearest) -> T + Sync + 'a;
 /// which is exact too; memory per query block stays bounded either way.
 const CANDIDATES_MAX: usize = 8192;
 
+/// References taken as queries to judge whether a kernel's bounds prune ([`KnnDetector::bounds_prune`]).
+const PRUNE_SAMPLE: usize = 32;
+/// The int8 kernel is kept when a query ranks at most 1/16 of the references again. Its product
+/// costs about half the f32 GEMM's (6k x 384: 2x the queries/s), while ranking a reference again
+/// (f64, a row from memory) costs several times its share of the GEMM, so beyond about 1/8 the
+/// int8 kernel loses; 1/16 leaves a margin.
+const PRUNE_MIN_RATIO: usize = 16;
+
 /// One query's scan state: the k largest lower bounds seen (descending) and the references whose
 /// upper bound reached the threshold when they were seen.
 struct Found {
@@ -352,6 +360,24 @@ impl KnnDetector {
         split_refs: bool,
         finish: &Finish<'_, T>,
     ) -> Vec<T> {
+        let (queries, qblock, found) = self.scan_block(bounds, block, k, split_refs);
+        queries
+            .chunks_exact(self.dim)
+            .zip(found)
+            .zip(&qblock.ok)
+            .map(|((q, f), &ok)| finish(q, self.rank(q, f, k, ok && bounds.usable)))
+            .collect()
+    }
+
+    /// The prepared queries of `block`, their bound coefficients and their scan states over
+    /// every reference tile.
+    fn scan_block(
+        &self,
+        bounds: &Bounds,
+        block: &[f32],
+        k: usize,
+        split_refs: bool,
+    ) -> (Vec<f32>, QueryBlock, Vec<Found>) {
         let dim = self.dim;
         let bq = block.len() / dim;
         let mut queries = block.to_vec();
@@ -402,12 +428,35 @@ impl KnnDetector {
             }
             found
         };
-        queries
-            .chunks_exact(dim)
-            .zip(found)
+        (queries, qblock, found)
+    }
+
+    /// Whether `bounds` prune on these references: the mean number of references a query would
+    /// rank again, over [`PRUNE_SAMPLE`] references taken as queries (evenly spaced, scanned on
+    /// this thread), is at most 1/[`PRUNE_MIN_RATIO`] of the set. Where it is not, a tighter bound
+    /// is cheaper than ranking most of the set in f64 (isotropic data at large widths, where every
+    /// similarity lies within the int8 bound of the k-th best).
+    pub(super) fn bounds_prune(&self, bounds: &Bounds) -> bool {
+        let n = self.len();
+        let take = n.min(PRUNE_SAMPLE);
+        let sample: Vec<f32> = (0..take)
+            .flat_map(|j| self.reference(j * n / take).iter().copied())
+            .collect();
+        let k = self.options.k.min(n);
+        let (_, qblock, found) = self.scan_block(bounds, &sample, k, false);
+        let ranked: usize = found
+            .iter()
             .zip(&qblock.ok)
-            .map(|((q, f), &ok)| finish(q, self.rank(q, f, k, ok && bounds.usable)))
-            .collect()
+            .map(|(f, &ok)| {
+                let thr = f.threshold();
+                if !ok || f.overflow {
+                    n
+                } else {
+                    f.cands.iter().filter(|c| c.1 >= thr).count()
+                }
+            })
+            .sum();
+        bounds.usable && ranked * PRUNE_MIN_RATIO <= n * take
     }
 
     /// The k nearest of the candidates by exact distance (ties to the lower index); every

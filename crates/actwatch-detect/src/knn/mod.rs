@@ -673,16 +673,19 @@ impl KnnDetector {
         &self.refs[i * self.dim..(i + 1) * self.dim]
     }
 
-    /// Exact search's bound columns, the int8 kernel's when this CPU has it. Built once, on one
+    /// Exact search's bound columns: the int8 kernel's where this CPU has it and its bounds prune
+    /// on these references ([`Self::bounds_prune`]), else the f32 GEMM's. Built once, on one
     /// thread (a build inside `get_or_init` must not wait on rayon work that could re-enter it).
     fn bounds(&self) -> &Bounds {
         self.bounds.get_or_init(|| {
-            Box::new(Bounds::build(
-                &self.refs,
-                self.dim,
-                self.options.metric,
-                int8_available(),
-            ))
+            let metric = self.options.metric;
+            if int8_available() {
+                let b = Bounds::build(&self.refs, self.dim, metric, true);
+                if self.bounds_prune(&b) {
+                    return Box::new(b);
+                }
+            }
+            Box::new(Bounds::build(&self.refs, self.dim, metric, false))
         })
     }
 
@@ -1058,6 +1061,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_int8_kernel_is_kept_only_where_its_bounds_prune() {
+        // Isotropic vectors at width 2048: cosine similarities spread about 1/45, within the
+        // int8 bound of the k-th best for most references, so the f32 GEMM's tighter bound is
+        // chosen. Clustered vectors off the origin (activations are anisotropic): the int8
+        // bounds prune (about 23 of 3,000 references ranked again per query here).
+        let mut rng = Rng::new(23);
+        let iso = rng.gaussian_rows(1000, 2048, 0.0);
+        let det = fit(2048, opts(10, Metric::Cosine), &iso);
+        assert!(!det.bounds().is_int8());
+        let mut clus = clustered(&mut rng, 3000, 96, 12, 1.0);
+        for r in clus.chunks_exact_mut(96) {
+            r[3] += 2.0;
+        }
+        let det = fit(96, opts(10, Metric::Cosine), &clus);
+        assert_eq!(det.bounds().is_int8(), int8_available());
+        // Either way the neighbours are exact.
+        let q = rng.gaussian_rows(5, 2048, 0.0);
+        let d = naive_distances(Metric::Cosine, 2048, &iso, &q[..2048]);
+        let iso_det = fit(2048, opts(10, Metric::Cosine), &iso);
+        assert_eq!(
+            iso_det.exact_neighbours(&q, 10).unwrap()[0],
+            naive_order(&d)[..10]
+        );
     }
 
     #[test]
