@@ -23,6 +23,9 @@ pub(super) type Finish<'a, T> = dyn Fn(&[f32], Nearest) -> T + Sync + 'a;
 /// which is exact too; memory per query block stays bounded either way.
 const CANDIDATES_MAX: usize = 8192;
 
+/// Candidates ahead whose row is requested while one is ranked again.
+const RANK_LOOKAHEAD: usize = 2;
+
 /// References taken as queries to judge whether a kernel's bounds prune ([`KnnDetector::bounds_prune`]).
 const PRUNE_SAMPLE: usize = 32;
 /// The int8 kernel is kept when a query ranks at most 1/16 of the references again. Its product
@@ -184,6 +187,43 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Bounds, Found, QueryBlock};
+
+    /// `sum_f64_lanes(a, b, term)` (knn/mod.rs) with `term` the product (`l2`: the squared
+    /// difference), its 8 lanes in one register: per lane the same additions in the same order,
+    /// the tail into the first lanes, then halving 8 -> 4 -> 2 -> 1 as it does.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn lanes8(a: &[f32], b: &[f32], l2: bool) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let n = a.len() / 8 * 8;
+        let mut acc = _mm512_setzero_pd();
+        let mut j = 0;
+        while j < n {
+            let x = _mm512_cvtps_pd(_mm256_loadu_ps(a.as_ptr().add(j)));
+            let y = _mm512_cvtps_pd(_mm256_loadu_ps(b.as_ptr().add(j)));
+            let t = if l2 {
+                let d = _mm512_sub_pd(x, y);
+                _mm512_mul_pd(d, d)
+            } else {
+                _mm512_mul_pd(x, y)
+            };
+            acc = _mm512_add_pd(acc, t);
+            j += 8;
+        }
+        let mut lanes = [0f64; 8];
+        _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
+        for (l, (&x, &y)) in lanes.iter_mut().zip(a[n..].iter().zip(&b[n..])) {
+            let (x, y) = (f64::from(x), f64::from(y));
+            *l += if l2 { (x - y) * (x - y) } else { x * y };
+        }
+        let mut width = 8;
+        while width > 1 {
+            width /= 2;
+            for k in 0..width {
+                lanes[k] += lanes[k + width];
+            }
+        }
+        lanes[0]
+    }
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -459,6 +499,45 @@ impl KnnDetector {
         bounds.usable && ranked * PRUNE_MIN_RATIO <= n * take
     }
 
+    /// `(rank_distance(q, i), i)` for each candidate. Where the CPU has AVX-512 the sums run 8
+    /// f64 lanes a register ([`avx512::lanes8`]): the same IEEE operations on the same lanes in
+    /// the same order as `sum_f64_lanes`, so the same bits.
+    #[allow(unsafe_code)]
+    fn rank_distances(&self, q: &[f32], cands: &[usize]) -> Nearest {
+        #[cfg(target_arch = "x86_64")]
+        let fast = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast = false;
+        let l2 = self.options.metric == Metric::L2;
+        let mut out = Vec::with_capacity(cands.len());
+        for (j, &i) in cands.iter().enumerate() {
+            // The rows are scattered and rarely cached: ask for the one [`RANK_LOOKAHEAD`] on
+            // while this one is summed (all at once would fill the miss queue).
+            if let Some(&ahead) = cands.get(j + RANK_LOOKAHEAD) {
+                prefetch(self.reference(ahead), usize::MAX);
+            }
+            let d = if fast {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    // SAFETY: the CPU has AVX-512F, the feature `lanes8` is compiled for; it
+                    // reads `q` and the row within their (equal) lengths.
+                    let s = unsafe { avx512::lanes8(q, self.reference(i), l2) };
+                    if l2 {
+                        s
+                    } else {
+                        1.0 - s
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!()
+            } else {
+                self.rank_distance(q, i)
+            };
+            out.push((d, i));
+        }
+        out
+    }
+
     /// The k nearest of the candidates by exact distance (ties to the lower index); every
     /// reference by brute force when the bounds could not be used or held too many.
     fn rank(&self, q: &[f32], f: Found, k: usize, bounded: bool) -> Nearest {
@@ -471,15 +550,7 @@ impl KnnDetector {
                 .filter(|c| c.1 >= thr)
                 .map(|c| c.0 as usize)
                 .collect();
-            // The rows are scattered and rarely cached: ask for all of them before the first
-            // is needed, so their misses overlap.
-            for &i in &cands {
-                prefetch(self.reference(i), usize::MAX);
-            }
-            ranked = cands
-                .into_iter()
-                .map(|i| (self.rank_distance(q, i), i))
-                .collect();
+            ranked = self.rank_distances(q, &cands);
         }
         if ranked.len() < k {
             ranked = (0..self.len())

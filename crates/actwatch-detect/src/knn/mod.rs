@@ -31,13 +31,12 @@ use crate::{Error, Result};
 pub const DEFAULT_K: usize = 10;
 /// Default metric: cosine distance on L2-normalised vectors.
 pub const DEFAULT_METRIC: Metric = Metric::Cosine;
-/// Exact search up to this many references, HNSW beyond. Measured (scripts/bench.sh, 2 cores,
-/// d = 384) with the hnsw_rs index this module used before `hnsw.rs`: against 100k references
-/// exact search answered 4.7k queries/s, hnsw_rs at ef 64 only 2.1k/s at recall@10 0.84, so the
-/// index paid off only well beyond that. With `hnsw.rs` (docs/benchmarks.md, 2 threads, 100k
-/// references): exact 3.0k queries/s, the graph at ef 64 7.4k/s at recall@10 0.997 after a 25 s
-/// build, so the graph is faster per query well below this size; the default is unchanged until the
-/// 1M-reference curve is measured, since exact search costs no build at fit and no recall.
+/// Exact search up to this many references, HNSW beyond. Measured (`scripts/bench.sh --knn-only
+/// --no-docs`, 2 cores, d = 384, 100k references, 2026-12-03): exact search with the int8 bounded
+/// keys answers 11.8k queries/s, the graph at ef 48 13.4k/s at recall@10 0.991 after a 19 s build;
+/// at 1M references the graph answered 3.7k/s at ef 96 (0.983) after 394 s. Exact search costs no
+/// build at fit and no recall, and its cost grows with the set while the graph's barely does, so
+/// it stays the default up to where the graph is clearly ahead.
 pub const DEFAULT_EXACT_MAX: usize = 500_000;
 /// References kept per site (1.5 GB of f32 at d = 384); a seeded uniform sample beyond.
 pub const DEFAULT_MAX_REFERENCES: usize = 1_000_000;
@@ -776,6 +775,7 @@ impl KnnDetector {
 
     /// The exact f64 distance before any clamping (cosine `1 - q·r`, L2 the squared distance):
     /// exact search ranks by it, ties to the lower index.
+    #[inline(always)]
     fn rank_distance(&self, q: &[f32], i: usize) -> f64 {
         let r = self.reference(i);
         match self.options.metric {
@@ -788,7 +788,7 @@ impl KnnDetector {
 /// `Σ term(a[j], b[j])` in f64 over [`F64_LANES`] independent partial sums combined in a fixed
 /// order: the same bits on every machine, and the loop vectorises (one running sum would be a
 /// chain of dependent additions, a few microseconds per 384-wide row).
-#[inline]
+#[inline(always)]
 fn sum_f64_lanes(a: &[f32], b: &[f32], term: impl Fn(f64, f64) -> f64) -> f64 {
     let mut acc = [0f64; F64_LANES];
     let (ca, cb) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
