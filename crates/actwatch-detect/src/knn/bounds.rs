@@ -59,7 +59,7 @@ pub(super) struct Bounds {
     pub(super) z: Vec<f32>,
     /// Largest of `x`, `y`, `z` and `|off|`: a query whose bound could overflow f32 against it is
     /// ranked by brute force instead.
-    max_col: f64,
+    pub(super) max_col: f64,
     /// False when a column overflowed f32 (L2 on values beyond ~1e18): every query by brute force.
     pub(super) usable: bool,
 }

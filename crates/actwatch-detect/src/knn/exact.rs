@@ -170,14 +170,14 @@ fn scan_int8(
     qblock: &QueryBlock,
     bounds: &Bounds,
     base: usize,
-    col: &mut [f32],
 ) {
-    assert!(int8_available() && col.len() == scale.len() && tile.len() >= found.len() * ld);
+    assert!(int8_available() && scale.len() <= ld && tile.len() >= found.len() * ld);
+    assert!(base + scale.len() <= bounds.off.len());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has AVX-512F/BW (asserted), the features `avx512::scan_int8` is compiled
     // for; it reads `tile` and the columns within the lengths asserted here and in `scan`.
     unsafe {
-        avx512::scan_int8(found, tile, ld, scale, qblock, bounds, base, col)
+        avx512::scan_int8(found, tile, ld, scale, qblock, bounds, base)
     }
 }
 
@@ -235,9 +235,8 @@ mod avx512 {
         qblock: &QueryBlock,
         bounds: &Bounds,
         base: usize,
-        col: &mut [f32],
     ) {
-        let n = col.len();
+        let n = scale.len();
         let end = base + n;
         let (off, x, y, z) = (
             &bounds.off[base..end],
@@ -245,46 +244,56 @@ mod avx512 {
             &bounds.y[base..end],
             &bounds.z[base..end],
         );
+        // The tile's largest bound columns: `alpha xmax + beta ymax + zmax` is at least every
+        // reference's bound (f32 rounding is monotone), so one add makes the skip test.
+        let max = |v: &[f32]| v.iter().fold(0f32, |m, &a| m.max(a));
+        let (xmax, ymax, zmax) = (max(x), max(y), max(z));
         for (qi, top) in found.iter_mut().enumerate() {
             let (sq, corr) = (qblock.scale[qi], qblock.corr[qi]);
-            for ((c, &t), &sr) in col.iter_mut().zip(&tile[qi * ld..qi * ld + n]).zip(scale) {
-                *c = sq * (sr * (t - corr) as f32);
-            }
             let (alpha, beta) = (qblock.alpha[qi], qblock.beta[qi]);
-            let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+            let bmax = alpha * xmax + beta * ymax + zmax;
+            let t = &tile[qi * ld..qi * ld + n];
+            let (vsq, vcorr, vbmax) = (
+                _mm512_set1_ps(sq),
+                _mm512_set1_epi32(corr),
+                _mm512_set1_ps(bmax),
+            );
             let mut thr = top.threshold();
-            let mut high = [0f32; 16];
+            let mut keys = [0f32; 16];
             let full = n / 16 * 16;
             let mut s = 0;
             while s < n {
+                // key = s_q (s_r (t - corr)) + off, in any rounding: the bound's slack covers it.
                 let mut mask: u32 = if s < full {
-                    let ld = |v: &[f32]| _mm512_loadu_ps(v.as_ptr().add(s));
-                    let h = _mm512_add_ps(
-                        _mm512_add_ps(ld(col), ld(off)),
-                        _mm512_fmadd_ps(va, ld(x), _mm512_fmadd_ps(vb, ld(y), ld(z))),
+                    let dot = _mm512_sub_epi32(_mm512_loadu_si512(t.as_ptr().add(s).cast()), vcorr);
+                    let a = _mm512_mul_ps(
+                        _mm512_loadu_ps(scale.as_ptr().add(s)),
+                        _mm512_cvtepi32_ps(dot),
                     );
-                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(h, _mm512_set1_ps(thr));
+                    let key = _mm512_fmadd_ps(a, vsq, _mm512_loadu_ps(off.as_ptr().add(s)));
+                    let high = _mm512_add_ps(key, vbmax);
+                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(high, _mm512_set1_ps(thr));
                     if m != 0 {
-                        _mm512_storeu_ps(high.as_mut_ptr(), h);
+                        _mm512_storeu_ps(keys.as_mut_ptr(), key);
                     }
                     u32::from(m)
                 } else {
                     let mut m = 0;
-                    for (j, h) in high.iter_mut().enumerate().take(n - s) {
+                    for (j, k) in keys.iter_mut().enumerate().take(n - s) {
                         let i = s + j;
-                        *h = col[i] + off[i] + (alpha * x[i] + beta * y[i] + z[i]);
-                        m |= u32::from(*h >= thr) << j;
+                        *k = sq * (scale[i] * (t[i] - corr) as f32) + off[i];
+                        m |= u32::from(*k + bmax >= thr) << j;
                     }
                     m
                 };
                 while mask != 0 {
                     let j = mask.trailing_zeros() as usize;
                     mask &= mask - 1;
-                    if high[j] >= thr {
-                        let i = s + j;
-                        let bound = alpha * x[i] + beta * y[i] + z[i];
-                        top.push(base + i, high[j]);
-                        top.offer_low(col[i] + off[i] - bound);
+                    let i = s + j;
+                    let bound = alpha * x[i] + beta * y[i] + z[i];
+                    if keys[j] + bound >= thr {
+                        top.push(base + i, keys[j] + bound);
+                        top.offer_low(keys[j] - bound);
                         thr = top.threshold();
                     }
                 }
@@ -298,7 +307,6 @@ mod avx512 {
 struct Scratch {
     f32_tile: Vec<f32>,
     i32_tile: Vec<i32>,
-    col: Vec<f32>,
 }
 
 impl Scratch {
@@ -307,12 +315,10 @@ impl Scratch {
             Tiles::Int8 { .. } => Self {
                 f32_tile: Vec::new(),
                 i32_tile: vec![0; tile_len],
-                col: vec![0.0; REF_BLOCK],
             },
             Tiles::F32 => Self {
                 f32_tile: vec![0.0; tile_len],
                 i32_tile: Vec::new(),
-                col: Vec::new(),
             },
         }
     }
@@ -371,8 +377,7 @@ impl KnnDetector {
                 let tile = &mut scratch.i32_tile[..ld * bq];
                 int8_tile(&packed[first..last], *groups, &qblock.words, bq, tile, ld);
                 let scale = &scale[base..base + br];
-                let col = &mut scratch.col[..br];
-                scan_int8(found, tile, ld, scale, qblock, bounds, base, col);
+                scan_int8(found, tile, ld, scale, qblock, bounds, base);
             }
             Tiles::F32 => {
                 let tile = &mut scratch.f32_tile[..br * bq];
@@ -564,5 +569,65 @@ impl KnnDetector {
         }
         ranked.sort_unstable_by(by);
         ranked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bound columns for `n` references with offset 0 and bound `x[i]` (alpha 1, beta 0).
+    fn columns(x: Vec<f32>) -> Bounds {
+        let n = x.len();
+        Bounds {
+            tiles: Tiles::F32,
+            off: vec![0.0; n],
+            x,
+            y: vec![0.0; n],
+            z: vec![0.0; n],
+            max_col: 1.0,
+            usable: true,
+        }
+    }
+
+    #[test]
+    fn a_reference_below_the_threshold_but_within_its_bound_stays_a_candidate() {
+        // k = 1. Reference 0 (first chunk): key 1.0, bound 0, so the threshold becomes 1.0.
+        // Reference 16 (second chunk): key 0.9 but bound 0.2, so its true key may be 1.1: it
+        // must stay a candidate although its approximate key is below the threshold, and a
+        // reference with key 0.5 and bound 0.2 must not.
+        if !int8_available() {
+            eprintln!("no AVX-512 VNNI here: the int8 scan does not run on this CPU");
+            return;
+        }
+        let n = 48;
+        let mut x = vec![0f32; n];
+        x[16] = 0.2;
+        x[32] = 0.2;
+        let b = columns(x);
+        let mut tile = vec![0i32; n];
+        tile[0] = 100;
+        tile[16] = 90;
+        tile[32] = 50;
+        let scale = vec![0.01f32; n];
+        let q = QueryBlock {
+            words: Vec::new(),
+            corr: vec![0],
+            scale: vec![1.0],
+            alpha: vec![1.0],
+            beta: vec![0.0],
+            ok: vec![true],
+        };
+        let mut found = vec![Found::new(1)];
+        scan_int8(&mut found, &tile, n, &scale, &q, &b, 0);
+        let thr = found[0].threshold();
+        assert!((thr - 1.0).abs() < 1e-6, "{thr}");
+        let kept: Vec<u32> = found[0]
+            .cands
+            .iter()
+            .filter(|c| c.1 >= thr)
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(kept, vec![0, 16]);
     }
 }
