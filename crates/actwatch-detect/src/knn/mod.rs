@@ -60,12 +60,13 @@ pub const K_MAX: usize = 1024;
 pub const HNSW_EF_MAX: usize = 65_536;
 /// Most HNSW layers: with `m` >= 2, a 17th layer is drawn with probability at most 2^-16 per node.
 const HNSW_MAX_LAYER: usize = 16;
-/// Queries per GEMM tile (fewer when a batch is small, so that every core gets a block).
+/// Queries per tile (fewer when a batch is small, so that every core gets a block).
 const QUERY_BLOCK: usize = 512;
-/// References per GEMM tile; a tile is `REF_BLOCK x QUERY_BLOCK` f32 = 1 MiB per thread, so it
-/// stays in a core's L2 between the product that writes it and the scan that reads it. Measured
-/// on 6k references x 384 and 20k queries, 1 and 2 threads: 512 x 512 and 256 x 512 the fastest,
-/// 2048 x 256 (the earlier 2 MiB tile) 8% slower, 1024 x 512 about 20% slower.
+/// References per tile (a multiple of the int8 kernel's 64-row blocks); a tile is `REF_BLOCK x
+/// QUERY_BLOCK` f32 or i32 = 1 MiB per thread, so it stays in a core's L2 between the product
+/// that writes it and the scan that reads it. Measured with the f32 GEMM on 6k references x 384
+/// and 20k queries, 1 and 2 threads: 512 x 512 and 256 x 512 the fastest, 2048 x 256 (the earlier
+/// 2 MiB tile) 8% slower, 1024 x 512 about 20% slower.
 const REF_BLOCK: usize = 512;
 /// Width of the chunks the top-k scan skips at once when none beats the current k-th best.
 const SCAN_CHUNK: usize = 16;
@@ -86,7 +87,7 @@ pub struct KnnOptions {
     /// The score is the distance to the k-th nearest reference (k >= 1).
     pub k: usize,
     pub metric: Metric,
-    /// Exact (GEMM) search while the reference count is at most this; HNSW beyond.
+    /// Exact search while the reference count is at most this; HNSW beyond.
     pub exact_max: usize,
     /// HNSW links per node and layer, 2..=256.
     pub hnsw_m: usize,
