@@ -21,7 +21,7 @@
 # each HNSW is built once, on all threads (queries still run on 1 and all).
 # --knn-only times the exact kNN and HNSW cases alone, skips the service, and writes
 # docs/benchmarks-knn.md instead of docs/benchmarks.md: `scripts/bench.sh --knn-only --big-refs
-# 1000000` is the HNSW case at 1M references (about 35 minutes on 2 cores, most of it the builds).
+# 1000000` is the HNSW case at 1M references (25 to 35 minutes on 2 cores, most of it the builds).
 #
 # Run it on a quiet machine: builds or other jobs running alongside distort every figure.
 # --skip-peers reuses the matrices and peers.jsonl already there (e.g. while iterating on Rust).
