@@ -31,9 +31,10 @@ use crate::{Error, Result};
 pub const DEFAULT_K: usize = 10;
 /// Default metric: cosine distance on L2-normalised vectors.
 pub const DEFAULT_METRIC: Metric = Metric::Cosine;
-/// Exact search up to this many references, HNSW beyond. Measured (`scripts/bench.sh --knn-only
-/// --no-docs`, 2 cores, d = 384, 100k references, 2026-12-03): exact search with the int8 bounded
-/// keys answers 11.8k queries/s, the graph at ef 48 13.4k/s at recall@10 0.991 after a 19 s build;
+/// Exact search up to this many references, HNSW beyond. Measured (`scripts/bench.sh`, 2 cores,
+/// d = 384, 100k references, two runs on 2026-12-03): exact search with the int8 bounded keys
+/// answers 10.2k-11.8k queries/s, the graph at ef 48 13.4k-15.4k/s at recall@10 0.991 after a
+/// 17-19 s build;
 /// at 1M references (`--big-refs 1000000`) exact search answers 1.6k/s, the graph 4.6k/s at ef 96
 /// (0.983) after a 336 s build. Exact search costs no
 /// build at fit and no recall, and its cost grows with the set while the graph's barely does, so
