@@ -137,7 +137,7 @@ impl Bounds {
         let n = refs.len() / dim;
         let half = |r: &[f32]| match metric {
             Metric::Cosine => 0.0,
-            Metric::L2 => 0.5 * r.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>(),
+            Metric::L2 => half_any(r),
         };
         let (mut off, mut x, mut y, mut z) = (
             Vec::with_capacity(n),

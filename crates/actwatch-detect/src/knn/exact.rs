@@ -103,6 +103,17 @@ impl Found {
         self.cands.push((i as u32, high));
     }
 
+    /// Reference `i` with approximate key `key` and bound `bound`: a candidate when its upper
+    /// bound reaches the threshold, its lower bound offered too. Returns the threshold after.
+    #[inline]
+    fn offer(&mut self, i: usize, key: f32, bound: f32) -> f32 {
+        if key + bound >= self.threshold() {
+            self.push(i, key + bound);
+            self.offer_low(key - bound);
+        }
+        self.threshold()
+    }
+
     fn merge(&mut self, other: Found) {
         for low in other.lows {
             self.offer_low(low);
@@ -146,12 +157,8 @@ impl Found {
             while mask != 0 {
                 let j = mask.trailing_zeros() as usize;
                 mask &= mask - 1;
-                if high[j] >= thr {
-                    let bound = alpha * x[s + j] + beta * y[s + j] + z[s + j];
-                    self.push(base + s + j, high[j]);
-                    self.offer_low(chunk[j] + off[s + j] - bound);
-                    thr = self.threshold();
-                }
+                let bound = alpha * x[s + j] + beta * y[s + j] + z[s + j];
+                thr = self.offer(base + s + j, chunk[j] + off[s + j], bound);
             }
         }
     }
@@ -291,11 +298,7 @@ mod avx512 {
                     mask &= mask - 1;
                     let i = s + j;
                     let bound = alpha * x[i] + beta * y[i] + z[i];
-                    if keys[j] + bound >= thr {
-                        top.push(base + i, keys[j] + bound);
-                        top.offer_low(keys[j] - bound);
-                        thr = top.threshold();
-                    }
+                    thr = top.offer(base + i, keys[j], bound);
                 }
                 s += 16;
             }
@@ -558,9 +561,8 @@ impl KnnDetector {
             ranked = self.rank_distances(q, &cands);
         }
         if ranked.len() < k {
-            ranked = (0..self.len())
-                .map(|i| (self.rank_distance(q, i), i))
-                .collect();
+            let all: Vec<usize> = (0..self.len()).collect();
+            ranked = self.rank_distances(q, &all);
         }
         let by = |a: &(f64, usize), b: &(f64, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if ranked.len() > k {
