@@ -502,8 +502,7 @@ impl GaussianDetector {
         // product was slower than one thread (d = 4096, r = 256, 64 rows), and at full rank the
         // triangular blocks of the whole batch on the threads gave 147k rows/s where rows split
         // over them give 163k (d = 1024, 64 rows, 2 threads). Fewer rows than twice the threads
-        // are one tile, whose triangular blocks (full rank) or projections (low rank) run on the
-        // threads.
+        // are one tile, whose triangular blocks run on the threads at full rank.
         let tile = if k >= 2 * SCORE_TILE_ROWS {
             Some(SCORE_TILE_ROWS)
         } else if k >= 2 * threads && threads > 1 {
@@ -523,9 +522,12 @@ impl GaussianDetector {
                     },
                 );
         } else {
-            // A small batch: one tile, its product split over the threads.
+            // A small batch: one tile; at full rank its triangular blocks on the threads.
             let (mut buf, mut pbuf) = (vec![0.0f32; k * d], vec![0.0f32; k * r]);
-            let par = par_for(k * d * r);
+            let par = match wt {
+                Whitening::Upper(_) => par_for(k * d * r),
+                Whitening::Dense(_) => Par::Seq,
+            };
             self.score_tile(
                 rows, &mut out, &mut buf, &mut pbuf, wt, weights, resid_inv, par,
             );
@@ -563,7 +565,7 @@ impl GaussianDetector {
         let pt = MatMut::from_column_major_slice_mut(&mut pbuf[..m * r], r, m);
         let yt = MatRef::from_column_major_slice(y, d, m);
         match wt {
-            Whitening::Dense(wt) => dense_product(pt, wt, yt, par != Par::Seq),
+            Whitening::Dense(wt) => matmul(pt, Accum::Replace, wt, yt, 1.0f32, par),
             Whitening::Upper(rt) => upper_triangular_product(pt, rt, yt, par != Par::Seq),
         }
         for (prow, a) in pbuf[..m * r].chunks_exact(r).zip(acc.iter_mut()) {
@@ -645,33 +647,6 @@ fn weighted_sum_sq(x: &[f32], w: &[f64]) -> f64 {
 enum Whitening<'a> {
     Dense(MatRef<'a, f32>),
     Upper(MatRef<'a, f32>),
-}
-
-/// `pt = wt · yt` for the r×d low-rank `wt`. `parallel` (a batch too small to split by rows)
-/// splits the projections, the rows of `wt`, over the threads instead: each part one sequential
-/// product, so each projection is the same sum as unsplit, and each core reads its share of the
-/// r×d matrix (d = 4096, r = 256: 4 MB, 2 MB per core's cache) instead of one core reading it all
-/// for every vector. faer's own split of this thin product was slower than one thread.
-fn dense_product(pt: MatMut<'_, f32>, wt: MatRef<'_, f32>, yt: MatRef<'_, f32>, parallel: bool) {
-    let threads = rayon::current_num_threads();
-    if !parallel || threads < 2 {
-        matmul(pt, Accum::Replace, wt, yt, 1.0f32, Par::Seq);
-        return;
-    }
-    // Parts of whole 16-row panels, at most one per thread.
-    let part = wt.nrows().div_ceil(threads).next_multiple_of(16);
-    let mut parts = Vec::with_capacity(threads);
-    let (mut rest, mut a) = (pt, 0);
-    while a < wt.nrows() {
-        let h = part.min(wt.nrows() - a);
-        let (top, bottom) = rest.split_at_row_mut(h);
-        parts.push((a, h, top));
-        rest = bottom;
-        a += h;
-    }
-    parts.into_par_iter().for_each(|(a, h, dst)| {
-        matmul(dst, Accum::Replace, wt.subrows(a, h), yt, 1.0f32, Par::Seq);
-    });
 }
 
 /// Rows per block of [`upper_triangular_product`]. Measured on one core (256 rows): at d = 384
@@ -1029,42 +1004,6 @@ mod tests {
             );
         }
         assert_eq!(low.score_batch(&test[..64 * d]).unwrap(), all[..64]);
-    }
-
-    #[test]
-    fn a_split_low_rank_product_gives_the_unsplit_bits() {
-        // The projections of a vector or two split over the threads (parts of 16-row panels and
-        // a remainder) are the same sums as one sequential product, on any thread count.
-        let mut rng = Rng::new(29);
-        let (r, d) = (100, 1500);
-        // Stored as the projection is: d×r row-major, used transposed.
-        let w = rng.gaussian_rows(d, r, 0.0);
-        for m in [1, 3] {
-            let y = rng.gaussian_rows(m, d, 0.3);
-            let product = |parallel: bool| {
-                let mut p = vec![0f32; r * m];
-                dense_product(
-                    MatMut::from_column_major_slice_mut(&mut p, r, m),
-                    MatRef::from_row_major_slice(&w, d, r).transpose(),
-                    MatRef::from_column_major_slice(&y, d, m),
-                    parallel,
-                );
-                p
-            };
-            let seq = product(false);
-            for threads in [2, 3, 7] {
-                assert_eq!(actwatch_testkit::on_threads(threads, || product(true)), seq);
-            }
-            let naive = (0..m * r).map(|i| {
-                let (v, j) = (i / r, i % r);
-                (0..d)
-                    .map(|t| f64::from(w[t * r + j]) * f64::from(y[v * d + t]))
-                    .sum::<f64>()
-            });
-            for (got, want) in seq.iter().zip(naive) {
-                assert!((f64::from(*got) - want).abs() < 1e-3, "{got} vs {want}");
-            }
-        }
     }
 
     #[test]
