@@ -491,8 +491,8 @@ def main() -> int:
           f"fit_version {report.fit_version}). Token case: {len(sites)} sites of d={dw}, each fitted on "
           f"{args.wide_ref_rows} random f32 vectors with the default detectors (fit {wide_fit_s:.1f} s, fit_version "
           f"{wide_report.fit_version}); actwatch: one row per site, then complete -> ComputationScore received; Flight: "
-          f"the same 4 rows as one record batch. The token's floor: numpy multiplying each site's row by the references "
-          f"exact kNN keeps there ({floor_mb:.0f} MB of f32, read once per token), took {floor_ms[0]:.2f} / "
+          f"the same 4 rows as one record batch. The token's floor: numpy multiplying each site's row by the "
+          f"references exact kNN keeps there ({floor_mb:.0f} MB of f32, read once per token), took {floor_ms[0]:.2f} / "
           f"{floor_ms[1]:.2f} ms p50 / p99 in this run. actwatch: send batch -> TraceScores received; "
           f"DoPut: write_batch -> 1-byte ack; DoExchange: write_batch -> same batch echoed back. Ratio column: "
           f"actwatch / Flight DoPut (throughput: <1 is slower; latency: >1 is slower).")
