@@ -193,7 +193,8 @@ impl AtomicParquetWriter {
 
 /// Writes traces to one Parquet file in the canonical long format: a computation-id column
 /// (Utf8), a site column (strings, dictionary-encoded: each batch stores its site once), optionally a token-position column (Int32, null for batches
-/// without positions) and the vector column (`FixedSizeList<Float32>[width]`), named by
+/// without positions) and the vector column (`FixedSizeList<Float32>[width]` from
+/// [`TraceWriter::create`], raw rows from [`TraceWriter::create_hashed`]), named by
 /// [`TraceColumns`]. One file holds one width. The file appears only when
 /// [`TraceWriter::finish`] succeeds. What the batches declare of their provenance goes into the
 /// footer ([`crate::provenance`]); two batches of one site that declare conflicting provenance
@@ -209,8 +210,10 @@ pub struct TraceWriter {
     writer: AtomicParquetWriter,
     schema: SchemaRef,
     width: usize,
-    /// How the vectors are stored ([`TraceWriter::with_dtype`]).
+    /// The type the vectors are stored in.
     dtype: Dtype,
+    /// Whether each vector is stored as one binary row ([`row_field`]) rather than a list.
+    rows: bool,
     positions: bool,
     /// A file of labelled examples ([`TraceWriter::create_labelled`]) has a boolean label
     /// column after the vectors.
@@ -263,7 +266,8 @@ impl TraceWriter {
     /// the file's bytes as they are written, so that [`TraceWriter::finish_hashed`] returns their
     /// checksum ([`crate::checksum`]) without reading the file back (the server's reference
     /// segments: it records the checksum and verifies it before every fit), its vectors stored
-    /// as `dtype` ([`vector_field`]).
+    /// as `dtype`, one binary row per vector ([`row_field`]): the wire's bytes, written without
+    /// per-element work.
     ///
     /// The values are rounded to `dtype` as they are written (to nearest, ties to even), so a
     /// writer of `F16` or `Bf16` keeps them exactly only when they came in that type: the server
@@ -308,16 +312,18 @@ impl TraceWriter {
                 message: format!("cannot write vectors of width {width}"),
             });
         }
-        fields.push(vector_field(&columns.vector, width, dtype));
+        fields.push(match hash {
+            true => row_field(&columns.vector, width, dtype),
+            false => vector_field(&columns.vector, width, dtype),
+        });
         if let Some(name) = label_column {
             fields.push(Field::new(name, DataType::Boolean, false));
         }
         let schema = Arc::new(Schema::new(fields));
-        let vectors = match dtype {
-            Dtype::F32 | Dtype::F16 => {
-                ColumnPath::new(vec![columns.vector.clone(), "list".into(), "item".into()])
-            }
-            Dtype::Bf16 => ColumnPath::new(vec![columns.vector.clone()]),
+        let rows = hash || dtype == Dtype::Bf16;
+        let vectors = match rows {
+            false => ColumnPath::new(vec![columns.vector.clone(), "list".into(), "item".into()]),
+            true => ColumnPath::new(vec![columns.vector.clone()]),
         };
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -336,6 +342,7 @@ impl TraceWriter {
             schema,
             width,
             dtype,
+            rows,
             positions: positions.is_some(),
             labelled: label_column.is_some(),
             provenance: BTreeMap::new(),
@@ -421,8 +428,13 @@ impl TraceWriter {
         let (site, trace_ids, positions, vectors) = batch.into_parts();
         let width = self.width as i32;
         let item = |dt| Arc::new(Field::new("item", dt, false));
-        let vectors: ArrayRef = match self.dtype {
-            Dtype::F32 => {
+        let vectors: ArrayRef = match (self.rows, self.dtype) {
+            (true, dtype) => Arc::new(FixedSizeBinaryArray::try_new(
+                (dtype.size() * self.width) as i32,
+                le_bytes(vectors.into_inner(), dtype),
+                None,
+            )?),
+            (false, Dtype::F32) => {
                 let values = Arc::new(Float32Array::from(vectors.into_inner()));
                 Arc::new(FixedSizeListArray::try_new(
                     item(DataType::Float32),
@@ -431,7 +443,7 @@ impl TraceWriter {
                     None,
                 )?)
             }
-            Dtype::F16 => {
+            (false, Dtype::F16) => {
                 let values = Arc::new(Float16Array::from_iter_values(
                     vectors.as_slice().iter().map(|&x| half::f16::from_f32(x)),
                 ));
@@ -442,18 +454,7 @@ impl TraceWriter {
                     None,
                 )?)
             }
-            Dtype::Bf16 => {
-                let words: Vec<u8> = vectors
-                    .as_slice()
-                    .iter()
-                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                    .collect();
-                Arc::new(FixedSizeBinaryArray::try_new(
-                    2 * width,
-                    words.into(),
-                    None,
-                )?)
-            }
+            (false, Dtype::Bf16) => unreachable!("bfloat16 is always stored as rows"),
         };
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(trace_ids)),
@@ -505,28 +506,95 @@ fn site_type() -> DataType {
 }
 
 /// The metadata key, on a vector column's field, that says how its values are encoded when the
-/// Arrow type does not: `"bfloat16"` on a `FixedSizeBinary(2 d)` column, each row the
-/// little-endian bfloat16 words of one vector (Arrow has no bfloat16 type).
+/// Arrow type does not: on a `FixedSizeBinary(size x d)` column, each row the little-endian
+/// values of one vector, [`FLOAT32`], [`FLOAT16`] or [`BFLOAT16`] ([`row_field`]).
 pub const VECTOR_DTYPE_KEY: &str = "actwatch.dtype";
-/// [`VECTOR_DTYPE_KEY`]'s value for bfloat16.
+/// [`VECTOR_DTYPE_KEY`]'s value for float32 rows.
+pub const FLOAT32: &str = "float32";
+/// [`VECTOR_DTYPE_KEY`]'s value for float16 rows.
+pub const FLOAT16: &str = "float16";
+/// [`VECTOR_DTYPE_KEY`]'s value for bfloat16 rows.
 pub const BFLOAT16: &str = "bfloat16";
 
-/// The vector column's field for vectors of `width` stored as `dtype`: `FixedSizeList<Float32>`
-/// or `FixedSizeList<Float16>`, and for bfloat16 one `FixedSizeBinary(2 width)` per row marked
-/// with [`VECTOR_DTYPE_KEY`]. Not a list of 16-bit integers: Parquet stores those as 32-bit
-/// (as large as `f32`), and a binary row costs one copy instead of one repetition level per
-/// value.
+/// The [`VECTOR_DTYPE_KEY`] value naming `dtype`.
+pub fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => FLOAT32,
+        Dtype::F16 => FLOAT16,
+        Dtype::Bf16 => BFLOAT16,
+    }
+}
+
+/// The [`Dtype`] a [`VECTOR_DTYPE_KEY`] value names.
+pub fn dtype_named(name: &str) -> Option<Dtype> {
+    [Dtype::F32, Dtype::F16, Dtype::Bf16]
+        .into_iter()
+        .find(|&d| dtype_name(d) == name)
+}
+
+/// The vector column's field for vectors of `width` stored as `dtype` in the interchange layout
+/// other tools read as arrays (`actwatch capture`'s files): `FixedSizeList<Float32>` or
+/// `FixedSizeList<Float16>`; bfloat16, which Arrow has no type for, as [`row_field`] rows.
 pub fn vector_field(name: &str, width: usize, dtype: Dtype) -> Field {
     let list =
         |item| DataType::FixedSizeList(Arc::new(Field::new("item", item, false)), width as i32);
     match dtype {
         Dtype::F32 => Field::new(name, list(DataType::Float32), false),
         Dtype::F16 => Field::new(name, list(DataType::Float16), false),
-        Dtype::Bf16 => Field::new(name, DataType::FixedSizeBinary(2 * width as i32), false)
-            .with_metadata(std::collections::HashMap::from([(
-                VECTOR_DTYPE_KEY.to_string(),
-                BFLOAT16.to_string(),
-            )])),
+        Dtype::Bf16 => row_field(name, width, dtype),
+    }
+}
+
+/// The vector column's field for vectors of `width` stored as raw rows: one
+/// `FixedSizeBinary(dtype.size() x width)` per vector, its little-endian values as they came off
+/// the wire, marked with [`VECTOR_DTYPE_KEY`] (the server's reference segments). A row is one
+/// value to the Parquet writer: a list costs a repetition level per element, built and encoded
+/// on every write (a quarter of the server's CPU while ingesting f32, by `perf`), and a list of
+/// 16-bit integers would be stored as 32-bit.
+pub fn row_field(name: &str, width: usize, dtype: Dtype) -> Field {
+    Field::new(
+        name,
+        DataType::FixedSizeBinary((dtype.size() * width) as i32),
+        false,
+    )
+    .with_metadata(std::collections::HashMap::from([(
+        VECTOR_DTYPE_KEY.to_string(),
+        dtype_name(dtype).to_string(),
+    )]))
+}
+
+/// `values` as the little-endian bytes of `dtype` (rounded to nearest, ties to even, for the
+/// half types), in one buffer: for `f32` the vector's own allocation, not a copy.
+fn le_bytes(values: Vec<f32>, dtype: Dtype) -> arrow::buffer::Buffer {
+    use arrow::buffer::Buffer;
+    let big = cfg!(target_endian = "big");
+    match dtype {
+        Dtype::F32 if !big => Buffer::from_vec(values),
+        Dtype::F16 if !big => Buffer::from_vec(
+            values
+                .iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>(),
+        ),
+        Dtype::Bf16 if !big => Buffer::from_vec(
+            values
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect::<Vec<u16>>(),
+        ),
+        Dtype::F32 => Buffer::from_vec(values.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        Dtype::F16 => Buffer::from_vec(
+            values
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        ),
+        Dtype::Bf16 => Buffer::from_vec(
+            values
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        ),
     }
 }
 
@@ -558,9 +626,10 @@ mod tests {
         );
     }
 
-    /// Vectors stored as f16 or bfloat16 read back as the same f32 values when they came in
-    /// that type, in about half the bytes; bfloat16 is marked on the item field, and the same
-    /// UInt16 column without the marker is refused rather than read as numbers.
+    /// Vectors stored as rows of f32, f16 or bfloat16 read back as the same f32 values when they
+    /// came in that type, the half types in about half the bytes; the type is marked on the
+    /// field, and the same binary column without the marker is refused rather than read as
+    /// numbers.
     #[test]
     fn half_precision_segments_read_back_exactly_in_half_the_bytes() {
         use crate::reader::{ReadOptions, TraceReader};
@@ -629,6 +698,57 @@ mod tests {
         w.finish().unwrap();
         let err = TraceReader::open(&[path], ReadOptions::default()).unwrap_err();
         assert!(err.to_string().contains("bfloat16"), "{err}");
+    }
+
+    /// The server's segments store f32 vectors as raw rows (since 2026-12-03), earlier ones as
+    /// lists: the same batches written both ways read back as the same traces, so a data
+    /// directory holding segments of both kinds fits as before.
+    #[test]
+    fn row_and_list_segments_read_back_the_same_traces() {
+        use crate::reader::{ReadOptions, TraceReader};
+        let dir = tempfile::tempdir().unwrap();
+        let columns = TraceColumns::default();
+        let mut rng = actwatch_testkit::Rng::new(11);
+        let batches: Vec<SiteBatch> = (0..3)
+            .map(|b| {
+                let ids = (0..40).map(|i| format!("c{b}-{i}")).collect();
+                let positions = (b != 1).then(|| (0..40).collect());
+                let values = rng.gaussian_rows(40, 24, 0.0);
+                SiteBatch::new(
+                    format!("s{}", b % 2),
+                    ids,
+                    positions,
+                    Vectors::new(24, values).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let read = |path: &Path| {
+            TraceReader::open(&[path.to_path_buf()], ReadOptions::default())
+                .unwrap()
+                .map(|b| {
+                    let b = b.unwrap();
+                    (b.trace_ids, b.sites, b.positions, b.vectors, b.offsets)
+                })
+                .collect::<Vec<_>>()
+        };
+        let list = dir.path().join("list.parquet");
+        let mut w = TraceWriter::create(&list, 24, &columns, Some("position")).unwrap();
+        for b in batches.clone() {
+            w.write(b).unwrap();
+        }
+        w.finish().unwrap();
+        let rows = dir.path().join("rows.parquet");
+        let mut w =
+            TraceWriter::create_hashed(&rows, 24, &columns, Some("position"), None, Dtype::F32)
+                .unwrap();
+        for b in batches {
+            w.write(b).unwrap();
+        }
+        w.finish_hashed().unwrap();
+        let (a, b) = (read(&list), read(&rows));
+        assert!(!a.is_empty());
+        assert_eq!(a, b);
     }
 
     /// A file longer than [`ROW_GROUP_BYTES`] is written out in row groups as its batches come,

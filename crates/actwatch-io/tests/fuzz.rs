@@ -582,6 +582,35 @@ fn decoder_panics_on_corrupt_pages_are_errors() {
     }
 }
 
+/// parquet 60.1 reserves a string dictionary page's declared value count before decoding it: four
+/// bytes inserted near the start of a segment made a 1.6 kB file ask for 3.4 GB at once (the
+/// process aborted under the suite's allocator). The reader now checks each dictionary page's
+/// count against its bytes first (`reader::check_dictionary_pages`).
+#[test]
+fn string_dictionary_counts_are_checked_before_they_are_allocated() {
+    let seeds = seed_trace_files();
+    let seed = seeds.iter().find(|s| s.name == "segment-f32").unwrap();
+    let m = [Mutation::Insert {
+        region: Region::Head(64),
+        at: 860_474_658,
+        bytes: vec![214, 167, 146, 184],
+    }];
+    let bytes = mutated(&seed.bytes, &m, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.parquet");
+    std::fs::write(&path, &bytes).unwrap();
+    for options in [0, 2] {
+        let (result, largest) =
+            largest_allocation(|| read_trace_file(&path, seed.selector | options));
+        assert!(
+            largest <= read_budget(bytes.len()),
+            "{largest} bytes at once"
+        );
+        let e = result.expect_err("the corrupt file was read");
+        eprintln!("segment-f32 ({options}): {e}");
+    }
+}
+
 /// A manifest that declares a blob of 2^64-1 (or 2^40) bytes: the blob was read into a buffer
 /// of that capacity ("capacity overflow" panic, or an abort allocating 1 TiB); now the file's
 /// size is compared first.

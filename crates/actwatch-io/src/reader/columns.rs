@@ -8,14 +8,14 @@ use arrow::datatypes::{DataType, Field, Float16Type, Float32Type, Float64Type, S
 use arrow::record_batch::RecordBatch;
 
 use super::TraceColumns;
-use crate::writer::{BFLOAT16, VECTOR_DTYPE_KEY};
+use crate::writer::{dtype_named, VECTOR_DTYPE_KEY};
 use crate::{Error, Result};
 
 const LABEL_TYPES: &str =
     "a string (Utf8, LargeUtf8, Utf8View, or dictionary of strings) or integer column";
 const VECTOR_TYPES: &str = "FixedSizeList<Float32|Float16|Float64>[d > 0], \
-     List<Float32|Float16|Float64>, LargeList<Float32|Float16|Float64>, or FixedSizeBinary[2 d] \
-     whose field metadata has actwatch.dtype = bfloat16";
+     List<Float32|Float16|Float64>, LargeList<Float32|Float16|Float64>, or FixedSizeBinary[size x d] \
+     whose field metadata has actwatch.dtype = float32, float16 or bfloat16 (size 4, 2, 2)";
 
 /// Where the needed columns are in one file's Arrow schema (top-level field indices).
 #[derive(Debug, Clone, Copy)]
@@ -112,15 +112,20 @@ fn is_vector_type(dt: &DataType) -> bool {
     }
 }
 
-/// A column of bfloat16 vectors, one `FixedSizeBinary(2 d)` per row, marked as such
-/// ([`crate::writer::vector_field`]).
-fn is_bfloat16_rows(f: &Field) -> bool {
-    matches!(f.data_type(), DataType::FixedSizeBinary(n) if *n > 0 && n % 2 == 0)
-        && f.metadata().get(VECTOR_DTYPE_KEY).map(String::as_str) == Some(BFLOAT16)
+/// The type of a column of raw vector rows, one `FixedSizeBinary(size x d)` per vector marked
+/// with its type ([`crate::writer::row_field`]); None for any other column.
+fn row_dtype(f: &Field) -> Option<actwatch_core::Dtype> {
+    let dtype = dtype_named(f.metadata().get(VECTOR_DTYPE_KEY)?)?;
+    match f.data_type() {
+        DataType::FixedSizeBinary(n) if *n > 0 && (*n as usize).is_multiple_of(dtype.size()) => {
+            Some(dtype)
+        }
+        _ => None,
+    }
 }
 
 fn is_vector_field(f: &Field) -> bool {
-    is_vector_type(f.data_type()) || is_bfloat16_rows(f)
+    is_vector_type(f.data_type()) || row_dtype(f).is_some()
 }
 
 pub(super) fn check_schema(
@@ -211,18 +216,20 @@ pub(super) fn decode_vectors(
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let name = field.name();
     let n = col.len();
-    if is_bfloat16_rows(field) {
+    if let Some(dtype) = row_dtype(field) {
         check_no_nulls(path, name, col.as_ref(), &file_row)?;
         let rows = col.as_fixed_size_binary();
-        let width = rows.value_length() as usize / 2;
+        let len = rows.value_length() as usize;
+        let width = len / dtype.size();
+        // The rows are contiguous (a slice's data starts at its first row): one pass.
+        let bytes = &rows.value_data()[..n * len];
         let mut out = Vec::with_capacity(n * width);
-        for i in 0..n {
-            out.extend(
-                rows.value(i)
-                    .chunks_exact(2)
-                    .map(|w| half::bf16::from_le_bytes([w[0], w[1]]).to_f32()),
-            );
-        }
+        actwatch_core::decode_le(bytes, dtype, &mut out).map_err(|e| Error::BadColumnType {
+            path: path.to_path_buf(),
+            column: name.to_owned(),
+            found: e.to_string(),
+            expected: VECTOR_TYPES.to_owned(),
+        })?;
         return Ok((out, (0..=n).map(|i| i * width).collect()));
     }
     // Absolute offsets of each row's first value in the child array.
@@ -318,10 +325,28 @@ mod tests {
         )));
         assert!(is_vector_type(&DataType::LargeList(f(DataType::Float64))));
         assert!(!is_vector_type(&DataType::List(f(DataType::Int32))));
-        // Binary rows are vectors only when marked as bfloat16.
-        let bf16 = crate::writer::vector_field("v", 4, actwatch_core::Dtype::Bf16);
-        assert!(is_vector_field(&bf16));
+        // Binary rows are vectors only when marked with their type, and a whole number of it.
+        for dtype in [
+            actwatch_core::Dtype::F32,
+            actwatch_core::Dtype::F16,
+            actwatch_core::Dtype::Bf16,
+        ] {
+            let rows = crate::writer::row_field("v", 3, dtype);
+            assert_eq!(row_dtype(&rows), Some(dtype));
+        }
         let unmarked = arrow::datatypes::Field::new("v", DataType::FixedSizeBinary(8), false);
         assert!(!is_vector_field(&unmarked));
+        let odd = arrow::datatypes::Field::new("v", DataType::FixedSizeBinary(6), false)
+            .with_metadata(std::collections::HashMap::from([(
+                VECTOR_DTYPE_KEY.to_string(),
+                "float32".to_string(),
+            )]));
+        assert!(!is_vector_field(&odd));
+        let unknown = arrow::datatypes::Field::new("v", DataType::FixedSizeBinary(8), false)
+            .with_metadata(std::collections::HashMap::from([(
+                VECTOR_DTYPE_KEY.to_string(),
+                "int8".to_string(),
+            )]));
+        assert!(!is_vector_field(&unknown));
     }
 }

@@ -2,7 +2,8 @@
 //! [`crate::writer`]).
 //!
 //! One row is one trace: a computation id, a site (a string or an integer layer) and a vector
-//! (`FixedSizeList` or `List` of `Float32`, `Float16` or `Float64`). Files are read batch by batch,
+//! (`FixedSizeList` or `List` of `Float32`, `Float16` or `Float64`, or raw rows marked with their
+//! type: [`crate::writer::row_field`]). Files are read batch by batch,
 //! never whole; vectors are converted to contiguous `f32` once, checked for nulls and non-finite
 //! values, and each site's width is held constant across the whole stream.
 
@@ -53,6 +54,59 @@ fn guarded<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
             )),
         )
     })
+}
+
+/// Refuses a file whose string dictionary page declares more values than its bytes can hold.
+/// The Parquet decoder (parquet 60.1, upstream) reserves a byte-array dictionary's declared
+/// value count before decoding it (four bytes an offset, sixteen a view), so a 1.6 kB file that
+/// declares 864 million values asked for 3.4 GB at once (the fuzz suite found it). Each value
+/// of a plain byte array takes at least its four-byte length, so a page of `n` bytes holds at
+/// most `n / 4`. Only the page headers of the file's byte-array columns (of those read) are
+/// walked, and only their dictionary pages read, before the decoder sees them.
+fn check_dictionary_pages(
+    path: &Path,
+    file: &File,
+    meta: &ArrowReaderMetadata,
+    mask: Option<&ProjectionMask>,
+) -> Result<()> {
+    use parquet::basic::Type as PhysicalType;
+    use parquet::column::page::{Page, PageReader};
+    use parquet::file::serialized_reader::SerializedPageReader;
+    let reader = Arc::new(file.try_clone().map_err(|e| Error::io(path, e))?);
+    let check = || -> std::result::Result<(), ParquetError> {
+        for rg in meta.metadata().row_groups() {
+            let rows = usize::try_from(rg.num_rows()).unwrap_or(0);
+            for (leaf, col) in rg.columns().iter().enumerate() {
+                if col.column_type() != PhysicalType::BYTE_ARRAY
+                    || mask.is_some_and(|m| !m.leaf_included(leaf))
+                {
+                    continue;
+                }
+                let mut pages = SerializedPageReader::new(reader.clone(), col, rows, None)?;
+                while let Some(page) = pages.peek_next_page()? {
+                    if !page.is_dict {
+                        pages.skip_next_page()?;
+                        continue;
+                    }
+                    if let Some(Page::DictionaryPage {
+                        buf, num_values, ..
+                    }) = pages.get_next_page()?
+                    {
+                        if num_values as usize > buf.len() / 4 {
+                            return Err(ParquetError::General(format!(
+                                "column {:?}: a dictionary page declares {num_values} values \
+                                 in {} bytes (a value takes at least 4)",
+                                col.column_path().string(),
+                                buf.len()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    guarded(path, check)?.map_err(|e| Error::parquet(path, e))
 }
 
 /// Default name of the computation-id column.
@@ -365,13 +419,16 @@ impl TraceReader {
         let input = &self.inputs[index];
         let path = input.path.as_path();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mask = (!self.opts.keep_other_columns).then(|| {
+            let c = input.columns;
+            let roots = [c.trace, c.site, c.vector].into_iter().chain(c.position);
+            ProjectionMask::roots(input.meta.parquet_schema(), roots)
+        });
+        check_dictionary_pages(path, &file, &input.meta, mask.as_ref())?;
         let mut builder =
             ParquetRecordBatchReaderBuilder::new_with_metadata(file, input.meta.clone())
                 .with_batch_size(self.opts.batch_rows.max(1));
-        if !self.opts.keep_other_columns {
-            let c = input.columns;
-            let roots = [c.trace, c.site, c.vector].into_iter().chain(c.position);
-            let mask = ProjectionMask::roots(input.meta.parquet_schema(), roots);
+        if let Some(mask) = mask {
             builder = builder.with_projection(mask);
         }
         let reader = guarded(path, || builder.build())?.map_err(|e| Error::parquet(path, e))?;

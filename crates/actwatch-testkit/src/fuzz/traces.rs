@@ -102,7 +102,9 @@ fn item(dt: DataType) -> Arc<Field> {
 /// - `large-list-f64`: `Utf8View` ids, `Dictionary<Int8, Utf8>` sites, `LargeList<Float64>`, a
 ///   label and an extra column, zstd with dictionaries;
 /// - `minilm-like`: the shared MiniLM files' layout (`id`, integer `layer`, `activation`),
-///   uncompressed.
+///   uncompressed;
+/// - `segment-f32`: the server's segment of labelled examples sent as f32 (`FixedSizeBinary(4 d)`
+///   rows marked `actwatch.dtype = float32`).
 pub fn seed_trace_files() -> Vec<SeedFile> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut rng = Rng::new(7);
@@ -278,6 +280,29 @@ pub fn seed_trace_files() -> Vec<SeedFile> {
         .build();
     write_batches(&path, batch, props);
     keep("minilm-like", 16, path);
+
+    // segment-f32 (last, so the seeds above keep their random values): the server's segment of
+    // batches that arrived as f32 (`FixedSizeBinary(4 d)` rows marked `actwatch.dtype =
+    // float32`), with labels
+    let path = dir.path().join("segment-f32.parquet");
+    let mut w = TraceWriter::create_hashed(
+        &path,
+        4,
+        &columns,
+        Some("position"),
+        Some("label"),
+        Dtype::F32,
+    )
+    .expect("a trace writer");
+    w.write_labelled(
+        sites_batch("a", 0..3, 4, &mut rng, true),
+        vec![true, false, true],
+    )
+    .expect("writing");
+    w.write_labelled(sites_batch("b", 0..2, 4, &mut rng, false), vec![false; 2])
+        .expect("writing");
+    w.finish_hashed().expect("finishing");
+    keep("segment-f32", 0, path);
     out
 }
 
