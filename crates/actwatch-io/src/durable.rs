@@ -108,6 +108,28 @@ impl AtomicFile {
             .map_err(|e| Error::io(&self.tmp, e))
     }
 
+    /// Starts writing back bytes `offset..offset + len` of the temporary file and drops those of
+    /// them already written back from the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`,
+    /// which on Linux does both; advice only: neither durability nor the file's bytes change,
+    /// and a failure is ignored). For a long file written once and read later, called over the
+    /// span behind the writer ([`StreamRelease`]): the disk works while the rest arrives instead
+    /// of all at the commit's fsync, and the file's pages are reused instead of the page cache
+    /// taking fresh memory for each (on a VM, first touching memory the host has reclaimed cost
+    /// about 3 ms per MB here, more than everything else a segment's write did).
+    pub fn release_written(&self, offset: u64, len: u64) {
+        if let Some(f) = &self.file {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let _ = rustix::fs::fadvise(
+                f,
+                offset,
+                std::num::NonZeroU64::new(len),
+                rustix::fs::Advice::DontNeed,
+            );
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            let _ = (f, offset, len);
+        }
+    }
+
     /// fsync, rename onto the destination, fsync the directory. On failure the temporary file is
     /// removed and the destination keeps whatever it held before.
     pub fn commit(mut self) -> Result<()> {
@@ -124,6 +146,50 @@ impl AtomicFile {
             return Err(e);
         }
         sync_dir(parent_dir(&self.path))
+    }
+}
+
+/// When a file written front to back releases what is behind it ([`AtomicFile::release_written`]):
+/// every `window` bytes, over the last two windows, so each span is advised twice: once as it is
+/// written (its write-back starts) and once a window later (its pages, clean by then, are
+/// dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRelease {
+    window: u64,
+    /// Bytes written so far.
+    written: u64,
+    /// Where the last two windows start.
+    older: u64,
+    newer: u64,
+}
+
+impl StreamRelease {
+    pub fn new(window: u64) -> Self {
+        Self {
+            window: window.max(1),
+            written: 0,
+            older: 0,
+            newer: 0,
+        }
+    }
+
+    /// Notes `n` more bytes written to `file`, releasing once a window has filled.
+    pub fn wrote(&mut self, file: &AtomicFile, n: usize) {
+        if let Some((offset, len)) = self.span(n) {
+            file.release_written(offset, len);
+        }
+    }
+
+    /// Notes `n` more bytes written; the span to release now, if a window has filled.
+    fn span(&mut self, n: usize) -> Option<(u64, u64)> {
+        self.written += n as u64;
+        if self.written - self.newer < self.window {
+            return None;
+        }
+        let span = (self.older, self.written - self.older);
+        self.older = self.newer;
+        self.newer = self.written;
+        Some(span)
     }
 }
 
@@ -148,6 +214,26 @@ impl Drop for AtomicFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every byte is advised twice (write-back started, then dropped a window later), the spans
+    /// never reach past what was written, and nothing is advised before a window fills.
+    #[test]
+    fn a_stream_releases_each_span_twice_one_window_behind() {
+        let mut r = StreamRelease::new(10);
+        let spans: Vec<_> = [4, 4, 4, 25, 1, 9, 3].map(|n| r.span(n)).to_vec();
+        assert_eq!(
+            spans,
+            [
+                None,
+                None,
+                Some((0, 12)),
+                Some((0, 37)),
+                None,
+                Some((12, 35)),
+                None
+            ]
+        );
+    }
 
     #[test]
     fn commits_whole_files_and_leaves_nothing_when_dropped() {

@@ -21,7 +21,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::checksum;
-use crate::durable::AtomicFile;
+use crate::durable::{AtomicFile, StreamRelease};
 use crate::provenance::{FileProvenance, PROVENANCE_KEY};
 use crate::reader::TraceColumns;
 use crate::{Error, Result};
@@ -56,6 +56,9 @@ pub fn default_writer_properties() -> WriterProperties {
 struct HashedFile {
     file: AtomicFile,
     hasher: Option<checksum::Hasher>,
+    /// For a reference segment (a hashed file): its pages leave the page cache as they are
+    /// written back, one row group behind ([`StreamRelease`]).
+    release: Option<StreamRelease>,
 }
 
 impl Write for HashedFile {
@@ -63,6 +66,9 @@ impl Write for HashedFile {
         let n = self.file.write(buf)?;
         if let Some(h) = &mut self.hasher {
             h.update(&buf[..n]);
+        }
+        if let Some(r) = &mut self.release {
+            r.wrote(&self.file, n);
         }
         Ok(n)
     }
@@ -106,9 +112,10 @@ impl AtomicParquetWriter {
         Self::create_inner(path.into(), schema, props, false)
     }
 
-    /// [`AtomicParquetWriter::create_with_properties`], hashing the file's bytes as they are
-    /// written: [`AtomicParquetWriter::finish_hashed`] returns their checksum
-    /// ([`crate::checksum`]).
+    /// [`AtomicParquetWriter::create_with_properties`] for a long file written once (a reference
+    /// segment), hashing its bytes as they are written ([`AtomicParquetWriter::finish_hashed`]
+    /// returns their checksum, [`crate::checksum`]) and releasing its pages from the page cache
+    /// a row group behind the writer ([`StreamRelease`]).
     pub fn create_hashed(
         path: impl Into<PathBuf>,
         schema: SchemaRef,
@@ -126,6 +133,7 @@ impl AtomicParquetWriter {
         let file = HashedFile {
             file: AtomicFile::create(&path)?,
             hasher: hash.then(checksum::Hasher::default),
+            release: hash.then(|| StreamRelease::new(ROW_GROUP_BYTES as u64)),
         };
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| Error::parquet(&path, e))?;
