@@ -327,6 +327,19 @@ impl Scratch {
     }
 }
 
+/// Reference rows per tile when a few queries spread one block's tiles over `threads` threads:
+/// about [`SPLIT_TILES_PER_THREAD`] tiles each, whole 64-row blocks of the int8 kernel, at most
+/// [`REF_BLOCK`]. A single token's query reads every reference once, so its time is the slowest
+/// thread's share: 1,500 references in 512-row tiles are three tiles, two on one thread (a third
+/// more than an even split); in 192-row tiles eight, four each.
+fn split_tile_rows(refs: usize, threads: usize) -> usize {
+    let rows = refs.div_ceil(threads.max(1) * SPLIT_TILES_PER_THREAD);
+    (rows.div_ceil(QUAD).max(1) * QUAD).min(REF_BLOCK)
+}
+
+/// Tiles per thread when one query block's references are split ([`split_tile_rows`]).
+const SPLIT_TILES_PER_THREAD: usize = 4;
+
 impl KnnDetector {
     /// For every query, `finish(prepared query, its k nearest references as (exact f64 distance
     /// before clamping, index), nearest first, ties to the lower index)` (`k <= len()`). Query blocks run in
@@ -351,21 +364,22 @@ impl KnnDetector {
             .collect()
     }
 
-    /// Scans reference tile `b` (`rblock`, its rows) into the queries' states.
+    /// Scans reference tile `b` of `tile_rows` rows (`rblock`, its rows) into the queries'
+    /// states.
     #[allow(clippy::too_many_arguments)]
     fn scan_ref_block(
         &self,
         bounds: &Bounds,
         queries: &[f32],
         qblock: &QueryBlock,
-        b: usize,
+        (b, tile_rows): (usize, usize),
         rblock: &[f32],
         scratch: &mut Scratch,
         found: &mut [Found],
     ) {
         let (dim, bq) = (self.dim, queries.len() / self.dim);
         let br = rblock.len() / dim;
-        let base = b * REF_BLOCK;
+        let base = b * tile_rows;
         match &bounds.tiles {
             Tiles::Int8 {
                 packed,
@@ -440,16 +454,24 @@ impl KnnDetector {
             new_found()
         } else if split_refs {
             // Every tile on its own (the same products as below), states merged; the result is
-            // exact either way, so the merge order does not matter.
+            // exact either way, so the merge order does not matter. Smaller tiles than below,
+            // so that the threads get even shares ([`split_tile_rows`]).
+            let rows = split_tile_rows(self.len(), rayon::current_num_threads());
             self.refs
-                .par_chunks(REF_BLOCK * dim)
+                .par_chunks(rows * dim)
                 .enumerate()
                 .map_init(
                     || Scratch::new(bounds, tile_len),
                     |scratch, (b, rblock)| {
                         let mut found = new_found();
                         self.scan_ref_block(
-                            bounds, &queries, &qblock, b, rblock, scratch, &mut found,
+                            bounds,
+                            &queries,
+                            &qblock,
+                            (b, rows),
+                            rblock,
+                            scratch,
+                            &mut found,
                         );
                         found
                     },
@@ -468,7 +490,7 @@ impl KnnDetector {
                     bounds,
                     &queries,
                     &qblock,
-                    b,
+                    (b, REF_BLOCK),
                     rblock,
                     &mut scratch,
                     &mut found,
@@ -589,6 +611,33 @@ mod tests {
             z: vec![0.0; n],
             max_col: 1.0,
             usable: true,
+        }
+    }
+
+    #[test]
+    fn split_tiles_are_whole_int8_blocks_and_even_across_threads() {
+        // 1,500 references on 2 threads: 192-row tiles, eight of them (four a thread).
+        assert_eq!(split_tile_rows(1500, 2), 192);
+        for (refs, threads) in [
+            (1500, 2),
+            (513, 2),
+            (100_000, 2),
+            (6000, 16),
+            (10, 64),
+            (1, 0),
+        ] {
+            let rows = split_tile_rows(refs, threads);
+            assert!(
+                rows % QUAD == 0 && rows <= REF_BLOCK,
+                "{refs} {threads}: {rows}"
+            );
+            let tiles = refs.div_ceil(rows);
+            assert!(
+                rows == REF_BLOCK
+                    || tiles
+                        >= (SPLIT_TILES_PER_THREAD * threads.max(1) / 2).min(refs.div_ceil(QUAD)),
+                "{refs} {threads}: {tiles} tiles of {rows}"
+            );
         }
     }
 
