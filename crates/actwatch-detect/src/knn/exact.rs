@@ -628,7 +628,7 @@ mod tests {
         ] {
             let rows = split_tile_rows(refs, threads);
             assert!(
-                rows % QUAD == 0 && rows <= REF_BLOCK,
+                rows.is_multiple_of(QUAD) && rows <= REF_BLOCK,
                 "{refs} {threads}: {rows}"
             );
             let tiles = refs.div_ceil(rows);
