@@ -575,33 +575,27 @@ pub fn row_field(name: &str, width: usize, dtype: Dtype) -> Field {
 /// half types), in one buffer: for `f32` the vector's own allocation, not a copy.
 fn le_bytes(values: Vec<f32>, dtype: Dtype) -> arrow::buffer::Buffer {
     use arrow::buffer::Buffer;
-    let big = cfg!(target_endian = "big");
+    // `to_le` leaves a value's bits as they are on little-endian hosts and swaps them elsewhere,
+    // so the buffer holds little-endian bytes on any host.
     match dtype {
-        Dtype::F32 if !big => Buffer::from_vec(values),
-        Dtype::F16 if !big => Buffer::from_vec(
+        Dtype::F32 if cfg!(target_endian = "little") => Buffer::from_vec(values),
+        Dtype::F32 => Buffer::from_vec(
             values
                 .iter()
-                .map(|&x| half::f16::from_f32(x))
-                .collect::<Vec<_>>(),
+                .map(|x| x.to_bits().to_le())
+                .collect::<Vec<u32>>(),
         ),
-        Dtype::Bf16 if !big => Buffer::from_vec(
-            values
-                .iter()
-                .map(|&x| half::bf16::from_f32(x).to_bits())
-                .collect::<Vec<u16>>(),
-        ),
-        Dtype::F32 => Buffer::from_vec(values.iter().flat_map(|x| x.to_le_bytes()).collect()),
         Dtype::F16 => Buffer::from_vec(
             values
                 .iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                .collect(),
+                .map(|&x| half::f16::from_f32(x).to_bits().to_le())
+                .collect::<Vec<u16>>(),
         ),
         Dtype::Bf16 => Buffer::from_vec(
             values
                 .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect(),
+                .map(|&x| half::bf16::from_f32(x).to_bits().to_le())
+                .collect::<Vec<u16>>(),
         ),
     }
 }
