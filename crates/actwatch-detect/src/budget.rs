@@ -10,7 +10,8 @@
 //!   f64 in all, plus its whitening matrix (d x rank f32);
 //! - a kNN detector: its reference sample (min(rows, max_references) x d f32) held by the fitter,
 //!   the copy its index is built from, and for HNSW the graph (2 m neighbour ids a row, with
-//!   their distances), for exact search the bound columns (the int8 rows and 5 f32 a row);
+//!   their distances), for exact search the bound columns (the largest kernel's rows, f16 at
+//!   2 bytes an entry padded to 16, and 5 f32 a row; kernels are tried one at a time);
 //! - calibration: one raw score (f64) and computation index (u32) per calibration trace and
 //!   detector;
 //! - the joint detectors, at the joint width (the sum of the sites' widths, at most
@@ -33,7 +34,7 @@ pub fn detector_fit_bytes(spec: &DetectorSpec, d: usize, rows: u64) -> u64 {
             let index = if kept > o.exact_max as u64 {
                 kept * (o.hnsw_m as u64) * 2 * (4 + 4)
             } else {
-                kept * (d.div_ceil(4) * 4 + 5 * 4)
+                kept * (d.div_ceil(16) * 16 * 2 + 5 * 4)
             };
             2 * kept * d * 4 + kept * 8 + index
         }

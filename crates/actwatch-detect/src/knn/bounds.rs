@@ -2,7 +2,7 @@
 //!
 //! Key decision: exact search does not rank by the f32 product it computes. For every query `q`
 //! and reference `r` a tile gives an approximate key `a` (cheap: an int8 product where the CPU has
-//! AVX-512 VNNI, else the f32 GEMM) and a bound `b` with `|key(q, r) - a| <= b`, where `key` is the
+//! AVX-512 VNNI, an f16 one where it has AVX-512, else the f32 GEMM) and a bound `b` with `|key(q, r) - a| <= b`, where `key` is the
 //! real-valued similarity (`q·r` for cosine, `q·r - ||r||²/2` for L2) up to a per-query constant.
 //! The k-th largest lower bound `a - b` over all references is a threshold no true neighbour is
 //! below, so only the few references whose upper bound `a + b` reaches it are ranked again by the
@@ -17,6 +17,14 @@
 //! `b = ||s_q x_q||·||e_r|| + ||e_q||·||c_r||` (Cauchy-Schwarz) plus a relative slack `EPS` for the
 //! f32 rounding of the key and the offsets. The f32 key: the GEMM's rounding error is at most
 //! `γ_d Σ|q_j r_j| <= γ_d ||q||·||r||` (`γ_d = d u / (1 - d u)`, any summation order).
+//!
+//! The f16 key, for sets where int8 does not prune (isotropic vectors at large widths, where every
+//! similarity lies within the int8 bound of the k-th best): the same centring, references scaled
+//! per row to a largest entry of ±1 and rounded to f16, queries to f32 the same way, multiplied
+//! in f32. The bound is the int8 one with the f32 product's `γ_d ||s_q x_q||·||s_r x_r||` added:
+//! about 2^-11 relative against int8's 2^-7, so it prunes where int8 does not, while a row is half
+//! the bytes of f32. A single live query is bound by memory bandwidth, so it reads the references
+//! in about half the time of the f32 GEMM.
 //!
 //! Either way the bound is `alpha_q x_r + beta_q y_r + z_r`, per-reference columns `x, y, z`
 //! kept here and per-query `alpha, beta` formed with the query block.
@@ -34,6 +42,25 @@ pub(super) const QUAD: usize = 64;
 /// cannot overflow below this.
 const INT8_MAX_DIM: usize = 65_536;
 
+/// The kernels that can give a tile's approximate keys, most compact first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kernel {
+    Int8,
+    F16,
+    F32,
+}
+
+impl Kernel {
+    /// Whether this CPU runs the kernel.
+    pub(super) fn available(self) -> bool {
+        match self {
+            Kernel::Int8 => int8_available(),
+            Kernel::F16 => f16_available(),
+            Kernel::F32 => true,
+        }
+    }
+}
+
 /// How a tile's approximate keys are computed.
 pub(super) enum Tiles {
     /// References minus `centre`, quantised per row to i8 (`scale` per row) and stored `+ 128`
@@ -42,6 +69,15 @@ pub(super) enum Tiles {
     Int8 {
         packed: Vec<u8>,
         groups: usize,
+        scale: Vec<f32>,
+        centre: Vec<f32>,
+    },
+    /// References minus `centre`, divided per row by `scale` (the largest magnitude) and
+    /// rounded to f16 (bits), row-major, each row `stride` wide (the width rounded up to 16,
+    /// zero-padded).
+    F16 {
+        rows: Vec<u16>,
+        stride: usize,
         scale: Vec<f32>,
         centre: Vec<f32>,
     },
@@ -66,19 +102,20 @@ pub(super) struct Bounds {
 
 impl fmt::Debug for Bounds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.is_int8() { "int8" } else { "f32" };
         f.debug_struct("Bounds")
-            .field("tiles", &kind)
+            .field("tiles", &self.kernel())
             .field("rows", &self.off.len())
             .finish()
     }
 }
 
-/// The per-query side of a block: int8 words (4 entries per i32, [`Tiles::Int8`]), the tile
-/// correction and scale, and the bound coefficients. `ok[i]` false: rank query `i` by brute force.
+/// The per-query side of a block: int8 words (4 entries per i32, [`Tiles::Int8`]) or scaled f32
+/// rows (`stride` wide, [`Tiles::F16`]), the tile correction and scale, and the bound
+/// coefficients. `ok[i]` false: rank query `i` by brute force.
 #[derive(Default)]
 pub(super) struct QueryBlock {
     pub(super) words: Vec<i32>,
+    pub(super) vals: Vec<f32>,
     pub(super) corr: Vec<i32>,
     pub(super) scale: Vec<f32>,
     pub(super) alpha: Vec<f32>,
@@ -97,27 +134,47 @@ pub(super) fn int8_available() -> bool {
     false
 }
 
+/// Whether this CPU runs the f16 kernel (AVX-512F converts 16 halves a register).
+pub(super) fn f16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Absolute slack for f32 underflow in a key of `dim` products and its offset (each term at
+/// most half the smallest subnormal, 2^-150), with a margin for rounding the bound itself.
+fn underflow(dim: usize) -> f64 {
+    (dim as f64 + 4.0) * 2f64.powi(-148)
+}
+
 /// `||v||` in f64, rounded up into an f32 (the bound columns must not shrink in the rounding).
 fn up(v: f64) -> f32 {
     (v * (1.0 + 1e-6)) as f32
 }
 
-/// Rounds `c` (f64, exact centred entries) to i8 with one scale: `(scale, ||s·x||, ||e||)`,
-/// the entries written to `out`. A zero row has scale 0.
-fn quantise(c: &[f64], out: &mut [i8]) -> (f32, f64, f64) {
+/// Rounds `c` (f64, exact centred entries) with one scale `s` (the largest magnitude over
+/// `top`): `round(v / s)` gives what is stored and its value. Returns `(s, ||s·x||, ||e||)` with
+/// `e = c - s·x` measured, the stored entries written to `out`. A zero row has scale 0.
+fn round_row<T: Copy>(
+    c: &[f64],
+    out: &mut [T],
+    top: f64,
+    zero: T,
+    round: impl Fn(f64) -> (T, f64),
+) -> (f32, f64, f64) {
     let m = c.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let s = (m / 127.0) as f32;
+    let s = ((m / top) as f32).min(f32::MAX);
     let (mut sx2, mut e2) = (0f64, 0f64);
     for (v, o) in c.iter().zip(out.iter_mut()) {
-        let x = if s > 0.0 {
-            // Any integer near v / s will do (the error is measured, not assumed); this rounds
-            // half away from zero without a libm call.
-            let t = v / f64::from(s);
-            ((t + 0.5f64.copysign(t)) as i32).clamp(-127, 127).into()
+        let (stored, x) = if s > 0.0 {
+            round(v / f64::from(s))
         } else {
-            0.0
+            (zero, 0.0)
         };
-        *o = x as i8;
+        *o = stored;
         let sx = f64::from(s) * x;
         sx2 += sx * sx;
         e2 += (v - sx) * (v - sx);
@@ -125,15 +182,90 @@ fn quantise(c: &[f64], out: &mut [i8]) -> (f32, f64, f64) {
     (s, sx2.sqrt(), e2.sqrt())
 }
 
+/// [`round_row`] to i8 (largest entry ±127).
+fn quantise(c: &[f64], out: &mut [i8]) -> (f32, f64, f64) {
+    round_row(c, out, 127.0, 0, |t| {
+        // Any integer near t will do (the error is measured, not assumed); this rounds half
+        // away from zero without a libm call.
+        let x = ((t + 0.5f64.copysign(t)) as i32).clamp(-127, 127);
+        (x as i8, f64::from(x))
+    })
+}
+
+/// [`round_row`] to f16 bits (largest entry ±1).
+fn round_f16(c: &[f64], out: &mut [u16]) -> (f32, f64, f64) {
+    round_row(c, out, 1.0, 0, |t| {
+        let h = half::f16::from_f64(t);
+        (h.to_bits(), h.to_f64())
+    })
+}
+
+/// [`round_row`] to f32 (largest entry ±1).
+fn round_f32(c: &[f64], out: &mut [f32]) -> (f32, f64, f64) {
+    round_row(c, out, 1.0, 0.0, |t| (t as f32, f64::from(t as f32)))
+}
+
+/// `f(i, c, ||c||, centre·row)` for each row `i` of `rows`, with `c` the row minus `centre`
+/// (f64, exact).
+fn each_centred(
+    rows: &[f32],
+    dim: usize,
+    centre: &[f32],
+    mut f: impl FnMut(usize, &[f64], f64, f64),
+) {
+    let mut c = vec![0f64; dim];
+    for (i, r) in rows.chunks_exact(dim).enumerate() {
+        let mu = centred(r, centre, &mut c);
+        let norm = c.iter().map(|v| v * v).sum::<f64>().sqrt();
+        f(i, &c, norm, mu);
+    }
+}
+
+/// Rounds centred row `i` (stores it) and returns its scale and the norm of its rounding error.
+type RoundRow<'a> = dyn FnMut(usize, &[f64]) -> (f32, f64) + 'a;
+
+/// `γ_d` (the relative error of an f32 dot product of `d` terms, any order) with a margin.
+fn gamma(d: usize) -> f64 {
+    let u = f64::from(f32::EPSILON) / 2.0;
+    1.01 * (d as f64 * u / (1.0 - d as f64 * u))
+}
+
+/// The references' mean, in f32 (what keys are centred on).
+fn mean_row(refs: &[f32], dim: usize) -> Vec<f32> {
+    let n = (refs.len() / dim).max(1);
+    let mut mean = vec![0f64; dim];
+    for r in refs.chunks_exact(dim) {
+        mean.iter_mut()
+            .zip(r)
+            .for_each(|(m, &v)| *m += f64::from(v));
+    }
+    mean.iter().map(|m| (m / n as f64) as f32).collect()
+}
+
+/// `c = v - centre` in f64 (exact), returning `centre·v`.
+fn centred(v: &[f32], centre: &[f32], c: &mut [f64]) -> f64 {
+    let mut mu = 0f64;
+    for ((cj, &v), &m) in c.iter_mut().zip(v).zip(centre) {
+        *cj = f64::from(v) - f64::from(m);
+        mu += f64::from(m) * f64::from(v);
+    }
+    mu
+}
+
 impl Bounds {
-    /// Whether tiles come from the int8 kernel.
-    pub(super) fn is_int8(&self) -> bool {
-        matches!(self.tiles, Tiles::Int8 { .. })
+    /// The kernel tiles come from.
+    pub(super) fn kernel(&self) -> Kernel {
+        match self.tiles {
+            Tiles::Int8 { .. } => Kernel::Int8,
+            Tiles::F16 { .. } => Kernel::F16,
+            Tiles::F32 => Kernel::F32,
+        }
     }
 
-    /// The columns for `refs` (row-major, `dim` wide, as stored: normalised for cosine); the int8
-    /// kernel when `int8` and the width allows it.
-    pub(super) fn build(refs: &[f32], dim: usize, metric: Metric, int8: bool) -> Self {
+    /// The columns for `refs` (row-major, `dim` wide, as stored: normalised for cosine) for
+    /// `kernel` (the caller checks [`Kernel::available`]); int8 falls back to f32 beyond
+    /// [`INT8_MAX_DIM`].
+    pub(super) fn build(refs: &[f32], dim: usize, metric: Metric, kernel: Kernel) -> Self {
         let n = refs.len() / dim;
         let half = |r: &[f32]| match metric {
             Metric::Cosine => 0.0,
@@ -145,53 +277,71 @@ impl Bounds {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let tiles = if int8 && dim <= INT8_MAX_DIM {
-            let mut mean = vec![0f64; dim];
-            for r in refs.chunks_exact(dim) {
-                mean.iter_mut()
-                    .zip(r)
-                    .for_each(|(m, &v)| *m += f64::from(v));
-            }
-            let centre: Vec<f32> = mean.iter().map(|m| (m / n as f64) as f32).collect();
-            let groups = dim.div_ceil(4);
-            let mut packed = vec![128u8; n.div_ceil(QUAD) * QUAD * groups * 4];
+        let kernel = match kernel {
+            Kernel::Int8 if dim > INT8_MAX_DIM => Kernel::F32,
+            k => k,
+        };
+        // The centred kernels: each row centred on the mean, rounded by `round(i, c)` (which
+        // stores it and returns its scale and measured error), its columns pushed.
+        let mut centred_rows = |round: &mut RoundRow<'_>| {
+            let centre = mean_row(refs, dim);
             let mut scale = Vec::with_capacity(n);
-            let (mut c, mut row) = (vec![0f64; dim], vec![0i8; dim]);
-            for (i, r) in refs.chunks_exact(dim).enumerate() {
-                let mut mu_r = 0f64;
-                for ((cj, &v), &m) in c.iter_mut().zip(r).zip(&centre) {
-                    *cj = f64::from(v) - f64::from(m);
-                    mu_r += f64::from(m) * f64::from(v);
-                }
-                let (s, _, e) = quantise(&c, &mut row);
-                let norm = c.iter().map(|v| v * v).sum::<f64>().sqrt();
-                let h = half(r);
+            each_centred(refs, dim, &centre, |i, c, norm, mu_r| {
+                let (s, e) = round(i, c);
+                let h = half(&refs[i * dim..(i + 1) * dim]);
                 scale.push(s);
                 off.push((mu_r - h) as f32);
                 x.push(up(e));
                 y.push(up(norm));
-                z.push(up(EPS * (mu_r.abs() + h)));
-                // block i / QUAD, group t, panel (i % QUAD) / 16, lane i % 16, byte j % 4
-                let base = (i / QUAD) * QUAD * groups * 4 + (i % QUAD / 16) * 64 + (i % 16) * 4;
-                for (j, &v) in row.iter().enumerate() {
-                    packed[base + (j / 4) * QUAD * 4 + j % 4] = (i16::from(v) + 128) as u8;
+                z.push(up(EPS * (mu_r.abs() + h) + underflow(dim)));
+            });
+            (centre, scale)
+        };
+        let tiles = match kernel {
+            Kernel::Int8 => {
+                let groups = dim.div_ceil(4);
+                let mut packed = vec![128u8; n.div_ceil(QUAD) * QUAD * groups * 4];
+                let mut row = vec![0i8; dim];
+                let (centre, scale) = centred_rows(&mut |i, c| {
+                    let (s, _, e) = quantise(c, &mut row);
+                    // block i / QUAD, group t, panel (i % QUAD) / 16, lane i % 16, byte j % 4
+                    let base = (i / QUAD) * QUAD * groups * 4 + (i % QUAD / 16) * 64 + (i % 16) * 4;
+                    for (j, &v) in row.iter().enumerate() {
+                        packed[base + (j / 4) * QUAD * 4 + j % 4] = (i16::from(v) + 128) as u8;
+                    }
+                    (s, e)
+                });
+                Tiles::Int8 {
+                    packed,
+                    groups,
+                    scale,
+                    centre,
                 }
             }
-            Tiles::Int8 {
-                packed,
-                groups,
-                scale,
-                centre,
+            Kernel::F16 => {
+                let stride = dim.div_ceil(16) * 16;
+                let mut rows = vec![0u16; n * stride];
+                let (centre, scale) = centred_rows(&mut |i, c| {
+                    let (s, _, e) = round_f16(c, &mut rows[i * stride..i * stride + dim]);
+                    (s, e)
+                });
+                Tiles::F16 {
+                    rows,
+                    stride,
+                    scale,
+                    centre,
+                }
             }
-        } else {
-            for r in refs.chunks_exact(dim) {
-                let h = half(r);
-                off.push(-h as f32);
-                x.push(up((2.0 * half_any(r)).sqrt()));
-                y.push(0.0);
-                z.push(up(EPS * h));
+            Kernel::F32 => {
+                for r in refs.chunks_exact(dim) {
+                    let h = half(r);
+                    off.push(-h as f32);
+                    x.push(up((2.0 * half_any(r)).sqrt()));
+                    y.push(0.0);
+                    z.push(up(EPS * h + underflow(dim)));
+                }
+                Tiles::F32
             }
-            Tiles::F32
         };
         let max_col = off
             .iter()
@@ -217,18 +367,12 @@ impl Bounds {
         *qb = QueryBlock::default();
         match &self.tiles {
             Tiles::Int8 { groups, centre, .. } => {
-                let mut all_words = vec![0i32; nq * groups];
-                let (mut c, mut row) = (vec![0f64; dim], vec![0i8; groups * 4]);
-                for (q, words) in queries
-                    .chunks_exact(dim)
-                    .zip(all_words.chunks_exact_mut(*groups))
-                {
-                    for ((cj, &v), &m) in c.iter_mut().zip(q).zip(centre) {
-                        *cj = f64::from(v) - f64::from(m);
-                    }
-                    let (s, sx, e) = quantise(&c, &mut row[..dim]);
-                    let norm = c.iter().map(|v| v * v).sum::<f64>().sqrt();
-                    for (w, b) in words.iter_mut().zip(row.chunks_exact(4)) {
+                let mut words = vec![0i32; nq * groups];
+                let mut row = vec![0i8; groups * 4];
+                each_centred(queries, dim, centre, |qi, c, norm, _| {
+                    let (s, sx, e) = quantise(c, &mut row[..dim]);
+                    let out = &mut words[qi * groups..(qi + 1) * groups];
+                    for (w, b) in out.iter_mut().zip(row.chunks_exact(4)) {
                         *w = i32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
                     }
                     // The kernel multiplies the references' u8 (x + 128) by the query's i8.
@@ -236,16 +380,28 @@ impl Bounds {
                         .push(128 * row.iter().map(|&v| i32::from(v)).sum::<i32>());
                     qb.scale.push(s);
                     self.push_coefficients(qb, sx, e + EPS * norm, norm);
-                }
-                qb.words = all_words;
+                });
+                qb.words = words;
+            }
+            Tiles::F16 { stride, centre, .. } => {
+                // The f32 product of the scaled rows errs by at most γ ||s_q x_q||·||s_r x_r||,
+                // and ||s_r x_r|| <= ||c_r|| + ||e_r||: γ joins both coefficients.
+                let stride = *stride;
+                let g = gamma(stride);
+                let mut vals = vec![0f32; nq * stride];
+                each_centred(queries, dim, centre, |qi, c, norm, _| {
+                    let (s, sx, e) = round_f32(c, &mut vals[qi * stride..qi * stride + dim]);
+                    qb.scale.push(s);
+                    self.push_coefficients(qb, sx * (1.0 + g), e + g * sx + EPS * norm, norm);
+                });
+                qb.vals = vals;
             }
             Tiles::F32 => {
                 // γ_d with a margin, plus the slack for the offsets' and keys' roundings.
-                let u = f64::from(f32::EPSILON) / 2.0;
-                let gamma = dim as f64 * u / (1.0 - dim as f64 * u);
+                let g = gamma(dim);
                 for q in queries.chunks_exact(dim) {
                     let norm = (2.0 * half_any(q)).sqrt();
-                    self.push_coefficients(qb, (1.01 * gamma + EPS) * norm, 0.0, norm);
+                    self.push_coefficients(qb, (g + EPS) * norm, 0.0, norm);
                 }
             }
         }
@@ -288,6 +444,129 @@ pub(super) fn int8_tile(
     unsafe {
         vnni::tile(packed, groups, words, nq, out, ld)
     };
+}
+
+/// Most queries [`f16_tile`] multiplies at once: more would re-read a tile from memory per four
+/// queries, so larger blocks widen the rows ([`widen_f16`]) for the f32 GEMM instead.
+pub(super) const F16_DIRECT_MAX: usize = 4;
+
+/// `out[qi * ld + r]` = the f32 product of f16 row `r` of `rows` (`stride` wide) with query `qi`
+/// of `vals` (`stride` wide, `nq <= F16_DIRECT_MAX`), every row read once. Only called after
+/// [`f16_available`] said yes (it asserts the shapes it relies on).
+#[allow(unsafe_code)]
+pub(super) fn f16_tile(
+    rows: &[u16],
+    stride: usize,
+    vals: &[f32],
+    nq: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    assert!(stride.is_multiple_of(16) && rows.len().is_multiple_of(stride.max(1)));
+    let n = rows.len() / stride.max(1);
+    assert!((1..=F16_DIRECT_MAX).contains(&nq) && vals.len() >= nq * stride);
+    assert!(ld >= n && out.len() >= (nq - 1) * ld + n);
+    assert!(f16_available());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F (asserted), the feature `halves::tile` is compiled for, and
+    // the shapes it reads and writes within are the ones asserted above.
+    unsafe {
+        halves::tile(rows, stride, vals, nq, out, ld)
+    };
+}
+
+/// The f16 bits in `rows` as f32 into `out` (the same length). Only called after
+/// [`f16_available`] said yes.
+#[allow(unsafe_code)]
+pub(super) fn widen_f16(rows: &[u16], out: &mut [f32]) {
+    assert!(rows.len() == out.len() && f16_available());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F (asserted); `halves::widen` stays within the equal lengths.
+    unsafe {
+        halves::widen(rows, out)
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod halves {
+    use std::arch::x86_64::*;
+
+    /// Reference rows per micro-kernel call: with 4 queries, 16 accumulators.
+    const NR: usize = 4;
+
+    /// See [`super::f16_tile`] (which checks the shapes).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(
+        rows: &[u16],
+        stride: usize,
+        vals: &[f32],
+        nq: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let n = rows.len() / stride;
+        let mut r = 0;
+        while r < n {
+            let p = rows.as_ptr().add(r * stride);
+            let (q, o) = (vals.as_ptr(), out.as_mut_ptr().add(r));
+            r += match (n - r >= NR, nq) {
+                (true, 1) => micro::<NR, 1>(p, stride, q, o, ld),
+                (true, 2) => micro::<NR, 2>(p, stride, q, o, ld),
+                (true, 3) => micro::<NR, 3>(p, stride, q, o, ld),
+                (true, _) => micro::<NR, 4>(p, stride, q, o, ld),
+                (false, 1) => micro::<1, 1>(p, stride, q, o, ld),
+                (false, 2) => micro::<1, 2>(p, stride, q, o, ld),
+                (false, 3) => micro::<1, 3>(p, stride, q, o, ld),
+                (false, _) => micro::<1, 4>(p, stride, q, o, ld),
+            };
+        }
+    }
+
+    /// `R` rows times `Q` queries, each row's halves widened once a register and multiplied by
+    /// every query; one accumulator per pair, summed across lanes at the end. Returns `R`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn micro<const R: usize, const Q: usize>(
+        rows: *const u16,
+        stride: usize,
+        vals: *const f32,
+        out: *mut f32,
+        ld: usize,
+    ) -> usize {
+        let mut acc = [[_mm512_setzero_ps(); Q]; R];
+        let mut j = 0;
+        while j < stride {
+            for (ri, acc) in acc.iter_mut().enumerate() {
+                let h = _mm512_cvtph_ps(_mm256_loadu_si256(rows.add(ri * stride + j).cast()));
+                for (qi, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(h, _mm512_loadu_ps(vals.add(qi * stride + j)), *a);
+                }
+            }
+            j += 16;
+        }
+        for (ri, acc) in acc.iter().enumerate() {
+            for (qi, a) in acc.iter().enumerate() {
+                *out.add(qi * ld + ri) = _mm512_reduce_add_ps(*a);
+            }
+        }
+        R
+    }
+
+    /// See [`super::widen_f16`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen(rows: &[u16], out: &mut [f32]) {
+        let n = rows.len() / 16 * 16;
+        let mut j = 0;
+        while j < n {
+            let h = _mm256_loadu_si256(rows.as_ptr().add(j).cast());
+            _mm512_storeu_ps(out.as_mut_ptr().add(j), _mm512_cvtph_ps(h));
+            j += 16;
+        }
+        for (o, &h) in out[n..].iter_mut().zip(&rows[n..]) {
+            *o = half::f16::from_bits(h).to_f32();
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -362,5 +641,187 @@ mod vnni {
             }
         }
         Q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actwatch_testkit::Rng;
+
+    /// The approximate keys one kernel gives `queries` against every reference
+    /// (`[query][reference]`), as exact search forms them before the scan: the tile product,
+    /// scaled, plus the offset. The f32 GEMM's product is a plain loop here (its bound holds in
+    /// any summation order; the test passes the f32 kernel's queries in `vals`); the f16 rows
+    /// are multiplied both directly and widened.
+    fn approximate_keys(b: &Bounds, qb: &QueryBlock, dim: usize, refs: &[f32]) -> Vec<Vec<f32>> {
+        let n = b.off.len();
+        let nq = qb.ok.len();
+        let mut keys = vec![vec![0f32; n]; nq];
+        match &b.tiles {
+            Tiles::Int8 {
+                packed,
+                groups,
+                scale,
+                ..
+            } => {
+                let ld = n.div_ceil(QUAD) * QUAD;
+                let mut t = vec![0i32; nq * ld];
+                int8_tile(packed, *groups, &qb.words, nq, &mut t, ld);
+                for (qi, k) in keys.iter_mut().enumerate() {
+                    for (r, k) in k.iter_mut().enumerate() {
+                        let dot = (t[qi * ld + r] - qb.corr[qi]) as f32;
+                        *k = qb.scale[qi] * (scale[r] * dot) + b.off[r];
+                    }
+                }
+            }
+            Tiles::F16 {
+                rows,
+                stride,
+                scale,
+                ..
+            } => {
+                let mut wide = vec![0f32; rows.len()];
+                widen_f16(rows, &mut wide);
+                for (h, w) in rows.iter().zip(&wide) {
+                    assert_eq!(half::f16::from_bits(*h).to_f32(), *w);
+                }
+                let mut t = vec![0f32; nq * n];
+                for q0 in (0..nq).step_by(F16_DIRECT_MAX) {
+                    let m = (nq - q0).min(F16_DIRECT_MAX);
+                    let vals = &qb.vals[q0 * stride..];
+                    f16_tile(rows, *stride, vals, m, &mut t[q0 * n..], n);
+                }
+                for (qi, k) in keys.iter_mut().enumerate() {
+                    let q = &qb.vals[qi * stride..(qi + 1) * stride];
+                    for (r, k) in k.iter_mut().enumerate() {
+                        let w = &wide[r * stride..(r + 1) * stride];
+                        let plain: f32 = q.iter().zip(w).map(|(a, b)| a * b).sum();
+                        let direct = t[qi * n + r];
+                        let g = gamma(*stride) as f32;
+                        let size: f32 = q.iter().zip(w).map(|(a, b)| (a * b).abs()).sum();
+                        assert!((direct - plain).abs() <= 2.0 * g * size + f32::MIN_POSITIVE);
+                        *k = qb.scale[qi] * (scale[r] * direct) + b.off[r];
+                    }
+                }
+            }
+            Tiles::F32 => {
+                for (qi, k) in keys.iter_mut().enumerate() {
+                    let q = &qb.vals[qi * dim..(qi + 1) * dim];
+                    for (r, k) in k.iter_mut().enumerate() {
+                        let row = &refs[r * dim..(r + 1) * dim];
+                        *k = q.iter().zip(row).map(|(a, b)| a * b).sum::<f32>() + b.off[r];
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// Oracle: for every kernel, query and reference, `|key - approximate key| <= bound` with the
+    /// key computed in f64 from the definition (`q·r`, minus `||r||²/2` for L2, minus the
+    /// per-query constant `(q - centre)·centre` of the centred kernels). Isotropic rows at a
+    /// large width (where int8's bound is loose and f16's is not), clustered rows off the origin
+    /// at a width that is not a multiple of 16, a zero query, tiny and huge magnitudes.
+    #[test]
+    fn every_kernel_keeps_its_keys_within_their_bounds() {
+        let mut rng = Rng::new(29);
+        let mut sets = vec![(rng.gaussian_rows(45, 600, 0.0), 600)];
+        let mut clus = rng.gaussian_rows(39, 37, 0.0);
+        for (i, v) in clus.iter_mut().enumerate() {
+            *v = 0.05 * *v + if i % 37 == 0 { 3.0 } else { 0.0 };
+        }
+        clus[37..74].iter_mut().for_each(|v| *v *= 1e-30);
+        clus[74..111].iter_mut().for_each(|v| *v *= 1e8);
+        sets.push((clus, 37));
+        for (refs, dim) in &sets {
+            let dim = *dim;
+            let mut queries = rng.gaussian_rows(9, dim, 0.0);
+            queries.extend(std::iter::repeat_n(0.0, dim));
+            queries.extend_from_slice(&refs[..dim]);
+            for metric in [Metric::Cosine, Metric::L2] {
+                for kernel in [Kernel::Int8, Kernel::F16, Kernel::F32] {
+                    if !kernel.available() {
+                        continue;
+                    }
+                    let b = Bounds::build(refs, dim, metric, kernel);
+                    assert_eq!(b.kernel(), kernel);
+                    let mut qb = QueryBlock::default();
+                    b.prepare_queries(&queries, dim, &mut qb);
+                    if kernel == Kernel::F32 {
+                        qb.vals = queries.clone();
+                    }
+                    let keys = approximate_keys(&b, &qb, dim, refs);
+                    let centre = match &b.tiles {
+                        Tiles::Int8 { centre, .. } | Tiles::F16 { centre, .. } => {
+                            Some(centre.clone())
+                        }
+                        Tiles::F32 => None,
+                    };
+                    for (qi, q) in queries.chunks_exact(dim).enumerate() {
+                        if !qb.ok[qi] {
+                            continue;
+                        }
+                        let shift = centre.as_ref().map_or(0.0, |m| {
+                            q.iter()
+                                .zip(m)
+                                .map(|(&a, &m)| (f64::from(a) - f64::from(m)) * f64::from(m))
+                                .sum()
+                        });
+                        for (r, row) in refs.chunks_exact(dim).enumerate() {
+                            let dot: f64 = q
+                                .iter()
+                                .zip(row)
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                .sum();
+                            let h = match metric {
+                                Metric::Cosine => 0.0,
+                                Metric::L2 => half_any(row),
+                            };
+                            let want = dot - h - shift;
+                            let bound = f64::from(qb.alpha[qi]) * f64::from(b.x[r])
+                                + f64::from(qb.beta[qi]) * f64::from(b.y[r])
+                                + f64::from(b.z[r]);
+                            let got = f64::from(keys[qi][r]);
+                            assert!(
+                                (got - want).abs() <= bound,
+                                "{kernel:?} {metric:?} d={dim} q={qi} r={r}: \
+                                 {got} vs {want}, bound {bound}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// On isotropic rows at a large width the f16 bound is far tighter than int8's: the point
+    /// of the kernel (mean bound over the mean spread of the keys).
+    #[test]
+    fn the_f16_bound_is_tighter_than_int8s() {
+        let mut rng = Rng::new(31);
+        let dim = 2048;
+        let refs = rng.gaussian_rows(64, dim, 0.0);
+        let queries = rng.gaussian_rows(4, dim, 0.0);
+        let mean_bound = |kernel| {
+            let b = Bounds::build(&refs, dim, Metric::L2, kernel);
+            let mut qb = QueryBlock::default();
+            b.prepare_queries(&queries, dim, &mut qb);
+            let mut sum = 0f64;
+            for qi in 0..4 {
+                for r in 0..64 {
+                    sum += f64::from(qb.alpha[qi]) * f64::from(b.x[r])
+                        + f64::from(qb.beta[qi]) * f64::from(b.y[r]);
+                }
+            }
+            sum / 256.0
+        };
+        let (i8b, f16b) = (mean_bound(Kernel::Int8), mean_bound(Kernel::F16));
+        // The keys (products of two 2048-wide unit-variance rows) spread about sqrt(2048) = 45:
+        // int8's bound is most of that (34 here), f16's a small fraction (0.7).
+        assert!(
+            f16b * 16.0 < i8b && f16b < 0.05 * 45.0,
+            "int8 {i8b}, f16 {f16b}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::bounds::{int8_available, int8_tile, Bounds, QueryBlock, Tiles, QUAD};
+use super::bounds::{
+    f16_tile, int8_available, int8_tile, widen_f16, Bounds, QueryBlock, Tiles, F16_DIRECT_MAX, QUAD,
+};
 use super::hnsw::prefetch;
 use super::{KnnDetector, Metric, QUERY_BLOCK, REF_BLOCK, SCAN_CHUNK};
 
@@ -306,25 +308,42 @@ mod avx512 {
     }
 }
 
-/// Per-thread buffers of one query block's scan.
+/// Per-thread buffers of one query block's scan: the tile, and for f16 rows multiplied by the
+/// GEMM, the rows widened to f32 a slice at a time.
 struct Scratch {
     f32_tile: Vec<f32>,
     i32_tile: Vec<i32>,
+    wide: Vec<f32>,
 }
 
+/// f32 entries of f16 rows widened at once for the GEMM (512 KiB: in a core's L2 with the
+/// queries while the product reads them).
+const WIDE_FLOATS: usize = 1 << 17;
+
 impl Scratch {
-    fn new(b: &Bounds, tile_len: usize) -> Self {
+    fn new(b: &Bounds, tile_len: usize, queries: usize) -> Self {
+        let mut s = Self {
+            f32_tile: Vec::new(),
+            i32_tile: Vec::new(),
+            wide: Vec::new(),
+        };
         match b.tiles {
-            Tiles::Int8 { .. } => Self {
-                f32_tile: Vec::new(),
-                i32_tile: vec![0; tile_len],
-            },
-            Tiles::F32 => Self {
-                f32_tile: vec![0.0; tile_len],
-                i32_tile: Vec::new(),
-            },
+            Tiles::Int8 { .. } => s.i32_tile = vec![0; tile_len],
+            Tiles::F16 { stride, .. } => {
+                s.f32_tile = vec![0.0; tile_len];
+                if queries > F16_DIRECT_MAX {
+                    s.wide = vec![0.0; wide_rows(stride) * stride];
+                }
+            }
+            Tiles::F32 => s.f32_tile = vec![0.0; tile_len],
         }
+        s
     }
+}
+
+/// Rows of `stride` f16 entries widened at once ([`WIDE_FLOATS`], at least one).
+fn wide_rows(stride: usize) -> usize {
+    (WIDE_FLOATS / stride.max(1)).clamp(1, REF_BLOCK)
 }
 
 /// Reference rows per tile when a few queries spread one block's tiles over `threads` threads:
@@ -396,6 +415,47 @@ impl KnnDetector {
                 let scale = &scale[base..base + br];
                 scan_int8(found, tile, ld, scale, qblock, bounds, base);
             }
+            Tiles::F16 {
+                rows,
+                stride,
+                scale,
+                ..
+            } => {
+                let stride = *stride;
+                let tile = &mut scratch.f32_tile[..br * bq];
+                let hrows = &rows[base * stride..(base + br) * stride];
+                if bq <= F16_DIRECT_MAX {
+                    // A few queries (a live token): every row read once from memory, at half the
+                    // bytes of f32.
+                    f16_tile(hrows, stride, &qblock.vals, bq, tile, br);
+                } else {
+                    let mut out = MatMut::from_column_major_slice_mut(tile, br, bq);
+                    let per = wide_rows(stride);
+                    for (c, part) in hrows.chunks(per * stride).enumerate() {
+                        let nr = part.len() / stride;
+                        let wide = &mut scratch.wide[..part.len()];
+                        widen_f16(part, wide);
+                        matmul(
+                            out.as_mut().subrows_mut(c * per, nr),
+                            Accum::Replace,
+                            MatRef::from_row_major_slice(wide, nr, stride),
+                            MatRef::from_row_major_slice(&qblock.vals, bq, stride).transpose(),
+                            1.0f32,
+                            Par::Seq,
+                        );
+                    }
+                }
+                // key = s_q (s_r t) + off: the scan adds the offset and the bound.
+                let scale = &scale[base..base + br];
+                for (qi, (col, top)) in tile.chunks_exact_mut(br).zip(found.iter_mut()).enumerate()
+                {
+                    let sq = qblock.scale[qi];
+                    col.iter_mut()
+                        .zip(scale)
+                        .for_each(|(a, &sr)| *a = sq * (sr * *a));
+                    top.scan(col, bounds, base, qblock.alpha[qi], qblock.beta[qi]);
+                }
+            }
             Tiles::F32 => {
                 let tile = &mut scratch.f32_tile[..br * bq];
                 // tile (br x bq, column-major) = R_block · Qᵀ: column j holds query j's products.
@@ -461,7 +521,7 @@ impl KnnDetector {
                 .par_chunks(rows * dim)
                 .enumerate()
                 .map_init(
-                    || Scratch::new(bounds, tile_len),
+                    || Scratch::new(bounds, tile_len, bq),
                     |scratch, (b, rblock)| {
                         let mut found = new_found();
                         self.scan_ref_block(
@@ -484,7 +544,7 @@ impl KnnDetector {
                 })
         } else {
             let mut found = new_found();
-            let mut scratch = Scratch::new(bounds, tile_len);
+            let mut scratch = Scratch::new(bounds, tile_len, bq);
             for (b, rblock) in self.refs.chunks(REF_BLOCK * dim).enumerate() {
                 self.scan_ref_block(
                     bounds,
@@ -663,6 +723,7 @@ mod tests {
         let scale = vec![0.01f32; n];
         let q = QueryBlock {
             words: Vec::new(),
+            vals: Vec::new(),
             corr: vec![0],
             scale: vec![1.0],
             alpha: vec![1.0],

@@ -4,7 +4,7 @@
 //! Key decision: search is *exact* while the reference set is small (up to
 //! [`KnnOptions::exact_max`] references) and done in blocks: a block of queries against a tile of
 //! references gives approximate keys with a proven error bound (an int8 product where the CPU
-//! has AVX-512 VNNI, else the f32 GEMM; `bounds.rs`), and only the few references whose bound
+//! has AVX-512 VNNI, f16 where int8 does not prune, else the f32 GEMM; `bounds.rs`), and only the few references whose bound
 //! reaches the k-th best are ranked by the exact f64 distance, so the k nearest are exact (ties to
 //! the lower index) on every CPU and memory is bounded by the tile sizes. Beyond that size an HNSW
 //! graph (`hnsw.rs`, squared Euclidean distance, on normalised vectors for cosine) answers
@@ -22,7 +22,7 @@ mod bounds;
 mod exact;
 mod hnsw;
 
-use bounds::{int8_available, Bounds};
+use bounds::{Bounds, Kernel};
 use hnsw::{Distance, HnswGraph, Refs, ScratchPool};
 
 use crate::{Error, Result};
@@ -675,19 +675,22 @@ impl KnnDetector {
         &self.refs[i * self.dim..(i + 1) * self.dim]
     }
 
-    /// Exact search's bound columns: the int8 kernel's where this CPU has it and its bounds prune
-    /// on these references ([`Self::bounds_prune`]), else the f32 GEMM's. Built once, on one
-    /// thread (a build inside `get_or_init` must not wait on rayon work that could re-enter it).
+    /// Exact search's bound columns: the most compact kernel this CPU has whose bounds prune on
+    /// these references ([`Self::bounds_prune`]): int8, then f16, else the f32 GEMM's. Built
+    /// once, on one thread (a build inside `get_or_init` must not wait on rayon work that could
+    /// re-enter it).
     fn bounds(&self) -> &Bounds {
         self.bounds.get_or_init(|| {
             let metric = self.options.metric;
-            if int8_available() {
-                let b = Bounds::build(&self.refs, self.dim, metric, true);
-                if self.bounds_prune(&b) {
-                    return Box::new(b);
+            for kernel in [Kernel::Int8, Kernel::F16] {
+                if kernel.available() {
+                    let b = Bounds::build(&self.refs, self.dim, metric, kernel);
+                    if self.bounds_prune(&b) {
+                        return Box::new(b);
+                    }
                 }
             }
-            Box::new(Bounds::build(&self.refs, self.dim, metric, false))
+            Box::new(Bounds::build(&self.refs, self.dim, metric, Kernel::F32))
         })
     }
 
@@ -756,15 +759,15 @@ impl KnnDetector {
         self.prepared_query(row, &mut buf).to_vec()
     }
 
-    /// Test hook: the bounds of one kernel (int8 only where the CPU has it).
+    /// Test hook: the bounds of one kernel (f32 where the CPU lacks it).
     #[cfg(test)]
-    fn force_bounds(&mut self, int8: bool) {
-        let b = Bounds::build(
-            &self.refs,
-            self.dim,
-            self.options.metric,
-            int8 && int8_available(),
-        );
+    fn force_bounds(&mut self, kernel: Kernel) {
+        let kernel = if kernel.available() {
+            kernel
+        } else {
+            Kernel::F32
+        };
+        let b = Bounds::build(&self.refs, self.dim, self.options.metric, kernel);
         self.bounds = OnceLock::from(Box::new(b));
     }
 
@@ -1041,8 +1044,8 @@ mod tests {
         for metric in [Metric::Cosine, Metric::L2] {
             for k in [1, 10, 45] {
                 let mut det = fit(dim, opts(k, metric), &refs);
-                for int8 in [true, false] {
-                    det.force_bounds(int8);
+                for kernel in [Kernel::Int8, Kernel::F16, Kernel::F32] {
+                    det.force_bounds(kernel);
                     for threads in [1, 4] {
                         let (nbrs, scores) = on_threads(threads, || {
                             (
@@ -1056,7 +1059,7 @@ mod tests {
                                 .collect();
                             d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                             let want: Vec<usize> = d[..k].iter().map(|p| p.1).collect();
-                            let ctx = format!("{metric:?} k={k} int8={int8} thr={threads} q={qi}");
+                            let ctx = format!("{metric:?} k={k} {kernel:?} thr={threads} q={qi}");
                             assert_eq!(nbrs[qi], want, "{ctx}");
                             assert_eq!(scores[qi], det.distance_from_rank(d[k - 1].0), "{ctx}");
                         }
@@ -1067,21 +1070,32 @@ mod tests {
     }
 
     #[test]
-    fn the_int8_kernel_is_kept_only_where_its_bounds_prune() {
+    fn the_most_compact_kernel_whose_bounds_prune_is_kept() {
         // Isotropic vectors at width 2048: cosine similarities spread about 1/45, within the
-        // int8 bound of the k-th best for most references, so the f32 GEMM's tighter bound is
-        // chosen. Clustered vectors off the origin (activations are anisotropic): the int8
-        // bounds prune (about 23 of 3,000 references ranked again per query here).
+        // int8 bound of the k-th best for most references, so the f16 kernel's far tighter
+        // bound is chosen where the CPU has it (else the f32 GEMM's). Clustered vectors off the
+        // origin (activations are anisotropic): the int8 bounds prune (about 23 of 3,000
+        // references ranked again per query here).
         let mut rng = Rng::new(23);
         let iso = rng.gaussian_rows(1000, 2048, 0.0);
         let det = fit(2048, opts(10, Metric::Cosine), &iso);
-        assert!(!det.bounds().is_int8());
+        let want = if Kernel::F16.available() {
+            Kernel::F16
+        } else {
+            Kernel::F32
+        };
+        assert_eq!(det.bounds().kernel(), want);
         let mut clus = clustered(&mut rng, 3000, 96, 12, 1.0);
         for r in clus.chunks_exact_mut(96) {
             r[3] += 2.0;
         }
         let det = fit(96, opts(10, Metric::Cosine), &clus);
-        assert_eq!(det.bounds().is_int8(), int8_available());
+        let want = if Kernel::Int8.available() {
+            Kernel::Int8
+        } else {
+            Kernel::F32
+        };
+        assert_eq!(det.bounds().kernel(), want);
         // Either way the neighbours are exact.
         let q = rng.gaussian_rows(5, 2048, 0.0);
         let d = naive_distances(Metric::Cosine, 2048, &iso, &q[..2048]);
@@ -1104,14 +1118,10 @@ mod tests {
         }
         for metric in [Metric::Cosine, Metric::L2] {
             let mut det = fit(dim, opts(5, metric), &refs);
-            for int8 in [true, false] {
-                det.force_bounds(int8);
+            for kernel in [Kernel::Int8, Kernel::F16, Kernel::F32] {
+                det.force_bounds(kernel);
                 let nbrs = det.exact_neighbours(&row, 5).unwrap();
-                assert_eq!(
-                    nbrs[0],
-                    (1..6).collect::<Vec<_>>(),
-                    "{metric:?} int8={int8}"
-                );
+                assert_eq!(nbrs[0], (1..6).collect::<Vec<_>>(), "{metric:?} {kernel:?}");
             }
         }
     }
