@@ -573,19 +573,28 @@ impl KnnDetector {
             .flat_map(|j| self.reference(j * n / take).iter().copied())
             .collect();
         let k = self.options.k.min(n);
-        let (_, qblock, found) = self.scan_block(bounds, &sample, k, false);
-        let ranked: usize = found
-            .iter()
-            .zip(&qblock.ok)
-            .map(|(f, &ok)| {
-                let thr = f.threshold();
-                if !ok || f.overflow {
-                    n
-                } else {
-                    f.cands.iter().filter(|c| c.1 >= thr).count()
-                }
-            })
-            .sum();
+        // f16 rows in blocks its direct kernel takes: the GEMM would give the loading thread a
+        // packing buffer for its life (64 MiB), and the count per query is the same either way.
+        let block = match bounds.tiles {
+            Tiles::F16 { .. } => F16_DIRECT_MAX,
+            _ => take,
+        };
+        let mut ranked = 0;
+        for queries in sample.chunks(block.max(1) * self.dim) {
+            let (_, qblock, found) = self.scan_block(bounds, queries, k, false);
+            ranked += found
+                .iter()
+                .zip(&qblock.ok)
+                .map(|(f, &ok)| {
+                    let thr = f.threshold();
+                    if !ok || f.overflow {
+                        n
+                    } else {
+                        f.cands.iter().filter(|c| c.1 >= thr).count()
+                    }
+                })
+                .sum::<usize>();
+        }
         bounds.usable && ranked * PRUNE_MIN_RATIO <= n * take
     }
 
