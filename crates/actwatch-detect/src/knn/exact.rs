@@ -1,6 +1,6 @@
 //! Exact search in blocks: a block of queries against a tile of references gives approximate
 //! keys with a proven error bound (`bounds.rs`: an int8 product where the CPU has AVX-512 VNNI,
-//! else the f32 GEMM), scanned into each query's threshold (the k-th largest lower bound) and the
+//! an f16 one where int8 does not prune, else the f32 GEMM), scanned into each query's threshold (the k-th largest lower bound) and the
 //! references whose upper bound reaches it; only those are ranked by the exact f64 distance. Memory
 //! is bounded by the tile sizes and [`CANDIDATES_MAX`] per query.
 
