@@ -136,6 +136,55 @@ fn reads_real_minilm_train_file() {
 }
 
 #[test]
+fn reading_ahead_gives_the_same_batches_and_errors_and_stops_when_dropped() {
+    let path = train();
+    let files = [path.clone(), path];
+    let inline = read_all(&files, minilm_options(700)).unwrap();
+    let ahead: Vec<TraceBatch> = TraceReader::open(&files, minilm_options(700))
+        .unwrap()
+        .read_ahead()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ahead.len(), inline.len());
+    for (a, b) in ahead.iter().zip(&inline) {
+        assert_eq!((&a.path, a.first_row), (&b.path, b.first_row));
+        assert_eq!((&a.trace_ids, &a.sites), (&b.trace_ids, &b.sites));
+        assert_eq!((&a.vectors, &a.offsets), (&b.vectors, &b.offsets));
+    }
+
+    // Dropped after one batch, or before any: the reading thread stops (this returns).
+    let mut it = TraceReader::open(&files, minilm_options(100))
+        .unwrap()
+        .read_ahead();
+    assert!(it.next().unwrap().is_ok());
+    drop(it);
+    drop(
+        TraceReader::open(&files, minilm_options(100))
+            .unwrap()
+            .read_ahead(),
+    );
+
+    // An error in a later batch arrives after the good ones, then the stream ends.
+    let dir = tempfile::tempdir().unwrap();
+    let p = nan_in_row_3(dir.path());
+    let opts = ReadOptions {
+        batch_rows: 2,
+        ..ReadOptions::default()
+    };
+    let got: Vec<_> = TraceReader::open(std::slice::from_ref(&p), opts)
+        .unwrap()
+        .read_ahead()
+        .collect();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].is_ok());
+    assert!(
+        matches!(got[1], Err(Error::NonFinite { row: 3, .. })),
+        "{:?}",
+        got[1]
+    );
+}
+
+#[test]
 fn site_filter_keeps_only_those_sites_and_their_file_rows() {
     let path = train();
     let opts = ReadOptions {
@@ -485,10 +534,9 @@ fn width_change_of_a_site_in_a_later_file_is_refused() {
     assert_eq!(batches[0].file_rows, Some(vec![0, 1]));
 }
 
-#[test]
-fn nan_is_reported_with_file_row_and_component() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("nan.parquet");
+/// Five traces of width 3 in `dir`, the second component of row 3 NaN.
+fn nan_in_row_3(dir: &Path) -> PathBuf {
+    let p = dir.join("nan.parquet");
     let mut values = vec![0.0f32; 5 * 3];
     values[3 * 3 + 1] = f32::NAN;
     write(
@@ -499,6 +547,13 @@ fn nan_is_reported_with_file_row_and_component() {
             ("activation", fsl_f32(3, values, None)),
         ],
     );
+    p
+}
+
+#[test]
+fn nan_is_reported_with_file_row_and_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = nan_in_row_3(dir.path());
     // Batches of 2 rows: the NaN is in the second batch, row 3 of the file.
     let opts = ReadOptions {
         batch_rows: 2,

@@ -79,7 +79,7 @@ pub fn fold_examples(
     }
     progress.start("examples", reader.total_rows());
     let mut rows = 0u64;
-    for batch in reader {
+    for batch in reader.read_ahead() {
         let batch = batch?;
         let labels = batch.labels(&examples.label_column)?;
         for (site, idx) in batch.site_groups() {
@@ -135,7 +135,7 @@ pub fn fold_reference(
     progress.start("fit", reader.total_rows());
     let mut rows = 0u64;
     let mut part: Option<(std::sync::Arc<PathBuf>, MonitorFitter)> = None;
-    for batch in reader {
+    for batch in reader.read_ahead() {
         let batch = batch?;
         if part.as_ref().is_none_or(|(p, _)| p != &batch.path) {
             if let Some((path, done)) = part.take() {
@@ -234,7 +234,7 @@ pub fn calibrate_reference_with(
     let mut row_bytes: Vec<u8> = Vec::new();
     progress.start("calibrate", reader.total_rows());
     let mut current: Option<std::sync::Arc<PathBuf>> = None;
-    for batch in reader {
+    for batch in reader.read_ahead() {
         let batch = batch?;
         if current.as_ref().is_some_and(|p| p != &batch.path) {
             // Each file is a part, as in a fit in parts (`MonitorCalibrator::end_part`).
@@ -266,7 +266,7 @@ pub fn calibrate_reference_with(
         // scores the calibration part's joint vectors.
         let reader = TraceReader::open(files, read.clone())?;
         progress.start("calibrate_joint", reader.total_rows());
-        for batch in reader {
+        for batch in reader.read_ahead() {
             let batch = batch?;
             calibrate_joint_batch(&mut calibrator, &batch)?;
             progress.advance(batch.trace_ids.len() as u64);
@@ -276,7 +276,7 @@ pub fn calibrate_reference_with(
     if let Some(ex) = examples {
         let reader = TraceReader::open(&ex.files, ex.read.clone())?;
         progress.start("calibrate_examples", reader.total_rows());
-        for batch in reader {
+        for batch in reader.read_ahead() {
             let batch = batch?;
             let labels = batch.labels(&ex.label_column)?;
             for (site, idx) in batch.site_groups() {

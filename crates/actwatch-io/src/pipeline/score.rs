@@ -48,7 +48,7 @@ pub fn score_computations(
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("score", reader.total_rows());
     let mut scorer = ComputationScorer::new(monitor, &read);
-    for batch in reader {
+    for batch in reader.read_ahead() {
         let batch = batch?;
         scorer.push(&batch)?;
         progress.advance(batch.trace_ids.len() as u64);
@@ -224,7 +224,7 @@ fn score_traces_to_parquet(
     progress.start("score", reader.total_rows());
     let mut writer: Option<AtomicParquetWriter> = None;
     let mut summary = ScoreSummary::default();
-    for batch in reader {
+    for batch in reader.read_ahead() {
         let batch = batch?;
         let n = batch.trace_ids.len();
         let out = score_trace_batch(monitor, &batch, &mut summary)?;

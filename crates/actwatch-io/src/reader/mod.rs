@@ -22,9 +22,11 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 use parquet::errors::ParquetError;
 
+mod ahead;
 mod batch;
 mod columns;
 
+pub use ahead::ReadAhead;
 pub use batch::TraceBatch;
 pub use columns::POSITION_COLUMN;
 use columns::{
