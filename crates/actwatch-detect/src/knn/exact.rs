@@ -356,6 +356,18 @@ fn split_tile_rows(refs: usize, threads: usize) -> usize {
     (rows.div_ceil(QUAD).max(1) * QUAD).min(REF_BLOCK)
 }
 
+/// Queries per block for `nq` queries on `threads` threads: at most [`QUERY_BLOCK`], in a number
+/// of blocks that is a multiple of the threads and of even sizes, so that every thread gets the
+/// same share. Each block scans every reference, so a batch's time is the busiest thread's share:
+/// 2,730 queries (a 8,192-row batch at three sites) in 512-query blocks are six blocks of which
+/// the last holds 170, so one thread scans 1,536 queries while the other scans 1,194; in six
+/// blocks of 455 each scans 1,365.
+fn query_block_rows(nq: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let blocks = nq.div_ceil(QUERY_BLOCK).div_ceil(threads) * threads;
+    nq.div_ceil(blocks).clamp(1, QUERY_BLOCK)
+}
+
 /// Tiles per thread when one query block's references are split ([`split_tile_rows`]).
 const SPLIT_TILES_PER_THREAD: usize = 4;
 
@@ -375,7 +387,7 @@ impl KnnDetector {
         let dim = self.dim;
         let nq = rows.len() / dim;
         let threads = rayon::current_num_threads().max(1);
-        let qb = nq.div_ceil(threads).clamp(1, QUERY_BLOCK);
+        let qb = query_block_rows(nq, threads);
         let split_refs = nq.div_ceil(qb) < threads && self.len() > REF_BLOCK;
         let bounds = self.bounds();
         rows.par_chunks(qb * dim)
@@ -681,6 +693,37 @@ mod tests {
             max_col: 1.0,
             usable: true,
         }
+    }
+
+    #[test]
+    fn query_blocks_are_even_across_threads() {
+        for threads in [1, 2, 3, 8] {
+            for nq in [1, 2, 7, 170, 511, 512, 513, 1024, 2730, 8192, 100_000] {
+                let qb = query_block_rows(nq, threads);
+                assert!((1..=QUERY_BLOCK).contains(&qb), "{nq} {threads}: {qb}");
+                let blocks = nq.div_ceil(qb);
+                // Every thread gets a block when there are enough queries, and the busiest
+                // thread's share (blocks dealt in turn) exceeds an even split by at most one
+                // query per block it holds (the rounding of the block size).
+                if nq >= threads {
+                    assert!(blocks >= threads, "{nq} {threads}: {blocks} blocks");
+                }
+                let share = |t: usize| {
+                    (0..blocks)
+                        .filter(|b| b % threads == t)
+                        .map(|b| qb.min(nq - b * qb))
+                        .sum::<usize>()
+                };
+                let most = (0..threads).map(share).max().unwrap();
+                assert!(
+                    most <= nq.div_ceil(threads) + blocks.div_ceil(threads),
+                    "{nq} {threads}: {most} of {nq} in {blocks} blocks"
+                );
+            }
+        }
+        // The case in its comment: 2,730 queries on 2 threads.
+        assert_eq!(query_block_rows(2730, 2), 455);
+        assert_eq!(query_block_rows(100, 2), 50);
     }
 
     #[test]
