@@ -535,22 +535,68 @@ impl OpenComputations {
         Ok(())
     }
 
+    /// Room for the computations of `batch` not open yet.
+    fn check_batch_room(&self, batch: &SiteBatch) -> Result<()> {
+        let mut fresh: Vec<&str> = batch
+            .trace_ids()
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !self.open.contains_key(*id))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        self.check_room(fresh.len())
+    }
+
     /// Scores `batch` with `monitor` ([`Monitor::score`]) and adds each row to its computation's
     /// evidence, opening new computations in row order.
     pub fn score(&mut self, monitor: &Monitor, batch: &SiteBatch) -> Result<SiteScores> {
-        let new = {
-            let mut fresh: Vec<&str> = batch
-                .trace_ids()
-                .iter()
-                .map(String::as_str)
-                .filter(|id| !self.open.contains_key(*id))
-                .collect();
-            fresh.sort_unstable();
-            fresh.dedup();
-            fresh.len()
-        };
-        self.check_room(new)?;
+        self.check_batch_room(batch)?;
         let scores = monitor.score(batch)?;
+        self.add_rows(monitor, batch, scores)
+    }
+
+    /// [`OpenComputations::score`] in two halves, for callers that score the next batch while
+    /// this one's rows are added (the batch pipeline): `scores` are [`Monitor::score`]'s for
+    /// `batch`, computed elsewhere. The result is the same as `score`'s, in the same order of
+    /// batches.
+    ///
+    /// # Panics
+    /// If `scores` are of another site or another number of rows than `batch` (a caller's bug,
+    /// never input).
+    pub fn add_scores(
+        &mut self,
+        monitor: &Monitor,
+        batch: &SiteBatch,
+        scores: SiteScores,
+    ) -> Result<SiteScores> {
+        let n = batch.rows();
+        let rows_ok = |v: &[Vec<f64>]| v.iter().all(|x| x.len() == n);
+        let fits = monitor.site_index(batch.site()) == Some(scores.site)
+            && scores.trace_p.len() == n
+            && scores.trace_score.len() == n
+            && scores.raw.len() == scores.neg_log_p.len()
+            && rows_ok(&scores.raw)
+            && rows_ok(&scores.neg_log_p)
+            && scores.probes.iter().all(|p| p.neg_log_p.len() == n);
+        assert!(
+            fits,
+            "scores of site {} for {} rows do not belong to a batch of {n} rows at site {}",
+            scores.site,
+            scores.trace_p.len(),
+            batch.site()
+        );
+        self.check_batch_room(batch)?;
+        self.add_rows(monitor, batch, scores)
+    }
+
+    /// Adds each row of `batch`, scored as `scores`, to its computation's evidence.
+    fn add_rows(
+        &mut self,
+        monitor: &Monitor,
+        batch: &SiteBatch,
+        scores: SiteScores,
+    ) -> Result<SiteScores> {
         let positions = batch.positions();
         // every row's part of its joint vector, in one product per batch
         let parts = monitor.joint_parts(scores.site, batch.vectors().as_slice());

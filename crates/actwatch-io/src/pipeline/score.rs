@@ -48,13 +48,40 @@ pub fn score_computations(
     let reader = TraceReader::open(&files, read.clone())?;
     progress.start("score", reader.total_rows());
     let mut scorer = ComputationScorer::new(monitor, &read);
+    // Three stages overlap: the reader decodes the batch after next on its own thread, the
+    // monitor scores the next batch on the pool, and this batch's rows are added to their
+    // computations (which must go in order, on one thread) beside it. Results are the same as
+    // pushing each batch in turn.
+    let mut pending: Option<(TraceBatch, ScoredBatch)> = None;
     for batch in reader.read_ahead() {
-        let batch = batch?;
-        scorer.push(&batch)?;
-        progress.advance(batch.trace_ids.len() as u64);
+        let mut batch = batch?;
+        let (scored, added) = rayon::join(
+            || ComputationScorer::score_batch(monitor, &batch),
+            || {
+                pending
+                    .take()
+                    .map(|(b, s)| scorer.push_scored(&b, s).map(|()| b))
+            },
+        );
+        if let Some(done) = added.transpose()? {
+            progress.advance(done.trace_ids.len() as u64);
+        }
+        // The vectors live on in the scored site batches.
+        batch.vectors = Vec::new();
+        pending = Some((batch, scored?));
+    }
+    if let Some((b, s)) = pending {
+        scorer.push_scored(&b, s)?;
+        progress.advance(b.trace_ids.len() as u64);
     }
     progress.finish();
     Ok(scorer.finish())
+}
+
+/// One batch's sites scored by the monitor ([`ComputationScorer::score_batch`]), to be added to
+/// their computations by [`ComputationScorer::push_scored`].
+pub struct ScoredBatch {
+    sites: Vec<(Vec<usize>, SiteBatch, SiteScores)>,
 }
 
 /// Computation-level scoring of batches of traces, wherever they come from (Parquet files, or
@@ -99,6 +126,22 @@ impl<'m> ComputationScorer<'m> {
 
     /// Scores one batch; its computations stay open.
     pub fn push(&mut self, batch: &TraceBatch) -> Result<()> {
+        let scored = Self::score_batch(self.monitor, batch)?;
+        self.push_scored(batch, scored)
+    }
+
+    /// The half of [`ComputationScorer::push`] that needs no scorer: each site of `batch` scored
+    /// by `monitor`, so that it can run for the next batch while this one is pushed.
+    pub fn score_batch(monitor: &Monitor, batch: &TraceBatch) -> Result<ScoredBatch> {
+        Ok(ScoredBatch {
+            sites: score_sites(monitor, batch)?,
+        })
+    }
+
+    /// The other half of [`ComputationScorer::push`]: adds `batch`, scored as `scored` (by
+    /// [`ComputationScorer::score_batch`] with this scorer's monitor), to its computations.
+    /// Batches must come in the order they were read.
+    pub fn push_scored(&mut self, batch: &TraceBatch, scored: ScoredBatch) -> Result<()> {
         let monitor = self.monitor;
         // Computations are numbered in order of first appearance, row by row.
         let comps = batch
@@ -106,10 +149,12 @@ impl<'m> ComputationScorer<'m> {
             .iter()
             .map(|id| Ok(self.open.open(monitor, id)? as usize))
             .collect::<Result<Vec<usize>>>()?;
-        let open = &mut self.open;
-        score_batch_sites(batch, &mut self.conflicts, |site_batch| {
-            open.score(monitor, site_batch)
-        })?;
+        for (rows, site_batch, mut scores) in scored.sites {
+            note_conflict(&mut self.conflicts, &site_batch, &mut scores);
+            self.open
+                .add_scores(monitor, &site_batch, scores)
+                .map_err(|e| site_error(batch, &rows, e))?;
+        }
         if let Some(other) = &batch.other {
             track_passthrough(
                 other,
@@ -144,40 +189,52 @@ impl<'m> ComputationScorer<'m> {
     }
 }
 
-/// Scores each site of `batch` with `score` (the one scoring door, [`Monitor::score`], or
-/// [`OpenComputations::score`] around it) and returns per site the scores with the row indices
-/// they belong to. A width that differs from the monitor's is reported with its file and row; a
-/// provenance conflict scored anyway is noted in `conflicts` (the first per site).
-fn score_batch_sites(
+/// Each site of `batch` scored by `monitor` ([`Monitor::score`], the one scoring door): the
+/// row indices it was gathered from, the site batch and its scores. A width that differs from the
+/// monitor's is reported with its file and row.
+fn score_sites(
+    monitor: &Monitor,
     batch: &TraceBatch,
-    conflicts: &mut ProvenanceConflicts,
-    mut score: impl FnMut(&SiteBatch) -> actwatch_detect::Result<SiteScores>,
-) -> Result<Vec<(Vec<usize>, SiteScores)>> {
+) -> Result<Vec<(Vec<usize>, SiteBatch, SiteScores)>> {
     batch
         .site_batches()?
         .into_iter()
-        .map(|(rows, site_batch)| match score(&site_batch) {
-            Ok(mut scores) => {
-                if let Some(c) = scores.provenance_conflict.take() {
-                    conflicts.entry(site_batch.site().to_string()).or_insert(c);
-                }
-                Ok((rows, scores))
-            }
-            Err(e @ actwatch_detect::Error::Provenance { .. }) => Err(batch.provenance_error(e)),
-            Err(actwatch_detect::Error::SiteWidth {
-                site,
-                expected,
-                got,
-            }) => Err(Error::WidthMismatch {
-                path: batch.path.to_path_buf(),
-                site,
-                expected,
-                got,
-                row: batch.file_row(rows[0]),
-            }),
-            Err(e) => Err(e.into()),
+        .map(|(rows, site_batch)| match monitor.score(&site_batch) {
+            Ok(scores) => Ok((rows, site_batch, scores)),
+            Err(e) => Err(site_error(batch, &rows, e)),
         })
         .collect()
+}
+
+/// A scoring error of the site batch gathered from `rows` of `batch`, with its file and row.
+fn site_error(batch: &TraceBatch, rows: &[usize], e: actwatch_detect::Error) -> Error {
+    match e {
+        e @ actwatch_detect::Error::Provenance { .. } => batch.provenance_error(e),
+        actwatch_detect::Error::SiteWidth {
+            site,
+            expected,
+            got,
+        } => Error::WidthMismatch {
+            path: batch.path.to_path_buf(),
+            site,
+            expected,
+            got,
+            row: batch.file_row(rows[0]),
+        },
+        e => e.into(),
+    }
+}
+
+/// Notes a provenance conflict scored anyway (under the policy `warn`) in `conflicts`, the first
+/// per site.
+fn note_conflict(
+    conflicts: &mut ProvenanceConflicts,
+    site_batch: &SiteBatch,
+    scores: &mut SiteScores,
+) {
+    if let Some(c) = scores.provenance_conflict.take() {
+        conflicts.entry(site_batch.site().to_string()).or_insert(c);
+    }
 }
 
 /// Scores `inputs` and writes the result to `output` (Parquet), which appears only when complete.
@@ -265,9 +322,8 @@ pub fn score_trace_batch(
     let mut p = vec![0.0; n];
     let mut raw = vec![vec![0.0; n]; nd];
     let mut det_p = vec![vec![0.0; n]; nd];
-    for (rows, s) in score_batch_sites(batch, &mut summary.provenance_conflicts, |b| {
-        monitor.score(b)
-    })? {
+    for (rows, site_batch, mut s) in score_sites(monitor, batch)? {
+        note_conflict(&mut summary.provenance_conflicts, &site_batch, &mut s);
         for (k, &r) in rows.iter().enumerate() {
             score[r] = s.trace_score[k];
             p[r] = s.trace_p[k];
