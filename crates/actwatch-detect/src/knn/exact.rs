@@ -267,45 +267,66 @@ mod avx512 {
                 _mm512_set1_epi32(corr),
                 _mm512_set1_ps(bmax),
             );
-            let mut thr = top.threshold();
-            let mut keys = [0f32; 16];
-            let full = n / 16 * 16;
+            // In runs of [`SCAN_RUN`] keys: first every key of the run whose highest possible
+            // bound reaches the threshold is gathered (no call, so the loop keeps its constants
+            // in registers), then those are offered in order. The threshold only rises while a
+            // run is offered, so a key gathered against the run's first threshold that no longer
+            // reaches it is refused by `offer` exactly as the earlier key-by-key scan refused it:
+            // the same state, the same candidates.
+            let mut hit_key = [0f32; SCAN_RUN + 16];
+            let mut hit_at = [0u32; SCAN_RUN + 16];
+            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             let mut s = 0;
             while s < n {
-                // key = s_q (s_r (t - corr)) + off, in any rounding: the bound's slack covers it.
-                let mut mask: u32 = if s < full {
-                    let dot = _mm512_sub_epi32(_mm512_loadu_si512(t.as_ptr().add(s).cast()), vcorr);
+                let e = (s + SCAN_RUN).min(n);
+                let thr = top.threshold();
+                let vthr = _mm512_set1_ps(thr);
+                let mut hits = 0;
+                let mut j = s;
+                while j + 16 <= e {
+                    // key = s_q (s_r (t - corr)) + off, in any rounding: the bound's slack
+                    // covers it.
+                    let dot = _mm512_sub_epi32(_mm512_loadu_si512(t.as_ptr().add(j).cast()), vcorr);
                     let a = _mm512_mul_ps(
-                        _mm512_loadu_ps(scale.as_ptr().add(s)),
+                        _mm512_loadu_ps(scale.as_ptr().add(j)),
                         _mm512_cvtepi32_ps(dot),
                     );
-                    let key = _mm512_fmadd_ps(a, vsq, _mm512_loadu_ps(off.as_ptr().add(s)));
-                    let high = _mm512_add_ps(key, vbmax);
-                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(high, _mm512_set1_ps(thr));
-                    if m != 0 {
-                        _mm512_storeu_ps(keys.as_mut_ptr(), key);
-                    }
-                    u32::from(m)
-                } else {
-                    let mut m = 0;
-                    for (j, k) in keys.iter_mut().enumerate().take(n - s) {
-                        let i = s + j;
-                        *k = sq * (scale[i] * (t[i] - corr) as f32) + off[i];
-                        m |= u32::from(*k + bmax >= thr) << j;
-                    }
-                    m
-                };
-                while mask != 0 {
-                    let j = mask.trailing_zeros() as usize;
-                    mask &= mask - 1;
-                    let i = s + j;
-                    let bound = alpha * x[i] + beta * y[i] + z[i];
-                    thr = top.offer(base + i, keys[j], bound);
+                    let key = _mm512_fmadd_ps(a, vsq, _mm512_loadu_ps(off.as_ptr().add(j)));
+                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_add_ps(key, vbmax), vthr);
+                    // Compressed in registers (a compressing store to memory is slow on some
+                    // cores), stored whole: the buffers hold 16 past the run.
+                    _mm512_storeu_ps(
+                        hit_key.as_mut_ptr().add(hits),
+                        _mm512_maskz_compress_ps(m, key),
+                    );
+                    let at = _mm512_add_epi32(lanes, _mm512_set1_epi32(j as i32));
+                    _mm512_storeu_si512(
+                        hit_at.as_mut_ptr().add(hits).cast(),
+                        _mm512_maskz_compress_epi32(m, at),
+                    );
+                    hits += m.count_ones() as usize;
+                    j += 16;
                 }
-                s += 16;
+                for i in j..e {
+                    let k = sq * (scale[i] * (t[i] - corr) as f32) + off[i];
+                    if k + bmax >= thr {
+                        hit_key[hits] = k;
+                        hit_at[hits] = i as u32;
+                        hits += 1;
+                    }
+                }
+                for (&key, &i) in hit_key[..hits].iter().zip(&hit_at[..hits]) {
+                    let i = i as usize;
+                    let bound = alpha * x[i] + beta * y[i] + z[i];
+                    top.offer(base + i, key, bound);
+                }
+                s = e;
             }
         }
     }
+
+    /// Keys [`scan_int8`] gathers before offering them.
+    const SCAN_RUN: usize = 128;
 }
 
 /// Per-thread buffers of one query block's scan: the tile, and for f16 rows multiplied by the
