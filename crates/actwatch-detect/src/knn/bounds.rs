@@ -165,29 +165,60 @@ fn round_row<T: Copy>(
     zero: T,
     round: impl Fn(f64) -> (T, f64),
 ) -> (f32, f64, f64) {
-    let m = c.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let m = lanes(c.len(), |j, l: &mut [f64; 1]| l[0] = l[0].max(c[j].abs()))
+        .iter()
+        .fold(0f64, |m, l| m.max(l[0]));
     let s = ((m / top) as f32).min(f32::MAX);
-    let (mut sx2, mut e2) = (0f64, 0f64);
-    for (v, o) in c.iter().zip(out.iter_mut()) {
-        let (stored, x) = if s > 0.0 {
-            round(v / f64::from(s))
-        } else {
-            (zero, 0.0)
-        };
-        *o = stored;
-        let sx = f64::from(s) * x;
-        sx2 += sx * sx;
-        e2 += (v - sx) * (v - sx);
+    if s <= 0.0 {
+        out.iter_mut().for_each(|o| *o = zero);
+        return (s.max(0.0), 0.0, c.iter().map(|v| v * v).sum::<f64>().sqrt());
     }
+    // The entry nearest `v / s` is found by multiplying (the stored entry's error is measured
+    // below, so any nearby one will do).
+    let (sf, inv) = (f64::from(s), 1.0 / f64::from(s));
+    let sums = lanes(c.len(), |j, l: &mut [f64; 2]| {
+        let (stored, x) = round(c[j] * inv);
+        out[j] = stored;
+        let sx = sf * x;
+        l[0] += sx * sx;
+        l[1] += (c[j] - sx) * (c[j] - sx);
+    });
+    let (sx2, e2) = sums
+        .iter()
+        .fold((0f64, 0f64), |(a, b), l| (a + l[0], b + l[1]));
     (s, sx2.sqrt(), e2.sqrt())
+}
+
+/// Independent accumulators of the f64 sums over a row ([`LANES`] of them, entry `j` into lane
+/// `j % LANES`), so that the sums do not wait on one another and vectorise. Any order of an f64
+/// sum errs far inside the bounds' slack ([`EPS`]).
+const LANES: usize = 8;
+
+/// `f(j, lane)` for `j` in `0..n`, each into the accumulators of lane `j % LANES` (zeroed first);
+/// the lanes, for the caller to combine.
+#[inline(always)]
+fn lanes<const K: usize>(n: usize, mut f: impl FnMut(usize, &mut [f64; K])) -> [[f64; K]; LANES] {
+    let mut acc = [[0f64; K]; LANES];
+    let full = n / LANES * LANES;
+    for j0 in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            f(j0 + l, a);
+        }
+    }
+    for (j, a) in (full..n).zip(acc.iter_mut()) {
+        f(j, a);
+    }
+    acc
 }
 
 /// [`round_row`] to i8 (largest entry ±127).
 fn quantise(c: &[f64], out: &mut [i8]) -> (f32, f64, f64) {
     round_row(c, out, 127.0, 0, |t| {
-        // Any integer near t will do (the error is measured, not assumed); this rounds half
-        // away from zero without a libm call.
-        let x = ((t + 0.5f64.copysign(t)) as i32).clamp(-127, 127);
+        // Any integer near t will do (the error is measured, not assumed). Adding 1.5 * 2^52
+        // (where the f64 spacing is 1) rounds t to the nearest integer, held in the low bits of
+        // the sum: no libm call and no saturating cast, so the loop vectorises.
+        const ROUND: f64 = 6_755_399_441_055_744.0;
+        let x = (t.clamp(-127.0, 127.0) + ROUND).to_bits() as i32;
         (x as i8, f64::from(x))
     })
 }
@@ -215,9 +246,8 @@ fn each_centred(
 ) {
     let mut c = vec![0f64; dim];
     for (i, r) in rows.chunks_exact(dim).enumerate() {
-        let mu = centred(r, centre, &mut c);
-        let norm = c.iter().map(|v| v * v).sum::<f64>().sqrt();
-        f(i, &c, norm, mu);
+        let (mu, norm2) = centred(r, centre, &mut c);
+        f(i, &c, norm2.sqrt(), mu);
     }
 }
 
@@ -242,14 +272,17 @@ fn mean_row(refs: &[f32], dim: usize) -> Vec<f32> {
     mean.iter().map(|m| (m / n as f64) as f32).collect()
 }
 
-/// `c = v - centre` in f64 (exact), returning `centre·v`.
-fn centred(v: &[f32], centre: &[f32], c: &mut [f64]) -> f64 {
-    let mut mu = 0f64;
-    for ((cj, &v), &m) in c.iter_mut().zip(v).zip(centre) {
-        *cj = f64::from(v) - f64::from(m);
-        mu += f64::from(m) * f64::from(v);
-    }
-    mu
+/// `c = v - centre` in f64 (exact), returning `centre·v` and `||c||²`.
+fn centred(v: &[f32], centre: &[f32], c: &mut [f64]) -> (f64, f64) {
+    let n = v.len().min(centre.len()).min(c.len());
+    let sums = lanes(n, |j, l: &mut [f64; 2]| {
+        let (x, m) = (f64::from(v[j]), f64::from(centre[j]));
+        c[j] = x - m;
+        l[0] += m * x;
+        l[1] += c[j] * c[j];
+    });
+    sums.iter()
+        .fold((0f64, 0f64), |(a, b), l| (a + l[0], b + l[1]))
 }
 
 impl Bounds {
@@ -792,6 +825,56 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Quantising stores, for every entry, an integer nearest `c / s` within ±127, and returns
+    /// the scale, the norm of the stored row and the norm of its error as the naive formulas
+    /// give them (the lanes sum in another order: equal to far inside the bounds' slack). Ties,
+    /// the largest entry, a zero row and rows whose scale underflows f32.
+    #[test]
+    fn quantised_rows_are_the_nearest_integers_and_their_error_is_measured() {
+        let mut rng = Rng::new(37);
+        let mut rows: Vec<Vec<f64>> = (0..20usize)
+            .map(|i| {
+                (0..(37 + i * 11))
+                    .map(|_| rng.normal() * 10f64.powi(i as i32 - 10))
+                    .collect()
+            })
+            .collect();
+        // Halves (ties at scale 1), the extremes, zero, and entries whose scale underflows.
+        rows.push(
+            (0..40)
+                .map(|j| f64::from(j) - 20.5)
+                .chain([127.0, -127.0])
+                .collect(),
+        );
+        rows.push(vec![0.0; 19]);
+        rows.push(vec![1e-300, -3e-300, 0.0]);
+        for c in &rows {
+            let mut out = vec![0i8; c.len()];
+            let (s, sx, e) = quantise(c, &mut out);
+            let m = c.iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert_eq!(s, ((m / 127.0) as f32).min(f32::MAX));
+            let (mut sx2, mut e2) = (0f64, 0f64);
+            for (&v, &x) in c.iter().zip(&out) {
+                let stored = f64::from(s) * f64::from(x);
+                if s > 0.0 {
+                    let t = v / f64::from(s);
+                    assert!(
+                        (t - f64::from(x)).abs() <= 0.5 + 1e-9,
+                        "{v} / {s} stored as {x}"
+                    );
+                } else {
+                    assert_eq!(x, 0);
+                }
+                sx2 += stored * stored;
+                e2 += (v - stored) * (v - stored);
+            }
+            assert!(out.iter().all(|&x| x >= -127));
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.max(f64::MIN_POSITIVE);
+            assert!(close(sx, sx2.sqrt()), "{sx} vs {}", sx2.sqrt());
+            assert!(close(e, e2.sqrt()), "{e} vs {}", e2.sqrt());
         }
     }
 
