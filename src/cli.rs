@@ -114,7 +114,8 @@ pub struct ColumnArgs {
     /// Default for `fit`: activation; for `score`/`eval`: what the monitor was fitted with.
     #[arg(long)]
     pub vector_column: Option<String>,
-    /// Rows decoded per batch; bounds memory while streaming.
+    /// Rows decoded per batch; bounds memory while streaming (scoring holds about three batches
+    /// at once: one read ahead, one being scored, one being added to its computations).
     #[arg(long, default_value_t = actwatch_io::reader::DEFAULT_BATCH_ROWS)]
     pub batch_rows: usize,
 }
