@@ -46,6 +46,11 @@ impl Backend {
         Self(Some(scorer))
     }
 
+    /// Whether every detector scores itself (no scorer attached).
+    pub fn is_native(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// `"native"`, or the attached scorer's name.
     pub fn name(&self) -> String {
         self.0

@@ -421,26 +421,50 @@ impl GaussianDetector {
         &self.proj
     }
 
-    /// The top `r` (at most [`Self::rank`]) whitened principal directions, d×r row-major: column
-    /// j is `v_j / sqrt(λ_j)`, so `(y - mean) · B` gives coordinates of unit variance under the
-    /// shrunk covariance (what the joint detector reduces a wide site to, [`crate::joint`]).
-    pub fn whitened_basis(&self, r: usize) -> Vec<f32> {
-        let (d, rank) = (self.dim, self.rank);
-        let r = r.min(rank);
-        let full = self.residual_variance.is_none();
-        let mut out = vec![0.0f32; d * r];
-        for i in 0..d {
-            for j in 0..r {
-                let v = self.proj[i * rank + j];
-                // full rank already holds v_j / sqrt(λ_j); low rank the unit v_j
-                out[i * r + j] = if full {
-                    v
-                } else {
-                    (f64::from(v) / self.eigenvalues[j].sqrt()) as f32
-                };
-            }
+    /// The top `r` (at most [`Self::rank`]) whitened principal coordinates of each of `rows`,
+    /// row-major, `r` per row: `(y - mean)·v_j / sqrt(λ_j)` with `y` the row as scoring prepares
+    /// it, so each has unit variance under the shrunk covariance (what the joint detector reduces
+    /// a wide site to, [`crate::joint`]). At low rank they come out of the product scoring makes,
+    /// the same bits as [`Self::score_with_coordinates`] gives; at full rank from a product of
+    /// their own. Errors as [`Self::score_batch`].
+    pub fn whitened_coordinates(&self, rows: &[f32], r: usize) -> Result<Vec<f32>> {
+        if self.residual_variance.is_some() {
+            Ok(self.score_rows(rows, r.clamp(1, self.rank))?.1)
+        } else {
+            self.full_rank_coordinates(rows, r)
         }
-        out
+    }
+
+    /// [`Self::score_batch`] and [`Self::whitened_coordinates`] together: at low rank in one
+    /// pass, so the coordinates cost no second read of the projection (at d = 4096, rank 256, it
+    /// is 4 MiB per batch: a live token's joint detector reads it again otherwise).
+    pub fn score_with_coordinates(&self, rows: &[f32], r: usize) -> Result<(Vec<f64>, Vec<f32>)> {
+        if self.residual_variance.is_some() {
+            self.score_rows(rows, r.clamp(1, self.rank))
+        } else {
+            Ok((
+                self.score_batch(rows)?,
+                self.full_rank_coordinates(rows, r)?,
+            ))
+        }
+    }
+
+    /// Full rank: `proj` already holds `v_j / sqrt(λ_j)`; multiply by its first `r` columns.
+    fn full_rank_coordinates(&self, rows: &[f32], r: usize) -> Result<Vec<f32>> {
+        self.validate()?;
+        let d = self.dim;
+        let r = r.clamp(1, self.rank);
+        let m = check_rows(d, rows)?;
+        let y = centre_rows(rows, &self.mean, self.opts.normalize);
+        // Pᵀ (r×m) = Bᵀ (r×d) · Yᵀ (d×m), as scoring lays it out
+        let mut out = vec![0.0f32; m * r];
+        let pt = MatMut::from_column_major_slice_mut(&mut out, r, m);
+        let bt = MatRef::from_row_major_slice(&self.proj, d, self.rank)
+            .subcols(0, r)
+            .transpose();
+        let yt = MatRef::from_column_major_slice(&y, d, m);
+        matmul(pt, Accum::Replace, bt, yt, 1.0f32, par_for(m * d * r));
+        Ok(out)
     }
 
     /// The rows as scoring multiplies them by [`Self::projection`] (L2-normalised if fitted so,
@@ -470,12 +494,18 @@ impl GaussianDetector {
     /// Errors (never panics on input): a length that is not a multiple of `dim` gives
     /// `Input(Malformed)`, NaN or infinity `Input(NonFinite)`. An empty batch gives no scores.
     pub fn score_batch(&self, rows: &[f32]) -> Result<Vec<f64>> {
+        Ok(self.score_rows(rows, 0)?.0)
+    }
+
+    /// The scores of `rows`, and at low rank with `keep` > 0 the first `keep` whitened principal
+    /// coordinates of each row (row-major; empty when `keep` is 0).
+    fn score_rows(&self, rows: &[f32], keep: usize) -> Result<(Vec<f64>, Vec<f32>)> {
         self.validate()?;
         let (d, r) = (self.dim, self.rank);
         let k = check_rows(d, rows)?;
         let mut out = Vec::with_capacity(k);
         if k == 0 {
-            return Ok(out);
+            return Ok((out, Vec::new()));
         }
         // score = Σ_j w_j p_j² + c ||y||²: full rank w = 1 (None), c = 0; low rank
         // w_j = 1/λ_j - 1/σ², c = 1/σ².
@@ -497,6 +527,18 @@ impl GaussianDetector {
         };
         let weights = weights.as_deref();
         out.resize(k, 0.0);
+        // At low rank, coordinate j is p_j / sqrt(λ_j) (`keep` <= r). `keep` = 0 still gets one
+        // ignored column per row, so the tiles below always have something to chunk.
+        debug_assert!(keep == 0 || (self.residual_variance.is_some() && keep <= r));
+        let inv_sqrt: Vec<f32> = self.eigenvalues[..keep]
+            .iter()
+            .map(|l| (1.0 / l.sqrt()) as f32)
+            .collect();
+        let cw = keep.max(1);
+        let mut coords = vec![0.0f32; k * cw];
+        let scale = Coordinates {
+            inv_sqrt: &inv_sqrt,
+        };
         let threads = rayon::current_num_threads();
         // A small batch is split over the threads by rows too: faer's own split of a thin low-rank
         // product was slower than one thread (d = 4096, r = 256, 64 rows), and at full rank the
@@ -514,11 +556,15 @@ impl GaussianDetector {
             // Tiles in parallel, each prepared, multiplied and reduced on one thread while it is
             // in that core's cache (a sequential product per tile: no synchronisation inside it).
             rows.par_chunks(tile * d)
-                .zip(out.par_chunks_mut(tile))
+                .zip(
+                    out.par_chunks_mut(tile)
+                        .zip(coords.par_chunks_mut(tile * cw)),
+                )
                 .for_each_init(
                     || (vec![0.0f32; tile * d], vec![0.0f32; tile * r]),
-                    |(buf, pbuf), (block, acc)| {
+                    |(buf, pbuf), (block, (acc, co))| {
                         self.score_tile(block, acc, buf, pbuf, wt, weights, resid_inv, Par::Seq);
+                        scale.write(pbuf, r, co);
                     },
                 );
         } else {
@@ -531,8 +577,12 @@ impl GaussianDetector {
             self.score_tile(
                 rows, &mut out, &mut buf, &mut pbuf, wt, weights, resid_inv, par,
             );
+            scale.write(&pbuf, r, &mut coords);
         }
-        Ok(out)
+        if keep == 0 {
+            coords = Vec::new();
+        }
+        Ok((out, coords))
     }
 
     /// Scores the rows of `block` into `acc` (one per row): copy, normalise and centre each row
@@ -603,6 +653,29 @@ impl GaussianDetector {
                 self.eigenvalues.len()
             ))
             .into())
+        }
+    }
+}
+
+/// Writes a tile's whitened principal coordinates out of its projections (low rank).
+#[derive(Clone, Copy)]
+struct Coordinates<'a> {
+    /// `1 / sqrt(λ_j)` of the coordinates kept; empty: none are.
+    inv_sqrt: &'a [f32],
+}
+
+impl Coordinates<'_> {
+    /// `pbuf` holds `r` projections per row; `out` gets the first `inv_sqrt.len()` of each
+    /// row's, scaled (nothing when none are kept).
+    fn write(self, pbuf: &[f32], r: usize, out: &mut [f32]) {
+        let keep = self.inv_sqrt.len();
+        if keep == 0 {
+            return;
+        }
+        for (prow, orow) in pbuf.chunks_exact(r).zip(out.chunks_exact_mut(keep)) {
+            for ((o, &p), &s) in orow.iter_mut().zip(prow).zip(self.inv_sqrt) {
+                *o = p * s;
+            }
         }
     }
 }
@@ -1004,6 +1077,64 @@ mod tests {
             );
         }
         assert_eq!(low.score_batch(&test[..64 * d]).unwrap(), all[..64]);
+    }
+
+    #[test]
+    fn whitened_coordinates_match_the_naive_formula_in_any_batch() {
+        let d = 24;
+        let mut rng = Rng::new(71);
+        let train = rng.correlated_rows(400, d, 1.2, 72);
+        let test = rng.correlated_rows(3 * SCORE_TILE_ROWS, d, 1.0, 73);
+        for (rank, r) in [(Some(10), 10), (Some(10), 4), (None, 6)] {
+            let opts = GaussianOptions {
+                rank,
+                normalize: true,
+                ..GaussianOptions::default()
+            };
+            let det = fit_rows(&train, d, &opts);
+            let full = rank.is_none();
+            // the naive coordinates: (y - mean)·v_j / sqrt(λ_j), in f64
+            let prow = |x: &[f32]| -> Vec<f64> {
+                let n = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+                (0..r)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|i| {
+                                let y = f64::from(x[i]) / n - f64::from(det.mean()[i]);
+                                y * f64::from(det.projection()[i * det.rank() + j])
+                            })
+                            .sum();
+                        // full rank stores v_j / sqrt(λ_j) already
+                        if full {
+                            dot
+                        } else {
+                            dot / det.eigenvalues()[j].sqrt()
+                        }
+                    })
+                    .collect()
+            };
+            let (scores, coords) = det.score_with_coordinates(&test, r).unwrap();
+            assert_eq!(scores, det.score_batch(&test).unwrap());
+            assert_eq!(coords, det.whitened_coordinates(&test, r).unwrap());
+            assert_eq!(coords.len(), test.len() / d * r);
+            for (x, got) in test.chunks_exact(d).zip(coords.chunks_exact(r)) {
+                for (g, w) in got.iter().zip(prow(x)) {
+                    assert!(
+                        (f64::from(*g) - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{g} vs {w}"
+                    );
+                }
+            }
+            // A row's coordinates are the same bits alone as in a batch of tiles (low rank).
+            if !full {
+                for i in [0, SCORE_TILE_ROWS + 1, 3 * SCORE_TILE_ROWS - 1] {
+                    let (_, one) = det
+                        .score_with_coordinates(&test[i * d..(i + 1) * d], r)
+                        .unwrap();
+                    assert_eq!(one, coords[i * r..(i + 1) * r]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //! its whole normalised vector but its top `r` *whitened principal coordinates* under the site's
 //! own fitted Gaussian: `(y - mean_s) · B_s`, `y` the vector as the site's Gaussian prepares it
 //! (L2-normalised by default), `B_s` its top `r` eigenvectors each divided by the square root of
-//! its eigenvalue ([`crate::GaussianDetector::whitened_basis`]), `r = min(the site Gaussian's
+//! its eigenvalue ([`crate::GaussianDetector::whitened_coordinates`]), `r = min(the site Gaussian's
 //! rank, JOINT_MAX_WIDTH / sites)`. With the default rank 256 at wide sites, 4 × 4096 becomes a
 //! joint vector of 4 × 256 = 1024 coordinates: a full-covariance joint Gaussian of 8 MiB of
 //! statistics, and per trace one `4096 × 256` product per site on top of the site's own scoring.
@@ -41,11 +41,9 @@
 use std::collections::BTreeMap;
 
 use actwatch_core::l2_normalize_rows;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef};
 
 use crate::gaussian::GaussianDetector;
-use crate::stats::par_for;
+use crate::spec::FittedDetector;
 use crate::{Error, Result};
 
 /// The name of the joint slots' "site" in slot names (`joint`/`gaussian`) and output columns
@@ -89,21 +87,18 @@ pub struct JointMap {
 enum SitePart {
     /// The L2-normalised vector (joint widths up to [`JOINT_MAX_WIDTH`]).
     Normalized { dim: usize },
-    /// The top `r` whitened principal coordinates under the site's Gaussian.
-    Principal {
-        dim: usize,
-        r: usize,
-        normalize: bool,
-        mean: Vec<f32>,
-        /// d×r row-major ([`GaussianDetector::whitened_basis`]).
-        basis: Vec<f32>,
-    },
+    /// The top `r` whitened principal coordinates under the site's Gaussian, its `detector`-th
+    /// ([`GaussianDetector::whitened_coordinates`]).
+    Principal { r: usize, detector: usize },
 }
 
 impl JointMap {
-    /// The map for sites of these widths, each with its first fitted Gaussian if it has one.
-    /// `Err` says why there is none (the joint detector is then skipped).
-    pub fn new(sites: &[(usize, Option<&GaussianDetector>)]) -> std::result::Result<Self, String> {
+    /// The map for sites of these widths, each with its first fitted Gaussian if it has one (its
+    /// index among the site's detectors, and it). `Err` says why there is none (the joint
+    /// detector is then skipped).
+    pub fn new(
+        sites: &[(usize, Option<(usize, &GaussianDetector)>)],
+    ) -> std::result::Result<Self, String> {
         let total: usize = sites.iter().map(|(d, _)| d).sum();
         if total <= JOINT_MAX_WIDTH {
             return Ok(Self {
@@ -123,20 +118,20 @@ impl JointMap {
         }
         let mut parts = Vec::with_capacity(sites.len());
         for (i, &(dim, g)) in sites.iter().enumerate() {
-            let Some(g) = g else {
+            let Some((detector, g)) = g else {
                 return Err(format!(
                     "the joint width {total} is above {JOINT_MAX_WIDTH}, and site {i} (in site \
                      order) has no Gaussian detector whose principal coordinates could stand for it"
                 ));
             };
+            if g.dim() != dim {
+                return Err(format!(
+                    "site {i} (in site order) is {dim} wide, but its Gaussian {}",
+                    g.dim()
+                ));
+            }
             let r = g.rank().min(per_site);
-            parts.push(SitePart::Principal {
-                dim,
-                r,
-                normalize: g.options().normalize,
-                mean: g.mean().to_vec(),
-                basis: g.whitened_basis(r),
-            });
+            parts.push(SitePart::Principal { r, detector });
         }
         let width = parts.iter().map(SitePart::width).sum();
         Ok(Self { parts, width })
@@ -165,33 +160,45 @@ impl JointMap {
     }
 
     /// The parts of the joint vector that `rows` (row-major, of site `site`'s width) give,
-    /// row-major.
-    pub fn map_rows(&self, site: usize, rows: &[f32]) -> Vec<f32> {
-        match &self.parts[site] {
+    /// row-major; `detectors` are the site's (the ones the map was made from).
+    pub fn map_rows(
+        &self,
+        site: usize,
+        rows: &[f32],
+        detectors: &[FittedDetector],
+    ) -> Result<Vec<f32>> {
+        match self.parts[site] {
             SitePart::Normalized { dim } => {
                 let mut v = rows.to_vec();
-                l2_normalize_rows(&mut v, *dim);
-                v
+                l2_normalize_rows(&mut v, dim);
+                Ok(v)
             }
-            SitePart::Principal {
-                dim,
-                r,
-                normalize,
-                mean,
-                basis,
-            } => {
-                let (d, r) = (*dim, *r);
-                let m = rows.len() / d;
-                let y = crate::gaussian::centre_rows(rows, mean, *normalize);
-                // Pᵀ (r×m) = Bᵀ (r×d) · Yᵀ (d×m), as the Gaussian's scoring lays it out
-                let mut out = vec![0.0f32; m * r];
-                let pt = MatMut::from_column_major_slice_mut(&mut out, r, m);
-                let bt = MatRef::from_row_major_slice(basis, d, r).transpose();
-                let yt = MatRef::from_column_major_slice(&y, d, m);
-                matmul(pt, Accum::Replace, bt, yt, 1.0f32, par_for(m * d * r));
-                out
+            SitePart::Principal { r, detector } => {
+                Ok(site_gaussian(detectors, detector)?.whitened_coordinates(rows, r)?)
             }
         }
+    }
+
+    /// When site `site`'s part is principal coordinates: the index of the Gaussian among the
+    /// site's detectors and how many, so that scoring can take them from the Gaussian's own
+    /// product ([`GaussianDetector::score_with_coordinates`], the same bits as
+    /// [`JointMap::map_rows`]).
+    pub fn coordinates_of(&self, site: usize) -> Option<(usize, usize)> {
+        match self.parts[site] {
+            SitePart::Normalized { .. } => None,
+            SitePart::Principal { r, detector } => Some((detector, r)),
+        }
+    }
+}
+
+/// The `detector`-th of a site's detectors, which the joint map says is a Gaussian.
+fn site_gaussian(detectors: &[FittedDetector], detector: usize) -> Result<&GaussianDetector> {
+    match detectors.get(detector) {
+        Some(FittedDetector::Gaussian(g)) => Ok(g),
+        _ => Err(Error::InvalidOption(format!(
+            "joint detector: the site's detector {detector} is not the Gaussian its joint part \
+             was made from"
+        ))),
     }
 }
 
@@ -306,8 +313,8 @@ mod tests {
         // widths 2 and 3: each site's part is its L2-normalised vector
         let map = JointMap::new(&[(2, None), (3, None)]).unwrap();
         assert_eq!((map.width(), map.is_reduced()), (5, false));
-        let n0 = |row: &[f32]| map.map_rows(0, row);
-        let n1 = |row: &[f32]| map.map_rows(1, row);
+        let n0 = |row: &[f32]| map.map_rows(0, row, &[]).unwrap();
+        let n1 = |row: &[f32]| map.map_rows(1, row, &[]).unwrap();
         // pooled: position = index at the site
         assert_eq!(
             j.add(

@@ -13,6 +13,7 @@ use actwatch_core::{ProvenanceConflict, SiteBatch};
 use crate::aggregate::AggState;
 use crate::joint::{Joiner, JOINT_PENDING_MAX_BYTES};
 use crate::monitor::{Monitor, ProvenancePolicy};
+use crate::spec::FittedDetector;
 use crate::{Error, Result};
 
 /// Per-trace results of one site's batch; `[detector][row]` where two indices are given.
@@ -34,6 +35,10 @@ pub struct SiteScores {
     pub provenance_conflict: Option<ProvenanceConflict>,
     /// The concept probes that read this site ([`Monitor::probes`]).
     pub probes: Vec<ProbeTraceScores>,
+    /// Scored for computations ([`Monitor::score_for_computations`]) by a monitor with a joint
+    /// detector: each row's part of its joint vector, row-major. [`OpenComputations`] takes it,
+    /// so the scores it hands back hold none.
+    pub joint_part: Option<Vec<f32>>,
 }
 
 /// One probe's per-trace results on a site's batch.
@@ -149,6 +154,18 @@ impl Monitor {
     /// [`ProvenancePolicy::Refuse`]), and computes per detector the raw score, p-value and
     /// `-ln p`, and the fused trace score.
     pub fn score(&self, batch: &SiteBatch) -> Result<SiteScores> {
+        self.score_with(batch, false)
+    }
+
+    /// [`Monitor::score`], and each row's part of its joint vector ([`SiteScores::joint_part`],
+    /// for a monitor with a joint detector): what [`OpenComputations`] scores with, so that the
+    /// part is made with the rest of the scoring, where the site's Gaussian can give it from its
+    /// own product, and can run apart from adding the rows ([`OpenComputations::add_scores`]).
+    pub fn score_for_computations(&self, batch: &SiteBatch) -> Result<SiteScores> {
+        self.score_with(batch, true)
+    }
+
+    fn score_with(&self, batch: &SiteBatch, joint: bool) -> Result<SiteScores> {
         let Some(site) = self.site_index(batch.site()) else {
             return Err(Error::UnknownSite {
                 site: batch.site().to_string(),
@@ -173,7 +190,7 @@ impl Monitor {
                 scoring: true,
             });
         }
-        let mut scores = self.score_site(site, batch.vectors().as_slice())?;
+        let mut scores = self.score_site_with(site, batch.vectors().as_slice(), joint)?;
         scores.provenance_conflict = conflict;
         Ok(scores)
     }
@@ -181,6 +198,13 @@ impl Monitor {
     /// [`Monitor::score`] for rows already known to belong to site `site` (an index from
     /// [`Monitor::site_index`]): `rows` is row-major, a whole number of the site's width.
     pub fn score_site(&self, site: usize, rows: &[f32]) -> Result<SiteScores> {
+        self.score_site_with(site, rows, false)
+    }
+
+    /// [`Monitor::score_site`], and with `joint` each row's part of its joint vector
+    /// ([`SiteScores::joint_part`]). Where the part is the site Gaussian's principal coordinates
+    /// they come out of the Gaussian's own product, not a second one.
+    fn score_site_with(&self, site: usize, rows: &[f32], joint: bool) -> Result<SiteScores> {
         let s = &self.sites()[site];
         if !rows.len().is_multiple_of(s.dim) {
             return Err(actwatch_core::Error::WidthMismatch {
@@ -195,8 +219,19 @@ impl Monitor {
             site,
             ..SiteScores::default()
         };
+        let map = self.joint_map().filter(|_| joint);
+        let from_gaussian = map
+            .and_then(|m| m.coordinates_of(site))
+            .filter(|_| self.backend().is_native());
         for (j, (det, cal)) in s.detectors.iter().zip(&s.calibrations).enumerate() {
-            let raw = self.backend().raw_scores(site, j, det, rows)?;
+            let raw = match (det, from_gaussian) {
+                (FittedDetector::Gaussian(g), Some((gj, r))) if gj == j => {
+                    let (raw, part) = g.score_with_coordinates(rows, r)?;
+                    out.joint_part = Some(part);
+                    raw
+                }
+                _ => self.backend().raw_scores(site, j, det, rows)?,
+            };
             out.p.push(raw.iter().map(|&x| cal.p_value(x)).collect());
             out.neg_log_p.push(
                 raw.iter()
@@ -204,6 +239,9 @@ impl Monitor {
                     .collect(),
             );
             out.raw.push(raw);
+        }
+        if map.is_some() && out.joint_part.is_none() {
+            out.joint_part = self.joint_parts(site, rows)?;
         }
         let mut nlps = vec![0.0; s.detectors.len()];
         for r in 0..n {
@@ -552,7 +590,7 @@ impl OpenComputations {
     /// evidence, opening new computations in row order.
     pub fn score(&mut self, monitor: &Monitor, batch: &SiteBatch) -> Result<SiteScores> {
         self.check_batch_room(batch)?;
-        let scores = monitor.score(batch)?;
+        let scores = monitor.score_for_computations(batch)?;
         self.add_rows(monitor, batch, scores)
     }
 
@@ -578,7 +616,12 @@ impl OpenComputations {
             && scores.raw.len() == scores.neg_log_p.len()
             && rows_ok(&scores.raw)
             && rows_ok(&scores.neg_log_p)
-            && scores.probes.iter().all(|p| p.neg_log_p.len() == n);
+            && scores.probes.iter().all(|p| p.neg_log_p.len() == n)
+            && scores.joint_part.as_ref().is_none_or(|p| {
+                monitor
+                    .joint_map()
+                    .is_some_and(|m| p.len() == n * m.part_width(scores.site))
+            });
         assert!(
             fits,
             "scores of site {} for {} rows do not belong to a batch of {n} rows at site {}",
@@ -595,11 +638,14 @@ impl OpenComputations {
         &mut self,
         monitor: &Monitor,
         batch: &SiteBatch,
-        scores: SiteScores,
+        mut scores: SiteScores,
     ) -> Result<SiteScores> {
         let positions = batch.positions();
-        // every row's part of its joint vector, in one product per batch
-        let parts = monitor.joint_parts(scores.site, batch.vectors().as_slice());
+        // every row's part of its joint vector, made when the batch was scored for computations
+        let parts = match scores.joint_part.take() {
+            Some(p) => Some(p),
+            None => monitor.joint_parts(scores.site, batch.vectors().as_slice())?,
+        };
         let part_width = parts.as_ref().map_or(0, |p| p.len() / batch.rows().max(1));
         // joint vectors this batch completes: their computation and position, and the vectors
         let mut joined: Vec<(String, i64)> = Vec::new();

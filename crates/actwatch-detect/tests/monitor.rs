@@ -1583,10 +1583,18 @@ fn a_wide_joint_vector_is_each_sites_whitened_principal_coordinates() {
         for si in 0..3 {
             let s = synth.site(&monitor.sites()[si].name);
             let x = c.sites[s].as_deref().unwrap();
-            let got = monitor.joint_parts(si, x).unwrap();
+            let got = monitor.joint_parts(si, x).unwrap().unwrap();
             for (g, w) in got.iter().zip(part(si, x)) {
                 assert!((f64::from(*g) - w).abs() <= 1e-3, "{g} vs {w}");
             }
+            // Scoring for computations takes the part from the site Gaussian's own product:
+            // the same bits as the map the fit used, and the same scores as plain scoring.
+            let site = &monitor.sites()[si];
+            let batch = site_batch(&site.name, &c.id, site.dim, x);
+            let scored = monitor.score_for_computations(&batch).unwrap();
+            assert_eq!(scored.joint_part.as_deref(), Some(&got[..]));
+            let plain = monitor.score(&batch).unwrap();
+            assert_eq!((plain.raw, plain.joint_part), (scored.raw, None));
         }
     }
     // the joint Gaussian's mean is the fit part's mean oracle joint vector

@@ -309,8 +309,11 @@ impl Monitor {
     /// Site `site`'s parts of the joint vector for its traces `rows` (row-major): their
     /// L2-normalised vectors, or for wide monitors their principal coordinates
     /// ([`crate::joint`]); `None` without a joint detector.
-    pub fn joint_parts(&self, site: usize, rows: &[f32]) -> Option<Vec<f32>> {
-        self.joint_map.as_ref().map(|m| m.map_rows(site, rows))
+    pub fn joint_parts(&self, site: usize, rows: &[f32]) -> Result<Option<Vec<f32>>> {
+        self.joint_map
+            .as_ref()
+            .map(|m| m.map_rows(site, rows, &self.sites[site].detectors))
+            .transpose()
     }
 
     /// How the joint vector is made, with a joint detector.

@@ -650,17 +650,19 @@ struct Joins {
 impl Joins {
     /// Adds a batch of one site's traces; returns the completed joint vectors (row-major) and
     /// their computations, in completion order.
+    #[allow(clippy::too_many_arguments)]
     fn add<S: AsRef<str>>(
         &mut self,
         map: &JointMap,
         n_sites: usize,
         site: usize,
+        detectors: &[FittedDetector],
         trace_ids: &[S],
         rows: &[f32],
     ) -> Result<(Vec<String>, Vec<f32>)> {
         let mut ids = Vec::new();
         let mut joint = Vec::new();
-        let parts = map.map_rows(site, rows);
+        let parts = map.map_rows(site, rows, detectors)?;
         let width = map.part_width(site);
         for (id, row) in trace_ids.iter().zip(parts.chunks_exact(width)) {
             let id = id.as_ref();
@@ -737,14 +739,15 @@ impl JointPhase {
     }
 }
 
-/// Per site: its width and its first fitted Gaussian, what [`JointMap::new`] takes.
+/// Per site: its width and its first fitted Gaussian (its index among the site's detectors, and
+/// it), what [`JointMap::new`] takes.
 pub(crate) fn joint_inputs<'a>(
     sites: impl Iterator<Item = (usize, &'a [FittedDetector])>,
-) -> Vec<(usize, Option<&'a crate::GaussianDetector>)> {
+) -> Vec<(usize, Option<(usize, &'a crate::GaussianDetector)>)> {
     sites
         .map(|(dim, detectors)| {
-            let g = detectors.iter().find_map(|d| match d {
-                FittedDetector::Gaussian(g) => Some(g),
+            let g = detectors.iter().enumerate().find_map(|(i, d)| match d {
+                FittedDetector::Gaussian(g) => Some((i, g)),
                 FittedDetector::Knn(_) => None,
             });
             (dim, g)
@@ -1140,7 +1143,8 @@ impl MonitorCalibrator {
         else {
             return Ok(());
         };
-        let (ids, joint) = joins.add(map, n_sites, si, trace_ids, rows)?;
+        let (ids, joint) =
+            joins.add(map, n_sites, si, &self.sites[si].detectors, trace_ids, rows)?;
         if !ids.is_empty() {
             for f in part.iter_mut() {
                 f.push_batch(&joint)?;
@@ -1236,7 +1240,8 @@ impl MonitorCalibrator {
         else {
             return Ok(());
         };
-        let (ids, joint) = joins.add(map, n_sites, si, trace_ids, rows)?;
+        let (ids, joint) =
+            joins.add(map, n_sites, si, &self.sites[si].detectors, trace_ids, rows)?;
         if ids.is_empty() {
             return Ok(());
         }

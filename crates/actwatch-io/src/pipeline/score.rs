@@ -134,7 +134,7 @@ impl<'m> ComputationScorer<'m> {
     /// by `monitor`, so that it can run for the next batch while this one is pushed.
     pub fn score_batch(monitor: &Monitor, batch: &TraceBatch) -> Result<ScoredBatch> {
         Ok(ScoredBatch {
-            sites: score_sites(monitor, batch)?,
+            sites: score_sites(monitor, batch, true)?,
         })
     }
 
@@ -189,17 +189,26 @@ impl<'m> ComputationScorer<'m> {
     }
 }
 
-/// Each site of `batch` scored by `monitor` ([`Monitor::score`], the one scoring door): the
+/// Each site of `batch` scored by `monitor` ([`Monitor::score`], the one scoring door; with
+/// `computations`, [`Monitor::score_for_computations`], which adds the rows' joint parts): the
 /// row indices it was gathered from, the site batch and its scores. A width that differs from the
 /// monitor's is reported with its file and row.
 fn score_sites(
     monitor: &Monitor,
     batch: &TraceBatch,
+    computations: bool,
 ) -> Result<Vec<(Vec<usize>, SiteBatch, SiteScores)>> {
+    let score = |b: &SiteBatch| {
+        if computations {
+            monitor.score_for_computations(b)
+        } else {
+            monitor.score(b)
+        }
+    };
     batch
         .site_batches()?
         .into_iter()
-        .map(|(rows, site_batch)| match monitor.score(&site_batch) {
+        .map(|(rows, site_batch)| match score(&site_batch) {
             Ok(scores) => Ok((rows, site_batch, scores)),
             Err(e) => Err(site_error(batch, &rows, e)),
         })
@@ -322,7 +331,7 @@ pub fn score_trace_batch(
     let mut p = vec![0.0; n];
     let mut raw = vec![vec![0.0; n]; nd];
     let mut det_p = vec![vec![0.0; n]; nd];
-    for (rows, site_batch, mut s) in score_sites(monitor, batch)? {
+    for (rows, site_batch, mut s) in score_sites(monitor, batch, false)? {
         note_conflict(&mut summary.provenance_conflicts, &site_batch, &mut s);
         for (k, &r) in rows.iter().enumerate() {
             score[r] = s.trace_score[k];
