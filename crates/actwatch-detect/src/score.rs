@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use actwatch_core::{ProvenanceConflict, SiteBatch};
+use rayon::prelude::*;
 
 use crate::aggregate::AggState;
 use crate::joint::{Joiner, JOINT_PENDING_MAX_BYTES};
@@ -223,15 +224,36 @@ impl Monitor {
         let from_gaussian = map
             .and_then(|m| m.coordinates_of(site))
             .filter(|_| self.backend().is_native());
-        for (j, (det, cal)) in s.detectors.iter().zip(&s.calibrations).enumerate() {
-            let raw = match (det, from_gaussian) {
-                (FittedDetector::Gaussian(g), Some((gj, r))) if gj == j => {
-                    let (raw, part) = g.score_with_coordinates(rows, r)?;
-                    out.joint_part = Some(part);
-                    raw
-                }
-                _ => self.backend().raw_scores(site, j, det, rows)?,
+        let raw_scores = |j: usize, det: &FittedDetector| match (det, from_gaussian) {
+            (FittedDetector::Gaussian(g), Some((gj, r))) if gj == j => {
+                let (raw, part) = g.score_with_coordinates(rows, r)?;
+                Ok((raw, Some(part)))
+            }
+            _ => Ok((self.backend().raw_scores(site, j, det, rows)?, None)),
+        };
+        // The detectors are independent, so natively they run side by side: a live token's
+        // Gaussian product (one thread) overlaps its kNN scan instead of leaving the other cores
+        // idle. An attached backend gets them one at a time. The first error in detector order
+        // is the one reported, as in order.
+        let raws: Vec<Result<(Vec<f64>, Option<Vec<f32>>)>> =
+            if self.backend().is_native() && s.detectors.len() > 1 {
+                s.detectors
+                    .par_iter()
+                    .enumerate()
+                    .map(|(j, det)| raw_scores(j, det))
+                    .collect()
+            } else {
+                s.detectors
+                    .iter()
+                    .enumerate()
+                    .map(|(j, det)| raw_scores(j, det))
+                    .collect()
             };
+        for (raw, cal) in raws.into_iter().zip(&s.calibrations) {
+            let (raw, part) = raw?;
+            if part.is_some() {
+                out.joint_part = part;
+            }
             out.p.push(raw.iter().map(|&x| cal.p_value(x)).collect());
             out.neg_log_p.push(
                 raw.iter()
