@@ -30,7 +30,10 @@
 //! its eigenvalue ([`crate::GaussianDetector::whitened_coordinates`]), `r = min(the site Gaussian's
 //! rank, JOINT_MAX_WIDTH / sites)`. With the default rank 256 at wide sites, 4 × 4096 becomes a
 //! joint vector of 4 × 256 = 1024 coordinates: a full-covariance joint Gaussian of 8 MiB of
-//! statistics, and per trace one `4096 × 256` product per site on top of the site's own scoring.
+//! statistics. Scoring makes no second product for it: a low-rank site Gaussian's own product
+//! already holds those coordinates ([`crate::GaussianDetector::score_with_coordinates`], taken by
+//! [`crate::Monitor::score_for_computations`]); a full-rank one (whose scoring multiplies by a
+//! triangular factor instead) costs one `d × r` product more.
 //! This is low rank plus residual in the sense that matters here: each site's residual (the
 //! directions outside its top `r`) is already judged by its own Gaussian, and what the joint
 //! detector adds, the correlation *between* sites, lives in the coordinates it keeps, where the

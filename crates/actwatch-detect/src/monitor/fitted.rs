@@ -79,7 +79,7 @@ pub struct LengthStratum {
 
 /// A fitted, calibrated monitor. Immutable: a refit builds a new one.
 ///
-/// Built only by [`Monitor::new`] (which [`MonitorCalibrator::finish`] and artifact loading both
+/// Built only by [`Monitor::new`] (which [`MonitorCalibrator::finish`](super::MonitorCalibrator::finish) and artifact loading both
 /// call), so its invariants hold for every caller: at least one site, site names unique, every
 /// site with one fitted detector and one calibration per [`MonitorOptions::detectors`] entry (same
 /// kinds, same order), every detector of the site's width, derived state (HNSW graphs) built.
