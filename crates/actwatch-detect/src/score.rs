@@ -143,6 +143,9 @@ impl Evidence {
     }
 }
 
+/// One detector's raw scores of a site's rows, and the rows' joint parts when it made them.
+type DetectorScores = (Vec<f64>, Option<Vec<f32>>);
+
 /// Raw scores and smoothed `-ln p` of joint vectors, `[detector][row]`.
 struct JointScores {
     raw: Vec<Vec<f64>>,
@@ -235,7 +238,7 @@ impl Monitor {
         // Gaussian product (one thread) overlaps its kNN scan instead of leaving the other cores
         // idle. An attached backend gets them one at a time. The first error in detector order
         // is the one reported, as in order.
-        let raws: Vec<Result<(Vec<f64>, Option<Vec<f32>>)>> =
+        let raws: Vec<Result<DetectorScores>> =
             if self.backend().is_native() && s.detectors.len() > 1 {
                 s.detectors
                     .par_iter()
