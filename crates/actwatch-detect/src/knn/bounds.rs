@@ -158,6 +158,7 @@ fn up(v: f64) -> f32 {
 /// Rounds `c` (f64, exact centred entries) with one scale `s` (the largest magnitude over
 /// `top`): `round(v / s)` gives what is stored and its value. Returns `(s, ||s·x||, ||e||)` with
 /// `e = c - s·x` measured, the stored entries written to `out`. A zero row has scale 0.
+#[inline(always)]
 fn round_row<T: Copy>(
     c: &[f64],
     out: &mut [T],
@@ -212,6 +213,7 @@ fn lanes<const K: usize>(n: usize, mut f: impl FnMut(usize, &mut [f64; K])) -> [
 }
 
 /// [`round_row`] to i8 (largest entry ±127).
+#[inline(always)]
 fn quantise(c: &[f64], out: &mut [i8]) -> (f32, f64, f64) {
     round_row(c, out, 127.0, 0, |t| {
         // Any integer near t will do (the error is measured, not assumed). Adding 1.5 * 2^52
@@ -238,6 +240,7 @@ fn round_f32(c: &[f64], out: &mut [f32]) -> (f32, f64, f64) {
 
 /// `f(i, c, ||c||, centre·row)` for each row `i` of `rows`, with `c` the row minus `centre`
 /// (f64, exact).
+#[inline(always)]
 fn each_centred(
     rows: &[f32],
     dim: usize,
@@ -273,6 +276,7 @@ fn mean_row(refs: &[f32], dim: usize) -> Vec<f32> {
 }
 
 /// `c = v - centre` in f64 (exact), returning `centre·v` and `||c||²`.
+#[inline(always)]
 fn centred(v: &[f32], centre: &[f32], c: &mut [f64]) -> (f64, f64) {
     let n = v.len().min(centre.len()).min(c.len());
     let sums = lanes(n, |j, l: &mut [f64; 2]| {
@@ -400,21 +404,18 @@ impl Bounds {
         *qb = QueryBlock::default();
         match &self.tiles {
             Tiles::Int8 { groups, centre, .. } => {
-                let mut words = vec![0i32; nq * groups];
-                let mut row = vec![0i8; groups * 4];
-                each_centred(queries, dim, centre, |qi, c, norm, _| {
-                    let (s, sx, e) = quantise(c, &mut row[..dim]);
-                    let out = &mut words[qi * groups..(qi + 1) * groups];
-                    for (w, b) in out.iter_mut().zip(row.chunks_exact(4)) {
-                        *w = i32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
-                    }
-                    // The kernel multiplies the references' u8 (x + 128) by the query's i8.
-                    qb.corr
-                        .push(128 * row.iter().map(|&v| i32::from(v)).sum::<i32>());
-                    qb.scale.push(s);
-                    self.push_coefficients(qb, sx, e + EPS * norm, norm);
-                });
-                qb.words = words;
+                assert!(
+                    int8_available(),
+                    "int8 tiles on a CPU without the int8 kernel"
+                );
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX-512F/BW (asserted), all `prepare_int8_avx512` enables.
+                #[allow(unsafe_code)]
+                unsafe {
+                    self.prepare_int8_avx512(queries, dim, *groups, centre, qb)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                self.prepare_int8(queries, dim, *groups, centre, qb)
             }
             Tiles::F16 { stride, centre, .. } => {
                 // The f32 product of the scaled rows errs by at most γ ||s_q x_q||·||s_r x_r||,
@@ -440,6 +441,51 @@ impl Bounds {
         }
     }
 
+    /// [`Bounds::prepare_queries`] for int8 tiles, compiled for AVX-512 (which the int8 kernel
+    /// needs anyway): the f64 centring, rounding and norms run 8 lanes a register, against 2 in
+    /// the baseline build. The same operations in the same order, so the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn prepare_int8_avx512(
+        &self,
+        queries: &[f32],
+        dim: usize,
+        groups: usize,
+        centre: &[f32],
+        qb: &mut QueryBlock,
+    ) {
+        self.prepare_int8(queries, dim, groups, centre, qb);
+    }
+
+    #[inline(always)]
+    fn prepare_int8(
+        &self,
+        queries: &[f32],
+        dim: usize,
+        groups: usize,
+        centre: &[f32],
+        qb: &mut QueryBlock,
+    ) {
+        let nq = queries.len() / dim;
+        let mut words = vec![0i32; nq * groups];
+        let mut row = vec![0i8; groups * 4];
+        each_centred(queries, dim, centre, |qi, c, norm, _| {
+            let (s, sx, e) = quantise(c, &mut row[..dim]);
+            let out = &mut words[qi * groups..(qi + 1) * groups];
+            for (w, b) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *w = i32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+            }
+            // The kernel multiplies the references' u8 (x + 128) by the query's i8.
+            qb.corr
+                .push(128 * row.iter().map(|&v| i32::from(v)).sum::<i32>());
+            qb.scale.push(s);
+            self.push_coefficients(qb, sx, e + EPS * norm, norm);
+        });
+        qb.words = words;
+    }
+
+    #[inline(always)]
     fn push_coefficients(&self, qb: &mut QueryBlock, alpha: f64, beta: f64, norm: f64) {
         // Every term of a key, offset and bound stays far inside f32 for this query.
         let worst = (alpha + beta + norm + 1.0) * self.max_col;
