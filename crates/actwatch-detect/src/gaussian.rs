@@ -536,9 +536,6 @@ impl GaussianDetector {
             .collect();
         let cw = keep.max(1);
         let mut coords = vec![0.0f32; k * cw];
-        let scale = Coordinates {
-            inv_sqrt: &inv_sqrt,
-        };
         let threads = rayon::current_num_threads();
         // A small batch is split over the threads by rows too: faer's own split of a thin low-rank
         // product was slower than one thread (d = 4096, r = 256, 64 rows), and at full rank the
@@ -564,7 +561,7 @@ impl GaussianDetector {
                     || (vec![0.0f32; tile * d], vec![0.0f32; tile * r]),
                     |(buf, pbuf), (block, (acc, co))| {
                         self.score_tile(block, acc, buf, pbuf, wt, weights, resid_inv, Par::Seq);
-                        scale.write(pbuf, r, co);
+                        write_coordinates(&inv_sqrt, pbuf, r, co);
                     },
                 );
         } else {
@@ -577,7 +574,7 @@ impl GaussianDetector {
             self.score_tile(
                 rows, &mut out, &mut buf, &mut pbuf, wt, weights, resid_inv, par,
             );
-            scale.write(&pbuf, r, &mut coords);
+            write_coordinates(&inv_sqrt, &pbuf, r, &mut coords);
         }
         if keep == 0 {
             coords = Vec::new();
@@ -657,25 +654,17 @@ impl GaussianDetector {
     }
 }
 
-/// Writes a tile's whitened principal coordinates out of its projections (low rank).
-#[derive(Clone, Copy)]
-struct Coordinates<'a> {
-    /// `1 / sqrt(λ_j)` of the coordinates kept; empty: none are.
-    inv_sqrt: &'a [f32],
-}
-
-impl Coordinates<'_> {
-    /// `pbuf` holds `r` projections per row; `out` gets the first `inv_sqrt.len()` of each
-    /// row's, scaled (nothing when none are kept).
-    fn write(self, pbuf: &[f32], r: usize, out: &mut [f32]) {
-        let keep = self.inv_sqrt.len();
-        if keep == 0 {
-            return;
-        }
-        for (prow, orow) in pbuf.chunks_exact(r).zip(out.chunks_exact_mut(keep)) {
-            for ((o, &p), &s) in orow.iter_mut().zip(prow).zip(self.inv_sqrt) {
-                *o = p * s;
-            }
+/// Writes a tile's whitened principal coordinates out of its projections (low rank): `pbuf`
+/// holds `r` projections per row, `out` gets the first `inv_sqrt.len()` of each row's times
+/// `inv_sqrt` (`1 / sqrt(λ_j)`; nothing when it is empty).
+fn write_coordinates(inv_sqrt: &[f32], pbuf: &[f32], r: usize, out: &mut [f32]) {
+    let keep = inv_sqrt.len();
+    if keep == 0 {
+        return;
+    }
+    for (prow, orow) in pbuf.chunks_exact(r).zip(out.chunks_exact_mut(keep)) {
+        for ((o, &p), &s) in orow.iter_mut().zip(prow).zip(inv_sqrt) {
+            *o = p * s;
         }
     }
 }
