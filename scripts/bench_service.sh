@@ -3,6 +3,8 @@
 # table (see scripts/bench_service.py for what is measured).
 #
 #   scripts/bench_service.sh [bench_service.py args...]     e.g. --quick, --reps 5
+#   scripts/bench_service.sh --linger-ab [ROUNDS]            scripts/bench_linger.py instead: the
+#                                                            compute linger's A/B on latency
 #
 # Builds target/release/actwatch, then creates (or reuses) the Python client's venv
 # clients/python/.venv with the client and its test extra (grpcio, protobuf, numpy, pyarrow), the
@@ -29,4 +31,8 @@ if ! "$venv/bin/python" -c 'import grpc, google.protobuf, numpy, pyarrow.flight,
   "$venv/bin/python" -m pip install --quiet "$root/clients/python[test]"
 fi
 
+if [ "${1:-}" = "--linger-ab" ]; then
+  shift
+  ACTWATCH_BIN="$bin" exec "$venv/bin/python" "$root/scripts/bench_linger.py" "$@"
+fi
 exec "$venv/bin/python" "$root/scripts/bench_service.py" --bin "$bin" "$@"

@@ -53,7 +53,8 @@ pub enum Command {
     after_long_help = "Logs go to stderr, filtered by RUST_LOG (default: info), e.g. RUST_LOG=actwatch_server=debug.\n\nMetrics (Prometheus text format 0.0.4, GET /metrics): actwatch_ingest_rows_total, actwatch_ingest_bytes_total, actwatch_scored_traces_total, actwatch_scored_computations_total, actwatch_flags_total, actwatch_observed_flag_rate, actwatch_target_fpr (label monitor); actwatch_score_latency_seconds (histogram, label rpc); actwatch_rejected_calls_total (label code)."
 )]
 pub struct ServeArgs {
-    /// TOML config file. Keys: data_dir, listen, metrics_listen, allow_insecure; a [tls] table
+    /// TOML config file. Keys: data_dir, listen, metrics_listen, allow_insecure,
+    /// compute_linger_ms; a [tls] table
     /// (cert, key, client_ca); [[tokens]] entries (name, role = "read" | "admin", sha256: see
     /// `actwatch token`); and a [limits] table with any of
     /// max_message_bytes, max_batch_rows, max_vector_width, max_sites_per_monitor,
@@ -98,6 +99,12 @@ pub struct ServeArgs {
     /// such an address is refused at start.
     #[arg(long)]
     pub allow_insecure: bool,
+    /// Milliseconds the compute pool's threads keep polling for the next call after each one
+    /// before they sleep, so that the calls of an active stream find them awake (a thread woken
+    /// from sleep can take milliseconds on a VM); polling costs CPU only inside that window.
+    /// 0 turns it off; at most 1000 [default: 1].
+    #[arg(long, env = "ACTWATCH_COMPUTE_LINGER_MS", value_name = "MS")]
+    pub compute_linger_ms: Option<u64>,
 }
 
 #[derive(Args, Clone)]

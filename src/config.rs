@@ -2,6 +2,7 @@
 //! the flags.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -24,6 +25,7 @@ struct ConfigFile {
     metrics_listen: Option<String>,
     #[serde(default)]
     allow_insecure: bool,
+    compute_linger_ms: Option<u64>,
     tls: Option<actwatch_server::Tls>,
     #[serde(default)]
     tokens: Vec<actwatch_server::TokenEntry>,
@@ -44,6 +46,8 @@ pub struct ServeConfig {
     pub tokens: Vec<actwatch_server::TokenEntry>,
     /// Listen beyond loopback without TLS or tokens.
     pub allow_insecure: bool,
+    /// How long the compute pool polls for work after each call (`actwatch_server::set_compute_linger`).
+    pub compute_linger: Duration,
     pub limits: actwatch_server::Limits,
 }
 
@@ -81,6 +85,15 @@ impl ServeConfig {
                 None => anyhow::bail!("--tls-client-ca needs a server certificate (--tls-cert)"),
             }
         }
+        let linger_ms = a
+            .compute_linger_ms
+            .or(file.compute_linger_ms)
+            .unwrap_or(actwatch_server::DEFAULT_COMPUTE_LINGER.as_millis() as u64);
+        let max_ms = actwatch_server::MAX_COMPUTE_LINGER.as_millis();
+        anyhow::ensure!(
+            u128::from(linger_ms) <= max_ms,
+            "compute_linger_ms is {linger_ms}: at most {max_ms} (0 turns the linger off)"
+        );
         Ok(Self {
             data_dir: a
                 .data_dir
@@ -94,6 +107,7 @@ impl ServeConfig {
             tls,
             tokens: file.tokens,
             allow_insecure: a.allow_insecure || file.allow_insecure,
+            compute_linger: Duration::from_millis(linger_ms),
             limits: file.limits,
         })
     }
@@ -111,13 +125,14 @@ impl ServeConfig {
 mod tests {
     use super::*;
 
-    const ENV: [&str; 6] = [
+    const ENV: [&str; 7] = [
         "ACTWATCH_DATA_DIR",
         "ACTWATCH_LISTEN",
         "ACTWATCH_METRICS_LISTEN",
         "ACTWATCH_TLS_CERT",
         "ACTWATCH_TLS_KEY",
         "ACTWATCH_TLS_CLIENT_CA",
+        "ACTWATCH_COMPUTE_LINGER_MS",
     ];
 
     fn serve_args(argv: &[&str]) -> ServeArgs {
@@ -141,7 +156,7 @@ mod tests {
         std::fs::write(
             &file,
             "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:2\"\n\
-             [limits]\nmax_batch_rows = 7\nmax_score_log_bytes = 1024\n",
+             compute_linger_ms = 3\n[limits]\nmax_batch_rows = 7\nmax_score_log_bytes = 1024\n",
         )
         .unwrap();
         let file = file.to_str().unwrap();
@@ -156,6 +171,7 @@ mod tests {
                 tls: None,
                 tokens: Vec::new(),
                 allow_insecure: false,
+                compute_linger: actwatch_server::DEFAULT_COMPUTE_LINGER,
                 limits: actwatch_server::Limits::default(),
             }
         );
@@ -164,6 +180,7 @@ mod tests {
         assert_eq!(from_file.data_dir, PathBuf::from("/from/file"));
         assert_eq!(from_file.listen, "127.0.0.1:1");
         assert_eq!(from_file.metrics_listen.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(from_file.compute_linger, Duration::from_millis(3));
         assert_eq!(
             from_file.limits,
             actwatch_server::Limits {
@@ -175,7 +192,9 @@ mod tests {
 
         std::env::set_var("ACTWATCH_LISTEN", "127.0.0.1:3");
         std::env::set_var("ACTWATCH_METRICS_LISTEN", "off");
+        std::env::set_var("ACTWATCH_COMPUTE_LINGER_MS", "0");
         let env_over_file = ServeConfig::resolve(serve_args(&["--config", file])).unwrap();
+        assert_eq!(env_over_file.compute_linger, Duration::ZERO);
         assert_eq!(env_over_file.data_dir, PathBuf::from("/from/file"));
         assert_eq!(env_over_file.listen, "127.0.0.1:3");
         assert_eq!(env_over_file.metrics_listen, None);
@@ -189,8 +208,11 @@ mod tests {
             "127.0.0.1:4",
             "--metrics-listen",
             "127.0.0.1:5",
+            "--compute-linger-ms",
+            "2",
         ]))
         .unwrap();
+        assert_eq!(flags_over_env.compute_linger, Duration::from_millis(2));
         assert_eq!(flags_over_env.data_dir, PathBuf::from("/from/env"));
         assert_eq!(flags_over_env.listen, "127.0.0.1:4");
         assert_eq!(
@@ -200,6 +222,11 @@ mod tests {
 
         let flag_off = ServeConfig::resolve(serve_args(&["--metrics-listen", "off"])).unwrap();
         assert_eq!(flag_off.metrics_listen, None);
+        let too_long = ServeConfig::resolve(serve_args(&["--compute-linger-ms", "1001"]));
+        assert!(
+            format!("{:#}", too_long.unwrap_err()).contains("compute_linger_ms is 1001"),
+            "a linger beyond the maximum is refused, naming the setting"
+        );
 
         // [tls] and [[tokens]] from the file; TLS flags over the file's, the client CA kept.
         let secure = dir.path().join("secure.toml");

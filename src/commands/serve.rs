@@ -14,6 +14,7 @@ const BLOCKING_THREADS: usize = 64;
 pub fn run(a: ServeArgs) -> Result<()> {
     let config = ServeConfig::resolve(a)?;
     let access = config.access()?;
+    actwatch_server::set_compute_linger(config.compute_linger);
     // Everything the server creates (data directory, segments, artifacts, score logs) is the
     // owner's alone: 0700 directories, 0600 files, whatever the caller's umask.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));

@@ -19,6 +19,7 @@ mod convert;
 mod error;
 mod fit;
 mod limits;
+mod linger;
 mod metrics;
 mod score;
 mod service;
@@ -36,6 +37,7 @@ pub use access::{token_digest, Access, Principal, Role, Tls, TokenEntry, Tokens}
 pub use audit::AUDIT_FILE;
 pub use error::{Error, Result, MAX_STATUS_MESSAGE_BYTES};
 pub use limits::*;
+pub use linger::{compute_linger, set_compute_linger, DEFAULT_COMPUTE_LINGER, MAX_COMPUTE_LINGER};
 
 use crate::metrics::Metrics;
 use crate::service::ActivationMonitorService;

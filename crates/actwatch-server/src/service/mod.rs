@@ -29,6 +29,7 @@ use crate::convert::{
     monitor_info, StoredSpec,
 };
 use crate::fit::{fit_and_install, ChannelProgress, FitPlan};
+use crate::linger;
 use crate::metrics::{code_name, MonitorCounters, ScoreRpc};
 use crate::score::{complete, score_batch};
 use crate::storage::{DataDir, FittedMonitor, MonitorEntry, ScoreFilter};
@@ -142,7 +143,8 @@ where
 /// threads queue instead of each taking a thread of its own: every thread that runs a matrix
 /// product keeps a packing buffer for its life (64 MiB, see `vendor/private-gemm-x86`), so
 /// threads per call made the server's virtual memory grow with its concurrency. A panic in `f`
-/// fails the call (INTERNAL), never the pool.
+/// fails the call (INTERNAL), never the pool. After each task the pool's threads poll for the
+/// next for a moment (`linger.rs`) instead of sleeping at once.
 async fn compute<T, F>(f: F) -> Result<T>
 where
     F: FnOnce() -> Result<T> + Send + 'static,
@@ -152,6 +154,7 @@ where
     rayon::spawn(move || {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         let _ = tx.send(result);
+        linger::after_task();
     });
     match rx.await {
         Ok(Ok(result)) => result,
