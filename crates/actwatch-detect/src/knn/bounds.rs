@@ -398,6 +398,49 @@ impl Bounds {
         }
     }
 
+    /// For prepared query `q`, the key the tiles approximate (`key` in the module comment) of a
+    /// reference at exact rank distance `d` (cosine `1 - q·r`, L2 `||q - r||²`, as exact search
+    /// ranks), and a margin: `key(d) - margin` is below the reference's real key, and
+    /// `key(d) + margin` above it, whatever the rounding of `d` and of this map. The centred
+    /// kernels' key is `(q - μ)·(r - μ) + μ·r - h_r = q·r - h_r - (q·μ - ||μ||²)` (`h_r =
+    /// ||r||²/2` for L2, else 0); the f32 kernel's is `q·r - h_r`; and `q·r` is `1 - d` (cosine) or
+    /// `(||q||² - d) / 2 + h_r` (L2).
+    pub(super) fn key_of_distance(&self, q: &[f32], metric: Metric) -> impl Fn(f64) -> (f64, f64) {
+        let centre = match &self.tiles {
+            Tiles::Int8 { centre, .. } | Tiles::F16 { centre, .. } => Some(centre.as_slice()),
+            Tiles::F32 => None,
+        };
+        let (mut shift, mut size) = (0f64, 0f64);
+        if let Some(mu) = centre {
+            let (qm, mm) = q.iter().zip(mu).fold((0f64, 0f64), |(a, b), (&x, &m)| {
+                let (x, m) = (f64::from(x), f64::from(m));
+                (a + x * m, b + m * m)
+            });
+            shift = qm - mm;
+            size = q
+                .iter()
+                .zip(mu)
+                .map(|(&x, &m)| (f64::from(x) * f64::from(m)).abs())
+                .sum::<f64>()
+                + mm;
+        }
+        let qq = match metric {
+            Metric::Cosine => 0.0,
+            Metric::L2 => q.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>(),
+        };
+        // Each f64 sum of `dim` terms errs by at most `dim * 2^-53` of the sum of its terms'
+        // magnitudes: far inside this relative margin for any width a detector takes.
+        let rel = 1e-9;
+        move |d: f64| {
+            let dot = match metric {
+                Metric::Cosine => 1.0 - d,
+                Metric::L2 => 0.5 * (qq - d),
+            };
+            let key = dot - shift;
+            (key, rel * (1.0 + d.abs() + qq + size + key.abs()))
+        }
+    }
+
     /// The query side for `queries` (row-major, prepared as the references are stored), into `qb`.
     pub(super) fn prepare_queries(&self, queries: &[f32], dim: usize, qb: &mut QueryBlock) {
         let nq = queries.len() / dim;
@@ -799,7 +842,8 @@ mod tests {
 
     /// Oracle: for every kernel, query and reference, `|key - approximate key| <= bound` with the
     /// key computed in f64 from the definition (`q·r`, minus `||r||²/2` for L2, minus the
-    /// per-query constant `(q - centre)·centre` of the centred kernels). Isotropic rows at a
+    /// per-query constant `(q - centre)·centre` of the centred kernels), and the key
+    /// `key_of_distance` maps the exact distance to within its margin of it. Isotropic rows at a
     /// large width (where int8's bound is loose and f16's is not), clustered rows off the origin
     /// at a width that is not a multiple of 16, a zero query, tiny and huge magnitudes.
     #[test]
@@ -841,6 +885,7 @@ mod tests {
                         if !qb.ok[qi] {
                             continue;
                         }
+                        let key_of = b.key_of_distance(q, metric);
                         let shift = centre.as_ref().map_or(0.0, |m| {
                             q.iter()
                                 .zip(m)
@@ -858,6 +903,21 @@ mod tests {
                                 Metric::L2 => half_any(row),
                             };
                             let want = dot - h - shift;
+                            // The key exact search maps a rank distance to is this one.
+                            let d = match metric {
+                                Metric::Cosine => 1.0 - dot,
+                                Metric::L2 => q
+                                    .iter()
+                                    .zip(row)
+                                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                                    .sum(),
+                            };
+                            let (mapped, margin) = key_of(d);
+                            assert!(
+                                (mapped - want).abs() <= margin,
+                                "{kernel:?} {metric:?} d={dim} q={qi} r={r}: distance {d} maps \
+                                 to {mapped}, key {want}, margin {margin}"
+                            );
                             let bound = f64::from(qb.alpha[qi]) * f64::from(b.x[r])
                                 + f64::from(qb.beta[qi]) * f64::from(b.y[r])
                                 + f64::from(b.z[r]);
