@@ -499,32 +499,27 @@ async fn incremental_fit_equals_a_full_refit() {
             .await
             .unwrap();
     }
-    // Segments: the vectors stored plain, one binary row each as they came (they barely
-    // compress), ids compressed.
+    // Segments: Arrow IPC files any Arrow reader opens, each vector one binary row of the bytes
+    // it came in, marked with its type.
     let seg = std::fs::read_dir(dir.path().join("monitors/inc/reference"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .find(|p| p.extension().is_some_and(|x| x == "arrow"))
         .expect("a committed segment");
-    let meta = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(&seg).unwrap())
-        .map(|r| parquet::file::reader::FileReader::metadata(&r).clone())
-        .unwrap();
-    let rg = meta.row_group(0);
-    let codec = |path: &str| {
-        rg.columns()
-            .iter()
-            .find(|c| c.column_path().string() == path)
-            .unwrap_or_else(|| panic!("no column {path}"))
-            .compression()
-    };
+    let reader =
+        arrow::ipc::reader::FileReader::try_new(std::fs::File::open(&seg).unwrap(), None).unwrap();
+    let schema = reader.schema();
+    let vectors = schema.field_with_name("activation").unwrap();
     assert_eq!(
-        codec("activation"),
-        parquet::basic::Compression::UNCOMPRESSED
+        vectors.data_type(),
+        &arrow::datatypes::DataType::FixedSizeBinary(4 * 384)
     );
-    assert!(matches!(
-        codec("trace_id"),
-        parquet::basic::Compression::ZSTD(_)
-    ));
+    assert_eq!(
+        vectors.metadata().get("actwatch.dtype").map(String::as_str),
+        Some("float32")
+    );
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows as u64, first_rows);
 
     // Nothing to resume yet: an incremental request runs a full fit and says so.
     let (_, r) = fit_with(&mut client, "inc", true).await;

@@ -16,6 +16,13 @@ pub enum Error {
         path: PathBuf,
         source: parquet::errors::ParquetError,
     },
+    /// A file is not a valid Arrow IPC file (truncated, corrupt, a block outside the file), or
+    /// could not be decoded as one.
+    #[error("{}: invalid or unreadable Arrow IPC file: {source}", path.display())]
+    Ipc {
+        path: PathBuf,
+        source: arrow::error::ArrowError,
+    },
     /// An Arrow compute or layout error not tied to one file.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
@@ -113,6 +120,7 @@ impl Error {
         match self {
             Error::Io { path, .. }
             | Error::Parquet { path, .. }
+            | Error::Ipc { path, .. }
             | Error::MissingColumn { path, .. }
             | Error::BadColumnType { path, .. }
             | Error::WidthMismatch { path, .. }
@@ -129,6 +137,13 @@ impl Error {
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn ipc(path: impl Into<PathBuf>, source: arrow::error::ArrowError) -> Self {
+        Error::Ipc {
             path: path.into(),
             source,
         }

@@ -1,4 +1,5 @@
-//! Parquet writers: [`AtomicParquetWriter`] (any schema, the file appears only when complete) and
+//! File writers: [`AtomicParquetWriter`] (any schema, the file appears only when complete),
+//! [`AtomicIpcWriter`] (an Arrow IPC file, the same way: the server's reference segments) and
 //! [`TraceWriter`] (traces in the canonical long format, the one writer of reference segments and
 //! captured traces alike).
 
@@ -13,6 +14,7 @@ use arrow::array::{
     Float32Array, Int32Array, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::ipc::writer::FileWriter;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -50,9 +52,9 @@ pub fn default_writer_properties() -> WriterProperties {
         .build()
 }
 
-/// The file under an [`AtomicParquetWriter`], hashing what goes into it when asked to: the
-/// Parquet writer only appends, so the bytes written here are the file's bytes, in order, and
-/// the file's checksum ([`crate::checksum`]) costs no second read.
+/// The file under an [`AtomicParquetWriter`] or an [`AtomicIpcWriter`], hashing what goes into it
+/// when asked to: both writers only append, so the bytes written here are the file's bytes, in
+/// order, and the file's checksum ([`crate::checksum`]) costs no second read.
 struct HashedFile {
     file: AtomicFile,
     hasher: Option<checksum::Hasher>,
@@ -109,31 +111,11 @@ impl AtomicParquetWriter {
         schema: SchemaRef,
         props: WriterProperties,
     ) -> Result<Self> {
-        Self::create_inner(path.into(), schema, props, false)
-    }
-
-    /// [`AtomicParquetWriter::create_with_properties`] for a long file written once (a reference
-    /// segment), hashing its bytes as they are written ([`AtomicParquetWriter::finish_hashed`]
-    /// returns their checksum, [`crate::checksum`]) and releasing its pages from the page cache
-    /// a row group behind the writer ([`StreamRelease`]).
-    pub fn create_hashed(
-        path: impl Into<PathBuf>,
-        schema: SchemaRef,
-        props: WriterProperties,
-    ) -> Result<Self> {
-        Self::create_inner(path.into(), schema, props, true)
-    }
-
-    fn create_inner(
-        path: PathBuf,
-        schema: SchemaRef,
-        props: WriterProperties,
-        hash: bool,
-    ) -> Result<Self> {
+        let path = path.into();
         let file = HashedFile {
             file: AtomicFile::create(&path)?,
-            hasher: hash.then(checksum::Hasher::default),
-            release: hash.then(|| StreamRelease::new(ROW_GROUP_BYTES as u64)),
+            hasher: None,
+            release: None,
         };
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| Error::parquet(&path, e))?;
@@ -171,39 +153,205 @@ impl AtomicParquetWriter {
 
     /// Writes the footer and commits the file ([`AtomicFile::commit`]). Returns the rows written.
     pub fn finish(self) -> Result<u64> {
-        self.finish_inner().map(|(rows, _)| rows)
-    }
-
-    /// [`AtomicParquetWriter::finish`] for a writer made by
-    /// [`AtomicParquetWriter::create_hashed`]: the rows written and the checksum
-    /// ([`crate::checksum`]) of the committed file's bytes.
-    pub fn finish_hashed(self) -> Result<(u64, String)> {
-        let path = self.path.clone();
-        match self.finish_inner()? {
-            (rows, Some(sum)) => Ok((rows, sum)),
-            (_, None) => Err(Error::Write {
-                path,
-                message: "the writer was not created to hash the file (create_hashed)".into(),
-            }),
-        }
-    }
-
-    fn finish_inner(self) -> Result<(u64, Option<String>)> {
         let file = self
             .writer
             .into_inner()
             .map_err(|e| Error::parquet(&self.path, e))?;
-        let sum = file.hasher.map(|h| h.hex());
+        file.file.commit()?;
+        Ok(self.rows)
+    }
+}
+
+/// The most bytes of small batches an [`AtomicIpcWriter`] holds before it writes them as one
+/// record batch. A batch of at least a quarter of this is written as it comes (its buffers go
+/// straight to the file); smaller ones are gathered (one copy) so that a client sending a row
+/// at a time does not leave a file of one-row blocks, each with its own header to write and,
+/// later, to read and check.
+pub const IPC_BATCH_BYTES: usize = 1 << 20;
+
+/// Writes an Arrow IPC file (the file format, `ARROW1`, which `pyarrow.ipc.open_file` reads) atomically
+/// through [`AtomicFile`], as [`AtomicParquetWriter`] does, hashing its bytes as they are written
+/// and releasing its pages from the page cache behind the writer ([`StreamRelease`]): the
+/// server's reference segments. A record batch's buffers are written to the file as they are,
+/// with no encoding and no copy in between (the IPC writer hands each buffer to `write`), which
+/// is what makes it the hot path's format: the Parquet writer copied every value three times
+/// (its page, its column chunk, its row group) and spent most of an ingest's CPU doing so.
+pub struct AtomicIpcWriter {
+    path: PathBuf,
+    writer: FileWriter<HashedFile>,
+    rows: u64,
+    /// Small batches not yet written ([`IPC_BATCH_BYTES`]), and their bytes.
+    pending: Vec<RecordBatch>,
+    pending_bytes: usize,
+}
+
+impl std::fmt::Debug for AtomicIpcWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtomicIpcWriter")
+            .field("path", &self.path)
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AtomicIpcWriter {
+    /// Starts writing `path` (under a temporary name until [`AtomicIpcWriter::finish_hashed`]).
+    pub fn create_hashed(path: impl Into<PathBuf>, schema: SchemaRef) -> Result<Self> {
+        let path = path.into();
+        let file = HashedFile {
+            file: AtomicFile::create(&path)?,
+            hasher: Some(checksum::Hasher::default()),
+            release: Some(StreamRelease::new(ROW_GROUP_BYTES as u64)),
+        };
+        let writer = FileWriter::try_new(file, &schema).map_err(|e| ipc_write_error(&path, e))?;
+        Ok(Self {
+            path,
+            writer,
+            rows: 0,
+            pending: Vec::new(),
+            pending_bytes: 0,
+        })
+    }
+
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rows written so far (those gathered but not yet written included).
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Appends one batch.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let bytes = batch.get_array_memory_size();
+        self.rows += batch.num_rows() as u64;
+        if bytes >= IPC_BATCH_BYTES / 4 {
+            self.write_pending()?;
+            return self
+                .writer
+                .write(batch)
+                .map_err(|e| ipc_write_error(&self.path, e));
+        }
+        self.pending.push(batch.clone());
+        self.pending_bytes += bytes;
+        if self.pending_bytes >= IPC_BATCH_BYTES {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = arrow::compute::concat_batches(self.writer.schema(), &self.pending)?;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.writer
+            .write(&batch)
+            .map_err(|e| ipc_write_error(&self.path, e))
+    }
+
+    /// Adds a key-value entry to the file's footer (its custom metadata).
+    pub fn append_metadata(&mut self, key: &str, value: String) {
+        self.writer.write_metadata(key, value);
+    }
+
+    /// Writes what is gathered and the footer, and commits the file ([`AtomicFile::commit`]).
+    /// Returns the rows written and the checksum ([`crate::checksum`]) of the file's bytes.
+    pub fn finish_hashed(mut self) -> Result<(u64, String)> {
+        self.write_pending()?;
+        self.writer
+            .finish()
+            .map_err(|e| ipc_write_error(&self.path, e))?;
+        let file = self
+            .writer
+            .into_inner()
+            .map_err(|e| ipc_write_error(&self.path, e))?;
+        let sum = file.hasher.map(|h| h.hex()).unwrap_or_default();
         file.file.commit()?;
         Ok((self.rows, sum))
     }
 }
 
-/// Writes traces to one Parquet file in the canonical long format: a computation-id column
-/// (Utf8), a site column (strings, dictionary-encoded: each batch stores its site once), optionally a token-position column (Int32, null for batches
-/// without positions) and the vector column (`FixedSizeList<Float32>[width]` from
-/// [`TraceWriter::create`], raw rows from [`TraceWriter::create_hashed`]), named by
-/// [`TraceColumns`]. One file holds one width. The file appears only when
+/// An error of the IPC writer: the io error of a write it could not make as that (a full disk
+/// stays recognisable), anything else as a write error naming the file.
+fn ipc_write_error(path: &Path, e: arrow::error::ArrowError) -> Error {
+    match e {
+        arrow::error::ArrowError::IoError(_, source) => Error::io(path, source),
+        e => Error::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Where a [`TraceWriter`] writes: a Parquet file, or an Arrow IPC file for a reference segment.
+#[derive(Debug)]
+enum Sink {
+    Parquet(AtomicParquetWriter),
+    Ipc(AtomicIpcWriter),
+}
+
+impl Sink {
+    fn path(&self) -> &Path {
+        match self {
+            Sink::Parquet(w) => w.path(),
+            Sink::Ipc(w) => w.path(),
+        }
+    }
+
+    fn rows(&self) -> u64 {
+        match self {
+            Sink::Parquet(w) => w.rows(),
+            Sink::Ipc(w) => w.rows(),
+        }
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        match self {
+            Sink::Parquet(w) => w.write(batch),
+            Sink::Ipc(w) => w.write(batch),
+        }
+    }
+
+    fn append_metadata(&mut self, key: &str, value: String) {
+        match self {
+            Sink::Parquet(w) => w.append_metadata(key, value),
+            Sink::Ipc(w) => w.append_metadata(key, value),
+        }
+    }
+
+    fn finish_hashed(self) -> Result<(u64, String)> {
+        match self {
+            Sink::Parquet(w) => Err(Error::Write {
+                path: w.path().to_path_buf(),
+                message: "the writer was not created to hash the file (create_segment)".into(),
+            }),
+            Sink::Ipc(w) => w.finish_hashed(),
+        }
+    }
+
+    fn finish(self) -> Result<u64> {
+        match self {
+            Sink::Parquet(w) => w.finish(),
+            Sink::Ipc(w) => w.finish_hashed().map(|(rows, _)| rows),
+        }
+    }
+}
+
+/// Writes traces to one file in the canonical long format: a computation-id column (Utf8), a site
+/// column (strings), optionally a token-position column (Int32, null for batches without
+/// positions) and the vector column, named by [`TraceColumns`]. Two layouts:
+/// - [`TraceWriter::create`]: a Parquet file (`actwatch capture`'s), the site dictionary-encoded
+///   (each batch stores its site once), vectors as `FixedSizeList<Float32>[width]`;
+/// - [`TraceWriter::create_segment`]: an Arrow IPC file (the server's reference segments), the
+///   site as plain strings (the IPC file format cannot replace a dictionary between batches),
+///   vectors as raw rows ([`row_field`]).
+///
+/// One file holds one width. The file appears only when
 /// [`TraceWriter::finish`] succeeds. What the batches declare of their provenance goes into the
 /// footer ([`crate::provenance`]); two batches of one site that declare conflicting provenance
 /// are refused.
@@ -212,10 +360,10 @@ impl AtomicParquetWriter {
 /// files shrink by about 5% under zstd), so the vector column is stored plain: no compression, no
 /// dictionary attempt, no min/max statistics, which together cost more write time than anything
 /// else here (the Parquet writer goes from about 340 to 570 MB/s on the development machine).
-/// Ids and site names compress well and cheaply, so they keep zstd.
+/// Ids and site names compress well and cheaply, so they keep zstd in Parquet.
 #[derive(Debug)]
 pub struct TraceWriter {
-    writer: AtomicParquetWriter,
+    writer: Sink,
     schema: SchemaRef,
     width: usize,
     /// The type the vectors are stored in.
@@ -270,17 +418,17 @@ impl TraceWriter {
         )
     }
 
-    /// [`TraceWriter::create`], or with `label_column` [`TraceWriter::create_labelled`], hashing
-    /// the file's bytes as they are written, so that [`TraceWriter::finish_hashed`] returns their
-    /// checksum ([`crate::checksum`]) without reading the file back (the server's reference
-    /// segments: it records the checksum and verifies it before every fit), its vectors stored
-    /// as `dtype`, one binary row per vector ([`row_field`]): the wire's bytes, written without
-    /// per-element work.
+    /// A reference segment: an Arrow IPC file ([`AtomicIpcWriter`]) with the columns of
+    /// [`TraceWriter::create`] (and with `label_column`, of [`TraceWriter::create_labelled`]),
+    /// hashing the file's bytes as they are written, so that [`TraceWriter::finish_hashed`]
+    /// returns their checksum ([`crate::checksum`]) without reading the file back (the server
+    /// records it and verifies it before every fit), its vectors stored as `dtype`, one binary
+    /// row per vector ([`row_field`]): the wire's bytes, written without per-element work.
     ///
     /// The values are rounded to `dtype` as they are written (to nearest, ties to even), so a
     /// writer of `F16` or `Bf16` keeps them exactly only when they came in that type: the server
     /// stores each batch in the type it arrived in, half the bytes of `f32` for the half types.
-    pub fn create_hashed(
+    pub fn create_segment(
         path: impl Into<PathBuf>,
         width: usize,
         columns: &TraceColumns,
@@ -298,7 +446,7 @@ impl TraceWriter {
         columns: &TraceColumns,
         positions: Option<&str>,
         label_column: Option<&str>,
-        hash: bool,
+        segment: bool,
         dtype: Dtype,
     ) -> Result<Self> {
         if width == 0 || i32::try_from(width).is_err() {
@@ -307,9 +455,13 @@ impl TraceWriter {
                 message: format!("cannot write vectors of width {width}"),
             });
         }
+        let site = match segment {
+            true => DataType::Utf8,
+            false => site_type(),
+        };
         let mut fields = vec![
             Field::new(&columns.trace, DataType::Utf8, false),
-            Field::new(&columns.site, site_type(), false),
+            Field::new(&columns.site, site, false),
         ];
         if let Some(name) = positions {
             fields.push(Field::new(name, DataType::Int32, true));
@@ -320,7 +472,7 @@ impl TraceWriter {
                 message: format!("cannot write vectors of width {width}"),
             });
         }
-        fields.push(match hash {
+        fields.push(match segment {
             true => row_field(&columns.vector, width, dtype),
             false => vector_field(&columns.vector, width, dtype),
         });
@@ -328,7 +480,19 @@ impl TraceWriter {
             fields.push(Field::new(name, DataType::Boolean, false));
         }
         let schema = Arc::new(Schema::new(fields));
-        let rows = hash || dtype == Dtype::Bf16;
+        let rows = segment || dtype == Dtype::Bf16;
+        if segment {
+            return Ok(Self {
+                writer: Sink::Ipc(AtomicIpcWriter::create_hashed(path, schema.clone())?),
+                schema,
+                width,
+                dtype,
+                rows,
+                positions: positions.is_some(),
+                labelled: label_column.is_some(),
+                provenance: BTreeMap::new(),
+            });
+        }
         let vectors = match rows {
             false => ColumnPath::new(vec![columns.vector.clone(), "list".into(), "item".into()]),
             true => ColumnPath::new(vec![columns.vector.clone()]),
@@ -340,13 +504,9 @@ impl TraceWriter {
             .set_column_statistics_enabled(vectors, EnabledStatistics::None)
             .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .build();
-        let writer = if hash {
-            AtomicParquetWriter::create_hashed(path, schema.clone(), props)?
-        } else {
-            AtomicParquetWriter::create_with_properties(path, schema.clone(), props)?
-        };
+        let writer = AtomicParquetWriter::create_with_properties(path, schema.clone(), props)?;
         Ok(Self {
-            writer,
+            writer: Sink::Parquet(writer),
             schema,
             width,
             dtype,
@@ -464,14 +624,18 @@ impl TraceWriter {
             }
             (false, Dtype::Bf16) => unreachable!("bfloat16 is always stored as rows"),
         };
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(trace_ids)),
+        let sites: ArrayRef = match &self.writer {
             // The site once per batch (a one-value dictionary), not once per row.
-            Arc::new(DictionaryArray::new(
+            Sink::Parquet(_) => Arc::new(DictionaryArray::new(
                 Int32Array::from(vec![0; rows]),
                 Arc::new(StringArray::from(vec![site])),
             )),
-        ];
+            Sink::Ipc(_) => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                site.as_str(),
+                rows,
+            ))),
+        };
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(trace_ids)), sites];
         if self.positions {
             columns.push(Arc::new(match positions {
                 Some(p) => Int32Array::from(p),
@@ -492,7 +656,7 @@ impl TraceWriter {
         self.writer.finish()
     }
 
-    /// [`TraceWriter::finish`] for a writer made by [`TraceWriter::create_hashed`]: the rows
+    /// [`TraceWriter::finish`] for a writer made by [`TraceWriter::create_segment`]: the rows
     /// written and the checksum ([`crate::checksum`]) of the committed file's bytes.
     pub fn finish_hashed(mut self) -> Result<(u64, String)> {
         self.add_provenance()?;
@@ -610,9 +774,10 @@ mod tests {
     #[test]
     fn a_hashing_writer_returns_the_committed_files_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("seg.parquet");
+        let path = dir.path().join("seg.arrow");
         let columns = TraceColumns::default();
-        let mut w = TraceWriter::create_hashed(&path, 2, &columns, None, None, Dtype::F32).unwrap();
+        let mut w =
+            TraceWriter::create_segment(&path, 2, &columns, None, None, Dtype::F32).unwrap();
         let rows = (0..100).map(|i| format!("c{i}")).collect();
         let values = (0..200).map(|i| i as f32 / 7.0).collect();
         w.write(SiteBatch::new("s", rows, None, Vectors::new(2, values).unwrap()).unwrap())
@@ -656,9 +821,9 @@ mod tests {
                     .map(|&x| half::bf16::from_f32(x).to_f32())
                     .collect(),
             };
-            let path = dir.path().join(format!("{dtype:?}.parquet"));
+            let path = dir.path().join(format!("{dtype:?}.arrow"));
             let mut w =
-                TraceWriter::create_hashed(&path, width, &columns, None, None, dtype).unwrap();
+                TraceWriter::create_segment(&path, width, &columns, None, None, dtype).unwrap();
             let ids = (0..rows).map(|i| format!("c{i}")).collect();
             let batch =
                 SiteBatch::new("s", ids, None, Vectors::new(width, values.clone()).unwrap());
@@ -740,9 +905,9 @@ mod tests {
             w.write(b).unwrap();
         }
         w.finish().unwrap();
-        let rows = dir.path().join("rows.parquet");
+        let rows = dir.path().join("rows.arrow");
         let mut w =
-            TraceWriter::create_hashed(&rows, 24, &columns, Some("position"), None, Dtype::F32)
+            TraceWriter::create_segment(&rows, 24, &columns, Some("position"), None, Dtype::F32)
                 .unwrap();
         for b in batches {
             w.write(b).unwrap();
@@ -753,18 +918,17 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    /// A file longer than [`ROW_GROUP_BYTES`] is written out in row groups as its batches come,
-    /// not held in memory until it is finished (an ingest stream's memory is bounded by it), and
-    /// reads back whole.
+    /// A segment is written out as its batches come, not held in memory until it is finished
+    /// (an ingest stream's memory is bounded by it), and reads back whole in batches of the
+    /// reader's size.
     #[test]
-    fn a_long_file_is_written_out_in_bounded_row_groups_as_it_goes() {
-        use parquet::file::reader::{FileReader, SerializedFileReader};
+    fn a_long_segment_is_written_out_as_it_goes() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("seg.parquet");
+        let path = dir.path().join("seg.arrow");
         let columns = TraceColumns::default();
         let (width, rows_per_batch, batches) = (1024, 256, 40); // 1 MiB a batch, 40 MiB in all
         let mut w =
-            TraceWriter::create_hashed(&path, width, &columns, None, None, Dtype::F32).unwrap();
+            TraceWriter::create_segment(&path, width, &columns, None, None, Dtype::F32).unwrap();
         for b in 0..batches {
             let ids = (0..rows_per_batch).map(|i| format!("c{b}-{i}")).collect();
             let values = (0..rows_per_batch * width)
@@ -777,34 +941,89 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
+        let all = (rows_per_batch * batches * width * 4) as u64;
         assert!(
-            on_disk >= ROW_GROUP_BYTES as u64,
-            "only {on_disk} bytes on disk before the file is finished"
+            on_disk >= all,
+            "only {on_disk} of {all} bytes on disk before the file is finished"
         );
         let (rows, _) = w.finish_hashed().unwrap();
         assert_eq!(rows, (rows_per_batch * batches) as u64);
-        let meta = SerializedFileReader::new(std::fs::File::open(&path).unwrap())
-            .unwrap()
-            .metadata()
-            .clone();
-        assert!(
-            meta.num_row_groups() >= 2,
-            "{} row groups",
-            meta.num_row_groups()
-        );
-        for g in meta.row_groups() {
-            // A group closes at the first batch that takes it past the bound.
-            let bound = ROW_GROUP_BYTES + rows_per_batch * width * 4;
-            assert!(
-                g.total_byte_size() as usize <= bound,
-                "{}",
-                g.total_byte_size()
-            );
-        }
-        let read: usize = crate::reader::TraceReader::open(&[path], Default::default())
+        assert_eq!(crate::reader::file_rows(&path).unwrap(), rows);
+        let opts = crate::reader::ReadOptions {
+            batch_rows: 1000,
+            ..Default::default()
+        };
+        let sizes: Vec<usize> = crate::reader::TraceReader::open(&[path], opts)
             .unwrap()
             .map(|b| b.unwrap().trace_ids.len())
-            .sum();
-        assert_eq!(read, rows_per_batch * batches);
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), rows_per_batch * batches);
+        assert!(
+            sizes[..sizes.len() - 1].iter().all(|&n| n == 1000),
+            "{sizes:?}"
+        );
+    }
+
+    /// Batches far smaller than [`IPC_BATCH_BYTES`] are gathered into a few record batches, and
+    /// read back as written, in order, with their provenance.
+    #[test]
+    fn small_batches_are_gathered_into_few_blocks_and_read_back_in_order() {
+        use crate::reader::{ReadOptions, TraceReader};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.arrow");
+        let columns = TraceColumns::default();
+        let width = 16;
+        let mut w = TraceWriter::create_segment(
+            &path,
+            width,
+            &columns,
+            Some("position"),
+            None,
+            Dtype::Bf16,
+        )
+        .unwrap();
+        let provenance = Arc::new(Provenance::from_pairs([("model", "m/1")]).unwrap());
+        let mut rng = actwatch_testkit::Rng::new(5);
+        let mut sent = Vec::new();
+        for b in 0..3000 {
+            let values: Vec<f32> = rng
+                .gaussian_rows(1, width, 0.0)
+                .into_iter()
+                .map(|x| half::bf16::from_f32(x).to_f32())
+                .collect();
+            let site = ["a", "b"][b % 2];
+            let batch = SiteBatch::new(
+                site,
+                vec![format!("c{b}")],
+                (b % 3 != 0).then(|| vec![b as i32]),
+                Vectors::new(width, values.clone()).unwrap(),
+            )
+            .unwrap()
+            .with_provenance(Some(provenance.clone()));
+            w.write(batch).unwrap();
+            sent.push((format!("c{b}"), site.to_string(), values));
+        }
+        w.finish_hashed().unwrap();
+        // 3000 rows of about 100 bytes each: a few blocks of about IPC_BATCH_BYTES, not 3000.
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 3000 * 200, "{size} bytes");
+        let opts = ReadOptions {
+            batch_rows: 7,
+            ..Default::default()
+        };
+        let mut got = Vec::new();
+        for b in TraceReader::open(&[path], opts).unwrap() {
+            let b = b.unwrap();
+            assert!(b.len() <= 7);
+            assert_eq!(b.provenance("a"), Some(&provenance));
+            for i in 0..b.len() {
+                got.push((
+                    b.trace_ids[i].clone(),
+                    b.sites[i].to_string(),
+                    b.row_vector(i).to_vec(),
+                ));
+            }
+        }
+        assert_eq!(got, sent);
     }
 }

@@ -228,6 +228,7 @@ fn pipeline_code(e: &actwatch_io::Error) -> Code {
         E::Io { source, .. } => io_code(source),
         // Segments and artifacts are the server's own files: failing to read them is ours.
         E::Parquet { .. }
+        | E::Ipc { .. }
         | E::Arrow(_)
         | E::MissingColumn { .. }
         | E::BadColumnType { .. }

@@ -1,5 +1,5 @@
-//! Streaming trace reader over Parquet files in the long format (the writers are in
-//! [`crate::writer`]).
+//! Streaming trace reader over Parquet and Arrow IPC files in the long format (the writers are in
+//! [`crate::writer`]; an IPC file is told by its magic bytes, whatever its name: [`ipc`]).
 //!
 //! One row is one trace: a computation id, a site (a string or an integer layer) and a vector
 //! (`FixedSizeList` or `List` of `Float32`, `Float16` or `Float64`, or raw rows marked with their
@@ -25,6 +25,7 @@ use parquet::errors::ParquetError;
 mod ahead;
 mod batch;
 mod columns;
+mod ipc;
 
 pub use ahead::ReadAhead;
 pub use batch::TraceBatch;
@@ -44,18 +45,23 @@ use crate::{Error, Result};
 /// actwatch's own code stays a bug.
 fn guarded<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         Error::parquet(
             path,
             ParquetError::General(format!(
-                "the Parquet decoder failed on corrupt data: {what}"
+                "the Parquet decoder failed on corrupt data: {}",
+                panic_message(&*panic)
             )),
         )
     })
+}
+
+/// The message a panic carried, if it was a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// Refuses a file whose string dictionary page declares more values than its bytes can hold.
@@ -178,9 +184,13 @@ impl Default for ReadOptions {
     }
 }
 
-/// The number of rows a Parquet file's footer records (only the footer is read).
+/// The number of rows a Parquet file's footer records (only the footer is read), or an Arrow IPC
+/// file's record batches declare (the footer and each batch's header are read).
 pub fn file_rows(path: &Path) -> Result<u64> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    if ipc::is_ipc(path, &mut file)? {
+        return Ok(ipc::read_layout(path, &mut file)?.rows);
+    }
     let meta = guarded(path, || {
         ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
     })?
@@ -189,7 +199,7 @@ pub fn file_rows(path: &Path) -> Result<u64> {
 }
 
 /// Expands files and directories into a list of files: a directory contributes every `*.parquet`
-/// file below it (recursively, sorted by path, skipping names that start with `.` or `_`); a file
+/// and `*.arrow` (Arrow IPC) file below it (recursively, sorted by path, skipping names that start with `.` or `_`); a file
 /// named explicitly is taken whatever its extension. Duplicates are dropped (first one kept).
 /// Fails with [`Error::Io`] on a missing path and [`Error::NoInput`] when nothing is found.
 pub fn expand_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -199,7 +209,7 @@ pub fn expand_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         let md = fs::metadata(p).map_err(|e| Error::io(p, e))?;
         let mut found = Vec::new();
         if md.is_dir() {
-            walk_parquet(p, &mut found)?;
+            walk_inputs(p, &mut found)?;
             found.sort();
         } else {
             found.push(p.clone());
@@ -213,14 +223,14 @@ pub fn expand_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if out.is_empty() {
         let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         return Err(Error::NoInput(format!(
-            "no .parquet files found under [{}]",
+            "no .parquet or .arrow files found under [{}]",
             names.join(", ")
         )));
     }
     Ok(out)
 }
 
-fn walk_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn walk_inputs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -232,8 +242,8 @@ fn walk_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry.path();
         let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
         if ft.is_dir() {
-            walk_parquet(&path, out)?;
-        } else if has_parquet_extension(&path) {
+            walk_inputs(&path, out)?;
+        } else if has_input_extension(&path) {
             // Symbolic links are followed to files only (never to directories: no cycles).
             let is_file = ft.is_file()
                 || (ft.is_symlink() && fs::metadata(&path).map(|m| m.is_file()).unwrap_or(false));
@@ -245,27 +255,55 @@ fn walk_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn has_parquet_extension(path: &Path) -> bool {
+fn has_input_extension(path: &Path) -> bool {
     path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("arrow"))
+}
+
+/// What a file is, from its footer.
+#[derive(Debug)]
+enum Layout {
+    Parquet(ArrowReaderMetadata),
+    Ipc(Arc<ipc::IpcLayout>),
 }
 
 #[derive(Debug)]
 struct InputFile {
     path: Arc<PathBuf>,
-    meta: ArrowReaderMetadata,
+    layout: Layout,
     columns: FileColumns,
     provenance: Option<Arc<FileProvenance>>,
+}
+
+/// The record batches of the file being read.
+enum Batches {
+    Parquet(ParquetRecordBatchReader),
+    Ipc(ipc::IpcBatches),
 }
 
 struct Current {
     path: Arc<PathBuf>,
     provenance: Option<Arc<FileProvenance>>,
-    reader: ParquetRecordBatchReader,
+    reader: Batches,
     next_row: u64,
 }
 
-/// Streaming reader over many Parquet files: one file after another, batch by batch (at most
+impl Current {
+    /// The file's next record batch, `None` at its end.
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        let path = self.path.as_path();
+        match &mut self.reader {
+            Batches::Parquet(reader) => match guarded(path, || reader.next())? {
+                None => Ok(None),
+                Some(Err(e)) => Err(Error::parquet(path, ParquetError::External(Box::new(e)))),
+                Some(Ok(b)) => Ok(Some(b)),
+            },
+            Batches::Ipc(reader) => reader.next_batch(),
+        }
+    }
+}
+
+/// Streaming reader over many Parquet or Arrow IPC files: one file after another, batch by batch (at most
 /// [`ReadOptions::batch_rows`] rows each), reading only the needed columns unless
 /// [`ReadOptions::keep_other_columns`]. Every file's footer and schema are checked when the
 /// reader is opened, so a missing column or corrupt footer fails before any work is done.
@@ -304,24 +342,33 @@ impl TraceReader {
         let mut inputs = Vec::with_capacity(files.len());
         let mut total_rows = 0u64;
         for path in &files {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            let meta = guarded(path, || {
-                ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-            })?
-            .map_err(|e| Error::parquet(path, e))?;
-            let columns = check_schema(path, meta.schema(), &opts.columns)?;
-            total_rows += u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0);
-            let provenance = meta
-                .metadata()
-                .file_metadata()
-                .key_value_metadata()
-                .and_then(|kv| kv.iter().find(|e| e.key == PROVENANCE_KEY))
-                .and_then(|e| e.value.as_deref())
-                .map(|json| FileProvenance::parse(path, json).map(Arc::new))
+            let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+            let (layout, columns, provenance) = if ipc::is_ipc(path, &mut file)? {
+                let layout = ipc::read_layout(path, &mut file)?;
+                let columns = check_schema(path, &layout.schema, &opts.columns)?;
+                total_rows += layout.rows;
+                let provenance = layout.metadata.get(PROVENANCE_KEY).cloned();
+                (Layout::Ipc(Arc::new(layout)), columns, provenance)
+            } else {
+                let meta = guarded(path, || {
+                    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+                })?
+                .map_err(|e| Error::parquet(path, e))?;
+                let columns = check_schema(path, meta.schema(), &opts.columns)?;
+                let file_meta = meta.metadata().file_metadata();
+                total_rows += u64::try_from(file_meta.num_rows()).unwrap_or(0);
+                let provenance = file_meta
+                    .key_value_metadata()
+                    .and_then(|kv| kv.iter().find(|e| e.key == PROVENANCE_KEY))
+                    .and_then(|e| e.value.clone());
+                (Layout::Parquet(meta), columns, provenance)
+            };
+            let provenance = provenance
+                .map(|json| FileProvenance::parse(path, &json).map(Arc::new))
                 .transpose()?;
             inputs.push(InputFile {
                 path: Arc::new(path.clone()),
-                meta,
+                layout,
                 columns,
                 provenance,
             });
@@ -421,19 +468,31 @@ impl TraceReader {
         let input = &self.inputs[index];
         let path = input.path.as_path();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let mask = (!self.opts.keep_other_columns).then(|| {
-            let c = input.columns;
-            let roots = [c.trace, c.site, c.vector].into_iter().chain(c.position);
-            ProjectionMask::roots(input.meta.parquet_schema(), roots)
-        });
-        check_dictionary_pages(path, &file, &input.meta, mask.as_ref())?;
-        let mut builder =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(file, input.meta.clone())
-                .with_batch_size(self.opts.batch_rows.max(1));
-        if let Some(mask) = mask {
-            builder = builder.with_projection(mask);
-        }
-        let reader = guarded(path, || builder.build())?.map_err(|e| Error::parquet(path, e))?;
+        let reader = match &input.layout {
+            Layout::Ipc(layout) => Batches::Ipc(ipc::IpcBatches::open(
+                input.path.clone(),
+                file,
+                layout.clone(),
+                self.opts.batch_rows,
+            )?),
+            Layout::Parquet(meta) => {
+                let mask = (!self.opts.keep_other_columns).then(|| {
+                    let c = input.columns;
+                    let roots = [c.trace, c.site, c.vector].into_iter().chain(c.position);
+                    ProjectionMask::roots(meta.parquet_schema(), roots)
+                });
+                check_dictionary_pages(path, &file, meta, mask.as_ref())?;
+                let mut builder =
+                    ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta.clone())
+                        .with_batch_size(self.opts.batch_rows.max(1));
+                if let Some(mask) = mask {
+                    builder = builder.with_projection(mask);
+                }
+                let reader =
+                    guarded(path, || builder.build())?.map_err(|e| Error::parquet(path, e))?;
+                Batches::Parquet(reader)
+            }
+        };
         Ok(Current {
             path: input.path.clone(),
             provenance: input.provenance.clone(),
@@ -639,20 +698,13 @@ impl Iterator for TraceReader {
                 self.next_file += 1;
             }
             let cur = self.current.as_mut().expect("a file is open");
-            let next = match guarded(cur.path.as_path(), || cur.reader.next()) {
-                Ok(next) => next,
-                Err(e) => return self.fail(e),
-            };
-            let batch = match next {
-                None => {
+            let batch = match cur.next_batch() {
+                Ok(Some(b)) => b,
+                Ok(None) => {
                     self.current = None;
                     continue;
                 }
-                Some(Err(e)) => {
-                    let e = Error::parquet(cur.path.as_path(), ParquetError::External(Box::new(e)));
-                    return self.fail(e);
-                }
-                Some(Ok(b)) => b,
+                Err(e) => return self.fail(e),
             };
             let first_row = cur.next_row;
             let n = batch.num_rows() as u64;

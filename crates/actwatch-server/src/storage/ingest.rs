@@ -219,10 +219,10 @@ impl IngestSession {
                     true => ("-labelled", Some(LABEL_COLUMN)),
                     false => ("", None),
                 };
-                let file = format!("seg-{:08}-d{width}{stored}{suffix}.parquet", self.seq);
+                let file = format!("seg-{:08}-d{width}{stored}{suffix}.arrow", self.seq);
                 // Hashed as written: the checksum state.json records with the segment.
                 let path = dir.join(file);
-                v.insert(TraceWriter::create_hashed(
+                v.insert(TraceWriter::create_segment(
                     path, width, &columns, position, label, dtype,
                 )?)
             }

@@ -3,8 +3,9 @@
 //! ```text
 //! <data-dir>/monitors/<name>/spec.json          what the monitor is (written once, atomically)
 //! <data-dir>/monitors/<name>/state.json         sites and widths, committed segments (with their
-//!                                               SHA-256 and rows per site), fit version (a cache)
-//! <data-dir>/monitors/<name>/reference/seg-<seq>-d<width>.parquet
+//!                                               checksum and rows per site), fit version (a cache)
+//! <data-dir>/monitors/<name>/reference/seg-<seq>-d<width>.arrow   (Arrow IPC; `.parquet` before
+//!                                               2026-12-04, still read)
 //! <data-dir>/monitors/<name>/quarantine/        segments that failed verification, each with a
 //!                                               `<segment>.reason.json`; never read again
 //! <data-dir>/monitors/<name>/fitted/            the offline core's monitor artifact (`save_monitor`)

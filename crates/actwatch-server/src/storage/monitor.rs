@@ -89,7 +89,7 @@ pub struct SegmentEntry {
 
 impl SegmentEntry {
     /// The ingest (IngestReference stream) that wrote it: the sequence number in its name
-    /// (`seg-<ingest>-d<width>[-labelled].parquet`).
+    /// (`seg-<ingest>-d<width>[-bf16|-f16][-labelled].arrow`; `.parquet` before 2026-12-04).
     pub fn ingest(&self) -> Option<u64> {
         self.file
             .strip_prefix("seg-")?

@@ -284,12 +284,12 @@ fn half_precision_batches_are_stored_as_they_came_and_fit_the_same_monitor() {
         assert_eq!(p, &runs[0].3, "{files:?}");
     }
     assert!(
-        runs[1].0.iter().all(|f| f.ends_with("-bf16.parquet")),
+        runs[1].0.iter().all(|f| f.ends_with("-bf16.arrow")),
         "{:?}",
         runs[1].0
     );
     assert!(
-        runs[2].0.iter().all(|f| f.ends_with("-f16.parquet")),
+        runs[2].0.iter().all(|f| f.ends_with("-f16.arrow")),
         "{:?}",
         runs[2].0
     );

@@ -1,4 +1,4 @@
-//! The Parquet trace reader: files read to the end by [`TraceReader`], and record batches
+//! The trace reader (Parquet and Arrow IPC files): files read to the end by [`TraceReader`], and record batches
 //! handed over in memory to [`TraceReader::decode_batch`].
 
 use std::path::{Path, PathBuf};
@@ -95,16 +95,17 @@ fn item(dt: DataType) -> Arc<Field> {
 /// (or arrow's, for layouts ours never write) into a temporary directory and read back:
 /// - `segment`: [`TraceWriter`]'s own (dictionary sites, Utf8 ids, positions, `FixedSizeList<f32>`,
 ///   provenance in the footer), two sites;
-/// - `segment-bf16`: the same for batches that arrived as bf16 (`FixedSizeBinary(2 d)` rows marked
-///   `actwatch.dtype = bfloat16`), one batch without positions;
+/// - `segment-bf16`: the server's reference segment, an Arrow IPC file, of batches that arrived as
+///   bf16 (`FixedSizeBinary(2 d)` rows marked `actwatch.dtype = bfloat16`, provenance in the
+///   footer), one batch without positions;
 /// - `list-f16`: integer ids and sites, nullable positions, `List<Float16>`, snappy, several row
 ///   groups and pages, page statistics and indexes;
 /// - `large-list-f64`: `Utf8View` ids, `Dictionary<Int8, Utf8>` sites, `LargeList<Float64>`, a
 ///   label and an extra column, zstd with dictionaries;
 /// - `minilm-like`: the shared MiniLM files' layout (`id`, integer `layer`, `activation`),
 ///   uncompressed;
-/// - `segment-f32`: the server's segment of labelled examples sent as f32 (`FixedSizeBinary(4 d)`
-///   rows marked `actwatch.dtype = float32`).
+/// - `segment-f32`: the server's segment (Arrow IPC) of labelled examples sent as f32
+///   (`FixedSizeBinary(4 d)` rows marked `actwatch.dtype = float32`).
 pub fn seed_trace_files() -> Vec<SeedFile> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut rng = Rng::new(7);
@@ -133,12 +134,14 @@ pub fn seed_trace_files() -> Vec<SeedFile> {
     w.finish().expect("finishing");
     keep("segment", 0, path);
 
-    // segment-bf16: the server's segment of batches that arrived as bf16
-    let path = dir.path().join("segment-bf16.parquet");
+    // segment-bf16: the server's segment (an Arrow IPC file) of batches that arrived as bf16
+    let path = dir.path().join("segment-bf16.arrow");
     let columns = TraceColumns::default();
-    let mut w = TraceWriter::create_hashed(&path, 4, &columns, Some("position"), None, Dtype::Bf16)
-        .expect("a trace writer");
-    w.write(sites_batch("a", 0..4, 4, &mut rng, true))
+    let mut w =
+        TraceWriter::create_segment(&path, 4, &columns, Some("position"), None, Dtype::Bf16)
+            .expect("a trace writer");
+    let provenance = Arc::new(Provenance::from_pairs([("model", "fuzz/tiny")]).expect("valid"));
+    w.write(sites_batch("a", 0..4, 4, &mut rng, true).with_provenance(Some(provenance)))
         .expect("writing");
     w.write(sites_batch("b", 0..3, 4, &mut rng, false))
         .expect("writing");
@@ -281,11 +284,11 @@ pub fn seed_trace_files() -> Vec<SeedFile> {
     write_batches(&path, batch, props);
     keep("minilm-like", 16, path);
 
-    // segment-f32 (last, so the seeds above keep their random values): the server's segment of
-    // batches that arrived as f32 (`FixedSizeBinary(4 d)` rows marked `actwatch.dtype =
+    // segment-f32 (last, so the seeds above keep their random values): the server's segment (Arrow
+    // IPC) of batches that arrived as f32 (`FixedSizeBinary(4 d)` rows marked `actwatch.dtype =
     // float32`), with labels
-    let path = dir.path().join("segment-f32.parquet");
-    let mut w = TraceWriter::create_hashed(
+    let path = dir.path().join("segment-f32.arrow");
+    let mut w = TraceWriter::create_segment(
         &path,
         4,
         &columns,
