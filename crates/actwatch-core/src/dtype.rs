@@ -42,10 +42,12 @@ pub fn decode_le(bytes: &[u8], dtype: Dtype, out: &mut Vec<f32>) -> Result<()> {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
         ),
+        // A bfloat16 is the high half of an f32: a shift, which vectorises (`half`'s conversion
+        // branches on NaN, which would only be refused by the finiteness check anyway).
         Dtype::Bf16 => out.extend(
             bytes
                 .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
         ),
     }
     Ok(())
