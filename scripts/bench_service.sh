@@ -5,6 +5,9 @@
 #   scripts/bench_service.sh [bench_service.py args...]     e.g. --quick, --reps 5
 #   scripts/bench_service.sh --linger-ab [ROUNDS]            scripts/bench_linger.py instead: the
 #                                                            compute linger's A/B on latency
+#   scripts/bench_service.sh --ingest-ab A_BIN B_BIN [ROUNDS]
+#                                                            scripts/bench_ingest_ab.py instead: two
+#                                                            server binaries' ingest, interleaved
 #
 # Builds target/release/actwatch, then creates (or reuses) the Python client's venv
 # clients/python/.venv with the client and its test extra (grpcio, protobuf, numpy, pyarrow), the
@@ -31,6 +34,10 @@ if ! "$venv/bin/python" -c 'import grpc, google.protobuf, numpy, pyarrow.flight,
   "$venv/bin/python" -m pip install --quiet "$root/clients/python[test]"
 fi
 
+if [ "${1:-}" = "--ingest-ab" ]; then
+  shift
+  exec "$venv/bin/python" "$root/scripts/bench_ingest_ab.py" "$@"
+fi
 if [ "${1:-}" = "--linger-ab" ]; then
   shift
   ACTWATCH_BIN="$bin" exec "$venv/bin/python" "$root/scripts/bench_linger.py" "$@"
