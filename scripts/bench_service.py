@@ -482,7 +482,7 @@ def main() -> int:
     print(f"Loopback, one client, {os.cpu_count()} CPUs; server: {args.bin} . Both sides driven from Python "
           f"(grpcio raw stubs / pyarrow.flight, payloads prebuilt), so the numbers include Python client overhead on both.")
     print(f"Ingest: {ROWS_PER_BATCH}-row batches, one stream per run, median of {args.reps}; MB = 1e6 bytes of "
-          f"activations; actwatch time ends at the summary, sent after the rows are fsynced to Parquet segments; disk: "
+          f"activations; actwatch time ends at the summary, sent after the rows are fsynced to Arrow IPC segments; disk: "
           f"the same bytes written in the same batches to one file beside the data directory, then fsynced; the "
           f"Flight server reads and drops the batches (no disk), or in the 'fsynced IPC file' rows appends them to an "
           f"Arrow IPC file beside the data directory and fsyncs it before DoPut returns. Flight carries bf16 as uint16.")
