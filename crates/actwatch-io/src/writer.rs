@@ -59,7 +59,7 @@ struct HashedFile {
     file: AtomicFile,
     hasher: Option<checksum::Hasher>,
     /// For a reference segment (a hashed file): its pages leave the page cache as they are
-    /// written back, one row group behind ([`StreamRelease`]).
+    /// written back, [`RELEASE_WINDOW_BYTES`] behind the writer ([`StreamRelease`]).
     release: Option<StreamRelease>,
 }
 
@@ -162,6 +162,11 @@ impl AtomicParquetWriter {
     }
 }
 
+/// How far behind the writer a reference segment's pages leave the page cache
+/// ([`StreamRelease`]): far enough that write-back has started on them, near enough that the
+/// page cache never holds much of a long stream (16 MiB, chosen when it was a Parquet row group).
+pub const RELEASE_WINDOW_BYTES: u64 = 16 << 20;
+
 /// The most bytes of small batches an [`AtomicIpcWriter`] holds before it writes them as one
 /// record batch. A batch of at least a quarter of this is written as it comes (its buffers go
 /// straight to the file); smaller ones are gathered (one copy) so that a client sending a row
@@ -201,7 +206,7 @@ impl AtomicIpcWriter {
         let file = HashedFile {
             file: AtomicFile::create(&path)?,
             hasher: Some(checksum::Hasher::default()),
-            release: Some(StreamRelease::new(ROW_GROUP_BYTES as u64)),
+            release: Some(StreamRelease::new(RELEASE_WINDOW_BYTES)),
         };
         let writer = FileWriter::try_new(file, &schema).map_err(|e| ipc_write_error(&path, e))?;
         Ok(Self {
