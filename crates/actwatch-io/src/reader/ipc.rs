@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::buffer::Buffer;
+use arrow::buffer::{Buffer, MutableBuffer};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use arrow::ipc::reader::{read_footer_length, FileDecoder};
@@ -87,27 +87,30 @@ fn bad(message: String) -> ArrowError {
 }
 
 /// Reads `len` bytes at `offset` into a buffer of exactly that size (the caller has checked that
-/// they lie inside the file).
+/// they lie inside the file), allocated 64-byte aligned as arrow's buffers are, so that a body's
+/// 8-byte aligned buffers are aligned in memory too.
 fn read_at(file: &mut File, offset: u64, len: usize) -> Result<Buffer, ArrowError> {
     file.seek(SeekFrom::Start(offset))?;
-    let mut bytes = Vec::with_capacity(len);
-    file.take(len as u64).read_to_end(&mut bytes)?;
-    if bytes.len() != len {
-        return Err(bad(format!(
-            "the file ends inside a block ({} of {len} bytes at offset {offset})",
-            bytes.len()
-        )));
-    }
-    Ok(Buffer::from_vec(bytes))
+    let mut buf = MutableBuffer::from_len_zeroed(len);
+    file.read_exact(buf.as_slice_mut())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => bad(format!(
+                "the file ends inside a block ({len} bytes at offset {offset})"
+            )),
+            _ => e.into(),
+        })?;
+    Ok(buf.into())
 }
 
 /// Checks that `block` lies inside the file's first `end` bytes (before the footer) and after the
 /// leading magic; returns its length.
 fn check_block(block: &Block, end: u64) -> Result<usize, ArrowError> {
     let header = block.metaDataLength();
+    // After the leading magic, and 8-byte aligned as the format requires (so is the header's
+    // length, which puts the body at a multiple of 8 too).
     let inside = u64::try_from(block.offset())
         .ok()
-        .filter(|&o| o >= 8)
+        .filter(|&o| o >= 8 && o % 8 == 0 && header % 8 == 0)
         .zip(u64::try_from(block.bodyLength()).ok())
         .filter(|_| header > 0 && header <= MAX_HEADER_BYTES)
         .and_then(|(o, body)| {
@@ -119,16 +122,17 @@ fn check_block(block: &Block, end: u64) -> Result<usize, ArrowError> {
         .ok_or_else(|| {
             bad(format!(
                 "a block (offset {}, header {header} bytes, body {} bytes) lies outside the \
-                 file's {end} bytes of data",
+                 file's {end} bytes of data or is not 8-byte aligned",
                 block.offset(),
                 block.bodyLength()
             ))
         })
 }
 
-/// The rows a record batch block's header declares, once its buffers are checked to lie inside
-/// its body.
-fn block_rows(file: &mut File, block: &Block) -> Result<u64, ArrowError> {
+/// The record batch a block's header describes (a dictionary block's: its values), once its
+/// buffers are checked to lie inside the block's body (arrow's decoder slices them unchecked, and
+/// panics). Returns its rows.
+fn check_header(file: &mut File, block: &Block, dictionary: bool) -> Result<u64, ArrowError> {
     let header = read_at(file, block.offset() as u64, block.metaDataLength() as usize)?;
     // A header is a 0xFFFFFFFF continuation marker and a 4-byte length, then the flatbuffer
     // (older writers: the length alone).
@@ -144,13 +148,17 @@ fn block_rows(file: &mut File, block: &Block) -> Result<u64, ArrowError> {
             arrow::ipc::root_as_message(fb)
                 .map_err(|e| bad(format!("a block's header is not a message: {e}")))
         })?;
-    let batch = message
-        .header_as_record_batch()
-        .ok_or_else(|| bad("a record batch block holds another kind of message".into()))?;
-    // Every buffer inside the body (arrow's decoder slices them unchecked, and panics).
+    let batch = match dictionary {
+        false => message.header_as_record_batch(),
+        true => message.header_as_dictionary_batch().and_then(|d| d.data()),
+    }
+    .ok_or_else(|| bad("a block holds another kind of message than its place says".into()))?;
     let body = block.bodyLength();
+    // Inside the body, and where the format puts buffers: at multiples of 8 bytes (arrow's
+    // validation reads offsets at a misaligned place as a slice of `i32` and panics).
     for buffer in batch.buffers().into_iter().flatten() {
         let inside = buffer.offset() >= 0
+            && buffer.offset() % 8 == 0
             && buffer.length() >= 0
             && buffer
                 .offset()
@@ -158,18 +166,26 @@ fn block_rows(file: &mut File, block: &Block) -> Result<u64, ArrowError> {
                 .is_some_and(|end| end <= body);
         if !inside {
             return Err(bad(format!(
-                "a buffer (offset {}, {} bytes) lies outside its record batch's {body} bytes",
+                "a buffer (offset {}, {} bytes) lies outside its block's {body} bytes or is not \
+                 8-byte aligned",
                 buffer.offset(),
                 buffer.length()
             )));
         }
     }
-    u64::try_from(batch.length())
-        .map_err(|_| bad(format!("a record batch declares {} rows", batch.length())))
+    let rows = u64::try_from(batch.length())
+        .map_err(|_| bad(format!("a record batch declares {} rows", batch.length())))?;
+    // A record batch of traces holds at most a row per byte of its body (a trace's vector is at
+    // least one byte, and never null), a dictionary at most a value per bit: a header that
+    // declares more is corrupt, and would have the decoder allocate for rows that are not there.
+    let most = (body as u64).saturating_mul(if dictionary { 8 } else { 1 });
+    if rows > most {
+        return Err(bad(format!("a block declares {rows} rows in {body} bytes")));
+    }
+    Ok(rows)
 }
 
-/// Reads and checks the footer of the IPC file `file` (and the header of every record batch it
-/// lists).
+/// Reads and checks the footer of the IPC file `file` (and the header of every block it lists).
 pub(super) fn read_layout(path: &Path, file: &mut File) -> Result<IpcLayout> {
     guarded(path, || {
         let len = file.metadata()?.len();
@@ -213,6 +229,7 @@ pub(super) fn read_layout(path: &Path, file: &mut File) -> Result<IpcLayout> {
             .collect();
         for d in &dictionaries {
             check_block(d, end)?;
+            check_header(file, d, true)?;
         }
         let blocks: Vec<Block> = footer
             .recordBatches()
@@ -225,16 +242,7 @@ pub(super) fn read_layout(path: &Path, file: &mut File) -> Result<IpcLayout> {
         let mut rows = 0u64;
         for block in blocks {
             check_block(&block, end)?;
-            let n = block_rows(file, &block)?;
-            // A trace's vector is at least one byte (and is never null), so a block holds at
-            // most a row per byte of its body: a header that declares more is corrupt, and would
-            // have the decoder allocate for rows that are not there.
-            if n > block.bodyLength() as u64 {
-                return Err(bad(format!(
-                    "a record batch declares {n} rows in {} bytes",
-                    block.bodyLength()
-                )));
-            }
+            let n = check_header(file, &block, false)?;
             rows = rows.checked_add(n).ok_or_else(|| {
                 bad("the record batches declare more rows than fit in 64 bits".into())
             })?;

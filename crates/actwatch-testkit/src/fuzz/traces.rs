@@ -12,7 +12,7 @@ use arrow::array::{
     Float64Array, Int32Array, Int64Array, LargeListArray, ListArray, StringArray, StringViewArray,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Int8Type, Schema};
+use arrow::datatypes::{DataType, Field, Int32Type, Int8Type, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -105,7 +105,9 @@ fn item(dt: DataType) -> Arc<Field> {
 /// - `minilm-like`: the shared MiniLM files' layout (`id`, integer `layer`, `activation`),
 ///   uncompressed;
 /// - `segment-f32`: the server's segment (Arrow IPC) of labelled examples sent as f32
-///   (`FixedSizeBinary(4 d)` rows marked `actwatch.dtype = float32`).
+///   (`FixedSizeBinary(4 d)` rows marked `actwatch.dtype = float32`);
+/// - `ipc-dictionary`: an Arrow IPC file as other tools write it (arrow's own writer): a
+///   dictionary-encoded site column and `FixedSizeList<Float32>` vectors, two record batches.
 pub fn seed_trace_files() -> Vec<SeedFile> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut rng = Rng::new(7);
@@ -306,6 +308,42 @@ pub fn seed_trace_files() -> Vec<SeedFile> {
         .expect("writing");
     w.finish_hashed().expect("finishing");
     keep("segment-f32", 0, path);
+
+    // ipc-dictionary (after the others, for the same reason): an Arrow IPC file as other tools
+    // write it, with a dictionary-encoded site column (its dictionary block before the batches)
+    // and `FixedSizeList<Float32>` vectors, in two record batches
+    let sites: DictionaryArray<Int32Type> = ["a", "b", "a", "b", "b"].into_iter().collect();
+    let batch = RecordBatch::try_from_iter([
+        (
+            "trace_id",
+            Arc::new(StringArray::from_iter_values(
+                (0..5).map(|i| format!("c{i}")),
+            )) as ArrayRef,
+        ),
+        ("site", Arc::new(sites) as ArrayRef),
+        (
+            "activation",
+            Arc::new(
+                FixedSizeListArray::try_new(
+                    item(DataType::Float32),
+                    4,
+                    Arc::new(Float32Array::from(rng.gaussian_rows(5, 4, 0.0))),
+                    None,
+                )
+                .expect("a list array"),
+            ) as ArrayRef,
+        ),
+    ])
+    .expect("a record batch");
+    let path = dir.path().join("ipc-dictionary.arrow");
+    let file = std::fs::File::create(&path).expect("creating a seed file");
+    let mut w =
+        arrow::ipc::writer::FileWriter::try_new(file, &batch.schema()).expect("an IPC writer");
+    w.write(&batch.slice(0, 3)).expect("writing");
+    w.write(&batch.slice(3, 2)).expect("writing");
+    w.finish().expect("finishing");
+    drop(w);
+    keep("ipc-dictionary", 0, path);
     out
 }
 
