@@ -52,26 +52,23 @@ pub fn default_writer_properties() -> WriterProperties {
         .build()
 }
 
-/// The file under an [`AtomicParquetWriter`] or an [`AtomicIpcWriter`], hashing what goes into it
-/// when asked to: both writers only append, so the bytes written here are the file's bytes, in
-/// order, and the file's checksum ([`crate::checksum`]) costs no second read.
+/// The file under an [`AtomicIpcWriter`] (a reference segment), hashing what goes into it: the
+/// writer only appends, so the bytes written here are the file's bytes, in order, and the file's
+/// checksum ([`crate::checksum`]) costs no second read.
 struct HashedFile {
     file: AtomicFile,
-    hasher: Option<checksum::Hasher>,
-    /// For a reference segment (a hashed file): its pages leave the page cache as they are
-    /// written back, [`RELEASE_WINDOW_BYTES`] behind the writer ([`StreamRelease`]).
-    release: Option<StreamRelease>,
+    /// Boxed: the hasher's state is larger than the rest of the writer.
+    hasher: Box<checksum::Hasher>,
+    /// Its pages leave the page cache as they are written back, [`RELEASE_WINDOW_BYTES`] behind
+    /// the writer ([`StreamRelease`]).
+    release: StreamRelease,
 }
 
 impl Write for HashedFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
-        if let Some(r) = &mut self.release {
-            r.wrote(&self.file, n);
-        }
+        self.hasher.update(&buf[..n]);
+        self.release.wrote(&self.file, n);
         Ok(n)
     }
 
@@ -86,7 +83,7 @@ impl Write for HashedFile {
 /// writes whatever batches it is given (they must match the schema it was created with).
 pub struct AtomicParquetWriter {
     path: PathBuf,
-    writer: ArrowWriter<HashedFile>,
+    writer: ArrowWriter<AtomicFile>,
     rows: u64,
 }
 
@@ -112,11 +109,7 @@ impl AtomicParquetWriter {
         props: WriterProperties,
     ) -> Result<Self> {
         let path = path.into();
-        let file = HashedFile {
-            file: AtomicFile::create(&path)?,
-            hasher: None,
-            release: None,
-        };
+        let file = AtomicFile::create(&path)?;
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| Error::parquet(&path, e))?;
         Ok(Self {
@@ -157,7 +150,7 @@ impl AtomicParquetWriter {
             .writer
             .into_inner()
             .map_err(|e| Error::parquet(&self.path, e))?;
-        file.file.commit()?;
+        file.commit()?;
         Ok(self.rows)
     }
 }
@@ -205,8 +198,8 @@ impl AtomicIpcWriter {
         let path = path.into();
         let file = HashedFile {
             file: AtomicFile::create(&path)?,
-            hasher: Some(checksum::Hasher::default()),
-            release: Some(StreamRelease::new(RELEASE_WINDOW_BYTES)),
+            hasher: Box::default(),
+            release: StreamRelease::new(RELEASE_WINDOW_BYTES),
         };
         let writer = FileWriter::try_new(file, &schema).map_err(|e| ipc_write_error(&path, e))?;
         Ok(Self {
@@ -275,7 +268,7 @@ impl AtomicIpcWriter {
             .writer
             .into_inner()
             .map_err(|e| ipc_write_error(&self.path, e))?;
-        let sum = file.hasher.map(|h| h.hex()).unwrap_or_default();
+        let sum = file.hasher.hex();
         file.file.commit()?;
         Ok((self.rows, sum))
     }
