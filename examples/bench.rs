@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use actwatch_detect::gaussian::{GaussianDetector, GaussianFitter, GaussianOptions};
 use actwatch_detect::knn::{KnnFitter, KnnOptions};
+use actwatch_testkit::median_seconds;
 
 fn load(dir: &Path, name: &str) -> (Vec<f32>, usize, usize) {
     let shape: serde_json::Value = serde_json::from_slice(
@@ -29,19 +30,6 @@ fn load(dir: &Path, name: &str) -> (Vec<f32>, usize, usize) {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     (v, rows, cols)
-}
-
-fn median_seconds(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    let mut t: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
 }
 
 /// Wall seconds of one run of `f`, no warm-up (for fits that take many seconds).

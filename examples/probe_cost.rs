@@ -7,28 +7,17 @@
 //! (6,000 reference traces, 1,500 calibration traces); medians of repeats after a warm-up. Not a
 //! test: nothing here asserts a timing.
 
-use std::time::Instant;
-
 use actwatch_detect::gaussian::{GaussianFitter, GaussianOptions};
 use actwatch_detect::knn::{KnnFitter, KnnOptions};
 use actwatch_detect::probe::{difference_of_means, OwnedExamples};
 use actwatch_detect::Calibration;
-use actwatch_testkit::Rng;
+use actwatch_testkit::{median_seconds, Rng};
 
 /// A detector's raw scores of a row-major batch.
 type Scorer<'a> = Box<dyn Fn(&[f32]) -> Vec<f64> + 'a>;
 
-fn median_ns_per_row(rows: usize, repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2] * 1e9 / rows as f64
+fn median_ns_per_row(rows: usize, repeats: usize, f: impl FnMut()) -> f64 {
+    median_seconds(repeats, f) * 1e9 / rows as f64
 }
 
 fn main() {

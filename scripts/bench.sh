@@ -166,7 +166,8 @@ if [[ $DOCS -eq 1 ]]; then
     else
       echo "Not in this command: batch scoring of a 1M-trace archive against the same model in pyarrow +"
       echo "numpy (\`scripts/bench_archive.sh\`, about 4 minutes more). HNSW at 1M references:"
-      echo "\`scripts/bench.sh --knn-only --big-refs 1000000\`, in [benchmarks-knn.md](benchmarks-knn.md)."
+      echo "\`scripts/bench.sh --knn-only --big-refs 1000000\`, in [benchmarks-knn.md](benchmarks-knn.md). The torch"
+      echo "backend on a GPU: \`scripts/bench_torch.sh\`, in [benchmarks-gpu.md](benchmarks-gpu.md)."
     fi
     echo
     echo "## Detectors"

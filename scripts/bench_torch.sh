@@ -4,7 +4,9 @@
 #      dev_id.parquet's 1,000 sentences, layers 2, 4, 6 mean-pooled, per device;
 #   2. scoring throughput, torch backend vs the default pure-Rust backend, per detector
 #      (Gaussian, exact kNN against 4.5k references), 100,000 layer-2 vectors;
-#   3. `actwatch score` end to end on dev_id.parquet, default vs --device.
+#   3. `actwatch score` end to end on dev_id.parquet, default vs --device;
+#   4. with a GPU only: the same at d = 4096 on synthetic data (Gaussian; exact kNN against 100k
+#      and 1M references; 48 GiB of GPU memory, about 4 minutes), docs/benchmarks-gpu.md.
 # Devices: cpu, plus cuda when libtorch sees a GPU. Needs ../shared/data/minilm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,10 @@ for dev in $devices; do
   echo "scoring backends, $dev:"
   target/release/examples/bench_backend --device "$dev" --rows 100000
 done
+if [[ $devices == *cuda* ]]; then
+  echo "scoring backends at d = 4096, synthetic, cuda:"
+  target/release/examples/bench_backend --dim 4096 --fit-rows 16384 --device cuda
+fi
 echo "actwatch score dev_id.parquet (3,000 traces, Parquet read and write included):"
 echo "  default: $("$bin" score --monitor "$work/monitor" --input "$data/dev_id.parquet" --output "$work/s.parquet")"
 for dev in $devices; do

@@ -32,3 +32,18 @@ pub fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         .expect("a rayon pool")
         .install(f)
 }
+
+/// The median wall seconds of `repeats` runs of `f`, after one warm-up run (the benchmark
+/// examples' timer).
+pub fn median_seconds(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let s = std::time::Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}

@@ -39,8 +39,12 @@ use tch::{Device, Kind, TchError, Tensor};
 use crate::device::device_name;
 use crate::{Error, Result};
 
-/// At most this many similarity values (f32) per kNN GEMM block: 64 Mi = 256 MiB.
+/// At most this many similarity values (f32) per kNN GEMM block on the CPU: 64 Mi = 256 MiB.
 const KNN_BLOCK_VALUES: usize = 64 << 20;
+/// The same on a GPU: 256 Mi = 1 GiB of its memory. The block's queries are the rows of the
+/// product, and a product of few rows runs far below the GPU's rate: on an H200, 1M x 4096
+/// references took 67 queries per block at 26 TFLOP/s and 268 at 41 (docs/benchmarks-gpu.md).
+const KNN_BLOCK_VALUES_GPU: usize = 256 << 20;
 /// Rows per Gaussian block (bounds host and device memory for huge batches).
 const GAUSSIAN_BLOCK_ROWS: usize = 65_536;
 
@@ -78,11 +82,23 @@ enum Kernel {
 impl TorchBackend {
     /// Copies the parameters of every Gaussian and exact-search kNN detector of `monitor` to `device`.
     pub fn new(monitor: &Monitor, device: Device) -> Result<Self> {
+        Self::for_sites(
+            monitor.sites().iter().map(|s| s.detectors.as_slice()),
+            device,
+        )
+    }
+
+    /// The same for detectors outside a monitor, `[site][detector]` (a benchmark's, say):
+    /// [`Self::score`] takes the same indices.
+    pub fn for_sites<'a>(
+        sites: impl IntoIterator<Item = &'a [FittedDetector]>,
+        device: Device,
+    ) -> Result<Self> {
         let _guard = tch::no_grad_guard();
-        let mut kernels = Vec::with_capacity(monitor.sites().len());
-        for site in monitor.sites() {
-            let mut row = Vec::with_capacity(site.detectors.len());
-            for det in &site.detectors {
+        let mut kernels = Vec::new();
+        for detectors in sites {
+            let mut row = Vec::with_capacity(detectors.len());
+            for det in detectors {
                 row.push(match det {
                     FittedDetector::Gaussian(g) => Some(gaussian_kernel(g, device)?),
                     FittedDetector::Knn(k) if k.is_exact() => Some(knn_kernel(k, device)?),
@@ -156,7 +172,11 @@ impl TorchBackend {
             ) => {
                 let n = check_rows(*dim, rows)?;
                 let n_refs = refs.size()[0].max(1) as usize;
-                let block_rows = (KNN_BLOCK_VALUES / n_refs).clamp(1, 8192);
+                let values = match self.device {
+                    Device::Cpu => KNN_BLOCK_VALUES,
+                    _ => KNN_BLOCK_VALUES_GPU,
+                };
+                let block_rows = (values / n_refs).clamp(1, 8192);
                 let mut out = Vec::with_capacity(n);
                 for block in rows.chunks(block_rows * dim) {
                     let mut q = block.to_vec();
