@@ -152,9 +152,8 @@ impl GaussianFitter {
             self.pending.clear();
         }
         let whole = rows.len() - rows.len() % chunk;
-        for c in rows[..whole].chunks_exact(chunk) {
-            self.stats.push_batch(c)?;
-        }
+        self.stats
+            .push_chunks(&rows[..whole], grid_rows(self.stats.dim()))?;
         self.pending.extend_from_slice(&rows[whole..]);
         Ok(())
     }

@@ -21,6 +21,7 @@
 use actwatch_core::{check_rows, Error as CoreError};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -100,17 +101,32 @@ impl SufficientStats {
     /// scatter as one `f64` GEMM per [`STATS_CHUNK_ROWS`] rows) and merged with Chan's update. An empty
     /// batch is a no-op; a malformed or non-finite batch is rejected and leaves `self` unchanged.
     pub fn push_batch(&mut self, rows: &[f32]) -> Result<()> {
-        let d = self.dim();
-        let k = check_rows(d, rows)?;
-        if k == 0 {
-            return Ok(());
-        }
-        let batch = Self::from_rows(rows, d, k);
-        self.merge(&batch)
+        self.push_chunks(rows, usize::MAX)
     }
 
-    /// Statistics of `k` finite rows of width `d > 0`.
-    fn from_rows(rows: &[f32], d: usize, k: usize) -> Self {
+    /// Folds in `rows` in consecutive chunks of `chunk_rows` rows, each exactly as
+    /// [`Self::push_batch`] would (the same statistics, to the bit), but with one buffer for the
+    /// chunks' scatter: at d = 4096 a fresh one per chunk is 128 MiB of zeroed pages, and mapping
+    /// and unmapping it cost more than the chunk's product. The whole input is checked first: a
+    /// malformed or non-finite row leaves `self` unchanged.
+    pub fn push_chunks(&mut self, rows: &[f32], chunk_rows: usize) -> Result<()> {
+        let d = self.dim();
+        check_rows(d, rows)?;
+        let mut buffer = Vec::new();
+        for chunk in rows.chunks(chunk_rows.max(1).saturating_mul(d.max(1))) {
+            let k = chunk.len() / d.max(1);
+            if k == 0 {
+                continue;
+            }
+            let batch = Self::from_rows(chunk, d, k, buffer);
+            self.merge(&batch)?;
+            buffer = batch.scatter;
+        }
+        Ok(())
+    }
+
+    /// Statistics of `k` finite rows of width `d > 0`; the scatter is built in `buffer`.
+    fn from_rows(rows: &[f32], d: usize, k: usize, mut buffer: Vec<f64>) -> Self {
         let mut mean = vec![0.0f64; d];
         for row in rows.chunks_exact(d) {
             for (m, &x) in mean.iter_mut().zip(row) {
@@ -120,7 +136,9 @@ impl SufficientStats {
         let inv_k = 1.0 / k as f64;
         mean.iter_mut().for_each(|m| *m *= inv_k);
 
-        let mut scatter = vec![0.0f64; d * d];
+        buffer.clear();
+        buffer.resize(d * d, 0.0);
+        let mut scatter = buffer;
         let mut third = vec![0.0f64; d];
         let mut fourth = 0.0f64;
         let chunk = k.min(STATS_CHUNK_ROWS);
@@ -203,13 +221,26 @@ impl SufficientStats {
         let (tb, qb) = other.shifted_higher(&delta_b);
 
         let w = na * nb / nf;
-        for i in 0..d {
-            let row = &mut self.scatter[i * d..(i + 1) * d];
-            let orow = &other.scatter[i * d..(i + 1) * d];
-            let wi = w * diff[i];
+        // Row by row, on the pool when the matrix is large (the same sums either way).
+        let update = |((row, orow), di): ((&mut [f64], &[f64]), &f64)| {
+            let wi = w * di;
             for ((s, o), dj) in row.iter_mut().zip(orow).zip(&diff) {
                 *s += o + wi * dj;
             }
+        };
+        if parallel_pass(d) {
+            self.scatter
+                .par_chunks_exact_mut(d)
+                .zip(other.scatter.par_chunks_exact(d))
+                .zip(diff.par_iter())
+                .with_min_len(rows_per_task(d))
+                .for_each(update);
+        } else {
+            self.scatter
+                .chunks_exact_mut(d)
+                .zip(other.scatter.chunks_exact(d))
+                .zip(&diff)
+                .for_each(update);
         }
         for (m, da) in self.mean.iter_mut().zip(&delta_a) {
             *m += da;
@@ -226,11 +257,16 @@ impl SufficientStats {
     fn shifted_higher(&self, delta: &[f64]) -> (Vec<f64>, f64) {
         let d = self.dim();
         let n = self.n as f64;
-        let sd: Vec<f64> = self
-            .scatter
-            .chunks_exact(d)
-            .map(|row| row.iter().zip(delta).map(|(s, v)| s * v).sum())
-            .collect();
+        let dot = |row: &[f64]| row.iter().zip(delta).map(|(s, v)| s * v).sum::<f64>();
+        let sd: Vec<f64> = if parallel_pass(d) {
+            self.scatter
+                .par_chunks_exact(d)
+                .with_min_len(rows_per_task(d))
+                .map(dot)
+                .collect()
+        } else {
+            self.scatter.chunks_exact(d).map(dot).collect()
+        };
         let c: f64 = delta.iter().map(|v| v * v).sum();
         let tr = self.trace_scatter();
         let dsd: f64 = delta.iter().zip(&sd).map(|(a, b)| a * b).sum();
@@ -275,11 +311,28 @@ impl SufficientStats {
     }
 }
 
-/// Copies the lower triangle of a row-major d×d matrix onto its upper triangle.
+/// Whether a pass over a d×d matrix runs on the rayon pool: from 4 tasks of [`PAR_MIN_FLOPS`]
+/// values (d >= 2048); below that, waking the pool costs more than the pass.
+fn parallel_pass(d: usize) -> bool {
+    d.saturating_mul(d) >= 4 * PAR_MIN_FLOPS && rayon::current_num_threads() > 1
+}
+
+/// Rows of a d×d pass per rayon task: about [`PAR_MIN_FLOPS`] values.
+fn rows_per_task(d: usize) -> usize {
+    (PAR_MIN_FLOPS / d.max(1)).max(1)
+}
+
+/// Copies the lower triangle of a row-major d×d matrix onto its upper triangle, in square tiles
+/// (a plain loop writes a column at a time: one cache line, and at large d one TLB entry, per value).
 fn mirror_lower(m: &mut [f64], d: usize) {
-    for i in 0..d {
-        for j in 0..i {
-            m[j * d + i] = m[i * d + j];
+    const TILE: usize = 64;
+    for i0 in (0..d).step_by(TILE) {
+        for j0 in (0..=i0).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(d) {
+                for j in j0..(j0 + TILE).min(i) {
+                    m[j * d + i] = m[i * d + j];
+                }
+            }
         }
     }
 }
