@@ -70,10 +70,10 @@ enum Kernel {
         dim: usize,
         k: i64,
         metric: Metric,
-        /// `[n, d]` f32, normalised for cosine (as stored by the detector), and the same in f64
-        /// (exactly: every f32 is a f64), from which the k candidates are gathered.
+        /// `[n, d]` f32, normalised for cosine (as stored by the detector). The k candidates are
+        /// gathered from it and widened to f64, exactly (every f32 is an f64), so no f64 copy of
+        /// the references is kept (it was twice their size on the device).
         refs: Tensor,
-        refs64: Tensor,
         /// L2 only: `[n]` f32 `||r||²/2`, computed in f64 as the default does.
         half_sq_norms: Option<Tensor>,
     },
@@ -165,7 +165,6 @@ impl TorchBackend {
                     k,
                     metric,
                     refs,
-                    refs64,
                     half_sq_norms,
                 },
                 FittedDetector::Knn(_),
@@ -184,14 +183,7 @@ impl TorchBackend {
                         l2_normalize_rows(&mut q, *dim);
                     }
                     let q = self.upload(&q, *dim)?;
-                    out.extend(knn_scores(
-                        &q,
-                        *k,
-                        *metric,
-                        refs,
-                        refs64,
-                        half_sq_norms.as_ref(),
-                    )?);
+                    out.extend(knn_scores(&q, *k, *metric, refs, half_sq_norms.as_ref())?);
                 }
                 Ok(Some(out))
             }
@@ -267,7 +259,6 @@ fn knn_kernel(k: &KnnDetector, device: Device) -> Result<Kernel> {
         k: k.options().k as i64,
         metric: k.options().metric,
         refs: tensor_f32(refs, &[n as i64, d as i64], device)?,
-        refs64: tensor_f32(refs, &[n as i64, d as i64], device)?.f_to_kind(Kind::Double)?,
         half_sq_norms,
     })
 }
@@ -327,7 +318,6 @@ fn knn_scores(
     k: i64,
     metric: Metric,
     refs: &Tensor,
-    refs64: &Tensor,
     half_sq_norms: Option<&Tensor>,
 ) -> Result<Vec<f64>, TchError> {
     let mut sims = q.f_matmul(&refs.f_tr()?)?;
@@ -338,8 +328,9 @@ fn knn_scores(
     let (_, idx) = sims.f_topk(k, 1, true, false)?;
     let (m, d) = (q.size()[0], q.size()[1]);
     // [m, k, d] f64 candidates; their exact distances as the default computes them (in f64).
-    let cands = refs64
+    let cands = refs
         .f_index_select(0, &idx.f_reshape([-1i64])?)?
+        .f_to_kind(Kind::Double)?
         .f_reshape([m, k, d])?;
     let q64 = q.f_to_kind(Kind::Double)?;
     let dist = match metric {
