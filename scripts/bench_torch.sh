@@ -6,7 +6,8 @@
 #      (Gaussian, exact kNN against 4.5k references), 100,000 layer-2 vectors;
 #   3. `actwatch score` end to end on dev_id.parquet, default vs --device;
 #   4. with a GPU only: the same at d = 4096 on synthetic data (Gaussian; exact kNN against 100k
-#      and 1M references; 48 GiB of GPU memory, about 4 minutes), docs/benchmarks-gpu.md.
+#      and 1M references: about 20 GiB of GPU memory, 40 GiB of host memory and 4 minutes),
+#      docs/benchmarks-gpu.md.
 # Devices: cpu, plus cuda when libtorch sees a GPU. Needs ../shared/data/minilm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
