@@ -252,6 +252,12 @@ pub struct ScoreArgs {
     #[cfg(feature = "torch")]
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
+    /// The detector families `--device` takes: `gaussian`, `knn` or both (default both; the rest
+    /// stay on the default backend). On a GPU exact kNN gains most, and a low-rank Gaussian can be
+    /// faster on the host (docs/benchmarks-gpu.md).
+    #[cfg(feature = "torch")]
+    #[arg(long, value_name = "FAMILIES", requires = "device")]
+    pub on_device: Option<String>,
 }
 
 #[derive(Args)]

@@ -7,7 +7,7 @@ use actwatch_torch::capture::{
     self, CaptureOptions, InputColumns, Model, OutputColumns, ParquetSink, Pool,
 };
 use actwatch_torch::ingest::ServerSink;
-use actwatch_torch::{parse_device, TorchBackend};
+use actwatch_torch::{parse_device, Families, TorchBackend};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
@@ -161,16 +161,25 @@ pub fn capture(a: CaptureArgs) -> Result<()> {
     Ok(())
 }
 
-/// With `--device`, makes `monitor` compute raw scores with libtorch there.
-pub fn with_device(mut monitor: Monitor, device: Option<&str>) -> Result<Monitor> {
+/// With `--device`, makes `monitor` compute raw scores with libtorch there, for the detector
+/// families of `--on-device` (default both).
+pub fn with_device(
+    mut monitor: Monitor,
+    device: Option<&str>,
+    on_device: Option<&str>,
+) -> Result<Monitor> {
     if let Some(name) = device {
         let device = parse_device(name).context("--device")?;
-        let (on, back) = TorchBackend::attach(&mut monitor, device)?;
+        let families = match on_device {
+            Some(list) => Families::parse(list).context("--on-device")?,
+            None => Families::ALL,
+        };
+        let (on, back) = TorchBackend::attach(&mut monitor, device, families)?;
         eprintln!(
             "scoring with {}: {on} detector(s) on the device{}",
             monitor.backend().name(),
             if back > 0 {
-                format!(", {back} (HNSW kNN) on the default backend")
+                format!(", {back} (HNSW kNN, or left out by --on-device) on the default backend")
             } else {
                 String::new()
             }

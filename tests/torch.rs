@@ -351,6 +351,43 @@ fn score_on_the_torch_device_matches_the_default_backend() {
     ]);
     assert!(err.contains("--device") && err.contains("tpu"), "{err}");
     assert!(!tmp.path().join("x.parquet").exists());
+    // kNN alone on the device: the Gaussians stay on the default backend, the scores as above.
+    let file = "dev_ood_code.parquet";
+    let native = score(&data(file), &tmp.path().join("native.parquet"), &[]);
+    let knn_only = score(
+        &data(file),
+        &tmp.path().join("knn.parquet"),
+        &["--device", "cpu", "--on-device", "knn"],
+    );
+    compare_scores(
+        &native,
+        &knn_only,
+        &format!("{file}: --on-device knn vs default"),
+    );
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "score".to_string(),
+            "--monitor".into(),
+            monitor().to_str().unwrap().into(),
+            "--input".into(),
+            data("dev_id.parquet").to_str().unwrap().into(),
+            "--output".into(),
+            tmp.path().join("x.parquet").to_str().unwrap().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let bad = args(&["--device", "cpu", "--on-device", "probe"]);
+    let err = fails(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("--on-device") && err.contains("probe"),
+        "{err}"
+    );
+    // --on-device without --device is refused, not ignored.
+    let alone = args(&["--on-device", "knn"]);
+    let err = fails(&alone.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("--device"), "{err}");
+    assert!(!tmp.path().join("x.parquet").exists());
 }
 
 #[test]

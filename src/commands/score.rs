@@ -12,7 +12,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let (mut monitor, manifest) = super::load(&a.monitor)?;
     monitor.set_provenance_policy(a.provenance.policy());
     #[cfg(feature = "torch")]
-    let monitor = crate::torch::with_device(monitor, a.device.as_deref())?;
+    let monitor = crate::torch::with_device(monitor, a.device.as_deref(), a.on_device.as_deref())?;
     let read = a.columns.read_options(&manifest.reference.columns, None);
     let level = match a.level {
         LevelArg::Computation => Level::Computation,

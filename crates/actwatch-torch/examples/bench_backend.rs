@@ -25,7 +25,7 @@ use actwatch_detect::{DetectorSpec, GaussianDetector, GaussianFitter, GaussianOp
 use actwatch_io::pipeline::{fit_monitor, NoProgress};
 use actwatch_io::reader::{ReadOptions, TraceColumns, TraceReader};
 use actwatch_testkit::{median_seconds, Rng};
-use actwatch_torch::{parse_device, Device, TorchBackend};
+use actwatch_torch::{parse_device, Device, Families, TorchBackend};
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
@@ -154,7 +154,7 @@ fn minilm(args: &Args, device: Device) {
     let site = monitor.site_index("2").unwrap();
     let d = monitor.sites()[site].dim;
     let queries: Vec<f32> = base.iter().copied().cycle().take(rows * d).collect();
-    let backend = TorchBackend::new(&monitor, device).unwrap();
+    let backend = TorchBackend::new(&monitor, device, Families::ALL).unwrap();
     println!(
         "MiniLM layer 2 (d = {d}); {} kNN references",
         monitor.sites()[site].fit_traces
@@ -372,7 +372,7 @@ fn gaussian_cases(model: &Synthetic, fit_rows: usize, rows: usize, device: Devic
         gaussians.push(FittedDetector::Gaussian(g));
     }
     let t = Instant::now();
-    let backend = TorchBackend::for_sites([gaussians.as_slice()], device).unwrap();
+    let backend = TorchBackend::for_sites([gaussians.as_slice()], device, Families::ALL).unwrap();
     step("Gaussians to the device", t);
     let queries = model.rows(3, 0, rows);
     breakdown(&gaussians[0], &queries, device);
@@ -401,7 +401,7 @@ fn knn_cases(model: &Synthetic, refs: &[usize], knn_queries: usize, device: Devi
         let knn = [fitter.finish().unwrap()];
         step(&format!("kNN fit, {n} references"), t);
         let t = Instant::now();
-        let backend = TorchBackend::for_sites([knn.as_slice()], device).unwrap();
+        let backend = TorchBackend::for_sites([knn.as_slice()], device, Families::ALL).unwrap();
         step("kNN references to the device", t);
         knn_device_rate(n, dim, device);
         header();

@@ -22,8 +22,9 @@
 //! calibration score can land on the other side of it: such a p-value differs by one rank
 //! (measured: a few in 10,000; see tests/backend.rs).
 //!
-//! Detectors it does not implement (kNN over an HNSW index) are handed back to the default
-//! backend ([`RawScorer::raw_scores`] returns `None`). Bad rows get the default's errors (checked
+//! Detectors it does not implement (kNN over an HNSW index), and those of a family the caller
+//! left out ([`Families`]), are handed back to the default backend ([`RawScorer::raw_scores`]
+//! returns `None`). Bad rows get the default's errors (checked
 //! with [`actwatch_core::check_rows`]).
 
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,51 @@ const KNN_BLOCK_VALUES: usize = 64 << 20;
 const KNN_BLOCK_VALUES_GPU: usize = 256 << 20;
 /// Rows per Gaussian block (bounds host and device memory for huge batches).
 const GAUSSIAN_BLOCK_ROWS: usize = 65_536;
+
+/// The detector families a [`TorchBackend`] takes onto its device; the others stay with the
+/// default backend. On a GPU exact kNN gains most and a low-rank Gaussian can lose (it is bound by
+/// copying rows to the device: docs/benchmarks-gpu.md), so a caller may move kNN alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Families {
+    pub gaussian: bool,
+    pub knn: bool,
+}
+
+impl Families {
+    /// Every family the backend implements.
+    pub const ALL: Families = Families {
+        gaussian: true,
+        knn: true,
+    };
+
+    /// A comma-separated list of `gaussian` and `knn` (at least one).
+    pub fn parse(list: &str) -> Result<Self> {
+        let mut f = Families {
+            gaussian: false,
+            knn: false,
+        };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name.to_ascii_lowercase().as_str() {
+                "gaussian" => f.gaussian = true,
+                "knn" => f.knn = true,
+                other => {
+                    return Err(Error::InvalidOption(format!(
+                        "unknown detector family {other:?} (expected gaussian, knn or both)"
+                    )))
+                }
+            }
+        }
+        if f == (Families {
+            gaussian: false,
+            knn: false,
+        }) {
+            return Err(Error::InvalidOption(
+                "no detector family given (expected gaussian, knn or both)".into(),
+            ));
+        }
+        Ok(f)
+    }
+}
 
 /// Raw-score kernels of one monitor on one device.
 pub struct TorchBackend {
@@ -80,11 +126,13 @@ enum Kernel {
 }
 
 impl TorchBackend {
-    /// Copies the parameters of every Gaussian and exact-search kNN detector of `monitor` to `device`.
-    pub fn new(monitor: &Monitor, device: Device) -> Result<Self> {
+    /// Copies the parameters of every Gaussian and exact-search kNN detector of `monitor` of the
+    /// given families to `device`.
+    pub fn new(monitor: &Monitor, device: Device, families: Families) -> Result<Self> {
         Self::for_sites(
             monitor.sites().iter().map(|s| s.detectors.as_slice()),
             device,
+            families,
         )
     }
 
@@ -93,6 +141,7 @@ impl TorchBackend {
     pub fn for_sites<'a>(
         sites: impl IntoIterator<Item = &'a [FittedDetector]>,
         device: Device,
+        families: Families,
     ) -> Result<Self> {
         let _guard = tch::no_grad_guard();
         let mut kernels = Vec::new();
@@ -100,9 +149,13 @@ impl TorchBackend {
             let mut row = Vec::with_capacity(detectors.len());
             for det in detectors {
                 row.push(match det {
-                    FittedDetector::Gaussian(g) => Some(gaussian_kernel(g, device)?),
-                    FittedDetector::Knn(k) if k.is_exact() => Some(knn_kernel(k, device)?),
-                    FittedDetector::Knn(_) => None,
+                    FittedDetector::Gaussian(g) if families.gaussian => {
+                        Some(gaussian_kernel(g, device)?)
+                    }
+                    FittedDetector::Knn(k) if families.knn && k.is_exact() => {
+                        Some(knn_kernel(k, device)?)
+                    }
+                    FittedDetector::Gaussian(_) | FittedDetector::Knn(_) => None,
                 });
             }
             kernels.push(row);
@@ -118,8 +171,12 @@ impl TorchBackend {
 
     /// Builds the backend for `monitor` on `device` and makes the monitor score with it; returns
     /// [`Self::coverage`].
-    pub fn attach(monitor: &mut Monitor, device: Device) -> Result<(usize, usize)> {
-        let backend = Self::new(monitor, device)?;
+    pub fn attach(
+        monitor: &mut Monitor,
+        device: Device,
+        families: Families,
+    ) -> Result<(usize, usize)> {
+        let backend = Self::new(monitor, device, families)?;
         let coverage = backend.coverage;
         monitor.set_backend(Backend::new(Arc::new(backend)));
         Ok(coverage)

@@ -22,7 +22,7 @@ mod input;
 mod model;
 mod sink;
 
-pub use backend::TorchBackend;
+pub use backend::{Families, TorchBackend};
 pub use device::parse_device;
 pub use error::{Error, Result};
 pub use tch::Device;

@@ -18,7 +18,7 @@ use actwatch_detect::Monitor;
 use actwatch_io::pipeline::{score_computations, NoProgress};
 use actwatch_io::reader::{ReadOptions, TraceReader};
 use actwatch_testkit::{fixture, minilm};
-use actwatch_torch::{Device, TorchBackend};
+use actwatch_torch::{Device, Families, TorchBackend};
 
 const DEV_FILES: [&str; 4] = [
     "dev_id.parquet",
@@ -101,7 +101,8 @@ fn compare_backends(detectors: &str, device: Device) -> Outcome {
         .map(|f| score_computations(&monitor, &[data(f)], &read_options(), &NoProgress).unwrap())
         .collect();
 
-    let (on_device, handed_back) = TorchBackend::attach(&mut monitor, device).unwrap();
+    let (on_device, handed_back) =
+        TorchBackend::attach(&mut monitor, device, Families::ALL).unwrap();
     assert_eq!(
         (on_device, handed_back),
         (3 * monitor.sites()[0].detectors.len(), 0)
@@ -201,4 +202,35 @@ fn cuda_scores_like_the_native_backend_where_a_gpu_is_present() {
     }
     let o = compare_backends("gaussian,knn", Device::Cuda(0));
     assert_rare_rounding_differences(&o);
+}
+
+#[test]
+fn families_left_out_stay_on_the_default_backend() {
+    let mut monitor = fit("gaussian,knn");
+    let batches = site_batches(&data("dev_ood_code.parquet"));
+    let native: Vec<_> = batches.iter().map(|b| monitor.score(b).unwrap()).collect();
+    let knn_only = Families::parse("knn").unwrap();
+    let (on_device, handed_back) =
+        TorchBackend::attach(&mut monitor, Device::Cpu, knn_only).unwrap();
+    // 3 sites, each with one Gaussian (handed back) and one exact kNN (on the device).
+    assert_eq!((on_device, handed_back), (3, 3));
+    for (batch, want) in batches.iter().zip(&native) {
+        let got = monitor.score(batch).unwrap();
+        let site = &monitor.sites()[got.site];
+        for (j, det) in site.detectors.iter().enumerate() {
+            if det.name() == "gaussian" {
+                // Scored by the default backend itself: the same bits.
+                assert_eq!(got.raw[j], want.raw[j], "site {} gaussian", got.site);
+            } else {
+                for (a, b) in got.raw[j].iter().zip(&want.raw[j]) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-12), "{a} vs {b}");
+                }
+            }
+        }
+    }
+    for bad in ["", "hnsw", "knn,probe"] {
+        let err = Families::parse(bad).unwrap_err().to_string();
+        assert!(err.contains("gaussian, knn"), "{bad:?}: {err}");
+    }
+    assert_eq!(Families::parse(" Gaussian , knn ").unwrap(), Families::ALL);
 }
