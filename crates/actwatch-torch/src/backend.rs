@@ -82,10 +82,7 @@ impl Families {
                 }
             }
         }
-        if f == (Families {
-            gaussian: false,
-            knn: false,
-        }) {
+        if !f.gaussian && !f.knn {
             return Err(Error::InvalidOption(
                 "no detector family given (expected gaussian, knn or both)".into(),
             ));
