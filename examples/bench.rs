@@ -74,6 +74,34 @@ fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         .install(f)
 }
 
+/// Exact kNN (cosine, k = 10, exact at any size) fitted on `refs`, scoring `queries` on all
+/// cores and on one: the median of `repeats` timed runs each.
+fn exact_knn_case(
+    task: &str,
+    refs: &[f32],
+    queries: &[f32],
+    d: usize,
+    cores: usize,
+    repeats: usize,
+    extra: &str,
+) {
+    let opts = KnnOptions {
+        exact_max: usize::MAX,
+        ..KnnOptions::default()
+    };
+    let mut f = KnnFitter::new(d, opts);
+    f.push_batch(refs).expect("refs");
+    let knn = f.finish().expect("knn");
+    for threads in [cores, 1] {
+        let secs = with_threads(threads, || {
+            median_seconds(repeats, || {
+                std::hint::black_box(knn.score_batch(queries).expect("knn"));
+            })
+        });
+        emit(task, "actwatch", queries.len() / d, d, threads, secs, extra);
+    }
+}
+
 fn main() {
     let dir = std::env::args()
         .nth(1)
@@ -97,55 +125,30 @@ fn main() {
         );
     }
 
-    // Exact kNN against the 6,000 real references.
-    let mut f = KnnFitter::new(d, KnnOptions::default());
-    f.push_batch(&fit).expect("refs");
-    let knn = f.finish().expect("knn");
+    // Exact kNN against the 6,000 real references, then the first 10,000 and all of the
+    // synthetic ones.
     let q = &query[..20_000.min(n_query) * d];
-    for threads in [cores, 1] {
-        let secs = with_threads(threads, || {
-            median_seconds(3, || {
-                std::hint::black_box(knn.score_batch(q).expect("knn"));
-            })
-        });
-        emit(
-            "knn_exact_6k",
-            "actwatch",
-            q.len() / d,
-            d,
-            threads,
-            secs,
-            "",
-        );
-    }
-
-    // 100k synthetic references: exact, and HNSW with recall against exact.
+    exact_knn_case("knn_exact_6k", &fit, q, d, cores, 3, "");
     let (big_query, n_bq, _) = load(dir, "big_query");
-    // Exact at any size (the default switches to HNSW beyond `exact_max` references).
-    let exact_opts = KnnOptions {
-        exact_max: usize::MAX,
-        ..KnnOptions::default()
-    };
-    let mut f = KnnFitter::new(d, exact_opts);
-    f.push_batch(&big_ref).expect("refs");
-    let exact = f.finish().expect("knn");
-    for threads in [cores, 1] {
-        let secs = with_threads(threads, || {
-            median_seconds(2, || {
-                std::hint::black_box(exact.score_batch(&big_query).expect("knn"));
-            })
-        });
-        emit(
-            "knn_exact_big",
-            "actwatch",
-            n_bq,
-            d,
-            threads,
-            secs,
-            &format!(",\"refs\":{n_ref}"),
-        );
-    }
-    drop(exact);
+    let small = 10_000.min(n_ref);
+    exact_knn_case(
+        "knn_exact_10k",
+        &big_ref[..small * d],
+        &big_query,
+        d,
+        cores,
+        9,
+        &format!(",\"refs\":{small}"),
+    );
+    exact_knn_case(
+        "knn_exact_big",
+        &big_ref,
+        &big_query,
+        d,
+        cores,
+        2,
+        &format!(",\"refs\":{n_ref}"),
+    );
     // HNSW: built on one thread and on all (the same graph: the build is deterministic), then
     // a recall/speed curve over ef, recall against exact search.
     let hnsw_opts = KnnOptions {

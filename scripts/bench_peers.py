@@ -31,8 +31,11 @@ Tasks (the Rust bench should use the same task names):
   gaussian_score_dD[lr]_bB per_s    scoring wide_query_D.f32 in calls of B rows (B = 1: the first 256
                                     rows; 64 and 4096: all), 1 and all threads; "lr": low rank
                                     (r = 256 + isotropic residual, actwatch's default at d = 4096),
-                                    otherwise full whitening
+                                    otherwise full whitening; full models at B = 64 and 4096
+                                    also with scikit-learn's mahalanobis (256 rows at d = 4096, B = 64)
   knn_exact_6k     per_s     exact cosine k=10, refs = fit.f32 (6000), queries = first 20,000 of query.f32
+  knn_exact_10k    per_s     exact cosine k=10, refs = the first 10,000 rows of big_ref.f32, queries =
+                             big_query.f32
   knn_exact_big    per_s     exact cosine k=10, refs = big_ref.f32, queries = big_query.f32
   hnsw_build       seconds   HNSW (M=16, ef_construction=200) over big_ref.f32: hnswlib, faiss
                              IndexHNSWFlat (inner product)
@@ -280,6 +283,24 @@ def human_table() -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def sklearn_wide(lw, score, wq, d: int, b: int, threads: int) -> None:
+    """scikit-learn's `LedoitWolf.mahalanobis` (scipy's cdist, one thread whatever the limit) on
+    calls of `b` rows of wq, beside the numpy rows of the same task: 256 rows for batches of 64 at
+    d = 4096 (about 10 ms a row there), every row otherwise, each call timed once at d = 4096."""
+    rows = wq[:256] if d >= 4096 and b < len(wq) else wq
+    calls = [rows[i:i + b] for i in range(0, len(rows), b)]
+    slow = d >= 4096
+    sec, _, times = timed(lambda: [lw.mahalanobis(c) for c in calls],
+                          repeats=1 if slow and len(rows) > 256 else 3, warmup=False)
+    emit(f"gaussian_score_d{d}_b{b}", "sklearn-ledoitwolf-mahalanobis", n=len(rows), seconds=sec,
+         times=times, threads=threads, d=d, batch=b, rank=d)
+    ref, ours = lw.mahalanobis(wq[:64]), score(wq[:64])
+    rel = float(np.max(np.abs(ours - ref) / np.maximum(ref, 1e-9)))
+    if rel > 1e-2:
+        print(f"warning: d = {d}: f32 whitening differs from sklearn by {rel:.3g} (relative)",
+              file=sys.stderr)
+
+
 def bench(out_dir: str, quick: bool, threads: int, knn_only: bool = False) -> None:
     import faiss
     import hnswlib
@@ -401,6 +422,8 @@ def bench(out_dir: str, quick: bool, threads: int, knn_only: bool = False) -> No
                         emit(f"gaussian_score_d{d}{tag}_b{b}", "numpy-blas-whitening", n=len(rows),
                              seconds=sec, times=times, threads=thr, d=d, batch=b,
                              rank=WIDE_RANK if low is not None else d)
+                    if low is None and b > 1:
+                        sklearn_wide(wlw, score, wq, d, b, threads)
             del wfit, wq, models
 
     # -- exact kNN, faiss IndexFlatIP on L2-normalised vectors (queries normalised beforehand)
@@ -424,6 +447,7 @@ def bench(out_dir: str, quick: bool, threads: int, knn_only: bool = False) -> No
         return exact
 
     knn_runs("knn_exact_6k", ref6k, q20k, "fit.f32 refs, first rows of query.f32, both L2-normalised")
+    knn_runs("knn_exact_10k", big_ref[:10_000], big_query, "first 10,000 rows of big_ref, big_query queries")
     exact_big = knn_runs("knn_exact_big", big_ref, big_query, "big_ref refs, big_query queries")
 
     # -- HNSW: hnswlib and faiss IndexHNSWFlat, inner product on L2-normalised vectors (= cosine),
