@@ -287,11 +287,11 @@ def human_table() -> None:
 def sklearn_wide(lw, score, wq, d: int, b: int, threads: int) -> None:
     """scikit-learn's `LedoitWolf.mahalanobis` (scipy's cdist in f64, one thread whatever the
     limit) on calls of `b` rows of wq, beside the numpy rows of the same task: 256 rows for batches
-    of 64 at d = 4096 (about 10 ms a row there), every row otherwise, each call timed once at
-    d = 4096. `lw` carries the precision in f64 (`f64_precision`)."""
-    rows = wq[:256] if d >= 4096 and b < len(wq) else wq
-    calls = [rows[i:i + b] for i in range(0, len(rows), b)]
+    of 64 at d = 4096 (about 10 ms a row there), every row otherwise; at d = 4096 a pass over every
+    row (about 45 s) is timed once. `lw` carries the precision in f64 (`f64_precision`)."""
     slow = d >= 4096
+    rows = wq[:256] if slow and b < len(wq) else wq
+    calls = [rows[i:i + b] for i in range(0, len(rows), b)]
     sec, _, times = timed(lambda: [lw.mahalanobis(c) for c in calls],
                           repeats=1 if slow and len(rows) > 256 else 3, warmup=False)
     emit(f"gaussian_score_d{d}_b{b}", "sklearn-ledoitwolf-mahalanobis", n=len(rows), seconds=sec,
