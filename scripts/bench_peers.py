@@ -284,7 +284,7 @@ def human_table() -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def sklearn_wide(lw, score, wq, d: int, b: int, threads: int) -> None:
+def sklearn_wide(lw, wq, d: int, b: int, threads: int) -> None:
     """scikit-learn's `LedoitWolf.mahalanobis` (scipy's cdist in f64, one thread whatever the
     limit) on calls of `b` rows of wq, beside the numpy rows of the same task: 256 rows for batches
     of 64 at d = 4096 (about 10 ms a row there), every row otherwise; at d = 4096 a pass over every
@@ -296,6 +296,10 @@ def sklearn_wide(lw, score, wq, d: int, b: int, threads: int) -> None:
                           repeats=1 if slow and len(rows) > 256 else 3, warmup=False)
     emit(f"gaussian_score_d{d}_b{b}", "sklearn-ledoitwolf-mahalanobis", n=len(rows), seconds=sec,
          times=times, threads=threads, d=d, batch=b, rank=d)
+
+
+def check_sklearn(lw, score, wq, d: int) -> None:
+    """Warns when numpy's f32 whitening and scikit-learn's distances disagree on the first 64 rows."""
     ref, ours = lw.mahalanobis(wq[:64]), score(wq[:64])
     rel = float(np.max(np.abs(ours - ref) / np.maximum(ref, 1e-9)))
     if rel > 1e-2:
@@ -438,7 +442,9 @@ def bench(out_dir: str, quick: bool, threads: int, knn_only: bool = False) -> No
                              seconds=sec, times=times, threads=thr, d=d, batch=b,
                              rank=WIDE_RANK if low is not None else d)
                     if low is None and b > 1:
-                        sklearn_wide(sk, score, wq, d, b, threads)
+                        sklearn_wide(sk, wq, d, b, threads)
+                if low is None:
+                    check_sklearn(sk, score, wq, d)
             del wfit, wq, models, sk
 
     # -- exact kNN, faiss IndexFlatIP on L2-normalised vectors (queries normalised beforehand)
